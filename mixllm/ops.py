@@ -1,0 +1,411 @@
+"""The op surface of mixllm (SPEC §7): thin wrappers over the C core ``mixllm._C``
+(and ``mixllm._cuda`` for CUDA tensors where it was built).
+
+Every op takes DLPack arrays (torch tensors on CPU/CUDA, NumPy arrays), allocates its
+outputs with the caller's own array library, and returns them as that type. Inputs that
+are not C-contiguous are copied to contiguous memory first (never read with wrong strides).
+Bad arguments raise ``TypeError`` / ``ValueError`` naming the argument.
+
+Formats (SPEC §1), for a weight ``W[N, K]`` with group size ``g`` and ``G = ceil(K / g)``:
+  * asymmetric b-bit: ``codes`` uint8 [N, K] in 0..2^b-1, ``scale`` float32 [N, G], ``zero`` uint8 [N, G]
+  * symmetric 8-bit: ``codes`` int8 [N, K] in -127..127, ``scale`` float32 [N, G], no zero point
+  * activations: int8 [M, K] and float32 scales [M, G], per token and group (symmetric)
+  * packed 4-bit: uint8 [N, ceil(K/2)], low nibble = even k, high nibble = odd k
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from . import _C
+
+__all__ = [
+    "quantize_weight", "dequantize_weight", "quantize_activation", "pack_int4", "unpack_int4",
+    "salience_accumulate", "gptq_quantize", "QuantizedWeight", "w4a8_linear", "w8a8_linear",
+    "mixed_linear", "cpu_impls", "cuda_available",
+]
+
+_IMPLS = {"auto": 0, "portable": 1, "avx2": 2, "avx512vnni": 3}
+
+
+# ----------------------------------------------------------------------------- helpers
+def _is_torch(a) -> bool:
+    return type(a).__module__.startswith("torch")
+
+
+def _check_array(a, name):
+    if not (hasattr(a, "__dlpack__") and hasattr(a, "__dlpack_device__")):
+        raise TypeError(f"{name}: expected a torch tensor or NumPy array, got {type(a).__name__}")
+
+
+def _contig(a, name):
+    _check_array(a, name)
+    if _is_torch(a):
+        return a.detach().contiguous()
+    return np.ascontiguousarray(a)
+
+
+def _on_cuda(a) -> bool:
+    return _is_torch(a) and a.is_cuda
+
+
+def _np_dtype(name):
+    return {"float32": np.float32, "float64": np.float64, "int8": np.int8, "uint8": np.uint8,
+            "int64": np.int64, "float16": np.float16}[name]
+
+
+def _empty(ref, shape, dtype: str):
+    """Uninitialised array of the caller's library, on the caller's device."""
+    if _is_torch(ref):
+        import torch
+        return torch.empty(tuple(shape), dtype=getattr(torch, dtype), device=ref.device)
+    return np.empty(tuple(shape), dtype=_np_dtype(dtype))
+
+
+def _zeros(ref, shape, dtype: str):
+    if _is_torch(ref):
+        import torch
+        return torch.zeros(tuple(shape), dtype=getattr(torch, dtype), device=ref.device)
+    return np.zeros(tuple(shape), dtype=_np_dtype(dtype))
+
+
+def _dtype_name(a) -> str:
+    return str(a.dtype).replace("torch.", "")
+
+
+def _as_float32(a, name):
+    a = _contig(a, name)
+    if _dtype_name(a) != "float32":
+        a = a.float() if _is_torch(a) else a.astype(np.float32)
+    return a
+
+
+def _check_group(group_size):
+    if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or group_size <= 0:
+        raise ValueError(f"group_size: expected a positive integer, got {group_size!r}")
+    return int(group_size)
+
+
+def _check_2d(a, name):
+    if len(a.shape) != 2:
+        raise ValueError(f"{name}: expected a 2-D array, got {len(a.shape)}-D")
+
+
+def _ngroups(K, g):
+    return (K + g - 1) // g
+
+
+def cuda_available() -> bool:
+    """True when the CUDA extension was built (it may still find no GPU at run time)."""
+    try:
+        from . import _cuda  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def _cuda_ops():
+    try:
+        from . import cuda_ops
+    except ImportError as e:  # pragma: no cover - depends on the build
+        raise RuntimeError("mixllm was built without CUDA kernels; reinstall where nvcc is available "
+                           "(MIXLLM_CUDA=1 pip install .)") from e
+    return cuda_ops
+
+
+def cpu_impls() -> list:
+    """CPU implementations of the quantized GEMM available on this machine."""
+    return [k for k, v in _IMPLS.items() if k != "auto" and _C.cpu_has(v)]
+
+
+# ----------------------------------------------------------------------------- formats
+def quantize_weight(w, bits: int = 4, group_size: int = 128, symmetric: Optional[bool] = None):
+    """Round-to-nearest group-wise quantization of ``w`` [N, K] (SPEC §1).
+
+    Asymmetric (default for bits < 8): returns ``(codes uint8, scale float32 [N,G], zero uint8 [N,G])``.
+    Symmetric (default for bits == 8): returns ``(codes int8, scale, None)``.
+    Raises ``ValueError`` on NaN/Inf weights.
+    """
+    group_size = _check_group(group_size)
+    symmetric = (bits == 8) if symmetric is None else bool(symmetric)
+    w = _as_float32(w, "w")
+    _check_2d(w, "w")
+    if _on_cuda(w):
+        raise ValueError("w: weight quantization runs on the CPU; pass w.cpu()")
+    N, K = w.shape
+    G = _ngroups(K, group_size)
+    q = _empty(w, (N, K), "int8" if symmetric else "uint8")
+    scale = _empty(w, (N, G), "float32")
+    zero = _zeros(w, (N, G), "uint8")
+    _C.quantize_weight(w, int(bits), group_size, symmetric, q, scale, zero)
+    return q, scale, (None if symmetric else zero)
+
+
+def dequantize_weight(codes, scale, zero, group_size: int = 128):
+    """Float32 ``(codes - zero) * scale`` per group; ``zero=None`` for symmetric codes."""
+    group_size = _check_group(group_size)
+    codes = _contig(codes, "q")
+    _check_2d(codes, "q")
+    out = _empty(codes, codes.shape, "float32")
+    _C.dequantize_weight(codes, _contig(scale, "scale"), None if zero is None else _contig(zero, "zero"),
+                         group_size, out)
+    return out
+
+
+def quantize_activation(x, group_size: int = 128):
+    """Dynamic int8 quantization per token and per group of ``group_size`` along K.
+
+    ``x`` [M, K] float32/float16/bfloat16 -> ``(codes int8 [M, K], scale float32 [M, G])``.
+    On CUDA tensors this runs the CUDA kernel on the current stream.
+    """
+    group_size = _check_group(group_size)
+    x = _contig(x, "x")
+    _check_2d(x, "x")
+    if _on_cuda(x):
+        return _cuda_ops().quantize_activation(x, group_size)
+    M, K = x.shape
+    q = _empty(x, (M, K), "int8")
+    scale = _empty(x, (M, _ngroups(K, group_size)), "float32")
+    _C.quantize_activation(x, group_size, q, scale)
+    return q, scale
+
+
+def pack_int4(codes):
+    """uint8 codes [N, K] in 0..15 -> packed uint8 [N, ceil(K/2)] (low nibble = even k)."""
+    codes = _contig(codes, "q")
+    _check_2d(codes, "q")
+    out = _empty(codes, (codes.shape[0], (codes.shape[1] + 1) // 2), "uint8")
+    _C.pack_int4(codes, out)
+    return out
+
+
+def unpack_int4(packed, k: int):
+    """Inverse of :func:`pack_int4`; ``k`` is the unpacked length of each row."""
+    packed = _contig(packed, "packed")
+    _check_2d(packed, "packed")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+        raise ValueError(f"k: expected a non-negative integer, got {k!r}")
+    out = _empty(packed, (packed.shape[0], int(k)), "uint8")
+    _C.unpack_int4(packed, out)
+    return out
+
+
+def salience_accumulate(acc, grad, delta):
+    """In place: ``acc[c] += |t + t^2/2|`` with ``t = grad[c] . delta[c]`` (SPEC §3).
+
+    ``acc`` float64 [N] (CPU), ``grad`` [N, K] float32/16/bf16, ``delta`` float32 [N, K].
+    Returns ``acc``.
+    """
+    _check_array(acc, "acc")
+    grad = _contig(grad, "grad")
+    delta = _as_float32(delta, "delta")
+    _C.salience_accumulate(acc, grad, delta)
+    return acc
+
+
+def gptq_quantize(w, H=None, bits: int = 4, group_size: int = 128, symmetric: Optional[bool] = None,
+                  damp: float = 0.01, group_order: bool = True, clip: bool = True, clip_grid: int = 20,
+                  bits_per_group=None):
+    """GPTQ quantization of ``w`` [N, K] with Hessian ``H`` [K, K] (``2 X^T X`` of calibration inputs).
+
+    Column-by-column error compensation through the Cholesky factor of ``H^-1`` (damped by
+    ``damp * mean(diag H)``), groups quantized in descending order of their ``diag(H)`` mass when
+    ``group_order``, and per group a clipping search over range shrink factors ``1 - i/100``
+    (``i <= clip_grid``) minimising the ``diag(H)``-weighted error when ``clip``. ``H=None`` gives
+    round-to-nearest (plus the clipping search if ``clip``). ``bits_per_group`` (float32 [N, G] of
+    integers) gives each group its own bit-width (SliM-LLM). Returns ``(codes, scale, zero|None)``
+    in the formats of :func:`quantize_weight`.
+    """
+    group_size = _check_group(group_size)
+    symmetric = (bits == 8) if symmetric is None else bool(symmetric)
+    w = _as_float32(w, "w")
+    _check_2d(w, "w")
+    N, K = w.shape
+    G = _ngroups(K, group_size)
+    if H is not None:
+        H = _contig(H, "H")
+        if _dtype_name(H) != "float64":
+            H = H.double() if _is_torch(H) else H.astype(np.float64)
+        if _is_torch(H) and _is_torch(w) is False:
+            H = H.cpu().numpy()
+    if bits_per_group is not None:
+        bits_per_group = _as_float32(bits_per_group, "bits_per_group")
+    q = _empty(w, (N, K), "int8" if symmetric else "uint8")
+    scale = _empty(w, (N, G), "float32")
+    zero = _zeros(w, (N, G), "uint8")
+    _C.gptq_quantize(w, H, int(bits), group_size, symmetric, float(damp), bool(group_order),
+                     int(clip_grid) if clip else 0, bits_per_group, q, scale, zero)
+    return q, scale, (None if symmetric else zero)
+
+
+# ----------------------------------------------------------------------------- linear
+@dataclass
+class QuantizedWeight:
+    """A quantized [N, K] weight in the canonical (serialised) format.
+
+    ``qweight``: packed 4-bit uint8 [N, ceil(K/2)] (bits=4) or int8 codes [N, K] (bits=8);
+    ``scale`` float32 [N, G]; ``zero`` uint8 [N, G] (bits=4) or None (bits=8).
+    Kernel-specific layouts are derived from it on first use per device and cached.
+    """
+    bits: int
+    group_size: int
+    shape: tuple
+    qweight: Any
+    scale: Any
+    zero: Any = None
+    _packed: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.bits not in (4, 8):
+            raise ValueError(f"bits: the linear kernels take 4- or 8-bit weights, got {self.bits}")
+        self.group_size = _check_group(self.group_size)
+        N, K = (int(s) for s in self.shape)
+        self.shape = (N, K)
+        if K <= 0 or N < 0:
+            raise ValueError(f"shape: expected (N >= 0, K > 0), got {self.shape}")
+        G = _ngroups(K, min(self.group_size, K))
+        want_q = (N, (K + 1) // 2) if self.bits == 4 else (N, K)
+        if tuple(self.qweight.shape) != want_q:
+            raise ValueError(f"qweight: expected shape {want_q}, got {tuple(self.qweight.shape)}")
+        if tuple(self.scale.shape) != (N, G):
+            raise ValueError(f"scale: expected shape {(N, G)}, got {tuple(self.scale.shape)}")
+        if self.bits == 4 and (self.zero is None or tuple(self.zero.shape) != (N, G)):
+            raise ValueError(f"zero: expected shape {(N, G)} for 4-bit weights")
+
+    @classmethod
+    def from_codes(cls, codes, scale, zero, bits: int, group_size: int):
+        """From unpacked codes (uint8 for 4-bit, int8 for 8-bit) as returned by the quantizers."""
+        qweight = pack_int4(codes) if bits == 4 else _contig(codes, "codes")
+        return cls(bits, group_size, tuple(codes.shape), qweight, _contig(scale, "scale"),
+                   None if bits == 8 else _contig(zero, "zero"))
+
+    @classmethod
+    def quantize(cls, w, bits: int = 4, group_size: int = 128):
+        """Round-to-nearest convenience constructor."""
+        q, s, z = quantize_weight(w, bits, group_size)
+        return cls.from_codes(q, s, z, bits, group_size)
+
+    @property
+    def codes(self):
+        return unpack_int4(self.qweight, self.shape[1]) if self.bits == 4 else self.qweight
+
+    def dequantize(self):
+        return dequantize_weight(self.codes, self.scale, self.zero, self.group_size)
+
+    def nbytes(self) -> int:
+        """Bytes of the canonical format (codes + scales + zero points)."""
+        return sum(int(np.prod(a.shape)) * (a.element_size() if _is_torch(a) else a.itemsize)
+                   for a in (self.qweight, self.scale, self.zero) if a is not None)
+
+    def cpu_blob(self):
+        """The CPU kernels' prepacked layout (csrc/gemm_cpu.c), built once."""
+        blob = self._packed.get("cpu")
+        if blob is None:
+            N, K = self.shape
+            g = min(self.group_size, K)
+            codes = self.codes
+            ref = codes
+            if _is_torch(codes) and codes.is_cuda:
+                codes, ref = codes.cpu(), codes.cpu()
+            blob = _empty(ref, (_C.cpu_blob_bytes(self.bits, N, K, g),), "uint8")
+            scale = self.scale.cpu() if _on_cuda(self.scale) else self.scale
+            zero = None if self.zero is None else (self.zero.cpu() if _on_cuda(self.zero) else self.zero)
+            _C.cpu_prepack(_contig(codes, "codes"), _contig(scale, "scale"),
+                           None if zero is None else _contig(zero, "zero"), self.bits, g, blob)
+            self._packed["cpu"] = blob
+        return blob
+
+
+def _flatten_x(x, K):
+    x = _contig(x, "x")
+    if len(x.shape) < 1 or x.shape[-1] != K:
+        raise ValueError(f"x: expected last dimension {K}, got shape {tuple(x.shape)}")
+    lead = tuple(x.shape[:-1])
+    M = int(np.prod(lead)) if lead else 1
+    return x.reshape(M, K), lead
+
+
+def _bias32(bias, n):
+    if bias is None:
+        return None
+    b = _as_float32(bias, "bias")
+    if tuple(b.shape) != (n,):
+        raise ValueError(f"bias: expected shape ({n},), got {tuple(b.shape)}")
+    return b
+
+
+def _index(idx, name):
+    idx = _contig(idx, name)
+    if _dtype_name(idx) != "int64":
+        idx = idx.long() if _is_torch(idx) else idx.astype(np.int64)
+    return idx
+
+
+def _linear(x, parts, n_out, K, g, bias, impl):
+    if impl not in _IMPLS:
+        raise ValueError(f"impl: expected one of {sorted(_IMPLS)}, got {impl!r}")
+    x2, lead = _flatten_x(x, K)
+    if _dtype_name(x2) not in ("float32", "float16", "bfloat16"):
+        raise TypeError(f"x: expected dtype float32, float16 or bfloat16, got {_dtype_name(x2)}")
+    if _on_cuda(x2):
+        return _cuda_ops().qlinear(x2, parts, n_out, bias, lead)
+    out = _empty(x2, (x2.shape[0], n_out), _dtype_name(x2))
+    c_parts = [(w.cpu_blob(), w.bits, w.shape[0], None if idx is None else _index(idx, "out_index"))
+               for w, idx in parts]
+    _C.cpu_qlinear(x2, c_parts, g, _bias32(bias, n_out), out, _IMPLS[impl])
+    return out.reshape(*lead, n_out)
+
+
+def _check_weight(w, bits, name):
+    if not isinstance(w, QuantizedWeight):
+        raise TypeError(f"{name}: expected a mixllm.ops.QuantizedWeight, got {type(w).__name__}")
+    if w.bits != bits:
+        raise ValueError(f"{name}: expected a {bits}-bit weight, got {w.bits}-bit")
+
+
+def w4a8_linear(x, weight: QuantizedWeight, bias=None, impl: str = "auto"):
+    """``y = x W^T + b`` with 4-bit group-wise asymmetric weights and int8 per-token-group activations.
+
+    ``x`` [..., K] float32/float16/bfloat16; output has ``x``'s dtype, shape [..., N].
+    Two-step dequantization: per group ``(Wq - z) . Aq`` in int32, then ``* Sw * Sa`` in float32.
+    """
+    _check_weight(weight, 4, "weight")
+    N, K = weight.shape
+    return _linear(x, [(weight, None)], N, K, min(weight.group_size, K), bias, impl)
+
+
+def w8a8_linear(x, weight: QuantizedWeight, bias=None, impl: str = "auto"):
+    """Like :func:`w4a8_linear` with 8-bit symmetric group-wise weights."""
+    _check_weight(weight, 8, "weight")
+    N, K = weight.shape
+    return _linear(x, [(weight, None)], N, K, min(weight.group_size, K), bias, impl)
+
+
+def mixed_linear(x, w4: Optional[QuantizedWeight], w8: Optional[QuantizedWeight], index4, index8,
+                 bias=None, impl: str = "auto"):
+    """The MixLLM layer (SPEC §5): 4-bit rows ``w4`` and 8-bit rows ``w8`` of one weight.
+
+    ``index4`` / ``index8`` (int64) give each part's rows' output columns; together they are a
+    permutation of ``0..N-1``, so ``y`` comes out in the original feature order. The activations
+    are quantized once and shared. Either part may be ``None`` (all rows in the other one).
+    """
+    parts = []
+    for w, idx, bits, name in ((w4, index4, 4, "w4"), (w8, index8, 8, "w8")):
+        if w is None:
+            continue
+        _check_weight(w, bits, name)
+        if idx is None:
+            raise ValueError(f"index{bits}: required with {name}")
+        parts.append((w, idx))
+    if not parts:
+        raise ValueError("w4, w8: at least one part is required")
+    K = parts[0][0].shape[1]
+    g = parts[0][0].group_size
+    for w, _ in parts:
+        if w.shape[1] != K or w.group_size != g:
+            raise ValueError("w4, w8: both parts need the same K and group_size")
+    n_out = sum(w.shape[0] for w, _ in parts)
+    return _linear(x, parts, n_out, K, min(g, K), bias, impl)
