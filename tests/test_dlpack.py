@@ -1,0 +1,96 @@
+"""The DLPack bridge (csrc/dlpack_bridge.c): protocol, ownership and clear errors."""
+import gc
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from mixllm import _C, ops
+
+
+class Wrapper:
+    """An array-like exposing only the DLPack protocol, delegating to `base`."""
+
+    def __init__(self, base, capsule=None, device=None, raise_in_dlpack=None):
+        self.base, self.capsule, self.device, self.raise_in_dlpack = base, capsule, device, raise_in_dlpack
+        self.calls = 0
+
+    def __dlpack__(self, **kw):
+        self.calls += 1
+        if self.raise_in_dlpack:
+            raise self.raise_in_dlpack
+        return self.capsule if self.capsule is not None else self.base.__dlpack__(**kw)
+
+    def __dlpack_device__(self):
+        return self.device if self.device is not None else self.base.__dlpack_device__()
+
+
+def quantize_act(x):
+    q = np.zeros((1, 4), np.int8)
+    s = np.zeros((1, 1), np.float32)
+    _C.quantize_activation(x, 4, q, s)
+    return q
+
+
+def test_foreign_object_through_protocol_only():
+    x = Wrapper(np.array([[1.0, -2.0, 0.5, 0.0]], np.float32))
+    np.testing.assert_array_equal(quantize_act(x), [[64, -127, 32, 0]])
+    assert x.calls == 1
+
+
+def test_producer_without_max_version_supported():
+    class Legacy(Wrapper):
+        def __dlpack__(self, stream=None):  # rejects max_version: bridge falls back
+            return self.base.__dlpack__()
+    np.testing.assert_array_equal(quantize_act(Legacy(np.ones((1, 4), np.float32))), [[127] * 4])
+
+
+def test_consumed_capsule_rejected():
+    base = torch.ones(1, 4)
+    cap = base.__dlpack__()
+    quantize_act(Wrapper(base, capsule=cap))  # consumes it
+    with pytest.raises(TypeError, match="unused \"dltensor\" capsule"):
+        quantize_act(Wrapper(base, capsule=cap))
+
+
+def test_garbage_from_dlpack():
+    with pytest.raises(TypeError, match="capsule"):
+        quantize_act(Wrapper(np.ones((1, 4), np.float32), capsule=object()))
+    with pytest.raises(TypeError, match="could not export"):
+        quantize_act(Wrapper(np.ones((1, 4), np.float32), raise_in_dlpack=RuntimeError("boom")))
+    with pytest.raises(TypeError, match="device_type, device_id"):
+        quantize_act(Wrapper(np.ones((1, 4), np.float32), device="cpu"))
+    with pytest.raises(ValueError, match="CPU or a CUDA device"):
+        quantize_act(Wrapper(np.ones((1, 4), np.float32), device=(14, 0)))
+    with pytest.raises(TypeError, match="supporting DLPack"):
+        quantize_act([[1.0, 2.0, 3.0, 4.0]])
+    with pytest.raises(TypeError, match="got None"):
+        quantize_act(None)
+
+
+def test_device_mismatch_between_query_and_tensor():
+    with pytest.raises(ValueError, match="device"):
+        quantize_act(Wrapper(np.ones((1, 4), np.float32), device=(2, 0)))
+
+
+def test_no_leak_and_deleter_called_once():
+    x = torch.ones(1, 4)
+    before = sys.getrefcount(x)
+    for _ in range(200):
+        quantize_act(x)
+    gc.collect()
+    assert sys.getrefcount(x) == before
+    # a torch tensor's storage is shared with its exports; the bridge must have released them all
+    assert x._base is None and x.untyped_storage().nbytes() == 16
+
+
+def test_byte_offset_views():
+    big = torch.arange(40, dtype=torch.float32).reshape(10, 4)
+    view = big[3:4]  # non-zero storage offset
+    np.testing.assert_array_equal(quantize_act(view), quantize_act(view.clone()))
+
+
+def test_zero_size_arrays():
+    q, s = ops.quantize_activation(np.zeros((0, 8), np.float32), 4)
+    assert q.shape == (0, 8) and s.shape == (0, 2)

@@ -1,0 +1,152 @@
+"""CPU quantized linear layers (SPEC §2, §5) against the float64 two-step reference."""
+import numpy as np
+import pytest
+import torch
+
+import reference as ref
+from mixllm import _C, ops
+
+IMPLS = ops.cpu_impls()
+SHAPES = [  # (M, N, K, g): tiles are 16 rows x 8 tokens; K tails, odd sizes, M = 1
+    (1, 16, 128, 128), (1, 37, 300, 128), (3, 5, 7, 128), (9, 64, 256, 64),
+    (17, 33, 1000, 128), (8, 16, 136, 40), (2, 300, 129, 128), (0, 16, 128, 128),
+]
+
+
+def make_weight(rng, N, K, bits, g):
+    w = rng.standard_normal((N, K)).astype(np.float32) * 0.05
+    codes, scale, zero = ops.quantize_weight(w, bits, g)
+    return ops.QuantizedWeight.from_codes(codes, scale, zero, bits, g), codes, scale, zero
+
+
+def assert_close(y, y_ref, x_scale=1.0):
+    tol = 2e-5 * (np.abs(y_ref).max() + 1e-3)
+    np.testing.assert_allclose(np.asarray(y, np.float64), y_ref, atol=tol, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("M,N,K,g", SHAPES)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_linear_matches_reference(rng, impl, M, N, K, g, bits):
+    W, codes, scale, zero = make_weight(rng, N, K, bits, g)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32)
+    fn = ops.w4a8_linear if bits == 4 else ops.w8a8_linear
+    y = fn(x, W, bias, impl=impl)
+    assert y.shape == (M, N) and y.dtype == np.float32
+    if M:
+        assert_close(y, ref.qlinear(x, codes, scale, zero, g, bias))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("M,N,K,g", SHAPES[:7])
+def test_mixed_linear_original_order(rng, impl, M, N, K, g):
+    n8 = max(1, N // 10)
+    perm = rng.permutation(N)
+    idx8, idx4 = perm[:n8], perm[n8:]
+    w = rng.standard_normal((N, K)).astype(np.float32) * 0.05
+    q8, s8, _ = ops.quantize_weight(w[idx8], 8, g)
+    q4, s4, z4 = ops.quantize_weight(w[idx4], 4, g)
+    W8 = ops.QuantizedWeight.from_codes(q8, s8, None, 8, g)
+    W4 = ops.QuantizedWeight.from_codes(q4, s4, z4, 4, g) if len(idx4) else None
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32)
+    y = ops.mixed_linear(x, W4, W8, idx4 if W4 else None, idx8, bias, impl=impl)
+    y_ref = np.zeros((M, N))
+    y_ref[:, idx8] = ref.qlinear(x, q8, s8, None, g, bias[idx8])
+    if W4:
+        y_ref[:, idx4] = ref.qlinear(x, q4, s4, z4, g, bias[idx4])
+    assert_close(y, y_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_half_precision_inputs_and_outputs(rng, dtype):
+    W, codes, scale, zero = make_weight(rng, 48, 256, 4, 128)
+    x = torch.from_numpy(rng.standard_normal((3, 2, 256)).astype(np.float32)).to(dtype)
+    y = ops.w4a8_linear(x, W)
+    assert y.dtype == dtype and y.shape == (3, 2, 48)
+    y_ref = ref.qlinear(x.float().reshape(6, 256).numpy(), codes, scale, zero, 128).reshape(3, 2, 48)
+    eps = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}[dtype]
+    np.testing.assert_allclose(y.float().numpy(), y_ref, atol=eps * np.abs(y_ref).max(), rtol=eps)
+
+
+def test_non_contiguous_activation(rng):
+    W, codes, scale, zero = make_weight(rng, 16, 128, 4, 128)
+    x = torch.from_numpy(rng.standard_normal((128, 6)).astype(np.float32)).t()
+    y = ops.w4a8_linear(x, W)
+    np.testing.assert_allclose(y.numpy(), ops.w4a8_linear(x.contiguous(), W).numpy())
+
+
+def test_poisoned_output_fully_written(rng):
+    """Every output element is written (none left from the buffer's previous contents)."""
+    W, *_ = make_weight(rng, 37, 300, 4, 128)
+    x = rng.standard_normal((11, 300)).astype(np.float32)
+    out = np.full((11, 37), np.nan, np.float32)
+    _C.cpu_qlinear(x, [(W.cpu_blob(), 4, 37, None)], 128, None, out, 0)
+    assert np.all(np.isfinite(out))
+
+
+def test_nan_activation_raises(rng):
+    W, *_ = make_weight(rng, 16, 128, 8, 128)
+    x = np.zeros((2, 128), np.float32)
+    x[1, 5] = np.nan
+    with pytest.raises(ValueError, match="x: contains NaN or Inf"):
+        ops.w8a8_linear(x, W)
+
+
+class TestBadArguments:
+    def setup_method(self):
+        rng = np.random.default_rng(0)
+        self.W4, *_ = make_weight(rng, 16, 128, 4, 64)
+        self.W8, *_ = make_weight(rng, 4, 128, 8, 64)
+        self.x = np.ones((2, 128), np.float32)
+
+    def test_wrong_k(self):
+        with pytest.raises(ValueError, match="x: expected last dimension 128"):
+            ops.w4a8_linear(np.ones((2, 127), np.float32), self.W4)
+
+    def test_wrong_weight_type_or_bits(self):
+        with pytest.raises(TypeError, match="weight: expected a mixllm.ops.QuantizedWeight"):
+            ops.w4a8_linear(self.x, np.ones((16, 64), np.uint8))
+        with pytest.raises(ValueError, match="weight: expected a 4-bit weight"):
+            ops.w4a8_linear(self.x, self.W8)
+
+    def test_int_input(self):
+        with pytest.raises(TypeError, match="x: expected dtype"):
+            ops.w4a8_linear(np.ones((2, 128), np.int64), self.W4)
+
+    def test_bias_shape(self):
+        with pytest.raises(ValueError, match=r"bias: expected shape \(16,\)"):
+            ops.w4a8_linear(self.x, self.W4, np.ones(3, np.float32))
+
+    def test_index_not_a_permutation(self):
+        with pytest.raises(ValueError, match="out_index: must be a permutation"):
+            ops.mixed_linear(self.x, self.W4, self.W8, np.arange(16), np.array([0, 1, 2, 3]))
+        with pytest.raises(ValueError, match="out_index"):
+            ops.mixed_linear(self.x, self.W4, self.W8, np.arange(16), np.array([16, 17, 18, 99]))
+
+    def test_index_wrong_length(self):
+        with pytest.raises(ValueError, match="out_index: expected size 16"):
+            ops.mixed_linear(self.x, self.W4, self.W8, np.arange(15), np.arange(15, 20))
+
+    def test_bad_impl(self):
+        with pytest.raises(ValueError, match="impl"):
+            ops.w4a8_linear(self.x, self.W4, impl="sse9")
+
+    def test_quantized_weight_validation(self):
+        with pytest.raises(ValueError, match="qweight: expected shape"):
+            ops.QuantizedWeight(4, 64, (16, 128), np.zeros((16, 63), np.uint8), np.zeros((16, 2), np.float32),
+                                np.zeros((16, 2), np.uint8))
+        with pytest.raises(ValueError, match="bits"):
+            ops.QuantizedWeight(3, 64, (16, 128), np.zeros((16, 64), np.uint8), np.zeros((16, 2), np.float32),
+                                np.zeros((16, 2), np.uint8))
+
+    def test_wrong_blob_size_at_c_level(self):
+        with pytest.raises(ValueError, match="blob"):
+            _C.cpu_qlinear(self.x, [(np.zeros(10, np.uint8), 4, 16, None)], 64, None, np.zeros((2, 16), np.float32), 0)
+
+    def test_cuda_path_without_gpu_is_clear(self):
+        if torch.cuda.is_available():
+            pytest.skip("has a GPU")
+        with pytest.raises((RuntimeError, AssertionError)):
+            ops.w4a8_linear(torch.ones(2, 128, device="cuda"), self.W4)
