@@ -23,7 +23,8 @@ if sanitize:
     C_FLAGS = [f for f in C_FLAGS if f != "-O3"] + ["-O1", "-g", "-fno-omit-frame-pointer", f"-fsanitize={sanitize}"]
     LINK_FLAGS += [f"-fsanitize={sanitize}"]
 
-CORE_SOURCES = ["csrc/dlpack_bridge.c", "csrc/quant.c", "csrc/gptq.c", "csrc/salience.c", "csrc/gemm_cpu.c"]
+CORE_SOURCES = ["csrc/dlpack_bridge.c", "csrc/quant.c", "csrc/gptq.c", "csrc/salience.c", "csrc/gemm_cpu.c",
+                "csrc/cluster.c", "csrc/slim.c", "csrc/woq.c"]
 CUDA_GENCODE = os.environ.get(
     "MIXLLM_CUDA_ARCH",
     "-gencode=arch=compute_90a,code=sm_90a -gencode=arch=compute_80,code=sm_80",

@@ -147,15 +147,15 @@ int mix_gptq(const float *w, int64_t N, int64_t K, const double *H, const mix_gp
     for (int64_t r0 = 0; r0 < N; r0 += ROW_CHUNK) {
         int64_t R = N - r0 < ROW_CHUNK ? N - r0 : ROW_CHUNK;
         double *W = malloc((size_t)(R * K) * sizeof(double)), *E = malloc((size_t)(R * COL_BLOCK) * sizeof(double));
-        double *dg = malloc((size_t)K * sizeof(double));
-        if (!W || !E || !dg) { free(W); free(E); free(dg); continue; } /* left as zero codes; rare */
+        double *dg = malloc((size_t)K * sizeof(double)), *ud = malloc((size_t)(g < K ? g : K) * sizeof(double));
+        if (!W || !E || !dg || !ud) { free(W); free(E); free(dg); free(ud); continue; } /* left as zero codes; rare */
         for (int64_t r = 0; r < R; r++)
             for (int64_t p = 0; p < K; p++) {
                 int64_t k = perm[p];
                 W[r * K + p] = (H && H[k * K + k] <= 0) ? 0.0 : (double)w[(r0 + r) * K + k];
             }
         for (int64_t p = 0; p < K; p++) dg[p] = diag[perm[p]];
-        float sc[ROW_CHUNK];
+        float sc[ROW_CHUNK], off[ROW_CHUNK];
         uint8_t zp[ROW_CHUNK];
         int cur_bits[ROW_CHUNK];
         for (int64_t b0 = 0; b0 < K; b0 += COL_BLOCK) {
@@ -168,13 +168,24 @@ int mix_gptq(const float *w, int64_t N, int64_t K, const double *H, const mix_gp
                     if (start) { /* a group begins: its columns are contiguous in permuted order */
                         int64_t len = (j + 1) * g < K ? g : K - j * g;
                         cur_bits[r] = o->bits_per_group ? (int)o->bits_per_group[(r0 + r) * G + j] : o->bits;
-                        group_params(row + p, dg + p, len, cur_bits[r], o->symmetric, o->clip_grid, &sc[r], &zp[r]);
+                        if (o->fit) {
+                            for (int64_t t = 0; t < len; t++) ud[t] = H ? U[(p + t) * K + (p + t)] : 1.0;
+                            o->fit(o->fit_ctx, row + p, ud, len, cur_bits[r], j, &sc[r], &off[r]);
+                            o->offset_out[(r0 + r) * G + j] = off[r];
+                            zp[r] = 0;
+                        } else
+                            group_params(row + p, dg + p, len, cur_bits[r], o->symmetric, o->clip_grid, &sc[r], &zp[r]);
                         scale[(r0 + r) * G + j] = sc[r];
                         zero[(r0 + r) * G + j] = zp[r];
                     }
                     float x = (float)row[p];
                     double dq;
-                    if (o->symmetric) {
+                    if (o->fit) { /* code = nearest level of code*scale + offset */
+                        float qmax = (float)((1 << cur_bits[r]) - 1), c = rintf((x - off[r]) / sc[r]);
+                        c = c < 0.f ? 0.f : (c > qmax ? qmax : c);
+                        ((uint8_t *)codes)[(r0 + r) * K + k] = (uint8_t)c;
+                        dq = (double)c * sc[r] + off[r];
+                    } else if (o->symmetric) {
                         int8_t c = mix_sym_code(x, sc[r], cur_bits[r]);
                         ((int8_t *)codes)[(r0 + r) * K + k] = c;
                         dq = (double)c * sc[r];
@@ -203,7 +214,7 @@ int mix_gptq(const float *w, int64_t N, int64_t K, const double *H, const mix_gp
                 }
             }
         }
-        free(W); free(E); free(dg);
+        free(W); free(E); free(dg); free(ud);
     }
 done:
     free(perm); free(gorder); free(diag); free(U); free(Hp);

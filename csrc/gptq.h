@@ -12,6 +12,14 @@ typedef struct {
     int group_order;    /* quantize groups in descending order of their diag(H) mass */
     int clip_grid;      /* >0: try range shrink factors 1 - i/100, i = 0..clip_grid; keep least error */
     const float *bits_per_group; /* optional [N,G] per-group bit-widths (SliM-LLM); NULL: `bits` */
+    /* Optional custom group quantizer (SliM-LLM's salience-weighted calibration, csrc/slim.c).
+     * When set, fit() chooses each row's group parameters (v: the group's current values,
+     * u: the matching diagonal of U, both in processing order) as dequant = code*scale + offset,
+     * codes are uint8 in 0..2^bits-1, and offsets go to offset_out [N,G]; zero_out stays 0. */
+    void (*fit)(const void *ctx, const double *v, const double *u, int64_t len, int bits, int64_t group,
+                float *scale, float *offset);
+    const void *fit_ctx;
+    float *offset_out;
 } mix_gptq_opts;
 
 /* w: float32 [N,K]; H: float64 [K,K] or NULL (no error compensation: RTN with clip search).

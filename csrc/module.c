@@ -7,6 +7,9 @@
 #include "gptq.h"
 #include "salience.h"
 #include "gemm_cpu.h"
+#include "cluster.h"
+#include "slim.h"
+#include "woq.h"
 #include <string.h>
 
 #define MAX_ARRAYS 12
@@ -341,6 +344,242 @@ static PyObject *py_cpu_has(PyObject *self, PyObject *args) {
     return PyBool_FromLong(impl >= 0 && impl <= 3 && mix_cpu_has((mix_impl)impl));
 }
 
+/* ---- sister methods (issue 5): k-means levels (CMPQ), SliM-LLM calibration, weight-only linear ---- */
+
+static PyObject *py_kmeans1d(PyObject *self, PyObject *args) {
+    PyObject *ox, *ow, *oks, *oc, *oq;
+    int k, iters;
+    if (!PyArg_ParseTuple(args, "OOiOiOO", &ox, &ow, &k, &oks, &iters, &oc, &oq)) return NULL;
+    if (k < 1 || k > 256) return PyErr_Format(PyExc_ValueError, "k: expected 1..256 levels, got %d", k);
+    if (iters < 0) return PyErr_Format(PyExc_ValueError, "iters: expected >= 0, got %d", iters);
+    arrset s = {.n = 0};
+    mix_array *x, *w = NULL, *ks = NULL, *c, *q;
+    if (!(x = take(&s, ox, "x", MIX_DT(MIX_F32), 2, 0))) goto fail;
+    int64_t R = x->shape[0], n = x->shape[1];
+    if (ow != Py_None && (!(w = take(&s, ow, "weight", MIX_DT(MIX_F32), 2, 0)) || check_shape2(w, R, n) < 0)) goto fail;
+    if (oks != Py_None) {
+        if (!(ks = take(&s, oks, "levels", MIX_DT(MIX_I32), 1, 0)) || mix_check_dim(ks, 0, R) < 0) goto fail;
+        const int32_t *kk = ks->data;
+        for (int64_t r = 0; r < R; r++)
+            if (kk[r] < 1 || kk[r] > k) { PyErr_Format(PyExc_ValueError, "levels: expected 1..%d, got %d", k, kk[r]); goto fail; }
+    }
+    if (!(c = take(&s, oc, "centroids_out", MIX_DT(MIX_F32), 2, 1)) || check_shape2(c, R, k) < 0) goto fail;
+    if (!(q = take(&s, oq, "codes_out", MIX_DT(MIX_U8), 2, 1)) || check_shape2(q, R, n) < 0) goto fail;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = mix_kmeans1d(x->data, w ? w->data : NULL, R, n, k, ks ? ks->data : NULL, iters, c->data, q->data);
+    Py_END_ALLOW_THREADS
+    arrset_release(&s);
+    if (rc == -1) { PyErr_SetString(PyExc_ValueError, "x or weight: NaN/Inf, or a negative weight"); return NULL; }
+    if (rc == -2) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+fail:
+    arrset_release(&s);
+    return NULL;
+}
+
+static int check_slim(mix_slim_ctx *c) {
+    if (!(c->lambda >= 0 && isfinite(c->lambda))) { PyErr_SetString(PyExc_ValueError, "lambda: expected a finite value >= 0"); return -1; }
+    if (!(c->norm > 0 && c->norm <= 8)) { PyErr_SetString(PyExc_ValueError, "norm: expected 0 < norm <= 8"); return -1; }
+    if (!(c->tau_range >= 0 && c->tau_range < 1)) { PyErr_SetString(PyExc_ValueError, "tau_range: expected 0 <= tau_range < 1"); return -1; }
+    if (c->tau_n < 1 || c->tau_n > 1000) { PyErr_Format(PyExc_ValueError, "tau_n: expected 1..1000, got %d", c->tau_n); return -1; }
+    return 0;
+}
+
+/* slim_calibrate(w [R,len] f32, u [len] f64, bits, threshold|None, lambda, norm, tau_range, tau_n, scale_out [R], offset_out [R]) */
+static PyObject *py_slim_calibrate(PyObject *self, PyObject *args) {
+    PyObject *ow, *ou, *othr, *os, *oo;
+    int bits;
+    mix_slim_ctx c;
+    if (!PyArg_ParseTuple(args, "OOiOdddiOO", &ow, &ou, &bits, &othr, &c.lambda, &c.norm, &c.tau_range, &c.tau_n, &os, &oo)) return NULL;
+    if (bits < 1 || bits > 8) return PyErr_Format(PyExc_ValueError, "bits: expected 1..8, got %d", bits);
+    if (check_slim(&c) < 0) return NULL;
+    double thr = 0;
+    c.threshold = NULL;
+    if (othr != Py_None) {
+        thr = PyFloat_AsDouble(othr);
+        if (thr == -1.0 && PyErr_Occurred()) return NULL;
+        c.threshold = &thr;
+    }
+    arrset s = {.n = 0};
+    mix_array *w, *u, *sc, *of;
+    if (!(w = take(&s, ow, "w", MIX_DT(MIX_F32), 2, 0))) goto fail;
+    int64_t R = w->shape[0], len = w->shape[1];
+    if (len == 0) { PyErr_SetString(PyExc_ValueError, "w: the group must not be empty"); goto fail; }
+    if (!(u = take(&s, ou, "u", MIX_DT(MIX_F64), 1, 0)) || mix_check_dim(u, 0, len) < 0) goto fail;
+    for (int64_t k = 0; k < len; k++)
+        if (!(((double *)u->data)[k] > 0)) { PyErr_SetString(PyExc_ValueError, "u: expected positive values"); goto fail; }
+    if (!(sc = take(&s, os, "scale_out", MIX_DT(MIX_F32), 1, 1)) || mix_check_dim(sc, 0, R) < 0) goto fail;
+    if (!(of = take(&s, oo, "offset_out", MIX_DT(MIX_F32), 1, 1)) || mix_check_dim(of, 0, R) < 0) goto fail;
+    const float *wd = w->data;
+    for (int64_t i = 0; i < R * len; i++) if (!isfinite(wd[i])) { arrset_release(&s); return nonfinite("w"); }
+    Py_BEGIN_ALLOW_THREADS
+    double *v = malloc((size_t)len * sizeof(double));
+    if (v) {
+        for (int64_t r = 0; r < R; r++) {
+            for (int64_t k = 0; k < len; k++) v[k] = wd[r * len + k];
+            mix_slim_fit(&c, v, u->data, len, bits, 0, (float *)sc->data + r, (float *)of->data + r);
+        }
+    }
+    free(v);
+    Py_END_ALLOW_THREADS
+    arrset_release(&s);
+    Py_RETURN_NONE;
+fail:
+    arrset_release(&s);
+    return NULL;
+}
+
+/* slim_gptq(w, H|None, bits_per_group [N,G] f32, group_size, damp, group_order, thresholds [G] f64|None,
+ *           lambda, norm, tau_range, tau_n, q_out u8 [N,K], scale_out [N,G], offset_out [N,G]) */
+static PyObject *py_slim_gptq(PyObject *self, PyObject *args) {
+    PyObject *ow, *oh, *obpg, *othr, *oq, *os, *oo;
+    long long g;
+    mix_gptq_opts o;
+    mix_slim_ctx c;
+    memset(&o, 0, sizeof o);
+    if (!PyArg_ParseTuple(args, "OOOLdpOdddiOOO", &ow, &oh, &obpg, &g, &o.damp, &o.group_order, &othr, &c.lambda,
+                          &c.norm, &c.tau_range, &c.tau_n, &oq, &os, &oo))
+        return NULL;
+    if (check_group(g) < 0 || check_slim(&c) < 0) return NULL;
+    if (!(o.damp >= 0.0 && o.damp < 1e6)) return PyErr_Format(PyExc_ValueError, "damp: expected a value >= 0");
+    o.group_size = g;
+    o.bits = 2;
+    arrset s = {.n = 0};
+    mix_array *w, *h = NULL, *bpg, *thr = NULL, *q, *sc, *of;
+    uint8_t *zero = NULL;
+    if (!(w = take(&s, ow, "w", MIX_DT(MIX_F32), 2, 0))) goto fail;
+    int64_t N = w->shape[0], K = w->shape[1], G = mix_ngroups(K, g);
+    if (K == 0) { PyErr_SetString(PyExc_ValueError, "w: K must be positive"); goto fail; }
+    if (oh != Py_None && (!(h = take(&s, oh, "H", MIX_DT(MIX_F64), 2, 0)) || check_shape2(h, K, K) < 0)) goto fail;
+    if (!(bpg = take(&s, obpg, "bits_per_group", MIX_DT(MIX_F32), 2, 0)) || check_shape2(bpg, N, G) < 0) goto fail;
+    for (int64_t i = 0; i < N * G; i++) {
+        float b = ((const float *)bpg->data)[i];
+        if (!(b >= 1 && b <= 8 && b == (float)(int)b)) { PyErr_SetString(PyExc_ValueError, "bits_per_group: expected integers in 1..8"); goto fail; }
+    }
+    if (othr != Py_None && (!(thr = take(&s, othr, "thresholds", MIX_DT(MIX_F64), 1, 0)) || mix_check_dim(thr, 0, G) < 0)) goto fail;
+    if (!(q = take(&s, oq, "q_out", MIX_DT(MIX_U8), 2, 1)) || check_shape2(q, N, K) < 0) goto fail;
+    if (!(sc = take(&s, os, "scale_out", MIX_DT(MIX_F32), 2, 1)) || check_shape2(sc, N, G) < 0) goto fail;
+    if (!(of = take(&s, oo, "offset_out", MIX_DT(MIX_F32), 2, 1)) || check_shape2(of, N, G) < 0) goto fail;
+    c.threshold = thr ? thr->data : NULL;
+    o.bits_per_group = bpg->data;
+    o.fit = mix_slim_fit;
+    o.fit_ctx = &c;
+    o.offset_out = of->data;
+    zero = calloc((size_t)(N * G + 1), 1);
+    if (!zero) { PyErr_NoMemory(); goto fail; }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = mix_gptq(w->data, N, K, h ? h->data : NULL, &o, q->data, sc->data, zero);
+    Py_END_ALLOW_THREADS
+    free(zero);
+    arrset_release(&s);
+    if (rc == -1) { PyErr_SetString(PyExc_ValueError, "w or H: contains NaN or Inf"); return NULL; }
+    if (rc == -2) return PyErr_NoMemory();
+    if (rc == -3) { PyErr_SetString(PyExc_ValueError, "H: not positive definite even after damping; raise damp"); return NULL; }
+    Py_RETURN_NONE;
+fail:
+    arrset_release(&s);
+    return NULL;
+}
+
+/* A weight-only weight from a tuple: ("group", g, codes, scale, offset, rowptr|None, cols|None, vals|None)
+ * or ("codebook", 0, codes, codebook [K,L], None, rowptr|None, cols|None, vals|None). */
+static int parse_woq(arrset *s, PyObject *spec, mix_woq_weight *w) {
+    const char *kind;
+    long long g;
+    PyObject *oc, *o1, *o2, *orp, *ocol, *oval;
+    memset(w, 0, sizeof *w);
+    if (!PyTuple_Check(spec) || !PyArg_ParseTuple(spec, "sLOOOOOO", &kind, &g, &oc, &o1, &o2, &orp, &ocol, &oval)) {
+        PyErr_Clear();
+        PyErr_SetString(PyExc_TypeError, "weight: expected a (kind, group_size, codes, scale|codebook, offset|None, rowptr|None, cols|None, vals|None) tuple");
+        return -1;
+    }
+    mix_array *c = take(s, oc, "codes", MIX_DT(MIX_U8), 2, 0);
+    if (!c) return -1;
+    w->N = c->shape[0]; w->K = c->shape[1]; w->codes = c->data;
+    if (w->K == 0) { PyErr_SetString(PyExc_ValueError, "codes: K must be positive"); return -1; }
+    if (!strcmp(kind, "group")) {
+        if (check_group(g) < 0) return -1;
+        w->kind = 0; w->g = g;
+        int64_t G = mix_ngroups(w->K, g);
+        mix_array *sc = take(s, o1, "scale", MIX_DT(MIX_F32), 2, 0);
+        if (!sc || check_shape2(sc, w->N, G) < 0) return -1;
+        mix_array *of = take(s, o2, "offset", MIX_DT(MIX_F32), 2, 0);
+        if (!of || check_shape2(of, w->N, G) < 0) return -1;
+        w->scale = sc->data; w->offset = of->data;
+    } else if (!strcmp(kind, "codebook")) {
+        w->kind = 1;
+        mix_array *cb = take(s, o1, "codebook", MIX_DT(MIX_F32), 2, 0);
+        if (!cb || mix_check_dim(cb, 0, w->K) < 0) return -1;
+        w->L = cb->shape[1];
+        if (w->L < 1 || w->L > 256) { PyErr_SetString(PyExc_ValueError, "codebook: expected 1..256 levels per channel"); return -1; }
+        w->codebook = cb->data;
+        for (int64_t i = 0; i < w->N * w->K; i++)
+            if (w->codes[i] >= w->L) { PyErr_Format(PyExc_ValueError, "codes: expected values < %lld (codebook levels)", (long long)w->L); return -1; }
+    } else {
+        PyErr_Format(PyExc_ValueError, "kind: expected 'group' or 'codebook', got '%s'", kind);
+        return -1;
+    }
+    if (orp != Py_None) {
+        mix_array *rp = take(s, orp, "rowptr", MIX_DT(MIX_I64), 1, 0);
+        if (!rp || mix_check_dim(rp, 0, w->N + 1) < 0) return -1;
+        mix_array *cl = take(s, ocol, "cols", MIX_DT(MIX_I64), 1, 0);
+        if (!cl) return -1;
+        int64_t nnz = cl->shape[0];
+        mix_array *vl = take(s, oval, "vals", MIX_DT(MIX_F32), 1, 0);
+        if (!vl || mix_check_dim(vl, 0, nnz) < 0) return -1;
+        const int64_t *r = rp->data, *cc = cl->data;
+        if (r[0] != 0 || r[w->N] != nnz) { PyErr_SetString(PyExc_ValueError, "rowptr: must start at 0 and end at len(cols)"); return -1; }
+        for (int64_t n = 0; n < w->N; n++) if (r[n + 1] < r[n]) { PyErr_SetString(PyExc_ValueError, "rowptr: must be non-decreasing"); return -1; }
+        for (int64_t t = 0; t < nnz; t++) if (cc[t] < 0 || cc[t] >= w->K) { PyErr_SetString(PyExc_ValueError, "cols: out of range"); return -1; }
+        w->rowptr = r; w->cols = cc; w->vals = vl->data;
+    }
+    return 0;
+}
+
+static PyObject *py_woq_dequantize(PyObject *self, PyObject *args) {
+    PyObject *spec, *oo;
+    if (!PyArg_ParseTuple(args, "OO", &spec, &oo)) return NULL;
+    arrset s = {.n = 0};
+    mix_woq_weight w;
+    mix_array *out;
+    if (parse_woq(&s, spec, &w) < 0) goto fail;
+    if (!(out = take(&s, oo, "out", MIX_DT(MIX_F32), 2, 1)) || check_shape2(out, w.N, w.K) < 0) goto fail;
+    Py_BEGIN_ALLOW_THREADS
+    mix_woq_dequantize(&w, out->data);
+    Py_END_ALLOW_THREADS
+    arrset_release(&s);
+    Py_RETURN_NONE;
+fail:
+    arrset_release(&s);
+    return NULL;
+}
+
+static PyObject *py_woq_linear(PyObject *self, PyObject *args) {
+    PyObject *ox, *spec, *ob, *oo;
+    if (!PyArg_ParseTuple(args, "OOOO", &ox, &spec, &ob, &oo)) return NULL;
+    arrset s = {.n = 0};
+    mix_woq_weight w;
+    mix_array *x, *b = NULL, *out;
+    if (parse_woq(&s, spec, &w) < 0) goto fail;
+    if (!(x = take(&s, ox, "x", MIX_FLOATS, 2, 0)) || mix_check_dim(x, 1, w.K) < 0) goto fail;
+    int64_t M = x->shape[0];
+    if (ob != Py_None && (!(b = take(&s, ob, "bias", MIX_DT(MIX_F32), 1, 0)) || mix_check_dim(b, 0, w.N) < 0)) goto fail;
+    if (!(out = take(&s, oo, "out", MIX_FLOATS, 2, 1)) || check_shape2(out, M, w.N) < 0) goto fail;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = mix_woq_linear(x->data, x->dtype, M, &w, b ? b->data : NULL, out->data, out->dtype);
+    Py_END_ALLOW_THREADS
+    arrset_release(&s);
+    if (rc == -1) return nonfinite("x");
+    if (rc == -2) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+fail:
+    arrset_release(&s);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"quantize_weight", py_quantize_weight, METH_VARARGS, "quantize_weight(w, bits, group_size, symmetric, q_out, scale_out, zero_out)"},
     {"dequantize_weight", py_dequantize_weight, METH_VARARGS, "dequantize_weight(q, scale, zero|None, group_size, out)"},
@@ -354,6 +593,13 @@ static PyMethodDef methods[] = {
     {"cpu_prepack", py_cpu_prepack, METH_VARARGS, "cpu_prepack(codes, scale, zero|None, bits, group_size, blob_out)"},
     {"cpu_qlinear", py_cpu_qlinear, METH_VARARGS, "cpu_qlinear(x, parts, group_size, bias|None, out, impl)"},
     {"cpu_has", py_cpu_has, METH_VARARGS, "cpu_has(impl)"},
+    {"kmeans1d", py_kmeans1d, METH_VARARGS, "kmeans1d(x, weight|None, k, levels|None, iters, centroids_out, codes_out)"},
+    {"slim_calibrate", py_slim_calibrate, METH_VARARGS,
+     "slim_calibrate(w, u, bits, threshold|None, lambda, norm, tau_range, tau_n, scale_out, offset_out)"},
+    {"slim_gptq", py_slim_gptq, METH_VARARGS,
+     "slim_gptq(w, H|None, bits_per_group, group_size, damp, group_order, thresholds|None, lambda, norm, tau_range, tau_n, q_out, scale_out, offset_out)"},
+    {"woq_dequantize", py_woq_dequantize, METH_VARARGS, "woq_dequantize(weight_spec, out)"},
+    {"woq_linear", py_woq_linear, METH_VARARGS, "woq_linear(x, weight_spec, bias|None, out)"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "_C", "mixllm C core (CPU ops over DLPack)", -1, methods};

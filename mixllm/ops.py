@@ -409,3 +409,160 @@ def mixed_linear(x, w4: Optional[QuantizedWeight], w8: Optional[QuantizedWeight]
             raise ValueError("w4, w8: both parts need the same K and group_size")
     n_out = sum(w.shape[0] for w, _ in parts)
     return _linear(x, parts, n_out, K, min(g, K), bias, impl)
+
+
+# ----------------------------------------------------------------------------- sister methods
+# Ops of SliM-LLM, CMPQ and the weight-only layer (issue 5): csrc/cluster.c, csrc/slim.c, csrc/woq.c.
+__all__ += ["kmeans1d", "slim_calibrate", "slim_gptq_quantize", "woq_dequantize", "woq_linear"]
+
+
+def _check_int(v, name, lo, hi):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= v <= hi:
+        raise ValueError(f"{name}: expected an integer in {lo}..{hi}, got {v!r}")
+    return int(v)
+
+
+def _to_np_cpu(a, name, dtype):
+    """A C-contiguous NumPy array of ``dtype`` (torch CPU tensors are converted)."""
+    _check_array(a, name)
+    if _is_torch(a):
+        if a.is_cuda:
+            raise ValueError(f"{name}: this op runs on the CPU; pass {name}.cpu()")
+        a = a.detach().cpu().numpy()
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+def kmeans1d(x, k: int, weight=None, levels=None, iters: int = 50):
+    """Weighted 1-D k-means of every row of ``x`` [R, n] into ``k`` levels (CMPQ's clustered levels).
+
+    ``weight`` [R, n] (>= 0, optional) weighs each value; zero-weight values do not move the levels but
+    get codes. ``levels`` (int [R], optional) gives row r only ``levels[r] <= k`` levels (the rest of its
+    row of centroids repeats the last level). Deterministic: starts at the weighted quantiles
+    ``(i + 0.5) / k``, runs at most ``iters`` Lloyd steps. Returns ``(centroids float32 [R, k] ascending,
+    codes uint8 [R, n])`` with each value coded to its nearest level (ties to the lower one).
+    """
+    k = _check_int(k, "k", 1, 256)
+    iters = _check_int(iters, "iters", 0, 100000)
+    x = _as_float32(x, "x")
+    _check_2d(x, "x")
+    if _on_cuda(x):
+        raise ValueError("x: k-means runs on the CPU; pass x.cpu()")
+    R, n = x.shape
+    if weight is not None:
+        weight = _as_float32(weight, "weight")
+    if levels is not None:
+        levels = _contig(levels, "levels")
+        if _dtype_name(levels) != "int32":
+            levels = levels.int() if _is_torch(levels) else levels.astype(np.int32)
+    cent = _empty(x, (R, k), "float32")
+    codes = _empty(x, (R, n), "uint8")
+    _C.kmeans1d(x, weight, k, levels, iters, cent, codes)
+    return cent, codes
+
+
+def _slim_args(lam, norm, tau_range, tau_n):
+    return float(lam), float(norm), float(tau_range), _check_int(tau_n, "tau_n", 1, 1000)
+
+
+def slim_calibrate(w, u, bits: int, threshold=None, lam: float = 1.0, norm: float = 2.4,
+                   tau_range: float = 0.1, tau_n: int = 50):
+    """SliM-LLM's salience-weighted quantizer calibration for one group ``w`` [R, len] (one row each).
+
+    ``u`` [len] (positive) is the matching diagonal of the upper Cholesky factor of ``H^-1``; element
+    salience is ``w^2 / u^2`` and values with salience ``>= threshold`` count ``lam`` times in the loss
+    ``sum |dequant - w|^norm``. Searches the range factor ``p`` over ``1`` then ``(1, 1 + tau_range]`` and
+    ``[1 - tau_range, 1)`` in ``tau_n`` steps each. Returns ``(scale, offset)`` float32 [R] with
+    ``dequant = code * scale + offset``; ``bits == 1`` binarizes (levels ``mean +- mean|w|``).
+    """
+    bits = _check_int(bits, "bits", 1, 8)
+    w = _to_np_cpu(w, "w", np.float32)
+    _check_2d(w, "w")
+    u = _to_np_cpu(u, "u", np.float64)
+    R = w.shape[0]
+    scale = np.empty(R, np.float32)
+    offset = np.empty(R, np.float32)
+    _C.slim_calibrate(w, u, bits, None if threshold is None else float(threshold),
+                      *_slim_args(lam, norm, tau_range, tau_n), scale, offset)
+    return scale, offset
+
+
+def slim_gptq_quantize(w, H, bits_per_group, group_size: int = 128, damp: float = 0.01,
+                       group_order: bool = False, thresholds=None, lam: float = 1.0, norm: float = 2.4,
+                       tau_range: float = 0.1, tau_n: int = 50):
+    """GPTQ (the shared C implementation) with per-group bit-widths and SliM-LLM's calibration per group.
+
+    ``w`` [N, K], ``H`` [K, K] float64 or None (no error compensation), ``bits_per_group`` [N, G]
+    integers in 1..8, ``thresholds`` [G] salience thresholds (see :func:`slim_calibrate`) or None.
+    Returns ``(codes uint8 [N, K], scale float32 [N, G], offset float32 [N, G])`` with
+    ``dequant = code * scale + offset`` per group (NumPy arrays).
+    """
+    group_size = _check_group(group_size)
+    w = _to_np_cpu(w, "w", np.float32)
+    _check_2d(w, "w")
+    N, K = w.shape
+    G = _ngroups(K, group_size)
+    if H is not None:
+        H = _to_np_cpu(H, "H", np.float64)
+    bpg = _to_np_cpu(bits_per_group, "bits_per_group", np.float32)
+    thr = None if thresholds is None else _to_np_cpu(thresholds, "thresholds", np.float64)
+    q = np.empty((N, K), np.uint8)
+    scale = np.empty((N, G), np.float32)
+    offset = np.empty((N, G), np.float32)
+    _C.slim_gptq(w, H, bpg, group_size, float(damp), bool(group_order), thr,
+                 *_slim_args(lam, norm, tau_range, tau_n), q, scale, offset)
+    return q, scale, offset
+
+
+def _woq_spec(kind, codes, group_size=0, scale=None, offset=None, codebook=None, rowptr=None, cols=None, vals=None):
+    if kind not in ("group", "codebook"):
+        raise ValueError(f"kind: expected 'group' or 'codebook', got {kind!r}")
+    codes = _contig(codes, "codes")
+    if (rowptr is None) != (cols is None) or (cols is None) != (vals is None):
+        raise ValueError("rowptr, cols, vals: give all three (sparse part) or none")
+    sp = (None, None, None) if rowptr is None else (_index(rowptr, "rowptr"), _index(cols, "cols"),
+                                                     _as_float32(vals, "vals"))
+    if kind == "group":
+        if scale is None or offset is None:
+            raise ValueError("scale, offset: required for kind='group'")
+        return ("group", _check_group(group_size), codes, _as_float32(scale, "scale"),
+                _as_float32(offset, "offset"), *sp)
+    if codebook is None:
+        raise ValueError("codebook: required for kind='codebook'")
+    return ("codebook", 0, codes, _as_float32(codebook, "codebook"), None, *sp)
+
+
+def woq_dequantize(kind: str, codes, group_size: int = 0, scale=None, offset=None, codebook=None,
+                   rowptr=None, cols=None, vals=None):
+    """Float32 [N, K] weight of a weight-only format (CPU).
+
+    ``kind='group'``: ``W[n,k] = codes[n,k] * scale[n,k//g] + offset[n,k//g]`` (per-group bits are just
+    code ranges); ``kind='codebook'``: ``W[n,k] = codebook[k, codes[n,k]]`` (levels per input channel).
+    An optional sparse part (CSR by output row: ``rowptr`` [N+1], ``cols`` [nnz] int64, ``vals`` [nnz])
+    replaces ``W[n, cols]`` with ``vals`` (16-bit outliers).
+    """
+    spec = _woq_spec(kind, codes, group_size, scale, offset, codebook, rowptr, cols, vals)
+    codes = spec[2]
+    _check_2d(codes, "codes")
+    if _on_cuda(codes):
+        raise ValueError("codes: woq_dequantize runs on the CPU (mixllm.nn_weight_only dequantizes on CUDA)")
+    out = _empty(codes, codes.shape, "float32")
+    _C.woq_dequantize(spec, out)
+    return out
+
+
+def woq_linear(x, kind: str, codes, group_size: int = 0, scale=None, offset=None, codebook=None,
+               rowptr=None, cols=None, vals=None, bias=None):
+    """``y = x W^T + b`` dequantizing ``W`` (see :func:`woq_dequantize`) on the fly, one output row at a
+    time (CPU). ``x`` [..., K] float32/float16/bfloat16; ``y`` has ``x``'s dtype, shape [..., N]."""
+    spec = _woq_spec(kind, codes, group_size, scale, offset, codebook, rowptr, cols, vals)
+    codes = spec[2]
+    _check_2d(codes, "codes")
+    N, K = codes.shape
+    x2, lead = _flatten_x(x, K)
+    if _dtype_name(x2) not in ("float32", "float16", "bfloat16"):
+        raise TypeError(f"x: expected dtype float32, float16 or bfloat16, got {_dtype_name(x2)}")
+    if _on_cuda(x2):
+        raise ValueError("x: woq_linear runs on the CPU (mixllm.nn_weight_only handles CUDA)")
+    out = _empty(x2, (x2.shape[0], N), _dtype_name(x2))
+    _C.woq_linear(x2, spec, _bias32(bias, N), out)
+    return out.reshape(*lead, N)

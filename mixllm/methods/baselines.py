@@ -1,0 +1,190 @@
+"""Weight-only baselines (RTN, GPTQ) and what the weight-only methods share.
+
+Both SliM-LLM and CMPQ compare against round-to-nearest and GPTQ at the same group size, so they live
+beside them. Every weight-only config here has the same shape:
+
+* ``config.quantize_linear(linear, stats) -> WeightOnlyLinear`` quantizes one ``nn.Linear`` from its
+  calibration statistics (:class:`LayerStats`: the Hessian ``H = 2 X^T X / n`` of its inputs and a
+  sample of input rows);
+* ``config.apply(model, calib)`` collects the statistics of every ``nn.Linear`` inside the transformer
+  blocks in one pass over the calibration samples (the full-precision model's inputs, not the
+  sequential layer-by-layer pass of the GPTQ paper) and swaps each layer for its quantized version.
+
+``calib`` is a list of 1-D/2-D token-id tensors (one sequence each), or an object with a ``samples``
+attribute holding such a list.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .. import ops
+from ..nn_weight_only import WeightOnlyLinear
+
+__all__ = ["RTNConfig", "GPTQConfig", "LayerStats", "collect_stats", "default_filter", "replace_linears",
+           "quantize_weight_only"]
+
+
+@dataclass
+class LayerStats:
+    """Calibration statistics of one linear layer's input: ``H = 2 X^T X / n`` (float64 [K, K]) and up
+    to ``keep_tokens`` input rows drawn at random (float32 [T, K], for output-error searches)."""
+    H: np.ndarray
+    X: Optional[np.ndarray]
+    n: int
+
+
+def default_filter(name: str, module: nn.Module) -> bool:
+    """Every ``nn.Linear`` inside the transformer blocks (``lm_head`` and embeddings stay 16-bit)."""
+    return isinstance(module, nn.Linear) and ".layers." in f".{name}" and "lm_head" not in name
+
+
+def _samples(calib) -> List[torch.Tensor]:
+    if calib is None:
+        raise ValueError("calib: these methods need calibration samples (a list of token-id tensors)")
+    for attr in ("samples", "input_ids"):
+        if hasattr(calib, attr) and not isinstance(calib, torch.Tensor):
+            calib = getattr(calib, attr)
+    if isinstance(calib, torch.Tensor):
+        calib = [calib[i] for i in range(calib.shape[0])] if calib.dim() == 2 else [calib]
+    out = [torch.as_tensor(s).reshape(1, -1).long() for s in calib]
+    if not out:
+        raise ValueError("calib: got no samples")
+    return out
+
+
+@torch.no_grad()
+def collect_stats(model: nn.Module, calib, filter_fn: Callable = default_filter, keep_tokens: int = 1024,
+                  seed: int = 0) -> Dict[str, LayerStats]:
+    """One forward pass per calibration sample with hooks on the selected linears."""
+    samples = _samples(calib)
+    mods = {n: m for n, m in model.named_modules() if filter_fn(n, m)}
+    if not mods:
+        raise ValueError("model: no nn.Linear layers matched the filter")
+    acc = {n: [torch.zeros(m.in_features, m.in_features, dtype=torch.float64), 0, []] for n, m in mods.items()}
+    total_tokens = sum(s.numel() for s in samples)
+    keep_p = min(1.0, keep_tokens / max(total_tokens, 1))
+    gen = torch.Generator().manual_seed(seed)
+
+    def hook(name):
+        def f(mod, inp, out):
+            x = inp[0].detach().reshape(-1, inp[0].shape[-1]).float().cpu()
+            a = acc[name]
+            a[0] += (x.T @ x).double()
+            a[1] += x.shape[0]
+            if keep_p > 0:
+                sel = torch.rand(x.shape[0], generator=gen) < keep_p
+                a[2].append(x[sel].clone())
+        return f
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
+    try:
+        dev = next(model.parameters()).device
+        for s in samples:
+            model(s.to(dev))
+    finally:
+        for h in handles:
+            h.remove()
+    stats = {}
+    for n, (H, cnt, xs) in acc.items():
+        X = torch.cat(xs).numpy() if xs else None
+        stats[n] = LayerStats(H=(2.0 / max(cnt, 1)) * H.numpy(), X=X, n=cnt)
+    return stats
+
+
+def replace_linears(model: nn.Module, new: Dict[str, nn.Module]):
+    for name, m in new.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, m)
+
+
+def quantize_weight_only(model: nn.Module, config, calib=None, filter_fn: Callable = default_filter,
+                         verbose: bool = False) -> nn.Module:
+    """Quantize every selected linear of ``model`` in place with ``config.quantize_linear``."""
+    needs = getattr(config, "needs_calibration", True)
+    if needs:
+        stats = collect_stats(model, calib, filter_fn, keep_tokens=getattr(config, "keep_tokens", 1024),
+                              seed=getattr(config, "seed", 0))
+    else:
+        stats = {n: None for n, m in model.named_modules() if filter_fn(n, m)}
+    new = {}
+    for name, st in stats.items():
+        lin = model.get_submodule(name)
+        new[name] = config.quantize_linear(lin, st)
+        if verbose:
+            print(f"{name}: {new[name].extra_repr()}", flush=True)
+    replace_linears(model, new)
+    return model
+
+
+def _check_bits(bits, lo=2, hi=8):
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not lo <= bits <= hi:
+        raise ValueError(f"bits: expected an integer in {lo}..{hi}, got {bits!r}")
+    return int(bits)
+
+
+def _weight(linear):
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+    return linear.weight.detach().float().cpu().numpy()
+
+
+@dataclass
+class RTNConfig:
+    """Round-to-nearest weight-only quantization: asymmetric ``bits``-bit, groups of ``group_size``
+    along the input features (SPEC §1 format, min/max range)."""
+    bits: int = 4
+    group_size: int = 128
+    needs_calibration = False
+    name = "rtn"
+
+    def __post_init__(self):
+        self.bits = _check_bits(self.bits)
+        self.group_size = ops._check_group(self.group_size)
+
+    def quantize_linear(self, linear: nn.Linear, stats: Optional[LayerStats] = None) -> WeightOnlyLinear:
+        w = _weight(linear)
+        q, s, z = ops.quantize_weight(w, self.bits, self.group_size, symmetric=False)
+        return WeightOnlyLinear.from_group(linear, q, s, -z.astype(np.float32) * s, self.bits, self.group_size,
+                                           method=self.name)
+
+    def apply(self, model, calib=None, filter_fn=default_filter, verbose=False):
+        return quantize_weight_only(model, self, calib, filter_fn, verbose)
+
+
+@dataclass
+class GPTQConfig:
+    """GPTQ weight-only baseline (Frantar et al. 2022) on the project's C implementation: asymmetric
+    ``bits``-bit groups of ``group_size``, Hessian ``2 X^T X / n`` damped by ``damp * mean(diag H)``.
+    The vanilla algorithm by default; ``group_order`` / ``clip`` turn on the MixLLM refinements."""
+    bits: int = 4
+    group_size: int = 128
+    damp: float = 0.01
+    group_order: bool = False
+    clip: bool = False
+    keep_tokens: int = 0
+    seed: int = 0
+    name = "gptq"
+
+    def __post_init__(self):
+        self.bits = _check_bits(self.bits)
+        self.group_size = ops._check_group(self.group_size)
+        if not self.damp >= 0:
+            raise ValueError(f"damp: expected a value >= 0, got {self.damp!r}")
+
+    def quantize_linear(self, linear: nn.Linear, stats: LayerStats) -> WeightOnlyLinear:
+        if not isinstance(stats, LayerStats):
+            raise TypeError("stats: GPTQ needs the layer's calibration statistics (LayerStats)")
+        w = _weight(linear)
+        q, s, z = ops.gptq_quantize(w, stats.H, self.bits, self.group_size, symmetric=False, damp=self.damp,
+                                    group_order=self.group_order, clip=self.clip)
+        return WeightOnlyLinear.from_group(linear, q, s, -z.astype(np.float32) * s, self.bits, self.group_size,
+                                           method=self.name)
+
+    def apply(self, model, calib, filter_fn=default_filter, verbose=False):
+        return quantize_weight_only(model, self, calib, filter_fn, verbose)
