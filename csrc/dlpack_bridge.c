@@ -39,6 +39,10 @@ static void allowed_list(unsigned mask, char *buf, size_t n) {
 
 void mix_array_release(mix_array *a) {
     if (a->managed) {
+        /* A deleter may run Python code (a producer's finalizer, a ctypes callback) that would
+         * clobber or swallow the exception we are about to report: keep it aside meanwhile. */
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
         if (a->versioned) {
             DLManagedTensorVersioned *m = (DLManagedTensorVersioned *)a->managed;
             if (m->deleter) m->deleter(m);
@@ -46,6 +50,7 @@ void mix_array_release(mix_array *a) {
             DLManagedTensor *m = (DLManagedTensor *)a->managed;
             if (m->deleter) m->deleter(m);
         }
+        PyErr_Restore(et, ev, tb);
         a->managed = NULL;
     }
     Py_CLEAR(a->capsule);
@@ -194,7 +199,8 @@ int mix_array_get(PyObject *obj, const char *name, unsigned allowed_dtypes, int 
             goto fail;
         }
         a->shape[d] = t->shape[d];
-        if (a->numel > 0 && t->shape[d] > (INT64_MAX / 16) / a->numel) {
+        /* Bound every extent, even in an empty array: the ops do arithmetic on them (K + 1, ...). */
+        if (t->shape[d] > INT64_MAX / 16 || (a->numel > 0 && t->shape[d] > (INT64_MAX / 16) / a->numel)) {
             PyErr_Format(PyExc_ValueError, "%s: array too large", name);
             goto fail;
         }
@@ -216,6 +222,10 @@ int mix_array_get(PyObject *obj, const char *name, unsigned allowed_dtypes, int 
     if (a->numel > 0) {
         if (!t->data) {
             PyErr_Format(PyExc_ValueError, "%s: DLPack tensor has a NULL data pointer", name);
+            goto fail;
+        }
+        if (t->byte_offset > (uint64_t)(UINTPTR_MAX - (uintptr_t)t->data)) {
+            PyErr_Format(PyExc_ValueError, "%s: DLPack byte_offset overflows the address space", name);
             goto fail;
         }
         a->data = (char *)t->data + t->byte_offset;

@@ -32,12 +32,16 @@ void mix_cpu_weight_geometry(int bits, int64_t N, int64_t K, int64_t g, mix_cpu_
     memset(w, 0, sizeof(*w));
     w->bits = bits; w->N = N; w->K = K; w->g = g;
     w->G = mix_ngroups(K, g);
-    w->Lp = (g + 7) / 8 * 8;
-    w->section = (bits == 4 ? w->Lp * MIX_RB / 2 : w->Lp * MIX_RB) + 192;
+    w->Lp = g > INT64_MAX / 64 ? -1 : (g + 7) / 8 * 8;
+    w->section = w->Lp < 0 ? -1 : (bits == 4 ? w->Lp * MIX_RB / 2 : w->Lp * MIX_RB) + 192;
 }
 
-int64_t mix_cpu_blob_bytes(const mix_cpu_weight *w) {
-    return (w->N + MIX_RB - 1) / MIX_RB * w->G * w->section;
+int64_t mix_cpu_blob_bytes(const mix_cpu_weight *w) { /* -1 when the size does not fit int64 */
+    int64_t nb = w->N / MIX_RB + (w->N % MIX_RB != 0), r;
+    if (w->N < 0 || w->G < 0 || w->section < 0 || __builtin_mul_overflow(nb, w->G, &r) ||
+        __builtin_mul_overflow(r, w->section, &r))
+        return -1;
+    return r;
 }
 
 void mix_cpu_prepack(mix_cpu_weight *w, const void *codes, const float *scale, const uint8_t *zero, uint8_t *blob) {
@@ -143,9 +147,9 @@ static void rb_portable(const kctx *c, int64_t rb, int64_t m0, int MB, float *ou
                     } else {
                         wv = (int8_t)sec[(kk / 4) * 64 + 4 * r + (kk % 4)];
                     }
-                    acc += (int32_t)a[kk] * wv;
+                    acc = (int32_t)((uint32_t)acc + (uint32_t)((int32_t)a[kk] * wv)); /* wraps like vpdpbusd */
                 }
-                out[t * MIX_RB + r] += (float)(acc - corr[r]) * (sw[r] * s_a);
+                out[t * MIX_RB + r] += (float)(int32_t)((uint32_t)acc - (uint32_t)corr[r]) * (sw[r] * s_a);
             }
         }
     }

@@ -148,7 +148,12 @@ int mix_gptq(const float *w, int64_t N, int64_t K, const double *H, const mix_gp
         int64_t R = N - r0 < ROW_CHUNK ? N - r0 : ROW_CHUNK;
         double *W = malloc((size_t)(R * K) * sizeof(double)), *E = malloc((size_t)(R * COL_BLOCK) * sizeof(double));
         double *dg = malloc((size_t)K * sizeof(double)), *ud = malloc((size_t)(g < K ? g : K) * sizeof(double));
-        if (!W || !E || !dg || !ud) { free(W); free(E); free(dg); free(ud); continue; } /* left as zero codes; rare */
+        if (!W || !E || !dg || !ud) { /* report it: codes of these rows would be left unwritten */
+            free(W); free(E); free(dg); free(ud);
+#pragma omp atomic write
+            rc = -2;
+            continue;
+        }
         for (int64_t r = 0; r < R; r++)
             for (int64_t p = 0; p < K; p++) {
                 int64_t k = perm[p];

@@ -186,18 +186,23 @@ static PyObject *py_gptq_quantize(PyObject *self, PyObject *args) {
     if (o.clip_grid < 0 || o.clip_grid > 99) return PyErr_Format(PyExc_ValueError, "clip_grid: expected 0..99, got %d", o.clip_grid);
     arrset s = {.n = 0};
     mix_array *w, *h = NULL, *bpg = NULL, *q, *sc, *z;
+    float *bpg_copy = NULL; /* validated private copy: scale_out may alias bits_per_group */
     if (!(w = take(&s, ow, "w", MIX_DT(MIX_F32), 2, 0))) goto fail;
     int64_t N = w->shape[0], K = w->shape[1], G = mix_ngroups(K, g);
     if (oh != Py_None && (!(h = take(&s, oh, "H", MIX_DT(MIX_F64), 2, 0)) || check_shape2(h, K, K) < 0)) goto fail;
     if (obits_pg != Py_None) {
         if (!(bpg = take(&s, obits_pg, "bits_per_group", MIX_DT(MIX_F32), 2, 0)) || check_shape2(bpg, N, G) < 0) goto fail;
         const float *b = bpg->data;
-        for (int64_t i = 0; i < N * G; i++)
-            if (!(b[i] >= (o.symmetric ? 2 : 1) && b[i] <= 8 && b[i] == (float)(int)b[i])) {
+        if (!(bpg_copy = malloc(((size_t)(N * G) + 1) * sizeof(float)))) { PyErr_NoMemory(); goto fail; }
+        for (int64_t i = 0; i < N * G; i++) {
+            float v = b[i];
+            if (!(v >= (o.symmetric ? 2 : 1) && v <= 8 && v == (float)(int)v)) {
                 PyErr_Format(PyExc_ValueError, "bits_per_group: expected integers in %s", o.symmetric ? "2..8" : "1..8");
                 goto fail;
             }
-        o.bits_per_group = bpg->data;
+            bpg_copy[i] = v;
+        }
+        o.bits_per_group = bpg_copy;
     }
     if (!(q = take(&s, oq, "q_out", MIX_DT(o.symmetric ? MIX_I8 : MIX_U8), 2, 1)) || check_shape2(q, N, K) < 0) goto fail;
     if (!(sc = take(&s, os, "scale_out", MIX_DT(MIX_F32), 2, 1)) || check_shape2(sc, N, G) < 0) goto fail;
@@ -207,12 +212,14 @@ static PyObject *py_gptq_quantize(PyObject *self, PyObject *args) {
     rc = mix_gptq(w->data, N, K, h ? h->data : NULL, &o, q->data, sc->data, z->data);
     Py_END_ALLOW_THREADS
     arrset_release(&s);
+    free(bpg_copy);
     if (rc == -1) { PyErr_SetString(PyExc_ValueError, "w or H: contains NaN or Inf"); return NULL; }
     if (rc == -2) return PyErr_NoMemory();
     if (rc == -3) { PyErr_SetString(PyExc_ValueError, "H: not positive definite even after damping; raise damp"); return NULL; }
     Py_RETURN_NONE;
 fail:
     arrset_release(&s);
+    free(bpg_copy);
     return NULL;
 }
 
@@ -229,6 +236,7 @@ static PyObject *py_cpu_blob_bytes(PyObject *self, PyObject *args) {
     if (N < 0 || K <= 0 || N > (1LL << 31) || K > (1LL << 31)) return PyErr_Format(PyExc_ValueError, "N, K: out of range");
     mix_cpu_weight w;
     mix_cpu_weight_geometry(bits, N, K, g > K ? K : g, &w);
+    if (mix_cpu_blob_bytes(&w) < 0) return PyErr_Format(PyExc_ValueError, "N, K, group_size: the packed weight would be too large");
     return PyLong_FromLongLong(mix_cpu_blob_bytes(&w));
 }
 
@@ -257,6 +265,7 @@ static PyObject *py_cpu_prepack(PyObject *self, PyObject *args) {
     }
     mix_cpu_weight w;
     mix_cpu_weight_geometry(bits, N, K, g, &w);
+    if (mix_cpu_blob_bytes(&w) < 0) { PyErr_SetString(PyExc_ValueError, "codes: the packed weight would be too large"); goto fail; }
     if (!(blob = take(&s, ob, "blob_out", MIX_DT(MIX_U8), 1, 1)) || mix_check_dim(blob, 0, mix_cpu_blob_bytes(&w)) < 0) goto fail;
     Py_BEGIN_ALLOW_THREADS
     mix_cpu_prepack(&w, q->data, sc->data, z ? z->data : NULL, blob->data);
@@ -283,6 +292,11 @@ static PyObject *py_cpu_qlinear(PyObject *self, PyObject *args) {
     mix_array *x, *bias = NULL, *out;
     mix_cpu_weight parts[4];
     int np = (int)PyList_GET_SIZE(oparts);
+    /* A producer's __dlpack__ may mutate the list while we walk it: walk a snapshot that holds
+     * references to the part tuples (and through them to the arrays borrowed below). */
+    PyObject *snap = PyList_AsTuple(oparts);
+    int64_t *idx_copy = NULL;
+    if (!snap) return NULL;
     if (!(x = take(&s, ox, "x", MIX_FLOATS, 2, 0))) goto fail;
     int64_t M = x->shape[0], K = x->shape[1];
     if (K == 0) { PyErr_SetString(PyExc_ValueError, "x: K must be positive"); goto fail; }
@@ -291,7 +305,7 @@ static PyObject *py_cpu_qlinear(PyObject *self, PyObject *args) {
     int64_t n_out = out->shape[1], total = 0;
     unsigned char *seen = NULL;
     for (int p = 0; p < np; p++) {
-        PyObject *t = PyList_GET_ITEM(oparts, p), *oblob, *oidx;
+        PyObject *t = PyTuple_GET_ITEM(snap, p), *oblob, *oidx;
         int bits;
         long long N;
         if (!PyTuple_Check(t) || !PyArg_ParseTuple(t, "OiLO", &oblob, &bits, &N, &oidx)) {
@@ -302,6 +316,7 @@ static PyObject *py_cpu_qlinear(PyObject *self, PyObject *args) {
         if (check_bits_48(bits) < 0) goto fail;
         if (N < 0 || N > n_out) { PyErr_Format(PyExc_ValueError, "parts[%d]: N=%lld out of range", p, N); goto fail; }
         mix_cpu_weight_geometry(bits, N, K, g, &parts[p]);
+        if (mix_cpu_blob_bytes(&parts[p]) < 0) { PyErr_Format(PyExc_ValueError, "parts[%d]: weight too large", p); goto fail; }
         mix_array *blob = take(&s, oblob, "blob", MIX_DT(MIX_U8), 1, 0);
         if (!blob || mix_check_dim(blob, 0, mix_cpu_blob_bytes(&parts[p])) < 0) goto fail;
         parts[p].blob = blob->data;
@@ -316,13 +331,25 @@ static PyObject *py_cpu_qlinear(PyObject *self, PyObject *args) {
     }
     if (total != n_out) { PyErr_Format(PyExc_ValueError, "parts: rows add up to %lld, out has %lld columns", (long long)total, (long long)n_out); goto fail; }
     seen = calloc((size_t)n_out + 1, 1);
-    if (!seen) { PyErr_NoMemory(); goto fail; }
-    for (int p = 0; p < np; p++) /* out_index must be a permutation: every column written exactly once */
-        for (int64_t i = 0; parts[p].out_index && i < parts[p].N; i++) {
-            int64_t c = parts[p].out_index[i];
-            if (c < 0 || c >= n_out || seen[c]) { free(seen); PyErr_SetString(PyExc_ValueError, "out_index: must be a permutation of the output columns"); goto fail; }
-            seen[c] = 1;
+    idx_copy = malloc(((size_t)n_out + 1) * sizeof(int64_t));
+    if (!seen || !idx_copy) { free(seen); PyErr_NoMemory(); goto fail; }
+    /* out_index must be a permutation: every column written exactly once. The kernel reads the
+     * validated private copy, so that later writes to the caller's array (another thread, a later
+     * producer's __dlpack__, or `out` aliasing it) cannot turn into out-of-bounds stores. */
+    {
+        int64_t off = 0;
+        for (int p = 0; p < np; p++) {
+            if (!parts[p].out_index) continue;
+            for (int64_t i = 0; i < parts[p].N; i++) {
+                int64_t c = parts[p].out_index[i];
+                if (c < 0 || c >= n_out || seen[c]) { free(seen); PyErr_SetString(PyExc_ValueError, "out_index: must be a permutation of the output columns"); goto fail; }
+                seen[c] = 1;
+                idx_copy[off + i] = c;
+            }
+            parts[p].out_index = idx_copy + off;
+            off += parts[p].N;
         }
+    }
     free(seen);
     if (obias != Py_None && (!(bias = take(&s, obias, "bias", MIX_DT(MIX_F32), 1, 0)) || mix_check_dim(bias, 0, n_out) < 0)) goto fail;
     int rc;
@@ -330,11 +357,15 @@ static PyObject *py_cpu_qlinear(PyObject *self, PyObject *args) {
     rc = mix_cpu_qlinear(x->data, x->dtype, M, K, g, parts, np, bias ? bias->data : NULL, out->data, out->dtype, n_out, (mix_impl)impl);
     Py_END_ALLOW_THREADS
     arrset_release(&s);
+    free(idx_copy);
+    Py_DECREF(snap);
     if (rc == -1) return nonfinite("x");
     if (rc == -2) return PyErr_NoMemory();
     Py_RETURN_NONE;
 fail:
     arrset_release(&s);
+    free(idx_copy);
+    Py_DECREF(snap);
     return NULL;
 }
 
@@ -448,21 +479,24 @@ static PyObject *py_slim_gptq(PyObject *self, PyObject *args) {
     arrset s = {.n = 0};
     mix_array *w, *h = NULL, *bpg, *thr = NULL, *q, *sc, *of;
     uint8_t *zero = NULL;
+    float *bpg_copy = NULL; /* validated private copy: scale_out / offset_out may alias bits_per_group */
     if (!(w = take(&s, ow, "w", MIX_DT(MIX_F32), 2, 0))) goto fail;
     int64_t N = w->shape[0], K = w->shape[1], G = mix_ngroups(K, g);
     if (K == 0) { PyErr_SetString(PyExc_ValueError, "w: K must be positive"); goto fail; }
     if (oh != Py_None && (!(h = take(&s, oh, "H", MIX_DT(MIX_F64), 2, 0)) || check_shape2(h, K, K) < 0)) goto fail;
     if (!(bpg = take(&s, obpg, "bits_per_group", MIX_DT(MIX_F32), 2, 0)) || check_shape2(bpg, N, G) < 0) goto fail;
+    if (!(bpg_copy = malloc(((size_t)(N * G) + 1) * sizeof(float)))) { PyErr_NoMemory(); goto fail; }
     for (int64_t i = 0; i < N * G; i++) {
         float b = ((const float *)bpg->data)[i];
         if (!(b >= 1 && b <= 8 && b == (float)(int)b)) { PyErr_SetString(PyExc_ValueError, "bits_per_group: expected integers in 1..8"); goto fail; }
+        bpg_copy[i] = b;
     }
     if (othr != Py_None && (!(thr = take(&s, othr, "thresholds", MIX_DT(MIX_F64), 1, 0)) || mix_check_dim(thr, 0, G) < 0)) goto fail;
     if (!(q = take(&s, oq, "q_out", MIX_DT(MIX_U8), 2, 1)) || check_shape2(q, N, K) < 0) goto fail;
     if (!(sc = take(&s, os, "scale_out", MIX_DT(MIX_F32), 2, 1)) || check_shape2(sc, N, G) < 0) goto fail;
     if (!(of = take(&s, oo, "offset_out", MIX_DT(MIX_F32), 2, 1)) || check_shape2(of, N, G) < 0) goto fail;
     c.threshold = thr ? thr->data : NULL;
-    o.bits_per_group = bpg->data;
+    o.bits_per_group = bpg_copy;
     o.fit = mix_slim_fit;
     o.fit_ctx = &c;
     o.offset_out = of->data;
@@ -473,6 +507,7 @@ static PyObject *py_slim_gptq(PyObject *self, PyObject *args) {
     rc = mix_gptq(w->data, N, K, h ? h->data : NULL, &o, q->data, sc->data, zero);
     Py_END_ALLOW_THREADS
     free(zero);
+    free(bpg_copy);
     arrset_release(&s);
     if (rc == -1) { PyErr_SetString(PyExc_ValueError, "w or H: contains NaN or Inf"); return NULL; }
     if (rc == -2) return PyErr_NoMemory();
@@ -480,6 +515,7 @@ static PyObject *py_slim_gptq(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 fail:
     arrset_release(&s);
+    free(bpg_copy);
     return NULL;
 }
 

@@ -11,7 +11,7 @@ void mix_asym_params(float lo, float hi, int bits, float *scale, uint8_t *zero) 
     float s = (hi - lo) / qmax;
     if (!(s > 0.f)) { *scale = 1.f; *zero = 0; return; }
     float z = rintf(-lo / s);
-    z = z < 0.f ? 0.f : (z > qmax ? qmax : z);
+    z = z >= 0.f ? (z > qmax ? qmax : z) : 0.f; /* NaN (lo = -Inf) -> 0 before the uint8 cast */
     *scale = s;
     *zero = (uint8_t)z;
 }

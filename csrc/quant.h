@@ -6,7 +6,7 @@
 #include <stddef.h>
 
 /* Number of groups along K for group size g (the last one may be shorter). */
-static inline int64_t mix_ngroups(int64_t K, int64_t g) { return (K + g - 1) / g; }
+static inline int64_t mix_ngroups(int64_t K, int64_t g) { return K > 0 ? (K - 1) / g + 1 : 0; } /* no K+g overflow */
 
 /* Asymmetric b-bit parameters for values with range [lo, hi] (0 is always included,
  * so that zero is exact); all-equal (zero-width) groups get scale 1, zero 0. */
@@ -19,12 +19,12 @@ static inline int8_t mix_sym_code(float w, float scale, int bits);
 #include <math.h>
 static inline uint8_t mix_asym_code(float w, float scale, uint8_t zero, int bits) {
     float q = rintf(w / scale) + (float)zero, qmax = (float)((1 << bits) - 1);
-    q = q < 0.f ? 0.f : (q > qmax ? qmax : q);
+    q = q >= 0.f ? (q > qmax ? qmax : q) : 0.f; /* NaN -> 0: a NaN float-to-int cast is undefined */
     return (uint8_t)q;
 }
 static inline int8_t mix_sym_code(float w, float scale, int bits) {
     float qmax = (float)((1 << (bits - 1)) - 1), q = rintf(w / scale);
-    q = q < -qmax ? -qmax : (q > qmax ? qmax : q);
+    q = q >= -qmax ? (q > qmax ? qmax : q) : -qmax; /* NaN -> -qmax (see above) */
     return (int8_t)q;
 }
 
