@@ -60,10 +60,12 @@ class BuildExt(build_ext):
             objs.append(obj)
         ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
         ext.extra_objects = objs
-        cuda_home = os.path.dirname(os.path.dirname(nvcc))
-        ext.library_dirs = [os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib")]
-        ext.libraries = ["cudart"]
-        ext.runtime_library_dirs = list(ext.library_dirs)
+        cuda_home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        homes = [cuda_home] + [h for h in (os.environ.get("CUDA_HOME"), "/usr/local/cuda") if h]
+        ext.library_dirs = [os.path.join(h, d) for h in homes for d in ("lib64", "lib", "targets/x86_64-linux/lib")
+                            if os.path.isdir(os.path.join(h, d))]
+        # static runtime: the module needs no libcudart at run time (the driver is enough)
+        ext.libraries = ["cudart_static", "stdc++", "rt", "pthread", "dl"]
         return super().build_extension(ext)
 
 

@@ -1,0 +1,77 @@
+/* Host-callable launchers of the CUDA kernels (the .cu files in cuda/), declared for the C module
+ * csrc/cuda_module.c. Plain C types only: the module is compiled by the C compiler and
+ * never sees a CUDA header. Every launcher runs on `stream` (a cudaStream_t, 0 = legacy
+ * default), makes `device` current for the call, and returns 0 or a cudaError_t code
+ * (mixc_error_string turns it into text).
+ *
+ * Padded-K geometry shared by the GEMM, the activation quantizer and the weight packer
+ * (see cuda/w4a8.cu): group size g, G = ceil(K/g) groups, each padded to gp columns
+ * (gp = g rounded up to a multiple of 128, one pipeline stage; spg = gp/128 stages per
+ * group), the padded row length Kp = G*gp. */
+#ifndef MIXLLM_CUDA_H
+#define MIXLLM_CUDA_H
+#include <stdint.h>
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define MIXC_KSTAGE 128 /* padded K per pipeline stage */
+#define MIXC_NCFG 5     /* tile configurations, see mixc_cfg_name */
+#define MIXC_MAX_PARTS 2
+
+typedef struct {
+    const void *wpack;        /* packed codes (mixc_pack_weight) */
+    const void *meta;         /* per (16-row tile, group) scales and zero points */
+    const int64_t *out_index; /* [N] output column of each row, or NULL (identity) */
+    int64_t N;                /* rows of this part */
+    int bits;                 /* 4 or 8 */
+} mixc_part;
+
+typedef struct {
+    const int8_t *xq;  /* [M, Kp] activation codes, padded layout */
+    const float *sa;   /* [M, Kp/128] activation scale of each stage */
+    int64_t M, Kp;
+    int G, spg;        /* groups, stages per group (gp / 128) */
+    mixc_part parts[MIXC_MAX_PARTS];
+    int nparts;
+    const float *bias; /* [n_out] or NULL */
+    void *y;           /* [M, n_out], dtype ydtype (0 f32, 1 f16, 2 bf16) */
+    int ydtype;
+    int64_t n_out;
+    float *ws;         /* [splits, M, n_out] when splits > 1 */
+    int cfg, splits;
+    int fast_cvt;      /* set by the launcher */
+} mixc_gemm;
+
+int64_t mixc_gp(int64_t g);
+int64_t mixc_kp(int64_t K, int64_t g);
+/* Bytes of the packed layout of an [N, K] weight (codes, meta). */
+int64_t mixc_wpack_bytes(int bits, int64_t N, int64_t K, int64_t g);
+int64_t mixc_meta_bytes(int64_t N, int64_t K, int64_t g);
+
+/* x [M, K] (dtype 0 f32, 1 f16, 2 bf16) -> q [M, qpitch] int8 and scales sa [M, sapitch].
+ * Group j's codes go to columns j*gp .. j*gp+len-1 and zeros fill the rest of its gp columns
+ * (and, in the padded layout, columns G*gp .. qpitch-1); its scale goes to sa[j*spg .. j*spg+spg-1]
+ * (and to the trailing sa columns). gp = g, spg = 1 gives the plain [M, K] / [M, G] format;
+ * gp = mixc_gp(g), spg = gp/128, qpitch = Kp, sapitch = Kp/128 the GEMM's padded one. */
+int mixc_act_quant(int device, const void *x, int dtype, int64_t M, int64_t K, int64_t g, int64_t gp,
+                   int8_t *q, int64_t qpitch, int spg, float *sa, int64_t sapitch, void *stream);
+
+/* Canonical weight (4-bit: packed nibbles uint8 [N, ceil(K/2)] + zero uint8 [N, G];
+ * 8-bit: int8 [N, K]; scale float32 [N, G]) -> the GEMM layout. */
+int mixc_pack_weight(int device, int bits, const void *qweight, const float *scale, const uint8_t *zero,
+                     int64_t N, int64_t K, int64_t g, void *wpack, void *meta, void *stream);
+
+/* Tile configuration and split-K factor for M tokens over the parts' rows (forced when
+ * cfg >= 0 / splits > 0). Returns 0, or -1 for an invalid forced value. */
+int mixc_plan(int device, int64_t M, const int64_t *Ns, int nparts, int64_t Kp, int cfg, int splits,
+              int *cfg_out, int *splits_out);
+const char *mixc_cfg_name(int cfg);
+
+int mixc_qlinear(int device, mixc_gemm *g, void *stream);
+const char *mixc_error_string(int err);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

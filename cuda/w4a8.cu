@@ -1,0 +1,444 @@
+/* W4A8 / W8A8 / mixed-precision GEMM with two-step dequantization (SPEC §2, §5), mma.sync path
+ * (sm_80 and sm_90).
+ *
+ *   Y[m, n] = sum_j Sw[n, j] Sa[m, j] * sum_{k in group j} (Wq[n, k] - z[n, j]) Aq[m, k]
+ *
+ * Operands. The weight is the MMA's A operand (16 rows of N per m16n8k32 tile) and the
+ * activations are its B operand (8 tokens), so a decode step with M = 1..8 wastes no weight
+ * bandwidth. int8 x int8 products accumulate in int32 over one group; at the group's end the
+ * int32 sums become float (the "add 1.5*2^23 and reinterpret" trick, exact for |x| < 2^22,
+ * which holds for groups of up to 256 columns; longer groups use the conversion instruction)
+ * and are scaled by Sw * Sa into float32 accumulators.
+ *
+ * Weight layout (written offline by mixc_pack_weight, cuda/w8a8.cu). Each warp owns TN tiles
+ * of 16 weight rows and reads them straight from global memory into registers, never
+ * through shared memory: no other warp needs them. The codes are stored in the exact order
+ * of the MMA's A fragments, so every load is 16 bytes per lane, 512 contiguous bytes per
+ * warp. Within each k-step of 32 the k order is permuted (logical k 4t+i <-> stored k 8t+i,
+ * 16+4t+i <-> 8t+4+i for thread t of a quad) so that a thread's B fragment is 8 contiguous
+ * activation bytes (one 8-byte shared-memory load). 4-bit: one uint4 holds two k-steps of
+ * one lane (word 2h: rows gid, low nibbles = fragment a0, high = a2; word 2h+1: row gid+8);
+ * (Wq - z) is formed per byte as ((q | 0x80) - z) ^ 0x80, three integer ops per 4 codes.
+ * 8-bit: two uint4 per lane per two k-steps, the fragments as they are. Scales and zero
+ * points ("meta"): one uint4 {Sw[gid], Sw[gid+8], z[gid]*0x01010101, z[gid+8]*0x01010101}
+ * per (16-row tile, group, gid).
+ *
+ * Groups. K is padded per group to gp columns (a multiple of the 128-column stage, see
+ * mixc_gp) so that each stage lies in one group (one scale/zero load per stage and row tile;
+ * groups shorter than 128 run as fast as 128-column ones, not faster); padding codes equal the zero point and padding activations are
+ * 0, so they add nothing. Activations come from cuda/act_quant.cu in that padded layout,
+ * with the scale repeated per stage ([M, Kp/128]), so that a stage needs one scale per token.
+ *
+ * Pipeline. Activations (shared by all warps of a block) go global -> shared with cp.async,
+ * ST stages of 128 padded columns deep; each warp's weights for stage s+1 are loaded into
+ * registers while stage s is computed. Tile configurations (warps, 16-row tiles per warp,
+ * tokens per block, stages) come from a table chosen by M; split-K over stages fills the
+ * GPU when the row blocks x token blocks are too few, writing float partial sums to a
+ * workspace that one small kernel reduces in a fixed order (deterministic), adds the bias
+ * to and stores in y's dtype. Without split-K the GEMM writes y itself.
+ *
+ * Mixed layer: one launch covers both parts; blockIdx.x enumerates the row blocks of part 0
+ * (the 4-bit rows) and then part 1, and each row's result goes to column out_index[row]. */
+#include "mixllm_cuda.h"
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+namespace {
+
+constexpr int KS = MIXC_KSTAGE; /* padded columns per stage */
+constexpr int SPS = KS / 32;    /* k-steps per stage */
+constexpr int AROW = KS + 32;   /* bytes per token row in shared memory: 8-byte fragment reads hit 32 banks */
+
+struct Part {
+    const uint4 *w, *meta;
+    const int64_t *idx;
+    int64_t N;
+    int bits, nblk;
+};
+
+struct Args {
+    const int8_t *xq;
+    const float *sa;
+    int64_t M, Kp, n_out;
+    int G, spg, nparts, ydt, splits, sps, fast_cvt;
+    Part p0, p1;
+    const float *bias;
+    void *y;
+    float *ws;
+};
+
+__device__ __forceinline__ void mma_s8(int (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem) {
+    uint32_t s = (uint32_t)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async4(void *smem, const void *gmem) {
+    uint32_t s = (uint32_t)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+/* Weights are read once per token block: keep them out of L1. */
+__device__ __forceinline__ uint4 ld_stream(const uint4 *p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+/* Four 4-bit codes (one per byte, 0..15) minus their zero point, as four int8. */
+__device__ __forceinline__ uint32_t sub_zero(uint32_t q, uint32_t zz) {
+    return ((q | 0x80808080u) - zz) ^ 0x80808080u;
+}
+
+/* int32 -> float, exact for |x| < 2^22 (one integer add and one float subtract). */
+__device__ __forceinline__ float i2f(int x, int fast) {
+    return fast ? __int_as_float(x + 0x4B400000) - 12582912.0f : (float)x;
+}
+
+__device__ __forceinline__ void store_out(void *y, int dt, int64_t i, float v) {
+    if (dt == 0) ((float *)y)[i] = v;
+    else if (dt == 1) ((__half *)y)[i] = __float2half_rn(v);
+    else ((__nv_bfloat16 *)y)[i] = __float2bfloat16_rn(v);
+}
+
+/* One block's tile: NW warps x TN 16-row tiles of one part, BM tokens, one split of K. */
+template <int BITS, int NW, int TN, int BM, int ST>
+__device__ __forceinline__ void gemm_tile(const Args &a, const Part &p, int rb, int mb, int split, uint8_t *smem) {
+    constexpr int VEC = BITS / 4;  /* uint4 per lane per k-pair */
+    constexpr int WPS = 2 * VEC;   /* uint4 per lane per stage per row tile */
+    constexpr int NT8 = BM / 8;    /* n8 token tiles */
+    constexpr int NTH = NW * 32;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+    const int64_t M = a.M, Kp = a.Kp, KP2 = Kp / 64;
+    const int nst = (int)(Kp / KS); /* stages per row */
+    const int s0 = split * a.sps, s1 = min(nst, s0 + a.sps);
+    if (s0 >= s1) return; /* cannot happen with the plan's splits; keeps a forced plan safe */
+    const int64_t rt0 = ((int64_t)rb * NW + warp) * TN;
+    const int64_t NTt = (p.N + 15) / 16;
+    const int64_t m0 = (int64_t)mb * BM;
+    const int G = a.G, spg = a.spg;
+
+    uint8_t *act = smem;                             /* [ST][BM][AROW] */
+    float *sas = (float *)(smem + ST * BM * AROW);   /* [ST][BM] */
+
+    auto load_act = [&](int s, int buf) {
+        for (int c = threadIdx.x; c < BM * 9; c += NTH) {
+            if (c < BM * 8) {
+                int r = c >> 3, q = c & 7;
+                int64_t m = min(m0 + r, M - 1); /* rows past M: any valid data, never stored */
+                cp_async16(act + (buf * BM + r) * AROW + q * 16, a.xq + m * Kp + (int64_t)s * KS + q * 16);
+            } else {
+                int r = c - BM * 8;
+                int64_t m = min(m0 + r, M - 1);
+                cp_async4(sas + buf * BM + r, a.sa + m * nst + s);
+            }
+        }
+    };
+
+    uint4 wc[TN][WPS], wn[TN][WPS]; /* weights of this stage / the next */
+    uint4 mc[TN], mn[TN]; /* meta of this stage's group / the next one's */
+    auto load_w = [&](int s, uint4 (&w)[TN][WPS], uint4 (&mt)[TN]) {
+#pragma unroll
+        for (int i = 0; i < TN; i++) {
+            const int64_t rt = rt0 + i;
+            if (rt < NTt) {
+                const uint4 *base = p.w + ((rt * KP2 + 2 * s) * VEC) * 32 + lane;
+#pragma unroll
+                for (int v = 0; v < WPS; v++) w[i][v] = ld_stream(base + v * 32);
+                const int j = min(s / spg, G - 1);
+                mt[i] = __ldg(p.meta + (rt * G + j) * 8 + gid);
+            } else {
+#pragma unroll
+                for (int v = 0; v < WPS; v++) w[i][v] = make_uint4(0, 0, 0, 0);
+                mt[i] = make_uint4(0, 0, 0, 0);
+            }
+        }
+    };
+
+    int iacc[TN][NT8][4];
+    float facc[TN][NT8][4];
+#pragma unroll
+    for (int i = 0; i < TN; i++)
+#pragma unroll
+        for (int t = 0; t < NT8; t++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) iacc[i][t][c] = 0, facc[i][t][c] = 0.f;
+
+#pragma unroll
+    for (int st = 0; st < ST - 1; st++) {
+        if (s0 + st < s1) load_act(s0 + st, st);
+        cp_async_commit();
+    }
+    load_w(s0, wc, mc);
+
+    for (int s = s0; s < s1; s++) {
+        const int buf = (s - s0) % ST;
+        cp_async_wait<ST - 2>();
+        __syncthreads();
+        {
+            const int sn = s + ST - 1;
+            if (sn < s1) load_act(sn, (sn - s0) % ST);
+            cp_async_commit();
+        }
+        if (s + 1 < s1) load_w(s + 1, wn, mn);
+
+        const uint8_t *abuf = act + buf * BM * AROW;
+        const float *sbuf = sas + buf * BM;
+#pragma unroll
+        for (int k = 0; k < SPS; k++) {
+            uint32_t af[TN][4];
+#pragma unroll
+            for (int i = 0; i < TN; i++) {
+                if (BITS == 4) {
+                    const uint4 wv = wc[i][k >> 1];
+                    const uint32_t w0 = (k & 1) ? wv.z : wv.x, w1 = (k & 1) ? wv.w : wv.y;
+                    const uint32_t z0 = mc[i].z, z1 = mc[i].w;
+                    af[i][0] = sub_zero(w0 & 0x0F0F0F0Fu, z0);
+                    af[i][2] = sub_zero((w0 >> 4) & 0x0F0F0F0Fu, z0);
+                    af[i][1] = sub_zero(w1 & 0x0F0F0F0Fu, z1);
+                    af[i][3] = sub_zero((w1 >> 4) & 0x0F0F0F0Fu, z1);
+                } else {
+                    const uint4 wv = wc[i][k];
+                    af[i][0] = wv.x; af[i][1] = wv.y; af[i][2] = wv.z; af[i][3] = wv.w;
+                }
+            }
+#pragma unroll
+            for (int t = 0; t < NT8; t++) {
+                const uint2 b = *(const uint2 *)(abuf + (t * 8 + gid) * AROW + k * 32 + tig * 8);
+#pragma unroll
+                for (int i = 0; i < TN; i++) mma_s8(iacc[i][t], af[i], b.x, b.y);
+            }
+            if (k == SPS - 1 && ((s + 1) % spg == 0 || s + 1 == s1)) {
+                /* end of a group (or of this split): second step of the dequantization */
+#pragma unroll
+                for (int t = 0; t < NT8; t++) {
+                    const float sa0 = sbuf[t * 8 + tig * 2];
+                    const float sa1 = sbuf[t * 8 + tig * 2 + 1];
+#pragma unroll
+                    for (int i = 0; i < TN; i++) {
+                        const float sw0 = __uint_as_float(mc[i].x), sw1 = __uint_as_float(mc[i].y);
+                        facc[i][t][0] = __fmaf_rn(i2f(iacc[i][t][0], a.fast_cvt), sw0 * sa0, facc[i][t][0]);
+                        facc[i][t][1] = __fmaf_rn(i2f(iacc[i][t][1], a.fast_cvt), sw0 * sa1, facc[i][t][1]);
+                        facc[i][t][2] = __fmaf_rn(i2f(iacc[i][t][2], a.fast_cvt), sw1 * sa0, facc[i][t][2]);
+                        facc[i][t][3] = __fmaf_rn(i2f(iacc[i][t][3], a.fast_cvt), sw1 * sa1, facc[i][t][3]);
+                        iacc[i][t][0] = iacc[i][t][1] = iacc[i][t][2] = iacc[i][t][3] = 0;
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < TN; i++) {
+#pragma unroll
+            for (int v = 0; v < WPS; v++) wc[i][v] = wn[i][v];
+            mc[i] = mn[i];
+        }
+    }
+    cp_async_wait<0>();
+
+    /* epilogue: rows gid / gid+8 of each 16-row tile, tokens 2*tig, 2*tig+1 of each n8 tile */
+#pragma unroll
+    for (int i = 0; i < TN; i++) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int64_t n = (rt0 + i) * 16 + gid + h * 8;
+            if (n >= p.N) continue;
+            const int64_t col = p.idx ? p.idx[n] : n;
+            if (col < 0 || col >= a.n_out) continue; /* never write outside y */
+            const float b = (a.splits == 1 && a.bias) ? a.bias[col] : 0.f;
+#pragma unroll
+            for (int t = 0; t < NT8; t++)
+#pragma unroll
+                for (int c = 0; c < 2; c++) {
+                    const int64_t m = m0 + t * 8 + tig * 2 + c;
+                    if (m >= M) continue;
+                    const float v = facc[i][t][h * 2 + c];
+                    if (a.splits == 1) store_out(a.y, a.ydt, m * a.n_out + col, v + b);
+                    else a.ws[((int64_t)split * M + m) * a.n_out + col] = v;
+                }
+        }
+    }
+}
+
+template <int NW, int TN, int BM, int ST>
+__global__ void __launch_bounds__(NW * 32, NW * 32 * 3 <= 512 ? 3 : BM <= 32 ? 2 : 1) qgemm_kernel(const __grid_constant__ Args a) {
+    extern __shared__ uint4 smem_u4[];
+    uint8_t *smem = (uint8_t *)smem_u4;
+    int bx = blockIdx.x;
+    if (bx < a.p0.nblk) {
+        if (a.p0.bits == 4) gemm_tile<4, NW, TN, BM, ST>(a, a.p0, bx, blockIdx.y, blockIdx.z, smem);
+        else gemm_tile<8, NW, TN, BM, ST>(a, a.p0, bx, blockIdx.y, blockIdx.z, smem);
+    } else {
+        bx -= a.p0.nblk;
+        if (a.p1.bits == 4) gemm_tile<4, NW, TN, BM, ST>(a, a.p1, bx, blockIdx.y, blockIdx.z, smem);
+        else gemm_tile<8, NW, TN, BM, ST>(a, a.p1, bx, blockIdx.y, blockIdx.z, smem);
+    }
+}
+
+/* Split-K reduction in a fixed order, plus bias, in y's dtype. */
+__global__ void splitk_finish(const float *ws, int splits, int64_t total, int64_t n_out, const float *bias, void *y,
+                              int dt) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+        float v = 0.f;
+        for (int s = 0; s < splits; s++) v += ws[s * total + i];
+        if (bias) v += bias[i % n_out];
+        store_out(y, dt, i, v);
+    }
+}
+
+struct CfgInfo {
+    int nw, tn, bm, st;
+    const char *name;
+};
+/* The tile table: decode shapes stream weights with small token tiles, prefill reuses each
+ * weight fragment across 128 tokens. Rows per block = nw * tn * 16. */
+const CfgInfo CFGS[MIXC_NCFG] = {
+    {4, 2, 8, 4, "w4x2_m8"},
+    {8, 1, 16, 4, "w8x1_m16"},
+    {8, 1, 32, 4, "w8x1_m32"},
+    {4, 1, 64, 4, "w4x1_m64"},
+    {8, 1, 128, 3, "w8x1_m128"},
+};
+
+template <int NW, int TN, int BM, int ST>
+cudaError_t launch_cfg(const Args &a, int nblk, cudaStream_t stream) {
+    const size_t smem = (size_t)ST * BM * (AROW + 4);
+    auto kern = qgemm_kernel<NW, TN, BM, ST>;
+    if (smem > 48 * 1024) {
+        cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        if (e != cudaSuccess) return e;
+    }
+    dim3 grid(nblk, (unsigned)((a.M + BM - 1) / BM), a.splits);
+    kern<<<grid, NW * 32, smem, stream>>>(a);
+    return cudaGetLastError();
+}
+
+int sm_count(int device) {
+    static int cache[64];
+    if (device < 0 || device >= 64) return 132;
+    if (!cache[device]) {
+        int n = 0;
+        if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) n = 132;
+        cache[device] = n;
+    }
+    return cache[device];
+}
+
+struct DeviceGuard {
+    int prev = -1;
+    cudaError_t err = cudaSuccess;
+    explicit DeviceGuard(int dev) {
+        if (cudaGetDevice(&prev) != cudaSuccess) prev = -1;
+        if (prev != dev) err = cudaSetDevice(dev);
+    }
+    ~DeviceGuard() {
+        int cur;
+        if (prev >= 0 && cudaGetDevice(&cur) == cudaSuccess && cur != prev) cudaSetDevice(prev);
+    }
+};
+
+} // namespace
+
+extern "C" int64_t mixc_gp(int64_t g) { return (g + KS - 1) / KS * KS; }
+
+extern "C" int64_t mixc_kp(int64_t K, int64_t g) {
+    int64_t G = (K + g - 1) / g;
+    return (G * mixc_gp(g) + KS - 1) / KS * KS;
+}
+
+extern "C" int64_t mixc_wpack_bytes(int bits, int64_t N, int64_t K, int64_t g) {
+    return (N + 15) / 16 * 16 * mixc_kp(K, g) * bits / 8;
+}
+
+extern "C" int64_t mixc_meta_bytes(int64_t N, int64_t K, int64_t g) {
+    return (N + 15) / 16 * ((K + g - 1) / g) * 8 * 16;
+}
+
+extern "C" const char *mixc_cfg_name(int cfg) { return (cfg >= 0 && cfg < MIXC_NCFG) ? CFGS[cfg].name : "?"; }
+
+extern "C" const char *mixc_error_string(int err) { return cudaGetErrorString((cudaError_t)err); }
+
+extern "C" int mixc_plan(int device, int64_t M, const int64_t *Ns, int nparts, int64_t Kp, int cfg, int splits,
+                         int *cfg_out, int *splits_out) {
+    if (cfg >= MIXC_NCFG) return -1;
+    if (cfg < 0) cfg = M <= 8 ? 0 : M <= 16 ? 1 : M <= 32 ? 2 : M <= 64 ? 3 : 4;
+    const CfgInfo &c = CFGS[cfg];
+    const int64_t bn = (int64_t)c.nw * c.tn * 16;
+    int64_t blocks = 0;
+    for (int i = 0; i < nparts; i++) blocks += (Ns[i] + bn - 1) / bn;
+    blocks *= (M + c.bm - 1) / c.bm;
+    const int nst = (int)(Kp / KS);
+    if (splits <= 0) {
+        /* aim for ~4 resident blocks per SM on the streaming configs, one wave on the big one */
+        const int64_t target = (int64_t)sm_count(device) * (cfg == 4 ? 1 : 4);
+        int64_t s = blocks > 0 ? (target + blocks - 1) / blocks : 1;
+        int64_t smax = nst / 4 > 1 ? nst / 4 : 1; /* at least 4 stages per split */
+        if (s > smax) s = smax;
+        if (s > 32) s = 32;
+        if (s < 1) s = 1;
+        splits = (int)s;
+    }
+    if (splits > nst) splits = nst;
+    const int sps = (nst + splits - 1) / splits;
+    splits = (nst + sps - 1) / sps; /* no empty split */
+    *cfg_out = cfg;
+    *splits_out = splits;
+    return 0;
+}
+
+extern "C" int mixc_qlinear(int device, mixc_gemm *g, void *stream_) {
+    DeviceGuard guard(device);
+    if (guard.err != cudaSuccess) return (int)guard.err;
+    cudaStream_t stream = (cudaStream_t)stream_;
+    if (g->cfg < 0 || g->cfg >= MIXC_NCFG || g->splits < 1 || g->nparts < 1 || g->nparts > 2)
+        return (int)cudaErrorInvalidValue;
+    const CfgInfo &c = CFGS[g->cfg];
+    const int64_t bn = (int64_t)c.nw * c.tn * 16;
+    const int nst = (int)(g->Kp / KS);
+    Args a;
+    a.xq = g->xq; a.sa = g->sa; a.M = g->M; a.Kp = g->Kp; a.n_out = g->n_out;
+    a.G = g->G; a.spg = g->spg; a.nparts = g->nparts; a.ydt = g->ydtype; a.splits = g->splits;
+    a.sps = (nst + g->splits - 1) / g->splits;
+    a.fast_cvt = g->spg * KS <= 256; /* |group sum| <= 256 * 127 * 127 < 2^22 */
+    a.bias = g->bias; a.y = g->y; a.ws = g->ws;
+    Part *ps[2] = {&a.p0, &a.p1};
+    int nblk = 0;
+    for (int i = 0; i < 2; i++) {
+        Part &p = *ps[i];
+        if (i < g->nparts) {
+            const mixc_part &q = g->parts[i];
+            p.w = (const uint4 *)q.wpack; p.meta = (const uint4 *)q.meta; p.idx = q.out_index;
+            p.N = q.N; p.bits = q.bits; p.nblk = (int)((q.N + bn - 1) / bn);
+        } else {
+            p.w = nullptr; p.meta = nullptr; p.idx = nullptr; p.N = 0; p.bits = 4; p.nblk = 0;
+        }
+        nblk += p.nblk;
+    }
+    if (g->M <= 0 || nblk == 0) return 0;
+    cudaError_t e;
+    switch (g->cfg) {
+    case 0: e = launch_cfg<4, 2, 8, 4>(a, nblk, stream); break;
+    case 1: e = launch_cfg<8, 1, 16, 4>(a, nblk, stream); break;
+    case 2: e = launch_cfg<8, 1, 32, 4>(a, nblk, stream); break;
+    case 3: e = launch_cfg<4, 1, 64, 4>(a, nblk, stream); break;
+    default: e = launch_cfg<8, 1, 128, 3>(a, nblk, stream); break;
+    }
+    if (e != cudaSuccess || g->splits == 1) return (int)e;
+    const int64_t total = g->M * g->n_out;
+    int blocks = (int)((total + 255) / 256);
+    if (blocks > 4 * sm_count(device)) blocks = 4 * sm_count(device);
+    splitk_finish<<<blocks, 256, 0, stream>>>(g->ws, g->splits, total, g->n_out, g->bias, g->y, g->ydtype);
+    return (int)cudaGetLastError();
+}

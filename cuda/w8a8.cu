@@ -1,0 +1,122 @@
+/* Offline packing of quantized weights into the GEMM layout of cuda/w4a8.cu, for the 8-bit
+ * symmetric rows (W8A8: codes int8, zero point 0) and the 4-bit asymmetric ones (W4A8).
+ * One thread writes one 16-byte word of the layout, gathering its codes from the canonical
+ * format (4-bit: packed nibbles [N, ceil(K/2)], low nibble = even k; 8-bit: int8 [N, K]).
+ *
+ * Layout (uint4 units), 16-row tile rt, k-pair kp (64 padded columns), word v, lane:
+ *   wpack[((rt * Kp/64 + kp) * VEC + v) * 32 + lane],   VEC = bits / 4
+ * lane = 4 * gid + tig holds rows gid and gid + 8 of the tile, stored columns 8 * tig .. 8 * tig + 7
+ * of each k-step (the MMA fragment's k order, see cuda/w4a8.cu). Padding (rows >= N, columns past a
+ * group's end) holds the zero point, i.e. weight 0. meta[(rt * G + j) * 8 + gid] =
+ * {Sw[gid], Sw[gid + 8], z[gid] * 0x01010101, z[gid + 8] * 0x01010101} of the tile's rows. */
+#include "mixllm_cuda.h"
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace {
+
+struct Geo {
+    int64_t N, K, g, G, gp, Kp, qpitch;
+};
+
+/* Code of row n at padded column kc, as the kernel will subtract the zero point from it. */
+template <int BITS>
+__device__ __forceinline__ int code_at(const uint8_t *qw, const uint8_t *zero, const Geo &geo, int64_t n,
+                                       int64_t kc) {
+    if (n >= geo.N) return 0;
+    int64_t j = kc / geo.gp, e = kc % geo.gp;
+    const bool past = j >= geo.G;
+    if (past) j = geo.G - 1;
+    const int64_t k = j * geo.g + e;
+    const bool valid = !past && e < geo.g && k < geo.K;
+    if (BITS == 4) {
+        if (!valid) return zero[n * geo.G + j];
+        return (qw[n * geo.qpitch + (k >> 1)] >> ((k & 1) * 4)) & 15;
+    }
+    return valid ? (int)(int8_t)qw[n * geo.qpitch + k] : 0;
+}
+
+template <int BITS>
+__global__ void pack_kernel(const uint8_t *__restrict__ qw, const uint8_t *__restrict__ zero, Geo geo,
+                            uint4 *__restrict__ out, int64_t total) {
+    constexpr int VEC = BITS / 4;
+    const int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    if (i >= total) return;
+    const int lane = (int)(i & 31), gid = lane >> 2, tig = lane & 3;
+    int64_t r = i >> 5;
+    const int v = (int)(r % VEC);
+    r /= VEC;
+    const int64_t KP2 = geo.Kp / 64, kp = r % KP2, rt = r / KP2;
+    const int64_t n0 = rt * 16 + gid, n1 = n0 + 8;
+    uint32_t wd[4];
+    if (BITS == 4) {
+        for (int h = 0; h < 2; h++) {
+            const int64_t kb = (2 * kp + h) * 32 + tig * 8;
+            uint32_t w0 = 0, w1 = 0;
+            for (int b = 0; b < 4; b++) {
+                w0 |= (uint32_t)(code_at<4>(qw, zero, geo, n0, kb + b) | code_at<4>(qw, zero, geo, n0, kb + 4 + b) << 4)
+                      << (8 * b);
+                w1 |= (uint32_t)(code_at<4>(qw, zero, geo, n1, kb + b) | code_at<4>(qw, zero, geo, n1, kb + 4 + b) << 4)
+                      << (8 * b);
+            }
+            wd[2 * h] = w0;
+            wd[2 * h + 1] = w1;
+        }
+    } else {
+        const int64_t kb = (2 * kp + v) * 32 + tig * 8;
+        for (int f = 0; f < 4; f++) {
+            const int64_t n = (f & 1) ? n1 : n0, ko = kb + ((f & 2) ? 4 : 0);
+            uint32_t w = 0;
+            for (int b = 0; b < 4; b++) w |= (uint32_t)(uint8_t)code_at<8>(qw, zero, geo, n, ko + b) << (8 * b);
+            wd[f] = w;
+        }
+    }
+    out[i] = make_uint4(wd[0], wd[1], wd[2], wd[3]);
+}
+
+__global__ void meta_kernel(const float *__restrict__ scale, const uint8_t *__restrict__ zero, Geo geo,
+                            uint4 *__restrict__ meta, int64_t total) {
+    const int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    if (i >= total) return;
+    const int gid = (int)(i & 7);
+    const int64_t r = i >> 3, j = r % geo.G, rt = r / geo.G;
+    const int64_t n0 = rt * 16 + gid, n1 = n0 + 8;
+    const float s0 = n0 < geo.N ? scale[n0 * geo.G + j] : 0.f, s1 = n1 < geo.N ? scale[n1 * geo.G + j] : 0.f;
+    const uint32_t z0 = (zero && n0 < geo.N) ? zero[n0 * geo.G + j] : 0, z1 = (zero && n1 < geo.N) ? zero[n1 * geo.G + j] : 0;
+    meta[i] = make_uint4(__float_as_uint(s0), __float_as_uint(s1), z0 * 0x01010101u, z1 * 0x01010101u);
+}
+
+} // namespace
+
+extern "C" int mixc_pack_weight(int device, int bits, const void *qweight, const float *scale, const uint8_t *zero,
+                                int64_t N, int64_t K, int64_t g, void *wpack, void *meta, void *stream_) {
+    if ((bits != 4 && bits != 8) || (bits == 4 && !zero) || g <= 0 || K <= 0 || N < 0)
+        return (int)cudaErrorInvalidValue;
+    int prev = -1;
+    cudaGetDevice(&prev);
+    if (prev != device) {
+        cudaError_t e = cudaSetDevice(device);
+        if (e != cudaSuccess) return (int)e;
+    }
+    cudaStream_t stream = (cudaStream_t)stream_;
+    Geo geo;
+    geo.N = N; geo.K = K; geo.g = g; geo.G = (K + g - 1) / g; geo.gp = mixc_gp(g); geo.Kp = mixc_kp(K, g);
+    geo.qpitch = bits == 4 ? (K + 1) / 2 : K;
+    const int64_t NT = (N + 15) / 16;
+    const int64_t total = mixc_wpack_bytes(bits, N, K, g) / 16, mtotal = NT * geo.G * 8;
+    cudaError_t err = cudaSuccess;
+    if (total > 0) {
+        const int64_t blocks = (total + 255) / 256, mblocks = (mtotal + 255) / 256;
+        if (bits == 4)
+            pack_kernel<4><<<(unsigned)blocks, 256, 0, stream>>>((const uint8_t *)qweight, zero, geo, (uint4 *)wpack, total);
+        else
+            pack_kernel<8><<<(unsigned)blocks, 256, 0, stream>>>((const uint8_t *)qweight, nullptr, geo, (uint4 *)wpack, total);
+        err = cudaGetLastError();
+        if (err == cudaSuccess) {
+            meta_kernel<<<(unsigned)mblocks, 256, 0, stream>>>(scale, bits == 4 ? zero : nullptr, geo, (uint4 *)meta, mtotal);
+            err = cudaGetLastError();
+        }
+    }
+    if (prev >= 0 && prev != device) cudaSetDevice(prev);
+    return (int)err;
+}
