@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One call on a GPU machine: build the CUDA extension, run its tests (and compute-sanitizer
+# on a small subset), run the benchmark, leave logs and JSON under $OUT, print a short table last.
+#   bench/gpu_check.sh            everything
+#   bench/gpu_check.sh --quick    tests + a two-shape benchmark
+#   bench/gpu_check.sh --tests    build and tests only
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/mixllm_gpu_out}
+mkdir -p "$OUT"
+MODE=${1:-all}
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+log() { echo "== $*" | tee -a "$OUT/check.log"; }
+
+log "$(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader)"
+log "build"
+t0=$(date +%s)
+# only the running GPU's architecture (sm_90a on Hopper) to save build time here
+cc=$($PY -c 'import torch; print("%d%d" % torch.cuda.get_device_capability())')
+arch="-gencode=arch=compute_${cc},code=sm_${cc}"
+[ "$cc" = "90" ] && arch="-gencode=arch=compute_90a,code=sm_90a"
+MIXLLM_CUDA=1 MIXLLM_CUDA_ARCH="$arch" $PY -m pip install --no-build-isolation --no-deps -e . -q \
+    >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+log "built in $(( $(date +%s) - t0 )) s ($arch)"
+
+log "tests"
+$PY -m pytest tests/test_cuda.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
+test_rc=${PIPESTATUS[0]}
+log "tests rc=$test_rc"
+
+if command -v compute-sanitizer >/dev/null; then
+    log "compute-sanitizer (memcheck) on the small tests"
+    compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
+        $PY -m pytest tests/test_cuda.py -q -x -p no:cacheprovider \
+        -k "test_poisoned_outputs_fully_written or test_act_quant_padded or (test_linear_matches_reference and 1-16-128) or test_mixed_matches_cpu" \
+        >"$OUT/sanitizer.log" 2>&1
+    san_rc=$?
+    tail -4 "$OUT/sanitizer.log"
+    log "sanitizer rc=$san_rc"
+fi
+[ "$MODE" = "--tests" ] && exit $test_rc
+
+log "benchmark"
+if [ "$MODE" = "--quick" ]; then
+    $PY bench/gpu_linear.py --quick --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40
+else
+    $PY bench/gpu_linear.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -48
+fi
+exit $test_rc
