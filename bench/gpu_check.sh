@@ -4,6 +4,7 @@
 #   bench/gpu_check.sh            everything
 #   bench/gpu_check.sh --quick    tests + a two-shape benchmark
 #   bench/gpu_check.sh --tests    build and tests only
+#   bench/gpu_check.sh --tune     tests, every tile configuration on the 70B shapes, quick benchmark
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/mixllm_gpu_out}
@@ -42,7 +43,10 @@ fi
 [ "$MODE" = "--tests" ] && exit $test_rc
 
 log "benchmark"
-if [ "$MODE" = "--quick" ]; then
+if [ "$MODE" = "--tune" ]; then
+    $PY bench/gpu_linear.py --tune 2>&1 | tee "$OUT/tune.log"
+    $PY bench/gpu_linear.py --quick --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -12
+elif [ "$MODE" = "--quick" ]; then
     $PY bench/gpu_linear.py --quick --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40
 else
     $PY bench/gpu_linear.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -48

@@ -156,14 +156,41 @@ def fmt_row(r):
             f"{r['x_int_mm']:6.2f} {r['x_int_mm+q']:7.2f} {r['w4.4_TBps']:5.2f} {r['w4.4_TOPS']:5.0f} {r['plan']}")
 
 
+def tune(dev, gen):
+    """W4.4A8 time of every tile configuration (auto split-K) on the 70B shapes."""
+    from mixllm import _cuda
+    print("# tune: W4.4A8 us per tile configuration (auto split-K)")
+    print(f"{'N':>6} {'K':>6} {'M':>5} | " + " ".join(f"{_cuda.plan(0, 1, (16,), 128, c, 1)[2]:>10}"
+                                                  for c in range(_cuda.NCFG)) + " | auto")
+    for N, K in SHAPES[4:6]:
+        n8 = N // 10
+        perm = torch.randperm(N, device=dev, generator=gen)
+        i4, i8 = perm[: N - n8].contiguous(), perm[N - n8:].contiguous()
+        mixed = [(rand_qweight(N - n8, K, 4, dev, gen), rand_qweight(n8, K, 8, dev, gen)) for _ in range(2)]
+        for M in MS:
+            xs = [torch.randn((M, K), device=dev, dtype=torch.bfloat16, generator=gen) for _ in mixed]
+            ts = []
+            for c in list(range(_cuda.NCFG)) + [-1]:
+                ts.append(time_graph([(lambda x=xs[i], p=p: cuda_ops.qlinear(x, [(p[0], i4), (p[1], i8)], N, None,
+                                                                           (M,), cfg=c)) for i, p in enumerate(mixed)],
+                                     reps=7))
+            print(f"{N:>6} {K:>6} {M:>5} | " + " ".join(f"{t * 1e3:10.1f}" for t in ts[:-1]) + f" | {ts[-1] * 1e3:.1f}",
+                  flush=True)
+        del mixed
+        torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="two shapes, three M values")
+    ap.add_argument("--tune", action="store_true", help="time every tile configuration, then exit")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev)
     gen.manual_seed(0)
+    if args.tune:
+        return tune(dev, gen)
     torch.backends.cuda.matmul.allow_tf32 = False
     rates = measure_rates(dev)
     name = torch.cuda.get_device_name(dev)

@@ -195,7 +195,7 @@ static PyObject *py_qlinear(PyObject *self, PyObject *args) {
         mix_array *w, *m;
         if (!(w = take(&s, ow, "wpack", MIX_DT(MIX_U8), 1, 0)) ||
             check_size(w, (N + 15) / 16 * 16 * K_any * bits / 8) < 0) goto fail;
-        if (!(m = take(&s, om, "meta", MIX_DT(MIX_U8), 1, 0)) || check_size(m, (N + 15) / 16 * Gn * 8 * 16) < 0) goto fail;
+        if (!(m = take(&s, om, "meta", MIX_DT(MIX_U8), 1, 0)) || check_size(m, (N + 15) / 16 * Gn * 80) < 0) goto fail;
         if (((uintptr_t)w->data | (uintptr_t)m->data) % 16) {
             PyErr_SetString(PyExc_ValueError, "wpack, meta: must be 16-byte aligned");
             goto fail;

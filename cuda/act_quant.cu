@@ -2,7 +2,7 @@
  * bit-identical to the CPU reference (csrc/quant.c): scale = max|x| / 127 in float32
  * (1 for an all-zero group), code = clamp(rint(x / scale), -127, 127) with IEEE division
  * and round-half-to-even. One warp per (token, group); two passes over the group (the
- * second hits L1). Writes either the plain [M, K] / [M, G] format or the GEMM's padded
+ * second hits L1); 8/16-byte loads when g is a multiple of 128 (the default), scalar otherwise. Writes either the plain [M, K] / [M, G] format or the GEMM's padded
  * layout (cuda/w4a8.cu): groups padded with zeros to gp columns, the scale repeated for
  * each of the group's stages. Non-finite inputs are not detected on the GPU (that would
  * need a host synchronisation); they give unspecified codes. */
@@ -49,6 +49,60 @@ __global__ void act_quant_kernel(const T *__restrict__ x, int64_t M, int64_t K, 
     for (int64_t t = j * spg + lane; t < s_end; t += 32) sr[t] = s;
 }
 
+/* Four consecutive elements as float (the caller guarantees 4-element alignment). */
+__device__ __forceinline__ void load4(const float *p, float (&v)[4]) {
+    const float4 t = *(const float4 *)p;
+    v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w;
+}
+template <typename T> __device__ __forceinline__ void load4(const T *p, float (&v)[4]) {
+    const uint2 t = *(const uint2 *)p;
+    const T *h = (const T *)&t;
+#pragma unroll
+    for (int i = 0; i < 4; i++) v[i] = to_f(h[i]);
+}
+
+/* Fast path for g a multiple of 128 and K a multiple of 4: each lane takes 4 consecutive
+ * elements of every 128-column chunk (8- or 16-byte loads, one 4-byte store of codes). */
+template <typename T>
+__global__ void act_quant_vec_kernel(const T *__restrict__ x, int64_t M, int64_t K, int64_t g, int64_t G, int64_t gp,
+                                     int8_t *__restrict__ q, int64_t qpitch, int spg, float *__restrict__ sa,
+                                     int64_t sapitch) {
+    const int lane = threadIdx.x & 31;
+    const int64_t wid = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5;
+    if (wid >= M * G) return;
+    const int64_t m = wid / G, j = wid % G;
+    const int64_t k0 = j * g, len = min(g, K - k0);
+    const T *xr = x + m * K + k0;
+    float amax = 0.f;
+    for (int64_t e = lane * 4; e < len; e += 128) {
+        float v[4];
+        load4(xr + e, v);
+#pragma unroll
+        for (int i = 0; i < 4; i++) amax = fmaxf(amax, fabsf(v[i]));
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    float s = amax / 127.f;
+    if (!(s > 0.f)) s = 1.f;
+    int8_t *qr = q + m * qpitch + j * gp;
+    for (int64_t e = lane * 4; e < len; e += 128) {
+        float v[4];
+        load4(xr + e, v);
+        uint32_t w = 0;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int c = max(-127, min(127, __float2int_rn(v[i] / s)));
+            w |= (uint32_t)(uint8_t)(int8_t)c << (8 * i);
+        }
+        *(uint32_t *)(qr + e) = w;
+    }
+    const int64_t pad_end = (j == G - 1) ? qpitch - j * gp : gp;
+    for (int64_t e = len + lane * 4; e < pad_end; e += 128) *(uint32_t *)(qr + e) = 0;
+    float *sr = sa + m * sapitch;
+    const int64_t s_end = (j == G - 1) ? sapitch : (j + 1) * spg;
+    for (int64_t t = j * spg + lane; t < s_end; t += 32) sr[t] = s;
+}
+
 } // namespace
 
 extern "C" int mixc_act_quant(int device, const void *x, int dtype, int64_t M, int64_t K, int64_t g, int64_t gp,
@@ -66,16 +120,22 @@ extern "C" int mixc_act_quant(int device, const void *x, int dtype, int64_t M, i
     if (warps > 0) {
         const int threads = 256;
         const int64_t blocks = (warps * 32 + threads - 1) / threads;
+        const bool vec = g % 128 == 0 && K % 4 == 0 && qpitch % 4 == 0 && gp % 4 == 0 &&
+                         ((uintptr_t)x % 16) == 0 && ((uintptr_t)q % 4) == 0;
+#define MIXC_AQ(T)                                                                                                  \
+    do {                                                                                                            \
+        if (vec)                                                                                                    \
+            act_quant_vec_kernel<T><<<(unsigned)blocks, threads, 0, stream>>>((const T *)x, M, K, g, G, gp, q, qpitch, \
+                                                                              spg, sa, sapitch);                   \
+        else                                                                                                        \
+            act_quant_kernel<T><<<(unsigned)blocks, threads, 0, stream>>>((const T *)x, M, K, g, G, gp, q, qpitch,  \
+                                                                          spg, sa, sapitch);                       \
+    } while (0)
         if (blocks > 0x7fffffffLL) err = cudaErrorInvalidValue;
-        else if (dtype == 0)
-            act_quant_kernel<float><<<(unsigned)blocks, threads, 0, stream>>>((const float *)x, M, K, g, G, gp, q,
-                                                                              qpitch, spg, sa, sapitch);
-        else if (dtype == 1)
-            act_quant_kernel<__half><<<(unsigned)blocks, threads, 0, stream>>>((const __half *)x, M, K, g, G, gp, q,
-                                                                               qpitch, spg, sa, sapitch);
-        else
-            act_quant_kernel<__nv_bfloat16><<<(unsigned)blocks, threads, 0, stream>>>(
-                (const __nv_bfloat16 *)x, M, K, g, G, gp, q, qpitch, spg, sa, sapitch);
+        else if (dtype == 0) MIXC_AQ(float);
+        else if (dtype == 1) MIXC_AQ(__half);
+        else MIXC_AQ(__nv_bfloat16);
+#undef MIXC_AQ
         if (err == cudaSuccess) err = cudaGetLastError();
     }
     if (prev >= 0 && prev != device) cudaSetDevice(prev);

@@ -20,8 +20,7 @@
  * one lane (word 2h: rows gid, low nibbles = fragment a0, high = a2; word 2h+1: row gid+8);
  * (Wq - z) is formed per byte as ((q | 0x80) - z) ^ 0x80, three integer ops per 4 codes.
  * 8-bit: two uint4 per lane per two k-steps, the fragments as they are. Scales and zero
- * points ("meta"): one uint4 {Sw[gid], Sw[gid+8], z[gid]*0x01010101, z[gid+8]*0x01010101}
- * per (16-row tile, group, gid).
+ * points ("meta"): one 80-byte record per (16-row tile, group): 16 float scales, 16 zeros.
  *
  * Groups. K is padded per group to gp columns (a multiple of the 128-column stage, see
  * mixc_gp) so that each stage lies in one group (one scale/zero load per stage and row tile;
@@ -29,9 +28,10 @@
  * 0, so they add nothing. Activations come from cuda/act_quant.cu in that padded layout,
  * with the scale repeated per stage ([M, Kp/128]), so that a stage needs one scale per token.
  *
- * Pipeline. Activations (shared by all warps of a block) go global -> shared with cp.async,
- * ST stages of 128 padded columns deep; each warp's weights for stage s+1 are loaded into
- * registers while stage s is computed. Tile configurations (warps, 16-row tiles per warp,
+ * Pipeline. Each stage (128 padded columns) of activations (shared by all warps of a block),
+ * weights and meta (each warp's own) goes global -> shared with cp.async, ST stages deep, so
+ * that ST-1 stages of weight bytes are in flight per warp while one is computed; a warp reads
+ * its weight fragments back as 16-byte shared loads (conflict-free: consecutive per lane). Tile configurations (warps, 16-row tiles per warp,
  * tokens per block, stages) come from a table chosen by M; split-K over stages fills the
  * GPU when the row blocks x token blocks are too few, writing float partial sums to a
  * workspace that one small kernel reduces in a fixed order (deterministic), adds the bias
@@ -114,9 +114,23 @@ __device__ __forceinline__ void store_out(void *y, int dt, int64_t i, float v) {
     else ((__nv_bfloat16 *)y)[i] = __float2bfloat16_rn(v);
 }
 
+/* Shared memory of one pipeline stage: activations [BM][AROW], their scales [BM], and per warp
+ * its weight fragments [TN][WPS][32 lanes] uint4 and meta records [TN] (80 bytes each). The
+ * weight part is sized for 8-bit rows (the 4-bit ones use half). */
+template <int NW, int TN, int BM>
+struct StageLayout {
+    static constexpr int ACT = BM * AROW;
+    static constexpr int SA = ACT;
+    static constexpr int W = (SA + BM * 4 + 15) / 16 * 16;
+    static constexpr int WARP_W = TN * 4 * 32 * 16;
+    static constexpr int META = W + NW * WARP_W;
+    static constexpr int BYTES = META + NW * TN * 80;
+};
+
 /* One block's tile: NW warps x TN 16-row tiles of one part, BM tokens, one split of K. */
 template <int BITS, int NW, int TN, int BM, int ST>
 __device__ __forceinline__ void gemm_tile(const Args &a, const Part &p, int rb, int mb, int split, uint8_t *smem) {
+    using L = StageLayout<NW, TN, BM>;
     constexpr int VEC = BITS / 4;  /* uint4 per lane per k-pair */
     constexpr int WPS = 2 * VEC;   /* uint4 per lane per stage per row tile */
     constexpr int NT8 = BM / 8;    /* n8 token tiles */
@@ -130,41 +144,30 @@ __device__ __forceinline__ void gemm_tile(const Args &a, const Part &p, int rb, 
     const int64_t NTt = (p.N + 15) / 16;
     const int64_t m0 = (int64_t)mb * BM;
     const int G = a.G, spg = a.spg;
+    const uint8_t *wsrc = (const uint8_t *)p.w;
+    const uint8_t *msrc = (const uint8_t *)p.meta;
 
-    uint8_t *act = smem;                             /* [ST][BM][AROW] */
-    float *sas = (float *)(smem + ST * BM * AROW);   /* [ST][BM] */
-
-    auto load_act = [&](int s, int buf) {
-        for (int c = threadIdx.x; c < BM * 9; c += NTH) {
-            if (c < BM * 8) {
-                int r = c >> 3, q = c & 7;
-                int64_t m = min(m0 + r, M - 1); /* rows past M: any valid data, never stored */
-                cp_async16(act + (buf * BM + r) * AROW + q * 16, a.xq + m * Kp + (int64_t)s * KS + q * 16);
-            } else {
-                int r = c - BM * 8;
-                int64_t m = min(m0 + r, M - 1);
-                cp_async4(sas + buf * BM + r, a.sa + m * nst + s);
-            }
+    /* Everything of stage s goes global -> shared with cp.async, copied cooperatively: the
+     * activations by the whole block, each warp's weights and meta by that warp. */
+    auto load_stage = [&](int s, int buf) {
+        uint8_t *st = smem + buf * L::BYTES;
+        for (int c = threadIdx.x; c < BM * 8; c += NTH) {
+            const int r = c >> 3, q = c & 7;
+            const int64_t m = min(m0 + r, M - 1); /* rows past M: any valid data, never stored */
+            cp_async16(st + r * AROW + q * 16, a.xq + m * Kp + (int64_t)s * KS + q * 16);
         }
-    };
-
-    uint4 wc[TN][WPS], wn[TN][WPS]; /* weights of this stage / the next */
-    uint4 mc[TN], mn[TN]; /* meta of this stage's group / the next one's */
-    auto load_w = [&](int s, uint4 (&w)[TN][WPS], uint4 (&mt)[TN]) {
+        for (int r = threadIdx.x; r < BM; r += NTH)
+            cp_async4(st + L::SA + r * 4, a.sa + min(m0 + r, M - 1) * nst + s);
+        const int j = min(s / spg, G - 1);
 #pragma unroll
         for (int i = 0; i < TN; i++) {
             const int64_t rt = rt0 + i;
-            if (rt < NTt) {
-                const uint4 *base = p.w + ((rt * KP2 + 2 * s) * VEC) * 32 + lane;
+            if (rt >= NTt) continue; /* rows never stored: their shared memory may hold anything */
+            const uint8_t *src = wsrc + (((rt * KP2 + 2 * s) * VEC) * 32 + lane) * 16;
+            uint8_t *dst = st + L::W + warp * L::WARP_W + (i * 4 * 32 + lane) * 16;
 #pragma unroll
-                for (int v = 0; v < WPS; v++) w[i][v] = ld_stream(base + v * 32);
-                const int j = min(s / spg, G - 1);
-                mt[i] = __ldg(p.meta + (rt * G + j) * 8 + gid);
-            } else {
-#pragma unroll
-                for (int v = 0; v < WPS; v++) w[i][v] = make_uint4(0, 0, 0, 0);
-                mt[i] = make_uint4(0, 0, 0, 0);
-            }
+            for (int v = 0; v < WPS; v++) cp_async16(dst + v * 512, src + v * 512);
+            if (lane < 5) cp_async16(st + L::META + (warp * TN + i) * 80 + lane * 16, msrc + (rt * G + j) * 80 + lane * 16);
         }
     };
 
@@ -179,10 +182,9 @@ __device__ __forceinline__ void gemm_tile(const Args &a, const Part &p, int rb, 
 
 #pragma unroll
     for (int st = 0; st < ST - 1; st++) {
-        if (s0 + st < s1) load_act(s0 + st, st);
+        if (s0 + st < s1) load_stage(s0 + st, st);
         cp_async_commit();
     }
-    load_w(s0, wc, mc);
 
     for (int s = s0; s < s1; s++) {
         const int buf = (s - s0) % ST;
@@ -190,60 +192,60 @@ __device__ __forceinline__ void gemm_tile(const Args &a, const Part &p, int rb, 
         __syncthreads();
         {
             const int sn = s + ST - 1;
-            if (sn < s1) load_act(sn, (sn - s0) % ST);
+            if (sn < s1) load_stage(sn, (sn - s0) % ST);
             cp_async_commit();
         }
-        if (s + 1 < s1) load_w(s + 1, wn, mn);
-
-        const uint8_t *abuf = act + buf * BM * AROW;
-        const float *sbuf = sas + buf * BM;
+        const uint8_t *st = smem + buf * L::BYTES;
+        const uint4 *wsm = (const uint4 *)(st + L::W + warp * L::WARP_W) + lane;
+        uint32_t zz[TN][2];
+        float sw[TN][2];
+#pragma unroll
+        for (int i = 0; i < TN; i++) {
+            const uint8_t *m = st + L::META + (warp * TN + i) * 80;
+            sw[i][0] = ((const float *)m)[gid];
+            sw[i][1] = ((const float *)m)[gid + 8];
+            zz[i][0] = (uint32_t)m[64 + gid] * 0x01010101u;
+            zz[i][1] = (uint32_t)m[64 + gid + 8] * 0x01010101u;
+        }
 #pragma unroll
         for (int k = 0; k < SPS; k++) {
             uint32_t af[TN][4];
 #pragma unroll
             for (int i = 0; i < TN; i++) {
                 if (BITS == 4) {
-                    const uint4 wv = wc[i][k >> 1];
+                    const uint4 wv = wsm[(i * 4 + (k >> 1)) * 32];
                     const uint32_t w0 = (k & 1) ? wv.z : wv.x, w1 = (k & 1) ? wv.w : wv.y;
-                    const uint32_t z0 = mc[i].z, z1 = mc[i].w;
-                    af[i][0] = sub_zero(w0 & 0x0F0F0F0Fu, z0);
-                    af[i][2] = sub_zero((w0 >> 4) & 0x0F0F0F0Fu, z0);
-                    af[i][1] = sub_zero(w1 & 0x0F0F0F0Fu, z1);
-                    af[i][3] = sub_zero((w1 >> 4) & 0x0F0F0F0Fu, z1);
+                    af[i][0] = sub_zero(w0 & 0x0F0F0F0Fu, zz[i][0]);
+                    af[i][2] = sub_zero((w0 >> 4) & 0x0F0F0F0Fu, zz[i][0]);
+                    af[i][1] = sub_zero(w1 & 0x0F0F0F0Fu, zz[i][1]);
+                    af[i][3] = sub_zero((w1 >> 4) & 0x0F0F0F0Fu, zz[i][1]);
                 } else {
-                    const uint4 wv = wc[i][k];
+                    const uint4 wv = wsm[(i * 4 + k) * 32];
                     af[i][0] = wv.x; af[i][1] = wv.y; af[i][2] = wv.z; af[i][3] = wv.w;
                 }
             }
 #pragma unroll
             for (int t = 0; t < NT8; t++) {
-                const uint2 b = *(const uint2 *)(abuf + (t * 8 + gid) * AROW + k * 32 + tig * 8);
+                const uint2 b = *(const uint2 *)(st + (t * 8 + gid) * AROW + k * 32 + tig * 8);
 #pragma unroll
                 for (int i = 0; i < TN; i++) mma_s8(iacc[i][t], af[i], b.x, b.y);
             }
-            if (k == SPS - 1 && ((s + 1) % spg == 0 || s + 1 == s1)) {
-                /* end of a group (or of this split): second step of the dequantization */
+        }
+        if ((s + 1) % spg == 0 || s + 1 == s1) {
+            /* end of a group (or of this split): second step of the dequantization */
+            const float *sbuf = (const float *)(st + L::SA);
 #pragma unroll
-                for (int t = 0; t < NT8; t++) {
-                    const float sa0 = sbuf[t * 8 + tig * 2];
-                    const float sa1 = sbuf[t * 8 + tig * 2 + 1];
+            for (int t = 0; t < NT8; t++) {
+                const float sa0 = sbuf[t * 8 + tig * 2], sa1 = sbuf[t * 8 + tig * 2 + 1];
 #pragma unroll
-                    for (int i = 0; i < TN; i++) {
-                        const float sw0 = __uint_as_float(mc[i].x), sw1 = __uint_as_float(mc[i].y);
-                        facc[i][t][0] = __fmaf_rn(i2f(iacc[i][t][0], a.fast_cvt), sw0 * sa0, facc[i][t][0]);
-                        facc[i][t][1] = __fmaf_rn(i2f(iacc[i][t][1], a.fast_cvt), sw0 * sa1, facc[i][t][1]);
-                        facc[i][t][2] = __fmaf_rn(i2f(iacc[i][t][2], a.fast_cvt), sw1 * sa0, facc[i][t][2]);
-                        facc[i][t][3] = __fmaf_rn(i2f(iacc[i][t][3], a.fast_cvt), sw1 * sa1, facc[i][t][3]);
-                        iacc[i][t][0] = iacc[i][t][1] = iacc[i][t][2] = iacc[i][t][3] = 0;
-                    }
+                for (int i = 0; i < TN; i++) {
+                    facc[i][t][0] = __fmaf_rn(i2f(iacc[i][t][0], a.fast_cvt), sw[i][0] * sa0, facc[i][t][0]);
+                    facc[i][t][1] = __fmaf_rn(i2f(iacc[i][t][1], a.fast_cvt), sw[i][0] * sa1, facc[i][t][1]);
+                    facc[i][t][2] = __fmaf_rn(i2f(iacc[i][t][2], a.fast_cvt), sw[i][1] * sa0, facc[i][t][2]);
+                    facc[i][t][3] = __fmaf_rn(i2f(iacc[i][t][3], a.fast_cvt), sw[i][1] * sa1, facc[i][t][3]);
+                    iacc[i][t][0] = iacc[i][t][1] = iacc[i][t][2] = iacc[i][t][3] = 0;
                 }
             }
-        }
-#pragma unroll
-        for (int i = 0; i < TN; i++) {
-#pragma unroll
-            for (int v = 0; v < WPS; v++) wc[i][v] = wn[i][v];
-            mc[i] = mn[i];
         }
     }
     cp_async_wait<0>();
@@ -273,7 +275,7 @@ __device__ __forceinline__ void gemm_tile(const Args &a, const Part &p, int rb, 
 }
 
 template <int NW, int TN, int BM, int ST>
-__global__ void __launch_bounds__(NW * 32, NW * 32 * 3 <= 512 ? 3 : BM <= 32 ? 2 : 1) qgemm_kernel(const __grid_constant__ Args a) {
+__global__ void __launch_bounds__(NW * 32) qgemm_kernel(const __grid_constant__ Args a) {
     extern __shared__ uint4 smem_u4[];
     uint8_t *smem = (uint8_t *)smem_u4;
     int bx = blockIdx.x;
@@ -306,15 +308,16 @@ struct CfgInfo {
  * weight fragment across 128 tokens. Rows per block = nw * tn * 16. */
 const CfgInfo CFGS[MIXC_NCFG] = {
     {4, 2, 8, 4, "w4x2_m8"},
-    {8, 1, 16, 4, "w8x1_m16"},
-    {8, 1, 32, 4, "w8x1_m32"},
-    {4, 1, 64, 4, "w4x1_m64"},
-    {8, 1, 128, 3, "w8x1_m128"},
+    {4, 2, 16, 4, "w4x2_m16"},
+    {4, 2, 32, 4, "w4x2_m32"},
+    {4, 2, 64, 4, "w4x2_m64"},
+    {8, 1, 128, 4, "w8x1_m128"},
+    {8, 2, 64, 4, "w8x2_m64"},
 };
 
 template <int NW, int TN, int BM, int ST>
 cudaError_t launch_cfg(const Args &a, int nblk, cudaStream_t stream) {
-    const size_t smem = (size_t)ST * BM * (AROW + 4);
+    const size_t smem = (size_t)ST * StageLayout<NW, TN, BM>::BYTES;
     auto kern = qgemm_kernel<NW, TN, BM, ST>;
     if (smem > 48 * 1024) {
         cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
@@ -363,7 +366,7 @@ extern "C" int64_t mixc_wpack_bytes(int bits, int64_t N, int64_t K, int64_t g) {
 }
 
 extern "C" int64_t mixc_meta_bytes(int64_t N, int64_t K, int64_t g) {
-    return (N + 15) / 16 * ((K + g - 1) / g) * 8 * 16;
+    return (N + 15) / 16 * ((K + g - 1) / g) * 80;
 }
 
 extern "C" const char *mixc_cfg_name(int cfg) { return (cfg >= 0 && cfg < MIXC_NCFG) ? CFGS[cfg].name : "?"; }
@@ -382,7 +385,7 @@ extern "C" int mixc_plan(int device, int64_t M, const int64_t *Ns, int nparts, i
     const int nst = (int)(Kp / KS);
     if (splits <= 0) {
         /* aim for ~4 resident blocks per SM on the streaming configs, one wave on the big one */
-        const int64_t target = (int64_t)sm_count(device) * (cfg == 4 ? 1 : 4);
+        const int64_t target = (int64_t)sm_count(device) * (cfg >= 4 ? 1 : 3);
         int64_t s = blocks > 0 ? (target + blocks - 1) / blocks : 1;
         int64_t smax = nst / 4 > 1 ? nst / 4 : 1; /* at least 4 stages per split */
         if (s > smax) s = smax;
@@ -430,10 +433,11 @@ extern "C" int mixc_qlinear(int device, mixc_gemm *g, void *stream_) {
     cudaError_t e;
     switch (g->cfg) {
     case 0: e = launch_cfg<4, 2, 8, 4>(a, nblk, stream); break;
-    case 1: e = launch_cfg<8, 1, 16, 4>(a, nblk, stream); break;
-    case 2: e = launch_cfg<8, 1, 32, 4>(a, nblk, stream); break;
-    case 3: e = launch_cfg<4, 1, 64, 4>(a, nblk, stream); break;
-    default: e = launch_cfg<8, 1, 128, 3>(a, nblk, stream); break;
+    case 1: e = launch_cfg<4, 2, 16, 4>(a, nblk, stream); break;
+    case 2: e = launch_cfg<4, 2, 32, 4>(a, nblk, stream); break;
+    case 3: e = launch_cfg<4, 2, 64, 4>(a, nblk, stream); break;
+    case 4: e = launch_cfg<8, 1, 128, 4>(a, nblk, stream); break;
+    default: e = launch_cfg<8, 2, 64, 4>(a, nblk, stream); break;
     }
     if (e != cudaSuccess || g->splits == 1) return (int)e;
     const int64_t total = g->M * g->n_out;

@@ -7,8 +7,9 @@
  *   wpack[((rt * Kp/64 + kp) * VEC + v) * 32 + lane],   VEC = bits / 4
  * lane = 4 * gid + tig holds rows gid and gid + 8 of the tile, stored columns 8 * tig .. 8 * tig + 7
  * of each k-step (the MMA fragment's k order, see cuda/w4a8.cu). Padding (rows >= N, columns past a
- * group's end) holds the zero point, i.e. weight 0. meta[(rt * G + j) * 8 + gid] =
- * {Sw[gid], Sw[gid + 8], z[gid] * 0x01010101, z[gid + 8] * 0x01010101} of the tile's rows. */
+ * group's end) holds the zero point, i.e. weight 0. Meta: one 80-byte record per (16-row tile,
+ * group), at byte (rt * G + j) * 80: the 16 rows' float32 scales, then their 16 zero points
+ * (uint8; 0 for 8-bit rows). */
 #include "mixllm_cuda.h"
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -78,12 +79,21 @@ __global__ void meta_kernel(const float *__restrict__ scale, const uint8_t *__re
                             uint4 *__restrict__ meta, int64_t total) {
     const int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
     if (i >= total) return;
-    const int gid = (int)(i & 7);
-    const int64_t r = i >> 3, j = r % geo.G, rt = r / geo.G;
-    const int64_t n0 = rt * 16 + gid, n1 = n0 + 8;
-    const float s0 = n0 < geo.N ? scale[n0 * geo.G + j] : 0.f, s1 = n1 < geo.N ? scale[n1 * geo.G + j] : 0.f;
-    const uint32_t z0 = (zero && n0 < geo.N) ? zero[n0 * geo.G + j] : 0, z1 = (zero && n1 < geo.N) ? zero[n1 * geo.G + j] : 0;
-    meta[i] = make_uint4(__float_as_uint(s0), __float_as_uint(s1), z0 * 0x01010101u, z1 * 0x01010101u);
+    const int64_t j = i % geo.G, rt = i / geo.G;
+    uint32_t w[20];
+    for (int r = 0; r < 16; r++) {
+        const int64_t n = rt * 16 + r;
+        w[r] = __float_as_uint(n < geo.N ? scale[n * geo.G + j] : 0.f);
+    }
+    for (int q = 0; q < 4; q++) {
+        uint32_t v = 0;
+        for (int b = 0; b < 4; b++) {
+            const int64_t n = rt * 16 + 4 * q + b;
+            v |= (uint32_t)((zero && n < geo.N) ? zero[n * geo.G + j] : 0) << (8 * b);
+        }
+        w[16 + q] = v;
+    }
+    for (int q = 0; q < 5; q++) meta[i * 5 + q] = make_uint4(w[4 * q], w[4 * q + 1], w[4 * q + 2], w[4 * q + 3]);
 }
 
 } // namespace
@@ -103,7 +113,7 @@ extern "C" int mixc_pack_weight(int device, int bits, const void *qweight, const
     geo.N = N; geo.K = K; geo.g = g; geo.G = (K + g - 1) / g; geo.gp = mixc_gp(g); geo.Kp = mixc_kp(K, g);
     geo.qpitch = bits == 4 ? (K + 1) / 2 : K;
     const int64_t NT = (N + 15) / 16;
-    const int64_t total = mixc_wpack_bytes(bits, N, K, g) / 16, mtotal = NT * geo.G * 8;
+    const int64_t total = mixc_wpack_bytes(bits, N, K, g) / 16, mtotal = NT * geo.G;
     cudaError_t err = cudaSuccess;
     if (total > 0) {
         const int64_t blocks = (total + 255) / 256, mblocks = (mtotal + 255) / 256;

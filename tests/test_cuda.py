@@ -231,7 +231,7 @@ def test_bad_inputs_raise(rng):
         _cuda.qlinear(xq, sa, 128, part, None, y, None, 99, 1, 0)
     with pytest.raises(ValueError, match="cfg"):
         _cuda.plan(DEV.index, 2, (16,), Kp, 99, 0)
-    with pytest.raises(ValueError, match="output columns"):
+    with pytest.raises(ValueError, match="out_index is required"):
         _cuda.qlinear(xq, sa, 128, part, None, torch.empty((2, 17), device=DEV), None, 0, 1, 0)
     with pytest.raises(ValueError, match="C-contiguous"):
         _cuda.qlinear(xq, sa, 128, part, None, torch.empty((16, 2), device=DEV).t(), None, 0, 1, 0)
