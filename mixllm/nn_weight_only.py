@@ -213,6 +213,18 @@ class WeightOnlyLinear(nn.Module):
             b += N * 2
         return int(math.ceil(b))
 
+    # ------------------------------------------------------------------ mixllm.io contract
+    def get_config(self) -> dict:
+        """Constructor arguments (mixllm.io saves them in mixllm.json)."""
+        return dict(in_features=self.in_features, out_features=self.out_features, bias=self.bias is not None,
+                    kind=self.kind, group_size=self.group_size if self.kind == "group" else 128,
+                    levels=int(self.codebook.shape[1]) if self.kind == "codebook" else 16,
+                    nnz=int(self.cols.numel()), method=self.method)
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "WeightOnlyLinear":
+        return cls(**cfg)
+
     def extra_repr(self) -> str:
         s = (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
              f"kind={self.kind}, avg_bits={self.average_bits():.3f}")
@@ -223,3 +235,11 @@ class WeightOnlyLinear(nn.Module):
         if self.method:
             s += f", method={self.method}"
         return s
+
+
+try:  # make saved models loadable by mixllm.load
+    from .io import register_module as _register
+except ImportError:  # pragma: no cover - io not present in a partial checkout
+    _register = None
+if _register is not None:
+    _register(WeightOnlyLinear)

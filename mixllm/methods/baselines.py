@@ -103,23 +103,44 @@ def replace_linears(model: nn.Module, new: Dict[str, nn.Module]):
         setattr(parent, child, m)
 
 
+def _stats_from_calibration(cal, model, filter_fn):
+    """LayerStats from a mixllm.calib.Calibration (Hessians only: no input rows)."""
+    out = {}
+    for n, m in model.named_modules():
+        if filter_fn(n, m):
+            H = cal.hessians.get(n)
+            if H is None:
+                raise ValueError(f"calib: the Calibration has no Hessian for {n!r}")
+            H = H.numpy() if isinstance(H, torch.Tensor) else np.asarray(H)
+            out[n] = LayerStats(H=H, X=None, n=int(getattr(cal, "n_tokens", 0)))
+    return out
+
+
 def quantize_weight_only(model: nn.Module, config, calib=None, filter_fn: Callable = default_filter,
-                         verbose: bool = False) -> nn.Module:
-    """Quantize every selected linear of ``model`` in place with ``config.quantize_linear``."""
-    needs = getattr(config, "needs_calibration", True)
-    if needs:
+                         verbose: bool = False) -> dict:
+    """Quantize every selected linear of ``model`` in place with ``config.quantize_linear``; returns
+    the report (``avg_bits``: code bits per quantized weight; ``quantized_bytes``: packed size of the
+    quantized layers; ``n_layers``)."""
+    if isinstance(calib, dict) and calib and all(isinstance(v, LayerStats) for v in calib.values()):
+        stats = {n: calib[n] for n, m in model.named_modules() if filter_fn(n, m)}  # precomputed (bench sweeps)
+    elif not config.needs_calibration():
+        stats = {n: None for n, m in model.named_modules() if filter_fn(n, m)}
+    elif type(calib).__name__ == "Calibration" and hasattr(calib, "hessians"):
+        stats = _stats_from_calibration(calib, model, filter_fn)
+    else:
         stats = collect_stats(model, calib, filter_fn, keep_tokens=getattr(config, "keep_tokens", 1024),
                               seed=getattr(config, "seed", 0))
-    else:
-        stats = {n: None for n, m in model.named_modules() if filter_fn(n, m)}
     new = {}
-    for name, st in stats.items():
+    for name in list(stats):
         lin = model.get_submodule(name)
-        new[name] = config.quantize_linear(lin, st)
+        new[name] = config.quantize_linear(lin, stats.pop(name))
         if verbose:
             print(f"{name}: {new[name].extra_repr()}", flush=True)
     replace_linears(model, new)
-    return model
+    n_w = sum(m.codes.numel() for m in new.values())
+    return {"avg_bits": sum(m.code_bits() for m in new.values()) / max(n_w, 1),
+            "quantized_bytes": sum(m.nbytes() for m in new.values()),
+            "quantized_params": n_w, "n_layers": len(new)}
 
 
 def _check_bits(bits, lo=2, hi=8):
@@ -140,8 +161,10 @@ class RTNConfig:
     along the input features (SPEC §1 format, min/max range)."""
     bits: int = 4
     group_size: int = 128
-    needs_calibration = False
     name = "rtn"
+
+    def needs_calibration(self) -> bool:
+        return False
 
     def __post_init__(self):
         self.bits = _check_bits(self.bits)
@@ -170,6 +193,9 @@ class GPTQConfig:
     keep_tokens: int = 0
     seed: int = 0
     name = "gptq"
+
+    def needs_calibration(self) -> bool:
+        return True
 
     def __post_init__(self):
         self.bits = _check_bits(self.bits)

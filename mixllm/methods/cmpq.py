@@ -60,6 +60,9 @@ class CMPQConfig:
     seed: int = 0
     name = "cmpq"
 
+    def needs_calibration(self) -> bool:
+        return True
+
     def __post_init__(self):
         if isinstance(self.bits, bool) or not isinstance(self.bits, (int, float, np.integer, np.floating)) \
                 or not 2 <= float(self.bits) <= 4:

@@ -53,14 +53,21 @@ def group_salience(w: np.ndarray, u: np.ndarray, group_size: int) -> np.ndarray:
 
 
 def sqc_thresholds(w: np.ndarray, u: np.ndarray, group_size: int, z: float = 2.0) -> np.ndarray:
-    """Per group: the smallest element salience with ``|z-score| > z`` (inf when none)."""
+    """Per group: the salience threshold of the elements with ``|z-score| > z`` (inf when none)."""
     e = (w.astype(np.float64) ** 2) / (u[None, :] ** 2)
     out = []
     for j in range(0, w.shape[1], group_size):
         b = e[:, j:j + group_size]
         sd = b.std(ddof=1) if b.size > 1 else 0.0
-        sel = b[np.abs(b - b.mean()) > z * sd] if sd > 0 else b[:0]
-        out.append(sel.min() if sel.size else np.inf)
+        out_mask = np.abs(b - b.mean()) > z * sd if sd > 0 else np.zeros(b.shape, bool)
+        if not out_mask.any():
+            out.append(np.inf)
+            continue
+        # salience is >= 0 and right-skewed, so the outliers are the top values; cut halfway between
+        # the smallest outlier and the largest non-outlier so that rounding cannot flip the boundary one
+        lo = b[out_mask].min()
+        below = b[~out_mask & (b < lo)]
+        out.append(0.5 * (lo + below.max()) if below.size else lo)
     return np.array(out, dtype=np.float64)
 
 
@@ -103,18 +110,30 @@ def allocation(sal: np.ndarray, i: int, bits: int) -> np.ndarray:
     return cb
 
 
-def sba_search(w: np.ndarray, X: Optional[np.ndarray], sal: np.ndarray, bits: int, group_size: int):
-    """SliM-LLM's bit-allocation search; returns ``(column-group bits, chosen i, KL per candidate)``."""
+def sba_search(w: np.ndarray, X: Optional[np.ndarray], sal: np.ndarray, bits: int, group_size: int,
+               H: Optional[np.ndarray] = None):
+    """SliM-LLM's bit-allocation search; returns ``(column-group bits, chosen i, error per candidate)``.
+
+    With calibration rows ``X``: the reference's KL divergence of the layer outputs. Without them (a
+    :class:`mixllm.calib.Calibration` keeps only Hessians) and with ``H``: the expected squared output
+    error ``tr((W_q - W) H (W_q - W)^T)`` instead.
+    """
     G = len(sal)
     cands = list(range(1, G // 2))
-    if not cands or X is None or X.shape[0] == 0:
+    have_x = X is not None and X.shape[0] > 0
+    if not cands or (not have_x and H is None):
         return allocation(sal, 0, bits), 0, []
-    Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
-    ref = Xt @ torch.from_numpy(w.astype(np.float32)).T
     errs = []
+    if have_x:
+        Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+        ref = Xt @ torch.from_numpy(w.astype(np.float32)).T
     for i in cands:
         wq = rtn_blocks(w, allocation(sal, i, bits), group_size)
-        errs.append(_kl_rows(Xt @ torch.from_numpy(wq).T, ref))
+        if have_x:
+            errs.append(_kl_rows(Xt @ torch.from_numpy(wq).T, ref))
+        else:
+            D = torch.from_numpy((wq - w).astype(np.float64))
+            errs.append(float(((D @ torch.from_numpy(np.asarray(H, np.float64))) * D).sum()))
     best = cands[int(np.argmin(errs))]
     return allocation(sal, best, bits), best, errs
 
@@ -143,6 +162,9 @@ class SliMConfig:
     seed: int = 0
     name = "slim"
 
+    def needs_calibration(self) -> bool:
+        return True
+
     def __post_init__(self):
         if isinstance(self.bits, bool) or not isinstance(self.bits, (int, np.integer)) or not 2 <= self.bits <= 7:
             raise ValueError(f"bits: SliM-LLM takes an integer average in 2..7, got {self.bits!r}")
@@ -160,7 +182,7 @@ class SliMConfig:
         u = hinv_diag(stats.H, self.damp)
         sal = group_salience(w, u, g)
         if self.sba:
-            col_bits, self.last_i, _ = sba_search(w, stats.X, sal, self.bits, g)
+            col_bits, _, _ = sba_search(w, stats.X, sal, self.bits, g, stats.H)
         else:
             col_bits = allocation(sal, 0, self.bits)
         bpg = np.broadcast_to(col_bits.astype(np.float32), (N, len(col_bits)))
