@@ -221,5 +221,6 @@ def test_slim_config_layer(rng):
         SliMConfig(bits=2.5)
     with pytest.raises(ValueError, match="bits"):
         SliMConfig(bits=1)
+    assert SliMConfig(bits=3.0).bits == 3  # the CLI parses bits as a float
     with pytest.raises(TypeError, match="stats"):
         SliMConfig(bits=2).quantize_linear(lin, None)

@@ -144,6 +144,9 @@ def quantize_weight_only(model: nn.Module, config, calib=None, filter_fn: Callab
 
 
 def _check_bits(bits, lo=2, hi=8):
+    """An integer bit-width (an integral float such as the CLI's ``2.0`` is accepted)."""
+    if isinstance(bits, (float, np.floating)) and float(bits).is_integer():
+        bits = int(bits)
     if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not lo <= bits <= hi:
         raise ValueError(f"bits: expected an integer in {lo}..{hi}, got {bits!r}")
     return int(bits)

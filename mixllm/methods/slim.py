@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from .. import ops
 from ..nn_weight_only import WeightOnlyLinear
-from .baselines import LayerStats, _weight, default_filter, quantize_weight_only
+from .baselines import LayerStats, _check_bits, _weight, default_filter, quantize_weight_only
 
 __all__ = ["SliMConfig", "hinv_diag", "group_salience", "sba_search", "sqc_thresholds", "rtn_blocks"]
 
@@ -166,9 +166,10 @@ class SliMConfig:
         return True
 
     def __post_init__(self):
-        if isinstance(self.bits, bool) or not isinstance(self.bits, (int, np.integer)) or not 2 <= self.bits <= 7:
-            raise ValueError(f"bits: SliM-LLM takes an integer average in 2..7, got {self.bits!r}")
-        self.bits = int(self.bits)
+        try:
+            self.bits = _check_bits(self.bits, 2, 7)
+        except ValueError:
+            raise ValueError(f"bits: SliM-LLM takes an integer average in 2..7, got {self.bits!r}") from None
         self.group_size = ops._check_group(self.group_size)
         if not self.lam >= 0:
             raise ValueError(f"lam: expected a value >= 0, got {self.lam!r}")
