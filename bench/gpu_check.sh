@@ -44,6 +44,13 @@ fi
 
 log "benchmark"
 if [ "$MODE" = "--tune" ]; then
+    if command -v ncu >/dev/null; then
+        ncu --clock-control none --profile-from-start off -k regex:qgemm \
+            --section SpeedOfLight --section WarpStateStats --section Occupancy --section ComputeWorkloadAnalysis \
+            $PY bench/gpu_linear.py --profile >"$OUT/ncu.log" 2>&1
+        grep -E "qgemm|Duration|Throughput|Warp Cycles Per Issued|Stall|Achieved Occupancy|Registers|Issue Slots|Executed Ipc" \
+            "$OUT/ncu.log" | head -60
+    fi
     $PY bench/gpu_linear.py --tune 2>&1 | tee "$OUT/tune.log"
     $PY bench/gpu_linear.py --quick --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -12
 elif [ "$MODE" = "--quick" ]; then

@@ -180,10 +180,29 @@ def tune(dev, gen):
         torch.cuda.empty_cache()
 
 
+def profile(dev, gen):
+    """One W4.4A8 call per M on the 28672 x 8192 shape, between cudaProfilerStart/Stop (for ncu)."""
+    N, K = 28672, 8192
+    n8 = N // 10
+    perm = torch.randperm(N, device=dev, generator=gen)
+    i4, i8 = perm[: N - n8].contiguous(), perm[N - n8:].contiguous()
+    w4, w8 = rand_qweight(N - n8, K, 4, dev, gen), rand_qweight(n8, K, 8, dev, gen)
+    xs = {M: torch.randn((M, K), device=dev, dtype=torch.bfloat16, generator=gen) for M in (1, 64, 4096)}
+    for x in xs.values():
+        ops.mixed_linear(x, w4, w8, i4, i8)
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    for x in xs.values():
+        ops.mixed_linear(x, w4, w8, i4, i8)
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="two shapes, three M values")
     ap.add_argument("--tune", action="store_true", help="time every tile configuration, then exit")
+    ap.add_argument("--profile", action="store_true", help="one W4.4A8 call per M for ncu, then exit")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -191,6 +210,8 @@ def main():
     gen.manual_seed(0)
     if args.tune:
         return tune(dev, gen)
+    if args.profile:
+        return profile(dev, gen)
     torch.backends.cuda.matmul.allow_tf32 = False
     rates = measure_rates(dev)
     name = torch.cuda.get_device_name(dev)

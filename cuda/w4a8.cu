@@ -5,10 +5,10 @@
  *
  * Operands. The weight is the MMA's A operand (16 rows of N per m16n8k32 tile) and the
  * activations are its B operand (8 tokens), so a decode step with M = 1..8 wastes no weight
- * bandwidth. int8 x int8 products accumulate in int32 over one group; at the group's end the
- * int32 sums become float (the "add 1.5*2^23 and reinterpret" trick, exact for |x| < 2^22,
- * which holds for groups of up to 256 columns; longer groups use the conversion instruction)
- * and are scaled by Sw * Sa into float32 accumulators.
+ * bandwidth. int8 x int8 products accumulate in int32 over one stage of 128 columns (one
+ * group, or a part of a longer one); then the int32 sums become float (the "add 1.5*2^23 and
+ * reinterpret" trick, exact for |x| < 2^22 > 128*127*127) and are scaled by Sw * Sa into
+ * float32 accumulators.
  *
  * Weight layout (written offline by mixc_pack_weight, cuda/w8a8.cu). Each warp owns TN tiles
  * of 16 weight rows and reads them straight from global memory into registers, never
@@ -43,6 +43,7 @@
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#include <math.h>
 #include <stdint.h>
 
 namespace {
@@ -62,7 +63,7 @@ struct Args {
     const int8_t *xq;
     const float *sa;
     int64_t M, Kp, n_out;
-    int G, spg, nparts, ydt, splits, sps, fast_cvt;
+    int G, spg, nparts, ydt, splits, sps;
     Part p0, p1;
     const float *bias;
     void *y;
@@ -103,10 +104,9 @@ __device__ __forceinline__ uint32_t sub_zero(uint32_t q, uint32_t zz) {
     return ((q | 0x80808080u) - zz) ^ 0x80808080u;
 }
 
-/* int32 -> float, exact for |x| < 2^22 (one integer add and one float subtract). */
-__device__ __forceinline__ float i2f(int x, int fast) {
-    return fast ? __int_as_float(x + 0x4B400000) - 12582912.0f : (float)x;
-}
+/* int32 -> float, exact for |x| < 2^22: one integer add and one float subtract instead of
+ * the conversion instruction, which issues at a quarter of the rate. */
+__device__ __forceinline__ float i2f(int x) { return __int_as_float(x + 0x4B400000) - 12582912.0f; }
 
 __device__ __forceinline__ void store_out(void *y, int dt, int64_t i, float v) {
     if (dt == 0) ((float *)y)[i] = v;
@@ -231,18 +231,20 @@ __device__ __forceinline__ void gemm_tile(const Args &a, const Part &p, int rb, 
                 for (int i = 0; i < TN; i++) mma_s8(iacc[i][t], af[i], b.x, b.y);
             }
         }
-        if ((s + 1) % spg == 0 || s + 1 == s1) {
-            /* end of a group (or of this split): second step of the dequantization */
+        {
+            /* Second step of the dequantization, at the end of every stage: a stage lies in one
+             * group, so partial group sums scale exactly like whole ones, and an int32 sum over
+             * 128 columns (< 2^21) always takes the fast conversion. */
             const float *sbuf = (const float *)(st + L::SA);
 #pragma unroll
             for (int t = 0; t < NT8; t++) {
                 const float sa0 = sbuf[t * 8 + tig * 2], sa1 = sbuf[t * 8 + tig * 2 + 1];
 #pragma unroll
                 for (int i = 0; i < TN; i++) {
-                    facc[i][t][0] = __fmaf_rn(i2f(iacc[i][t][0], a.fast_cvt), sw[i][0] * sa0, facc[i][t][0]);
-                    facc[i][t][1] = __fmaf_rn(i2f(iacc[i][t][1], a.fast_cvt), sw[i][0] * sa1, facc[i][t][1]);
-                    facc[i][t][2] = __fmaf_rn(i2f(iacc[i][t][2], a.fast_cvt), sw[i][1] * sa0, facc[i][t][2]);
-                    facc[i][t][3] = __fmaf_rn(i2f(iacc[i][t][3], a.fast_cvt), sw[i][1] * sa1, facc[i][t][3]);
+                    facc[i][t][0] = __fmaf_rn(i2f(iacc[i][t][0]), sw[i][0] * sa0, facc[i][t][0]);
+                    facc[i][t][1] = __fmaf_rn(i2f(iacc[i][t][1]), sw[i][0] * sa1, facc[i][t][1]);
+                    facc[i][t][2] = __fmaf_rn(i2f(iacc[i][t][2]), sw[i][1] * sa0, facc[i][t][2]);
+                    facc[i][t][3] = __fmaf_rn(i2f(iacc[i][t][3]), sw[i][1] * sa1, facc[i][t][3]);
                     iacc[i][t][0] = iacc[i][t][1] = iacc[i][t][2] = iacc[i][t][3] = 0;
                 }
             }
@@ -316,6 +318,18 @@ const CfgInfo CFGS[MIXC_NCFG] = {
 };
 
 template <int NW, int TN, int BM, int ST>
+cudaError_t prepare_cfg(int *blocks_per_sm) {
+    const size_t smem = (size_t)ST * StageLayout<NW, TN, BM>::BYTES;
+    auto kern = qgemm_kernel<NW, TN, BM, ST>;
+    if (smem > 48 * 1024) {
+        cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        if (e != cudaSuccess) return e;
+    }
+    if (blocks_per_sm) return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, kern, NW * 32, smem);
+    return cudaSuccess;
+}
+
+template <int NW, int TN, int BM, int ST>
 cudaError_t launch_cfg(const Args &a, int nblk, cudaStream_t stream) {
     const size_t smem = (size_t)ST * StageLayout<NW, TN, BM>::BYTES;
     auto kern = qgemm_kernel<NW, TN, BM, ST>;
@@ -337,6 +351,30 @@ int sm_count(int device) {
         cache[device] = n;
     }
     return cache[device];
+}
+
+/* Resident blocks per SM of each configuration (cached per device). */
+int cfg_occupancy(int device, int cfg) {
+    static int cache[64][MIXC_NCFG];
+    if (device < 0 || device >= 64) device = 0;
+    if (!cache[device][cfg]) {
+        int n = 0, prev = -1;
+        cudaGetDevice(&prev);
+        if (prev != device) cudaSetDevice(device);
+        cudaError_t e;
+        switch (cfg) {
+        case 0: e = prepare_cfg<4, 2, 8, 4>(&n); break;
+        case 1: e = prepare_cfg<4, 2, 16, 4>(&n); break;
+        case 2: e = prepare_cfg<4, 2, 32, 4>(&n); break;
+        case 3: e = prepare_cfg<4, 2, 64, 4>(&n); break;
+        case 4: e = prepare_cfg<8, 1, 128, 4>(&n); break;
+        default: e = prepare_cfg<8, 2, 64, 4>(&n); break;
+        }
+        if (prev >= 0 && prev != device) cudaSetDevice(prev);
+        if (e != cudaSuccess || n <= 0) { cudaGetLastError(); n = 1; }
+        cache[device][cfg] = n;
+    }
+    return cache[device][cfg];
 }
 
 struct DeviceGuard {
@@ -378,20 +416,32 @@ extern "C" int mixc_plan(int device, int64_t M, const int64_t *Ns, int nparts, i
     if (cfg >= MIXC_NCFG) return -1;
     if (cfg < 0) cfg = M <= 8 ? 0 : M <= 16 ? 1 : M <= 32 ? 2 : M <= 64 ? 3 : 4;
     const CfgInfo &c = CFGS[cfg];
-    const int64_t bn = (int64_t)c.nw * c.tn * 16;
-    int64_t blocks = 0;
-    for (int i = 0; i < nparts; i++) blocks += (Ns[i] + bn - 1) / bn;
-    blocks *= (M + c.bm - 1) / c.bm;
+    const int64_t bn = (int64_t)c.nw * c.tn * 16, mblocks = (M + c.bm - 1) / c.bm;
     const int nst = (int)(Kp / KS);
     if (splits <= 0) {
-        /* aim for ~4 resident blocks per SM on the streaming configs, one wave on the big one */
-        const int64_t target = (int64_t)sm_count(device) * (cfg >= 4 ? 1 : 3);
-        int64_t s = blocks > 0 ? (target + blocks - 1) / blocks : 1;
-        int64_t smax = nst / 4 > 1 ? nst / 4 : 1; /* at least 4 stages per split */
-        if (s > smax) s = smax;
-        if (s > 32) s = 32;
-        if (s < 1) s = 1;
-        splits = (int)s;
+        /* Pick the split-K factor with the least modelled time: waves of resident blocks, each
+         * wave as long as one block's share of its SM's bandwidth (8-bit row blocks count twice),
+         * plus the workspace traffic of the split partial sums. Token blocks of a prefill shape
+         * already fill the GPU: no split there unless the blocks are fewer than the SMs. */
+        const int sms = sm_count(device), occ = cfg_occupancy(device, cfg);
+        double blocks = 0, rows = 0;
+        for (int i = 0; i < nparts; i++) {
+            blocks += (double)((Ns[i] + bn - 1) / bn) * (i == 1 ? 2.0 : 1.0);
+            rows += (double)Ns[i];
+        }
+        blocks *= (double)mblocks;
+        int smax = nst / 4 > 1 ? nst / 4 : 1; /* at least 4 stages per split */
+        if (smax > 32) smax = 32;
+        if (cfg >= 4) smax = blocks < sms ? smax : 1;
+        double best = 0;
+        splits = 1;
+        for (int s = 1; s <= smax; s++) {
+            const double waves = ceil(blocks * s / ((double)sms * occ));
+            const double stages = ceil((double)nst / s);
+            const double t = waves * occ * stages * (double)bn * KS * 0.5 /* bytes a block streams */
+                             + (s > 1 ? 3.0 * 4.0 * s * (double)M * rows / sms : 0.0);
+            if (s == 1 || t < best * 0.98) { best = t; splits = s; }
+        }
     }
     if (splits > nst) splits = nst;
     const int sps = (nst + splits - 1) / splits;
@@ -414,7 +464,6 @@ extern "C" int mixc_qlinear(int device, mixc_gemm *g, void *stream_) {
     a.xq = g->xq; a.sa = g->sa; a.M = g->M; a.Kp = g->Kp; a.n_out = g->n_out;
     a.G = g->G; a.spg = g->spg; a.nparts = g->nparts; a.ydt = g->ydtype; a.splits = g->splits;
     a.sps = (nst + g->splits - 1) / g->splits;
-    a.fast_cvt = g->spg * KS <= 256; /* |group sum| <= 256 * 127 * 127 < 2^22 */
     a.bias = g->bias; a.y = g->y; a.ws = g->ws;
     Part *ps[2] = {&a.p0, &a.p1};
     int nblk = 0;
