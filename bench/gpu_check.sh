@@ -4,7 +4,8 @@
 #   bench/gpu_check.sh            everything
 #   bench/gpu_check.sh --quick    tests + a two-shape benchmark
 #   bench/gpu_check.sh --tests    build and tests only
-#   bench/gpu_check.sh --tune     tests, every tile configuration on the 70B shapes, quick benchmark
+#   bench/gpu_check.sh --tune     tests, every tile configuration on the 70B shapes, full benchmark
+#   bench/gpu_check.sh --profile  the same, after an ncu profile of one W4.4A8 call per M
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/mixllm_gpu_out}
@@ -43,8 +44,8 @@ fi
 [ "$MODE" = "--tests" ] && exit $test_rc
 
 log "benchmark"
-if [ "$MODE" = "--tune" ]; then
-    if command -v ncu >/dev/null; then
+if [ "$MODE" = "--tune" ] || [ "$MODE" = "--profile" ]; then
+    if [ "$MODE" = "--profile" ] && command -v ncu >/dev/null; then
         ncu --clock-control none --profile-from-start off -k regex:qgemm \
             --section SpeedOfLight --section WarpStateStats --section Occupancy --section ComputeWorkloadAnalysis \
             $PY bench/gpu_linear.py --profile >"$OUT/ncu.log" 2>&1
@@ -52,7 +53,7 @@ if [ "$MODE" = "--tune" ]; then
             "$OUT/ncu.log" | head -60
     fi
     $PY bench/gpu_linear.py --tune 2>&1 | tee "$OUT/tune.log"
-    $PY bench/gpu_linear.py --quick --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -12
+    $PY bench/gpu_linear.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -48
 elif [ "$MODE" = "--quick" ]; then
     $PY bench/gpu_linear.py --quick --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40
 else

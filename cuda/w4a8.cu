@@ -315,6 +315,8 @@ const CfgInfo CFGS[MIXC_NCFG] = {
     {4, 2, 64, 4, "w4x2_m64"},
     {8, 1, 128, 4, "w8x1_m128"},
     {8, 2, 64, 4, "w8x2_m64"},
+    {8, 1, 8, 6, "w8x1_m8_s6"},
+    {8, 1, 16, 6, "w8x1_m16_s6"},
 };
 
 template <int NW, int TN, int BM, int ST>
@@ -368,7 +370,9 @@ int cfg_occupancy(int device, int cfg) {
         case 2: e = prepare_cfg<4, 2, 32, 4>(&n); break;
         case 3: e = prepare_cfg<4, 2, 64, 4>(&n); break;
         case 4: e = prepare_cfg<8, 1, 128, 4>(&n); break;
-        default: e = prepare_cfg<8, 2, 64, 4>(&n); break;
+        case 5: e = prepare_cfg<8, 2, 64, 4>(&n); break;
+        case 6: e = prepare_cfg<8, 1, 8, 6>(&n); break;
+        default: e = prepare_cfg<8, 1, 16, 6>(&n); break;
         }
         if (prev >= 0 && prev != device) cudaSetDevice(prev);
         if (e != cudaSuccess || n <= 0) { cudaGetLastError(); n = 1; }
@@ -414,7 +418,17 @@ extern "C" const char *mixc_error_string(int err) { return cudaGetErrorString((c
 extern "C" int mixc_plan(int device, int64_t M, const int64_t *Ns, int nparts, int64_t Kp, int cfg, int splits,
                          int *cfg_out, int *splits_out) {
     if (cfg >= MIXC_NCFG) return -1;
-    if (cfg < 0) cfg = M <= 8 ? 0 : M <= 16 ? 1 : M <= 32 ? 2 : M <= 64 ? 3 : 4;
+    if (cfg < 0) {
+        cfg = M <= 8 ? 0 : M <= 16 ? 1 : M <= 32 ? 2 : 3;
+        if (M > 64) {
+            /* 32 rows x 64 tokens per warp when that gives at least two waves of blocks, else
+             * the 128-token tile (fewer, larger blocks keep more rows per block busy) */
+            int64_t b3 = 0;
+            for (int i = 0; i < nparts; i++) b3 += (Ns[i] + 127) / 128;
+            b3 *= (M + 63) / 64;
+            if (b3 < 2LL * sm_count(device) * cfg_occupancy(device, 3)) cfg = 4;
+        }
+    }
     const CfgInfo &c = CFGS[cfg];
     const int64_t bn = (int64_t)c.nw * c.tn * 16, mblocks = (M + c.bm - 1) / c.bm;
     const int nst = (int)(Kp / KS);
@@ -432,7 +446,7 @@ extern "C" int mixc_plan(int device, int64_t M, const int64_t *Ns, int nparts, i
         blocks *= (double)mblocks;
         int smax = nst / 4 > 1 ? nst / 4 : 1; /* at least 4 stages per split */
         if (smax > 32) smax = 32;
-        if (cfg >= 4) smax = blocks < sms ? smax : 1;
+        if (cfg == 4 || cfg == 5) smax = blocks < sms ? smax : 1;
         double best = 0;
         splits = 1;
         for (int s = 1; s <= smax; s++) {
@@ -486,7 +500,9 @@ extern "C" int mixc_qlinear(int device, mixc_gemm *g, void *stream_) {
     case 2: e = launch_cfg<4, 2, 32, 4>(a, nblk, stream); break;
     case 3: e = launch_cfg<4, 2, 64, 4>(a, nblk, stream); break;
     case 4: e = launch_cfg<8, 1, 128, 4>(a, nblk, stream); break;
-    default: e = launch_cfg<8, 2, 64, 4>(a, nblk, stream); break;
+    case 5: e = launch_cfg<8, 2, 64, 4>(a, nblk, stream); break;
+    case 6: e = launch_cfg<8, 1, 8, 6>(a, nblk, stream); break;
+    default: e = launch_cfg<8, 1, 16, 6>(a, nblk, stream); break;
     }
     if (e != cudaSuccess || g->splits == 1) return (int)e;
     const int64_t total = g->M * g->n_out;
