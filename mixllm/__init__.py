@@ -1,4 +1,33 @@
-"""mixllm: salience-driven mixed-precision quantization of LLMs (MixLLM, SliM-LLM, CMPQ)."""
+"""mixllm: salience-driven mixed-precision quantization of LLMs (MixLLM, SliM-LLM, CMPQ).
+
+User surface (torchao style)::
+
+    import mixllm
+    report = mixllm.quantize(model, mixllm.MixLLMConfig(bits=4.4), calib)   # in place
+    mixllm.save(model, "out/", tokenizer=tok)
+    model = mixllm.load("out/")
+
+The torch-facing names are imported lazily, so ``mixllm.ops`` works with NumPy alone.
+"""
 from . import ops  # noqa: F401
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "quantize": ("mixllm.methods", "quantize"),
+    "METHODS": ("mixllm.methods", "METHODS"),
+    "MixLLMConfig": ("mixllm.methods.mixllm", "MixLLMConfig"),
+    "MixedLinear": ("mixllm.nn", "MixedLinear"),
+    "save": ("mixllm.io", "save"),
+    "load": ("mixllm.io", "load"),
+    "perplexity": ("mixllm.eval", "perplexity"),
+}
+__all__ = ["ops", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        mod, attr = _LAZY[name]
+        return getattr(importlib.import_module(mod), attr)
+    raise AttributeError(f"module 'mixllm' has no attribute {name!r}")

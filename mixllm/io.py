@@ -1,0 +1,192 @@
+"""Saving and loading quantized models: ``model.safetensors`` + ``mixllm.json`` (+ the HF config and
+tokenizer), written to a temporary directory next to the target and renamed into place, so a reader
+never sees a half-written model.
+
+``mixllm.json`` holds the format version, the method and its config, the report, one entry per
+quantized module (its class and constructor arguments) and the SHA-256 of ``model.safetensors``.
+:func:`load` rebuilds the architecture from ``config.json``, swaps in the quantized modules, loads the
+tensors strictly and so gives bit-identical outputs. A corrupted or mismatched file raises
+``ValueError`` naming the problem.
+
+Module classes other methods add are registered with :func:`register_module`; they provide
+``get_config() -> dict`` and ``classmethod from_config(dict)``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any, Dict, Optional, Union
+
+import torch
+from torch import nn
+
+from .nn import MixedLinear
+
+__all__ = ["save", "load", "register_module", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+_WEIGHTS = "model.safetensors"
+_META = "mixllm.json"
+MODULES: Dict[str, type] = {}
+
+
+def register_module(cls: type) -> type:
+    """Make a quantized module class loadable (usable as a decorator)."""
+    if not (hasattr(cls, "get_config") and hasattr(cls, "from_config")):
+        raise TypeError(f"{cls.__name__} needs get_config() and classmethod from_config(dict)")
+    MODULES[cls.__name__] = cls
+    return cls
+
+
+register_module(MixedLinear)
+
+
+def _sha256(path: pathlib.Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _quantized_modules(model: nn.Module):
+    classes = tuple(MODULES.values())
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, classes)]
+
+
+def save(model: nn.Module, path: Union[str, os.PathLike], tokenizer=None, overwrite: bool = True) -> str:
+    """Write ``model`` (a quantized Hugging Face model) to directory ``path`` atomically."""
+    from safetensors.torch import save_model
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not hasattr(model, "config") or not hasattr(model.config, "to_json_file"):
+        raise TypeError("model: expected a Hugging Face model (with .config) to record its architecture")
+    path = pathlib.Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists (pass overwrite=True)")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} exists and is not a directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        model.config.to_json_file(str(tmp / "config.json"))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        save_model(model, str(tmp / _WEIGHTS))  # de-duplicates tied tensors
+        info = dict(getattr(model, "mixllm_info", {}) or {})
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "method": info.get("method"),
+            "config": info.get("config"),
+            "report": info.get("report"),
+            "modules": {n: {"class": type(m).__name__, "args": m.get_config()}
+                        for n, m in _quantized_modules(model)},
+            "sha256": _sha256(tmp / _WEIGHTS),
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        }
+        (tmp / _META).write_text(json.dumps(meta, indent=1, default=_json_default))
+        old = None
+        if path.exists():  # swap: move the old one aside, rename the new one in, then delete
+            old = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.rename(path, old / "d")
+        os.rename(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return str(path)
+
+
+def _json_default(o):
+    if hasattr(o, "item"):
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_meta(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """The parsed ``mixllm.json`` of a saved model (validated)."""
+    path = pathlib.Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory")
+    f = path / _META
+    if not f.exists():
+        raise ValueError(f"{path} is not a mixllm model directory (no {_META})")
+    try:
+        meta = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{f} is corrupted (not valid JSON: {e})") from None
+    if not isinstance(meta, dict) or "modules" not in meta or "format_version" not in meta:
+        raise ValueError(f"{f} is not a mixllm metadata file (missing keys)")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise ValueError(f"{f}: format version {meta['format_version']} is not supported "
+                         f"(this mixllm reads version {FORMAT_VERSION})")
+    return meta
+
+
+def load(path: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None,
+         verify: bool = True) -> nn.Module:
+    """Rebuild a model written by :func:`save`; ``verify`` checks the weights' SHA-256 first."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = pathlib.Path(path)
+    meta = read_meta(path)
+    wfile = path / _WEIGHTS
+    if not wfile.exists():
+        raise ValueError(f"{path} has no {_WEIGHTS}")
+    if verify and meta.get("sha256") and _sha256(wfile) != meta["sha256"]:
+        raise ValueError(f"{wfile} is corrupted: its SHA-256 does not match the one in {_META}")
+    try:
+        state = load_file(str(wfile))
+    except (SafetensorError, OSError, Exception) as e:  # safetensors raises several types
+        raise ValueError(f"{wfile} could not be read as safetensors: {e}") from None
+    cfg = AutoConfig.from_pretrained(path)
+    dtype = getattr(torch, meta.get("dtype", "float32"))
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    for name, spec in meta["modules"].items():
+        cls = MODULES.get(spec.get("class"))
+        if cls is None:
+            raise ValueError(f"{_META}: module {name!r} has unknown class {spec.get('class')!r} "
+                             f"(registered: {sorted(MODULES)}); import the method that defines it")
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{_META}: module {name!r} does not exist in this architecture") from None
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, cls.from_config(spec["args"]))
+    # Tied tensors were saved once (safetensors' save_model keeps one name); fill their aliases.
+    expected = model.state_dict()
+    by_ptr: Dict[int, list] = {}
+    for k, v in expected.items():
+        if v.numel():
+            by_ptr.setdefault(v.data_ptr(), []).append(k)
+    for keys in by_ptr.values():
+        have = [k for k in keys if k in state]
+        for k in keys:
+            if k not in state and have:
+                state[k] = state[have[0]]
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{wfile} does not match {_META}/config.json: missing {missing[:5]}"
+                         f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                         f"{'...' if len(unexpected) > 5 else ''}")
+    for k, v in expected.items():
+        if tuple(v.shape) != tuple(state[k].shape) or v.dtype != state[k].dtype:
+            raise ValueError(f"{wfile}: tensor {k!r} has shape {tuple(state[k].shape)} {state[k].dtype}, "
+                             f"expected {tuple(v.shape)} {v.dtype}")
+    model.load_state_dict(state, strict=True)
+    if getattr(cfg, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.mixllm_info = {k: meta.get(k) for k in ("method", "config", "report")}
+    model.eval()
+    return model.to(device) if device is not None else model

@@ -1,0 +1,195 @@
+"""``MixedLinear``: the MixLLM layer (SPEC §5), a drop-in replacement for ``nn.Linear``.
+
+Output features are split into an 8-bit part (symmetric, group-wise) and a 4-bit part (asymmetric,
+group-wise, two codes per byte). The permutation ``perm`` lists the 8-bit rows first, so each part's
+rows are contiguous in memory; ``ops.mixed_linear`` writes each part's columns back to their original
+output positions, so the layer computes the same function, in the same feature order, as the
+``nn.Linear`` it replaces. Activations are quantized once per token and group to int8 (``act_bits=8``)
+or left in float (``weight_only=True``: the weights are dequantized once and cached).
+
+All state lives in registered buffers, so ``state_dict`` / ``load_state_dict`` / ``.to(device)``
+behave as for any module. The kernels' prepacked layouts are rebuilt lazily per device.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+
+__all__ = ["MixedLinear"]
+
+
+class MixedLinear(nn.Module):
+    """``y = x W^T + b`` with ``n8`` output features in 8-bit and the rest in 4-bit.
+
+    Buffers: ``perm`` int64 [N] (original indices: the 8-bit rows first), ``qweight4`` uint8
+    [N - n8, ceil(K/2)], ``scale4`` float32 [N - n8, G], ``zero4`` uint8 [N - n8, G], ``qweight8`` int8
+    [n8, K], ``scale8`` float32 [n8, G], ``bias`` float32 [N] (optional). ``G = ceil(K / group_size)``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, n8: int = 0, bias: bool = True,
+                 group_size: int = 128, weight_only: bool = False, device=None):
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features),
+                        ("group_size", group_size)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+        if isinstance(n8, bool) or not isinstance(n8, (int, np.integer)) or not 0 <= n8 <= out_features:
+            raise ValueError(f"n8: expected an integer in [0, {out_features}], got {n8!r}")
+        self.in_features, self.out_features, self.n8 = int(in_features), int(out_features), int(n8)
+        self.group_size, self.weight_only = int(group_size), bool(weight_only)
+        K, n4 = self.in_features, self.out_features - self.n8
+        G = (K + min(group_size, K) - 1) // min(group_size, K)
+        kw = dict(device=device)
+        self.register_buffer("perm", torch.arange(out_features, dtype=torch.int64, **kw))
+        self.register_buffer("qweight4", torch.zeros(n4, (K + 1) // 2, dtype=torch.uint8, **kw))
+        self.register_buffer("scale4", torch.ones(n4, G, dtype=torch.float32, **kw))
+        self.register_buffer("zero4", torch.zeros(n4, G, dtype=torch.uint8, **kw))
+        self.register_buffer("qweight8", torch.zeros(self.n8, K, dtype=torch.int8, **kw))
+        self.register_buffer("scale8", torch.ones(self.n8, G, dtype=torch.float32, **kw))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32, **kw))
+        else:
+            self.bias = None
+        self._cache = {}
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rows8: Sequence[int] = (), group_size: int = 128,
+                    q4=None, q8=None, weight_only: bool = False) -> "MixedLinear":
+        """Quantize ``linear``: rows ``rows8`` in 8-bit, the others in 4-bit.
+
+        ``q4`` / ``q8``: optional ``(codes, scale, zero)`` for *all* N rows, as returned by
+        ``ops.gptq_quantize`` / ``ops.quantize_weight`` (e.g. GPTQ results); the rows are picked
+        from them. Without them, round-to-nearest is used.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected torch.nn.Linear, got {type(linear).__name__}")
+        W = linear.weight.detach().float().cpu()
+        N, K = W.shape
+        rows8 = torch.as_tensor(np.asarray(rows8, dtype=np.int64).reshape(-1))
+        if rows8.numel() and (int(rows8.min()) < 0 or int(rows8.max()) >= N):
+            raise ValueError(f"rows8: indices must lie in [0, {N})")
+        if torch.unique(rows8).numel() != rows8.numel():
+            raise ValueError("rows8: duplicate indices")
+        rows8 = torch.sort(rows8).values
+        mask = torch.ones(N, dtype=torch.bool)
+        mask[rows8] = False
+        rows4 = torch.nonzero(mask).flatten()
+        m = cls(K, N, n8=int(rows8.numel()), bias=linear.bias is not None, group_size=group_size,
+                weight_only=weight_only)
+        m.perm.copy_(torch.cat([rows8, rows4]))
+        if rows4.numel():
+            codes, s, z = q4 if q4 is not None else ops.quantize_weight(W[rows4], 4, group_size)
+            if q4 is not None:
+                codes, s, z = (torch.as_tensor(np.asarray(a))[rows4] for a in (codes, s, z))
+            m.qweight4.copy_(ops.pack_int4(torch.as_tensor(np.asarray(codes)).contiguous()))
+            m.scale4.copy_(torch.as_tensor(np.asarray(s)))
+            m.zero4.copy_(torch.as_tensor(np.asarray(z)))
+        if rows8.numel():
+            codes, s, _ = q8 if q8 is not None else ops.quantize_weight(W[rows8], 8, group_size)
+            if q8 is not None:
+                codes, s = (torch.as_tensor(np.asarray(a))[rows8] for a in (codes, s))
+            m.qweight8.copy_(torch.as_tensor(np.asarray(codes)))
+            m.scale8.copy_(torch.as_tensor(np.asarray(s)))
+        if linear.bias is not None:
+            m.bias.copy_(linear.bias.detach().float())
+        return m.to(linear.weight.device)
+
+    # ------------------------------------------------------------------ state
+    def get_config(self) -> dict:
+        """Constructor arguments (what ``mixllm.save`` records to rebuild the layer)."""
+        return {"in_features": self.in_features, "out_features": self.out_features, "n8": self.n8,
+                "bias": self.bias is not None, "group_size": self.group_size, "weight_only": self.weight_only}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "MixedLinear":
+        if not isinstance(config, dict):
+            raise TypeError(f"config: expected a dict, got {type(config).__name__}")
+        return cls(**config)
+
+    @property
+    def n4(self) -> int:
+        return self.out_features - self.n8
+
+    def _apply(self, fn, *args, **kwargs):
+        # Any device/dtype move invalidates the kernels' prepacked layouts.
+        self._cache = {}
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._cache = {}
+        return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _parts(self):
+        parts = self._cache.get("parts")
+        if parts is None:
+            w4 = w8 = None
+            if self.n4:
+                w4 = ops.QuantizedWeight(4, self.group_size, (self.n4, self.in_features),
+                                         self.qweight4, self.scale4, self.zero4)
+            if self.n8:
+                w8 = ops.QuantizedWeight(8, self.group_size, (self.n8, self.in_features),
+                                         self.qweight8, self.scale8, None)
+            parts = (w4, w8, self.perm[self.n8:].contiguous(), self.perm[:self.n8].contiguous())
+            self._cache["parts"] = parts
+        return parts
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float32 [N, K] weight this layer represents, in the original row order."""
+        W = torch.empty(self.out_features, self.in_features, dtype=torch.float32, device=self.perm.device)
+        w4, w8, i4, i8 = self._parts()
+        for w, idx in ((w4, i4), (w8, i8)):
+            if w is not None:
+                W[idx] = torch.as_tensor(w.dequantize()).to(W.device)
+        return W
+
+    def weight_bytes(self) -> int:
+        """Bytes of the quantized state (codes, scales, zeros, permutation; bias excluded)."""
+        return sum(b.numel() * b.element_size() for n, b in self.named_buffers() if n != "bias")
+
+    @property
+    def avg_bits(self) -> float:
+        return (8 * self.n8 + 4 * self.n4) / self.out_features
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x: expected last dimension {self.in_features}, got shape {tuple(x.shape)}")
+        if self.weight_only:
+            W = self._cache.get("w")
+            if W is None:
+                W = self._cache["w"] = self.dequantized_weight()
+            return F.linear(x, W.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        w4, w8, i4, i8 = self._parts()
+        if x.is_cuda and not ops.cuda_available():
+            return self._forward_emulated(x)
+        return ops.mixed_linear(x, w4, w8, i4, i8, self.bias)
+
+    def _forward_emulated(self, x):
+        """Same math in torch ops (fake-quantized activations), for devices without our kernels."""
+        W = self._cache.get("w")
+        if W is None:
+            W = self._cache["w"] = self.dequantized_weight()
+        K, g = self.in_features, min(self.group_size, self.in_features)
+        xf = x.float().reshape(-1, K)
+        pad = (-K) % g
+        xp = F.pad(xf, (0, pad)).reshape(xf.shape[0], -1, g)
+        s = xp.abs().amax(-1, keepdim=True) / 127
+        s = torch.where(s == 0, torch.ones_like(s), s)
+        xq = (torch.round(xp / s).clamp(-127, 127) * s).reshape(xf.shape[0], -1)[:, :K]
+        y = F.linear(xq, W, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        mode = "weight_only" if self.weight_only else "act_bits=8"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, n8={self.n8} "
+                f"({100 * self.n8 / self.out_features:.1f}% 8-bit, {self.avg_bits:.2f} bits), "
+                f"group_size={self.group_size}, bias={self.bias is not None}, {mode}")
