@@ -16,7 +16,7 @@ extern "C" {
 #endif
 
 #define MIXC_KSTAGE 128 /* padded K per pipeline stage */
-#define MIXC_NCFG 8     /* tile configurations, see mixc_cfg_name */
+#define MIXC_NCFG 10     /* tile configurations, see mixc_cfg_name */
 #define MIXC_MAX_PARTS 2
 
 typedef struct {

@@ -317,6 +317,8 @@ const CfgInfo CFGS[MIXC_NCFG] = {
     {8, 2, 64, 4, "w8x2_m64"},
     {8, 1, 8, 6, "w8x1_m8_s6"},
     {8, 1, 16, 6, "w8x1_m16_s6"},
+    {8, 1, 32, 4, "w8x1_m32"},
+    {8, 1, 64, 4, "w8x1_m64"},
 };
 
 template <int NW, int TN, int BM, int ST>
@@ -372,7 +374,9 @@ int cfg_occupancy(int device, int cfg) {
         case 4: e = prepare_cfg<8, 1, 128, 4>(&n); break;
         case 5: e = prepare_cfg<8, 2, 64, 4>(&n); break;
         case 6: e = prepare_cfg<8, 1, 8, 6>(&n); break;
-        default: e = prepare_cfg<8, 1, 16, 6>(&n); break;
+        case 7: e = prepare_cfg<8, 1, 16, 6>(&n); break;
+        case 8: e = prepare_cfg<8, 1, 32, 4>(&n); break;
+        default: e = prepare_cfg<8, 1, 64, 4>(&n); break;
         }
         if (prev >= 0 && prev != device) cudaSetDevice(prev);
         if (e != cudaSuccess || n <= 0) { cudaGetLastError(); n = 1; }
@@ -480,11 +484,14 @@ extern "C" int mixc_qlinear(int device, mixc_gemm *g, void *stream_) {
     a.sps = (nst + g->splits - 1) / g->splits;
     a.bias = g->bias; a.y = g->y; a.ws = g->ws;
     Part *ps[2] = {&a.p0, &a.p1};
+    /* 8-bit row blocks take twice as long: schedule them first, so that the 4-bit ones fill
+     * the last wave (longest job first) */
+    const int first = (g->nparts == 2 && g->parts[1].bits > g->parts[0].bits) ? 1 : 0;
     int nblk = 0;
     for (int i = 0; i < 2; i++) {
         Part &p = *ps[i];
         if (i < g->nparts) {
-            const mixc_part &q = g->parts[i];
+            const mixc_part &q = g->parts[i ^ first];
             p.w = (const uint4 *)q.wpack; p.meta = (const uint4 *)q.meta; p.idx = q.out_index;
             p.N = q.N; p.bits = q.bits; p.nblk = (int)((q.N + bn - 1) / bn);
         } else {
@@ -502,7 +509,9 @@ extern "C" int mixc_qlinear(int device, mixc_gemm *g, void *stream_) {
     case 4: e = launch_cfg<8, 1, 128, 4>(a, nblk, stream); break;
     case 5: e = launch_cfg<8, 2, 64, 4>(a, nblk, stream); break;
     case 6: e = launch_cfg<8, 1, 8, 6>(a, nblk, stream); break;
-    default: e = launch_cfg<8, 1, 16, 6>(a, nblk, stream); break;
+    case 7: e = launch_cfg<8, 1, 16, 6>(a, nblk, stream); break;
+    case 8: e = launch_cfg<8, 1, 32, 4>(a, nblk, stream); break;
+    default: e = launch_cfg<8, 1, 64, 4>(a, nblk, stream); break;
     }
     if (e != cudaSuccess || g->splits == 1) return (int)e;
     const int64_t total = g->M * g->n_out;
