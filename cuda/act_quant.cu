@@ -62,45 +62,57 @@ template <typename T> __device__ __forceinline__ void load4(const T *p, float (&
 }
 
 /* Fast path for g a multiple of 128 and K a multiple of 4: each lane takes 4 consecutive
- * elements of every 128-column chunk (8- or 16-byte loads, one 4-byte store of codes). */
+ * elements of every 128-column chunk (8- or 16-byte loads, one 4-byte store of codes); a
+ * 128-column group stays in registers between the two passes. Warps loop over (token, group)
+ * pairs so that the grid stays a few waves deep however large M * G is. */
 template <typename T>
 __global__ void act_quant_vec_kernel(const T *__restrict__ x, int64_t M, int64_t K, int64_t g, int64_t G, int64_t gp,
                                      int8_t *__restrict__ q, int64_t qpitch, int spg, float *__restrict__ sa,
                                      int64_t sapitch) {
     const int lane = threadIdx.x & 31;
-    const int64_t wid = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5;
-    if (wid >= M * G) return;
-    const int64_t m = wid / G, j = wid % G;
-    const int64_t k0 = j * g, len = min(g, K - k0);
-    const T *xr = x + m * K + k0;
-    float amax = 0.f;
-    for (int64_t e = lane * 4; e < len; e += 128) {
-        float v[4];
-        load4(xr + e, v);
+    const int64_t nwarps = ((int64_t)gridDim.x * blockDim.x) >> 5;
+    for (int64_t wid = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5; wid < M * G; wid += nwarps) {
+        const int64_t m = wid / G, j = wid % G;
+        const int64_t k0 = j * g, len = min(g, K - k0);
+        const T *xr = x + m * K + k0;
+        float v0[4] = {0.f, 0.f, 0.f, 0.f};
+        float amax = 0.f;
+        if (lane * 4 < len) load4(xr + lane * 4, v0);
 #pragma unroll
-        for (int i = 0; i < 4; i++) amax = fmaxf(amax, fabsf(v[i]));
-    }
+        for (int i = 0; i < 4; i++) amax = fmaxf(amax, fabsf(v0[i]));
+        for (int64_t e = 128 + lane * 4; e < len; e += 128) {
+            float v[4];
+            load4(xr + e, v);
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-    float s = amax / 127.f;
-    if (!(s > 0.f)) s = 1.f;
-    int8_t *qr = q + m * qpitch + j * gp;
-    for (int64_t e = lane * 4; e < len; e += 128) {
-        float v[4];
-        load4(xr + e, v);
-        uint32_t w = 0;
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const int c = max(-127, min(127, __float2int_rn(v[i] / s)));
-            w |= (uint32_t)(uint8_t)(int8_t)c << (8 * i);
+            for (int i = 0; i < 4; i++) amax = fmaxf(amax, fabsf(v[i]));
         }
-        *(uint32_t *)(qr + e) = w;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+        float s = amax / 127.f;
+        if (!(s > 0.f)) s = 1.f;
+        int8_t *qr = q + m * qpitch + j * gp;
+        for (int64_t e = lane * 4; e < len; e += 128) {
+            float v[4];
+            if (e < 128) {
+#pragma unroll
+                for (int i = 0; i < 4; i++) v[i] = v0[i];
+            } else {
+                load4(xr + e, v);
+            }
+            uint32_t w = 0;
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int c = max(-127, min(127, __float2int_rn(v[i] / s)));
+                w |= (uint32_t)(uint8_t)(int8_t)c << (8 * i);
+            }
+            *(uint32_t *)(qr + e) = w;
+        }
+        const int64_t pad_end = (j == G - 1) ? qpitch - j * gp : gp;
+        for (int64_t e = len + lane * 4; e < pad_end; e += 128) *(uint32_t *)(qr + e) = 0;
+        float *sr = sa + m * sapitch;
+        const int64_t s_end = (j == G - 1) ? sapitch : (j + 1) * spg;
+        for (int64_t t = j * spg + lane; t < s_end; t += 32) sr[t] = s;
     }
-    const int64_t pad_end = (j == G - 1) ? qpitch - j * gp : gp;
-    for (int64_t e = len + lane * 4; e < pad_end; e += 128) *(uint32_t *)(qr + e) = 0;
-    float *sr = sa + m * sapitch;
-    const int64_t s_end = (j == G - 1) ? sapitch : (j + 1) * spg;
-    for (int64_t t = j * spg + lane; t < s_end; t += 32) sr[t] = s;
 }
 
 } // namespace
@@ -120,13 +132,16 @@ extern "C" int mixc_act_quant(int device, const void *x, int dtype, int64_t M, i
     if (warps > 0) {
         const int threads = 256;
         const int64_t blocks = (warps * 32 + threads - 1) / threads;
+        int sms = 132, dev = 0;
+        if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+        const int64_t vblocks = blocks < (int64_t)sms * 16 ? blocks : (int64_t)sms * 16;
         const bool vec = g % 128 == 0 && K % 4 == 0 && qpitch % 4 == 0 && gp % 4 == 0 &&
                          ((uintptr_t)x % 16) == 0 && ((uintptr_t)q % 4) == 0;
 #define MIXC_AQ(T)                                                                                                  \
     do {                                                                                                            \
         if (vec)                                                                                                    \
-            act_quant_vec_kernel<T><<<(unsigned)blocks, threads, 0, stream>>>((const T *)x, M, K, g, G, gp, q, qpitch, \
-                                                                              spg, sa, sapitch);                   \
+            act_quant_vec_kernel<T><<<(unsigned)vblocks, threads, 0, stream>>>((const T *)x, M, K, g, G, gp, q,       \
+                                                                               qpitch, spg, sa, sapitch);          \
         else                                                                                                        \
             act_quant_kernel<T><<<(unsigned)blocks, threads, 0, stream>>>((const T *)x, M, K, g, G, gp, q, qpitch,  \
                                                                           spg, sa, sapitch);                       \
