@@ -6,7 +6,7 @@ One call measures, for each weight shape (N x K) and token count M, in the same 
   int_mm+q  the same plus a per-token int8 quantization of x and the float rescale of the result
   w8a8      mixllm W8A8 (8-bit symmetric g128 weights, int8 g128 activations)
   w4a8      mixllm W4A8 (4-bit asymmetric g128)
-  w4.4a8    mixllm mixed layer, 10% of the rows 8-bit (shuffled output columns)
+  w4.4a8    mixllm mixed layer, a random 10% of the rows 8-bit (each part in column order)
   aq        mixllm's activation quantization alone (part of the three rows above)
 and the roofline floor of the W4.4A8 layer: max(bytes / copy bandwidth, 2MNK / int8 rate), with
 both rates measured here (device-to-device copy, _int_mm at 8192^3).
@@ -80,6 +80,13 @@ def rand_qweight(N, K, bits, dev, gen):
     return ops.QuantizedWeight(bits, 128, (N, K), q, scale, zero)
 
 
+def split_rows(N, n8, dev, gen):
+    """Output columns of the 4-bit and 8-bit rows: a random 10% in 8-bit, each part in ascending
+    column order, as mixllm.nn.MixedLinear stores them."""
+    perm = torch.randperm(N, device=dev, generator=gen)
+    return torch.sort(perm[n8:]).values.contiguous(), torch.sort(perm[:n8]).values.contiguous()
+
+
 def measure_rates(dev):
     buf = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(buf)
@@ -110,8 +117,7 @@ def bench_shape(N, K, ms, dev, gen, rates, quick):
     sw = torch.rand((1, N), device=dev, generator=gen) * 1e-2
     w8 = [rand_qweight(N, K, 8, dev, gen) for _ in range(copies(N * K))]
     w4 = [rand_qweight(N, K, 4, dev, gen) for _ in range(copies(N * K // 2))]
-    perm = torch.randperm(N, device=dev, generator=gen)
-    i4, i8x = perm[: N - n8].contiguous(), perm[N - n8:].contiguous()
+    i4, i8x = split_rows(N, n8, dev, gen)
     mixed = [(rand_qweight(N - n8, K, 4, dev, gen), rand_qweight(n8, K, 8, dev, gen))
              for _ in range(copies((N - n8) * K // 2 + n8 * K))]
     for M in ms:
@@ -164,8 +170,7 @@ def tune(dev, gen):
                                                   for c in range(_cuda.NCFG)) + " | auto")
     for N, K in SHAPES[4:6]:
         n8 = N // 10
-        perm = torch.randperm(N, device=dev, generator=gen)
-        i4, i8 = perm[: N - n8].contiguous(), perm[N - n8:].contiguous()
+        i4, i8 = split_rows(N, n8, dev, gen)
         mixed = [(rand_qweight(N - n8, K, 4, dev, gen), rand_qweight(n8, K, 8, dev, gen)) for _ in range(2)]
         for M in MS:
             xs = [torch.randn((M, K), device=dev, dtype=torch.bfloat16, generator=gen) for _ in mixed]
@@ -184,8 +189,7 @@ def profile(dev, gen):
     """One W4.4A8 call per M on the 28672 x 8192 shape, between cudaProfilerStart/Stop (for ncu)."""
     N, K = 28672, 8192
     n8 = N // 10
-    perm = torch.randperm(N, device=dev, generator=gen)
-    i4, i8 = perm[: N - n8].contiguous(), perm[N - n8:].contiguous()
+    i4, i8 = split_rows(N, n8, dev, gen)
     w4, w8 = rand_qweight(N - n8, K, 4, dev, gen), rand_qweight(n8, K, 8, dev, gen)
     xs = {M: torch.randn((M, K), device=dev, dtype=torch.bfloat16, generator=gen) for M in (1, 64, 4096)}
     for x in xs.values():

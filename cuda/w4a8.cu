@@ -30,7 +30,8 @@
  *
  * Pipeline. Each stage (128 padded columns) of activations (shared by all warps of a block),
  * weights and meta (each warp's own) goes global -> shared with cp.async, ST stages deep, so
- * that ST-1 stages of weight bytes are in flight per warp while one is computed; a warp reads
+ * that ST-1 stages of weight bytes are in flight per warp while one is computed (2*ST-2 for the
+ * 4-bit rows of decode tiles, whose stages are half as large); a warp reads
  * its weight fragments back as 16-byte shared loads (conflict-free: consecutive per lane). Tile configurations (warps, 16-row tiles per warp,
  * tokens per block, stages) come from a table chosen by M; split-K over stages fills the
  * GPU when the row blocks x token blocks are too few, writing float partial sums to a
@@ -117,20 +118,30 @@ __device__ __forceinline__ void store_out(void *y, int dt, int64_t i, float v) {
 /* Shared memory of one pipeline stage: activations [BM][AROW], their scales [BM], and per warp
  * its weight fragments [TN][WPS][32 lanes] uint4 and meta records [TN] (80 bytes each). The
  * weight part is sized for 8-bit rows (the 4-bit ones use half). */
-template <int NW, int TN, int BM>
+template <int NW, int TN, int BM, int BITS>
 struct StageLayout {
     static constexpr int ACT = BM * AROW;
     static constexpr int SA = ACT;
     static constexpr int W = (SA + BM * 4 + 15) / 16 * 16;
-    static constexpr int WARP_W = TN * 4 * 32 * 16;
+    static constexpr int WARP_W = TN * (BITS / 2) * 32 * 16;
     static constexpr int META = W + NW * WARP_W;
     static constexpr int BYTES = META + NW * TN * 80;
 };
+/* Stages: the 4-bit rows of a decode tile (small BM) get 2*ST-1, nearly twice the depth,
+ * in about the shared memory that ST stages of 8-bit rows take. */
+template <int BITS, int BM, int ST> struct Depth { static constexpr int value = (BITS == 4 && BM <= 16) ? 2 * ST - 1 : ST; };
+template <int NW, int TN, int BM, int ST> constexpr size_t smem_bytes() {
+    return (size_t)Depth<4, BM, ST>::value * StageLayout<NW, TN, BM, 4>::BYTES >
+                   (size_t)ST * StageLayout<NW, TN, BM, 8>::BYTES
+               ? (size_t)Depth<4, BM, ST>::value * StageLayout<NW, TN, BM, 4>::BYTES
+               : (size_t)ST * StageLayout<NW, TN, BM, 8>::BYTES;
+}
 
 /* One block's tile: NW warps x TN 16-row tiles of one part, BM tokens, one split of K. */
-template <int BITS, int NW, int TN, int BM, int ST>
+template <int BITS, int NW, int TN, int BM, int ST_>
 __device__ __forceinline__ void gemm_tile(const Args &a, const Part &p, int rb, int mb, int split, uint8_t *smem) {
-    using L = StageLayout<NW, TN, BM>;
+    using L = StageLayout<NW, TN, BM, BITS>;
+    constexpr int ST = Depth<BITS, BM, ST_>::value;
     constexpr int VEC = BITS / 4;  /* uint4 per lane per k-pair */
     constexpr int WPS = 2 * VEC;   /* uint4 per lane per stage per row tile */
     constexpr int NT8 = BM / 8;    /* n8 token tiles */
@@ -164,7 +175,7 @@ __device__ __forceinline__ void gemm_tile(const Args &a, const Part &p, int rb, 
             const int64_t rt = rt0 + i;
             if (rt >= NTt) continue; /* rows never stored: their shared memory may hold anything */
             const uint8_t *src = wsrc + (((rt * KP2 + 2 * s) * VEC) * 32 + lane) * 16;
-            uint8_t *dst = st + L::W + warp * L::WARP_W + (i * 4 * 32 + lane) * 16;
+            uint8_t *dst = st + L::W + warp * L::WARP_W + (i * WPS * 32 + lane) * 16;
 #pragma unroll
             for (int v = 0; v < WPS; v++) cp_async16(dst + v * 512, src + v * 512);
             if (lane < 5) cp_async16(st + L::META + (warp * TN + i) * 80 + lane * 16, msrc + (rt * G + j) * 80 + lane * 16);
@@ -213,14 +224,14 @@ __device__ __forceinline__ void gemm_tile(const Args &a, const Part &p, int rb, 
 #pragma unroll
             for (int i = 0; i < TN; i++) {
                 if (BITS == 4) {
-                    const uint4 wv = wsm[(i * 4 + (k >> 1)) * 32];
+                    const uint4 wv = wsm[(i * WPS + (k >> 1)) * 32];
                     const uint32_t w0 = (k & 1) ? wv.z : wv.x, w1 = (k & 1) ? wv.w : wv.y;
                     af[i][0] = sub_zero(w0 & 0x0F0F0F0Fu, zz[i][0]);
                     af[i][2] = sub_zero((w0 >> 4) & 0x0F0F0F0Fu, zz[i][0]);
                     af[i][1] = sub_zero(w1 & 0x0F0F0F0Fu, zz[i][1]);
                     af[i][3] = sub_zero((w1 >> 4) & 0x0F0F0F0Fu, zz[i][1]);
                 } else {
-                    const uint4 wv = wsm[(i * 4 + k) * 32];
+                    const uint4 wv = wsm[(i * WPS + k) * 32];
                     af[i][0] = wv.x; af[i][1] = wv.y; af[i][2] = wv.z; af[i][3] = wv.w;
                 }
             }
@@ -323,7 +334,7 @@ const CfgInfo CFGS[MIXC_NCFG] = {
 
 template <int NW, int TN, int BM, int ST>
 cudaError_t prepare_cfg(int *blocks_per_sm) {
-    const size_t smem = (size_t)ST * StageLayout<NW, TN, BM>::BYTES;
+    const size_t smem = smem_bytes<NW, TN, BM, ST>();
     auto kern = qgemm_kernel<NW, TN, BM, ST>;
     if (smem > 48 * 1024) {
         cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
@@ -335,7 +346,7 @@ cudaError_t prepare_cfg(int *blocks_per_sm) {
 
 template <int NW, int TN, int BM, int ST>
 cudaError_t launch_cfg(const Args &a, int nblk, cudaStream_t stream) {
-    const size_t smem = (size_t)ST * StageLayout<NW, TN, BM>::BYTES;
+    const size_t smem = smem_bytes<NW, TN, BM, ST>();
     auto kern = qgemm_kernel<NW, TN, BM, ST>;
     if (smem > 48 * 1024) {
         cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
