@@ -224,11 +224,11 @@ int mix_array_get(PyObject *obj, const char *name, unsigned allowed_dtypes, int 
             PyErr_Format(PyExc_ValueError, "%s: DLPack tensor has a NULL data pointer", name);
             goto fail;
         }
-        if (t->byte_offset > (uint64_t)(UINTPTR_MAX - (uintptr_t)t->data)) {
+        if (t->byte_offset > (uint64_t)PTRDIFF_MAX || t->byte_offset > (uint64_t)(UINTPTR_MAX - (uintptr_t)t->data)) {
             PyErr_Format(PyExc_ValueError, "%s: DLPack byte_offset overflows the address space", name);
             goto fail;
         }
-        a->data = (char *)t->data + t->byte_offset;
+        a->data = (void *)((uintptr_t)t->data + (uintptr_t)t->byte_offset);
         if (((uintptr_t)a->data) % es) {
             PyErr_Format(PyExc_ValueError, "%s: data is not aligned to its %zu-byte element size", name, es);
             goto fail;

@@ -170,3 +170,14 @@ def test_nan_inputs_raise_without_undefined_casts():
         ops.quantize_weight(x, 4, 4)
     with pytest.raises(ValueError, match="NaN"):
         ops.quantize_weight(x, 8, 4)
+
+
+@pytest.mark.parametrize("offset", [2 ** 63, 2 ** 64 - 1])
+def test_absurd_byte_offset_rejected(offset):
+    """data + byte_offset used to be formed as a pointer first (undefined past PTRDIFF_MAX / on wrap)."""
+    dlfake.LEDGER.reset()
+    cap, dev = dlfake.make_capsule(_FDP(), np.zeros((2, 4), np.uint8), "uint8", (2, 4), mutate=False)
+    dlfake.LEDGER.made[-1][1].dl_tensor.byte_offset = offset
+    with pytest.raises(ValueError, match="byte_offset"):
+        _C.unpack_int4(dlfake.FakeArray(cap, dev), np.zeros((2, 8), np.uint8))
+    dlfake.LEDGER.check()
