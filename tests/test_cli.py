@@ -1,0 +1,52 @@
+"""The `mixllm` command on the default real model (a few layers, short calibration and text)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mixllm.cli import main
+
+
+def _json_lines(out):
+    return [json.loads(l) for l in out.splitlines() if l.startswith("{")]
+
+
+def test_quantize_report_eval_round_trip(tmp_path, capsys):
+    out = tmp_path / "q"
+    rc = main(["quantize", "--bits", "4.4", "--only", r"layers\.(0|1)\.self_attn", "--n-calib", "2", "--seq-len", "64",
+               "--out", str(out), "--eval", "--eval-max-tokens", "600", "--quiet", "--cache-dir", "none"])
+    assert rc == 0
+    lines = _json_lines(capsys.readouterr().out)
+    assert abs(lines[0]["avg_bits"] - 4.4) < 0.01
+    ppl_after_quantize = lines[-1]["perplexity"]
+    assert (out / "bits_per_layer.png").exists()
+
+    assert main(["report", str(out), "--layers"]) == 0
+    rep = capsys.readouterr().out
+    assert "avg_bits" in rep and "model.layers.1.self_attn.o_proj" in rep and "method: mixllm" in rep
+
+    assert main(["eval", "--model", str(out), "--max-tokens", "600", "--quiet"]) == 0
+    assert _json_lines(capsys.readouterr().out)[-1]["perplexity"] == ppl_after_quantize  # bit-identical
+
+
+def test_method_flags_and_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", "--method", "mixllm", "--help"])
+    assert e.value.code == 0
+    h = capsys.readouterr().out
+    for flag in ("--bits", "--selection", "--no-gptq", "--group-size", "--weight-only", "--eval-max-tokens"):
+        assert flag in h
+    with pytest.raises(SystemExit):
+        main(["quantize", "--method", "nope", "--out", str(tmp_path)])
+    assert "unknown method" in capsys.readouterr().err
+    assert main(["quantize", "--bits", "9", "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    assert "bits" in capsys.readouterr().err
+    assert main(["report", str(tmp_path)]) == 2
+    assert "not a mixllm model" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tmp_path / "missing")]) == 2
+
+
+def test_entry_point_module():
+    r = subprocess.run([sys.executable, "-m", "mixllm.cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "quantize" in r.stdout and "report" in r.stdout
