@@ -30,8 +30,7 @@
  *
  * Pipeline. Each stage (128 padded columns) of activations (shared by all warps of a block),
  * weights and meta (each warp's own) goes global -> shared with cp.async, ST stages deep, so
- * that ST-1 stages of weight bytes are in flight per warp while one is computed (2*ST-2 for the
- * 4-bit rows of decode tiles, whose stages are half as large); a warp reads
+ * that ST-1 stages of weight bytes are in flight per warp while one is computed; a warp reads
  * its weight fragments back as 16-byte shared loads (conflict-free: consecutive per lane). Tile configurations (warps, 16-row tiles per warp,
  * tokens per block, stages) come from a table chosen by M; split-K over stages fills the
  * GPU when the row blocks x token blocks are too few, writing float partial sums to a
@@ -127,9 +126,10 @@ struct StageLayout {
     static constexpr int META = W + NW * WARP_W;
     static constexpr int BYTES = META + NW * TN * 80;
 };
-/* Stages: the 4-bit rows of a decode tile (small BM) get 2*ST-1, nearly twice the depth,
- * in about the shared memory that ST stages of 8-bit rows take. */
-template <int BITS, int BM, int ST> struct Depth { static constexpr int value = (BITS == 4 && BM <= 16) ? 2 * ST - 1 : ST; };
+/* Stages in flight per bit-width. Giving the 4-bit rows of decode tiles 2*ST-1 stages in the same
+ * shared memory was measured slower on the H100 at M = 1 (fewer resident blocks; 62 -> 71 us on
+ * 8192x28672), so both widths use ST; the 4-bit rows fill half of each stage's weight buffer. */
+template <int BITS, int BM, int ST> struct Depth { static constexpr int value = ST; };
 template <int NW, int TN, int BM, int ST> constexpr size_t smem_bytes() {
     return (size_t)Depth<4, BM, ST>::value * StageLayout<NW, TN, BM, 4>::BYTES >
                    (size_t)ST * StageLayout<NW, TN, BM, 8>::BYTES
