@@ -13,6 +13,7 @@ Module classes other methods add are registered with :func:`register_module`; th
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -131,6 +132,62 @@ def read_meta(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     return meta
 
 
+def _build(auto_cls, cfg, dtype, meta: Dict[str, Any], on_meta: bool = False) -> nn.Module:
+    """The architecture of config.json with the quantized modules of mixllm.json swapped in."""
+    n_layers = getattr(cfg, "num_hidden_layers", 0)
+    if not isinstance(n_layers, int) or not 0 <= n_layers <= 4096:  # before building that many layers
+        raise ValueError(f"config.json: num_hidden_layers={n_layers!r} is out of range")
+    ctx = torch.device("meta") if on_meta else contextlib.nullcontext()
+    with ctx:
+        try:
+            model = auto_cls.from_config(cfg, dtype=dtype)
+        except Exception as e:
+            raise ValueError(f"config.json describes a model that cannot be built: {e}") from None
+        if not isinstance(meta["modules"], dict):
+            raise ValueError(f"{_META}: 'modules' must be an object")
+        for name, spec in meta["modules"].items():
+            cls = MODULES.get(spec.get("class")) if isinstance(spec, dict) else None
+            if cls is None:
+                raise ValueError(f"{_META}: module {name!r} has unknown class "
+                                 f"{spec.get('class') if isinstance(spec, dict) else spec!r} "
+                                 f"(registered: {sorted(MODULES)}); import the method that defines it")
+            try:
+                if not name:
+                    raise AttributeError
+                model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"{_META}: module {name!r} does not exist in this architecture") from None
+            try:
+                module = cls.from_config(spec.get("args"))
+            except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+                raise ValueError(f"{_META}: module {name!r}: bad arguments {spec.get('args')!r}: {e}") from None
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, module)
+    return model
+
+
+def _check_sizes(model: nn.Module, state: Dict[str, torch.Tensor], wfile: pathlib.Path) -> None:
+    """`model` (on the meta device) against the tensors read from `wfile`: same names, shapes and
+    dtypes, and no more memory than the file holds (tied tensors are stored once)."""
+    expected = model.state_dict()
+    for k, v in state.items():
+        if k not in expected:
+            raise ValueError(f"{wfile} does not match {_META}/config.json: unexpected tensor {k!r}")
+        e = expected[k]
+        if tuple(v.shape) != tuple(e.shape) or v.dtype != e.dtype:
+            raise ValueError(f"{wfile}: tensor {k!r} has shape {tuple(v.shape)} {v.dtype}, "
+                             f"expected {tuple(e.shape)} {e.dtype}")
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    have = os.path.getsize(wfile)
+    if total > 2 * have + (64 << 20):
+        raise ValueError(f"config.json / {_META} describe {total / 2**30:.2f} GiB of tensors but {wfile} "
+                         f"holds {have / 2**30:.2f} GiB")
+
+
 def load(path: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None,
          verify: bool = True) -> nn.Module:
     """Rebuild a model written by :func:`save`; ``verify`` checks the weights' SHA-256 first."""
@@ -149,20 +206,18 @@ def load(path: Union[str, os.PathLike], device: Optional[Union[str, torch.device
         state = load_file(str(wfile))
     except (SafetensorError, OSError, Exception) as e:  # safetensors raises several types
         raise ValueError(f"{wfile} could not be read as safetensors: {e}") from None
-    cfg = AutoConfig.from_pretrained(path)
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+    except Exception as e:  # transformers raises several types on a bad config.json
+        raise ValueError(f"{path / 'config.json'} could not be read: {e}") from None
+    if meta.get("dtype", "float32") not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"{_META}: dtype must be float32, float16 or bfloat16, got {meta.get('dtype')!r}")
     dtype = getattr(torch, meta.get("dtype", "float32"))
-    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    for name, spec in meta["modules"].items():
-        cls = MODULES.get(spec.get("class"))
-        if cls is None:
-            raise ValueError(f"{_META}: module {name!r} has unknown class {spec.get('class')!r} "
-                             f"(registered: {sorted(MODULES)}); import the method that defines it")
-        try:
-            model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"{_META}: module {name!r} does not exist in this architecture") from None
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, cls.from_config(spec["args"]))
+    # Hostile or mismatched files (issue 6): first build the architecture on the meta device (no
+    # memory) and check it against the tensors the file really holds, so that absurd sizes in
+    # config.json / mixllm.json raise before anything is allocated.
+    _check_sizes(_build(AutoModelForCausalLM, cfg, dtype, meta, on_meta=True), state, wfile)
+    model = _build(AutoModelForCausalLM, cfg, dtype, meta)
     # Tied tensors were saved once (safetensors' save_model keeps one name); fill their aliases.
     expected = model.state_dict()
     by_ptr: Dict[int, list] = {}

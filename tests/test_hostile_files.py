@@ -1,0 +1,285 @@
+"""Loading hostile checkpoints (issue 6): truncated, bit-flipped and mismatched files, and configs with
+absurd sizes, give a clear ValueError -- never a crash, never an absurd allocation.
+
+The model is a tiny Llama built from a config (no download); two of its linears are MixedLinear.
+"""
+import json
+import resource
+import shutil
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from mixllm import io
+from mixllm.nn import MixedLinear
+
+transformers = pytest.importorskip("transformers")
+
+# Peak RSS may grow by this much during one hostile load at most (the tiny model is ~0.5 MiB;
+# an absurd config would ask for gigabytes).
+RSS_SLACK_MB = 150
+COUNT = {"files": 0}  # hostile files tried (docs/readme_reliability.md)
+
+
+def _tiny_model():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=True)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    mlp = model.model.layers[0].mlp
+    mlp.down_proj = MixedLinear.from_linear(mlp.down_proj, rows8=[1, 5, 9], group_size=32)
+    mlp.up_proj = MixedLinear.from_linear(mlp.up_proj, rows8=[], group_size=32)
+    return model
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    model = _tiny_model()
+    d = tmp_path_factory.mktemp("hostile") / "good"
+    io.save(model, d)
+    ids = torch.arange(12)[None] % 96
+    with torch.no_grad():
+        logits = model(ids).logits
+    return d, ids, logits
+
+
+def _maxrss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _load_fails(d, match=None, **kw):
+    """load(d) must raise ValueError (matching `match`) without growing the peak RSS."""
+    COUNT["files"] += 1
+    before = _maxrss_mb()
+    with pytest.raises(ValueError, match=match):
+        io.load(d, **kw)
+    assert _maxrss_mb() - before < RSS_SLACK_MB, "a hostile file made load() allocate a lot"
+
+
+def _copy(saved, tmp_path, name="c"):
+    return shutil.copytree(saved[0], tmp_path / name)
+
+
+def _meta(d):
+    return json.loads((d / "mixllm.json").read_text())
+
+
+def _write_meta(d, meta):
+    (d / "mixllm.json").write_text(json.dumps(meta))
+
+
+def test_good_file_round_trips(saved):
+    d, ids, logits = saved
+    model = io.load(d)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, logits)
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_truncated(saved, tmp_path, verify):
+    d = _copy(saved, tmp_path)
+    f = d / "model.safetensors"
+    data = f.read_bytes()
+    header_len = struct.unpack("<Q", data[:8])[0]
+    for cut in sorted({0, 1, 7, 8, 9, 8 + header_len // 2, 8 + header_len, 8 + header_len + 1,
+                       len(data) // 2, len(data) - 1}):
+        f.write_bytes(data[:cut])
+        _load_fails(d, "corrupted|safetensors|match|shape", verify=verify)
+
+
+def test_bit_flips_are_caught_by_the_checksum(saved, tmp_path):
+    d = _copy(saved, tmp_path)
+    f = d / "model.safetensors"
+    data = f.read_bytes()
+    rng = np.random.default_rng(0)
+    for pos in list(rng.integers(0, len(data), 12)) + [3, 8 + 5, len(data) - 1]:
+        b = bytearray(data)
+        b[pos] ^= 1 << int(rng.integers(0, 8))
+        f.write_bytes(bytes(b))
+        _load_fails(d, "corrupted")
+
+
+def test_bit_flips_without_checksum(saved, tmp_path):
+    """verify=False: a flip in the header is a clear error; one in the data loads (the checksum is
+    what catches it) and, where it makes codes invalid, the layer's forward raises ValueError."""
+    d = _copy(saved, tmp_path)
+    f = d / "model.safetensors"
+    data = f.read_bytes()
+    header_len = struct.unpack("<Q", data[:8])[0]
+    rng = np.random.default_rng(1)
+    ids = saved[1]
+    for pos in list(rng.integers(0, 8 + header_len, 12)) + list(rng.integers(8 + header_len, len(data), 12)):
+        b = bytearray(data)
+        b[pos] ^= 0xFF
+        f.write_bytes(bytes(b))
+        COUNT["files"] += 1
+        try:
+            model = io.load(d, verify=False)
+        except ValueError:
+            continue
+        try:
+            with torch.no_grad():
+                model(ids)
+        except ValueError:
+            pass
+
+
+def _rewrite_tensors(d, edit):
+    """Apply edit(state) to the file's tensors and rewrite it (with a matching checksum)."""
+    from safetensors.torch import load_file, save_file
+    f = d / "model.safetensors"
+    state = load_file(str(f))
+    edit(state)
+    save_file(state, str(f), metadata={"format": "pt"})
+    meta = _meta(d)
+    meta["sha256"] = io._sha256(f)
+    _write_meta(d, meta)
+
+
+K = "model.layers.0.mlp.down_proj."
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda s: s.__setitem__(K + "qweight4", s[K + "qweight4"][:, :-1].contiguous()), "shape"),
+    (lambda s: s.__setitem__(K + "scale8", s[K + "scale8"].repeat(2, 1)), "shape"),
+    (lambda s: s.__setitem__(K + "qweight4", s[K + "qweight4"].to(torch.int16)), "shape|dtype"),
+    (lambda s: s.__setitem__(K + "scale4", s[K + "scale4"].double()), "shape|dtype"),
+    (lambda s: s.__setitem__(K + "perm", s[K + "perm"].int()), "shape|dtype"),
+    (lambda s: s.pop(K + "zero4"), "missing"),
+    (lambda s: s.__setitem__("model.layers.0.mlp.down_proj.extra", torch.zeros(3)), "unexpected"),
+    (lambda s: s.__setitem__("model.layers.1.mlp.down_proj.weight", torch.zeros(64, 96, dtype=torch.float16)),
+     "shape|dtype"),
+    (lambda s: s.__setitem__("model.embed_tokens.weight", torch.zeros(10 ** 5, 64)), "shape|GiB"),
+])
+def test_mismatched_tensors(saved, tmp_path, edit, match):
+    d = _copy(saved, tmp_path)
+    _rewrite_tensors(d, edit)
+    _load_fails(d, match)
+
+
+@pytest.mark.parametrize("args,match", [
+    ({"n8": 4}, "shape"),  # config not matching the tensors
+    ({"in_features": 128}, "shape"),
+    ({"group_size": 64}, "shape"),
+    ({"bias": True}, "unexpected|missing"),  # the file has no bias for it
+    ({"out_features": 2 ** 28}, "shape|GiB"),  # would be GiBs of buffers
+    ({"out_features": 10 ** 15, "n8": 0}, "shape|GiB"),
+    ({"in_features": 2 ** 40}, "shape|GiB"),
+    ({"in_features": -1}, "bad arguments"),
+    ({"group_size": 0}, "bad arguments"),
+    ({"n8": 10 ** 6}, "bad arguments"),
+    ({"n8": 1.5}, "bad arguments"),
+    ({"in_features": "64"}, "bad arguments"),
+    ({"surprise": 1}, "bad arguments"),
+])
+def test_module_config_mismatch_or_absurd(saved, tmp_path, args, match):
+    d = _copy(saved, tmp_path)
+    meta = _meta(d)
+    meta["modules"]["model.layers.0.mlp.down_proj"]["args"].update(args)
+    _write_meta(d, meta)
+    _load_fails(d, match)
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"vocab_size": 10 ** 9}, "GiB|shape"),
+    ({"hidden_size": 2 ** 20, "intermediate_size": 2 ** 22}, "GiB|shape|cannot be built"),
+    ({"num_hidden_layers": 10 ** 6}, "num_hidden_layers"),
+    ({"num_hidden_layers": 3}, "missing|shape"),
+    ({"intermediate_size": 128}, "shape"),
+    ({"model_type": "no-such-model"}, "could not be read"),
+])
+def test_hf_config_mismatch_or_absurd(saved, tmp_path, change, match):
+    d = _copy(saved, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(change)
+    (d / "config.json").write_text(json.dumps(cfg))
+    _load_fails(d, match)
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda m: m.update(modules=[]), "modules"),
+    (lambda m: m["modules"].update({"model.layers.0.mlp.down_proj": 7}), "unknown class"),
+    (lambda m: m["modules"]["model.layers.0.mlp.down_proj"].update({"class": "os.system"}), "unknown class"),
+    (lambda m: m["modules"]["model.layers.0.mlp.down_proj"].update({"args": [1, 2]}), "bad arguments"),
+    (lambda m: m["modules"]["model.layers.0.mlp.down_proj"].pop("args"), "bad arguments"),
+    (lambda m: m["modules"].update({"": m["modules"]["model.layers.0.mlp.up_proj"]}), "does not exist"),
+    (lambda m: m["modules"].update({"model.layers.9.mlp.up_proj": m["modules"]["model.layers.0.mlp.up_proj"]}),
+     "does not exist"),
+    (lambda m: m.update(dtype="Tensor"), "dtype"),
+    (lambda m: m.update(format_version=2), "version"),
+    (lambda m: m.pop("modules"), "missing keys"),
+])
+def test_bad_metadata(saved, tmp_path, mutate, match):
+    d = _copy(saved, tmp_path)
+    meta = _meta(d)
+    mutate(meta)
+    _write_meta(d, meta)
+    _load_fails(d, match)
+
+
+@pytest.mark.parametrize("content", [b"", b"{", b"\xff\xfe\x00garbage", b"[1, 2]", b"null", b'"modules"',
+                                     b'{"modules": {}, "format_version": 1e999}'])
+def test_garbage_metadata_file(saved, tmp_path, content):
+    d = _copy(saved, tmp_path)
+    (d / "mixllm.json").write_bytes(content)
+    _load_fails(d)
+
+
+@pytest.mark.parametrize("content", [b"", b"{", b"\x00" * 64, b'{"model_type": "llama", "vocab_size": -5}'])
+def test_garbage_hf_config(saved, tmp_path, content):
+    d = _copy(saved, tmp_path)
+    (d / "config.json").write_bytes(content)
+    _load_fails(d)
+
+
+def test_safetensors_header_lies(saved, tmp_path):
+    """Headers that claim absurd sizes or offsets outside the file."""
+    d = _copy(saved, tmp_path)
+    f = d / "model.safetensors"
+    data = f.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    body = data[8 + n:]
+    name = K + "qweight8"
+    variants = []
+    h = json.loads(json.dumps(header)); h[name]["shape"] = [2 ** 40, 2 ** 20]; variants.append(h)
+    h = json.loads(json.dumps(header)); h[name]["data_offsets"] = [0, 2 ** 62]; variants.append(h)
+    h = json.loads(json.dumps(header)); h[name]["data_offsets"] = [len(body) - 4, len(body) + 100]; variants.append(h)
+    h = json.loads(json.dumps(header)); h[name]["dtype"] = "F64"; variants.append(h)
+    for h in variants:
+        hb = json.dumps(h).encode()
+        f.write_bytes(struct.pack("<Q", len(hb)) + hb + body)
+        _load_fails(d, "safetensors|shape|corrupted", verify=False)
+    f.write_bytes(struct.pack("<Q", 2 ** 60) + data[8:])  # header length beyond the file
+    _load_fails(d, "safetensors", verify=False)
+
+
+def test_missing_files(saved, tmp_path):
+    for victim in ("model.safetensors", "mixllm.json", "config.json"):
+        d = _copy(saved, tmp_path, victim)
+        (d / victim).unlink()
+        COUNT["files"] += 1
+        with pytest.raises((ValueError, FileNotFoundError, OSError)):
+            io.load(d)
+
+
+def test_hostile_codes_fail_at_forward(saved, tmp_path):
+    """Codes the kernels cannot take (4-bit zero points > 15, 8-bit code -128) load, and the layer's
+    first forward raises ValueError from the C validation (no out-of-range arithmetic)."""
+    for key, value in ((K + "zero4", 200), (K + "qweight8", -128)):
+        d = _copy(saved, tmp_path, key)
+        _rewrite_tensors(d, lambda s: s[key].view(-1)[0].fill_(value))
+        COUNT["files"] += 1
+        model = io.load(d)
+        with pytest.raises(ValueError, match="codes|zero"):
+            with torch.no_grad():
+                model(saved[1])
+
+
+def test_count_report(capsys):
+    with capsys.disabled():
+        print(f"\nhostile files tried: {COUNT['files']}")
+    assert COUNT["files"] > 50
