@@ -135,6 +135,8 @@ def main(argv=None):
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--stats-cache", default="", help="pickle file to keep / reuse the calibration statistics "
+                    "(they depend only on the model and the calibration settings)")
     ap.add_argument("--table", action="store_true")
     args = ap.parse_args(argv)
     if args.table:
@@ -159,7 +161,17 @@ def main(argv=None):
     stats = None
     if any(m in ("gptq", "slim", "cmpq") for m, _ in jobs):
         t0 = time.time()
-        stats = collect_stats(base, calib_ids, keep_tokens=1024, seed=0)
+        cache = pathlib.Path(args.stats_cache) if args.stats_cache else None
+        if cache is not None and cache.exists():
+            import pickle
+            stats = pickle.loads(cache.read_bytes())
+        else:
+            stats = collect_stats(base, calib_ids, keep_tokens=1024, seed=0)
+            if cache is not None:
+                import pickle
+                tmp = cache.with_suffix(".tmp")
+                tmp.write_bytes(pickle.dumps(stats, protocol=4))
+                os.replace(tmp, cache)
         print(f"calibration statistics: {time.time() - t0:.1f}s", flush=True)
     for m, b in jobs:
         run_one(base, tok, m, b, args, stats=None if m in ("rtn", "mixllm") else stats, calib_ids=calib_ids)

@@ -128,7 +128,9 @@ int mix_gptq(const float *w, int64_t N, int64_t K, const double *H, const mix_gp
         for (int64_t jj = 0; jj < G; jj++)
             for (int64_t k = gorder[jj] * g; k < K && k < (gorder[jj] + 1) * g; k++) perm[p++] = k;
     }
-    if (H) {
+    if (H && o->u_in && !o->group_order) {
+        memcpy(U, o->u_in, (size_t)(K * K) * sizeof(double));
+    } else if (H) {
         double mean = 0;
         for (int64_t k = 0; k < K; k++) mean += diag[k] > 0 ? diag[k] : 1.0;
         mean /= (double)K;

@@ -20,6 +20,9 @@ typedef struct {
                 float *scale, float *offset);
     const void *fit_ctx;
     float *offset_out;
+    /* Optional [K,K] upper Cholesky factor U of the damped H^-1, natural column order (used only
+     * with group_order off): skips the O(K^3) factorization, e.g. when a LAPACK one is at hand. */
+    const double *u_in;
 } mix_gptq_opts;
 
 /* w: float32 [N,K]; H: float64 [K,K] or NULL (no error compensation: RTN with clip search).

@@ -469,8 +469,9 @@ static PyObject *py_slim_gptq(PyObject *self, PyObject *args) {
     mix_gptq_opts o;
     mix_slim_ctx c;
     memset(&o, 0, sizeof o);
-    if (!PyArg_ParseTuple(args, "OOOLdpOdddiOOO", &ow, &oh, &obpg, &g, &o.damp, &o.group_order, &othr, &c.lambda,
-                          &c.norm, &c.tau_range, &c.tau_n, &oq, &os, &oo))
+    PyObject *ou = Py_None;
+    if (!PyArg_ParseTuple(args, "OOOLdpOdddiOOO|O", &ow, &oh, &obpg, &g, &o.damp, &o.group_order, &othr, &c.lambda,
+                          &c.norm, &c.tau_range, &c.tau_n, &oq, &os, &oo, &ou))
         return NULL;
     if (check_group(g) < 0 || check_slim(&c) < 0) return NULL;
     if (!(o.damp >= 0.0 && o.damp < 1e6)) return PyErr_Format(PyExc_ValueError, "damp: expected a value >= 0");
@@ -492,6 +493,16 @@ static PyObject *py_slim_gptq(PyObject *self, PyObject *args) {
         bpg_copy[i] = b;
     }
     if (othr != Py_None && (!(thr = take(&s, othr, "thresholds", MIX_DT(MIX_F64), 1, 0)) || mix_check_dim(thr, 0, G) < 0)) goto fail;
+    if (ou != Py_None) {
+        mix_array *ua = take(&s, ou, "U", MIX_DT(MIX_F64), 2, 0);
+        if (!ua || check_shape2(ua, K, K) < 0) goto fail;
+        if (!h) { PyErr_SetString(PyExc_ValueError, "U: given without H"); goto fail; }
+        if (o.group_order) { PyErr_SetString(PyExc_ValueError, "U: only with group_order off (natural column order)"); goto fail; }
+        const double *ud = ua->data;
+        for (int64_t k = 0; k < K; k++)
+            if (!(ud[k * K + k] > 0) || !isfinite(ud[k * K + k])) { PyErr_SetString(PyExc_ValueError, "U: expected a positive diagonal"); goto fail; }
+        o.u_in = ud;
+    }
     if (!(q = take(&s, oq, "q_out", MIX_DT(MIX_U8), 2, 1)) || check_shape2(q, N, K) < 0) goto fail;
     if (!(sc = take(&s, os, "scale_out", MIX_DT(MIX_F32), 2, 1)) || check_shape2(sc, N, G) < 0) goto fail;
     if (!(of = take(&s, oo, "offset_out", MIX_DT(MIX_F32), 2, 1)) || check_shape2(of, N, G) < 0) goto fail;
@@ -633,7 +644,7 @@ static PyMethodDef methods[] = {
     {"slim_calibrate", py_slim_calibrate, METH_VARARGS,
      "slim_calibrate(w, u, bits, threshold|None, lambda, norm, tau_range, tau_n, scale_out, offset_out)"},
     {"slim_gptq", py_slim_gptq, METH_VARARGS,
-     "slim_gptq(w, H|None, bits_per_group, group_size, damp, group_order, thresholds|None, lambda, norm, tau_range, tau_n, q_out, scale_out, offset_out)"},
+     "slim_gptq(w, H|None, bits_per_group, group_size, damp, group_order, thresholds|None, lambda, norm, tau_range, tau_n, q_out, scale_out, offset_out[, U])"},
     {"woq_dequantize", py_woq_dequantize, METH_VARARGS, "woq_dequantize(weight_spec, out)"},
     {"woq_linear", py_woq_linear, METH_VARARGS, "woq_linear(x, weight_spec, bias|None, out)"},
     {NULL, NULL, 0, NULL}};

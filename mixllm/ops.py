@@ -413,7 +413,7 @@ def mixed_linear(x, w4: Optional[QuantizedWeight], w8: Optional[QuantizedWeight]
 
 # ----------------------------------------------------------------------------- sister methods
 # Ops of SliM-LLM, CMPQ and the weight-only layer (issue 5): csrc/cluster.c, csrc/slim.c, csrc/woq.c.
-__all__ += ["kmeans1d", "slim_calibrate", "slim_gptq_quantize", "woq_dequantize", "woq_linear"]
+__all__ += ["kmeans1d", "slim_calibrate", "slim_gptq_quantize", "gptq_hinv_factor", "woq_dequantize", "woq_linear"]
 
 
 def _check_int(v, name, lo, hi):
@@ -488,11 +488,13 @@ def slim_calibrate(w, u, bits: int, threshold=None, lam: float = 1.0, norm: floa
 
 def slim_gptq_quantize(w, H, bits_per_group, group_size: int = 128, damp: float = 0.01,
                        group_order: bool = False, thresholds=None, lam: float = 1.0, norm: float = 2.4,
-                       tau_range: float = 0.1, tau_n: int = 50):
+                       tau_range: float = 0.1, tau_n: int = 50, U=None):
     """GPTQ (the shared C implementation) with per-group bit-widths and SliM-LLM's calibration per group.
 
     ``w`` [N, K], ``H`` [K, K] float64 or None (no error compensation), ``bits_per_group`` [N, G]
     integers in 1..8, ``thresholds`` [G] salience thresholds (see :func:`slim_calibrate`) or None.
+    ``U`` (optional, float64 [K, K]): the upper Cholesky factor of the damped ``H^-1`` (see
+    :func:`gptq_hinv_factor`), which skips the C factorization (natural column order only).
     Returns ``(codes uint8 [N, K], scale float32 [N, G], offset float32 [N, G])`` with
     ``dequant = code * scale + offset`` per group (NumPy arrays).
     """
@@ -508,9 +510,30 @@ def slim_gptq_quantize(w, H, bits_per_group, group_size: int = 128, damp: float 
     q = np.empty((N, K), np.uint8)
     scale = np.empty((N, G), np.float32)
     offset = np.empty((N, G), np.float32)
+    if U is not None:
+        U = _to_np_cpu(U, "U", np.float64)
     _C.slim_gptq(w, H, bpg, group_size, float(damp), bool(group_order), thr,
-                 *_slim_args(lam, norm, tau_range, tau_n), q, scale, offset)
+                 *_slim_args(lam, norm, tau_range, tau_n), q, scale, offset, U)
     return q, scale, offset
+
+
+def gptq_hinv_factor(H, damp: float = 0.01):
+    """Upper Cholesky factor ``U`` of ``(H' + damp * mean(diag H') I)^-1`` with ``H'`` = ``H`` whose dead
+    inputs (``diag <= 0``) get 1 on the diagonal — what the C GPTQ computes — via LAPACK (torch).
+    float64 NumPy [K, K]."""
+    import torch
+    H = np.array(_to_np_cpu(H, "H", np.float64), copy=True)
+    if H.ndim != 2 or H.shape[0] != H.shape[1]:
+        raise ValueError(f"H: expected a square 2-D array, got shape {H.shape}")
+    d = np.diag(H).copy()
+    dead = d <= 0
+    H[dead, dead] = 1.0
+    Ht = torch.from_numpy(H)
+    Ht.diagonal().add_(damp * float(np.mean(np.diag(H))))
+    L, info = torch.linalg.cholesky_ex(Ht)
+    if int(info) != 0:
+        raise ValueError("H: not positive definite even after damping; raise damp")
+    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).numpy().copy()
 
 
 def _woq_spec(kind, codes, group_size=0, scale=None, offset=None, codebook=None, rowptr=None, cols=None, vals=None):

@@ -224,3 +224,23 @@ def test_slim_config_layer(rng):
     assert SliMConfig(bits=3.0).bits == 3  # the CLI parses bits as a float
     with pytest.raises(TypeError, match="stats"):
         SliMConfig(bits=2).quantize_linear(lin, None)
+
+
+def test_precomputed_factor_gives_the_same_gptq(rng):
+    N, K, g = 8, 96, 32
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    H, _ = hessian(rng, K)
+    H[5, :] = H[:, 5] = 0  # a dead input
+    U = ops.gptq_hinv_factor(H)
+    np.testing.assert_allclose(np.triu(U), U)
+    bpg = np.full((N, 3), 3, np.float32)
+    a = ops.slim_gptq_quantize(w, H, bpg, g, tau_n=5)
+    b = ops.slim_gptq_quantize(w, H, bpg, g, tau_n=5, U=U)
+    assert (a[0] == b[0]).mean() > 0.99
+    np.testing.assert_allclose(a[1], b[1], rtol=1e-4)
+    with pytest.raises(ValueError, match="U"):
+        ops.slim_gptq_quantize(w, None, bpg, g, U=U)
+    with pytest.raises(ValueError, match="U"):
+        ops.slim_gptq_quantize(w, H, bpg, g, U=np.zeros((K, K)))
+    with pytest.raises(ValueError, match="U"):
+        ops.slim_gptq_quantize(w, H, bpg, g, group_order=True, U=U)

@@ -210,6 +210,15 @@ class GPTQConfig:
         if not isinstance(stats, LayerStats):
             raise TypeError("stats: GPTQ needs the layer's calibration statistics (LayerStats)")
         w = _weight(linear)
+        if not self.group_order and not self.clip:
+            # the same GPTQ (csrc/gptq.c) with the H^-1 factor from LAPACK and min/max groups:
+            # codes equal ops.gptq_quantize's, offsets are -zero * scale
+            U = ops.gptq_hinv_factor(stats.H, self.damp)
+            G = -(-w.shape[1] // self.group_size)
+            bpg = np.full((w.shape[0], G), self.bits, np.float32)
+            q, s, off = ops.slim_gptq_quantize(w, stats.H, bpg, self.group_size, damp=self.damp, norm=2.0,
+                                               tau_range=0.0, tau_n=1, U=U)
+            return WeightOnlyLinear.from_group(linear, q, s, off, self.bits, self.group_size, method=self.name)
         q, s, z = ops.gptq_quantize(w, stats.H, self.bits, self.group_size, symmetric=False, damp=self.damp,
                                     group_order=self.group_order, clip=self.clip)
         return WeightOnlyLinear.from_group(linear, q, s, -z.astype(np.float32) * s, self.bits, self.group_size,

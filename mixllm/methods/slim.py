@@ -180,7 +180,8 @@ class SliMConfig:
         w = _weight(linear)
         N, K = w.shape
         g = self.group_size
-        u = hinv_diag(stats.H, self.damp)
+        U = ops.gptq_hinv_factor(stats.H, self.damp)  # LAPACK; the C GPTQ reuses it
+        u = np.diag(U).copy()
         sal = group_salience(w, u, g)
         if self.sba:
             col_bits, _, _ = sba_search(w, stats.X, sal, self.bits, g, stats.H)
@@ -190,7 +191,7 @@ class SliMConfig:
         thr = sqc_thresholds(w, u, g) if self.sqc else None
         tau_range, tau_n = (self.tau_range, self.tau_n) if self.sqc else (0.0, 1)
         q, s, off = ops.slim_gptq_quantize(w, stats.H, bpg, g, damp=self.damp, thresholds=thr, lam=self.lam,
-                                           norm=self.norm, tau_range=tau_range, tau_n=tau_n)
+                                           norm=self.norm, tau_range=tau_range, tau_n=tau_n, U=U)
         return WeightOnlyLinear.from_group(linear, q, s, off, np.ascontiguousarray(bpg).astype(np.uint8), g,
                                            method=self.name)
 
