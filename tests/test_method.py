@@ -141,8 +141,20 @@ def test_disk_cache_and_errors(tmp_path):
     model, _ = model_and_tokenizer()
     cfg = MixLLMConfig(bits=4.4, only=r"layers\.5\.self_attn\.[qk]", cache_dir=str(tmp_path), progress=False)
     mixllm.quantize(model, cfg, calib_ids())
-    files = sorted(p.name for p in next(tmp_path.iterdir()).iterdir())
+    files = sorted(p.name for d in tmp_path.iterdir() for p in d.iterdir())
     assert files == ["q4.safetensors", "q8.safetensors", "salience.safetensors"]
+    # the salience does not depend on the quantizer: an RTN run reuses it (no new calibration)
+    import mixllm.methods.mixllm as M
+    calls = []
+    orig = M.calibrate
+    M.calibrate = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    try:
+        rtn, _ = model_and_tokenizer()
+        mixllm.quantize(rtn, MixLLMConfig(bits=4.4, gptq=False, only=cfg.only, cache_dir=str(tmp_path),
+                                          progress=False), calib_ids())
+    finally:
+        M.calibrate = orig
+    assert calls == [] and len(list(tmp_path.iterdir())) == 3
     again, _ = model_and_tokenizer()
     mixllm.quantize(again, cfg, calib_ids())
     x = eval_ids()[None, :64]

@@ -162,7 +162,9 @@ class MixLLMConfig:
             raise TypeError(f"calib: expected token ids or a Calibration, got {type(ids).__name__}")
         store = cal.quant_cache if cal is not None else {}
         sal = dict(cal.salience) if cal is not None else {}
-        disk = _DiskCache(self.cache_dir, _cache_key(layers, ids, self)) if (self.cache_dir and ids is not None) else None
+        disk = None
+        if self.cache_dir and ids is not None:
+            disk = _DiskCache(self.cache_dir, _cache_key(layers, ids, self), _cache_key(layers, ids, self, False))
         if disk is not None:
             sal.update({n: v for n, v in disk.load_salience().items() if n in mods})
             for b in need:
@@ -213,27 +215,34 @@ class MixLLMConfig:
         return make_report(model, per_layer, self)
 
 
-def _cache_key(layers, ids, cfg) -> str:
-    """Fingerprint of the weights, the calibration tokens and the quantizer settings."""
+def _cache_key(layers, ids, cfg, quantizer: bool = True) -> str:
+    """Fingerprint of the weights, the calibration tokens and the quantizer settings (``quantizer``
+    False: only what the salience depends on)."""
     h = hashlib.blake2b(digest_size=16)
     for n, m in layers:
         h.update(n.encode())
         h.update(m.weight.detach().float().cpu().contiguous().numpy().tobytes())
     h.update(ids.detach().cpu().long().contiguous().numpy().tobytes())
-    h.update(repr((cfg.group_size, cfg.gptq, cfg.clip, float(cfg.damp), cfg.salience_bits, 1)).encode())
+    if quantizer:
+        h.update(repr((cfg.group_size, cfg.gptq, cfg.clip, float(cfg.damp), cfg.salience_bits, 1)).encode())
+    else:
+        h.update(repr(("salience", cfg.group_size, cfg.salience_bits, 1)).encode())
     return h.hexdigest()
 
 
 class _DiskCache:
-    """Salience and full-matrix quantizer results of one (model, calibration, quantizer) triple,
-    as safetensors files under ``cache_dir/<key>/`` (each written to a temp file, then renamed)."""
+    """Full-matrix quantizer results of one (model, calibration, quantizer) triple under
+    ``cache_dir/<key>/``, and the salience of one (model, calibration) pair under
+    ``cache_dir/<salience key>/``, as safetensors files (each written to a temp file, then renamed)."""
 
-    def __init__(self, root, key):
-        self.dir = pathlib.Path(os.path.expanduser(str(root))) / key
+    def __init__(self, root, key, sal_key=None):
+        root = pathlib.Path(os.path.expanduser(str(root)))
+        self.dir = root / key
+        self.sal_dir = root / (sal_key or key)
 
-    def _read(self, fname):
+    def _read(self, fname, d=None):
         from safetensors.torch import load_file
-        f = self.dir / fname
+        f = (d or self.dir) / fname
         if not f.exists():
             return {}
         try:
@@ -241,24 +250,31 @@ class _DiskCache:
         except Exception:  # a damaged cache entry is recomputed, never trusted
             return {}
 
-    def _write(self, fname, tensors):
+    def _write(self, fname, tensors, d=None):
         from safetensors.torch import save_file
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{fname}.", dir=self.dir)
+        d = d or self.dir
+        d.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{fname}.", dir=d)
         os.close(fd)
         try:
             save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-            os.replace(tmp, self.dir / fname)
+            os.replace(tmp, d / fname)
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
 
     def load_salience(self):
-        return {k: v.numpy() for k, v in self._read("salience.safetensors").items()}
+        t = self._read("salience.safetensors", self.sal_dir)
+        if not t and self.sal_dir != self.dir:  # entries written before salience had its own key
+            t = self._read("salience.safetensors")
+            if t:
+                self._write("salience.safetensors", t, self.sal_dir)
+        return {k: v.numpy() for k, v in t.items()}
 
     def save_salience(self, sal):
-        self._write("salience.safetensors", {k: torch.as_tensor(np.asarray(v)) for k, v in sal.items()})
+        self._write("salience.safetensors", {k: torch.as_tensor(np.asarray(v)) for k, v in sal.items()},
+                    self.sal_dir)
 
     def load_quant(self, bits, names, qkey):
         t = self._read(f"q{bits}.safetensors")
