@@ -3,9 +3,12 @@
 #   1. builds mixllm._C with AddressSanitizer + UndefinedBehaviorSanitizer (MIXLLM_SANITIZE) into a
 #      temporary directory -- the editable build in the checkout is left alone;
 #   2. runs the C-op tests against it (UBSan halting on the first report);
-#   3. runs every fuzz target of fuzz/ (one per public entry point of mixllm._C) under the same
-#      build for MIXLLM_FUZZ_SECONDS each (default 20), from the committed seed corpus;
-#   4. replays everything the fuzzers kept, plus random inputs, in one process with LeakSanitizer on.
+#   3. runs every fuzz target of fuzz/ (one per public entry point of mixllm._C) for
+#      MIXLLM_FUZZ_SECONDS each (default 20), coverage-guided, from the committed seed corpus, on the
+#      normal build (gcc's libasan takes over the coverage callbacks atheris relies on, which
+#      leaves libFuzzer blind: under the sanitizers it only mutates 4-byte inputs at random);
+#   4. replays every input the fuzzers kept, the seeds and random inputs under the sanitizer build,
+#      in one process with LeakSanitizer on.
 # Any sanitizer report, leak attributed to mixllm._C, crash or unexpected exception fails the step.
 # The counts land in $MIXLLM_HARDENING_REPORT (default: build/hardening-report.txt).
 set -euo pipefail
@@ -87,16 +90,16 @@ fi
 note "C-op tests under ASan+UBSan: ${#TESTS[@]} files, $(grep -oE '[0-9]+ passed' "$WORK/tests.log" | tail -1)," \
      "$((SECONDS - t0)) s, sanitizer reports: 0"
 
-# ---- 3. fuzzing: every entry point, bounded time, committed seeds (new inputs go to $WORK)
+# ---- 3. fuzzing: every entry point, bounded time, committed seeds (new inputs go to $WORK), on the
+# normal build (see the header); crashes, hangs and unexpected exceptions fail here, memory errors
+# in step 4 when the kept inputs are replayed under the sanitizers.
 "$PY" fuzz/run.py check | tee -a "$REPORT" | tail -1
 total_runs=0; total_s=0; n=0
 for name in $("${SAN_ENV[@]}" ASAN_OPTIONS=detect_leaks=0 "$PY" fuzz/run.py list | cut -d: -f1); do
     mkdir -p "$WORK/corpus/$name" "$WORK/artifacts"
     seeds=fuzz/corpus/$name; [ -d "$seeds" ] || seeds=fuzz/corpus/generic
     rc=0
-    # (LSan off here: its scan at exit costs ~20 s per process; step 4 checks leaks once)
-    "${SAN_ENV[@]}" "ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=0:allocator_may_return_null=1" \
-        "$PY" fuzz/run.py fuzz "$name" -max_total_time="$FUZZ_SECONDS" -rss_limit_mb=4096 -timeout=60 \
+    "$PY" fuzz/run.py fuzz "$name" -max_total_time="$FUZZ_SECONDS" -rss_limit_mb=4096 -timeout=60 \
         -artifact_prefix="$WORK/artifacts/$name-" "$WORK/corpus/$name" "$seeds" > "$WORK/fuzz-$name.log" 2>&1 || rc=$?
     runs=$(grep -oE 'Done [0-9]+ runs in [0-9]+ second' "$WORK/fuzz-$name.log" | tail -1 || true)
     if [ $rc -ne 0 ] || [ -z "$runs" ] || grep -qE "runtime error|ERROR: AddressSanitizer" "$WORK/fuzz-$name.log"; then
@@ -109,18 +112,20 @@ for name in $("${SAN_ENV[@]}" ASAN_OPTIONS=detect_leaks=0 "$PY" fuzz/run.py list
     total_runs=$((total_runs + r)); total_s=$((total_s + s)); n=$((n + 1))
     note "fuzz $name: $r inputs in $s s, 0 crashes"
 done
-note "fuzzing total: $n targets, $total_runs inputs, $total_s s, 0 crashes, 0 sanitizer reports"
+note "fuzzing total: $n targets, $total_runs inputs, $total_s s, 0 crashes;" \
+     "inputs kept for the sanitizer replay: $(find "$WORK/corpus" -type f | wc -l)"
 
-# ---- 4. leak check: the seeds, every input the fuzzers kept, and 200 random inputs per entry point
+# ---- 4. sanitizer replay + leak check: the seeds, every input the fuzzers kept, and 200 random
+# inputs per entry point, under ASan + UBSan, LSan scanning once at exit
 t0=$SECONDS
 rc=0
 (cd "$WORK" && "${SAN_ENV[@]}" "ASAN_OPTIONS=detect_leaks=1:halt_on_error=1:abort_on_error=0:allocator_may_return_null=1" \
     "LSAN_OPTIONS=exitcode=0:log_path=$WORK/lsan" \
     "$PY" "$ROOT/fuzz/run.py" sweep 200 "$WORK/corpus" > "$WORK/sweep.log" 2>&1) || rc=$?
 if [ $rc -ne 0 ] || grep -qE "runtime error|ERROR: AddressSanitizer" "$WORK/sweep.log"; then
-    tail -n 60 "$WORK/sweep.log"; echo "leak-check sweep failed (rc=$rc)"; exit 1
+    tail -n 60 "$WORK/sweep.log"; echo "sanitizer replay failed (rc=$rc)"; exit 1
 fi
 read -r lo lx < <(count_leaks "$WORK/lsan")
 [ "$lo" -eq 0 ] || { echo "$lo leak reports in mixllm._C (above)"; exit 1; }
-note "leak check (LSan): $(tail -n 1 "$WORK/sweep.log" | cut -d: -f1), $((SECONDS - t0)) s;" \
-     "leak reports in mixllm._C: 0 (interpreter/NumPy at-exit reports, not ours: $lx)"
+note "sanitizer replay (ASan+UBSan+LSan): $(tail -n 1 "$WORK/sweep.log" | cut -d: -f1), $((SECONDS - t0)) s;" \
+     "sanitizer reports: 0; leak reports in mixllm._C: 0 (interpreter/NumPy at-exit reports, not ours: $lx)"

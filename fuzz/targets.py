@@ -320,6 +320,102 @@ def t_cpu_qlinear(fdp):
          arr(fdp, odt, (M, n_out)), impl)
 
 
+def _fl(fdp, good, bad=(float("nan"), float("inf"), -1.0, 1e308, None, "x")):
+    return scalar(fdp, good, bad)
+
+
+def t_kmeans1d(fdp):
+    R, n = dims(fdp, 2, hi=30)
+    k = scalar(fdp, fdp.ConsumeIntInRange(1, 16), (0, -1, 257, 2 ** 31, None))
+    kk = k if isinstance(k, int) and 1 <= k <= 256 else 4
+    weight = None if fdp.ConsumeBool() else arr(fdp, "float32", (R, n))
+    if isinstance(weight, np.ndarray) and weight.dtype.kind == "f" and fdp.ConsumeIntInRange(0, 3):
+        weight = np.abs(weight)  # mostly valid (non-negative) weights
+    levels = None if fdp.ConsumeBool() else arr(fdp, "int32", (R,), 0, kk + 1)
+    iters = scalar(fdp, fdp.ConsumeIntInRange(0, 8), (-1, 2 ** 31, None))
+    call(_C.kmeans1d, arr(fdp, "float32", (R, n)), weight, k, levels, iters, arr(fdp, "float32", (R, kk)),
+         arr(fdp, "uint8", (R, n)))
+
+
+def _slim_scalars(fdp):
+    return (_fl(fdp, fdp.PickValueInList([0.0, 0.5, 3.0])), _fl(fdp, fdp.PickValueInList([1.0, 2.0, 2.4])),
+            _fl(fdp, fdp.PickValueInList([0.0, 0.1, 0.5])), scalar(fdp, fdp.ConsumeIntInRange(1, 12), (0, -1, 1001)))
+
+
+def t_slim_calibrate(fdp):
+    R, ln = dims(fdp, 2, hi=40)
+    bits = scalar(fdp, fdp.ConsumeIntInRange(1, 8), (0, 9, -1, None))
+    u = arr(fdp, "float64", (ln,))
+    if isinstance(u, np.ndarray) and u.dtype == np.float64 and fdp.ConsumeBool():
+        u = np.abs(u) + 1e-3
+    thr = None if fdp.ConsumeBool() else _fl(fdp, fdp.ConsumeRegularFloat())
+    lam, norm, tau_range, tau_n = _slim_scalars(fdp)
+    call(_C.slim_calibrate, arr(fdp, "float32", (R, ln)), u, bits, thr, lam, norm, tau_range, tau_n,
+         arr(fdp, "float32", (R,)), arr(fdp, "float32", (R,)))
+
+
+def t_slim_gptq(fdp):
+    N, K = dims(fdp, 2, hi=24)
+    K = min(K, 48)
+    g = group(fdp, K)
+    G = ngroups(K, g) if isinstance(g, int) and g > 0 else 1
+    H = None
+    if fdp.ConsumeBool():
+        X = values(fdp, "float64", (fdp.ConsumeIntInRange(1, 2 * K + 1), K))
+        H = np.ascontiguousarray(2 * X.T @ X) if np.isfinite(X).all() else arr(fdp, "float64", (K, K))
+    bpg = np.random.default_rng(fdp.ConsumeIntInRange(0, 99)).integers(1, 4, (N, G), endpoint=True).astype(np.float32)
+    bpg = arr(fdp, "float32", (N, G)) if fdp.ConsumeIntInRange(0, 5) == 0 else bpg
+    thr = None if fdp.ConsumeBool() else arr(fdp, "float64", (G,))
+    lam, norm, tau_range, tau_n = _slim_scalars(fdp)
+    go = fdp.ConsumeBool()
+    args = [arr(fdp, "float32", (N, K)), H, bpg, g, _fl(fdp, 0.01), go, thr, lam, norm, tau_range, tau_n,
+            arr(fdp, "uint8", (N, K)), arr(fdp, "float32", (N, G)), arr(fdp, "float32", (N, G))]
+    if fdp.ConsumeIntInRange(0, 3) == 0:
+        args.append(arr(fdp, "float64", (K, K)))  # U (upper Cholesky factor of H^-1), maybe garbage
+    call(_C.slim_gptq, *args)
+
+
+def _woq_spec(fdp, N, K):
+    if fdp.ConsumeBool():
+        g = group(fdp, K)
+        G = ngroups(K, g) if isinstance(g, int) and g > 0 else 1
+        spec = ["group", g, arr(fdp, "uint8", (N, K), 0, 15), arr(fdp, "float32", (N, G)), arr(fdp, "float32", (N, G))]
+    else:
+        L = fdp.ConsumeIntInRange(1, 16)
+        spec = ["codebook", 0, arr(fdp, "uint8", (N, K), 0, L - 1 if fdp.ConsumeIntInRange(0, 7) else 255),
+                arr(fdp, "float32", (K, L)), None]
+    if fdp.ConsumeBool():  # sparse outliers in CSR form, honest or not
+        counts = np.random.default_rng(fdp.ConsumeIntInRange(0, 99)).integers(0, 3, N)
+        rowptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        nnz = int(rowptr[-1])
+        cols = np.random.default_rng(fdp.ConsumeIntInRange(0, 99)).integers(0, max(K, 1), nnz).astype(np.int64)
+        if nnz and fdp.ConsumeIntInRange(0, 3) == 0:
+            cols[fdp.ConsumeIntInRange(0, nnz - 1)] = fdp.PickValueInList([-1, K, 2 ** 62, -(2 ** 63)])
+        if N and fdp.ConsumeIntInRange(0, 3) == 0:
+            rowptr[fdp.ConsumeIntInRange(0, N)] = fdp.PickValueInList([-1, nnz + 1, 2 ** 62, 0])
+        spec += [arr(fdp, "int64", (N + 1,)) if fdp.ConsumeIntInRange(0, 7) == 0 else rowptr,
+                 arr(fdp, "int64", (nnz,)) if fdp.ConsumeIntInRange(0, 7) == 0 else cols, arr(fdp, "float32", (nnz,))]
+    else:
+        spec += [None, None, None]
+    if fdp.ConsumeIntInRange(0, 15) == 0:
+        spec = spec[: fdp.ConsumeIntInRange(0, len(spec))]
+    if spec and fdp.ConsumeIntInRange(0, 15) == 0:
+        spec[0] = fdp.PickValueInList(["nope", b"group", 3, "group\0x"])
+    return tuple(spec) if fdp.ConsumeIntInRange(0, 15) else spec
+
+
+def t_woq_dequantize(fdp):
+    N, K = dims(fdp, 2)
+    call(_C.woq_dequantize, _woq_spec(fdp, N, K), arr(fdp, "float32", (N, K)))
+
+
+def t_woq_linear(fdp):
+    M, N, K = dims(fdp, 3, hi=24)
+    dt = fdp.PickValueInList(["float32", "float16", "bfloat16"])
+    call(_C.woq_linear, arr(fdp, dt, (M, K)), _woq_spec(fdp, N, K),
+         None if fdp.ConsumeBool() else arr(fdp, "float32", (N,)), arr(fdp, fdp.PickValueInList(["float32", dt]), (M, N)))
+
+
 # ---------------------------------------------------------------- any other entry point
 INT_PARAMS = {"bits", "k", "iters", "group_size", "impl", "n", "N", "K", "g", "clip_grid", "symmetric",
               "group_order", "levels_n", "seed", "M"}
@@ -368,7 +464,8 @@ TARGETS = {
     "quantize_activation": t_quantize_activation, "pack_int4": t_pack_int4, "unpack_int4": t_unpack_int4,
     "salience_accumulate": t_salience_accumulate, "gptq_quantize": t_gptq_quantize,
     "cpu_blob_bytes": t_cpu_blob_bytes, "cpu_has": t_cpu_has, "cpu_prepack": t_cpu_prepack,
-    "cpu_qlinear": t_cpu_qlinear,
+    "cpu_qlinear": t_cpu_qlinear, "kmeans1d": t_kmeans1d, "slim_calibrate": t_slim_calibrate,
+    "slim_gptq": t_slim_gptq, "woq_dequantize": t_woq_dequantize, "woq_linear": t_woq_linear,
 }
 
 
