@@ -41,19 +41,25 @@ static void group_params(const double *v, const double *d, int64_t len, int bits
     }
 }
 
+/* The O(K^3) factorizations spend their time in dot products: several accumulators (simd
+ * reduction) and per-ISA clones let them vectorize without -ffast-math. */
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static double dot(const double *a, const double *b, int64_t n) {
+    double t = 0;
+#pragma omp simd reduction(+ : t)
+    for (int64_t k = 0; k < n; k++) t += a[k] * b[k];
+    return t;
+}
+
 static int cholesky_lower(double *A, int64_t n) { /* in place, lower triangle; upper zeroed */
     for (int64_t j = 0; j < n; j++) {
-        double s = A[j * n + j];
-        for (int64_t k = 0; k < j; k++) s -= A[j * n + k] * A[j * n + k];
+        double s = A[j * n + j] - dot(A + j * n, A + j * n, j);
         if (!(s > 0.0) || !isfinite(s)) return -1;
         double djj = sqrt(s);
         A[j * n + j] = djj;
 #pragma omp parallel for schedule(static)
         for (int64_t i = j + 1; i < n; i++) {
-            double t = A[i * n + j];
-            const double *ri = A + i * n, *rj = A + j * n;
-            for (int64_t k = 0; k < j; k++) t -= ri[k] * rj[k];
-            A[i * n + j] = t / djj;
+            A[i * n + j] = (A[i * n + j] - dot(A + i * n, A + j * n, j)) / djj;
         }
     }
     for (int64_t i = 0; i < n; i++)
@@ -70,9 +76,7 @@ static int inverse_upper_factor(double *L, int64_t n, double *U) {
         double *x = Li + c * n;
         x[c] = 1.0 / L[c * n + c];
         for (int64_t i = c + 1; i < n; i++) {
-            double t = 0;
-            for (int64_t k = c; k < i; k++) t -= L[i * n + k] * x[k];
-            x[i] = t / L[i * n + i];
+            x[i] = -dot(L + i * n + c, x + c, i - c) / L[i * n + i];
         }
     }
     /* Hinv[a,b] = sum_k Linv[k,a] Linv[k,b] = dot(column a, column b) over k >= max(a,b) */
@@ -80,8 +84,7 @@ static int inverse_upper_factor(double *L, int64_t n, double *U) {
     for (int64_t a = 0; a < n; a++)
         for (int64_t b = 0; b <= a; b++) {
             const double *xa = Li + a * n, *xb = Li + b * n;
-            double t = 0;
-            for (int64_t k = a; k < n; k++) t += xa[k] * xb[k];
+            double t = dot(xa + a, xb + a, n - a);
             U[a * n + b] = t;
             U[b * n + a] = t;
         }
