@@ -532,7 +532,7 @@ fail:
 
 /* A weight-only weight from a tuple: ("group", g, codes, scale, offset, rowptr|None, cols|None, vals|None)
  * or ("codebook", 0, codes, codebook [K,L], None, rowptr|None, cols|None, vals|None). */
-static int parse_woq(arrset *s, PyObject *spec, mix_woq_weight *w) {
+static int parse_woq(arrset *s, PyObject *spec, mix_woq_weight *w, int64_t *nnz_out) {
     const char *kind;
     long long g;
     PyObject *oc, *o1, *o2, *orp, *ocol, *oval;
@@ -562,8 +562,6 @@ static int parse_woq(arrset *s, PyObject *spec, mix_woq_weight *w) {
         w->L = cb->shape[1];
         if (w->L < 1 || w->L > 256) { PyErr_SetString(PyExc_ValueError, "codebook: expected 1..256 levels per channel"); return -1; }
         w->codebook = cb->data;
-        for (int64_t i = 0; i < w->N * w->K; i++)
-            if (w->codes[i] >= w->L) { PyErr_Format(PyExc_ValueError, "codes: expected values < %lld (codebook levels)", (long long)w->L); return -1; }
     } else {
         PyErr_Format(PyExc_ValueError, "kind: expected 'group' or 'codebook', got '%s'", kind);
         return -1;
@@ -576,11 +574,22 @@ static int parse_woq(arrset *s, PyObject *spec, mix_woq_weight *w) {
         int64_t nnz = cl->shape[0];
         mix_array *vl = take(s, oval, "vals", MIX_DT(MIX_F32), 1, 0);
         if (!vl || mix_check_dim(vl, 0, nnz) < 0) return -1;
-        const int64_t *r = rp->data, *cc = cl->data;
+        w->rowptr = rp->data; w->cols = cl->data; w->vals = vl->data; *nnz_out = nnz;
+    }
+    return 0;
+}
+
+/* The index-like contents of a weight, checked after *every* array of the call was taken: a later
+ * producer's __dlpack__ could otherwise rewrite them after the check (out-of-bounds indexing). */
+static int woq_validate(const mix_woq_weight *w, int64_t nnz) {
+    if (w->kind == 1)
+        for (int64_t i = 0; i < w->N * w->K; i++)
+            if (w->codes[i] >= w->L) { PyErr_Format(PyExc_ValueError, "codes: expected values < %lld (codebook levels)", (long long)w->L); return -1; }
+    if (w->rowptr) {
+        const int64_t *r = w->rowptr, *cc = w->cols;
         if (r[0] != 0 || r[w->N] != nnz) { PyErr_SetString(PyExc_ValueError, "rowptr: must start at 0 and end at len(cols)"); return -1; }
         for (int64_t n = 0; n < w->N; n++) if (r[n + 1] < r[n]) { PyErr_SetString(PyExc_ValueError, "rowptr: must be non-decreasing"); return -1; }
         for (int64_t t = 0; t < nnz; t++) if (cc[t] < 0 || cc[t] >= w->K) { PyErr_SetString(PyExc_ValueError, "cols: out of range"); return -1; }
-        w->rowptr = r; w->cols = cc; w->vals = vl->data;
     }
     return 0;
 }
@@ -591,8 +600,10 @@ static PyObject *py_woq_dequantize(PyObject *self, PyObject *args) {
     arrset s = {.n = 0};
     mix_woq_weight w;
     mix_array *out;
-    if (parse_woq(&s, spec, &w) < 0) goto fail;
+    int64_t nnz = 0;
+    if (parse_woq(&s, spec, &w, &nnz) < 0) goto fail;
     if (!(out = take(&s, oo, "out", MIX_DT(MIX_F32), 2, 1)) || check_shape2(out, w.N, w.K) < 0) goto fail;
+    if (woq_validate(&w, nnz) < 0) goto fail;
     Py_BEGIN_ALLOW_THREADS
     mix_woq_dequantize(&w, out->data);
     Py_END_ALLOW_THREADS
@@ -609,11 +620,13 @@ static PyObject *py_woq_linear(PyObject *self, PyObject *args) {
     arrset s = {.n = 0};
     mix_woq_weight w;
     mix_array *x, *b = NULL, *out;
-    if (parse_woq(&s, spec, &w) < 0) goto fail;
+    int64_t nnz = 0;
+    if (parse_woq(&s, spec, &w, &nnz) < 0) goto fail;
     if (!(x = take(&s, ox, "x", MIX_FLOATS, 2, 0)) || mix_check_dim(x, 1, w.K) < 0) goto fail;
     int64_t M = x->shape[0];
     if (ob != Py_None && (!(b = take(&s, ob, "bias", MIX_DT(MIX_F32), 1, 0)) || mix_check_dim(b, 0, w.N) < 0)) goto fail;
     if (!(out = take(&s, oo, "out", MIX_FLOATS, 2, 1)) || check_shape2(out, M, w.N) < 0) goto fail;
+    if (woq_validate(&w, nnz) < 0) goto fail;
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = mix_woq_linear(x->data, x->dtype, M, &w, b ? b->data : NULL, out->data, out->dtype);

@@ -181,3 +181,38 @@ def test_absurd_byte_offset_rejected(offset):
     with pytest.raises(ValueError, match="byte_offset"):
         _C.unpack_int4(dlfake.FakeArray(cap, dev), np.zeros((2, 8), np.uint8))
     dlfake.LEDGER.check()
+
+
+def test_woq_indices_changed_by_a_later_producer():
+    """woq_linear validated the outlier columns / codebook codes while parsing the weight, then took
+    x, bias and out: a later __dlpack__ could rewrite them into out-of-bounds indices. The checks
+    now run after every array was taken."""
+    N, K, M = 4, 8, 2
+    rng = np.random.default_rng(5)
+    codes = rng.integers(0, 4, (N, K)).astype(np.uint8)
+    codebook = rng.standard_normal((K, 4)).astype(np.float32)
+    rowptr = np.array([0, 1, 1, 2, 2], np.int64)
+    cols = np.array([3, 5], np.int64)
+    vals = np.ones(2, np.float32)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    bias = np.zeros(N, np.float32)
+
+    class Evil:
+        def __init__(self, victim, value):
+            self.victim, self.value = victim, value
+
+        def __dlpack_device__(self):
+            return bias.__dlpack_device__()
+
+        def __dlpack__(self, **kw):
+            self.victim[0] = self.value
+            return bias.__dlpack__(**kw)
+
+    spec = ("codebook", 0, codes, codebook, None, rowptr, cols, vals)
+    out = np.zeros((M, N), np.float32)
+    _C.woq_linear(x, spec, bias, out)  # honest call works
+    with pytest.raises(ValueError, match="cols"):
+        _C.woq_linear(x, spec, Evil(cols, 1 << 40), out)
+    cols[0] = 3
+    with pytest.raises(ValueError, match="codes"):
+        _C.woq_linear(x, spec, Evil(codes.reshape(-1), 200), out)
