@@ -7,6 +7,7 @@
  * each of the group's stages. Non-finite inputs are not detected on the GPU (that would
  * need a host synchronisation); they give unspecified codes. */
 #include "mixllm_cuda.h"
+#include "device_guard.cuh"
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -119,12 +120,8 @@ __global__ void act_quant_vec_kernel(const T *__restrict__ x, int64_t M, int64_t
 
 extern "C" int mixc_act_quant(int device, const void *x, int dtype, int64_t M, int64_t K, int64_t g, int64_t gp,
                               int8_t *q, int64_t qpitch, int spg, float *sa, int64_t sapitch, void *stream_) {
-    int prev = -1;
-    cudaGetDevice(&prev);
-    if (prev != device) {
-        cudaError_t e = cudaSetDevice(device);
-        if (e != cudaSuccess) return (int)e;
-    }
+    DeviceGuard guard(device);
+    if (guard.err != cudaSuccess) return (int)guard.err;
     cudaStream_t stream = (cudaStream_t)stream_;
     const int64_t G = (K + g - 1) / g;
     const int64_t warps = M * G;
@@ -153,6 +150,5 @@ extern "C" int mixc_act_quant(int device, const void *x, int dtype, int64_t M, i
 #undef MIXC_AQ
         if (err == cudaSuccess) err = cudaGetLastError();
     }
-    if (prev >= 0 && prev != device) cudaSetDevice(prev);
     return (int)err;
 }

@@ -40,6 +40,7 @@
  * Mixed layer: one launch covers both parts; blockIdx.x enumerates the row blocks of part 0
  * (the 4-bit rows) and then part 1, and each row's result goes to column out_index[row]. */
 #include "mixllm_cuda.h"
+#include "device_guard.cuh"
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -395,19 +396,6 @@ int cfg_occupancy(int device, int cfg) {
     }
     return cache[device][cfg];
 }
-
-struct DeviceGuard {
-    int prev = -1;
-    cudaError_t err = cudaSuccess;
-    explicit DeviceGuard(int dev) {
-        if (cudaGetDevice(&prev) != cudaSuccess) prev = -1;
-        if (prev != dev) err = cudaSetDevice(dev);
-    }
-    ~DeviceGuard() {
-        int cur;
-        if (prev >= 0 && cudaGetDevice(&cur) == cudaSuccess && cur != prev) cudaSetDevice(prev);
-    }
-};
 
 } // namespace
 

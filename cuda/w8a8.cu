@@ -11,6 +11,7 @@
  * group), at byte (rt * G + j) * 80: the 16 rows' float32 scales, then their 16 zero points
  * (uint8; 0 for 8-bit rows). */
 #include "mixllm_cuda.h"
+#include "device_guard.cuh"
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -102,12 +103,8 @@ extern "C" int mixc_pack_weight(int device, int bits, const void *qweight, const
                                 int64_t N, int64_t K, int64_t g, void *wpack, void *meta, void *stream_) {
     if ((bits != 4 && bits != 8) || (bits == 4 && !zero) || g <= 0 || K <= 0 || N < 0)
         return (int)cudaErrorInvalidValue;
-    int prev = -1;
-    cudaGetDevice(&prev);
-    if (prev != device) {
-        cudaError_t e = cudaSetDevice(device);
-        if (e != cudaSuccess) return (int)e;
-    }
+    DeviceGuard guard(device);
+    if (guard.err != cudaSuccess) return (int)guard.err;
     cudaStream_t stream = (cudaStream_t)stream_;
     Geo geo;
     geo.N = N; geo.K = K; geo.g = g; geo.G = (K + g - 1) / g; geo.gp = mixc_gp(g); geo.Kp = mixc_kp(K, g);
@@ -127,6 +124,5 @@ extern "C" int mixc_pack_weight(int device, int bits, const void *qweight, const
             err = cudaGetLastError();
         }
     }
-    if (prev >= 0 && prev != device) cudaSetDevice(prev);
     return (int)err;
 }
