@@ -61,6 +61,111 @@ def decode_tps(model, prompt, new_tokens, reps):
     return new_tokens / t, out[0, x.shape[1]:].tolist()
 
 
+def _static_cache(model, max_len, dtype, device):
+    """A transformers StaticCache, across the constructor signatures of 4.4x and 5.x."""
+    from transformers import StaticCache
+    cfg = model.config
+    tries = [dict(config=cfg, max_cache_len=max_len),
+             dict(config=cfg, max_batch_size=1, max_cache_len=max_len, device=device, dtype=dtype)]
+    err = None
+    for kw in tries:
+        try:
+            return StaticCache(**kw)
+        except TypeError as e:
+            err = e
+    raise err
+
+
+@torch.no_grad()
+def decode_graph_tps(model, prompt, new_tokens, reps):
+    """Greedy decode, batch 1, each step one replay of a CUDA graph of the whole model
+    (transformers StaticCache; the prompt's prefill runs eagerly, outside the timed loop).
+    Returns (tokens/s, tokens)."""
+    dev = next(model.parameters()).device
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    P = prompt.numel()
+    ids = prompt.to(dev)[None]
+    cache = _static_cache(model, P + new_tokens + 8, dtype, dev)
+    out = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(P, device=dev), use_cache=True)
+    first = out.logits[:, -1].argmax(-1)
+    static_ids = first.view(1, 1).clone()
+    static_pos = torch.tensor([P], device=dev)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up outside capture (plans, allocator pools)
+        for _ in range(2):
+            model(input_ids=static_ids, past_key_values=cache, cache_position=static_pos, use_cache=True)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits = model(input_ids=static_ids, past_key_values=cache, cache_position=static_pos,
+                       use_cache=True).logits
+    # transformers 5.x StaticCache layers count the tokens written in a tensor (advanced inside
+    # the graph by each replay); every run restarts it right after the prompt
+    counters = [l.cumulative_length for l in getattr(cache, "layers", [])
+                if torch.is_tensor(getattr(l, "cumulative_length", None))]
+    times, toks = [], None
+    for _ in range(reps + 1):
+        for c in counters:
+            c.fill_(P)
+        nxt = first.clone()
+        seq = torch.empty(new_tokens, dtype=torch.long, device=dev)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for t in range(new_tokens):
+            seq[t] = nxt[0]
+            static_ids.copy_(nxt.view(1, 1))
+            static_pos.fill_(P + t)
+            graph.replay()
+            nxt = logits[:, -1].argmax(-1)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        toks = seq.tolist()
+    t = statistics.median(times[1:])
+    return new_tokens / t, toks
+
+
+@torch.no_grad()
+def layer_times(model, reps=300):
+    """us per call of each distinct linear shape at M = 1: eager and as one CUDA-graph replay."""
+    from mixllm.nn import MixedLinear
+    dev = next(model.parameters()).device
+    seen, rows = set(), []
+    for name, m in model.named_modules():
+        if not isinstance(m, (torch.nn.Linear, MixedLinear)):
+            continue
+        key = (m.in_features, m.out_features)
+        if key in seen:
+            continue
+        seen.add(key)
+        dt = torch.bfloat16
+        x = torch.randn(1, m.in_features, device=dev, dtype=dt)
+        if isinstance(m, torch.nn.Linear):
+            m = m.to(dt)
+        for _ in range(5):
+            m(x)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            m(x)
+        torch.cuda.synchronize()
+        eager = (time.perf_counter() - t0) / reps * 1e6
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(20):
+                m(x)
+        g.replay()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps // 20):
+            g.replay()
+        torch.cuda.synchronize()
+        graph = (time.perf_counter() - t0) / (reps // 20 * 20) * 1e6
+        rows.append({"layer": name, "K": m.in_features, "N": m.out_features, "type": type(m).__name__,
+                     "eager_us": eager, "graph_us": graph})
+    return rows
+
+
 def to_dtype_outside_mixed(model, dtype):
     """Cast every parameter/buffer outside MixedLinear layers (embeddings, norms, head) to ``dtype``."""
     mixed = {id(t) for m in model.modules() if isinstance(m, MixedLinear)
@@ -117,6 +222,15 @@ def main(argv=None):
         res["tps_bf16_gpu"], res["tok_bf16"] = decode_tps(ref, prompt, args.new_tokens, args.reps)
         log("bf16 decode tok/s", res["tps_bf16_gpu"])
         _save(res, args.out)
+        try:
+            res["tps_graph_bf16"], res["tok_graph_bf16"] = decode_graph_tps(ref, prompt, args.new_tokens, args.reps)
+            log("bf16 decode tok/s (CUDA graph)", res["tps_graph_bf16"],
+                "same tokens as eager:", res["tok_graph_bf16"] == res["tok_bf16"])
+        except Exception as e:
+            res["graph_bf16_error"] = repr(e)
+            log("bf16 graph decode failed:", repr(e))
+        res["layers_bf16"] = layer_times(ref)
+        _save(res, args.out)
         ref32 = ref.float()
         res["tps_fp32_gpu"], _ = decode_tps(ref32, prompt, args.new_tokens, args.reps)
         log("fp32 decode tok/s", res["tps_fp32_gpu"])
@@ -157,6 +271,16 @@ def main(argv=None):
             res["tps_mixed_gpu"], res["tok_mixed"] = decode_tps(model, prompt, args.new_tokens, args.reps)
             log("mixed decode tok/s (bf16 rest)", res["tps_mixed_gpu"])
             _save(res, args.out)
+            try:
+                res["tps_graph_mixed"], res["tok_graph_mixed"] = decode_graph_tps(model, prompt, args.new_tokens,
+                                                                                  args.reps)
+                log("mixed decode tok/s (CUDA graph)", res["tps_graph_mixed"],
+                    "same tokens as eager:", res["tok_graph_mixed"] == res["tok_mixed"])
+            except Exception as e:
+                res["graph_mixed_error"] = repr(e)
+                log("mixed graph decode failed:", repr(e))
+            res["layers_mixed"] = layer_times(model)
+            _save(res, args.out)
         except Exception as e:  # report, keep the fp32-rest figures
             res["bf16rest_error"] = repr(e)
             log("bf16 rest failed:", repr(e))
@@ -192,7 +316,29 @@ def write_md(r, path):
         f"| MixLLM W4.4A8 (MixedLinear, rest fp32) | {f('tps_mixed_fp32rest_gpu', '{:.1f}')} |",
         f"| MixLLM W4.4A8 (MixedLinear, rest bf16) | {f('tps_mixed_gpu', '{:.1f}')} |",
         "",
+        f"Decode with each step one CUDA-graph replay of the whole model (StaticCache), {r['new_tokens']} "
+        "greedy tokens after an eager prefill, median of runs:",
+        "",
+        "| model on GPU | tokens/s | same tokens as eager |",
+        "|---|---:|---|",
+        f"| bf16 | {f('tps_graph_bf16', '{:.1f}')} | {r.get('tok_graph_bf16') == r.get('tok_bf16')} |",
+        f"| MixLLM W4.4A8 (rest bf16) | {f('tps_graph_mixed', '{:.1f}')} | "
+        f"{r.get('tok_graph_mixed') == r.get('tok_mixed')} |",
+        "",
     ]
+    lb = {(d["K"], d["N"]): d for d in r.get("layers_bf16", [])}
+    lm = {(d["K"], d["N"]): d for d in r.get("layers_mixed", [])}
+    if lb and lm:
+        lines += ["Per layer at M = 1 (bf16 activations), us per call: eager, and inside a CUDA graph:", "",
+                  "| K x N | bf16 eager | MixedLinear eager | bf16 graph | MixedLinear graph |",
+                  "|---|---:|---:|---:|---:|"]
+        for k in sorted(set(lb) & set(lm)):
+            lines.append(f"| {k[0]} x {k[1]} | {lb[k]['eager_us']:.1f} | {lm[k]['eager_us']:.1f} | "
+                         f"{lb[k]['graph_us']:.1f} | {lm[k]['graph_us']:.1f} |")
+        lines.append("")
+    for k in ("graph_bf16_error", "graph_mixed_error"):
+        if k in r:
+            lines.append(f"{k}: `{r[k]}`\n")
     if "bf16rest_error" in r:
         lines.append(f"bf16-rest run failed: `{r['bf16rest_error']}`\n")
     with open(path, "w") as fh:

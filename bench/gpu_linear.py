@@ -120,6 +120,9 @@ def bench_shape(N, K, ms, dev, gen, rates, quick):
     i4, i8x = split_rows(N, n8, dev, gen)
     mixed = [(rand_qweight(N - n8, K, 4, dev, gen), rand_qweight(n8, K, 8, dev, gen))
              for _ in range(copies((N - n8) * K // 2 + n8 * K))]
+    p8 = [cuda_ops.PreparedLinear([(w, None)], N, None, dev) for w in w8]
+    p4 = [cuda_ops.PreparedLinear([(w, None)], N, None, dev) for w in w4]
+    pmix = [cuda_ops.PreparedLinear([(p[0], i4), (p[1], i8x)], N, None, dev) for p in mixed]
     for M in ms:
         nx = max(len(w_bf16), len(w4), len(mixed))
         xs = [torch.randn((M, K), device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(nx)]
@@ -130,13 +133,17 @@ def bench_shape(N, K, ms, dev, gen, rates, quick):
         r["bf16"] = time_graph([(lambda x=xs[i], w=w: F.linear(x, w)) for i, w in enumerate(w_bf16)])
         r["int_mm"] = time_graph([(lambda a=xq17[i], w=w: torch._int_mm(a, w.t())) for i, w in enumerate(w_i8)])
         r["int_mm+q"] = time_graph([(lambda x=xs17[i], w=w: int_mm_q(x, w.t(), sw)) for i, w in enumerate(w_i8)])
-        r["w8a8"] = time_graph([(lambda x=xs[i], w=w: ops.w8a8_linear(x, w)) for i, w in enumerate(w8)])
-        r["w4a8"] = time_graph([(lambda x=xs[i], w=w: ops.w4a8_linear(x, w)) for i, w in enumerate(w4)])
-        r["w4.4a8"] = time_graph([(lambda x=xs[i], p=p: ops.mixed_linear(x, p[0], p[1], i4, i8x))
-                                  for i, p in enumerate(mixed)])
+        # layers prepared once (as MixedLinear does): the graphs hold only the kernels
+        r["w8a8"] = time_graph([(lambda x=xs[i], l=l: l(x)) for i, l in enumerate(p8)])
+        r["w4a8"] = time_graph([(lambda x=xs[i], l=l: l(x)) for i, l in enumerate(p4)])
+        r["w4.4a8"] = time_graph([(lambda x=xs[i], l=l: l(x)) for i, l in enumerate(pmix)])
+        fused = pmix[0].plan(M)[2]
+        r["fused"] = bool(fused)
+        if fused:  # the same layer with the separate activation-quantization kernel
+            r["w4.4a8_unfused"] = time_graph([(lambda x=xs[i], l=l: l(x, fuse=0)) for i, l in enumerate(pmix)])
         r["aq"] = time_graph([(lambda x=x: cuda_ops.quantize_activation(x, 128)) for x in xs])
-        cfg = cuda_ops.plan(M, (N - n8, n8), K)
-        r["plan"] = f"{cfg[2]}/s{cfg[1]}"
+        cfg = pmix[0].plan(M)
+        r["plan"] = f"{cfg[4]}/s{cfg[1]}" + ("/fused" if cfg[2] else "")
         wbytes = (N - n8) * K / 2 + n8 * K + N * (K // 128) * 5
         nbytes = wbytes + M * K * 2 + M * N * 2
         r["floor"] = max(nbytes / bw, 2 * M * N * K / i8) * 1e3
@@ -159,7 +166,8 @@ def fmt_row(r):
     us = lambda k: f"{r[k] * 1e3:8.1f}"  # noqa: E731
     return (f"{r['N']:>6} {r['K']:>6} {r['M']:>5} | {us('bf16')} {us('int_mm')} {us('int_mm+q')} {us('w8a8')} "
             f"{us('w4a8')} {us('w4.4a8')} {r['aq'] * 1e3:6.1f} {r['floor'] * 1e3:7.1f} | {r['x_bf16']:6.2f} "
-            f"{r['x_int_mm']:6.2f} {r['x_int_mm+q']:7.2f} {r['w4.4_TBps']:5.2f} {r['w4.4_TOPS']:5.0f} {r['plan']}")
+            f"{r['x_int_mm']:6.2f} {r['x_int_mm+q']:7.2f} {r['w4.4_TBps']:5.2f} {r['w4.4_TOPS']:5.0f} {r['plan']}"
+            + (f" (unfused {r['w4.4a8_unfused'] * 1e3:.1f})" if "w4.4a8_unfused" in r else ""))
 
 
 def tune(dev, gen):
@@ -175,10 +183,9 @@ def tune(dev, gen):
         for M in MS:
             xs = [torch.randn((M, K), device=dev, dtype=torch.bfloat16, generator=gen) for _ in mixed]
             ts = []
+            pl = [cuda_ops.PreparedLinear([(p[0], i4), (p[1], i8)], N, None, dev) for p in mixed]
             for c in list(range(_cuda.NCFG)) + [-1]:
-                ts.append(time_graph([(lambda x=xs[i], p=p: cuda_ops.qlinear(x, [(p[0], i4), (p[1], i8)], N, None,
-                                                                           (M,), cfg=c)) for i, p in enumerate(mixed)],
-                                     reps=7))
+                ts.append(time_graph([(lambda x=xs[i], l=l: l(x, cfg=c)) for i, l in enumerate(pl)], reps=7))
             print(f"{N:>6} {K:>6} {M:>5} | " + " ".join(f"{t * 1e3:10.1f}" for t in ts[:-1]) + f" | {ts[-1] * 1e3:.1f}",
                   flush=True)
         del mixed

@@ -150,36 +150,51 @@ static PyObject *py_plan(PyObject *self, PyObject *args) {
     return Py_BuildValue("iis", c, sp, mixc_cfg_name(c));
 }
 
-/* qlinear(xq, sa, g, parts, bias|None, y, ws|None, cfg, splits, stream)
+/* ---------------------------------------------------------------- prepared layers
+ * A quantized layer is validated once: prepare() takes its packed parts, output indices,
+ * bias and split-K counters through DLPack, checks them against each other and keeps the
+ * DLPack tensors (so their memory stays alive) in a capsule. Each call then takes only x,
+ * y and a scratch buffer (raw DLPack capsules are accepted: the cheap path of MixedLinear). */
+#define HANDLE_NAME "mixllm._cuda.qlinear_handle"
+typedef struct {
+    mix_array arr[2 * MIXC_MAX_PARTS * 3 + 2];
+    int narr;
+    mixc_gemm tmpl; /* parts, bias, n_out, G, spg, Kp, counters */
+    int64_t K, g, Ns[MIXC_MAX_PARTS];
+    int device;
+} qhandle;
+
+static void handle_free(PyObject *cap) {
+    qhandle *h = PyCapsule_GetPointer(cap, HANDLE_NAME);
+    if (!h) { PyErr_Clear(); return; }
+    for (int i = 0; i < h->narr; i++) mix_array_release(&h->arr[i]);
+    PyMem_Free(h);
+}
+
+static qhandle *get_handle(PyObject *o) {
+    qhandle *h = PyCapsule_CheckExact(o) ? PyCapsule_GetPointer(o, HANDLE_NAME) : NULL;
+    if (!h) {
+        PyErr_Clear();
+        PyErr_SetString(PyExc_TypeError, "handle: expected a layer handle from mixllm._cuda.prepare()");
+    }
+    return h;
+}
+
+/* prepare(parts, bias|None, counters|None, K, g, stream) -> handle
  * parts: list of (wpack, meta, bits, N, out_index|None). */
-static PyObject *py_qlinear(PyObject *self, PyObject *args) {
-    PyObject *oxq, *osa, *oparts, *obias, *oy, *ows;
-    long long g, stream;
-    int cfg, splits;
-    if (!PyArg_ParseTuple(args, "OOLO!OOOiiL", &oxq, &osa, &g, &PyList_Type, &oparts, &obias, &oy, &ows, &cfg, &splits,
-                          &stream))
-        return NULL;
+static PyObject *py_prepare(PyObject *self, PyObject *args) {
+    PyObject *oparts, *obias, *octr;
+    long long K, g, stream;
+    if (!PyArg_ParseTuple(args, "O!OOLLL", &PyList_Type, &oparts, &obias, &octr, &K, &g, &stream)) return NULL;
     if (check_group(g) < 0) return NULL;
+    if (K <= 0) return PyErr_Format(PyExc_ValueError, "K: expected a positive integer, got %lld", K);
     Py_ssize_t np = PyList_GET_SIZE(oparts);
     if (np < 1 || np > MIXC_MAX_PARTS)
         return PyErr_Format(PyExc_ValueError, "parts: expected a list of 1 or 2 (wpack, meta, bits, N, out_index) tuples");
-    if (cfg < 0 || cfg >= MIXC_NCFG || splits < 1)
-        return PyErr_Format(PyExc_ValueError, "cfg, splits: expected 0..%d and >= 1 (see plan())", MIXC_NCFG - 1);
+    qhandle *h = PyMem_Calloc(1, sizeof *h);
+    if (!h) return PyErr_NoMemory();
     arrset s = {.n = 0, .stream = stream};
-    mixc_gemm G;
-    memset(&G, 0, sizeof G);
-    mix_array *xq, *sa, *y, *bias = NULL, *ws = NULL;
-    if (!(y = take(&s, oy, "y", MIX_FLOATS, 2, 1))) goto fail;
-    int64_t M = y->shape[0], n_out = y->shape[1];
-    if (!(xq = take(&s, oxq, "xq", MIX_DT(MIX_I8), 2, 0)) || mix_check_dim(xq, 0, M) < 0) goto fail;
-    int64_t Kp = xq->shape[1];
-    if (Kp <= 0 || Kp % MIXC_KSTAGE) {
-        PyErr_Format(PyExc_ValueError, "xq: rows must hold a positive multiple of %d codes (padded layout)", MIXC_KSTAGE);
-        goto fail;
-    }
-    if (!(sa = take(&s, osa, "sa", MIX_DT(MIX_F32), 2, 0)) || check_shape2(sa, M, Kp / MIXC_KSTAGE) < 0) goto fail;
-    int64_t gp = mixc_gp(g), Gn = Kp / gp;
-    if (Kp % gp) { PyErr_SetString(PyExc_ValueError, "xq: row length does not match group_size"); goto fail; }
+    const int64_t gp = mixc_gp(g), Kp = mixc_kp(K, g), Gn = (K + g - 1) / g;
     int64_t nsum = 0;
     for (Py_ssize_t i = 0; i < np; i++) {
         PyObject *t = PyList_GET_ITEM(oparts, i), *ow, *om, *oidx;
@@ -191,55 +206,187 @@ static PyObject *py_qlinear(PyObject *self, PyObject *args) {
             goto fail;
         }
         if ((bits != 4 && bits != 8) || N < 0) { PyErr_SetString(PyExc_ValueError, "parts: bits must be 4 or 8, N >= 0"); goto fail; }
-        int64_t K_any = Kp; /* the packed sizes depend on Kp and G only */
         mix_array *w, *m;
-        if (!(w = take(&s, ow, "wpack", MIX_DT(MIX_U8), 1, 0)) ||
-            check_size(w, (N + 15) / 16 * 16 * K_any * bits / 8) < 0) goto fail;
-        if (!(m = take(&s, om, "meta", MIX_DT(MIX_U8), 1, 0)) || check_size(m, (N + 15) / 16 * Gn * 80) < 0) goto fail;
+        if (!(w = take(&s, ow, "wpack", MIX_DT(MIX_U8), 1, 0)) || check_size(w, mixc_wpack_bytes(bits, N, K, g)) < 0) goto fail;
+        if (!(m = take(&s, om, "meta", MIX_DT(MIX_U8), 1, 0)) || check_size(m, mixc_meta_bytes(N, K, g)) < 0) goto fail;
         if (((uintptr_t)w->data | (uintptr_t)m->data) % 16) {
             PyErr_SetString(PyExc_ValueError, "wpack, meta: must be 16-byte aligned");
             goto fail;
         }
-        G.parts[i].wpack = w->data;
-        G.parts[i].meta = m->data;
-        G.parts[i].N = N;
-        G.parts[i].bits = bits;
+        mixc_part *p = &h->tmpl.parts[i];
+        p->wpack = w->data;
+        p->meta = m->data;
+        p->N = N;
+        p->bits = bits;
         if (oidx != Py_None) {
             mix_array *idx = take(&s, oidx, "out_index", MIX_DT(MIX_I64), 1, 0);
             if (!idx || mix_check_dim(idx, 0, N) < 0) goto fail;
-            G.parts[i].out_index = idx->data;
-        } else if (np != 1 || N != n_out) {
+            p->out_index = idx->data;
+        } else if (np != 1) {
             PyErr_SetString(PyExc_ValueError, "parts: out_index is required unless one part covers all outputs");
             goto fail;
         }
+        h->Ns[i] = N;
         nsum += N;
     }
-    if (nsum != n_out) {
-        PyErr_Format(PyExc_ValueError, "y: expected %lld output columns (the parts' rows), got %lld", (long long)nsum,
-                     (long long)n_out);
+    h->tmpl.nparts = (int)np;
+    h->tmpl.n_out = nsum;
+    if (obias != Py_None) {
+        mix_array *b = take(&s, obias, "bias", MIX_DT(MIX_F32), 1, 0);
+        if (!b || mix_check_dim(b, 0, nsum) < 0) goto fail;
+        h->tmpl.bias = b->data;
+    }
+    if (octr != Py_None) {
+        mix_array *c = take(&s, octr, "counters", MIX_DT(MIX_I32), 1, 1);
+        if (!c) goto fail;
+        h->tmpl.counters = c->data;
+        h->tmpl.ncounters = c->numel;
+    }
+    if (s.n == 0) { PyErr_SetString(PyExc_ValueError, "parts: no arrays"); goto fail; }
+    h->device = s.a[0].device_id;
+    h->tmpl.Kp = Kp;
+    h->tmpl.G = (int)Gn;
+    h->tmpl.spg = (int)(gp / MIXC_KSTAGE);
+    h->tmpl.g = g;
+    h->tmpl.K = K;
+    h->K = K;
+    h->g = g;
+    memcpy(h->arr, s.a, sizeof(mix_array) * s.n);
+    h->narr = s.n;
+    PyObject *cap = PyCapsule_New(h, HANDLE_NAME, handle_free);
+    if (!cap) {
+        for (int i = 0; i < h->narr; i++) mix_array_release(&h->arr[i]);
+        PyMem_Free(h);
+    }
+    return cap;
+fail:
+    arrset_release(&s);
+    PyMem_Free(h);
+    return NULL;
+}
+
+#define FUSE_MAX_CODES_PER_BLOCK 16384
+
+static int64_t align16(int64_t v) { return (v + 15) / 16 * 16; }
+
+/* Scratch bytes of one call: activation codes and scales (unless fused), split-K partials. */
+static int64_t scratch_bytes(const qhandle *h, int64_t M, int splits, int fused) {
+    const int64_t Kp = h->tmpl.Kp;
+    int64_t b = fused ? 0 : align16(M * Kp) + align16(M * (Kp / MIXC_KSTAGE) * 4);
+    if (splits > 1) b += (int64_t)splits * M * h->tmpl.n_out * 4;
+    return b;
+}
+
+/* Checks a (cfg, splits, fused) choice for M tokens; fills the planner's choice for cfg < 0
+ * / splits <= 0 / fuse < 0. Returns 0 or -1 with ValueError. */
+static int resolve_plan(const qhandle *h, int64_t M, int *cfg, int *splits, int *fuse) {
+    if (*cfg >= MIXC_NCFG) {
+        PyErr_Format(PyExc_ValueError, "cfg: expected -1 (auto) or 0..%d, got %d", MIXC_NCFG - 1, *cfg);
+        return -1;
+    }
+    int c, sp; /* a forced split-K factor above the stages of K is clamped by the planner */
+    if (mixc_plan(h->device, M > 0 ? M : 1, h->Ns, h->tmpl.nparts, h->tmpl.Kp, *cfg, *splits, &c, &sp) < 0) {
+        PyErr_Format(PyExc_ValueError, "cfg: expected -1 (auto) or 0..%d, got %d", MIXC_NCFG - 1, *cfg);
+        return -1;
+    }
+    const int ok = mixc_fusable(h->device, c, M, h->tmpl.Kp, sp);
+    if (*fuse > 0 && !ok) {
+        PyErr_Format(PyExc_ValueError, "fuse: configuration %s cannot quantize %lld tokens in the GEMM", mixc_cfg_name(c),
+                     (long long)M);
+        return -1;
+    }
+    /* Auto: quantize inside the GEMM when each block's share of x is small (every block
+     * re-quantizes its tokens over its K range; past this the separate kernel is cheaper). */
+    const int64_t per_block = M * (int64_t)(((h->tmpl.Kp / MIXC_KSTAGE + sp - 1) / sp) * MIXC_KSTAGE);
+    *fuse = *fuse < 0 ? (ok && per_block <= FUSE_MAX_CODES_PER_BLOCK) : (*fuse > 0);
+    *cfg = c;
+    *splits = sp;
+    return 0;
+}
+
+/* fusable(device, cfg, M, Kp, splits) -> bool: can cfg quantize M tokens inside the GEMM */
+static PyObject *py_fusable(PyObject *self, PyObject *args) {
+    int device, cfg, splits;
+    long long M, Kp;
+    if (!PyArg_ParseTuple(args, "iiLLi", &device, &cfg, &M, &Kp, &splits)) return NULL;
+    if (Kp <= 0 || Kp % MIXC_KSTAGE) return PyErr_Format(PyExc_ValueError, "Kp: expected a positive multiple of %d", MIXC_KSTAGE);
+    return PyBool_FromLong(mixc_fusable(device, cfg, M, Kp, splits));
+}
+
+/* plan_call(handle, M, cfg, splits, fuse) -> (cfg, splits, fused, scratch_bytes, cfg_name) */
+static PyObject *py_plan_call(PyObject *self, PyObject *args) {
+    PyObject *oh;
+    long long M;
+    int cfg, splits, fuse;
+    if (!PyArg_ParseTuple(args, "OLiii", &oh, &M, &cfg, &splits, &fuse)) return NULL;
+    qhandle *h = get_handle(oh);
+    if (!h) return NULL;
+    if (M < 0) return PyErr_Format(PyExc_ValueError, "M: expected >= 0, got %lld", M);
+    if (resolve_plan(h, M, &cfg, &splits, &fuse) < 0) return NULL;
+    return Py_BuildValue("iiiLs", cfg, splits, fuse, (long long)scratch_bytes(h, M, splits, fuse), mixc_cfg_name(cfg));
+}
+
+/* run(handle, x, y, scratch|None, cfg, splits, fuse, stream): y = x W^T + bias. */
+static PyObject *py_run(PyObject *self, PyObject *args) {
+    PyObject *oh, *ox, *oy, *osc;
+    int cfg, splits, fuse;
+    long long stream;
+    if (!PyArg_ParseTuple(args, "OOOOiiiL", &oh, &ox, &oy, &osc, &cfg, &splits, &fuse, &stream)) return NULL;
+    qhandle *h = get_handle(oh);
+    if (!h) return NULL;
+    arrset s = {.n = 0, .stream = stream};
+    mix_array *x, *y, *sc = NULL;
+    if (!(x = take(&s, ox, "x", MIX_FLOATS, 2, 0))) goto fail;
+    if (x->device_id != h->device) {
+        PyErr_Format(PyExc_ValueError, "x: on CUDA device %d, the layer's weights on %d", x->device_id, h->device);
         goto fail;
     }
-    if (obias != Py_None && (!(bias = take(&s, obias, "bias", MIX_DT(MIX_F32), 1, 0)) || mix_check_dim(bias, 0, n_out) < 0))
+    const int64_t M = x->shape[0];
+    if (mix_check_dim(x, 1, h->K) < 0) goto fail;
+    if (!(y = take(&s, oy, "y", MIX_FLOATS, 2, 1)) || check_shape2(y, M, h->tmpl.n_out) < 0) goto fail;
+    if (cfg < 0 || splits < 1 || fuse < 0) {
+        PyErr_SetString(PyExc_ValueError, "cfg, splits, fuse: pass the values plan_call() returned");
         goto fail;
-    if (splits > 1) {
-        if (ows == Py_None) { PyErr_SetString(PyExc_ValueError, "ws: a workspace is required when splits > 1"); goto fail; }
-        if (!(ws = take(&s, ows, "ws", MIX_DT(MIX_F32), 1, 1)) || check_size(ws, (int64_t)splits * M * n_out) < 0) goto fail;
     }
-    G.xq = xq->data;
-    G.sa = sa->data;
+    if (resolve_plan(h, M, &cfg, &splits, &fuse) < 0) goto fail;
+    const int64_t need = scratch_bytes(h, M, splits, fuse);
+    uint8_t *base = NULL;
+    if (need > 0) {
+        if (osc == Py_None) { PyErr_Format(PyExc_ValueError, "scratch: %lld bytes are needed", (long long)need); goto fail; }
+        if (!(sc = take(&s, osc, "scratch", MIX_DT(MIX_U8), 1, 1))) goto fail;
+        if (sc->numel < need) {
+            PyErr_Format(PyExc_ValueError, "scratch: expected at least %lld bytes, got %lld", (long long)need,
+                         (long long)sc->numel);
+            goto fail;
+        }
+        if ((uintptr_t)sc->data % 16) { PyErr_SetString(PyExc_ValueError, "scratch: must be 16-byte aligned"); goto fail; }
+        base = sc->data;
+    }
+    if (M == 0) { arrset_release(&s); Py_RETURN_NONE; }
+    mixc_gemm G = h->tmpl;
+    const int64_t Kp = G.Kp;
     G.M = M;
-    G.Kp = Kp;
-    G.G = (int)Gn;
-    G.spg = (int)(gp / MIXC_KSTAGE);
-    G.nparts = (int)np;
-    G.bias = bias ? bias->data : NULL;
     G.y = y->data;
     G.ydtype = dtype_code(y->dtype);
-    G.n_out = n_out;
-    G.ws = ws ? ws->data : NULL;
     G.cfg = cfg;
     G.splits = splits;
-    int err = mixc_qlinear(y->device_id, &G, (void *)(intptr_t)stream);
+    G.fuse = fuse;
+    G.x = x->data;
+    G.xdtype = dtype_code(x->dtype);
+    G.pdl = 1;
+    int64_t off = 0;
+    int err = 0;
+    if (!fuse) {
+        G.xq = (const int8_t *)base;
+        G.sa = (const float *)(base + align16(M * Kp));
+        off = align16(M * Kp) + align16(M * (Kp / MIXC_KSTAGE) * 4);
+        err = mixc_act_quant(h->device, x->data, G.xdtype, M, h->K, h->g, mixc_gp(h->g), (int8_t *)G.xq, Kp, G.spg,
+                             (float *)G.sa, Kp / MIXC_KSTAGE, (void *)(intptr_t)stream);
+    }
+    if (!err) {
+        G.ws = splits > 1 ? (float *)(base + off) : NULL;
+        err = mixc_qlinear(h->device, &G, (void *)(intptr_t)stream);
+    }
     arrset_release(&s);
     if (err) return cuda_fail(err, "qlinear");
     Py_RETURN_NONE;
@@ -254,8 +401,12 @@ static PyMethodDef methods[] = {
      "pack_weight(qweight, scale, zero, bits, K, g, wpack_out, meta_out, stream): canonical -> GEMM layout"},
     {"geometry", py_geometry, METH_VARARGS, "geometry(K, g) -> (G, gp, spg, Kp): the padded-K layout"},
     {"plan", py_plan, METH_VARARGS, "plan(device, M, Ns, Kp, cfg, splits) -> (cfg, splits, name)"},
-    {"qlinear", py_qlinear, METH_VARARGS,
-     "qlinear(xq, sa, g, parts, bias, y, ws, cfg, splits, stream): W4A8/W8A8/mixed GEMM"},
+    {"prepare", py_prepare, METH_VARARGS,
+     "prepare(parts, bias, counters, K, g, stream) -> handle: a validated W4A8/W8A8/mixed layer"},
+    {"plan_call", py_plan_call, METH_VARARGS,
+     "plan_call(handle, M, cfg, splits, fuse) -> (cfg, splits, fused, scratch_bytes, name)"},
+    {"fusable", py_fusable, METH_VARARGS, "fusable(device, cfg, M, Kp, splits) -> bool: quantization inside the GEMM"},
+    {"run", py_run, METH_VARARGS, "run(handle, x, y, scratch, cfg, splits, fuse, stream): y = x W^T + bias"},
     {NULL, NULL, 0, NULL},
 };
 

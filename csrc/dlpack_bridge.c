@@ -124,7 +124,30 @@ int mix_array_get(PyObject *obj, const char *name, unsigned allowed_dtypes, int 
         return -1;
     }
     int dev_type, dev_id;
-    if (query_device(obj, name, &dev_type, &dev_id) < 0) return -1;
+    /* A raw, unused DLPack capsule (torch.utils.dlpack.to_dlpack, the C-level form of the
+     * protocol) is taken as it is: the fast path of per-call arguments. No stream is
+     * negotiated for it: its producer must have made it on the consumer's stream. */
+    const int raw = PyCapsule_CheckExact(obj);
+    if (raw) {
+        DLTensor *rt = NULL;
+        if (PyCapsule_IsValid(obj, "dltensor_versioned")) {
+            DLManagedTensorVersioned *m = PyCapsule_GetPointer(obj, "dltensor_versioned");
+            rt = m ? &m->dl_tensor : NULL;
+        } else if (PyCapsule_IsValid(obj, "dltensor")) {
+            DLManagedTensor *m = PyCapsule_GetPointer(obj, "dltensor");
+            rt = m ? &m->dl_tensor : NULL;
+        }
+        if (!rt) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "%s: expected an unused \"dltensor\" capsule or an array supporting DLPack",
+                         name);
+            return -1;
+        }
+        dev_type = rt->device.device_type;
+        dev_id = rt->device.device_id;
+    } else if (query_device(obj, name, &dev_type, &dev_id) < 0) {
+        return -1;
+    }
     if (dev_type != kDLCPU && dev_type != kDLCUDA) {
         PyErr_Format(PyExc_ValueError, "%s: arrays must live on the CPU or a CUDA device, got DLPack device type %d",
                      name, dev_type);
@@ -135,7 +158,7 @@ int mix_array_get(PyObject *obj, const char *name, unsigned allowed_dtypes, int 
                      device == MIX_ON_CPU ? "CPU" : "CUDA", dev_type == kDLCPU ? "the CPU" : "a CUDA device");
         return -1;
     }
-    PyObject *cap = request_capsule(obj, name, dev_type == kDLCUDA, stream);
+    PyObject *cap = raw ? (Py_INCREF(obj), obj) : request_capsule(obj, name, dev_type == kDLCUDA, stream);
     if (!cap) return -1;
     DLTensor *t = NULL;
     if (PyCapsule_IsValid(cap, "dltensor_versioned")) {

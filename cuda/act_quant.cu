@@ -15,6 +15,15 @@
 
 namespace {
 
+/* The GEMM that consumes the codes is launched with programmatic dependent launch (sm_90):
+ * let it start now and fetch its weights while this kernel runs; it waits for this grid's
+ * completion before reading the codes. */
+__device__ __forceinline__ void let_dependents_start() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 template <typename T> __device__ __forceinline__ float to_f(T v);
 template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
 template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
@@ -24,6 +33,7 @@ template <typename T>
 __global__ void act_quant_kernel(const T *__restrict__ x, int64_t M, int64_t K, int64_t g, int64_t G, int64_t gp,
                                  int8_t *__restrict__ q, int64_t qpitch, int spg, float *__restrict__ sa,
                                  int64_t sapitch) {
+    let_dependents_start();
     const int lane = threadIdx.x & 31;
     const int64_t wid = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5;
     if (wid >= M * G) return;
@@ -70,6 +80,7 @@ template <typename T>
 __global__ void act_quant_vec_kernel(const T *__restrict__ x, int64_t M, int64_t K, int64_t g, int64_t G, int64_t gp,
                                      int8_t *__restrict__ q, int64_t qpitch, int spg, float *__restrict__ sa,
                                      int64_t sapitch) {
+    let_dependents_start();
     const int lane = threadIdx.x & 31;
     const int64_t nwarps = ((int64_t)gridDim.x * blockDim.x) >> 5;
     for (int64_t wid = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5; wid < M * G; wid += nwarps) {

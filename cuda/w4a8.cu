@@ -69,7 +69,32 @@ struct Args {
     const float *bias;
     void *y;
     float *ws;
+    int *counters;   /* per output tile, zero between calls: in-kernel split-K reduction; or NULL */
+    /* fused activation quantization (small M): the float activations themselves */
+    const void *x;   /* [M, K] row-major, dtype xdt (0 f32, 1 f16, 2 bf16) */
+    int64_t K, g, gp;
+    int xdt, apitch; /* apitch: bytes per token row of the resident activation codes */
 };
+
+/* Programmatic dependent launch (sm_90): a kernel launched with the PDL attribute may start
+ * while the previous kernel on the stream still runs; it must wait before reading what that
+ * kernel wrote. Both are no-ops on older GPUs and without the attribute. */
+__device__ __forceinline__ void grid_dep_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void grid_dep_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ float load_x(const void *x, int dt, int64_t i) {
+    if (dt == 0) return ((const float *)x)[i];
+    if (dt == 1) return __half2float(((const __half *)x)[i]);
+    return __bfloat162float(((const __nv_bfloat16 *)x)[i]);
+}
 
 __device__ __forceinline__ void mma_s8(int (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -138,8 +163,54 @@ template <int NW, int TN, int BM, int ST> constexpr size_t smem_bytes() {
                : (size_t)ST * StageLayout<NW, TN, BM, 8>::BYTES;
 }
 
+/* Fused activation quantization (small M): the block quantizes its own tokens' groups
+ * that overlap its stages [s0, s1) straight into shared memory, one warp per (token, group),
+ * with the arithmetic of cuda/act_quant.cu (the same codes and scales bit for bit). Tokens
+ * past M get zero codes and unit scales. */
+template <int BM>
+__device__ __forceinline__ void quantize_resident(const Args &a, int64_t m0, int s0, int s1, uint8_t *actf,
+                                                  float *saf) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
+    const int spg = a.spg;
+    const int j0 = s0 / spg, j1 = (s1 - 1) / spg; /* groups touched (padding stages map past G-1) */
+    const int ng = j1 - j0 + 1;
+    for (int w = warp; w < BM * ng; w += nwarps) {
+        const int r = w / ng, j = j0 + w % ng;
+        const int64_t m = m0 + r;
+        const int64_t k0 = (int64_t)j * a.g;
+        const int64_t len = (m < a.M && j < a.G) ? min(a.g, a.K - k0) : 0;
+        float amax = 0.f;
+        for (int64_t e = lane; e < len; e += 32) amax = fmaxf(amax, fabsf(load_x(a.x, a.xdt, m * a.K + k0 + e)));
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+        float sc = amax / 127.f;
+        if (!(sc > 0.f)) sc = 1.f;
+        /* this group's padded columns that fall in the block's stages */
+        const int64_t c0 = max((int64_t)j * a.gp, (int64_t)s0 * KS), c1 = min((int64_t)(j + 1) * a.gp, (int64_t)s1 * KS);
+        uint8_t *row = actf + r * a.apitch - (int64_t)s0 * KS;
+        for (int64_t c = c0 + lane; c < c1; c += 32) {
+            const int64_t e = c - (int64_t)j * a.gp;
+            int code = 0;
+            if (e < len) code = max(-127, min(127, __float2int_rn(load_x(a.x, a.xdt, m * a.K + k0 + e) / sc)));
+            row[c] = (uint8_t)(int8_t)code;
+        }
+        const int t0 = max(j * spg, s0), t1 = min((j + 1) * spg, s1);
+        for (int t = t0 + lane; t < t1; t += 32) saf[r * a.sps + (t - s0)] = sc;
+    }
+    /* stages past the last group (row padding up to Kp) */
+    const int sg = a.G * spg;
+    for (int w = threadIdx.x; w < BM * (s1 - s0); w += blockDim.x) {
+        const int r = w / (s1 - s0), t = s0 + w % (s1 - s0);
+        if (t >= sg) {
+            saf[r * a.sps + (t - s0)] = 1.f;
+            for (int c = 0; c < KS; c++) actf[r * a.apitch + (t - s0) * KS + c] = 0;
+        }
+    }
+    __syncthreads();
+}
+
 /* One block's tile: NW warps x TN 16-row tiles of one part, BM tokens, one split of K. */
-template <int BITS, int NW, int TN, int BM, int ST_>
+template <int BITS, int NW, int TN, int BM, int ST_, bool FUSE>
 __device__ __forceinline__ void gemm_tile(const Args &a, const Part &p, int rb, int mb, int split, uint8_t *smem) {
     using L = StageLayout<NW, TN, BM, BITS>;
     constexpr int ST = Depth<BITS, BM, ST_>::value;
@@ -161,15 +232,12 @@ __device__ __forceinline__ void gemm_tile(const Args &a, const Part &p, int rb, 
 
     /* Everything of stage s goes global -> shared with cp.async, copied cooperatively: the
      * activations by the whole block, each warp's weights and meta by that warp. */
-    auto load_stage = [&](int s, int buf) {
+    /* Fused quantization: the block's activation codes for all its stages stay resident
+     * after the stage buffers, [BM][apitch] bytes, then their scales [BM][sps] floats. */
+    uint8_t *actf = smem + ST * L::BYTES;
+    float *saf = (float *)(actf + BM * a.apitch);
+    auto load_weights = [&](int s, int buf) {
         uint8_t *st = smem + buf * L::BYTES;
-        for (int c = threadIdx.x; c < BM * 8; c += NTH) {
-            const int r = c >> 3, q = c & 7;
-            const int64_t m = min(m0 + r, M - 1); /* rows past M: any valid data, never stored */
-            cp_async16(st + r * AROW + q * 16, a.xq + m * Kp + (int64_t)s * KS + q * 16);
-        }
-        for (int r = threadIdx.x; r < BM; r += NTH)
-            cp_async4(st + L::SA + r * 4, a.sa + min(m0 + r, M - 1) * nst + s);
         const int j = min(s / spg, G - 1);
 #pragma unroll
         for (int i = 0; i < TN; i++) {
@@ -182,6 +250,21 @@ __device__ __forceinline__ void gemm_tile(const Args &a, const Part &p, int rb, 
             if (lane < 5) cp_async16(st + L::META + (warp * TN + i) * 80 + lane * 16, msrc + (rt * G + j) * 80 + lane * 16);
         }
     };
+    auto load_acts = [&](int s, int buf) {
+        if (FUSE) return;
+        uint8_t *st = smem + buf * L::BYTES;
+        for (int c = threadIdx.x; c < BM * 8; c += NTH) {
+            const int r = c >> 3, q = c & 7;
+            const int64_t m = min(m0 + r, M - 1); /* rows past M: any valid data, never stored */
+            cp_async16(st + r * AROW + q * 16, a.xq + m * Kp + (int64_t)s * KS + q * 16);
+        }
+        for (int r = threadIdx.x; r < BM; r += NTH)
+            cp_async4(st + L::SA + r * 4, a.sa + min(m0 + r, M - 1) * nst + s);
+    };
+    auto load_stage = [&](int s, int buf) {
+        load_weights(s, buf);
+        load_acts(s, buf);
+    };
 
     int iacc[TN][NT8][4];
     float facc[TN][NT8][4];
@@ -192,9 +275,17 @@ __device__ __forceinline__ void gemm_tile(const Args &a, const Part &p, int rb, 
 #pragma unroll
             for (int c = 0; c < 4; c++) iacc[i][t][c] = 0, facc[i][t][c] = 0.f;
 
+    /* Prologue. The weights of the first ST-1 stages do not depend on the previous kernel:
+     * they are requested before waiting for it (PDL), so their latency overlaps its tail.
+     * cp.async group 0 = those weights + stage 0's activations, group i = stage i's. */
+#pragma unroll
+    for (int st = 0; st < ST - 1; st++)
+        if (s0 + st < s1) load_weights(s0 + st, st);
+    grid_dep_wait();
+    if (FUSE) quantize_resident<BM>(a, m0, s0, s1, actf, saf);
 #pragma unroll
     for (int st = 0; st < ST - 1; st++) {
-        if (s0 + st < s1) load_stage(s0 + st, st);
+        if (s0 + st < s1) load_acts(s0 + st, st);
         cp_async_commit();
     }
 
@@ -238,7 +329,8 @@ __device__ __forceinline__ void gemm_tile(const Args &a, const Part &p, int rb, 
             }
 #pragma unroll
             for (int t = 0; t < NT8; t++) {
-                const uint2 b = *(const uint2 *)(st + (t * 8 + gid) * AROW + k * 32 + tig * 8);
+                const uint2 b = FUSE ? *(const uint2 *)(actf + (t * 8 + gid) * a.apitch + (s - s0) * KS + k * 32 + tig * 8)
+                                     : *(const uint2 *)(st + (t * 8 + gid) * AROW + k * 32 + tig * 8);
 #pragma unroll
                 for (int i = 0; i < TN; i++) mma_s8(iacc[i][t], af[i], b.x, b.y);
             }
@@ -250,7 +342,8 @@ __device__ __forceinline__ void gemm_tile(const Args &a, const Part &p, int rb, 
             const float *sbuf = (const float *)(st + L::SA);
 #pragma unroll
             for (int t = 0; t < NT8; t++) {
-                const float sa0 = sbuf[t * 8 + tig * 2], sa1 = sbuf[t * 8 + tig * 2 + 1];
+                const float sa0 = FUSE ? saf[(t * 8 + tig * 2) * a.sps + (s - s0)] : sbuf[t * 8 + tig * 2];
+                const float sa1 = FUSE ? saf[(t * 8 + tig * 2 + 1) * a.sps + (s - s0)] : sbuf[t * 8 + tig * 2 + 1];
 #pragma unroll
                 for (int i = 0; i < TN; i++) {
                     facc[i][t][0] = __fmaf_rn(i2f(iacc[i][t][0]), sw[i][0] * sa0, facc[i][t][0]);
@@ -286,20 +379,58 @@ __device__ __forceinline__ void gemm_tile(const Args &a, const Part &p, int rb, 
                 }
         }
     }
+    if (a.splits == 1 || !a.counters) return;
+
+    /* In-kernel split-K reduction: the last block of a tile to finish sums every split's
+     * partials in split order (the same order whichever block is last: deterministic), adds
+     * the bias and stores y; then it re-arms the tile's counter for the next call. */
+    __shared__ int last;
+    __threadfence();
+    __syncthreads();
+    int *ctr = a.counters + (int64_t)blockIdx.y * gridDim.x + blockIdx.x;
+    if (threadIdx.x == 0) last = atomicAdd(ctr, 1) == a.splits - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+#pragma unroll
+    for (int i = 0; i < TN; i++) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int64_t n = (rt0 + i) * 16 + gid + h * 8;
+            if (n >= p.N) continue;
+            const int64_t col = p.idx ? p.idx[n] : n;
+            if (col < 0 || col >= a.n_out) continue;
+            const float b = a.bias ? a.bias[col] : 0.f;
+#pragma unroll
+            for (int t = 0; t < NT8; t++)
+#pragma unroll
+                for (int c = 0; c < 2; c++) {
+                    const int64_t m = m0 + t * 8 + tig * 2 + c;
+                    if (m >= M) continue;
+                    float v = 0.f;
+                    for (int z = 0; z < a.splits; z++) v += __ldcg(a.ws + ((int64_t)z * M + m) * a.n_out + col);
+                    store_out(a.y, a.ydt, m * a.n_out + col, v + b);
+                }
+        }
+    }
+    if (threadIdx.x == 0) *ctr = 0;
 }
 
-template <int NW, int TN, int BM, int ST>
+template <int NW, int TN, int BM, int ST, bool FUSE>
 __global__ void __launch_bounds__(NW * 32) qgemm_kernel(const __grid_constant__ Args a) {
     extern __shared__ uint4 smem_u4[];
     uint8_t *smem = (uint8_t *)smem_u4;
+    /* Let the next kernel on the stream (launched with PDL) start fetching its weights; it
+     * waits for this grid's completion before it reads anything this grid writes. */
+    grid_dep_launch_dependents();
     int bx = blockIdx.x;
     if (bx < a.p0.nblk) {
-        if (a.p0.bits == 4) gemm_tile<4, NW, TN, BM, ST>(a, a.p0, bx, blockIdx.y, blockIdx.z, smem);
-        else gemm_tile<8, NW, TN, BM, ST>(a, a.p0, bx, blockIdx.y, blockIdx.z, smem);
+        if (a.p0.bits == 4) gemm_tile<4, NW, TN, BM, ST, FUSE>(a, a.p0, bx, blockIdx.y, blockIdx.z, smem);
+        else gemm_tile<8, NW, TN, BM, ST, FUSE>(a, a.p0, bx, blockIdx.y, blockIdx.z, smem);
     } else {
         bx -= a.p0.nblk;
-        if (a.p1.bits == 4) gemm_tile<4, NW, TN, BM, ST>(a, a.p1, bx, blockIdx.y, blockIdx.z, smem);
-        else gemm_tile<8, NW, TN, BM, ST>(a, a.p1, bx, blockIdx.y, blockIdx.z, smem);
+        if (a.p1.bits == 4) gemm_tile<4, NW, TN, BM, ST, FUSE>(a, a.p1, bx, blockIdx.y, blockIdx.z, smem);
+        else gemm_tile<8, NW, TN, BM, ST, FUSE>(a, a.p1, bx, blockIdx.y, blockIdx.z, smem);
     }
 }
 
@@ -331,66 +462,109 @@ const CfgInfo CFGS[MIXC_NCFG] = {
     {8, 1, 16, 6, "w8x1_m16_s6"},
     {8, 1, 32, 4, "w8x1_m32"},
     {8, 1, 64, 4, "w8x1_m64"},
+    {8, 1, 128, 8, "sm90_wgmma_m128"}, /* MIXC_CFG_SM90: 128 rows x 128 tokens, cuda/w4a8_sm90.cu */
 };
+
+/* Per-device facts the launchers need, read once. */
+struct DeviceInfo {
+    int sms = 0, major = 0, smem_optin = 0;
+};
+const DeviceInfo &device_info(int device) {
+    static DeviceInfo cache[64];
+    static DeviceInfo fallback;
+    if (device < 0 || device >= 64) return fallback;
+    DeviceInfo &d = cache[device];
+    if (!d.sms) {
+        int n = 0, major = 0, smem = 0;
+        if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) n = 132;
+        if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) major = 8;
+        if (cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) smem = 48 * 1024;
+        cudaGetLastError();
+        d.major = major;
+        d.smem_optin = smem;
+        d.sms = n;
+    }
+    return d;
+}
+int sm_count(int device) { return device_info(device).sms ? device_info(device).sms : 132; }
+
+/* Dynamic shared memory above 48 KB must be opted into per kernel and device; done once
+ * per (kernel, device) for the largest size asked so far. `allowed` is the kernel's own
+ * record (every kernel has the same function type, so it cannot live in this function). */
+template <typename K> cudaError_t allow_smem(K kern, size_t smem, size_t (&allowed)[64]) {
+    int dev = 0;
+    if (smem <= 48 * 1024) return cudaSuccess;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) dev = 0;
+    if (allowed[dev] >= smem) return cudaSuccess;
+    cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (e == cudaSuccess) allowed[dev] = smem;
+    return e;
+}
+
+/* Extra shared memory of the fused-quantization kernels: the resident codes and scales. */
+size_t fused_extra(int bm, int sps) { return (size_t)bm * (sps * KS + 32) + (size_t)bm * sps * 4; }
+
+template <int NW, int TN, int BM, int ST, bool FUSE> struct SmemAllowed { static size_t bytes[64]; };
+template <int NW, int TN, int BM, int ST, bool FUSE> size_t SmemAllowed<NW, TN, BM, ST, FUSE>::bytes[64];
 
 template <int NW, int TN, int BM, int ST>
 cudaError_t prepare_cfg(int *blocks_per_sm) {
     const size_t smem = smem_bytes<NW, TN, BM, ST>();
-    auto kern = qgemm_kernel<NW, TN, BM, ST>;
-    if (smem > 48 * 1024) {
-        cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-        if (e != cudaSuccess) return e;
-    }
-    if (blocks_per_sm) return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, kern, NW * 32, smem);
-    return cudaSuccess;
+    auto kern = qgemm_kernel<NW, TN, BM, ST, false>;
+    cudaError_t e = allow_smem(kern, smem, SmemAllowed<NW, TN, BM, ST, false>::bytes);
+    if (e != cudaSuccess) return e;
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, kern, NW * 32, smem);
 }
 
-template <int NW, int TN, int BM, int ST>
-cudaError_t launch_cfg(const Args &a, int nblk, cudaStream_t stream) {
-    const size_t smem = smem_bytes<NW, TN, BM, ST>();
-    auto kern = qgemm_kernel<NW, TN, BM, ST>;
-    if (smem > 48 * 1024) {
-        cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-        if (e != cudaSuccess) return e;
-    }
-    dim3 grid(nblk, (unsigned)((a.M + BM - 1) / BM), a.splits);
-    kern<<<grid, NW * 32, smem, stream>>>(a);
-    return cudaGetLastError();
+template <int NW, int TN, int BM, int ST, bool FUSE>
+cudaError_t launch_cfg(const Args &a, int nblk, bool pdl, cudaStream_t stream) {
+    const size_t smem = smem_bytes<NW, TN, BM, ST>() + (FUSE ? fused_extra(BM, a.sps) : 0);
+    auto kern = qgemm_kernel<NW, TN, BM, ST, FUSE>;
+    cudaError_t e = allow_smem(kern, smem, SmemAllowed<NW, TN, BM, ST, FUSE>::bytes);
+    if (e != cudaSuccess) return e;
+    cudaLaunchConfig_t lc = {};
+    lc.gridDim = dim3(nblk, (unsigned)((a.M + BM - 1) / BM), a.splits);
+    lc.blockDim = dim3(NW * 32);
+    lc.dynamicSmemBytes = smem;
+    lc.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    lc.attrs = attr;
+    lc.numAttrs = pdl ? 1 : 0;
+    e = cudaLaunchKernelEx(&lc, kern, a);
+    return e != cudaSuccess ? e : cudaGetLastError();
 }
 
-int sm_count(int device) {
-    static int cache[64];
-    if (device < 0 || device >= 64) return 132;
-    if (!cache[device]) {
-        int n = 0;
-        if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) n = 132;
-        cache[device] = n;
-    }
-    return cache[device];
-}
+/* One row of the tile table: the plain kernel, the fused-quantization one (small token
+ * tiles only, else nullptr) and its occupancy query. */
+struct CfgFns {
+    cudaError_t (*plain)(const Args &, int, bool, cudaStream_t);
+    cudaError_t (*fused)(const Args &, int, bool, cudaStream_t);
+    cudaError_t (*prepare)(int *);
+    size_t smem;
+};
+#define MIXC_CFG(NW, TN, BM, ST, F)                                                                                  \
+    { launch_cfg<NW, TN, BM, ST, false>, F ? launch_cfg<NW, TN, BM, ST, F> : nullptr, prepare_cfg<NW, TN, BM, ST>,   \
+      smem_bytes<NW, TN, BM, ST>() }
+/* in the order of CFGS */
+const CfgFns FNS[MIXC_NCFG] = {
+    MIXC_CFG(4, 2, 8, 4, true),   MIXC_CFG(4, 2, 16, 4, true),  MIXC_CFG(4, 2, 32, 4, false),
+    MIXC_CFG(4, 2, 64, 4, false), MIXC_CFG(8, 1, 128, 4, false), MIXC_CFG(8, 2, 64, 4, false),
+    MIXC_CFG(8, 1, 8, 6, true),   MIXC_CFG(8, 1, 16, 6, true),  MIXC_CFG(8, 1, 32, 4, false),
+    MIXC_CFG(8, 1, 64, 4, false),
+    MIXC_CFG(8, 1, 128, 4, false), /* MIXC_CFG_SM90 launches through mixc_qlinear_sm90; this row answers occupancy */
+};
+#undef MIXC_CFG
 
 /* Resident blocks per SM of each configuration (cached per device). */
 int cfg_occupancy(int device, int cfg) {
     static int cache[64][MIXC_NCFG];
     if (device < 0 || device >= 64) device = 0;
     if (!cache[device][cfg]) {
-        int n = 0, prev = -1;
-        cudaGetDevice(&prev);
-        if (prev != device) cudaSetDevice(device);
-        cudaError_t e;
-        switch (cfg) {
-        case 0: e = prepare_cfg<4, 2, 8, 4>(&n); break;
-        case 1: e = prepare_cfg<4, 2, 16, 4>(&n); break;
-        case 2: e = prepare_cfg<4, 2, 32, 4>(&n); break;
-        case 3: e = prepare_cfg<4, 2, 64, 4>(&n); break;
-        case 4: e = prepare_cfg<8, 1, 128, 4>(&n); break;
-        case 5: e = prepare_cfg<8, 2, 64, 4>(&n); break;
-        case 6: e = prepare_cfg<8, 1, 8, 6>(&n); break;
-        case 7: e = prepare_cfg<8, 1, 16, 6>(&n); break;
-        case 8: e = prepare_cfg<8, 1, 32, 4>(&n); break;
-        default: e = prepare_cfg<8, 1, 64, 4>(&n); break;
-        }
-        if (prev >= 0 && prev != device) cudaSetDevice(prev);
+        int n = 0;
+        DeviceGuard guard(device);
+        cudaError_t e = guard.err == cudaSuccess ? FNS[cfg].prepare(&n) : guard.err;
         if (e != cudaSuccess || n <= 0) { cudaGetLastError(); n = 1; }
         cache[device][cfg] = n;
     }
@@ -421,6 +595,8 @@ extern "C" const char *mixc_error_string(int err) { return cudaGetErrorString((c
 extern "C" int mixc_plan(int device, int64_t M, const int64_t *Ns, int nparts, int64_t Kp, int cfg, int splits,
                          int *cfg_out, int *splits_out) {
     if (cfg >= MIXC_NCFG) return -1;
+    if (cfg == MIXC_CFG_SM90 && !mixc_sm90_ok(device)) cfg = 4; /* forced where no sm_90a kernel runs */
+    if (cfg < 0 && M >= MIXC_SM90_MIN_M && mixc_sm90_ok(device)) cfg = MIXC_CFG_SM90;
     if (cfg < 0) {
         cfg = M <= 8 ? 0 : M <= 16 ? 1 : M <= 32 ? 2 : 3;
         if (M > 64) {
@@ -449,7 +625,7 @@ extern "C" int mixc_plan(int device, int64_t M, const int64_t *Ns, int nparts, i
         blocks *= (double)mblocks;
         int smax = nst / 4 > 1 ? nst / 4 : 1; /* at least 4 stages per split */
         if (smax > 32) smax = 32;
-        if (cfg == 4 || cfg == 5) smax = blocks < sms ? smax : 1;
+        if (cfg == 4 || cfg == 5 || cfg == MIXC_CFG_SM90) smax = blocks < sms ? smax : 1;
         double best = 0;
         splits = 1;
         for (int s = 1; s <= smax; s++) {
@@ -468,12 +644,30 @@ extern "C" int mixc_plan(int device, int64_t M, const int64_t *Ns, int nparts, i
     return 0;
 }
 
+extern "C" int mixc_fusable(int device, int cfg, int64_t M, int64_t Kp, int splits) {
+    if (cfg < 0 || cfg >= MIXC_NCFG || !FNS[cfg].fused || splits < 1 || M > CFGS[cfg].bm) return 0;
+    const int nst = (int)(Kp / KS), sps = (nst + splits - 1) / splits;
+    const size_t need = FNS[cfg].smem + fused_extra(CFGS[cfg].bm, sps);
+    const int optin = device_info(device).smem_optin;
+    return need <= (size_t)(optin > 0 ? optin : 48 * 1024) ? 1 : 0;
+}
+
+extern "C" int64_t mixc_tiles(int cfg, int64_t M, const int64_t *Ns, int nparts) {
+    if (cfg < 0 || cfg >= MIXC_NCFG) return 0;
+    const int64_t bn = (int64_t)CFGS[cfg].nw * CFGS[cfg].tn * 16;
+    int64_t nblk = 0;
+    for (int i = 0; i < nparts; i++) nblk += (Ns[i] + bn - 1) / bn;
+    return nblk * ((M + CFGS[cfg].bm - 1) / CFGS[cfg].bm);
+}
+
 extern "C" int mixc_qlinear(int device, mixc_gemm *g, void *stream_) {
     DeviceGuard guard(device);
     if (guard.err != cudaSuccess) return (int)guard.err;
     cudaStream_t stream = (cudaStream_t)stream_;
     if (g->cfg < 0 || g->cfg >= MIXC_NCFG || g->splits < 1 || g->nparts < 1 || g->nparts > 2)
         return (int)cudaErrorInvalidValue;
+    if (g->fuse && !mixc_fusable(device, g->cfg, g->M, g->Kp, g->splits)) return (int)cudaErrorInvalidValue;
+    if (g->cfg == MIXC_CFG_SM90) return mixc_qlinear_sm90(device, g, stream_);
     const CfgInfo &c = CFGS[g->cfg];
     const int64_t bn = (int64_t)c.nw * c.tn * 16;
     const int nst = (int)(g->Kp / KS);
@@ -482,6 +676,8 @@ extern "C" int mixc_qlinear(int device, mixc_gemm *g, void *stream_) {
     a.G = g->G; a.spg = g->spg; a.nparts = g->nparts; a.ydt = g->ydtype; a.splits = g->splits;
     a.sps = (nst + g->splits - 1) / g->splits;
     a.bias = g->bias; a.y = g->y; a.ws = g->ws;
+    a.x = g->x; a.xdt = g->xdtype; a.K = g->K; a.g = g->g; a.gp = mixc_gp(g->g);
+    a.apitch = a.sps * KS + 32;
     Part *ps[2] = {&a.p0, &a.p1};
     /* 8-bit row blocks take twice as long: schedule them first, so that the 4-bit ones fill
      * the last wave (longest job first) */
@@ -499,20 +695,11 @@ extern "C" int mixc_qlinear(int device, mixc_gemm *g, void *stream_) {
         nblk += p.nblk;
     }
     if (g->M <= 0 || nblk == 0) return 0;
-    cudaError_t e;
-    switch (g->cfg) {
-    case 0: e = launch_cfg<4, 2, 8, 4>(a, nblk, stream); break;
-    case 1: e = launch_cfg<4, 2, 16, 4>(a, nblk, stream); break;
-    case 2: e = launch_cfg<4, 2, 32, 4>(a, nblk, stream); break;
-    case 3: e = launch_cfg<4, 2, 64, 4>(a, nblk, stream); break;
-    case 4: e = launch_cfg<8, 1, 128, 4>(a, nblk, stream); break;
-    case 5: e = launch_cfg<8, 2, 64, 4>(a, nblk, stream); break;
-    case 6: e = launch_cfg<8, 1, 8, 6>(a, nblk, stream); break;
-    case 7: e = launch_cfg<8, 1, 16, 6>(a, nblk, stream); break;
-    case 8: e = launch_cfg<8, 1, 32, 4>(a, nblk, stream); break;
-    default: e = launch_cfg<8, 1, 64, 4>(a, nblk, stream); break;
-    }
-    if (e != cudaSuccess || g->splits == 1) return (int)e;
+    const int64_t tiles = (int64_t)nblk * ((g->M + c.bm - 1) / c.bm);
+    a.counters = (g->splits > 1 && g->counters && g->ncounters >= tiles) ? g->counters : nullptr;
+    const bool pdl = g->pdl && device_info(device).major >= 9;
+    cudaError_t e = (g->fuse ? FNS[g->cfg].fused : FNS[g->cfg].plain)(a, nblk, pdl, stream);
+    if (e != cudaSuccess || g->splits == 1 || a.counters) return (int)e;
     const int64_t total = g->M * g->n_out;
     int blocks = (int)((total + 255) / 256);
     if (blocks > 4 * sm_count(device)) blocks = 4 * sm_count(device);

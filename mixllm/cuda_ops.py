@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.utils.dlpack
 
 from . import _cuda
 
@@ -88,50 +89,107 @@ def _check_permutation(idxs, n_out):
     _checked_index[key] = True
 
 
-def qlinear(x2d, parts, n_out, bias, lead, cfg: int = -1, splits: int = 0):
+def _raw_stream_fn():
+    f = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if f is not None:
+        return f
+    return lambda index: int(torch.cuda.current_stream(index).cuda_stream)
+
+
+_raw_stream = _raw_stream_fn()
+_to_capsule = torch.utils.dlpack.to_dlpack
+
+
+class PreparedLinear:
+    """A quantized layer (1 or 2 parts) validated once for one CUDA device.
+
+    ``_cuda.prepare`` checks the packed parts, output indices, bias and split-K counters and
+    keeps their DLPack tensors alive; a call then passes only ``x``, ``y`` and a scratch
+    buffer, as raw DLPack capsules (no Python-level ``__dlpack__`` exchange), and runs on the
+    caller's current stream (CUDA-graph capturable: every buffer is a torch allocation, no
+    host synchronisation). ``MixedLinear`` keeps one per device: the fast path of decode.
+    """
+
+    def __init__(self, parts, n_out, bias, device):
+        device = torch.device(device)
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        K = parts[0][0].shape[1]
+        g = min(parts[0][0].group_size, K)
+        for w, _ in parts:
+            if w.shape[1] != K or min(w.group_size, K) != g:
+                raise ValueError("parts: every part needs the input's K and the same group_size")
+        if sum(w.shape[0] for w, _ in parts) != n_out:
+            raise ValueError(f"parts: their rows must add up to n_out={n_out}")
+        c_parts, idxs = [], []
+        for w, idx in parts:
+            pw = packed_weight(w, device)
+            oi = _out_index(idx, w.shape[0], device)
+            if oi is not None:
+                idxs.append(oi)
+            c_parts.append((pw["wpack"], pw["meta"], w.bits, w.shape[0], oi))
+        if idxs:
+            if len(idxs) != len(parts):
+                raise ValueError("parts: give out_index for every part or for none")
+            _check_permutation(idxs, n_out)
+        b = None
+        if bias is not None:
+            b = _to(bias, device, torch.float32)
+            if tuple(b.shape) != (n_out,):
+                raise ValueError(f"bias: expected shape ({n_out},), got {tuple(b.shape)}")
+        # split-K tile counters, re-armed by the kernel after each use (enough for the
+        # small-M split-K launches; larger ones fall back to a separate reduction kernel)
+        counters = torch.zeros(4 * ((n_out + 15) // 16) + 64, dtype=torch.int32, device=device)
+        self.handle = _cuda.prepare(c_parts, b, counters, K, g, _stream(device))
+        self.K, self.n_out, self.device, self.index = K, n_out, device, device.index
+        self._plans = {}
+
+    def plan(self, M, cfg=-1, splits=0, fuse=-1):
+        """(cfg, splits, fused, scratch_bytes, name) for M tokens (cached per M)."""
+        key = (M, cfg, splits, fuse)
+        p = self._plans.get(key)
+        if p is None:
+            p = _cuda.plan_call(self.handle, M, int(cfg), int(splits), int(fuse))
+            if len(self._plans) > 256:
+                self._plans.clear()
+            self._plans[key] = p
+        return p
+
+    def __call__(self, x, cfg=-1, splits=0, fuse=-1):
+        if x.dtype not in _FLOATS:
+            raise TypeError(f"x: expected dtype float32, float16 or bfloat16, got {x.dtype}")
+        if x.device != self.device:
+            raise ValueError(f"x: expected a tensor on {self.device}, got {x.device}")
+        if x.shape[-1] != self.K:
+            raise ValueError(f"x: expected last dimension {self.K}, got shape {tuple(x.shape)}")
+        x2 = x.reshape(-1, self.K)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        M = x2.shape[0]
+        y = torch.empty((M, self.n_out), dtype=x.dtype, device=self.device)
+        if M:
+            c, sp, fu, nbytes, _ = self.plan(M, cfg, splits, fuse)
+            scratch = torch.empty(nbytes, dtype=torch.uint8, device=self.device) if nbytes else None
+            _cuda.run(self.handle, _to_capsule(x2), _to_capsule(y),
+                      None if scratch is None else _to_capsule(scratch), c, sp, fu, _raw_stream(self.index))
+        return y.reshape(*x.shape[:-1], self.n_out)
+
+
+def qlinear(x2d, parts, n_out, bias, lead, cfg: int = -1, splits: int = 0, fuse: int = -1):
     """``y = x2d W^T + bias`` over the quantized row parts; ``y`` has x's dtype, shape lead + (n_out,).
 
-    ``parts``: list of ``(QuantizedWeight, out_index or None)``; ``cfg`` / ``splits`` force a
-    tile configuration / split-K factor (tests), -1 / 0 let the planner choose.
+    ``parts``: list of ``(QuantizedWeight, out_index or None)``; ``cfg`` / ``splits`` / ``fuse``
+    force a tile configuration / split-K factor / quantization inside the GEMM (tests), -1 / 0 / -1
+    let the planner choose. Validates the parts on every call; ``PreparedLinear`` does it once.
     """
     if x2d.dtype not in _FLOATS:
         raise TypeError(f"x: expected dtype float32, float16 or bfloat16, got {x2d.dtype}")
     if not 1 <= len(parts) <= 2:
         raise ValueError(f"parts: the CUDA kernels take 1 or 2 parts, got {len(parts)}")
-    device = x2d.device
-    M, K = x2d.shape
-    g = min(parts[0][0].group_size, K)
-    for w, _ in parts:
-        if w.shape[1] != K or min(w.group_size, K) != g:
-            raise ValueError("parts: every part needs the input's K and the same group_size")
-    G, gp, spg, Kp = _cuda.geometry(K, g)
-    y = torch.empty((M, n_out), dtype=x2d.dtype, device=device)
-    if M == 0 or n_out == 0:
-        return y.reshape(*lead, n_out)
-    c_parts, idxs = [], []
-    for w, idx in parts:
-        pw = packed_weight(w, device)
-        oi = _out_index(idx, w.shape[0], device)
-        if oi is not None:
-            idxs.append(oi)
-        c_parts.append((pw["wpack"], pw["meta"], w.bits, w.shape[0], oi))
-    if idxs:
-        if len(idxs) != len(parts):
-            raise ValueError("parts: give out_index for every part or for none")
-        _check_permutation(idxs, n_out)
-    b = None
-    if bias is not None:
-        b = _to(bias, device, torch.float32)
-        if tuple(b.shape) != (n_out,):
-            raise ValueError(f"bias: expected shape ({n_out},), got {tuple(b.shape)}")
-    stream = _stream(device)
-    xq = torch.empty((M, Kp), dtype=torch.int8, device=device)
-    sa = torch.empty((M, Kp // 128), dtype=torch.float32, device=device)
-    _cuda.act_quant(x2d, g, gp, xq, sa, spg, stream)
-    cfg, splits, _ = _cuda.plan(device.index, M, tuple(w.shape[0] for w, _ in parts), Kp, int(cfg), int(splits))
-    ws = torch.empty(splits * M * n_out, dtype=torch.float32, device=device) if splits > 1 else None
-    _cuda.qlinear(xq, sa, g, c_parts, b, y, ws, cfg, splits, stream)
-    return y.reshape(*lead, n_out)
+    if x2d.shape[0] == 0 or n_out == 0:
+        return torch.empty((*lead, n_out), dtype=x2d.dtype, device=x2d.device)
+    lin = PreparedLinear(parts, n_out, bias, x2d.device)
+    return lin(x2d, cfg, splits, fuse).reshape(*lead, n_out)
 
 
 def plan(M, Ns, K, group_size=128, cfg=-1, splits=0, device=None):

@@ -168,10 +168,24 @@ class MixedLinear(nn.Module):
             if W is None:
                 W = self._cache["w"] = self.dequantized_weight()
             return F.linear(x, W.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        if x.is_cuda:
+            if not ops.cuda_available():
+                return self._forward_emulated(x)
+            return self._prepared(x.device)(x)
         w4, w8, i4, i8 = self._parts()
-        if x.is_cuda and not ops.cuda_available():
-            return self._forward_emulated(x)
         return ops.mixed_linear(x, w4, w8, i4, i8, self.bias)
+
+    def _prepared(self, device):
+        """The layer validated once for ``device`` (mixllm.cuda_ops.PreparedLinear): per call only
+        x, y and a scratch buffer cross into C."""
+        key = ("cuda", device)
+        lin = self._cache.get(key)
+        if lin is None:
+            from .cuda_ops import PreparedLinear
+            w4, w8, i4, i8 = self._parts()
+            parts = [(w, i) for w, i in ((w4, i4), (w8, i8)) if w is not None]
+            lin = self._cache[key] = PreparedLinear(parts, self.out_features, self.bias, device)
+        return lin
 
     def _forward_emulated(self, x):
         """Same math in torch ops (fake-quantized activations), for devices without our kernels."""

@@ -83,8 +83,15 @@ def test_act_quant_padded_layout(rng):
 
 
 # ----------------------------------------------------------------------------- linear
-def _run(x, parts, n_out, bias, cfg=-1, splits=0):
-    return cuda_ops.qlinear(x, parts, n_out, bias, (x.shape[0],), cfg=cfg, splits=splits)
+def _run(x, parts, n_out, bias, cfg=-1, splits=0, fuse=-1):
+    return cuda_ops.qlinear(x, parts, n_out, bias, (x.shape[0],), cfg=cfg, splits=splits, fuse=fuse)
+
+
+def _fusable(cfg, M, N, K, g, splits):
+    """Whether cfg can quantize M tokens inside the GEMM (the planner's answer)."""
+    Kp = _cuda.geometry(K, g)[3]
+    c, sp, _ = _cuda.plan(DEV.index, M, (N,), Kp, cfg, splits)
+    return bool(_cuda.fusable(DEV.index, c, M, Kp, sp))
 
 
 @pytest.mark.parametrize("M,N,K,g", SHAPES)
@@ -105,10 +112,18 @@ def test_linear_matches_reference(rng, M, N, K, g, bits):
 
 @pytest.mark.parametrize("cfg", CFGS)
 @pytest.mark.parametrize("splits", [1, 3, 0])
+@pytest.mark.parametrize("fuse", [0, 1])
 @pytest.mark.parametrize("M,N,K,g", [(1, 16, 128, 128), (13, 300, 1000, 128), (70, 150, 640, 128),
-                                     (129, 40, 520, 100)])
-def test_every_tile_config(rng, cfg, splits, M, N, K, g):
-    """Mixed layer (4-bit + 8-bit rows, shuffled columns) under each forced configuration."""
+                                     (129, 40, 520, 100), (5, 70, 1300, 256)])
+def test_every_tile_config(rng, cfg, splits, fuse, M, N, K, g):
+    """Mixed layer (4-bit + 8-bit rows, shuffled columns) under each forced configuration, with
+    the activations quantized by their own kernel (fuse=0) or inside the GEMM (fuse=1)."""
+    if fuse and not _fusable(cfg, M, N, K, g, splits):
+        xt, _ = make_x(rng, M, K, torch.float32)
+        W, *_ = make_weight(rng, N, K, 4, g)
+        with pytest.raises(ValueError, match="fuse"):
+            _run(xt, [(W, None)], N, None, cfg, splits, fuse)
+        return
     n8 = max(1, N // 10)
     perm = rng.permutation(N)
     W4, c4, s4, z4 = make_weight(rng, N - n8, K, 4, g)
@@ -118,7 +133,7 @@ def test_every_tile_config(rng, cfg, splits, M, N, K, g):
     dtype = DTYPES[cfg % 3]
     xt, x32 = make_x(rng, M, K, dtype)
     bias = rng.standard_normal(N).astype(np.float32)
-    y = _run(xt, [(W4, i4), (W8, i8)], N, torch.from_numpy(bias).to(DEV), cfg, splits)
+    y = _run(xt, [(W4, i4), (W8, i8)], N, torch.from_numpy(bias).to(DEV), cfg, splits, fuse)
     y_ref = np.zeros((M, N))
     y_ref[:, perm[: N - n8]] = ref.qlinear(x32, c4, s4, z4, g)
     y_ref[:, perm[N - n8:]] = ref.qlinear(x32, c8, s8, None, g)
@@ -137,24 +152,73 @@ def test_mixed_matches_cpu_op(rng):
     assert_close(y, np.asarray(y_cpu, np.float64), torch.float32)
 
 
+def _prepared(W, N, bias=None, counters=True):
+    pw = cuda_ops.packed_weight(W, DEV)
+    ctr = torch.zeros(256, dtype=torch.int32, device=DEV) if counters else None
+    return _cuda.prepare([(pw["wpack"], pw["meta"], W.bits, N, None)], bias, ctr, W.shape[1],
+                         min(W.group_size, W.shape[1]), 0), ctr
+
+
 @pytest.mark.parametrize("cfg", CFGS)
 @pytest.mark.parametrize("splits", [1, 4])
-def test_poisoned_outputs_fully_written(rng, cfg, splits):
-    """Call the kernels on NaN-filled y and workspace: every element must be written."""
-    M, N, K, g = 19, 90, 700, 128
+@pytest.mark.parametrize("fuse", [0, 1])
+def test_poisoned_outputs_fully_written(rng, cfg, splits, fuse):
+    """Call the kernels on NaN-filled y and scratch: every element must be written."""
+    M, N, K, g = 7 if fuse else 19, 90, 700, 128
+    if fuse and not _fusable(cfg, M, N, K, g, splits):
+        pytest.skip("configuration without in-GEMM quantization")
     W, codes, scale, zero = make_weight(rng, N, K, 4, g)
     xt, x32 = make_x(rng, M, K, torch.bfloat16)
-    G, gp, spg, Kp = _cuda.geometry(K, g)
-    pw = cuda_ops.packed_weight(W, DEV)
-    xq = torch.full((M, Kp), 77, dtype=torch.int8, device=DEV)
-    sa = torch.full((M, Kp // 128), float("nan"), device=DEV)
-    _cuda.act_quant(xt, g, gp, xq, sa, spg, 0)
-    c, sp, _ = _cuda.plan(DEV.index, M, (N,), Kp, cfg, splits)
+    h, ctr = _prepared(W, N)
+    c, sp, fu, nbytes, _ = _cuda.plan_call(h, M, cfg, splits, fuse)
+    assert fu == fuse
+    scratch = torch.full((max(nbytes, 1),), 0xFF, dtype=torch.uint8, device=DEV)  # 0xFFFFFFFF is a NaN
     y = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device=DEV)
-    ws = torch.full((sp * M * N,), float("nan"), device=DEV) if sp > 1 else None
-    _cuda.qlinear(xq, sa, g, [(pw["wpack"], pw["meta"], 4, N, None)], None, y, ws, c, sp, 0)
+    _cuda.run(h, xt, y, scratch, c, sp, fu, 0)
     torch.cuda.synchronize()
     assert_close(y, ref.qlinear(x32, codes, scale, zero, g), torch.bfloat16)
+    assert int(ctr.abs().sum()) == 0  # split-K counters re-armed
+
+
+@pytest.mark.parametrize("M,splits", [(1, 5), (3, 2), (16, 8), (40, 3)])
+def test_fused_and_split_reductions_bit_identical(rng, M, splits):
+    """Quantizing x inside the GEMM gives the codes of the act_quant kernel, and the in-kernel
+    split-K reduction sums in the order of the separate reduction kernel: y is bit-identical
+    whichever way it was computed, and the same on every call (deterministic)."""
+    N, K, g = 200, 1400, 128
+    W, codes, scale, zero = make_weight(rng, N, K, 4, g)
+    bias = torch.from_numpy(rng.standard_normal(N).astype(np.float32)).to(DEV)
+    xt, x32 = make_x(rng, M, K, torch.float16)
+    outs = []
+    for counters in (True, False):
+        h, _ = _prepared(W, N, bias, counters)
+        for fuse in (0, 1):
+            c, sp, fu, nbytes, _ = _cuda.plan_call(h, M, -1, splits, -1 if fuse else 0)
+            if fuse and not fu:
+                continue
+            for _rep in range(2):
+                y = torch.empty((M, N), dtype=torch.float16, device=DEV)
+                sc = torch.empty(nbytes, dtype=torch.uint8, device=DEV) if nbytes else None
+                _cuda.run(h, xt, y, sc, c, sp, fu, 0)
+                outs.append(y)
+    assert len(outs) >= 4
+    for y in outs[1:]:
+        assert torch.equal(y, outs[0])
+    assert_close(outs[0], ref.qlinear(x32, codes, scale, zero, g) + bias.cpu().numpy(), torch.float16)
+
+
+def test_back_to_back_calls_of_one_layer(rng):
+    """Many launches of one layer in a row (PDL lets each start before the previous ends; the
+    split-K counters are shared): every result must be right."""
+    N, K, g, M = 96, 2048, 128, 2
+    W, codes, scale, zero = make_weight(rng, N, K, 4, g)
+    lin = cuda_ops.PreparedLinear([(W, None)], N, None, DEV)
+    assert lin.plan(M)[1] > 1  # split-K, in-kernel reduction
+    xs = [make_x(rng, M, K, torch.bfloat16) for _ in range(40)]
+    ys = [lin(xt) for xt, _ in xs]
+    torch.cuda.synchronize()
+    for (xt, x32), y in zip(xs, ys):
+        assert_close(y, ref.qlinear(x32, codes, scale, zero, g), torch.bfloat16)
 
 
 def test_large_group_slow_conversion(rng):
@@ -221,17 +285,127 @@ def test_bad_inputs_raise(rng):
     part = [(pw["wpack"], pw["meta"], 4, 16, None)]
     with pytest.raises(ValueError, match="CUDA"):
         _cuda.act_quant(x.cpu(), 128, 128, xq, sa, 1, 0)
-    with pytest.raises(TypeError, match="int8"):
-        _cuda.qlinear(xq.float(), sa, 128, part, None, y, None, 0, 1, 0)
     with pytest.raises(ValueError, match="wpack"):
-        _cuda.qlinear(xq, sa, 128, [(pw["wpack"][:-16], pw["meta"], 4, 16, None)], None, y, None, 0, 1, 0)
-    with pytest.raises(ValueError, match="workspace"):
-        _cuda.qlinear(xq, sa, 128, part, None, y, None, 0, 2, 0)
+        _cuda.prepare([(pw["wpack"][:-16], pw["meta"], 4, 16, None)], None, None, 128, 128, 0)
+    with pytest.raises(ValueError, match="out_index is required"):
+        _cuda.prepare(part + part, None, None, 128, 128, 0)
+    with pytest.raises(ValueError, match="bias"):
+        _cuda.prepare(part, torch.zeros(3, device=DEV), None, 128, 128, 0)
+    with pytest.raises(TypeError, match="counters"):
+        _cuda.prepare(part, None, torch.zeros(8, device=DEV), 128, 128, 0)
+    h = _cuda.prepare(part, None, None, 128, 128, 0)
+    c, sp, fu, nbytes, _ = _cuda.plan_call(h, 2, 0, 1, 0)
+    scratch = torch.empty(nbytes, dtype=torch.uint8, device=DEV)
+    with pytest.raises(TypeError, match="handle"):
+        _cuda.run(object(), x, y, scratch, c, sp, fu, 0)
+    with pytest.raises(TypeError, match="x: expected dtype"):
+        _cuda.run(h, xq, y, scratch, c, sp, fu, 0)
+    with pytest.raises(ValueError, match="scratch"):
+        _cuda.run(h, x, y, None, c, sp, fu, 0)
+    with pytest.raises(ValueError, match="scratch"):
+        _cuda.run(h, x, y, scratch[:-1], c, sp, fu, 0)
     with pytest.raises(ValueError, match="cfg"):
-        _cuda.qlinear(xq, sa, 128, part, None, y, None, 99, 1, 0)
+        _cuda.plan_call(h, 2, 99, 1, 0)
+    with pytest.raises(ValueError, match="fuse"):
+        _cuda.plan_call(h, 100, 0, 1, 1)  # 100 tokens do not fit a 8-token tile
     with pytest.raises(ValueError, match="cfg"):
         _cuda.plan(DEV.index, 2, (16,), Kp, 99, 0)
-    with pytest.raises(ValueError, match="out_index is required"):
-        _cuda.qlinear(xq, sa, 128, part, None, torch.empty((2, 17), device=DEV), None, 0, 1, 0)
+    with pytest.raises(ValueError, match="y"):
+        _cuda.run(h, x, torch.empty((2, 17), device=DEV), scratch, c, sp, fu, 0)
     with pytest.raises(ValueError, match="C-contiguous"):
-        _cuda.qlinear(xq, sa, 128, part, None, torch.empty((16, 2), device=DEV).t(), None, 0, 1, 0)
+        _cuda.run(h, x, torch.empty((16, 2), device=DEV).t(), scratch, c, sp, fu, 0)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _cuda.run(h, torch.randn(128, 2, device=DEV).t(), y, scratch, c, sp, fu, 0)
+    used = torch.utils.dlpack.to_dlpack(x)
+    _cuda.run(h, used, y, scratch, c, sp, fu, 0)  # a raw capsule is taken once...
+    with pytest.raises(TypeError, match="unused"):
+        _cuda.run(h, used, y, scratch, c, sp, fu, 0)  # ...and refused after that
+
+
+def test_mixed_linear_module_graph_and_cache(rng):
+    """MixedLinear on CUDA: the prepared handle is built once per device, gives the CPU
+    module's output, replays under a CUDA graph, and is rebuilt after load_state_dict."""
+    from mixllm.nn import MixedLinear
+    lin = torch.nn.Linear(300, 130)
+    m = MixedLinear.from_linear(lin, rows8=list(range(0, 130, 9)))
+    xt, x32 = make_x(rng, 3, 300, torch.float32)
+    y_cpu = m(torch.from_numpy(x32)).double().numpy()
+    m = m.to(DEV)
+    y = m(xt)
+    assert ("cuda", DEV) in m._cache
+    assert_close(y, y_cpu, torch.float32)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        yg = m(xt)
+    xn, xn32 = make_x(rng, 3, 300, torch.float32)
+    xt.copy_(xn)
+    g.replay()
+    torch.cuda.synchronize()
+    m_cpu = MixedLinear.from_linear(lin, rows8=list(range(0, 130, 9)))
+    assert_close(yg, m_cpu(torch.from_numpy(xn32)).double().numpy(), torch.float32)
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    sd["bias"] += 1.0
+    m.load_state_dict(sd)
+    assert ("cuda", DEV) not in m._cache
+    assert_close(m(xt), m_cpu(torch.from_numpy(xn32)).double().numpy() + 1.0, torch.float32)
+
+
+# ----------------------------------------------------------------------------- sm_90a wgmma path
+SM90 = next(c for c in CFGS if _cuda.plan(DEV.index, 1, (16,), 128, c, 1)[2].startswith("sm90") or
+            c == CFGS[-1])
+_HAS_SM90 = _cuda.plan(DEV.index, 1, (16,), 128, SM90, 1)[0] == SM90  # forced elsewhere: falls back
+
+
+def _mixed(rng, M, N, K, g, dtype, frac8=0.1):
+    n8 = max(1, int(N * frac8))
+    perm = rng.permutation(N)
+    W4, c4, s4, z4 = make_weight(rng, N - n8, K, 4, g)
+    W8, c8, s8, _ = make_weight(rng, n8, K, 8, g)
+    parts = [(W4, torch.from_numpy(perm[: N - n8].copy()).to(DEV)), (W8, torch.from_numpy(perm[N - n8:].copy()).to(DEV))]
+    xt, x32 = make_x(rng, M, K, dtype)
+    y_ref = np.zeros((M, N))
+    y_ref[:, perm[: N - n8]] = ref.qlinear(x32, c4, s4, z4, g)
+    y_ref[:, perm[N - n8:]] = ref.qlinear(x32, c8, s8, None, g)
+    return xt, parts, y_ref
+
+
+@pytest.mark.skipif(not _HAS_SM90, reason="no sm_90a device")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("M,N,K,g", [(1, 16, 128, 128), (130, 300, 1000, 128), (257, 1000, 520, 100),
+                                     (128, 256, 384, 128), (300, 136, 640, 256)])
+def test_sm90_mixed_matches_reference(rng, dtype, splits, M, N, K, g):
+    """The wgmma kernel, forced: mixed parts with shuffled columns, bias, M/N tails, split-K."""
+    xt, parts, y_ref = _mixed(rng, M, N, K, g, dtype)
+    bias = rng.standard_normal(N).astype(np.float32)
+    y = _run(xt, parts, N, torch.from_numpy(bias).to(DEV), SM90, splits)
+    assert_close(y, y_ref + bias, dtype)
+
+
+@pytest.mark.skipif(not _HAS_SM90, reason="no sm_90a device")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_sm90_single_part(rng, bits):
+    M, N, K, g = 200, 200, 768, 128
+    W, codes, scale, zero = make_weight(rng, N, K, bits, g)
+    xt, x32 = make_x(rng, M, K, torch.float32)
+    y = _run(xt, [(W, None)], N, None, SM90, 1)
+    assert_close(y, ref.qlinear(x32, codes, scale, zero, g), torch.float32)
+
+
+@pytest.mark.skipif(not _HAS_SM90, reason="no sm_90a device")
+def test_sm90_large_matches_mma_sync(rng):
+    """A prefill-sized layer (many CTAs, deep K): wgmma and mma.sync paths agree to fp32 rounding."""
+    M, N, K, g = 1100, 2100, 4096, 128
+    xt, parts, _ = _mixed(rng, 8, N, K, g, torch.float32)  # weights only; the reference is the other path
+    xt = torch.randn((M, K), device=DEV)
+    y90 = _run(xt, parts, N, None, SM90, 1)
+    y80 = _run(xt, parts, N, None, 3, 1)
+    err = (y90 - y80).abs().max().item() / y80.abs().max().item()
+    assert err < 1e-5, err
+
+
+@pytest.mark.skipif(not _HAS_SM90, reason="no sm_90a device")
+def test_planner_picks_sm90_for_large_m():
+    assert _cuda.plan(DEV.index, 4096, (14336,), 4096, -1, 0)[0] == SM90
+    assert _cuda.plan(DEV.index, 4096, (12903, 1433), 4096, -1, 0)[0] == SM90
+    assert _cuda.plan(DEV.index, 16, (14336,), 4096, -1, 0)[0] != SM90

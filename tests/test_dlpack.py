@@ -54,6 +54,25 @@ def test_consumed_capsule_rejected():
         quantize_act(Wrapper(base, capsule=cap))
 
 
+def test_raw_capsule_taken_once():
+    """A raw DLPack capsule (the C-level exchange MixedLinear uses per call) is accepted as an
+    argument, consumed once (its deleter runs once: no leak), and refused when reused."""
+    x = torch.tensor([[1.0, -2.0, 0.5, 0.0]])
+    before = sys.getrefcount(x)
+    for _ in range(50):
+        np.testing.assert_array_equal(quantize_act(torch.utils.dlpack.to_dlpack(x)), [[64, -127, 32, 0]])
+    gc.collect()
+    assert sys.getrefcount(x) == before
+    cap = torch.utils.dlpack.to_dlpack(x)
+    quantize_act(cap)
+    with pytest.raises(TypeError, match="unused"):
+        quantize_act(cap)
+    q = np.zeros((1, 4), np.int8)
+    with pytest.raises(TypeError, match="x: expected dtype"):  # capsules get the same checks
+        _C.quantize_activation(torch.utils.dlpack.to_dlpack(torch.ones(1, 4, dtype=torch.int32)), 4, q,
+                               np.zeros((1, 1), np.float32))
+
+
 def test_garbage_from_dlpack():
     with pytest.raises(TypeError, match="capsule"):
         quantize_act(Wrapper(np.ones((1, 4), np.float32), capsule=object()))

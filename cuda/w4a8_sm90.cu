@@ -1,0 +1,452 @@
+/* W4A8 / W8A8 / mixed-precision GEMM for large M on Hopper (sm_90a): wgmma + TMA.
+ *
+ *   Y[m, n] = sum_j Sw[n, j] Sa[m, j] * sum_{k in group j} (Wq[n, k] - z[n, j]) Aq[m, k]
+ *
+ * Same function, inputs and packed weight layout as the mma.sync path (cuda/w4a8.cu, whose
+ * header explains the padded-K geometry and the layout); this file is the prefill
+ * configuration MIXC_CFG_SM90 that mixc_qlinear routes here.
+ *
+ * Operands. One CTA computes 128 weight rows x 128 tokens. The weight is wgmma's A operand,
+ * taken from registers: the packed layout is already in the m16n8k32 A-fragment order, which
+ * is also the per-warp fragment of wgmma m64nNk32 (warp w of a warpgroup owns rows 16w..16w+15).
+ * Each consumer thread loads its fragments straight from global memory (16 bytes per lane,
+ * two stages ahead, no shared-memory round trip), forms (q - z) as in w4a8.cu, and undoes the
+ * packer's k permutation inside each 32-column step with four (4-bit) or eight (8-bit) warp
+ * shuffles per step: thread t of a quad needs columns 4t..4t+3 and 16+4t..16+4t+3, which the
+ * layout stores in quad lanes t/2 and 2+t/2. The activations are the B operand (N = 128
+ * tokens), K-major in shared memory with the 128-byte swizzle, loaded by TMA
+ * (cp.async.bulk.tensor, tensor map encoded on the host through the runtime's driver entry
+ * point, so nothing links libcuda); rows past M are zero-filled by the copy engine.
+ *
+ * Roles (HOPPER.md): warpgroup 0 is the producer (one warp: TMA of the activation tile and
+ * plain loads of the per-stage activation scales into an ST-deep ring of shared-memory stages,
+ * full/empty mbarriers); warpgroups 1 and 2 are consumers, 64 weight rows each over the same
+ * token tile, with setmaxnreg moving registers from the producer to them. Per stage (128
+ * padded columns, inside one group): 4 x wgmma m64n128k32 s32.s8.s8 into 64 int32
+ * accumulators per thread (scale-d = 0 on the first step, so no zeroing), then the second
+ * step of the dequantization: int32 -> float (exact) times Sw[n] * Sa[m] into 64
+ * float accumulators. One warpgroup's float rescale runs while the other's wgmma keeps the
+ * tensor cores busy.
+ *
+ * Mixed layer: blockIdx.y enumerates the row blocks of part 0, then part 1 (8-bit parts first,
+ * longest job first, as in w4a8.cu); blockIdx.x the token blocks (fastest, so that the CTAs
+ * resident together share weight rows in L2); blockIdx.z the split of K (split-K partial sums
+ * go to the workspace and a small kernel reduces them in a fixed order). Each row's result goes
+ * to column out_index[row]. The sm_80 build of this file holds a stub that is never launched:
+ * mixc_sm90_ok() is false unless the device is 9.x and the loaded binary is sm_90a code. */
+#include "mixllm_cuda.h"
+#include "device_guard.cuh"
+#include <cuda.h>
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define MIXC_SM90_DEVICE 1
+#endif
+
+namespace {
+
+constexpr int KS = MIXC_KSTAGE; /* padded columns per stage */
+constexpr int BM = 128;         /* tokens per CTA (wgmma N) */
+constexpr int BN = 128;         /* weight rows per CTA: 2 consumer warpgroups x 64 */
+constexpr int ST = 8;           /* pipeline stages of activations in shared memory */
+constexpr int NTH = 384;        /* producer warpgroup + 2 consumer warpgroups */
+constexpr int ACT_BYTES = BM * KS;          /* one stage of activation codes (16 KB) */
+constexpr int SA_OFF = ST * ACT_BYTES;      /* then ST x BM float scales */
+constexpr int BAR_OFF = SA_OFF + ST * BM * 4;
+constexpr int SMEM_BYTES = BAR_OFF + 2 * ST * 8 + 1024; /* + alignment slack (128B swizzle wants 1024) */
+
+struct Part90 {
+    const uint8_t *w, *meta;
+    const int64_t *idx;
+    int64_t N;
+    int bits, nblk;
+};
+
+struct Args90 {
+    const float *sa;
+    int64_t M, Kp, n_out;
+    int G, spg, ydt, splits, sps;
+    Part90 p0, p1;
+    const float *bias;
+    void *y;
+    float *ws;
+};
+
+__device__ __forceinline__ void store_out(void *y, int dt, int64_t i, float v) {
+    if (dt == 0) ((float *)y)[i] = v;
+    else if (dt == 1) ((__half *)y)[i] = __float2half_rn(v);
+    else ((__nv_bfloat16 *)y)[i] = __float2bfloat16_rn(v);
+}
+
+#ifdef MIXC_SM90_DEVICE
+__device__ __forceinline__ uint32_t smem_u32(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+    uint32_t ok;
+    do {
+        asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(ok)
+                     : "r"(bar), "r"(parity)
+                     : "memory");
+    } while (!ok);
+}
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap *map, int c0, int c1, uint32_t bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+        "l"((uint64_t)map), "r"(c0), "r"(c1), "r"(bar)
+        : "memory");
+}
+
+/* Weights are read once per token block, by one CTA at a time: keep them out of L1. */
+__device__ __forceinline__ uint4 ld_stream(const uint8_t *p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ uint32_t sub_zero(uint32_t q, uint32_t zz) {
+    return ((q | 0x80808080u) - zz) ^ 0x80808080u;
+}
+/* int32 -> float: one I2FP.F32.S32 on sm_90 (the w4a8.cu add-and-subtract trick takes two issue slots,
+ * and issue slots are what the per-stage rescale is short of). Exact: |x| < 2^21 per stage. */
+__device__ __forceinline__ float i2f(int x) { return __int2float_rn(x); }
+
+/* K-major operand, 128-byte swizzle, 8-row core-matrix groups 1024 bytes apart. */
+__device__ __forceinline__ uint64_t desc_sw128(uint32_t addr) {
+    return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
+}
+
+__device__ __forceinline__ void fence_acc(int (&d)[64]) {
+#pragma unroll
+    for (int i = 0; i < 64; i++) asm volatile("" : "+r"(d[i])::"memory");
+}
+
+/* D[64 x 128] (+)= A[64 x 32] (registers, s8) * B[128 x 32]^T (shared, s8) */
+__device__ __forceinline__ void wgmma_128(int (&d)[64], const uint32_t (&a)[4], uint64_t desc, int accumulate) {
+    asm volatile(
+        "{\n .reg .pred p;\n setp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,"
+        "%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,"
+        "%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, p;\n}\n"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]), "+r"(d[8]),
+          "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]), "+r"(d[16]),
+          "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]), "+r"(d[24]),
+          "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]), "+r"(d[32]),
+          "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]), "+r"(d[40]),
+          "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]), "+r"(d[48]),
+          "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]), "+r"(d[56]),
+          "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
+}
+
+/* Per-thread register state of one prefetched stage: the weight words and the two rows' meta. */
+template <int BITS> struct StageRegs {
+    uint4 w[BITS / 2]; /* 4-bit: 2 k-pairs; 8-bit: 4 k-steps */
+    float sw0, sw1;
+    uint32_t z0, z1;
+};
+
+template <int BITS>
+__device__ __forceinline__ void load_regs(StageRegs<BITS> &r, const Part90 &p, int64_t rt, bool live, int64_t KP2, int G,
+                                          int spg, int s, int lane, int gid) {
+    constexpr int VEC = BITS / 4;
+    if (!live) {
+#pragma unroll
+        for (int v = 0; v < BITS / 2; v++) r.w[v] = make_uint4(0, 0, 0, 0);
+        r.sw0 = r.sw1 = 0.f;
+        r.z0 = r.z1 = 0;
+        return;
+    }
+    const uint8_t *src = p.w + (((rt * KP2 + 2 * (int64_t)s) * VEC) * 32 + lane) * 16;
+#pragma unroll
+    for (int v = 0; v < BITS / 2; v++) r.w[v] = ld_stream(src + v * 512);
+    const int j = min(s / spg, G - 1);
+    const uint8_t *m = p.meta + (rt * G + j) * 80;
+    r.sw0 = __ldg((const float *)m + gid);
+    r.sw1 = __ldg((const float *)m + gid + 8);
+    if (BITS == 4) {
+        r.z0 = (uint32_t)__ldg(m + 64 + gid) * 0x01010101u;
+        r.z1 = (uint32_t)__ldg(m + 72 + gid) * 0x01010101u;
+    }
+}
+
+/* The A fragments of the stage's 4 k-steps in the natural k order (see the header). */
+template <int BITS>
+__device__ __forceinline__ void make_frags(uint32_t (&af)[4][4], const StageRegs<BITS> &r, int lane) {
+    const int tig = lane & 3;
+    const int src0 = (lane & ~3) | (tig >> 1), src1 = src0 + 2;
+    const int sh = (tig & 1) * 4;
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        if (BITS == 4) {
+            const uint4 wv = r.w[k >> 1];
+            const uint32_t w0 = (k & 1) ? wv.z : wv.x, w1 = (k & 1) ? wv.w : wv.y;
+            const uint32_t a0 = __shfl_sync(0xffffffffu, w0, src0), a2 = __shfl_sync(0xffffffffu, w0, src1);
+            const uint32_t a1 = __shfl_sync(0xffffffffu, w1, src0), a3 = __shfl_sync(0xffffffffu, w1, src1);
+            af[k][0] = sub_zero((a0 >> sh) & 0x0F0F0F0Fu, r.z0);
+            af[k][1] = sub_zero((a1 >> sh) & 0x0F0F0F0Fu, r.z1);
+            af[k][2] = sub_zero((a2 >> sh) & 0x0F0F0F0Fu, r.z0);
+            af[k][3] = sub_zero((a3 >> sh) & 0x0F0F0F0Fu, r.z1);
+        } else {
+            /* stored: x = (row gid, cols 8t..8t+3), y = (row gid+8, same), z/w = cols 8t+4..8t+7 */
+            const uint4 wv = r.w[k];
+            const uint32_t x0 = __shfl_sync(0xffffffffu, wv.x, src0), z0 = __shfl_sync(0xffffffffu, wv.z, src0);
+            const uint32_t y0 = __shfl_sync(0xffffffffu, wv.y, src0), w0 = __shfl_sync(0xffffffffu, wv.w, src0);
+            const uint32_t x1 = __shfl_sync(0xffffffffu, wv.x, src1), z1 = __shfl_sync(0xffffffffu, wv.z, src1);
+            const uint32_t y1 = __shfl_sync(0xffffffffu, wv.y, src1), w1 = __shfl_sync(0xffffffffu, wv.w, src1);
+            af[k][0] = sh ? z0 : x0;
+            af[k][1] = sh ? w0 : y0;
+            af[k][2] = sh ? z1 : x1;
+            af[k][3] = sh ? w1 : y1;
+        }
+    }
+}
+
+/* One consumer warpgroup's 64 rows x 128 tokens over the stages [s0, s1). */
+template <int BITS>
+__device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb, int64_t m0, int s0, int s1, int split,
+                                        uint8_t *smem, uint32_t sbase) {
+    const int wg = threadIdx.x / 128 - 1, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+    const int gid = lane >> 2, tig = lane & 3;
+    const int64_t rt = (int64_t)rb * (BN / 16) + wg * 4 + warp; /* this warp's 16-row tile */
+    const int64_t NTt = (p.N + 15) / 16;
+    const bool live = rt < NTt;
+    const int64_t KP2 = a.Kp / 64;
+    const float *sas = (const float *)(smem + SA_OFF);
+
+    int iacc[64];
+    float facc[64];
+#pragma unroll
+    for (int i = 0; i < 64; i++) facc[i] = 0.f, iacc[i] = 0;
+
+    StageRegs<BITS> ra, rb_;
+    load_regs<BITS>(ra, p, rt, live, KP2, a.G, a.spg, s0, lane, gid);
+    if (s0 + 1 < s1) load_regs<BITS>(rb_, p, rt, live, KP2, a.G, a.spg, s0 + 1, lane, gid);
+
+    auto stage = [&](int s, StageRegs<BITS> &r) {
+        const int i = s - s0, buf = i % ST;
+        uint32_t af[4][4];
+        make_frags<BITS>(af, r, lane);
+        const float sw0 = r.sw0, sw1 = r.sw1;
+        if (s + 2 < s1) load_regs<BITS>(r, p, rt, live, KP2, a.G, a.spg, s + 2, lane, gid);
+        mbar_wait(sbase + BAR_OFF + buf * 8, (i / ST) & 1);
+        const uint32_t tile = sbase + buf * ACT_BYTES;
+        fence_acc(iacc);
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+        for (int k = 0; k < 4; k++) wgmma_128(iacc, af[k], desc_sw128(tile + k * 32), k);
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+        fence_acc(iacc);
+        /* accumulator (row gid / gid+8, token 8q + 2tig + c) = iacc[4q + 2h + c] */
+        const float *sab = sas + buf * BM + 2 * tig;
+#pragma unroll
+        for (int q = 0; q < 16; q++) {
+            const float2 s2 = *(const float2 *)(sab + 8 * q);
+            facc[4 * q + 0] = __fmaf_rn(i2f(iacc[4 * q + 0]), sw0 * s2.x, facc[4 * q + 0]);
+            facc[4 * q + 1] = __fmaf_rn(i2f(iacc[4 * q + 1]), sw0 * s2.y, facc[4 * q + 1]);
+            facc[4 * q + 2] = __fmaf_rn(i2f(iacc[4 * q + 2]), sw1 * s2.x, facc[4 * q + 2]);
+            facc[4 * q + 3] = __fmaf_rn(i2f(iacc[4 * q + 3]), sw1 * s2.y, facc[4 * q + 3]);
+        }
+        __syncwarp();
+        if (lane == 0) mbar_arrive(sbase + BAR_OFF + (ST + buf) * 8);
+    };
+    for (int s = s0; s < s1; s += 2) {
+        stage(s, ra);
+        if (s + 1 < s1) stage(s + 1, rb_);
+    }
+
+    /* epilogue: rows 16*rt + gid (+8), tokens m0 + 8q + 2tig + c */
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int64_t n = rt * 16 + gid + h * 8;
+        if (n >= p.N) continue;
+        const int64_t col = p.idx ? p.idx[n] : n;
+        if (col < 0 || col >= a.n_out) continue; /* never write outside y */
+        const float b = (a.splits == 1 && a.bias) ? a.bias[col] : 0.f;
+#pragma unroll
+        for (int q = 0; q < 16; q++)
+#pragma unroll
+            for (int c = 0; c < 2; c++) {
+                const int64_t m = m0 + 8 * q + 2 * tig + c;
+                if (m >= a.M) continue;
+                const float v = facc[4 * q + 2 * h + c];
+                if (a.splits == 1) store_out(a.y, a.ydt, m * a.n_out + col, v + b);
+                else a.ws[((int64_t)split * a.M + m) * a.n_out + col] = v;
+            }
+    }
+}
+#endif /* MIXC_SM90_DEVICE */
+
+__global__ void __launch_bounds__(NTH, 1) qgemm_sm90_kernel(const __grid_constant__ Args90 a,
+                                                            const __grid_constant__ CUtensorMap act_map) {
+#ifdef MIXC_SM90_DEVICE
+    extern __shared__ uint8_t smem_raw[];
+    const uint32_t raw = smem_u32(smem_raw);
+    const uint32_t sbase = (raw + 1023) & ~1023u;
+    uint8_t *smem = smem_raw + (sbase - raw);
+    const int nst = (int)(a.Kp / KS);
+    const int split = blockIdx.z;
+    const int s0 = split * a.sps, s1 = min(nst, s0 + a.sps);
+    if (s0 >= s1) return;
+    const int64_t m0 = (int64_t)blockIdx.x * BM;
+
+    if (threadIdx.x == 0) {
+        for (int b = 0; b < ST; b++) {
+            mbar_init(sbase + BAR_OFF + b * 8, 1);             /* full: the producer's expect_tx */
+            mbar_init(sbase + BAR_OFF + (ST + b) * 8, 8);      /* empty: the 8 consumer warps */
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (threadIdx.x < 128) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+        if (threadIdx.x >= 32) return;
+        const int lane = threadIdx.x;
+        if (lane == 0) asm volatile("prefetch.tensormap [%0];\n" ::"l"((uint64_t)&act_map) : "memory");
+        float *sas = (float *)(smem + SA_OFF);
+        for (int s = s0; s < s1; s++) {
+            const int i = s - s0, buf = i % ST;
+            mbar_wait(sbase + BAR_OFF + (ST + buf) * 8, ((i / ST) & 1) ^ 1);
+#pragma unroll
+            for (int r = lane; r < BM; r += 32) {
+                const int64_t m = m0 + r;
+                sas[buf * BM + r] = m < a.M ? __ldg(a.sa + m * nst + s) : 0.f;
+            }
+            __syncwarp();
+            if (lane == 0) {
+                const uint32_t bar = sbase + BAR_OFF + buf * 8;
+                mbar_expect_tx(bar, ACT_BYTES);
+                tma_load_2d(sbase + buf * ACT_BYTES, &act_map, s * KS, (int)m0, bar);
+            }
+        }
+    } else {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+        int rb = blockIdx.y;
+        const Part90 *p = &a.p0;
+        if (rb >= a.p0.nblk) { rb -= a.p0.nblk; p = &a.p1; }
+        if (p->bits == 4) consume<4>(a, *p, rb, m0, s0, s1, split, smem, sbase);
+        else consume<8>(a, *p, rb, m0, s0, s1, split, smem, sbase);
+    }
+#endif
+}
+
+/* Split-K reduction in a fixed order, plus bias, in y's dtype. */
+__global__ void splitk_finish_sm90(const float *ws, int splits, int64_t total, int64_t n_out, const float *bias,
+                                   void *y, int dt) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+        float v = 0.f;
+        for (int s = 0; s < splits; s++) v += ws[s * total + i];
+        if (bias) v += bias[i % n_out];
+        store_out(y, dt, i, v);
+    }
+}
+
+typedef CUresult (*EncodeTiled)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *, const cuuint64_t *,
+                                const cuuint64_t *, const cuuint32_t *, const cuuint32_t *, CUtensorMapInterleave,
+                                CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+EncodeTiled encode_fn() {
+    static EncodeTiled fn = nullptr;
+    static bool tried = false;
+    if (!tried) {
+        void *p = nullptr;
+        cudaDriverEntryPointQueryResult q;
+        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q) == cudaSuccess &&
+            q == cudaDriverEntryPointSuccess)
+            fn = (EncodeTiled)p;
+        tried = true;
+    }
+    return fn;
+}
+
+} // namespace
+
+extern "C" int mixc_sm90_ok(int device) {
+    static int cache[64]; /* 0 unknown, 1 yes, 2 no */
+    if (device < 0 || device >= 64) return 0;
+    if (!cache[device]) {
+        int ok = 0, major = 0;
+        DeviceGuard guard(device);
+        if (guard.err == cudaSuccess && cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+            major == 9) {
+            cudaFuncAttributes fa;
+            if (cudaFuncGetAttributes(&fa, qgemm_sm90_kernel) == cudaSuccess && fa.binaryVersion >= 90 && encode_fn())
+                ok = 1;
+        }
+        cudaGetLastError();
+        cache[device] = ok ? 1 : 2;
+    }
+    return cache[device] == 1;
+}
+
+extern "C" int mixc_qlinear_sm90(int device, const mixc_gemm *g, void *stream_) {
+    DeviceGuard guard(device);
+    if (guard.err != cudaSuccess) return (int)guard.err;
+    if (!mixc_sm90_ok(device)) return (int)cudaErrorInvalidDeviceFunction;
+    cudaStream_t stream = (cudaStream_t)stream_;
+    if (g->splits < 1 || g->nparts < 1 || g->nparts > 2 || g->Kp % KS) return (int)cudaErrorInvalidValue;
+    const int nst = (int)(g->Kp / KS);
+    Args90 a;
+    a.sa = g->sa; a.M = g->M; a.Kp = g->Kp; a.n_out = g->n_out;
+    a.G = g->G; a.spg = g->spg; a.ydt = g->ydtype; a.splits = g->splits;
+    a.sps = (nst + g->splits - 1) / g->splits;
+    a.bias = g->bias; a.y = g->y; a.ws = g->ws;
+    Part90 *ps[2] = {&a.p0, &a.p1};
+    const int first = (g->nparts == 2 && g->parts[1].bits > g->parts[0].bits) ? 1 : 0;
+    int nblk = 0;
+    for (int i = 0; i < 2; i++) {
+        Part90 &p = *ps[i];
+        if (i < g->nparts) {
+            const mixc_part &q = g->parts[i ^ first];
+            p.w = (const uint8_t *)q.wpack; p.meta = (const uint8_t *)q.meta; p.idx = q.out_index;
+            p.N = q.N; p.bits = q.bits; p.nblk = (int)((q.N + BN - 1) / BN);
+        } else {
+            p.w = nullptr; p.meta = nullptr; p.idx = nullptr; p.N = 0; p.bits = 4; p.nblk = 0;
+        }
+        nblk += p.nblk;
+    }
+    if (g->M <= 0 || nblk == 0) return 0;
+    if (g->M > 0x7FFFFFFF || nblk > 65535) return (int)cudaErrorInvalidValue;
+
+    CUtensorMap map;
+    const cuuint64_t dims[2] = {(cuuint64_t)g->Kp, (cuuint64_t)g->M};
+    const cuuint64_t strides[1] = {(cuuint64_t)g->Kp};
+    const cuuint32_t box[2] = {KS, BM}, estr[2] = {1, 1};
+    if (encode_fn()(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, (void *)g->xq, dims, strides, box, estr,
+                    CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                    CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
+        return (int)cudaErrorInvalidValue;
+
+    static bool attr_set[64];
+    if (device >= 0 && device < 64 && !attr_set[device]) {
+        cudaError_t e = cudaFuncSetAttribute(qgemm_sm90_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES);
+        if (e != cudaSuccess) return (int)e;
+        attr_set[device] = true;
+    }
+    dim3 grid((unsigned)((g->M + BM - 1) / BM), (unsigned)nblk, (unsigned)((nst + a.sps - 1) / a.sps));
+    qgemm_sm90_kernel<<<grid, NTH, SMEM_BYTES, stream>>>(a, map);
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess || g->splits == 1) return (int)e;
+    const int64_t total = g->M * g->n_out;
+    int blocks = (int)((total + 255) / 256);
+    if (blocks > 1024) blocks = 1024;
+    splitk_finish_sm90<<<blocks, 256, 0, stream>>>(g->ws, (int)grid.z, total, g->n_out, g->bias, g->y, g->ydtype);
+    return (int)cudaGetLastError();
+}
