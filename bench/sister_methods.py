@@ -8,8 +8,10 @@ Several in one process (calibration statistics collected once and shared, same n
 Render the table from the JSON lines:
     python bench/sister_methods.py --table
 
-Every run appends one JSON line to bench/results/sister_methods.jsonl. Defaults: 32 calibration
+Every run appends one JSON line to bench/results/sister_methods.jsonl. Defaults: 16 calibration
 sequences of 512 tokens (seed 0) from the calibration split, 4096 evaluation tokens in windows of 512.
+GPTQ and SliM-LLM calibrate sequentially (block by block on the quantized prefix, as the GPTQ paper);
+CMPQ uses one pass of the full-precision model (its statistics are shared by a sweep); RTN needs none.
 """
 from __future__ import annotations
 
@@ -91,6 +93,7 @@ def run_one(base, tok, method, bits, args, stats=None, calib_ids=None):
                model_MB=round(((qbytes if qbytes else lin_params * 2) + rest) / 1e6, 3),
                quant_s=round(tq, 1), eval_s=round(te, 1), n_calib=args.n_calib, seq_len=args.seq_len,
                eval_tokens=args.eval_tokens, group_size=args.group_size,
+               calibration=report.get("calibration", "none" if method in ("fp16", "rtn") else "one-pass"),
                command=f"python bench/sister_methods.py --method {method} --bits {bits}")
     print(json.dumps(row), flush=True)
     if not args.no_save:
@@ -159,7 +162,7 @@ def main(argv=None):
     else:
         ap.error("give --method, --sweep or --table")
     stats = None
-    if any(m in ("gptq", "slim", "cmpq") for m, _ in jobs):
+    if any(m == "cmpq" for m, _ in jobs):
         t0 = time.time()
         cache = pathlib.Path(args.stats_cache) if args.stats_cache else None
         if cache is not None and cache.exists():
@@ -174,7 +177,7 @@ def main(argv=None):
                 os.replace(tmp, cache)
         print(f"calibration statistics: {time.time() - t0:.1f}s", flush=True)
     for m, b in jobs:
-        run_one(base, tok, m, b, args, stats=None if m in ("rtn", "mixllm") else stats, calib_ids=calib_ids)
+        run_one(base, tok, m, b, args, stats=stats if m == "cmpq" else None, calib_ids=calib_ids)
 
 
 if __name__ == "__main__":

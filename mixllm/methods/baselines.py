@@ -6,9 +6,14 @@ beside them. Every weight-only config here has the same shape:
 * ``config.quantize_linear(linear, stats) -> WeightOnlyLinear`` quantizes one ``nn.Linear`` from its
   calibration statistics (:class:`LayerStats`: the Hessian ``H = 2 X^T X / n`` of its inputs and a
   sample of input rows);
-* ``config.apply(model, calib)`` collects the statistics of every ``nn.Linear`` inside the transformer
-  blocks in one pass over the calibration samples (the full-precision model's inputs, not the
-  sequential layer-by-layer pass of the GPTQ paper) and swaps each layer for its quantized version.
+* ``config.apply(model, calib)`` swaps every ``nn.Linear`` inside the transformer blocks for its
+  quantized version. Methods whose result depends on the inputs' exact values (GPTQ, SliM-LLM:
+  ``config.sequential = True``) are calibrated *sequentially* as in the GPTQ paper (§4, "true
+  sequential"): block by block on the outputs of the already-quantized blocks, and inside a block
+  one group of linears at a time (the linears that read the same input: q/k/v, o, gate/up, down),
+  each on inputs produced by the already-quantized linears before it (:func:`sequential_quantize`).
+  Otherwise (RTN, CMPQ, or ``sequential=False``) the statistics of every layer are collected in one
+  pass of the full-precision model (:func:`collect_stats`).
 
 ``calib`` is a list of 1-D/2-D token-id tensors (one sequence each), or an object with a ``samples``
 attribute holding such a list.
@@ -26,7 +31,7 @@ from .. import ops
 from ..nn_weight_only import WeightOnlyLinear
 
 __all__ = ["RTNConfig", "GPTQConfig", "LayerStats", "collect_stats", "default_filter", "replace_linears",
-           "quantize_weight_only"]
+           "quantize_weight_only", "sequential_quantize"]
 
 
 @dataclass
@@ -96,6 +101,148 @@ def collect_stats(model: nn.Module, calib, filter_fn: Callable = default_filter,
     return stats
 
 
+
+class _Stop(Exception):
+    pass
+
+
+def _find_blocks(model: nn.Module, names) -> Optional[tuple]:
+    """The ``nn.ModuleList`` of transformer blocks holding every selected linear: ``(prefix, list)``,
+    or None when the selected linears are not all inside one such list."""
+    best = None
+    for pname, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            inside = [n for n in names if n.startswith(pname + ".")]
+            if len(inside) == len(names) and (best is None or len(pname) > len(best[0])):
+                best = (pname, mod)
+    return best
+
+
+class _HessianAcc:
+    """``2 X^T X / n`` and up to a sample of rows of one input, accumulated over forward calls."""
+
+    def __init__(self, K, keep_p, gen):
+        self.H = torch.zeros(K, K, dtype=torch.float64)
+        self.n, self.keep_p, self.gen, self.rows = 0, keep_p, gen, []
+
+    def add(self, x):
+        x = x.detach().reshape(-1, x.shape[-1]).float().cpu()
+        self.H += (x.T @ x).double()
+        self.n += x.shape[0]
+        if self.keep_p > 0:
+            sel = torch.rand(x.shape[0], generator=self.gen) < self.keep_p
+            self.rows.append(x[sel].clone())
+
+    def stats(self):
+        X = torch.cat(self.rows).numpy() if self.rows else None
+        return LayerStats(H=(2.0 / max(self.n, 1)) * self.H.numpy(), X=X, n=self.n)
+
+
+@torch.no_grad()
+def sequential_quantize(model: nn.Module, config, calib, filter_fn: Callable = default_filter,
+                        progress: bool = True) -> Optional[Dict[str, nn.Module]]:
+    """GPTQ-style sequential calibration (GPTQ paper §4 and its ``--true-sequential`` option).
+
+    The calibration samples run through the model once up to the first block; then for each block,
+    its selected linears are grouped by the input tensor they read (first-use order: q/k/v, o,
+    gate/up, down in a Llama block); for each group in turn the samples run through the block (whose
+    earlier groups are already quantized) to collect ``H`` (and rows for SliM-LLM's search), the
+    group is quantized with ``config.quantize_linear`` and swapped in; a last pass gives the block's
+    outputs, the next block's inputs. Memory: the hidden states of the calibration set (n x seq x d).
+
+    Returns the quantized modules by name (already swapped in), or None when the model has no
+    ``nn.ModuleList`` of blocks holding every selected linear (the caller falls back to one pass).
+    """
+    from tqdm.auto import tqdm
+    samples = _samples(calib)
+    names = [n for n, m in model.named_modules() if filter_fn(n, m)]
+    if not names:
+        raise ValueError("model: no nn.Linear layers matched the filter")
+    found = _find_blocks(model, names)
+    if found is None:
+        return None
+    prefix, blocks = found
+    dev = next(model.parameters()).device
+    # 1. inputs of block 0 (positional args and keyword args of each call)
+    inputs = []
+
+    def grab(mod, args, kwargs):
+        inputs.append((args, kwargs))
+        raise _Stop
+
+    h = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for s in samples:
+            try:
+                try:
+                    model(s.to(dev), use_cache=False)  # no KV cache (Hugging Face models)
+                except TypeError:  # a model without that keyword
+                    model(s.to(dev))
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+    if len(inputs) != len(samples):
+        return None
+    total_tokens = sum(s.numel() for s in samples)
+    keep_p = min(1.0, getattr(config, "keep_tokens", 0) / max(total_tokens, 1))
+    gen = torch.Generator().manual_seed(getattr(config, "seed", 0))
+    out_new: Dict[str, nn.Module] = {}
+    last = max(i for i in range(len(blocks)) if any(n.startswith(f"{prefix}.{i}.") for n in names))
+    bar = tqdm(range(last + 1), desc=f"{getattr(config, 'name', 'quantize')} (sequential)",
+               disable=not progress)
+    for bi in bar:
+        block = blocks[bi]
+        bpre = f"{prefix}.{bi}."
+        lin = {n[len(bpre):]: model.get_submodule(n) for n in names if n.startswith(bpre)}
+        # 2. group the block's linears by the tensor they read, in first-use order (one call)
+        seen, order = [], []
+
+        def rec(rel):
+            def f(mod, args):
+                x = args[0]
+                for gi, t in enumerate(seen):
+                    if t is x:
+                        order[gi].append(rel)
+                        return
+                seen.append(x)  # keeps the tensor alive so identity checks cannot alias
+                order.append([rel])
+            return f
+
+        hs = [m.register_forward_pre_hook(rec(r)) for r, m in lin.items()]
+        try:
+            block(*inputs[0][0], **inputs[0][1])
+        finally:
+            for hh in hs:
+                hh.remove()
+        seen.clear()
+        missing = [r for r in lin if not any(r in g for g in order)]
+        if missing:
+            order.append(missing)  # not reached by the forward pass: their inputs never change (H = 0)
+        # 3. one pass per group on the partly quantized block
+        for group in order:
+            acc = _HessianAcc(lin[group[0]].in_features, keep_p, gen)
+            hh = lin[group[0]].register_forward_pre_hook(lambda m, a: acc.add(a[0]))
+            try:
+                for args, kwargs in inputs:
+                    block(*args, **kwargs)
+            finally:
+                hh.remove()
+            st = acc.stats()
+            for rel in group:
+                q = config.quantize_linear(lin[rel], st)
+                replace_linears(model, {bpre + rel: q})
+                out_new[bpre + rel] = q
+            bar.set_postfix_str("+".join(r.rsplit(".", 1)[-1] for r in group))
+        # 4. the quantized block's outputs feed the next block
+        new_inputs = []
+        for args, kwargs in inputs:
+            o = block(*args, **kwargs)
+            o = o[0] if isinstance(o, (tuple, list)) else o
+            new_inputs.append(((o,) + tuple(args[1:]), kwargs))
+        inputs = new_inputs
+    return out_new
+
 def replace_linears(model: nn.Module, new: Dict[str, nn.Module]):
     for name, m in new.items():
         parent_name, _, child = name.rpartition(".")
@@ -120,7 +267,17 @@ def quantize_weight_only(model: nn.Module, config, calib=None, filter_fn: Callab
                          verbose: bool = False) -> dict:
     """Quantize every selected linear of ``model`` in place with ``config.quantize_linear``; returns
     the report (``avg_bits``: code bits per quantized weight; ``quantized_bytes``: packed size of the
-    quantized layers; ``n_layers``)."""
+    quantized layers; ``n_layers``; ``calibration``: "sequential" or "one-pass").
+
+    Calibration samples and ``config.sequential``: layer-by-layer on the quantized prefix
+    (:func:`sequential_quantize`); precomputed ``LayerStats`` / a ``Calibration`` / no ``sequential``:
+    every layer from the full-precision model's inputs."""
+    is_stats = isinstance(calib, dict) and calib and all(isinstance(v, LayerStats) for v in calib.values())
+    if (getattr(config, "sequential", False) and config.needs_calibration() and not is_stats
+            and type(calib).__name__ != "Calibration"):
+        new = sequential_quantize(model, config, calib, filter_fn, progress=getattr(config, "progress", True))
+        if new is not None:
+            return _report(new, "sequential")
     if isinstance(calib, dict) and calib and all(isinstance(v, LayerStats) for v in calib.values()):
         stats = {n: calib[n] for n, m in model.named_modules() if filter_fn(n, m)}  # precomputed (bench sweeps)
     elif not config.needs_calibration():
@@ -137,10 +294,14 @@ def quantize_weight_only(model: nn.Module, config, calib=None, filter_fn: Callab
         if verbose:
             print(f"{name}: {new[name].extra_repr()}", flush=True)
     replace_linears(model, new)
+    return _report(new, "one-pass" if config.needs_calibration() else "none")
+
+
+def _report(new, how):
     n_w = sum(m.codes.numel() for m in new.values())
     return {"avg_bits": sum(m.code_bits() for m in new.values()) / max(n_w, 1),
             "quantized_bytes": sum(m.nbytes() for m in new.values()),
-            "quantized_params": n_w, "n_layers": len(new)}
+            "quantized_params": n_w, "n_layers": len(new), "calibration": how}
 
 
 def _check_bits(bits, lo=2, hi=8):
@@ -187,12 +348,16 @@ class RTNConfig:
 class GPTQConfig:
     """GPTQ weight-only baseline (Frantar et al. 2022) on the project's C implementation: asymmetric
     ``bits``-bit groups of ``group_size``, Hessian ``2 X^T X / n`` damped by ``damp * mean(diag H)``.
-    The vanilla algorithm by default; ``group_order`` / ``clip`` turn on the MixLLM refinements."""
+    The vanilla algorithm by default; ``group_order`` / ``clip`` turn on the MixLLM refinements.
+    ``sequential``: calibrate block by block on the quantized prefix as the GPTQ paper does (default;
+    False: every layer from the full-precision model's inputs in one pass, which overfits small
+    calibration sets: see docs/method.md)."""
     bits: int = 4
     group_size: int = 128
     damp: float = 0.01
     group_order: bool = False
     clip: bool = False
+    sequential: bool = True
     keep_tokens: int = 0
     seed: int = 0
     name = "gptq"

@@ -148,6 +148,8 @@ class SliMConfig:
     ``lam``: weight of the salient elements' error in SQC (reference implementation default 1);
     ``norm``, ``tau_range``, ``tau_n``: SQC loss exponent and search grid (reference: 2.4, 0.1, 50).
     ``damp``: GPTQ damping fraction. ``keep_tokens``: calibration rows kept per layer for the SBA search.
+    ``sequential``: calibrate block by block on the quantized prefix (GPTQ paper; the SliM-LLM code runs
+    its GPTQ the same way); False: every layer from the full-precision model's inputs in one pass.
     """
     bits: int = 2
     group_size: int = 128
@@ -158,6 +160,7 @@ class SliMConfig:
     tau_range: float = 0.1
     tau_n: int = 50
     damp: float = 0.01
+    sequential: bool = True
     keep_tokens: int = 1024
     seed: int = 0
     name = "slim"
