@@ -33,7 +33,13 @@
  * resident together share weight rows in L2); blockIdx.z the split of K (split-K partial sums
  * go to the workspace and a small kernel reduces them in a fixed order). Each row's result goes
  * to column out_index[row]. The sm_80 build of this file holds a stub that is never launched:
- * mixc_sm90_ok() is false unless the device is 9.x and the loaded binary is sm_90a code. */
+ * mixc_sm90_ok() is false unless the device is 9.x and the loaded binary is sm_90a code.
+ *
+ * Measured (H100, bench/results/gpu_sm90_2026-11-23.log): 1.2-1.5x the mma.sync path at M >= 256,
+ * 300-400 TOPS, i.e. still 0.35-0.5x _int_mm. ncu: 44% issue-active, the largest stall is long
+ * scoreboard (mbarrier waits on the activation tiles or the weight loads, not yet told apart),
+ * then fixed-latency waits. Next: tell those apart; a persistent grid; a third consumer
+ * warpgroup or 2 CTAs per SM (registers: 64 float + 64 int32 accumulators per thread now). */
 #include "mixllm_cuda.h"
 #include "device_guard.cuh"
 #include <cuda.h>
@@ -109,6 +115,10 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap *map
         : "memory");
 }
 
+__device__ __forceinline__ void cp_async4_zfill(uint32_t dst, const void *src, int bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+
 /* Weights are read once per token block, by one CTA at a time: keep them out of L1. */
 __device__ __forceinline__ uint4 ld_stream(const uint8_t *p) {
     uint4 v;
@@ -121,8 +131,8 @@ __device__ __forceinline__ uint4 ld_stream(const uint8_t *p) {
 __device__ __forceinline__ uint32_t sub_zero(uint32_t q, uint32_t zz) {
     return ((q | 0x80808080u) - zz) ^ 0x80808080u;
 }
-/* int32 -> float: one I2FP.F32.S32 on sm_90 (the w4a8.cu add-and-subtract trick takes two issue slots,
- * and issue slots are what the per-stage rescale is short of). Exact: |x| < 2^21 per stage. */
+/* int32 -> float: one I2FP.F32.S32 (exact: a stage's sums stay under 2^21). The add-and-subtract
+ * trick of w4a8.cu measured 2-5% slower here (H100, 2026-11-23). */
 __device__ __forceinline__ float i2f(int x) { return __int2float_rn(x); }
 
 /* K-major operand, 128-byte swizzle, 8-row core-matrix groups 1024 bytes apart. */
@@ -130,35 +140,28 @@ __device__ __forceinline__ uint64_t desc_sw128(uint32_t addr) {
     return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
 }
 
-__device__ __forceinline__ void fence_acc(int (&d)[64]) {
+__device__ __forceinline__ void fence_acc(int (&d)[32]) {
 #pragma unroll
-    for (int i = 0; i < 64; i++) asm volatile("" : "+r"(d[i])::"memory");
+    for (int i = 0; i < 32; i++) asm volatile("" : "+r"(d[i])::"memory");
 }
 
-/* D[64 x 128] (+)= A[64 x 32] (registers, s8) * B[128 x 32]^T (shared, s8) */
-__device__ __forceinline__ void wgmma_128(int (&d)[64], const uint32_t (&a)[4], uint64_t desc, int accumulate) {
+/* D[64 x 64] (+)= A[64 x 32] (registers, s8) * B[64 x 32]^T (shared, s8) */
+__device__ __forceinline__ void wgmma_64(int (&d)[32], const uint32_t (&a)[4], uint64_t desc, int accumulate) {
     asm volatile(
-        "{\n .reg .pred p;\n setp.ne.b32 p, %69, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 "
-        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,"
-        "%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,"
-        "%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, p;\n}\n"
-        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]), "+r"(d[8]),
-          "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]), "+r"(d[16]),
-          "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]), "+r"(d[24]),
-          "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]), "+r"(d[32]),
-          "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]), "+r"(d[40]),
-          "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]), "+r"(d[48]),
-          "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]), "+r"(d[56]),
-          "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
+        "{\n .reg .pred p;\n setp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8 "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p;\n}\n"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]), "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]), "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]), "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
 }
 
 /* Per-thread register state of one prefetched stage: the weight words and the two rows' meta. */
 template <int BITS> struct StageRegs {
-    uint4 w[BITS / 2]; /* 4-bit: 2 k-pairs; 8-bit: 4 k-steps */
+    uint4 w[BITS / 2]; /* 4-bit: 2 k-pairs; 8-bit: 4 k-steps (prefetched two stages ahead) */
     float sw0, sw1;
     uint32_t z0, z1;
+    uint32_t af[4][4]; /* the A fragments of the stage being computed */
+    float esw0, esw1;  /* its row scales, for the rescale after the wgmma */
 };
 
 template <int BITS>
@@ -217,7 +220,31 @@ __device__ __forceinline__ void make_frags(uint32_t (&af)[4][4], const StageRegs
     }
 }
 
-/* One consumer warpgroup's 64 rows x 128 tokens over the stages [s0, s1). */
+/* Waits until at most N wgmma groups are pending (acc's group is then complete). */
+template <int N> __device__ __forceinline__ void wait_acc(int (&acc)[32]) {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+    fence_acc(acc);
+}
+
+/* Second step of the dequantization for one 64-token half: acc (+)= float(iacc) * Sw[row] * Sa[token].
+ * Accumulator i: row gid + 8 * ((i >> 1) & 1), token 8 * (i >> 2) + 2 * tig + (i & 1). */
+__device__ __forceinline__ void rescale(float *facc, const int (&iacc)[32], const float *sab, float sw0, float sw1) {
+#pragma unroll
+    for (int q = 0; q < 8; q++) {
+        const float2 s2 = *(const float2 *)(sab + 8 * q);
+        facc[4 * q + 0] = __fmaf_rn(i2f(iacc[4 * q + 0]), sw0 * s2.x, facc[4 * q + 0]);
+        facc[4 * q + 1] = __fmaf_rn(i2f(iacc[4 * q + 1]), sw0 * s2.y, facc[4 * q + 1]);
+        facc[4 * q + 2] = __fmaf_rn(i2f(iacc[4 * q + 2]), sw1 * s2.x, facc[4 * q + 2]);
+        facc[4 * q + 3] = __fmaf_rn(i2f(iacc[4 * q + 3]), sw1 * s2.y, facc[4 * q + 3]);
+    }
+}
+
+/* One consumer warpgroup's 64 rows x 128 tokens over the stages [s0, s1). The token tile is
+ * computed as two halves of 64 (wgmma m64n64k32, separate int32 accumulators), so that the
+ * rescale of the first half overlaps the second half's wgmma:
+ *   issue A(s), B(s) | wait A | rescale A(s) | wait B | rescale B(s), release stage s
+ * No wgmma group stays pending across stages: with one that did (rescale B(s-1) under A(s)),
+ * ptxas serialized every wgmma (C7514), which cost more than the overlap gained. */
 template <int BITS>
 __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb, int64_t m0, int s0, int s1, int split,
                                         uint8_t *smem, uint32_t sbase) {
@@ -227,42 +254,39 @@ __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb
     const int64_t NTt = (p.N + 15) / 16;
     const bool live = rt < NTt;
     const int64_t KP2 = a.Kp / 64;
-    const float *sas = (const float *)(smem + SA_OFF);
+    const float *sas = (const float *)(smem + SA_OFF) + 2 * tig;
 
-    int iacc[64];
+    int ia[32], ib[32];
     float facc[64];
 #pragma unroll
-    for (int i = 0; i < 64; i++) facc[i] = 0.f, iacc[i] = 0;
+    for (int i = 0; i < 64; i++) facc[i] = 0.f;
+#pragma unroll
+    for (int i = 0; i < 32; i++) ia[i] = ib[i] = 0;
 
     StageRegs<BITS> ra, rb_;
     load_regs<BITS>(ra, p, rt, live, KP2, a.G, a.spg, s0, lane, gid);
     if (s0 + 1 < s1) load_regs<BITS>(rb_, p, rt, live, KP2, a.G, a.spg, s0 + 1, lane, gid);
 
+    auto issue = [&](int (&acc)[32], const uint32_t (&af)[4][4], uint32_t tile) {
+        fence_acc(acc);
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+        for (int k = 0; k < 4; k++) wgmma_64(acc, af[k], desc_sw128(tile + k * 32), k);
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+    };
     auto stage = [&](int s, StageRegs<BITS> &r) {
         const int i = s - s0, buf = i % ST;
-        uint32_t af[4][4];
-        make_frags<BITS>(af, r, lane);
-        const float sw0 = r.sw0, sw1 = r.sw1;
+        make_frags<BITS>(r.af, r, lane);
+        r.esw0 = r.sw0; r.esw1 = r.sw1;
         if (s + 2 < s1) load_regs<BITS>(r, p, rt, live, KP2, a.G, a.spg, s + 2, lane, gid);
         mbar_wait(sbase + BAR_OFF + buf * 8, (i / ST) & 1);
         const uint32_t tile = sbase + buf * ACT_BYTES;
-        fence_acc(iacc);
-        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#pragma unroll
-        for (int k = 0; k < 4; k++) wgmma_128(iacc, af[k], desc_sw128(tile + k * 32), k);
-        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-        fence_acc(iacc);
-        /* accumulator (row gid / gid+8, token 8q + 2tig + c) = iacc[4q + 2h + c] */
-        const float *sab = sas + buf * BM + 2 * tig;
-#pragma unroll
-        for (int q = 0; q < 16; q++) {
-            const float2 s2 = *(const float2 *)(sab + 8 * q);
-            facc[4 * q + 0] = __fmaf_rn(i2f(iacc[4 * q + 0]), sw0 * s2.x, facc[4 * q + 0]);
-            facc[4 * q + 1] = __fmaf_rn(i2f(iacc[4 * q + 1]), sw0 * s2.y, facc[4 * q + 1]);
-            facc[4 * q + 2] = __fmaf_rn(i2f(iacc[4 * q + 2]), sw1 * s2.x, facc[4 * q + 2]);
-            facc[4 * q + 3] = __fmaf_rn(i2f(iacc[4 * q + 3]), sw1 * s2.y, facc[4 * q + 3]);
-        }
+        issue(ia, r.af, tile);                       /* tokens 0..63: rows 0..63 of the tile */
+        issue(ib, r.af, tile + 64 * KS);             /* tokens 64..127 */
+        wait_acc<1>(ia);                             /* A(s) done, B(s) still running */
+        rescale(facc, ia, sas + buf * BM, r.esw0, r.esw1);
+        wait_acc<0>(ib);
+        rescale(facc + 32, ib, sas + buf * BM + 64, r.esw0, r.esw1);
         __syncwarp();
         if (lane == 0) mbar_arrive(sbase + BAR_OFF + (ST + buf) * 8);
     };
@@ -271,7 +295,7 @@ __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb
         if (s + 1 < s1) stage(s + 1, rb_);
     }
 
-    /* epilogue: rows 16*rt + gid (+8), tokens m0 + 8q + 2tig + c */
+    /* epilogue: rows 16*rt + gid (+8), tokens m0 + 64*half + 8q + 2tig + c */
 #pragma unroll
     for (int h = 0; h < 2; h++) {
         const int64_t n = rt * 16 + gid + h * 8;
@@ -308,7 +332,7 @@ __global__ void __launch_bounds__(NTH, 1) qgemm_sm90_kernel(const __grid_constan
 
     if (threadIdx.x == 0) {
         for (int b = 0; b < ST; b++) {
-            mbar_init(sbase + BAR_OFF + b * 8, 1);             /* full: the producer's expect_tx */
+            mbar_init(sbase + BAR_OFF + b * 8, 33);            /* full: expect_tx + 32 lanes' scale copies */
             mbar_init(sbase + BAR_OFF + (ST + b) * 8, 8);      /* empty: the 8 consumer warps */
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -323,19 +347,22 @@ __global__ void __launch_bounds__(NTH, 1) qgemm_sm90_kernel(const __grid_constan
         float *sas = (float *)(smem + SA_OFF);
         for (int s = s0; s < s1; s++) {
             const int i = s - s0, buf = i % ST;
+            const uint32_t bar = sbase + BAR_OFF + buf * 8;
             mbar_wait(sbase + BAR_OFF + (ST + buf) * 8, ((i / ST) & 1) ^ 1);
-#pragma unroll
-            for (int r = lane; r < BM; r += 32) {
-                const int64_t m = m0 + r;
-                sas[buf * BM + r] = m < a.M ? __ldg(a.sa + m * nst + s) : 0.f;
-            }
-            __syncwarp();
             if (lane == 0) {
-                const uint32_t bar = sbase + BAR_OFF + buf * 8;
                 mbar_expect_tx(bar, ACT_BYTES);
                 tma_load_2d(sbase + buf * ACT_BYTES, &act_map, s * KS, (int)m0, bar);
             }
+            /* the tokens' scales of this stage: 4-byte cp.async (zero-filled past M) that arrive
+             * on the same barrier when they land, so the producer never waits on a load */
+#pragma unroll
+            for (int r = lane; r < BM; r += 32) {
+                const int64_t m = m0 + r;
+                cp_async4_zfill(smem_u32(sas + buf * BM + r), a.sa + min(m, a.M - 1) * nst + s, m < a.M ? 4 : 0);
+            }
+            asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
         }
+        asm volatile("cp.async.wait_all;\n" ::: "memory");
     } else {
         asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
         int rb = blockIdx.y;
