@@ -35,7 +35,7 @@ if command -v compute-sanitizer >/dev/null; then
     log "compute-sanitizer (memcheck) on the small tests"
     compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
         $PY -m pytest tests/test_cuda.py -q -x -p no:cacheprovider \
-        -k "test_poisoned_outputs_fully_written or test_act_quant_padded or (test_linear_matches_reference and 1-16-128) or test_mixed_matches_cpu or test_fused_and_split or test_back_to_back or test_mixed_linear_module" \
+        -k "test_poisoned_outputs_fully_written or test_act_quant_padded or (test_linear_matches_reference and 1-16-128) or test_mixed_matches_cpu or test_deterministic_with_and_without_pdl or test_back_to_back or test_mixed_linear_module" \
         >"$OUT/sanitizer.log" 2>&1
     san_rc=$?
     tail -4 "$OUT/sanitizer.log"

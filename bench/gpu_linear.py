@@ -137,13 +137,9 @@ def bench_shape(N, K, ms, dev, gen, rates, quick):
         r["w8a8"] = time_graph([(lambda x=xs[i], l=l: l(x)) for i, l in enumerate(p8)])
         r["w4a8"] = time_graph([(lambda x=xs[i], l=l: l(x)) for i, l in enumerate(p4)])
         r["w4.4a8"] = time_graph([(lambda x=xs[i], l=l: l(x)) for i, l in enumerate(pmix)])
-        fused = pmix[0].plan(M)[2]
-        r["fused"] = bool(fused)
-        if fused:  # the same layer with the separate activation-quantization kernel
-            r["w4.4a8_unfused"] = time_graph([(lambda x=xs[i], l=l: l(x, fuse=0)) for i, l in enumerate(pmix)])
         r["aq"] = time_graph([(lambda x=x: cuda_ops.quantize_activation(x, 128)) for x in xs])
         cfg = pmix[0].plan(M)
-        r["plan"] = f"{cfg[4]}/s{cfg[1]}" + ("/fused" if cfg[2] else "")
+        r["plan"] = f"{cfg[3]}/s{cfg[1]}"
         wbytes = (N - n8) * K / 2 + n8 * K + N * (K // 128) * 5
         nbytes = wbytes + M * K * 2 + M * N * 2
         r["floor"] = max(nbytes / bw, 2 * M * N * K / i8) * 1e3
@@ -166,8 +162,7 @@ def fmt_row(r):
     us = lambda k: f"{r[k] * 1e3:8.1f}"  # noqa: E731
     return (f"{r['N']:>6} {r['K']:>6} {r['M']:>5} | {us('bf16')} {us('int_mm')} {us('int_mm+q')} {us('w8a8')} "
             f"{us('w4a8')} {us('w4.4a8')} {r['aq'] * 1e3:6.1f} {r['floor'] * 1e3:7.1f} | {r['x_bf16']:6.2f} "
-            f"{r['x_int_mm']:6.2f} {r['x_int_mm+q']:7.2f} {r['w4.4_TBps']:5.2f} {r['w4.4_TOPS']:5.0f} {r['plan']}"
-            + (f" (unfused {r['w4.4a8_unfused'] * 1e3:.1f})" if "w4.4a8_unfused" in r else ""))
+            f"{r['x_int_mm']:6.2f} {r['x_int_mm+q']:7.2f} {r['w4.4_TBps']:5.2f} {r['w4.4_TOPS']:5.0f} {r['plan']}")
 
 
 def tune(dev, gen):

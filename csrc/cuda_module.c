@@ -151,15 +151,15 @@ static PyObject *py_plan(PyObject *self, PyObject *args) {
 }
 
 /* ---------------------------------------------------------------- prepared layers
- * A quantized layer is validated once: prepare() takes its packed parts, output indices,
- * bias and split-K counters through DLPack, checks them against each other and keeps the
- * DLPack tensors (so their memory stays alive) in a capsule. Each call then takes only x,
- * y and a scratch buffer (raw DLPack capsules are accepted: the cheap path of MixedLinear). */
+ * A quantized layer is validated once: prepare() takes its packed parts, output indices and
+ * bias through DLPack, checks them against each other and keeps the DLPack tensors (so their
+ * memory stays alive) in a capsule. Each call then takes only x, y and a scratch buffer (raw
+ * DLPack capsules are accepted: the cheap path of MixedLinear). */
 #define HANDLE_NAME "mixllm._cuda.qlinear_handle"
 typedef struct {
-    mix_array arr[2 * MIXC_MAX_PARTS * 3 + 2];
+    mix_array arr[MIXC_MAX_PARTS * 3 + 1];
     int narr;
-    mixc_gemm tmpl; /* parts, bias, n_out, G, spg, Kp, counters */
+    mixc_gemm tmpl; /* parts, bias, n_out, G, spg, Kp, pdl */
     int64_t K, g, Ns[MIXC_MAX_PARTS];
     int device;
 } qhandle;
@@ -180,12 +180,14 @@ static qhandle *get_handle(PyObject *o) {
     return h;
 }
 
-/* prepare(parts, bias|None, counters|None, K, g, stream) -> handle
- * parts: list of (wpack, meta, bits, N, out_index|None). */
+/* prepare(parts, bias|None, K, g, stream, pdl=1) -> handle
+ * parts: list of (wpack, meta, bits, N, out_index|None); pdl=0 launches the GEMM without
+ * programmatic dependent launch (for comparisons). */
 static PyObject *py_prepare(PyObject *self, PyObject *args) {
-    PyObject *oparts, *obias, *octr;
+    PyObject *oparts, *obias;
     long long K, g, stream;
-    if (!PyArg_ParseTuple(args, "O!OOLLL", &PyList_Type, &oparts, &obias, &octr, &K, &g, &stream)) return NULL;
+    int pdl = 1;
+    if (!PyArg_ParseTuple(args, "O!OLLL|p", &PyList_Type, &oparts, &obias, &K, &g, &stream, &pdl)) return NULL;
     if (check_group(g) < 0) return NULL;
     if (K <= 0) return PyErr_Format(PyExc_ValueError, "K: expected a positive integer, got %lld", K);
     Py_ssize_t np = PyList_GET_SIZE(oparts);
@@ -236,19 +238,12 @@ static PyObject *py_prepare(PyObject *self, PyObject *args) {
         if (!b || mix_check_dim(b, 0, nsum) < 0) goto fail;
         h->tmpl.bias = b->data;
     }
-    if (octr != Py_None) {
-        mix_array *c = take(&s, octr, "counters", MIX_DT(MIX_I32), 1, 1);
-        if (!c) goto fail;
-        h->tmpl.counters = c->data;
-        h->tmpl.ncounters = c->numel;
-    }
     if (s.n == 0) { PyErr_SetString(PyExc_ValueError, "parts: no arrays"); goto fail; }
     h->device = s.a[0].device_id;
     h->tmpl.Kp = Kp;
     h->tmpl.G = (int)Gn;
     h->tmpl.spg = (int)(gp / MIXC_KSTAGE);
-    h->tmpl.g = g;
-    h->tmpl.K = K;
+    h->tmpl.pdl = pdl;
     h->K = K;
     h->g = g;
     memcpy(h->arr, s.a, sizeof(mix_array) * s.n);
@@ -265,73 +260,50 @@ fail:
     return NULL;
 }
 
-#define FUSE_MAX_CODES_PER_BLOCK 16384
-
 static int64_t align16(int64_t v) { return (v + 15) / 16 * 16; }
 
-/* Scratch bytes of one call: activation codes and scales (unless fused), split-K partials. */
-static int64_t scratch_bytes(const qhandle *h, int64_t M, int splits, int fused) {
+/* Scratch bytes of one call: activation codes and scales, split-K partials. */
+static int64_t scratch_bytes(const qhandle *h, int64_t M, int splits) {
     const int64_t Kp = h->tmpl.Kp;
-    int64_t b = fused ? 0 : align16(M * Kp) + align16(M * (Kp / MIXC_KSTAGE) * 4);
+    int64_t b = align16(M * Kp) + align16(M * (Kp / MIXC_KSTAGE) * 4);
     if (splits > 1) b += (int64_t)splits * M * h->tmpl.n_out * 4;
     return b;
 }
 
-/* Checks a (cfg, splits, fused) choice for M tokens; fills the planner's choice for cfg < 0
- * / splits <= 0 / fuse < 0. Returns 0 or -1 with ValueError. */
-static int resolve_plan(const qhandle *h, int64_t M, int *cfg, int *splits, int *fuse) {
-    if (*cfg >= MIXC_NCFG) {
+/* Checks a (cfg, splits) choice for M tokens; fills the planner's choice for cfg < 0 /
+ * splits <= 0 (a forced split-K factor above the stages of K is clamped). Returns 0 or -1
+ * with ValueError. */
+static int resolve_plan(const qhandle *h, int64_t M, int *cfg, int *splits) {
+    int c, sp;
+    if (*cfg >= MIXC_NCFG ||
+        mixc_plan(h->device, M > 0 ? M : 1, h->Ns, h->tmpl.nparts, h->tmpl.Kp, *cfg, *splits, &c, &sp) < 0) {
         PyErr_Format(PyExc_ValueError, "cfg: expected -1 (auto) or 0..%d, got %d", MIXC_NCFG - 1, *cfg);
         return -1;
     }
-    int c, sp; /* a forced split-K factor above the stages of K is clamped by the planner */
-    if (mixc_plan(h->device, M > 0 ? M : 1, h->Ns, h->tmpl.nparts, h->tmpl.Kp, *cfg, *splits, &c, &sp) < 0) {
-        PyErr_Format(PyExc_ValueError, "cfg: expected -1 (auto) or 0..%d, got %d", MIXC_NCFG - 1, *cfg);
-        return -1;
-    }
-    const int ok = mixc_fusable(h->device, c, M, h->tmpl.Kp, sp);
-    if (*fuse > 0 && !ok) {
-        PyErr_Format(PyExc_ValueError, "fuse: configuration %s cannot quantize %lld tokens in the GEMM", mixc_cfg_name(c),
-                     (long long)M);
-        return -1;
-    }
-    /* Auto: quantize inside the GEMM when each block's share of x is small (every block
-     * re-quantizes its tokens over its K range; past this the separate kernel is cheaper). */
-    const int64_t per_block = M * (int64_t)(((h->tmpl.Kp / MIXC_KSTAGE + sp - 1) / sp) * MIXC_KSTAGE);
-    *fuse = *fuse < 0 ? (ok && per_block <= FUSE_MAX_CODES_PER_BLOCK) : (*fuse > 0);
     *cfg = c;
     *splits = sp;
     return 0;
 }
 
-/* fusable(device, cfg, M, Kp, splits) -> bool: can cfg quantize M tokens inside the GEMM */
-static PyObject *py_fusable(PyObject *self, PyObject *args) {
-    int device, cfg, splits;
-    long long M, Kp;
-    if (!PyArg_ParseTuple(args, "iiLLi", &device, &cfg, &M, &Kp, &splits)) return NULL;
-    if (Kp <= 0 || Kp % MIXC_KSTAGE) return PyErr_Format(PyExc_ValueError, "Kp: expected a positive multiple of %d", MIXC_KSTAGE);
-    return PyBool_FromLong(mixc_fusable(device, cfg, M, Kp, splits));
-}
-
-/* plan_call(handle, M, cfg, splits, fuse) -> (cfg, splits, fused, scratch_bytes, cfg_name) */
+/* plan_call(handle, M, cfg, splits) -> (cfg, splits, scratch_bytes, cfg_name) */
 static PyObject *py_plan_call(PyObject *self, PyObject *args) {
     PyObject *oh;
     long long M;
-    int cfg, splits, fuse;
-    if (!PyArg_ParseTuple(args, "OLiii", &oh, &M, &cfg, &splits, &fuse)) return NULL;
+    int cfg, splits;
+    if (!PyArg_ParseTuple(args, "OLii", &oh, &M, &cfg, &splits)) return NULL;
     qhandle *h = get_handle(oh);
     if (!h) return NULL;
     if (M < 0) return PyErr_Format(PyExc_ValueError, "M: expected >= 0, got %lld", M);
-    if (resolve_plan(h, M, &cfg, &splits, &fuse) < 0) return NULL;
-    return Py_BuildValue("iiiLs", cfg, splits, fuse, (long long)scratch_bytes(h, M, splits, fuse), mixc_cfg_name(cfg));
+    if (resolve_plan(h, M, &cfg, &splits) < 0) return NULL;
+    return Py_BuildValue("iiLs", cfg, splits, (long long)scratch_bytes(h, M, splits), mixc_cfg_name(cfg));
 }
 
-/* run(handle, x, y, scratch|None, cfg, splits, fuse, stream): y = x W^T + bias. */
+/* run(handle, x, y, scratch, cfg, splits, stream): y = x W^T + bias. */
 static PyObject *py_run(PyObject *self, PyObject *args) {
     PyObject *oh, *ox, *oy, *osc;
-    int cfg, splits, fuse;
+    int cfg, splits;
     long long stream;
-    if (!PyArg_ParseTuple(args, "OOOOiiiL", &oh, &ox, &oy, &osc, &cfg, &splits, &fuse, &stream)) return NULL;
+    if (!PyArg_ParseTuple(args, "OOOOiiL", &oh, &ox, &oy, &osc, &cfg, &splits, &stream)) return NULL;
     qhandle *h = get_handle(oh);
     if (!h) return NULL;
     arrset s = {.n = 0, .stream = stream};
@@ -344,12 +316,12 @@ static PyObject *py_run(PyObject *self, PyObject *args) {
     const int64_t M = x->shape[0];
     if (mix_check_dim(x, 1, h->K) < 0) goto fail;
     if (!(y = take(&s, oy, "y", MIX_FLOATS, 2, 1)) || check_shape2(y, M, h->tmpl.n_out) < 0) goto fail;
-    if (cfg < 0 || splits < 1 || fuse < 0) {
-        PyErr_SetString(PyExc_ValueError, "cfg, splits, fuse: pass the values plan_call() returned");
+    if (cfg < 0 || splits < 1) {
+        PyErr_SetString(PyExc_ValueError, "cfg, splits: pass the values plan_call() returned");
         goto fail;
     }
-    if (resolve_plan(h, M, &cfg, &splits, &fuse) < 0) goto fail;
-    const int64_t need = scratch_bytes(h, M, splits, fuse);
+    if (resolve_plan(h, M, &cfg, &splits) < 0) goto fail;
+    const int64_t need = scratch_bytes(h, M, splits);
     uint8_t *base = NULL;
     if (need > 0) {
         if (osc == Py_None) { PyErr_Format(PyExc_ValueError, "scratch: %lld bytes are needed", (long long)need); goto fail; }
@@ -370,23 +342,13 @@ static PyObject *py_run(PyObject *self, PyObject *args) {
     G.ydtype = dtype_code(y->dtype);
     G.cfg = cfg;
     G.splits = splits;
-    G.fuse = fuse;
-    G.x = x->data;
-    G.xdtype = dtype_code(x->dtype);
-    G.pdl = 1;
-    int64_t off = 0;
-    int err = 0;
-    if (!fuse) {
-        G.xq = (const int8_t *)base;
-        G.sa = (const float *)(base + align16(M * Kp));
-        off = align16(M * Kp) + align16(M * (Kp / MIXC_KSTAGE) * 4);
-        err = mixc_act_quant(h->device, x->data, G.xdtype, M, h->K, h->g, mixc_gp(h->g), (int8_t *)G.xq, Kp, G.spg,
-                             (float *)G.sa, Kp / MIXC_KSTAGE, (void *)(intptr_t)stream);
-    }
-    if (!err) {
-        G.ws = splits > 1 ? (float *)(base + off) : NULL;
-        err = mixc_qlinear(h->device, &G, (void *)(intptr_t)stream);
-    }
+    /* scratch: activation codes [M, Kp] | their scales [M, Kp/128] | split-K partials */
+    G.xq = (const int8_t *)base;
+    G.sa = (const float *)(base + align16(M * Kp));
+    G.ws = splits > 1 ? (float *)(base + align16(M * Kp) + align16(M * (Kp / MIXC_KSTAGE) * 4)) : NULL;
+    int err = mixc_act_quant(h->device, x->data, dtype_code(x->dtype), M, h->K, h->g, mixc_gp(h->g), (int8_t *)G.xq,
+                             Kp, G.spg, (float *)G.sa, Kp / MIXC_KSTAGE, (void *)(intptr_t)stream);
+    if (!err) err = mixc_qlinear(h->device, &G, (void *)(intptr_t)stream);
     arrset_release(&s);
     if (err) return cuda_fail(err, "qlinear");
     Py_RETURN_NONE;
@@ -402,11 +364,10 @@ static PyMethodDef methods[] = {
     {"geometry", py_geometry, METH_VARARGS, "geometry(K, g) -> (G, gp, spg, Kp): the padded-K layout"},
     {"plan", py_plan, METH_VARARGS, "plan(device, M, Ns, Kp, cfg, splits) -> (cfg, splits, name)"},
     {"prepare", py_prepare, METH_VARARGS,
-     "prepare(parts, bias, counters, K, g, stream) -> handle: a validated W4A8/W8A8/mixed layer"},
+     "prepare(parts, bias, K, g, stream, pdl=1) -> handle: a validated W4A8/W8A8/mixed layer"},
     {"plan_call", py_plan_call, METH_VARARGS,
-     "plan_call(handle, M, cfg, splits, fuse) -> (cfg, splits, fused, scratch_bytes, name)"},
-    {"fusable", py_fusable, METH_VARARGS, "fusable(device, cfg, M, Kp, splits) -> bool: quantization inside the GEMM"},
-    {"run", py_run, METH_VARARGS, "run(handle, x, y, scratch, cfg, splits, fuse, stream): y = x W^T + bias"},
+     "plan_call(handle, M, cfg, splits) -> (cfg, splits, scratch_bytes, name)"},
+    {"run", py_run, METH_VARARGS, "run(handle, x, y, scratch, cfg, splits, stream): y = x W^T + bias"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -18,7 +18,7 @@ extern "C" {
 #define MIXC_KSTAGE 128 /* padded K per pipeline stage */
 #define MIXC_NCFG 11     /* tile configurations, see mixc_cfg_name */
 #define MIXC_CFG_SM90 10 /* the sm_90a wgmma + TMA prefill kernel (cuda/w4a8_sm90.cu) */
-#define MIXC_SM90_MIN_M 512 /* the planner picks it on 9.x devices from this many tokens on */
+#define MIXC_SM90_MIN_M 256 /* the planner picks it on 9.x devices from this many tokens on (measured faster at 256) */
 #define MIXC_MAX_PARTS 2
 
 typedef struct {
@@ -42,14 +42,7 @@ typedef struct {
     int64_t n_out;
     float *ws;         /* [splits, M, n_out] when splits > 1 */
     int cfg, splits;
-    int *counters;     /* split-K tile counters, all zero (re-armed by the kernel), or NULL */
-    int64_t ncounters; /* their number; fewer than the tiles: a separate reduction kernel */
-    /* Fused activation quantization (mixc_fusable): xq/sa unused, the GEMM quantizes x itself. */
-    int fuse;
-    const void *x;     /* [M, K] row-major, dtype xdtype (0 f32, 1 f16, 2 bf16) */
-    int xdtype;
-    int64_t K, g;
-    int pdl;           /* launch with programmatic dependent launch where the GPU has it */
+    int pdl;           /* launch the GEMM with programmatic dependent launch where the GPU has it */
 } mixc_gemm;
 
 int64_t mixc_gp(int64_t g);
@@ -79,14 +72,10 @@ const char *mixc_cfg_name(int cfg);
 
 int mixc_qlinear(int device, mixc_gemm *g, void *stream);
 /* The wgmma path (cuda/w4a8_sm90.cu): 1 when device is 9.x and runs the sm_90a build of the
- * kernel, else 0; its launcher, called by mixc_qlinear for cfg MIXC_CFG_SM90 (no fused quantization). */
+ * kernel, else 0; its launcher, called by mixc_qlinear for cfg MIXC_CFG_SM90.  */
 int mixc_sm90_ok(int device);
 int mixc_qlinear_sm90(int device, const mixc_gemm *g, void *stream);
-/* 1 when configuration cfg can quantize M tokens' activations inside the GEMM (small token
- * tiles whose codes for splits-of-Kp stages fit in shared memory), else 0. */
-int mixc_fusable(int device, int cfg, int64_t M, int64_t Kp, int splits);
-/* Tiles of a launch (the split-K counters it needs). */
-int64_t mixc_tiles(int cfg, int64_t M, const int64_t *Ns, int nparts);
+
 const char *mixc_error_string(int err);
 
 #ifdef __cplusplus

@@ -69,11 +69,6 @@ struct Args {
     const float *bias;
     void *y;
     float *ws;
-    int *counters;   /* per output tile, zero between calls: in-kernel split-K reduction; or NULL */
-    /* fused activation quantization (small M): the float activations themselves */
-    const void *x;   /* [M, K] row-major, dtype xdt (0 f32, 1 f16, 2 bf16) */
-    int64_t K, g, gp;
-    int xdt, apitch; /* apitch: bytes per token row of the resident activation codes */
 };
 
 /* Programmatic dependent launch (sm_90): a kernel launched with the PDL attribute may start
@@ -90,11 +85,6 @@ __device__ __forceinline__ void grid_dep_launch_dependents() {
 #endif
 }
 
-__device__ __forceinline__ float load_x(const void *x, int dt, int64_t i) {
-    if (dt == 0) return ((const float *)x)[i];
-    if (dt == 1) return __half2float(((const __half *)x)[i]);
-    return __bfloat162float(((const __nv_bfloat16 *)x)[i]);
-}
 
 __device__ __forceinline__ void mma_s8(int (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -163,54 +153,8 @@ template <int NW, int TN, int BM, int ST> constexpr size_t smem_bytes() {
                : (size_t)ST * StageLayout<NW, TN, BM, 8>::BYTES;
 }
 
-/* Fused activation quantization (small M): the block quantizes its own tokens' groups
- * that overlap its stages [s0, s1) straight into shared memory, one warp per (token, group),
- * with the arithmetic of cuda/act_quant.cu (the same codes and scales bit for bit). Tokens
- * past M get zero codes and unit scales. */
-template <int BM>
-__device__ __forceinline__ void quantize_resident(const Args &a, int64_t m0, int s0, int s1, uint8_t *actf,
-                                                  float *saf) {
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
-    const int spg = a.spg;
-    const int j0 = s0 / spg, j1 = (s1 - 1) / spg; /* groups touched (padding stages map past G-1) */
-    const int ng = j1 - j0 + 1;
-    for (int w = warp; w < BM * ng; w += nwarps) {
-        const int r = w / ng, j = j0 + w % ng;
-        const int64_t m = m0 + r;
-        const int64_t k0 = (int64_t)j * a.g;
-        const int64_t len = (m < a.M && j < a.G) ? min(a.g, a.K - k0) : 0;
-        float amax = 0.f;
-        for (int64_t e = lane; e < len; e += 32) amax = fmaxf(amax, fabsf(load_x(a.x, a.xdt, m * a.K + k0 + e)));
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-        float sc = amax / 127.f;
-        if (!(sc > 0.f)) sc = 1.f;
-        /* this group's padded columns that fall in the block's stages */
-        const int64_t c0 = max((int64_t)j * a.gp, (int64_t)s0 * KS), c1 = min((int64_t)(j + 1) * a.gp, (int64_t)s1 * KS);
-        uint8_t *row = actf + r * a.apitch - (int64_t)s0 * KS;
-        for (int64_t c = c0 + lane; c < c1; c += 32) {
-            const int64_t e = c - (int64_t)j * a.gp;
-            int code = 0;
-            if (e < len) code = max(-127, min(127, __float2int_rn(load_x(a.x, a.xdt, m * a.K + k0 + e) / sc)));
-            row[c] = (uint8_t)(int8_t)code;
-        }
-        const int t0 = max(j * spg, s0), t1 = min((j + 1) * spg, s1);
-        for (int t = t0 + lane; t < t1; t += 32) saf[r * a.sps + (t - s0)] = sc;
-    }
-    /* stages past the last group (row padding up to Kp) */
-    const int sg = a.G * spg;
-    for (int w = threadIdx.x; w < BM * (s1 - s0); w += blockDim.x) {
-        const int r = w / (s1 - s0), t = s0 + w % (s1 - s0);
-        if (t >= sg) {
-            saf[r * a.sps + (t - s0)] = 1.f;
-            for (int c = 0; c < KS; c++) actf[r * a.apitch + (t - s0) * KS + c] = 0;
-        }
-    }
-    __syncthreads();
-}
-
 /* One block's tile: NW warps x TN 16-row tiles of one part, BM tokens, one split of K. */
-template <int BITS, int NW, int TN, int BM, int ST_, bool FUSE>
+template <int BITS, int NW, int TN, int BM, int ST_>
 __device__ __forceinline__ void gemm_tile(const Args &a, const Part &p, int rb, int mb, int split, uint8_t *smem) {
     using L = StageLayout<NW, TN, BM, BITS>;
     constexpr int ST = Depth<BITS, BM, ST_>::value;
@@ -232,12 +176,15 @@ __device__ __forceinline__ void gemm_tile(const Args &a, const Part &p, int rb, 
 
     /* Everything of stage s goes global -> shared with cp.async, copied cooperatively: the
      * activations by the whole block, each warp's weights and meta by that warp. */
-    /* Fused quantization: the block's activation codes for all its stages stay resident
-     * after the stage buffers, [BM][apitch] bytes, then their scales [BM][sps] floats. */
-    uint8_t *actf = smem + ST * L::BYTES;
-    float *saf = (float *)(actf + BM * a.apitch);
-    auto load_weights = [&](int s, int buf) {
+    auto load_stage = [&](int s, int buf) {
         uint8_t *st = smem + buf * L::BYTES;
+        for (int c = threadIdx.x; c < BM * 8; c += NTH) {
+            const int r = c >> 3, q = c & 7;
+            const int64_t m = min(m0 + r, M - 1); /* rows past M: any valid data, never stored */
+            cp_async16(st + r * AROW + q * 16, a.xq + m * Kp + (int64_t)s * KS + q * 16);
+        }
+        for (int r = threadIdx.x; r < BM; r += NTH)
+            cp_async4(st + L::SA + r * 4, a.sa + min(m0 + r, M - 1) * nst + s);
         const int j = min(s / spg, G - 1);
 #pragma unroll
         for (int i = 0; i < TN; i++) {
@@ -250,21 +197,6 @@ __device__ __forceinline__ void gemm_tile(const Args &a, const Part &p, int rb, 
             if (lane < 5) cp_async16(st + L::META + (warp * TN + i) * 80 + lane * 16, msrc + (rt * G + j) * 80 + lane * 16);
         }
     };
-    auto load_acts = [&](int s, int buf) {
-        if (FUSE) return;
-        uint8_t *st = smem + buf * L::BYTES;
-        for (int c = threadIdx.x; c < BM * 8; c += NTH) {
-            const int r = c >> 3, q = c & 7;
-            const int64_t m = min(m0 + r, M - 1); /* rows past M: any valid data, never stored */
-            cp_async16(st + r * AROW + q * 16, a.xq + m * Kp + (int64_t)s * KS + q * 16);
-        }
-        for (int r = threadIdx.x; r < BM; r += NTH)
-            cp_async4(st + L::SA + r * 4, a.sa + min(m0 + r, M - 1) * nst + s);
-    };
-    auto load_stage = [&](int s, int buf) {
-        load_weights(s, buf);
-        load_acts(s, buf);
-    };
 
     int iacc[TN][NT8][4];
     float facc[TN][NT8][4];
@@ -275,17 +207,10 @@ __device__ __forceinline__ void gemm_tile(const Args &a, const Part &p, int rb, 
 #pragma unroll
             for (int c = 0; c < 4; c++) iacc[i][t][c] = 0, facc[i][t][c] = 0.f;
 
-    /* Prologue. The weights of the first ST-1 stages do not depend on the previous kernel:
-     * they are requested before waiting for it (PDL), so their latency overlaps its tail.
-     * cp.async group 0 = those weights + stage 0's activations, group i = stage i's. */
-#pragma unroll
-    for (int st = 0; st < ST - 1; st++)
-        if (s0 + st < s1) load_weights(s0 + st, st);
-    grid_dep_wait();
-    if (FUSE) quantize_resident<BM>(a, m0, s0, s1, actf, saf);
+    grid_dep_wait(); /* PDL: the activation codes come from the previous kernel */
 #pragma unroll
     for (int st = 0; st < ST - 1; st++) {
-        if (s0 + st < s1) load_acts(s0 + st, st);
+        if (s0 + st < s1) load_stage(s0 + st, st);
         cp_async_commit();
     }
 
@@ -329,8 +254,7 @@ __device__ __forceinline__ void gemm_tile(const Args &a, const Part &p, int rb, 
             }
 #pragma unroll
             for (int t = 0; t < NT8; t++) {
-                const uint2 b = FUSE ? *(const uint2 *)(actf + (t * 8 + gid) * a.apitch + (s - s0) * KS + k * 32 + tig * 8)
-                                     : *(const uint2 *)(st + (t * 8 + gid) * AROW + k * 32 + tig * 8);
+                const uint2 b = *(const uint2 *)(st + (t * 8 + gid) * AROW + k * 32 + tig * 8);
 #pragma unroll
                 for (int i = 0; i < TN; i++) mma_s8(iacc[i][t], af[i], b.x, b.y);
             }
@@ -342,8 +266,7 @@ __device__ __forceinline__ void gemm_tile(const Args &a, const Part &p, int rb, 
             const float *sbuf = (const float *)(st + L::SA);
 #pragma unroll
             for (int t = 0; t < NT8; t++) {
-                const float sa0 = FUSE ? saf[(t * 8 + tig * 2) * a.sps + (s - s0)] : sbuf[t * 8 + tig * 2];
-                const float sa1 = FUSE ? saf[(t * 8 + tig * 2 + 1) * a.sps + (s - s0)] : sbuf[t * 8 + tig * 2 + 1];
+                const float sa0 = sbuf[t * 8 + tig * 2], sa1 = sbuf[t * 8 + tig * 2 + 1];
 #pragma unroll
                 for (int i = 0; i < TN; i++) {
                     facc[i][t][0] = __fmaf_rn(i2f(iacc[i][t][0]), sw[i][0] * sa0, facc[i][t][0]);
@@ -379,44 +302,9 @@ __device__ __forceinline__ void gemm_tile(const Args &a, const Part &p, int rb, 
                 }
         }
     }
-    if (a.splits == 1 || !a.counters) return;
-
-    /* In-kernel split-K reduction: the last block of a tile to finish sums every split's
-     * partials in split order (the same order whichever block is last: deterministic), adds
-     * the bias and stores y; then it re-arms the tile's counter for the next call. */
-    __shared__ int last;
-    __threadfence();
-    __syncthreads();
-    int *ctr = a.counters + (int64_t)blockIdx.y * gridDim.x + blockIdx.x;
-    if (threadIdx.x == 0) last = atomicAdd(ctr, 1) == a.splits - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-#pragma unroll
-    for (int i = 0; i < TN; i++) {
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const int64_t n = (rt0 + i) * 16 + gid + h * 8;
-            if (n >= p.N) continue;
-            const int64_t col = p.idx ? p.idx[n] : n;
-            if (col < 0 || col >= a.n_out) continue;
-            const float b = a.bias ? a.bias[col] : 0.f;
-#pragma unroll
-            for (int t = 0; t < NT8; t++)
-#pragma unroll
-                for (int c = 0; c < 2; c++) {
-                    const int64_t m = m0 + t * 8 + tig * 2 + c;
-                    if (m >= M) continue;
-                    float v = 0.f;
-                    for (int z = 0; z < a.splits; z++) v += __ldcg(a.ws + ((int64_t)z * M + m) * a.n_out + col);
-                    store_out(a.y, a.ydt, m * a.n_out + col, v + b);
-                }
-        }
-    }
-    if (threadIdx.x == 0) *ctr = 0;
 }
 
-template <int NW, int TN, int BM, int ST, bool FUSE>
+template <int NW, int TN, int BM, int ST>
 __global__ void __launch_bounds__(NW * 32) qgemm_kernel(const __grid_constant__ Args a) {
     extern __shared__ uint4 smem_u4[];
     uint8_t *smem = (uint8_t *)smem_u4;
@@ -425,12 +313,12 @@ __global__ void __launch_bounds__(NW * 32) qgemm_kernel(const __grid_constant__ 
     grid_dep_launch_dependents();
     int bx = blockIdx.x;
     if (bx < a.p0.nblk) {
-        if (a.p0.bits == 4) gemm_tile<4, NW, TN, BM, ST, FUSE>(a, a.p0, bx, blockIdx.y, blockIdx.z, smem);
-        else gemm_tile<8, NW, TN, BM, ST, FUSE>(a, a.p0, bx, blockIdx.y, blockIdx.z, smem);
+        if (a.p0.bits == 4) gemm_tile<4, NW, TN, BM, ST>(a, a.p0, bx, blockIdx.y, blockIdx.z, smem);
+        else gemm_tile<8, NW, TN, BM, ST>(a, a.p0, bx, blockIdx.y, blockIdx.z, smem);
     } else {
         bx -= a.p0.nblk;
-        if (a.p1.bits == 4) gemm_tile<4, NW, TN, BM, ST, FUSE>(a, a.p1, bx, blockIdx.y, blockIdx.z, smem);
-        else gemm_tile<8, NW, TN, BM, ST, FUSE>(a, a.p1, bx, blockIdx.y, blockIdx.z, smem);
+        if (a.p1.bits == 4) gemm_tile<4, NW, TN, BM, ST>(a, a.p1, bx, blockIdx.y, blockIdx.z, smem);
+        else gemm_tile<8, NW, TN, BM, ST>(a, a.p1, bx, blockIdx.y, blockIdx.z, smem);
     }
 }
 
@@ -501,26 +389,25 @@ template <typename K> cudaError_t allow_smem(K kern, size_t smem, size_t (&allow
     return e;
 }
 
-/* Extra shared memory of the fused-quantization kernels: the resident codes and scales. */
-size_t fused_extra(int bm, int sps) { return (size_t)bm * (sps * KS + 32) + (size_t)bm * sps * 4; }
-
-template <int NW, int TN, int BM, int ST, bool FUSE> struct SmemAllowed { static size_t bytes[64]; };
-template <int NW, int TN, int BM, int ST, bool FUSE> size_t SmemAllowed<NW, TN, BM, ST, FUSE>::bytes[64];
+template <int NW, int TN, int BM, int ST> struct SmemAllowed { static size_t bytes[64]; };
+template <int NW, int TN, int BM, int ST> size_t SmemAllowed<NW, TN, BM, ST>::bytes[64];
 
 template <int NW, int TN, int BM, int ST>
 cudaError_t prepare_cfg(int *blocks_per_sm) {
     const size_t smem = smem_bytes<NW, TN, BM, ST>();
-    auto kern = qgemm_kernel<NW, TN, BM, ST, false>;
-    cudaError_t e = allow_smem(kern, smem, SmemAllowed<NW, TN, BM, ST, false>::bytes);
+    auto kern = qgemm_kernel<NW, TN, BM, ST>;
+    cudaError_t e = allow_smem(kern, smem, SmemAllowed<NW, TN, BM, ST>::bytes);
     if (e != cudaSuccess) return e;
     return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, kern, NW * 32, smem);
 }
 
-template <int NW, int TN, int BM, int ST, bool FUSE>
+/* pdl: programmatic dependent launch (sm_90): the blocks may be scheduled while the previous
+ * kernel (the activation quantizer) finishes; they wait for it in grid_dep_wait. */
+template <int NW, int TN, int BM, int ST>
 cudaError_t launch_cfg(const Args &a, int nblk, bool pdl, cudaStream_t stream) {
-    const size_t smem = smem_bytes<NW, TN, BM, ST>() + (FUSE ? fused_extra(BM, a.sps) : 0);
-    auto kern = qgemm_kernel<NW, TN, BM, ST, FUSE>;
-    cudaError_t e = allow_smem(kern, smem, SmemAllowed<NW, TN, BM, ST, FUSE>::bytes);
+    const size_t smem = smem_bytes<NW, TN, BM, ST>();
+    auto kern = qgemm_kernel<NW, TN, BM, ST>;
+    cudaError_t e = allow_smem(kern, smem, SmemAllowed<NW, TN, BM, ST>::bytes);
     if (e != cudaSuccess) return e;
     cudaLaunchConfig_t lc = {};
     lc.gridDim = dim3(nblk, (unsigned)((a.M + BM - 1) / BM), a.splits);
@@ -536,24 +423,18 @@ cudaError_t launch_cfg(const Args &a, int nblk, bool pdl, cudaStream_t stream) {
     return e != cudaSuccess ? e : cudaGetLastError();
 }
 
-/* One row of the tile table: the plain kernel, the fused-quantization one (small token
- * tiles only, else nullptr) and its occupancy query. */
+/* One row of the tile table: its launcher and occupancy query. */
 struct CfgFns {
-    cudaError_t (*plain)(const Args &, int, bool, cudaStream_t);
-    cudaError_t (*fused)(const Args &, int, bool, cudaStream_t);
+    cudaError_t (*launch)(const Args &, int, bool, cudaStream_t);
     cudaError_t (*prepare)(int *);
-    size_t smem;
 };
-#define MIXC_CFG(NW, TN, BM, ST, F)                                                                                  \
-    { launch_cfg<NW, TN, BM, ST, false>, F ? launch_cfg<NW, TN, BM, ST, F> : nullptr, prepare_cfg<NW, TN, BM, ST>,   \
-      smem_bytes<NW, TN, BM, ST>() }
+#define MIXC_CFG(NW, TN, BM, ST) { launch_cfg<NW, TN, BM, ST>, prepare_cfg<NW, TN, BM, ST> }
 /* in the order of CFGS */
 const CfgFns FNS[MIXC_NCFG] = {
-    MIXC_CFG(4, 2, 8, 4, true),   MIXC_CFG(4, 2, 16, 4, true),  MIXC_CFG(4, 2, 32, 4, false),
-    MIXC_CFG(4, 2, 64, 4, false), MIXC_CFG(8, 1, 128, 4, false), MIXC_CFG(8, 2, 64, 4, false),
-    MIXC_CFG(8, 1, 8, 6, true),   MIXC_CFG(8, 1, 16, 6, true),  MIXC_CFG(8, 1, 32, 4, false),
-    MIXC_CFG(8, 1, 64, 4, false),
-    MIXC_CFG(8, 1, 128, 4, false), /* MIXC_CFG_SM90 launches through mixc_qlinear_sm90; this row answers occupancy */
+    MIXC_CFG(4, 2, 8, 4),   MIXC_CFG(4, 2, 16, 4),  MIXC_CFG(4, 2, 32, 4), MIXC_CFG(4, 2, 64, 4),
+    MIXC_CFG(8, 1, 128, 4), MIXC_CFG(8, 2, 64, 4),  MIXC_CFG(8, 1, 8, 6),  MIXC_CFG(8, 1, 16, 6),
+    MIXC_CFG(8, 1, 32, 4),  MIXC_CFG(8, 1, 64, 4),
+    MIXC_CFG(8, 1, 128, 4), /* MIXC_CFG_SM90 launches through mixc_qlinear_sm90; this row answers occupancy */
 };
 #undef MIXC_CFG
 
@@ -644,29 +525,12 @@ extern "C" int mixc_plan(int device, int64_t M, const int64_t *Ns, int nparts, i
     return 0;
 }
 
-extern "C" int mixc_fusable(int device, int cfg, int64_t M, int64_t Kp, int splits) {
-    if (cfg < 0 || cfg >= MIXC_NCFG || !FNS[cfg].fused || splits < 1 || M > CFGS[cfg].bm) return 0;
-    const int nst = (int)(Kp / KS), sps = (nst + splits - 1) / splits;
-    const size_t need = FNS[cfg].smem + fused_extra(CFGS[cfg].bm, sps);
-    const int optin = device_info(device).smem_optin;
-    return need <= (size_t)(optin > 0 ? optin : 48 * 1024) ? 1 : 0;
-}
-
-extern "C" int64_t mixc_tiles(int cfg, int64_t M, const int64_t *Ns, int nparts) {
-    if (cfg < 0 || cfg >= MIXC_NCFG) return 0;
-    const int64_t bn = (int64_t)CFGS[cfg].nw * CFGS[cfg].tn * 16;
-    int64_t nblk = 0;
-    for (int i = 0; i < nparts; i++) nblk += (Ns[i] + bn - 1) / bn;
-    return nblk * ((M + CFGS[cfg].bm - 1) / CFGS[cfg].bm);
-}
-
 extern "C" int mixc_qlinear(int device, mixc_gemm *g, void *stream_) {
     DeviceGuard guard(device);
     if (guard.err != cudaSuccess) return (int)guard.err;
     cudaStream_t stream = (cudaStream_t)stream_;
     if (g->cfg < 0 || g->cfg >= MIXC_NCFG || g->splits < 1 || g->nparts < 1 || g->nparts > 2)
         return (int)cudaErrorInvalidValue;
-    if (g->fuse && !mixc_fusable(device, g->cfg, g->M, g->Kp, g->splits)) return (int)cudaErrorInvalidValue;
     if (g->cfg == MIXC_CFG_SM90) return mixc_qlinear_sm90(device, g, stream_);
     const CfgInfo &c = CFGS[g->cfg];
     const int64_t bn = (int64_t)c.nw * c.tn * 16;
@@ -676,8 +540,6 @@ extern "C" int mixc_qlinear(int device, mixc_gemm *g, void *stream_) {
     a.G = g->G; a.spg = g->spg; a.nparts = g->nparts; a.ydt = g->ydtype; a.splits = g->splits;
     a.sps = (nst + g->splits - 1) / g->splits;
     a.bias = g->bias; a.y = g->y; a.ws = g->ws;
-    a.x = g->x; a.xdt = g->xdtype; a.K = g->K; a.g = g->g; a.gp = mixc_gp(g->g);
-    a.apitch = a.sps * KS + 32;
     Part *ps[2] = {&a.p0, &a.p1};
     /* 8-bit row blocks take twice as long: schedule them first, so that the 4-bit ones fill
      * the last wave (longest job first) */
@@ -695,11 +557,9 @@ extern "C" int mixc_qlinear(int device, mixc_gemm *g, void *stream_) {
         nblk += p.nblk;
     }
     if (g->M <= 0 || nblk == 0) return 0;
-    const int64_t tiles = (int64_t)nblk * ((g->M + c.bm - 1) / c.bm);
-    a.counters = (g->splits > 1 && g->counters && g->ncounters >= tiles) ? g->counters : nullptr;
     const bool pdl = g->pdl && device_info(device).major >= 9;
-    cudaError_t e = (g->fuse ? FNS[g->cfg].fused : FNS[g->cfg].plain)(a, nblk, pdl, stream);
-    if (e != cudaSuccess || g->splits == 1 || a.counters) return (int)e;
+    cudaError_t e = FNS[g->cfg].launch(a, nblk, pdl, stream);
+    if (e != cudaSuccess || g->splits == 1) return (int)e;
     const int64_t total = g->M * g->n_out;
     int blocks = (int)((total + 255) / 256);
     if (blocks > 4 * sm_count(device)) blocks = 4 * sm_count(device);

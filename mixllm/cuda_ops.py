@@ -103,14 +103,14 @@ _to_capsule = torch.utils.dlpack.to_dlpack
 class PreparedLinear:
     """A quantized layer (1 or 2 parts) validated once for one CUDA device.
 
-    ``_cuda.prepare`` checks the packed parts, output indices, bias and split-K counters and
+    ``_cuda.prepare`` checks the packed parts, output indices and bias and
     keeps their DLPack tensors alive; a call then passes only ``x``, ``y`` and a scratch
     buffer, as raw DLPack capsules (no Python-level ``__dlpack__`` exchange), and runs on the
     caller's current stream (CUDA-graph capturable: every buffer is a torch allocation, no
     host synchronisation). ``MixedLinear`` keeps one per device: the fast path of decode.
     """
 
-    def __init__(self, parts, n_out, bias, device):
+    def __init__(self, parts, n_out, bias, device, pdl: bool = True):
         device = torch.device(device)
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -137,25 +137,23 @@ class PreparedLinear:
             b = _to(bias, device, torch.float32)
             if tuple(b.shape) != (n_out,):
                 raise ValueError(f"bias: expected shape ({n_out},), got {tuple(b.shape)}")
-        # split-K tile counters, re-armed by the kernel after each use (enough for the
-        # small-M split-K launches; larger ones fall back to a separate reduction kernel)
-        counters = torch.zeros(4 * ((n_out + 15) // 16) + 64, dtype=torch.int32, device=device)
-        self.handle = _cuda.prepare(c_parts, b, counters, K, g, _stream(device))
+        # pdl=False: launch the GEMM without programmatic dependent launch (for comparisons)
+        self.handle = _cuda.prepare(c_parts, b, K, g, _stream(device), bool(pdl))
         self.K, self.n_out, self.device, self.index = K, n_out, device, device.index
         self._plans = {}
 
-    def plan(self, M, cfg=-1, splits=0, fuse=-1):
-        """(cfg, splits, fused, scratch_bytes, name) for M tokens (cached per M)."""
-        key = (M, cfg, splits, fuse)
+    def plan(self, M, cfg=-1, splits=0):
+        """(cfg, splits, scratch_bytes, name) for M tokens (cached per M)."""
+        key = (M, cfg, splits)
         p = self._plans.get(key)
         if p is None:
-            p = _cuda.plan_call(self.handle, M, int(cfg), int(splits), int(fuse))
+            p = _cuda.plan_call(self.handle, M, int(cfg), int(splits))
             if len(self._plans) > 256:
                 self._plans.clear()
             self._plans[key] = p
         return p
 
-    def __call__(self, x, cfg=-1, splits=0, fuse=-1):
+    def __call__(self, x, cfg=-1, splits=0):
         if x.dtype not in _FLOATS:
             raise TypeError(f"x: expected dtype float32, float16 or bfloat16, got {x.dtype}")
         if x.device != self.device:
@@ -168,19 +166,19 @@ class PreparedLinear:
         M = x2.shape[0]
         y = torch.empty((M, self.n_out), dtype=x.dtype, device=self.device)
         if M:
-            c, sp, fu, nbytes, _ = self.plan(M, cfg, splits, fuse)
-            scratch = torch.empty(nbytes, dtype=torch.uint8, device=self.device) if nbytes else None
-            _cuda.run(self.handle, _to_capsule(x2), _to_capsule(y),
-                      None if scratch is None else _to_capsule(scratch), c, sp, fu, _raw_stream(self.index))
+            c, sp, nbytes, _ = self.plan(M, cfg, splits)
+            scratch = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            _cuda.run(self.handle, _to_capsule(x2), _to_capsule(y), _to_capsule(scratch), c, sp,
+                      _raw_stream(self.index))
         return y.reshape(*x.shape[:-1], self.n_out)
 
 
-def qlinear(x2d, parts, n_out, bias, lead, cfg: int = -1, splits: int = 0, fuse: int = -1):
+def qlinear(x2d, parts, n_out, bias, lead, cfg: int = -1, splits: int = 0):
     """``y = x2d W^T + bias`` over the quantized row parts; ``y`` has x's dtype, shape lead + (n_out,).
 
-    ``parts``: list of ``(QuantizedWeight, out_index or None)``; ``cfg`` / ``splits`` / ``fuse``
-    force a tile configuration / split-K factor / quantization inside the GEMM (tests), -1 / 0 / -1
-    let the planner choose. Validates the parts on every call; ``PreparedLinear`` does it once.
+    ``parts``: list of ``(QuantizedWeight, out_index or None)``; ``cfg`` / ``splits`` force a tile
+    configuration / split-K factor (tests), -1 / 0 let the planner choose. Validates the parts on
+    every call; ``PreparedLinear`` does it once.
     """
     if x2d.dtype not in _FLOATS:
         raise TypeError(f"x: expected dtype float32, float16 or bfloat16, got {x2d.dtype}")
@@ -189,7 +187,7 @@ def qlinear(x2d, parts, n_out, bias, lead, cfg: int = -1, splits: int = 0, fuse:
     if x2d.shape[0] == 0 or n_out == 0:
         return torch.empty((*lead, n_out), dtype=x2d.dtype, device=x2d.device)
     lin = PreparedLinear(parts, n_out, bias, x2d.device)
-    return lin(x2d, cfg, splits, fuse).reshape(*lead, n_out)
+    return lin(x2d, cfg, splits).reshape(*lead, n_out)
 
 
 def plan(M, Ns, K, group_size=128, cfg=-1, splits=0, device=None):

@@ -83,15 +83,8 @@ def test_act_quant_padded_layout(rng):
 
 
 # ----------------------------------------------------------------------------- linear
-def _run(x, parts, n_out, bias, cfg=-1, splits=0, fuse=-1):
-    return cuda_ops.qlinear(x, parts, n_out, bias, (x.shape[0],), cfg=cfg, splits=splits, fuse=fuse)
-
-
-def _fusable(cfg, M, N, K, g, splits):
-    """Whether cfg can quantize M tokens inside the GEMM (the planner's answer)."""
-    Kp = _cuda.geometry(K, g)[3]
-    c, sp, _ = _cuda.plan(DEV.index, M, (N,), Kp, cfg, splits)
-    return bool(_cuda.fusable(DEV.index, c, M, Kp, sp))
+def _run(x, parts, n_out, bias, cfg=-1, splits=0):
+    return cuda_ops.qlinear(x, parts, n_out, bias, (x.shape[0],), cfg=cfg, splits=splits)
 
 
 @pytest.mark.parametrize("M,N,K,g", SHAPES)
@@ -112,18 +105,10 @@ def test_linear_matches_reference(rng, M, N, K, g, bits):
 
 @pytest.mark.parametrize("cfg", CFGS)
 @pytest.mark.parametrize("splits", [1, 3, 0])
-@pytest.mark.parametrize("fuse", [0, 1])
 @pytest.mark.parametrize("M,N,K,g", [(1, 16, 128, 128), (13, 300, 1000, 128), (70, 150, 640, 128),
                                      (129, 40, 520, 100), (5, 70, 1300, 256)])
-def test_every_tile_config(rng, cfg, splits, fuse, M, N, K, g):
-    """Mixed layer (4-bit + 8-bit rows, shuffled columns) under each forced configuration, with
-    the activations quantized by their own kernel (fuse=0) or inside the GEMM (fuse=1)."""
-    if fuse and not _fusable(cfg, M, N, K, g, splits):
-        xt, _ = make_x(rng, M, K, torch.float32)
-        W, *_ = make_weight(rng, N, K, 4, g)
-        with pytest.raises(ValueError, match="fuse"):
-            _run(xt, [(W, None)], N, None, cfg, splits, fuse)
-        return
+def test_every_tile_config(rng, cfg, splits, M, N, K, g):
+    """Mixed layer (4-bit + 8-bit rows, shuffled columns) under each forced configuration."""
     n8 = max(1, N // 10)
     perm = rng.permutation(N)
     W4, c4, s4, z4 = make_weight(rng, N - n8, K, 4, g)
@@ -133,7 +118,7 @@ def test_every_tile_config(rng, cfg, splits, fuse, M, N, K, g):
     dtype = DTYPES[cfg % 3]
     xt, x32 = make_x(rng, M, K, dtype)
     bias = rng.standard_normal(N).astype(np.float32)
-    y = _run(xt, [(W4, i4), (W8, i8)], N, torch.from_numpy(bias).to(DEV), cfg, splits, fuse)
+    y = _run(xt, [(W4, i4), (W8, i8)], N, torch.from_numpy(bias).to(DEV), cfg, splits)
     y_ref = np.zeros((M, N))
     y_ref[:, perm[: N - n8]] = ref.qlinear(x32, c4, s4, z4, g)
     y_ref[:, perm[N - n8:]] = ref.qlinear(x32, c8, s8, None, g)
@@ -152,68 +137,56 @@ def test_mixed_matches_cpu_op(rng):
     assert_close(y, np.asarray(y_cpu, np.float64), torch.float32)
 
 
-def _prepared(W, N, bias=None, counters=True):
+def _prepared(W, N, bias=None, pdl=True):
     pw = cuda_ops.packed_weight(W, DEV)
-    ctr = torch.zeros(256, dtype=torch.int32, device=DEV) if counters else None
-    return _cuda.prepare([(pw["wpack"], pw["meta"], W.bits, N, None)], bias, ctr, W.shape[1],
-                         min(W.group_size, W.shape[1]), 0), ctr
+    return _cuda.prepare([(pw["wpack"], pw["meta"], W.bits, N, None)], bias, W.shape[1],
+                         min(W.group_size, W.shape[1]), 0, pdl)
 
 
 @pytest.mark.parametrize("cfg", CFGS)
 @pytest.mark.parametrize("splits", [1, 4])
-@pytest.mark.parametrize("fuse", [0, 1])
-def test_poisoned_outputs_fully_written(rng, cfg, splits, fuse):
+def test_poisoned_outputs_fully_written(rng, cfg, splits):
     """Call the kernels on NaN-filled y and scratch: every element must be written."""
-    M, N, K, g = 7 if fuse else 19, 90, 700, 128
-    if fuse and not _fusable(cfg, M, N, K, g, splits):
-        pytest.skip("configuration without in-GEMM quantization")
+    M, N, K, g = 19, 90, 700, 128
     W, codes, scale, zero = make_weight(rng, N, K, 4, g)
     xt, x32 = make_x(rng, M, K, torch.bfloat16)
-    h, ctr = _prepared(W, N)
-    c, sp, fu, nbytes, _ = _cuda.plan_call(h, M, cfg, splits, fuse)
-    assert fu == fuse
-    scratch = torch.full((max(nbytes, 1),), 0xFF, dtype=torch.uint8, device=DEV)  # 0xFFFFFFFF is a NaN
+    h = _prepared(W, N)
+    c, sp, nbytes, _ = _cuda.plan_call(h, M, cfg, splits)
+    scratch = torch.full((nbytes,), 0xFF, dtype=torch.uint8, device=DEV)  # 0xFFFFFFFF is a NaN
     y = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device=DEV)
-    _cuda.run(h, xt, y, scratch, c, sp, fu, 0)
+    _cuda.run(h, xt, y, scratch, c, sp, 0)
     torch.cuda.synchronize()
     assert_close(y, ref.qlinear(x32, codes, scale, zero, g), torch.bfloat16)
-    assert int(ctr.abs().sum()) == 0  # split-K counters re-armed
 
 
 @pytest.mark.parametrize("M,splits", [(1, 5), (3, 2), (16, 8), (40, 3)])
-def test_fused_and_split_reductions_bit_identical(rng, M, splits):
-    """Quantizing x inside the GEMM gives the codes of the act_quant kernel, and the in-kernel
-    split-K reduction sums in the order of the separate reduction kernel: y is bit-identical
-    whichever way it was computed, and the same on every call (deterministic)."""
+def test_deterministic_with_and_without_pdl(rng, M, splits):
+    """The split-K reduction sums in a fixed order: y is bit-identical on every call, with
+    programmatic dependent launch or without."""
     N, K, g = 200, 1400, 128
     W, codes, scale, zero = make_weight(rng, N, K, 4, g)
     bias = torch.from_numpy(rng.standard_normal(N).astype(np.float32)).to(DEV)
     xt, x32 = make_x(rng, M, K, torch.float16)
     outs = []
-    for counters in (True, False):
-        h, _ = _prepared(W, N, bias, counters)
-        for fuse in (0, 1):
-            c, sp, fu, nbytes, _ = _cuda.plan_call(h, M, -1, splits, -1 if fuse else 0)
-            if fuse and not fu:
-                continue
-            for _rep in range(2):
-                y = torch.empty((M, N), dtype=torch.float16, device=DEV)
-                sc = torch.empty(nbytes, dtype=torch.uint8, device=DEV) if nbytes else None
-                _cuda.run(h, xt, y, sc, c, sp, fu, 0)
-                outs.append(y)
-    assert len(outs) >= 4
+    for pdl in (True, False):
+        h = _prepared(W, N, bias, pdl)
+        c, sp, nbytes, _ = _cuda.plan_call(h, M, -1, splits)
+        for _rep in range(2):
+            y = torch.empty((M, N), dtype=torch.float16, device=DEV)
+            _cuda.run(h, xt, y, torch.empty(nbytes, dtype=torch.uint8, device=DEV), c, sp, 0)
+            outs.append(y)
     for y in outs[1:]:
         assert torch.equal(y, outs[0])
     assert_close(outs[0], ref.qlinear(x32, codes, scale, zero, g) + bias.cpu().numpy(), torch.float16)
 
 
 def test_back_to_back_calls_of_one_layer(rng):
-    """Many launches of one layer in a row (PDL lets each start before the previous ends; the
-    split-K counters are shared): every result must be right."""
+    """Many launches of one layer in a row (PDL lets each GEMM start before the kernel before
+    it ends; the allocator recycles scratch buffers between calls): every result must be right."""
     N, K, g, M = 96, 2048, 128, 2
     W, codes, scale, zero = make_weight(rng, N, K, 4, g)
     lin = cuda_ops.PreparedLinear([(W, None)], N, None, DEV)
-    assert lin.plan(M)[1] > 1  # split-K, in-kernel reduction
+    assert lin.plan(M)[1] > 1  # split-K: each call's partials go through its own scratch
     xs = [make_x(rng, M, K, torch.bfloat16) for _ in range(40)]
     ys = [lin(xt) for xt, _ in xs]
     torch.cuda.synchronize()
@@ -286,40 +259,36 @@ def test_bad_inputs_raise(rng):
     with pytest.raises(ValueError, match="CUDA"):
         _cuda.act_quant(x.cpu(), 128, 128, xq, sa, 1, 0)
     with pytest.raises(ValueError, match="wpack"):
-        _cuda.prepare([(pw["wpack"][:-16], pw["meta"], 4, 16, None)], None, None, 128, 128, 0)
+        _cuda.prepare([(pw["wpack"][:-16], pw["meta"], 4, 16, None)], None, 128, 128, 0)
     with pytest.raises(ValueError, match="out_index is required"):
-        _cuda.prepare(part + part, None, None, 128, 128, 0)
+        _cuda.prepare(part + part, None, 128, 128, 0)
     with pytest.raises(ValueError, match="bias"):
-        _cuda.prepare(part, torch.zeros(3, device=DEV), None, 128, 128, 0)
-    with pytest.raises(TypeError, match="counters"):
-        _cuda.prepare(part, None, torch.zeros(8, device=DEV), 128, 128, 0)
-    h = _cuda.prepare(part, None, None, 128, 128, 0)
-    c, sp, fu, nbytes, _ = _cuda.plan_call(h, 2, 0, 1, 0)
+        _cuda.prepare(part, torch.zeros(3, device=DEV), 128, 128, 0)
+    h = _cuda.prepare(part, None, 128, 128, 0)
+    c, sp, nbytes, _ = _cuda.plan_call(h, 2, 0, 1)
     scratch = torch.empty(nbytes, dtype=torch.uint8, device=DEV)
     with pytest.raises(TypeError, match="handle"):
-        _cuda.run(object(), x, y, scratch, c, sp, fu, 0)
+        _cuda.run(object(), x, y, scratch, c, sp, 0)
     with pytest.raises(TypeError, match="x: expected dtype"):
-        _cuda.run(h, xq, y, scratch, c, sp, fu, 0)
+        _cuda.run(h, xq, y, scratch, c, sp, 0)
     with pytest.raises(ValueError, match="scratch"):
-        _cuda.run(h, x, y, None, c, sp, fu, 0)
+        _cuda.run(h, x, y, None, c, sp, 0)
     with pytest.raises(ValueError, match="scratch"):
-        _cuda.run(h, x, y, scratch[:-1], c, sp, fu, 0)
+        _cuda.run(h, x, y, scratch[:-1], c, sp, 0)
     with pytest.raises(ValueError, match="cfg"):
-        _cuda.plan_call(h, 2, 99, 1, 0)
-    with pytest.raises(ValueError, match="fuse"):
-        _cuda.plan_call(h, 100, 0, 1, 1)  # 100 tokens do not fit a 8-token tile
+        _cuda.plan_call(h, 2, 99, 1)
     with pytest.raises(ValueError, match="cfg"):
         _cuda.plan(DEV.index, 2, (16,), Kp, 99, 0)
     with pytest.raises(ValueError, match="y"):
-        _cuda.run(h, x, torch.empty((2, 17), device=DEV), scratch, c, sp, fu, 0)
+        _cuda.run(h, x, torch.empty((2, 17), device=DEV), scratch, c, sp, 0)
     with pytest.raises(ValueError, match="C-contiguous"):
-        _cuda.run(h, x, torch.empty((16, 2), device=DEV).t(), scratch, c, sp, fu, 0)
+        _cuda.run(h, x, torch.empty((16, 2), device=DEV).t(), scratch, c, sp, 0)
     with pytest.raises(ValueError, match="C-contiguous"):
-        _cuda.run(h, torch.randn(128, 2, device=DEV).t(), y, scratch, c, sp, fu, 0)
+        _cuda.run(h, torch.randn(128, 2, device=DEV).t(), y, scratch, c, sp, 0)
     used = torch.utils.dlpack.to_dlpack(x)
-    _cuda.run(h, used, y, scratch, c, sp, fu, 0)  # a raw capsule is taken once...
+    _cuda.run(h, used, y, scratch, c, sp, 0)  # a raw capsule is taken once...
     with pytest.raises(TypeError, match="unused"):
-        _cuda.run(h, used, y, scratch, c, sp, fu, 0)  # ...and refused after that
+        _cuda.run(h, used, y, scratch, c, sp, 0)  # ...and refused after that
 
 
 def test_mixed_linear_module_graph_and_cache(rng):
