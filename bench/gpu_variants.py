@@ -45,16 +45,48 @@ def profile(dev, gen):
         torch.cuda.cudart().cudaProfilerStop()
 
 
+def tune(dev, gen, ms):
+    """W4.4A8 us of every mma.sync tile configuration (auto split-K, and split-K off) at small M."""
+    from mixllm import _cuda
+    names = [_cuda.plan(0, 1, (16,), 128, c, 1)[2] for c in range(_cuda.NCFG)]
+    print(f"{'N':>6} {'K':>6} {'M':>3} split | " + " ".join(f"{n:>11}" for n in names) + " | auto")
+    rows = []
+    for N, K in SHAPES:
+        n8 = N // 10
+        i4, i8 = split_rows(N, n8, dev, gen)
+        nc = copies((N - n8) * K // 2 + n8 * K)
+        ls = [cuda_ops.PreparedLinear([(rand_qweight(N - n8, K, 4, dev, gen), i4), (rand_qweight(n8, K, 8, dev, gen), i8)],
+                                      N, None, dev) for _ in range(nc)]
+        for M in ms:
+            xs = [torch.randn((M, K), device=dev, dtype=torch.bfloat16, generator=gen) for _ in ls]
+            for sp in (0, 1):
+                ts = [time_graph([(lambda x=xs[i], l=l, c=c: l(x, cfg=c, splits=sp)) for i, l in enumerate(ls)],
+                                 reps=7) * 1e3 for c in list(range(_cuda.NCFG)) + [-1]]
+                rows.append({"N": N, "K": K, "M": M, "splits": "auto" if sp == 0 else 1, "us": ts})
+                print(f"{N:>6} {K:>6} {M:>3} {'auto' if sp == 0 else '1':>5} | "
+                      + " ".join(f"{t:11.1f}" for t in ts[:-1]) + f" | {ts[-1]:.1f}", flush=True)
+        del ls
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--ms", default="1,4,16")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--tune", action="store_true", help="every tile configuration at small M")
     args = ap.parse_args()
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     if args.profile:
         return profile(dev, gen)
+    if args.tune:
+        rows = tune(dev, gen, [int(m) for m in args.ms.split(",")])
+        if args.out:
+            with open(os.path.join(args.out, "gpu_tune_small_m.json"), "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+        return
     rows = []
     print(f"{'N':>6} {'K':>6} {'M':>3} | {'bf16':>7} | " + " ".join(f"{v:>20}" for v in VARIANTS) + " | plan")
     for N, K in SHAPES:
