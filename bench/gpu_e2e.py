@@ -166,6 +166,18 @@ def layer_times(model, reps=300):
     return rows
 
 
+def graph_decode_and_layers(res, name, model, prompt, args):
+    """CUDA-graph decode (kept going on failure: the error goes into the report) and per-layer times."""
+    try:
+        res[f"tps_graph_{name}"], res[f"tok_graph_{name}"] = decode_graph_tps(model, prompt, args.new_tokens, args.reps)
+        log(f"{name} decode tok/s (CUDA graph)", res[f"tps_graph_{name}"],
+            "same tokens as eager:", res[f"tok_graph_{name}"] == res.get(f"tok_{name}"))
+    except Exception as e:
+        res[f"graph_{name}_error"] = repr(e)
+        log(f"{name} graph decode failed:", repr(e))
+    res[f"layers_{name}"] = layer_times(model)
+
+
 def to_dtype_outside_mixed(model, dtype):
     """Cast every parameter/buffer outside MixedLinear layers (embeddings, norms, head) to ``dtype``."""
     mixed = {id(t) for m in model.modules() if isinstance(m, MixedLinear)
@@ -222,14 +234,7 @@ def main(argv=None):
         res["tps_bf16_gpu"], res["tok_bf16"] = decode_tps(ref, prompt, args.new_tokens, args.reps)
         log("bf16 decode tok/s", res["tps_bf16_gpu"])
         _save(res, args.out)
-        try:
-            res["tps_graph_bf16"], res["tok_graph_bf16"] = decode_graph_tps(ref, prompt, args.new_tokens, args.reps)
-            log("bf16 decode tok/s (CUDA graph)", res["tps_graph_bf16"],
-                "same tokens as eager:", res["tok_graph_bf16"] == res["tok_bf16"])
-        except Exception as e:
-            res["graph_bf16_error"] = repr(e)
-            log("bf16 graph decode failed:", repr(e))
-        res["layers_bf16"] = layer_times(ref)
+        graph_decode_and_layers(res, "bf16", ref, prompt, args)
         _save(res, args.out)
         ref32 = ref.float()
         res["tps_fp32_gpu"], _ = decode_tps(ref32, prompt, args.new_tokens, args.reps)
@@ -271,15 +276,7 @@ def main(argv=None):
             res["tps_mixed_gpu"], res["tok_mixed"] = decode_tps(model, prompt, args.new_tokens, args.reps)
             log("mixed decode tok/s (bf16 rest)", res["tps_mixed_gpu"])
             _save(res, args.out)
-            try:
-                res["tps_graph_mixed"], res["tok_graph_mixed"] = decode_graph_tps(model, prompt, args.new_tokens,
-                                                                                  args.reps)
-                log("mixed decode tok/s (CUDA graph)", res["tps_graph_mixed"],
-                    "same tokens as eager:", res["tok_graph_mixed"] == res["tok_mixed"])
-            except Exception as e:
-                res["graph_mixed_error"] = repr(e)
-                log("mixed graph decode failed:", repr(e))
-            res["layers_mixed"] = layer_times(model)
+            graph_decode_and_layers(res, "mixed", model, prompt, args)
             _save(res, args.out)
         except Exception as e:  # report, keep the fp32-rest figures
             res["bf16rest_error"] = repr(e)

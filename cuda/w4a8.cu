@@ -41,6 +41,7 @@
  * (the 4-bit rows) and then part 1, and each row's result goes to column out_index[row]. */
 #include "mixllm_cuda.h"
 #include "device_guard.cuh"
+#include "gemm_common.cuh"
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -106,29 +107,9 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-/* Weights are read once per token block: keep them out of L1. */
-__device__ __forceinline__ uint4 ld_stream(const uint4 *p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-    return v;
-}
-
-/* Four 4-bit codes (one per byte, 0..15) minus their zero point, as four int8. */
-__device__ __forceinline__ uint32_t sub_zero(uint32_t q, uint32_t zz) {
-    return ((q | 0x80808080u) - zz) ^ 0x80808080u;
-}
-
 /* int32 -> float, exact for |x| < 2^22: one integer add and one float subtract instead of
  * the conversion instruction, which issues at a quarter of the rate. */
 __device__ __forceinline__ float i2f(int x) { return __int_as_float(x + 0x4B400000) - 12582912.0f; }
-
-__device__ __forceinline__ void store_out(void *y, int dt, int64_t i, float v) {
-    if (dt == 0) ((float *)y)[i] = v;
-    else if (dt == 1) ((__half *)y)[i] = __float2half_rn(v);
-    else ((__nv_bfloat16 *)y)[i] = __float2bfloat16_rn(v);
-}
 
 /* Shared memory of one pipeline stage: activations [BM][AROW], their scales [BM], and per warp
  * its weight fragments [TN][WPS][32 lanes] uint4 and meta records [TN] (80 bytes each). The
@@ -319,17 +300,6 @@ __global__ void __launch_bounds__(NW * 32) qgemm_kernel(const __grid_constant__ 
         bx -= a.p0.nblk;
         if (a.p1.bits == 4) gemm_tile<4, NW, TN, BM, ST>(a, a.p1, bx, blockIdx.y, blockIdx.z, smem);
         else gemm_tile<8, NW, TN, BM, ST>(a, a.p1, bx, blockIdx.y, blockIdx.z, smem);
-    }
-}
-
-/* Split-K reduction in a fixed order, plus bias, in y's dtype. */
-__global__ void splitk_finish(const float *ws, int splits, int64_t total, int64_t n_out, const float *bias, void *y,
-                              int dt) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
-        float v = 0.f;
-        for (int s = 0; s < splits; s++) v += ws[s * total + i];
-        if (bias) v += bias[i % n_out];
-        store_out(y, dt, i, v);
     }
 }
 
@@ -551,29 +521,10 @@ extern "C" int mixc_qlinear(int device, mixc_gemm *g, void *stream_) {
     a.G = g->G; a.spg = g->spg; a.nparts = g->nparts; a.ydt = g->ydtype; a.splits = g->splits;
     a.sps = (nst + g->splits - 1) / g->splits;
     a.bias = g->bias; a.y = g->y; a.ws = g->ws;
-    Part *ps[2] = {&a.p0, &a.p1};
-    /* 8-bit row blocks take twice as long: schedule them first, so that the 4-bit ones fill
-     * the last wave (longest job first) */
-    const int first = (g->nparts == 2 && g->parts[1].bits > g->parts[0].bits) ? 1 : 0;
-    int nblk = 0;
-    for (int i = 0; i < 2; i++) {
-        Part &p = *ps[i];
-        if (i < g->nparts) {
-            const mixc_part &q = g->parts[i ^ first];
-            p.w = (const uint4 *)q.wpack; p.meta = (const uint4 *)q.meta; p.idx = q.out_index;
-            p.N = q.N; p.bits = q.bits; p.nblk = (int)((q.N + bn - 1) / bn);
-        } else {
-            p.w = nullptr; p.meta = nullptr; p.idx = nullptr; p.N = 0; p.bits = 4; p.nblk = 0;
-        }
-        nblk += p.nblk;
-    }
+    const int nblk = order_parts(g, bn, a.p0, a.p1);
     if (g->M <= 0 || nblk == 0) return 0;
     const bool pdl = g->pdl && device_info(device).major >= 9;
     cudaError_t e = FNS[g->cfg].launch(a, nblk, pdl, stream);
     if (e != cudaSuccess || g->splits == 1) return (int)e;
-    const int64_t total = g->M * g->n_out;
-    int blocks = (int)((total + 255) / 256);
-    if (blocks > 4 * sm_count(device)) blocks = 4 * sm_count(device);
-    splitk_finish<<<blocks, 256, 0, stream>>>(g->ws, g->splits, total, g->n_out, g->bias, g->y, g->ydtype);
-    return (int)cudaGetLastError();
+    return (int)launch_splitk_finish(g, g->splits, 4 * sm_count(device), stream);
 }

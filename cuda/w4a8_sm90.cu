@@ -42,6 +42,7 @@
  * warpgroup or 2 CTAs per SM (registers: 64 float + 64 int32 accumulators per thread now). */
 #include "mixllm_cuda.h"
 #include "device_guard.cuh"
+#include "gemm_common.cuh"
 #include <cuda.h>
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -81,11 +82,6 @@ struct Args90 {
     float *ws;
 };
 
-__device__ __forceinline__ void store_out(void *y, int dt, int64_t i, float v) {
-    if (dt == 0) ((float *)y)[i] = v;
-    else if (dt == 1) ((__half *)y)[i] = __float2half_rn(v);
-    else ((__nv_bfloat16 *)y)[i] = __float2bfloat16_rn(v);
-}
 
 #ifdef MIXC_SM90_DEVICE
 __device__ __forceinline__ uint32_t smem_u32(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
@@ -119,18 +115,6 @@ __device__ __forceinline__ void cp_async4_zfill(uint32_t dst, const void *src, i
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
 }
 
-/* Weights are read once per token block, by one CTA at a time: keep them out of L1. */
-__device__ __forceinline__ uint4 ld_stream(const uint8_t *p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-    return v;
-}
-
-__device__ __forceinline__ uint32_t sub_zero(uint32_t q, uint32_t zz) {
-    return ((q | 0x80808080u) - zz) ^ 0x80808080u;
-}
 /* int32 -> float: one I2FP.F32.S32 (exact: a stage's sums stay under 2^21). The add-and-subtract
  * trick of w4a8.cu measured 2-5% slower here (H100, 2026-11-23). */
 __device__ __forceinline__ float i2f(int x) { return __int2float_rn(x); }
@@ -374,16 +358,6 @@ __global__ void __launch_bounds__(NTH, 1) qgemm_sm90_kernel(const __grid_constan
 #endif
 }
 
-/* Split-K reduction in a fixed order, plus bias, in y's dtype. */
-__global__ void splitk_finish_sm90(const float *ws, int splits, int64_t total, int64_t n_out, const float *bias,
-                                   void *y, int dt) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
-        float v = 0.f;
-        for (int s = 0; s < splits; s++) v += ws[s * total + i];
-        if (bias) v += bias[i % n_out];
-        store_out(y, dt, i, v);
-    }
-}
 
 typedef CUresult (*EncodeTiled)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *, const cuuint64_t *,
                                 const cuuint64_t *, const cuuint32_t *, const cuuint32_t *, CUtensorMapInterleave,
@@ -435,20 +409,7 @@ extern "C" int mixc_qlinear_sm90(int device, const mixc_gemm *g, void *stream_) 
     a.G = g->G; a.spg = g->spg; a.ydt = g->ydtype; a.splits = g->splits;
     a.sps = (nst + g->splits - 1) / g->splits;
     a.bias = g->bias; a.y = g->y; a.ws = g->ws;
-    Part90 *ps[2] = {&a.p0, &a.p1};
-    const int first = (g->nparts == 2 && g->parts[1].bits > g->parts[0].bits) ? 1 : 0;
-    int nblk = 0;
-    for (int i = 0; i < 2; i++) {
-        Part90 &p = *ps[i];
-        if (i < g->nparts) {
-            const mixc_part &q = g->parts[i ^ first];
-            p.w = (const uint8_t *)q.wpack; p.meta = (const uint8_t *)q.meta; p.idx = q.out_index;
-            p.N = q.N; p.bits = q.bits; p.nblk = (int)((q.N + BN - 1) / BN);
-        } else {
-            p.w = nullptr; p.meta = nullptr; p.idx = nullptr; p.N = 0; p.bits = 4; p.nblk = 0;
-        }
-        nblk += p.nblk;
-    }
+    const int nblk = order_parts(g, BN, a.p0, a.p1);
     if (g->M <= 0 || nblk == 0) return 0;
     if (g->M > 0x7FFFFFFF || nblk > 65535) return (int)cudaErrorInvalidValue;
 
@@ -471,9 +432,5 @@ extern "C" int mixc_qlinear_sm90(int device, const mixc_gemm *g, void *stream_) 
     qgemm_sm90_kernel<<<grid, NTH, SMEM_BYTES, stream>>>(a, map);
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess || g->splits == 1) return (int)e;
-    const int64_t total = g->M * g->n_out;
-    int blocks = (int)((total + 255) / 256);
-    if (blocks > 1024) blocks = 1024;
-    splitk_finish_sm90<<<blocks, 256, 0, stream>>>(g->ws, (int)grid.z, total, g->n_out, g->bias, g->y, g->ydtype);
-    return (int)cudaGetLastError();
+    return (int)launch_splitk_finish(g, (int)grid.z, 1024, stream);
 }

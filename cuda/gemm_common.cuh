@@ -1,0 +1,78 @@
+// Pieces shared by the two GEMM launchers (cuda/w4a8.cu: mma.sync, cuda/w4a8_sm90.cu: wgmma):
+// the output store in y's dtype, the split-K reduction kernel, and the ordering of a mixed
+// layer's two parts. Each translation unit gets its own copy (anonymous namespace).
+#pragma once
+#include "mixllm_cuda.h"
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+namespace {
+
+/* Weights are read once per token block, by one block at a time: keep them out of L1. */
+__device__ __forceinline__ uint4 ld_stream(const void *p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+/* Four 4-bit codes (one per byte, 0..15) minus their zero point, as four int8. */
+__device__ __forceinline__ uint32_t sub_zero(uint32_t q, uint32_t zz) {
+    return ((q | 0x80808080u) - zz) ^ 0x80808080u;
+}
+
+__device__ __forceinline__ void store_out(void *y, int dt, int64_t i, float v) {
+    if (dt == 0) ((float *)y)[i] = v;
+    else if (dt == 1) ((__half *)y)[i] = __float2half_rn(v);
+    else ((__nv_bfloat16 *)y)[i] = __float2bfloat16_rn(v);
+}
+
+/* Split-K reduction in a fixed order (deterministic), plus bias, in y's dtype. */
+__global__ void splitk_finish(const float *ws, int splits, int64_t total, int64_t n_out, const float *bias, void *y,
+                              int dt) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+        float v = 0.f;
+        for (int s = 0; s < splits; s++) v += ws[s * total + i];
+        if (bias) v += bias[i % n_out];
+        store_out(y, dt, i, v);
+    }
+}
+
+inline cudaError_t launch_splitk_finish(const mixc_gemm *g, int splits, int max_blocks, cudaStream_t stream) {
+    const int64_t total = g->M * g->n_out;
+    int64_t blocks = (total + 255) / 256;
+    if (blocks > max_blocks) blocks = max_blocks;
+    splitk_finish<<<(unsigned)blocks, 256, 0, stream>>>(g->ws, splits, total, g->n_out, g->bias, g->y, g->ydtype);
+    return cudaGetLastError();
+}
+
+/* Fill a kernel's two part slots (P: its part record, with w, meta, idx, N, bits, nblk) from
+ * the call's parts, the 8-bit one first when there are two (its row blocks take twice as long:
+ * longest job first, so that the 4-bit blocks fill the last wave). Returns the row blocks of
+ * both, `rows_per_block` rows each. */
+template <typename P> int order_parts(const mixc_gemm *g, int64_t rows_per_block, P &p0, P &p1) {
+    P *ps[2] = {&p0, &p1};
+    const int first = (g->nparts == 2 && g->parts[1].bits > g->parts[0].bits) ? 1 : 0;
+    int nblk = 0;
+    for (int i = 0; i < 2; i++) {
+        P &p = *ps[i];
+        if (i < g->nparts) {
+            const mixc_part &q = g->parts[i ^ first];
+            p.w = (decltype(p.w))q.wpack;
+            p.meta = (decltype(p.meta))q.meta;
+            p.idx = q.out_index;
+            p.N = q.N;
+            p.bits = q.bits;
+            p.nblk = (int)((q.N + rows_per_block - 1) / rows_per_block);
+        } else {
+            p.w = nullptr; p.meta = nullptr; p.idx = nullptr; p.N = 0; p.bits = 4; p.nblk = 0;
+        }
+        nblk += p.nblk;
+    }
+    return nblk;
+}
+
+} // namespace
