@@ -118,11 +118,14 @@ def render_table():
            f"group size {any_r['group_size']} for RTN/GPTQ/SliM-LLM. `bits`: the budget; `avg bits`: code "
            "bits per quantized weight achieved; sizes include scales/offsets/codebooks/outliers (fp16) and "
            "the unquantized embeddings and norms at 16 bits.", "",
-           "| method | bits | avg bits | ppl | linear MB | model MB | command |",
-           "|---|---|---|---|---|---|---|"]
+           "`calibration`: sequential (block by block on the quantized prefix, GPTQ paper) or one pass of the "
+           "full-precision model.", "",
+           "| method | bits | avg bits | ppl | linear MB | model MB | calibration | command |",
+           "|---|---|---|---|---|---|---|---|"]
     for (m, b), r in sorted(rows.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][1])):
+        how = r.get("calibration", "none" if m in ("fp16", "rtn") else "one-pass")
         out.append(f"| {names.get(m, m)} | {b:g} | {r['avg_bits']:.3f} | {r['ppl']:.2f} | {r['linear_MB']:.2f} | "
-                   f"{r['model_MB']:.2f} | `{r['command']}` |")
+                   f"{r['model_MB']:.2f} | {how} | `{r['command']}` |")
     TABLE.write_text("\n".join(out) + "\n")
     print("\n".join(out))
 

@@ -289,21 +289,26 @@ def test_sequential_falls_back_without_a_block_list():
 
 
 def test_real_model_gptq_beats_rtn_on_held_out_text():
-    """On the default real model (first two blocks, 3-bit, g128), sequential GPTQ calibrated on 16 x 256
-    calibration tokens gives a smaller error of the block outputs on held-out evaluation text than RTN."""
-    import copy
+    """On the default real model (its first two blocks, 3-bit, g128), sequential GPTQ calibrated on
+    16 x 256 calibration tokens gives a smaller error of the block outputs on held-out evaluation text
+    than RTN (the one-pass setup of issue 5 made the full model worse than RTN)."""
     from _e2e import calib_ids, eval_ids, model_and_tokenizer
-    base, _ = model_and_tokenizer()
     nb = 2
-    filt = lambda n, m: isinstance(m, torch.nn.Linear) and any(f".layers.{i}." in n for i in range(nb))
     ev = eval_ids(1024).reshape(4, 256)
+    cal = calib_ids(16, 256)
+
+    def truncated():  # the first nb blocks only: the same layers and inputs, a fraction of the cost
+        m, _ = model_and_tokenizer()
+        m.model.layers = m.model.layers[:nb]
+        return m
+
     with torch.no_grad():
-        ref_h = base(ev, output_hidden_states=True).hidden_states[nb]
+        ref_h = truncated()(ev, output_hidden_states=True).hidden_states[nb]
     errs = {}
     for name, cfg in (("rtn", RTNConfig(3)), ("gptq", GPTQConfig(3))):
-        m = copy.deepcopy(base)
-        rep = cfg.apply(m, calib_ids(16, 256), filter_fn=filt)
-        assert rep["n_layers"] == 7 * nb
+        m = truncated()
+        rep = cfg.apply(m, cal)
+        assert rep["n_layers"] == 7 * nb and rep["calibration"] == ("sequential" if name == "gptq" else "none")
         with torch.no_grad():
             h = m(ev, output_hidden_states=True).hidden_states[nb]
         errs[name] = float((h - ref_h).norm() / ref_h.norm())
