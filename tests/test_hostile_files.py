@@ -111,7 +111,13 @@ def test_bit_flips_without_checksum(saved, tmp_path):
     header_len = struct.unpack("<Q", data[:8])[0]
     rng = np.random.default_rng(1)
     ids = saved[1]
-    for pos in list(rng.integers(0, 8 + header_len, 12)) + list(rng.integers(8 + header_len, len(data), 12)):
+    for pos in rng.integers(0, 8 + header_len, 12):  # length prefix or JSON header: always refused
+        b = bytearray(data)
+        b[pos] ^= 0xFF
+        f.write_bytes(bytes(b))
+        _load_fails(d, verify=False)
+    outcomes = {"load refused": 0, "forward refused": 0, "ran": 0}
+    for pos in rng.integers(8 + header_len, len(data), 12):  # tensor data: caught later, or harmless
         b = bytearray(data)
         b[pos] ^= 0xFF
         f.write_bytes(bytes(b))
@@ -119,12 +125,17 @@ def test_bit_flips_without_checksum(saved, tmp_path):
         try:
             model = io.load(d, verify=False)
         except ValueError:
+            outcomes["load refused"] += 1
             continue
         try:
             with torch.no_grad():
-                model(ids)
+                out = model(ids).logits
         except ValueError:
-            pass
+            outcomes["forward refused"] += 1
+            continue
+        assert out.shape == saved[2].shape and out.dtype == saved[2].dtype
+        outcomes["ran"] += 1
+    assert sum(outcomes.values()) == 12, outcomes
 
 
 def _rewrite_tensors(d, edit):

@@ -40,22 +40,29 @@ def _same(a, b):
 
 
 def _check(fns):
+    """Every fn's results from the concurrent rounds equal its serial result; returns how many
+    results were compared (len(fns) x ROUNDS when every thread ran all its rounds)."""
     serial = [fn() for fn in fns]
+    compared = 0
     for i, results in enumerate(_run_concurrently(fns)):
         for r in results:
             _same(r, serial[i])
+            compared += 1
+    return compared
 
 
 def test_quantize_weight_threads(rng):
     ws = [rng.standard_normal((96, 300)).astype(np.float32) for _ in range(THREADS)]
-    _check([lambda w=w, i=i: ops.quantize_weight(w, bits=(4, 8, 3, 2)[i % 4], group_size=128) for i, w in enumerate(ws)])
+    fns = [lambda w=w, i=i: ops.quantize_weight(w, bits=(4, 8, 3, 2)[i % 4], group_size=128) for i, w in enumerate(ws)]
+    assert _check(fns) == len(fns) * ROUNDS
 
 
 def test_quantize_activation_threads(rng):
     xs = [rng.standard_normal((64, 384)).astype(np.float32) for _ in range(THREADS)]
     xs[1] = torch.from_numpy(xs[1]).to(torch.bfloat16)
     xs[2] = xs[2].astype(np.float16)
-    _check([lambda x=x: ops.quantize_activation(x, 128) for x in xs])
+    fns = [lambda x=x: ops.quantize_activation(x, 128) for x in xs]
+    assert _check(fns) == len(fns) * ROUNDS
 
 
 def test_gptq_threads(rng):
@@ -64,15 +71,17 @@ def test_gptq_threads(rng):
     for i in range(THREADS):
         X = rng.standard_normal((256, K))
         args.append((rng.standard_normal((40, K)).astype(np.float32), 2 * X.T @ X / len(X)))
-    _check([lambda w=w, H=H, i=i: ops.gptq_quantize(w, H, bits=4 if i % 2 else 8, group_size=32, clip_grid=5)
-            for i, (w, H) in enumerate(args)])
+    fns = [lambda w=w, H=H, i=i: ops.gptq_quantize(w, H, bits=4 if i % 2 else 8, group_size=32, clip_grid=5)
+           for i, (w, H) in enumerate(args)]
+    assert _check(fns) == len(fns) * ROUNDS
 
 
 def test_salience_accumulate_threads(rng):
     grads = [rng.standard_normal((128, 256)).astype(np.float32) for _ in range(THREADS)]
     deltas = [rng.standard_normal((128, 256)).astype(np.float32) * 1e-2 for _ in range(THREADS)]
     # in place: each call gets a fresh accumulator that already holds something
-    _check([lambda g=g, d=d: ops.salience_accumulate(np.full(128, 0.5), g, d) for g, d in zip(grads, deltas)])
+    fns = [lambda g=g, d=d: ops.salience_accumulate(np.full(128, 0.5), g, d) for g, d in zip(grads, deltas)]
+    assert _check(fns) == len(fns) * ROUNDS
 
 
 @pytest.mark.parametrize("impl", ["auto", "portable"])
@@ -96,7 +105,7 @@ def test_linear_threads(rng, impl):
             fns.append(lambda x=x: ops.w8a8_linear(x, w8, bias=bias[perm[N4:]], impl=impl))
         else:
             fns.append(lambda x=x: ops.mixed_linear(x, w4, w8, idx4, idx8, bias=bias, impl=impl))
-    _check(fns)
+    assert _check(fns) == len(fns) * ROUNDS
 
 
 def test_mixed_ops_threads(rng):
@@ -109,4 +118,4 @@ def test_mixed_ops_threads(rng):
            lambda: ops.w4a8_linear(x, qw), lambda: ops.gptq_quantize(w, None, 4, 128),
            lambda: ops.pack_int4(ops.quantize_weight(w, 4, 128)[0]), lambda: qw.dequantize(),
            lambda: ops.salience_accumulate(np.zeros(64), w, w), lambda: ops.quantize_weight(w, 8, 64)]
-    _check(fns)
+    assert _check(fns) == len(fns) * ROUNDS
