@@ -262,12 +262,14 @@ fail:
 
 static int64_t align16(int64_t v) { return (v + 15) / 16 * 16; }
 
-/* Scratch bytes of one call: activation codes and scales, split-K partials. */
-static int64_t scratch_bytes(const qhandle *h, int64_t M, int splits) {
+/* The one scratch buffer of a call: activation codes [M, Kp] | their scales [M, Kp/128] |
+ * split-K partials [splits, M, n_out] (when splits > 1), each 16-byte aligned. Returns its
+ * bytes; *sa_off / *ws_off: where the scales / partials start. */
+static int64_t scratch_layout(const qhandle *h, int64_t M, int splits, int64_t *sa_off, int64_t *ws_off) {
     const int64_t Kp = h->tmpl.Kp;
-    int64_t b = align16(M * Kp) + align16(M * (Kp / MIXC_KSTAGE) * 4);
-    if (splits > 1) b += (int64_t)splits * M * h->tmpl.n_out * 4;
-    return b;
+    *sa_off = align16(M * Kp);
+    *ws_off = *sa_off + align16(M * (Kp / MIXC_KSTAGE) * 4);
+    return *ws_off + (splits > 1 ? (int64_t)splits * M * h->tmpl.n_out * 4 : 0);
 }
 
 /* Checks a (cfg, splits) choice for M tokens; fills the planner's choice for cfg < 0 /
@@ -295,7 +297,9 @@ static PyObject *py_plan_call(PyObject *self, PyObject *args) {
     if (!h) return NULL;
     if (M < 0) return PyErr_Format(PyExc_ValueError, "M: expected >= 0, got %lld", M);
     if (resolve_plan(h, M, &cfg, &splits) < 0) return NULL;
-    return Py_BuildValue("iiLs", cfg, splits, (long long)scratch_bytes(h, M, splits), mixc_cfg_name(cfg));
+    int64_t sa_off, ws_off;
+    const int64_t nbytes = scratch_layout(h, M, splits, &sa_off, &ws_off);
+    return Py_BuildValue("iiLs", cfg, splits, (long long)nbytes, mixc_cfg_name(cfg));
 }
 
 /* run(handle, x, y, scratch, cfg, splits, stream): y = x W^T + bias. */
@@ -321,7 +325,8 @@ static PyObject *py_run(PyObject *self, PyObject *args) {
         goto fail;
     }
     if (resolve_plan(h, M, &cfg, &splits) < 0) goto fail;
-    const int64_t need = scratch_bytes(h, M, splits);
+    int64_t sa_off, ws_off;
+    const int64_t need = scratch_layout(h, M, splits, &sa_off, &ws_off);
     uint8_t *base = NULL;
     if (need > 0) {
         if (osc == Py_None) { PyErr_Format(PyExc_ValueError, "scratch: %lld bytes are needed", (long long)need); goto fail; }
@@ -342,10 +347,9 @@ static PyObject *py_run(PyObject *self, PyObject *args) {
     G.ydtype = dtype_code(y->dtype);
     G.cfg = cfg;
     G.splits = splits;
-    /* scratch: activation codes [M, Kp] | their scales [M, Kp/128] | split-K partials */
     G.xq = (const int8_t *)base;
-    G.sa = (const float *)(base + align16(M * Kp));
-    G.ws = splits > 1 ? (float *)(base + align16(M * Kp) + align16(M * (Kp / MIXC_KSTAGE) * 4)) : NULL;
+    G.sa = (const float *)(base + sa_off);
+    G.ws = splits > 1 ? (float *)(base + ws_off) : NULL;
     int err = mixc_act_quant(h->device, x->data, dtype_code(x->dtype), M, h->K, h->g, mixc_gp(h->g), (int8_t *)G.xq,
                              Kp, G.spg, (float *)G.sa, Kp / MIXC_KSTAGE, (void *)(intptr_t)stream);
     if (!err) err = mixc_qlinear(h->device, &G, (void *)(intptr_t)stream);
