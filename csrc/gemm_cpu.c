@@ -1,4 +1,4 @@
-/* CPU W4A8 / W8A8 / mixed linear (SPEC §2, §5).
+/* CPU W4A8 / W8A8 / mixed linear (docs/spec.md §2, §5).
  *
  * Math: y[m,n] = sum_j Sw[n,j] Sa[m,j] * sum_{k in j} (Wq[n,k] - z[n,j]) Aq[m,k].
  * Activations are quantized once per call (int8 per token and group) and stored shifted

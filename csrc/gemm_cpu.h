@@ -1,4 +1,4 @@
-/* CPU quantized linear layers (SPEC §2) over a prepacked weight layout. */
+/* CPU quantized linear layers (docs/spec.md §2) over a prepacked weight layout. */
 #ifndef MIXLLM_GEMM_CPU_H
 #define MIXLLM_GEMM_CPU_H
 #include <stdint.h>

@@ -1,4 +1,4 @@
-/* SPEC §1 number formats: the reference quantizers (round-half-to-even via rintf in the
+/* docs/spec.md §1 number formats: the reference quantizers (round-half-to-even via rintf in the
  * default rounding mode, float32 arithmetic in the order the NumPy oracle uses). */
 #include "dlpack_bridge.h" /* first: it includes Python.h */
 #include "quant.h"

@@ -1,4 +1,4 @@
-/* Number formats of SPEC §1: group-wise weight quantizers, per-token-group activation
+/* Number formats of docs/spec.md §1: group-wise weight quantizers, per-token-group activation
  * quantizer, int4 packing. Plain C; every function here is the reference path. */
 #ifndef MIXLLM_QUANT_H
 #define MIXLLM_QUANT_H

@@ -1,4 +1,4 @@
-/* MixLLM salience (SPEC §3): per output feature c, with t = g_c . delta_c for one
+/* MixLLM salience (docs/spec.md §3): per output feature c, with t = g_c . delta_c for one
  * calibration sequence's weight gradient g, accumulate |t + t^2 / 2| (first- plus
  * second-order Taylor term, Fisher approximation of the Hessian). */
 #include "dlpack_bridge.h" /* first: it includes Python.h */

@@ -1,4 +1,4 @@
-"""Calibration statistics for the quantizers: per-feature salience (SPEC §3) and GPTQ Hessians.
+"""Calibration statistics for the quantizers: per-feature salience (docs/spec.md §3) and GPTQ Hessians.
 
 One pass over the calibration sequences, one sequence at a time:
   * a forward hook on every target ``nn.Linear`` adds ``2 X^T X`` of its input to the layer's Hessian
@@ -25,7 +25,7 @@ __all__ = ["Calibration", "target_linears", "calibrate", "rtn_delta"]
 
 
 def target_linears(model: nn.Module, include_lm_head: bool = False) -> List[Tuple[str, nn.Linear]]:
-    """The layers quantized by default: every ``nn.Linear`` except the output head (SPEC §4)."""
+    """The layers quantized by default: every ``nn.Linear`` except the output head (docs/spec.md §4)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

@@ -1,4 +1,4 @@
-"""``MixedLinear``: the MixLLM layer (SPEC §5), a drop-in replacement for ``nn.Linear``.
+"""``MixedLinear``: the MixLLM layer (docs/spec.md §5), a drop-in replacement for ``nn.Linear``.
 
 Output features are split into an 8-bit part (symmetric, group-wise) and a 4-bit part (asymmetric,
 group-wise, two codes per byte). The permutation ``perm`` lists the 8-bit rows first, so each part's

@@ -121,7 +121,7 @@ class WeightOnlyLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 128):
-        """Round-to-nearest asymmetric ``bits``-bit quantization of ``linear`` (SPEC §1 format)."""
+        """Round-to-nearest asymmetric ``bits``-bit quantization of ``linear`` (docs/spec.md §1 format)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach().float().cpu().numpy()

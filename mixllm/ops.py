@@ -1,4 +1,4 @@
-"""The op surface of mixllm (SPEC §7): thin wrappers over the C core ``mixllm._C``
+"""The op surface of mixllm (docs/spec.md §7): thin wrappers over the C core ``mixllm._C``
 (and ``mixllm._cuda`` for CUDA tensors where it was built).
 
 Every op takes DLPack arrays (torch tensors on CPU/CUDA, NumPy arrays), allocates its
@@ -6,7 +6,7 @@ outputs with the caller's own array library, and returns them as that type. Inpu
 are not C-contiguous are copied to contiguous memory first (never read with wrong strides).
 Bad arguments raise ``TypeError`` / ``ValueError`` naming the argument.
 
-Formats (SPEC §1), for a weight ``W[N, K]`` with group size ``g`` and ``G = ceil(K / g)``:
+Formats (docs/spec.md §1), for a weight ``W[N, K]`` with group size ``g`` and ``G = ceil(K / g)``:
   * asymmetric b-bit: ``codes`` uint8 [N, K] in 0..2^b-1, ``scale`` float32 [N, G], ``zero`` uint8 [N, G]
   * symmetric 8-bit: ``codes`` int8 [N, K] in -127..127, ``scale`` float32 [N, G], no zero point
   * activations: int8 [M, K] and float32 scales [M, G], per token and group (symmetric)
@@ -123,7 +123,7 @@ def cpu_impls() -> list:
 
 # ----------------------------------------------------------------------------- formats
 def quantize_weight(w, bits: int = 4, group_size: int = 128, symmetric: Optional[bool] = None):
-    """Round-to-nearest group-wise quantization of ``w`` [N, K] (SPEC §1).
+    """Round-to-nearest group-wise quantization of ``w`` [N, K] (docs/spec.md §1).
 
     Asymmetric (default for bits < 8): returns ``(codes uint8, scale float32 [N,G], zero uint8 [N,G])``.
     Symmetric (default for bits == 8): returns ``(codes int8, scale, None)``.
@@ -194,7 +194,7 @@ def unpack_int4(packed, k: int):
 
 
 def salience_accumulate(acc, grad, delta):
-    """In place: ``acc[c] += |t + t^2/2|`` with ``t = grad[c] . delta[c]`` (SPEC §3).
+    """In place: ``acc[c] += |t + t^2/2|`` with ``t = grad[c] . delta[c]`` (docs/spec.md §3).
 
     ``acc`` float64 [N] (CPU), ``grad`` [N, K] float32/16/bf16, ``delta`` float32 [N, K].
     Returns ``acc``.
@@ -386,7 +386,7 @@ def w8a8_linear(x, weight: QuantizedWeight, bias=None, impl: str = "auto"):
 
 def mixed_linear(x, w4: Optional[QuantizedWeight], w8: Optional[QuantizedWeight], index4, index8,
                  bias=None, impl: str = "auto"):
-    """The MixLLM layer (SPEC §5): 4-bit rows ``w4`` and 8-bit rows ``w8`` of one weight.
+    """The MixLLM layer (docs/spec.md §5): 4-bit rows ``w4`` and 8-bit rows ``w8`` of one weight.
 
     ``index4`` / ``index8`` (int64) give each part's rows' output columns; together they are a
     permutation of ``0..N-1``, so ``y`` comes out in the original feature order. The activations

@@ -1,4 +1,4 @@
-"""NumPy oracles for the C and CUDA paths (SPEC §1-3).
+"""NumPy oracles for the C and CUDA paths (docs/spec.md §1-3).
 
 Quantizer references compute in float32 with the same operations as csrc/quant.c
 (true division, round-half-to-even), so integer codes must match exactly; the GEMM and

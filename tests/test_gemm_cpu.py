@@ -1,4 +1,4 @@
-"""CPU quantized linear layers (SPEC §2, §5) against the float64 two-step reference."""
+"""CPU quantized linear layers (docs/spec.md §2, §5) against the float64 two-step reference."""
 import numpy as np
 import pytest
 import torch

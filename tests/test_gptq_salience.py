@@ -1,4 +1,4 @@
-"""GPTQ (shared C implementation) and the MixLLM salience reduction (SPEC §2b, §3)."""
+"""GPTQ (shared C implementation) and the MixLLM salience reduction (docs/spec.md §2b, §3)."""
 import numpy as np
 import pytest
 import torch

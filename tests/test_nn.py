@@ -1,4 +1,4 @@
-"""MixedLinear on real layers of the default model with real activations (SPEC §5)."""
+"""MixedLinear on real layers of the default model with real activations (docs/spec.md §5)."""
 import numpy as np
 import pytest
 import torch

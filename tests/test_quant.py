@@ -1,4 +1,4 @@
-"""Number formats (SPEC §1): codes equal the NumPy oracle exactly; errors are clear."""
+"""Number formats (docs/spec.md §1): codes equal the NumPy oracle exactly; errors are clear."""
 import numpy as np
 import pytest
 import torch

@@ -322,7 +322,7 @@ def _weight(linear):
 @dataclass
 class RTNConfig:
     """Round-to-nearest weight-only quantization: asymmetric ``bits``-bit, groups of ``group_size``
-    along the input features (SPEC §1 format, min/max range)."""
+    along the input features (docs/spec.md §1 format, min/max range)."""
     bits: int = 4
     group_size: int = 128
     name = "rtn"

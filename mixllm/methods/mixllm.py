@@ -1,13 +1,13 @@
 """MixLLM (arXiv 2412.14590): global salience-ranked mixed precision between output features.
 
 Pipeline of :meth:`MixLLMConfig.apply`:
-  1. calibration pass (``mixllm.calib.calibrate``): per-feature salience ``S_c`` (SPEC §3) and the GPTQ
+  1. calibration pass (``mixllm.calib.calibrate``): per-feature salience ``S_c`` (docs/spec.md §3) and the GPTQ
      Hessians ``2 X^T X`` of every target layer;
-  2. global allocation (SPEC §4): all ``(layer, c, S_c)`` of the model are ranked together and the
+  2. global allocation (docs/spec.md §4): all ``(layer, c, S_c)`` of the model are ranked together and the
      most salient output features get 8 bits until the 8-bit weights reach the budget's share of all
      weights; the rest get 4 bits (ablations: ``selection="per_layer"`` takes the top share inside each
      layer, ``"random"`` a seeded random choice of the same size);
-  3. both parts quantized as the reference does (SPEC §2b): GPTQ with group reordering and a clipping
+  3. both parts quantized as the reference does (docs/spec.md §2b): GPTQ with group reordering and a clipping
      search, 4-bit asymmetric and 8-bit symmetric, group-wise;
   4. every target ``nn.Linear`` replaced by a :class:`mixllm.nn.MixedLinear` (W4A8 + W8A8).
 """
@@ -46,7 +46,7 @@ class MixLLMConfig:
             ``4`` = all 4-bit, ``8`` = all 8-bit), or percentages per bit-width ``{8: 10, 4: 90}``.
         fraction: alternative to ``bits``: the share of weights in 8-bit, in [0, 1] (overrides ``bits``).
         group_size: quantization group along the input dimension, for both weight parts and for the
-            activations (SPEC §1).
+            activations (docs/spec.md §1).
         act_bits: activation bits when ``weight_only`` is False; 8 (dynamic, symmetric, per token and
             group) is what the kernels implement.
         weight_only: keep activations in float (W4.x A16); the layer dequantizes its weights once.
@@ -62,7 +62,7 @@ class MixLLMConfig:
             share in every layer, top salience inside each) or ``"random"`` (ablations).
         salience_bits: bit-width of the quantizer whose error ``delta`` enters the salience
             (the low bit-width, 4).
-        include_lm_head: quantize the output head too (default: it stays in float, SPEC §4).
+        include_lm_head: quantize the output head too (default: it stays in float, docs/spec.md §4).
         only: regular expression: quantize only the target layers whose name it matches
             (``re.search``; e.g. ``r"layers\.(0|1)\."``); ``None``: all of them.
         row_multiple: round every layer's 8-bit row count to a multiple of this (kernels that need
