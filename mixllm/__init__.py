@@ -5,7 +5,7 @@ User surface (torchao style)::
     import mixllm
     report = mixllm.quantize(model, mixllm.MixLLMConfig(bits=4.4), calib)   # in place
     mixllm.save(model, "out/", tokenizer=tok)
-    model = mixllm.load("out/")
+    model = mixllm.load("out/")     # or transformers.AutoModelForCausalLM.from_pretrained("out/")
 
 The torch-facing names are imported lazily, so ``mixllm.ops`` works with NumPy alone.
 """
@@ -23,6 +23,18 @@ _LAZY = {
     "perplexity": ("mixllm.eval", "perplexity"),
 }
 __all__ = ["ops", *_LAZY]
+
+
+def _register_with_transformers():
+    """Make ``transformers.AutoModelForCausalLM.from_pretrained`` load mixllm checkpoints
+    (``quant_method: "mixllm"``, mixllm/hf.py); skipped where transformers is not installed."""
+    import importlib.util
+    if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("torch") is None:
+        return
+    from . import hf  # noqa: F401  (registers on import)
+
+
+_register_with_transformers()
 
 
 def __getattr__(name):

@@ -1,12 +1,23 @@
-"""Saving and loading quantized models: ``model.safetensors`` + ``mixllm.json`` (+ the HF config and
-tokenizer), written to a temporary directory next to the target and renamed into place, so a reader
-never sees a half-written model.
+"""Saving and loading quantized models as Hugging Face model folders.
 
-``mixllm.json`` holds the format version, the method and its config, the report, one entry per
-quantized module (its class and constructor arguments) and the SHA-256 of ``model.safetensors``.
-:func:`load` rebuilds the architecture from ``config.json``, swaps in the quantized modules, loads the
-tensors strictly and so gives bit-identical outputs. A corrupted or mismatched file raises
-``ValueError`` naming the problem.
+A directory written by :func:`save` (format version 2) is a valid Hugging Face model folder:
+
+* ``config.json`` with a ``quantization_config`` (``quant_method: "mixllm"``, see
+  :class:`mixllm.hf.MixllmQuantizationConfig`) that says how to rebuild every quantized module;
+* sharded safetensors (``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``, or
+  one ``model.safetensors`` when it fits in ``max_shard_size``), exactly what ``save_pretrained``
+  writes;
+* ``generation_config.json``, the tokenizer files when a tokenizer is given, a model card
+  ``README.md`` (method, bits, measured perplexity when known);
+* ``mixllm.json``: the format version, the method's config and report, and the SHA-256 of every
+  weight file (checked by :func:`load`).
+
+It is written to a temporary directory next to the target and renamed into place, so a reader never
+sees a half-written model. After ``import mixllm``, ``transformers.AutoModelForCausalLM.from_pretrained``
+loads it (mixllm/hf.py); :func:`load` checks the files first and then takes that same path, so both
+give the same model. Format version 1 (one ``model.safetensors``, the modules listed in
+``mixllm.json``, no ``quantization_config``) is still read by :func:`load` (not by
+``from_pretrained``); saving it again writes version 2.
 
 Module classes other methods add are registered with :func:`register_module`; they provide
 ``get_config() -> dict`` and ``classmethod from_config(dict)``.
@@ -27,11 +38,14 @@ from torch import nn
 
 from .nn import MixedLinear
 
-__all__ = ["save", "load", "register_module", "FORMAT_VERSION"]
+__all__ = ["save", "load", "read_meta", "register_module", "FORMAT_VERSION"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_READS = (1, 2)
 _WEIGHTS = "model.safetensors"
+_INDEX = "model.safetensors.index.json"
 _META = "mixllm.json"
+_CARD = "README.md"
 MODULES: Dict[str, type] = {}
 
 
@@ -59,38 +73,48 @@ def _quantized_modules(model: nn.Module):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, classes)]
 
 
-def save(model: nn.Module, path: Union[str, os.PathLike], tokenizer=None, overwrite: bool = True) -> str:
-    """Write ``model`` (a quantized Hugging Face model) to directory ``path`` atomically."""
-    from safetensors.torch import save_model
+def save(model: nn.Module, path: Union[str, os.PathLike], tokenizer=None, overwrite: bool = True,
+         max_shard_size: Union[int, str] = "2GB", evaluation: Optional[Dict[str, Any]] = None) -> str:
+    """Write ``model`` (a quantized Hugging Face model) to directory ``path`` atomically.
+
+    ``max_shard_size``: largest weight file (bytes or ``"20MB"``-style, as ``save_pretrained``);
+    ``evaluation``: measured results for the model card, e.g. ``{"perplexity": 26.0, "tokens": 16384,
+    "seq_len": 512, "text": "..."}`` (default: ``model.mixllm_info["evaluation"]`` if present).
+    """
+    from . import hf
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    if not hasattr(model, "config") or not hasattr(model.config, "to_json_file"):
-        raise TypeError("model: expected a Hugging Face model (with .config) to record its architecture")
+    if not hasattr(model, "config") or not hasattr(model, "save_pretrained"):
+        raise TypeError("model: expected a Hugging Face model (with .config and .save_pretrained) "
+                        "to record its architecture")
+    if evaluation is not None and not isinstance(evaluation, dict):
+        raise TypeError(f"evaluation: expected a dict or None, got {type(evaluation).__name__}")
     path = pathlib.Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists (pass overwrite=True)")
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path} exists and is not a directory")
+    qc = hf.attach_quantization_config(model)
+    info = dict(getattr(model, "mixllm_info", {}) or {})
+    evaluation = evaluation if evaluation is not None else info.get("evaluation")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        model.config.to_json_file(str(tmp / "config.json"))
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        save_model(model, str(tmp / _WEIGHTS))  # de-duplicates tied tensors
-        info = dict(getattr(model, "mixllm_info", {}) or {})
+        files = sorted(f.name for f in tmp.iterdir() if f.name.endswith(".safetensors"))
         meta = {
             "format_version": FORMAT_VERSION,
-            "method": info.get("method"),
+            "method": qc.method,
             "config": info.get("config"),
             "report": info.get("report"),
-            "modules": {n: {"class": type(m).__name__, "args": m.get_config()}
-                        for n, m in _quantized_modules(model)},
-            "sha256": _sha256(tmp / _WEIGHTS),
-            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "evaluation": evaluation,
+            "files": {f: _sha256(tmp / f) for f in files},
         }
         (tmp / _META).write_text(json.dumps(meta, indent=1, default=_json_default))
+        (tmp / _CARD).write_text(_model_card(model, qc, meta, tmp))
         old = None
         if path.exists():  # swap: move the old one aside, rename the new one in, then delete
             old = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
@@ -102,6 +126,38 @@ def save(model: nn.Module, path: Union[str, os.PathLike], tokenizer=None, overwr
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return str(path)
+
+
+def _model_card(model, qc, meta, folder: pathlib.Path) -> str:
+    report = meta.get("report") or {}
+    n_mod = len(qc.modules)
+    weights = sum((folder / f).stat().st_size for f in meta["files"])
+    name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+    label = {"mixllm": "MixLLM (arXiv 2412.14590)", "slim": "SliM-LLM", "cmpq": "CMPQ", "gptq": "GPTQ",
+             "rtn": "round-to-nearest"}.get(qc.method, str(qc.method))
+    act = f"int8 activations per token and group of {qc.group_size}" if qc.act_bits == 8 else "weight-only (float activations)"
+    lines = ["---", "library_name: transformers", f"tags: [mixllm, quantized, {qc.method}]", "---", "",
+             f"# {pathlib.PurePath(str(name)).name} quantized with mixllm ({label})", "",
+             f"- **Method**: {label}; {act}; group size {qc.group_size if qc.group_size else 'per layer'}.",
+             f"- **Budget**: {qc.weight_bits:.3f} average weight bits over {n_mod} quantized linear layers"
+             if qc.weight_bits is not None else f"- **Budget**: {n_mod} quantized linear layers (average bits not recorded)"]
+    if "frac8_weights" in report:
+        lines.append(f"- **8-bit share**: {100 * report['frac8_weights']:.1f}% of the quantized weights "
+                     f"(the output features with the highest global salience).")
+    ev = meta.get("evaluation") or {}
+    if isinstance(ev.get("perplexity"), (int, float)):
+        detail = ", ".join(f"{k} {v}" for k, v in ev.items() if k != "perplexity")
+        lines.append(f"- **Perplexity**: {ev['perplexity']:.3f}" + (f" ({detail})" if detail else "") + ".")
+    else:
+        lines.append("- **Perplexity**: not measured when this folder was saved (`mixllm eval --model DIR`).")
+    lines.append(f"- **Weights**: {weights / 2 ** 20:.1f} MiB in {len(meta['files'])} safetensors file(s); "
+                 f"format version {FORMAT_VERSION}.")
+    lines += ["", "## Load", "", "```python", "import mixllm  # registers quant_method \"mixllm\" with transformers",
+              "from transformers import AutoModelForCausalLM",
+              "model = AutoModelForCausalLM.from_pretrained(\"DIR\")   # or mixllm.load(\"DIR\")", "```", "",
+              "`config.json` → `quantization_config` lists every quantized module and its part sizes; "
+              "`mixllm.json` holds the method's report and the SHA-256 of each weight file.", ""]
+    return "\n".join(lines)
 
 
 def _json_default(o):
@@ -124,14 +180,131 @@ def read_meta(path: Union[str, os.PathLike]) -> Dict[str, Any]:
         meta = json.loads(f.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{f} is corrupted (not valid JSON: {e})") from None
-    if not isinstance(meta, dict) or "modules" not in meta or "format_version" not in meta:
-        raise ValueError(f"{f} is not a mixllm metadata file (missing keys)")
-    if meta["format_version"] != FORMAT_VERSION:
-        raise ValueError(f"{f}: format version {meta['format_version']} is not supported "
-                         f"(this mixllm reads version {FORMAT_VERSION})")
+    if not isinstance(meta, dict) or "format_version" not in meta:
+        raise ValueError(f"{f} is not a mixllm metadata file (missing keys: format_version)")
+    v = meta["format_version"]
+    if isinstance(v, bool) or v not in _READS:
+        raise ValueError(f"{f}: format_version {v!r} is not supported (this mixllm reads versions "
+                         f"{list(_READS)}; a newer mixllm wrote it?)")
+    need = "modules" if v == 1 else "files"
+    if need not in meta:
+        raise ValueError(f"{f} is not a mixllm metadata file (missing keys: {need})")
+    if v == 2:
+        files = meta["files"]
+        if (not isinstance(files, dict) or not files
+                or not all(isinstance(k, str) and isinstance(h, str) for k, h in files.items())):
+            raise ValueError(f"{f}: field 'files' must map each weight file to its SHA-256")
+        for name in files:
+            if pathlib.PurePath(name).name != name or not name.endswith(".safetensors"):
+                raise ValueError(f"{f}: field 'files' names {name!r}, not a .safetensors file in the folder")
     return meta
 
 
+def load(path: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None,
+         verify: bool = True, dtype: Optional[torch.dtype] = None, device_map=None) -> nn.Module:
+    """Load a model written by :func:`save` (or ``save_pretrained`` + ``mixllm.json``).
+
+    ``verify`` checks every weight file's SHA-256 against ``mixllm.json`` first. ``dtype`` applies
+    to the layers that stay in float (embeddings, norms, output head; default: the saved dtype);
+    ``device`` / ``device_map`` are passed to ``from_pretrained`` (e.g. ``"cpu"``, ``"cuda"``,
+    ``"auto"``).
+    """
+    path = pathlib.Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory")
+    if (path / _META).exists():
+        meta = read_meta(path)
+    elif _names_mixllm(path / "config.json"):  # written by save_pretrained alone: no checksums to verify
+        meta = {"format_version": FORMAT_VERSION, "files": None}
+    else:
+        raise ValueError(f"{path} is not a mixllm model directory (no {_META}, and config.json has no "
+                         f"quantization_config with quant_method 'mixllm')")
+    if meta["format_version"] == 1:
+        if dtype is not None or device_map is not None:
+            raise ValueError(f"{path / _META}: format version 1 loads without dtype= / device_map= "
+                             f"(save it again with mixllm.save to get version 2)")
+        return _load_v1(path, meta, device, verify)
+    if device is not None and device_map is not None:
+        raise ValueError("device, device_map: give one of them")
+    return _load_v2(path, meta, verify, dtype, device_map if device_map is not None else
+                    (str(device) if device is not None else None))
+
+
+def _names_mixllm(cfile: pathlib.Path) -> bool:
+    try:
+        q = json.loads(cfile.read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(q, dict) and q.get("quant_method") == "mixllm"
+
+
+def _load_v2(path: pathlib.Path, meta: Dict[str, Any], verify: bool, dtype, device_map) -> nn.Module:
+    from . import hf
+    hf.require_transformers()
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfile = path / "config.json"
+    try:
+        raw = json.loads(cfile.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path} has no config.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfile} is corrupted (not valid JSON: {e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{cfile}: expected a JSON object")
+    qraw = raw.get("quantization_config")
+    if not isinstance(qraw, dict) or qraw.get("quant_method") != hf.QUANT_METHOD:
+        raise ValueError(f"{cfile}: field quantization_config.quant_method must be {hf.QUANT_METHOD!r} "
+                         f"(got {qraw.get('quant_method') if isinstance(qraw, dict) else qraw!r})")
+    if qraw.get("format_version") != meta["format_version"]:
+        raise ValueError(f"{cfile}: quantization_config.format_version {qraw.get('format_version')!r} "
+                         f"disagrees with {_META}'s {meta['format_version']!r}")
+    files = meta["files"]  # None: a folder save_pretrained wrote (no mixllm.json)
+    index = path / _INDEX
+    if index.exists():
+        try:
+            listed = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index} is corrupted (expected a JSON object with 'weight_map': {e!r})") from None
+        if files is not None and listed != sorted(files):
+            raise ValueError(f"{index}: weight_map names files {listed}, {_META} 'files' lists {sorted(files)}")
+        if not all(isinstance(n, str) and pathlib.PurePath(n).name == n for n in listed):
+            raise ValueError(f"{index}: weight_map must name files inside the folder, got {listed}"[:300])
+    else:
+        listed = [_WEIGHTS]
+        if files is not None and sorted(files) != listed:
+            raise ValueError(f"{path} has no {_INDEX} but {_META} 'files' lists {sorted(files)}")
+    for name in listed:
+        f = path / name
+        if not f.is_file():
+            raise ValueError(f"{f} is missing (a weight file listed in "
+                             f"{_INDEX if index.exists() else _META})")
+        if verify and files is not None and _sha256(f) != files[name]:
+            raise ValueError(f"{f} is corrupted: its SHA-256 does not match the one in {_META} 'files'")
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+    except ValueError:
+        raise
+    except Exception as e:  # transformers raises several types on a bad config.json
+        raise ValueError(f"{cfile} could not be read: {e}") from None
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    n_layers = getattr(text_cfg, "num_hidden_layers", 0)
+    if not isinstance(n_layers, int) or not 0 <= n_layers <= 4096:  # before building that many layers
+        raise ValueError(f"{cfile}: num_hidden_layers={n_layers!r} is out of range")
+    kw = {"device_map": device_map} if device_map is not None else {}
+    if dtype is not None:
+        kw["dtype"] = dtype
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, config=cfg, **kw)
+    except (ValueError, TypeError, ImportError):
+        raise
+    except Exception as e:  # OSError, RuntimeError, KeyError from transformers / safetensors
+        raise ValueError(f"{path} could not be loaded: {type(e).__name__}: {e}"[:600]) from None
+    model.mixllm_info = {k: meta.get(k) for k in ("method", "config", "report", "evaluation")}
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------- format version 1
 def _build(auto_cls, cfg, dtype, meta: Dict[str, Any], on_meta: bool = False) -> nn.Module:
     """The architecture of config.json with the quantized modules of mixllm.json swapped in."""
     n_layers = getattr(cfg, "num_hidden_layers", 0)
@@ -188,15 +361,12 @@ def _check_sizes(model: nn.Module, state: Dict[str, torch.Tensor], wfile: pathli
                          f"holds {have / 2**30:.2f} GiB")
 
 
-def load(path: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None,
-         verify: bool = True) -> nn.Module:
-    """Rebuild a model written by :func:`save`; ``verify`` checks the weights' SHA-256 first."""
+def _load_v1(path: pathlib.Path, meta: Dict[str, Any], device, verify: bool) -> nn.Module:
+    """Format version 1 (one ``model.safetensors``, the modules in ``mixllm.json``), still read."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = pathlib.Path(path)
-    meta = read_meta(path)
     wfile = path / _WEIGHTS
     if not wfile.exists():
         raise ValueError(f"{path} has no {_WEIGHTS}")
