@@ -23,7 +23,7 @@ if sanitize:
     C_FLAGS = [f for f in C_FLAGS if f != "-O3"] + ["-O1", "-g", "-fno-omit-frame-pointer", f"-fsanitize={sanitize}"]
     LINK_FLAGS += [f"-fsanitize={sanitize}"]
 
-CORE_SOURCES = ["csrc/dlpack_bridge.c", "csrc/quant.c", "csrc/gptq.c", "csrc/salience.c", "csrc/gemm_cpu.c",
+CORE_SOURCES = ["csrc/args.c", "csrc/dlpack_bridge.c", "csrc/quant.c", "csrc/gptq.c", "csrc/salience.c", "csrc/gemm_cpu.c",
                 "csrc/cluster.c", "csrc/slim.c", "csrc/woq.c"]
 CUDA_GENCODE = os.environ.get(
     "MIXLLM_CUDA_ARCH",
@@ -79,7 +79,7 @@ cuda_sources = sorted(glob.glob(os.path.join("cuda", "*.cu")))
 if want_cuda != "0" and cuda_sources and os.path.exists(os.path.join(HERE, "csrc", "cuda_module.c")):
     if find_nvcc():
         ext_modules.append(Extension(
-            "mixllm._cuda", sources=["csrc/cuda_module.c", "csrc/dlpack_bridge.c", *cuda_sources],
+            "mixllm._cuda", sources=["csrc/cuda_module.c", "csrc/args.c", "csrc/dlpack_bridge.c", *cuda_sources],
             include_dirs=["csrc"], extra_compile_args=["-std=c11", "-O2", "-Wall", "-Wno-unused-parameter"]))
     elif want_cuda == "1":
         raise RuntimeError("MIXLLM_CUDA=1 but nvcc was not found (set CUDA_HOME or PATH)")

@@ -71,6 +71,7 @@ typedef struct {
     const char *message; /* starts with the argument it is about */
 } mix_err;
 
+struct mix_call;
 typedef struct {
     const char *name;    /* the entry point's Python name */
     const char *summary; /* one line for the docstring */
@@ -79,6 +80,9 @@ typedef struct {
     const mix_err *errors; /* terminated by {0, 0, NULL}; NULL: only -2 (memory) is known */
     int device;            /* MIX_ON_CPU or MIX_ON_CUDA: where the arrays must live */
     int stream_arg;        /* CUDA: index of the int argument holding the caller's stream, or -1 */
+    /* Checks between scalars (e.g. bits against symmetric), run after the scalars converted and
+     * before any array is taken; NULL if none. -1 with an exception set. */
+    int (*precheck)(const struct mix_call *c);
 } mix_sig;
 
 /* Declaration helpers for mix_arg tables. */
@@ -91,11 +95,11 @@ typedef struct {
 #define MIX_OBJ(nm) {.name = (nm), .kind = MIX_ARG_OBJECT}
 #define MIX_GROUP_SIZE MIX_INT("group_size", 1, LLONG_MAX, "expected a positive integer")
 #define MIX_NARGS(a) ((int)(sizeof(a) / sizeof((a)[0])))
-/* MIX_SIG(x, summary, errors): the CPU table S_x of entry point x, with its arguments in A_x. */
-#define MIX_SIG(x, summ, errs) \
-    static const mix_sig S_##x = {#x, (summ), A_##x, MIX_NARGS(A_##x), (errs), MIX_ON_CPU, -1}
+/* MIX_SIG(x, summary, errors, precheck): the CPU table S_x of entry point x, arguments in A_x. */
+#define MIX_SIG(x, summ, errs, pre) \
+    static const mix_sig S_##x = {#x, (summ), A_##x, MIX_NARGS(A_##x), (errs), MIX_ON_CPU, -1, (pre)}
 
-typedef struct {
+typedef struct mix_call {
     const mix_sig *sig;
     PyObject *obj[MIX_CALL_MAX_ARGS]; /* the objects passed (borrowed), NULL when omitted */
     long long i[MIX_CALL_MAX_ARGS];   /* ints and bools */

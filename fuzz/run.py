@@ -33,7 +33,7 @@ def main(argv):
         names = targets.entry_points()
         missing = [n for n in names if n not in targets.TARGETS]
         for n in names:
-            print(f"{n}: {'dedicated' if n in targets.TARGETS else 'generic (from the docstring)'}")
+            print(f"{n}: {'dedicated' if n in targets.TARGETS else 'generic (from _C.__signatures__)'}")
         if cmd == "check" and missing:
             print(f"entry points with only the generic target: {', '.join(missing)}")
         return 0

@@ -1,16 +1,17 @@
 """Fuzz targets, one per public entry point of mixllm._C (see TARGETS; `generic` covers any entry
-point added later from its docstring signature until it gets a dedicated target).
+point added later from its declared argument table, `mixllm._C.__signatures__`, until it gets a
+dedicated target).
 
 Each target draws a *consistent* call (shapes that agree, in-range scalars, honest weights) from the
 fuzzer's bytes and then mutates some of it: any array argument may become another dtype, shape,
 a strided / zero-stride / negative-stride / read-only view, a torch tensor, a hand-made DLPack
 capsule with arbitrary fields (fuzz/dlfake.py), or a hostile object (its __dlpack__ raises, returns
 garbage, returns an already consumed capsule, or mutates the caller's containers). Scalars may
-become out of range or the wrong type. The contract checked: the call returns or raises one of
+become out of range or the wrong type, and any call may pass some of its arguments by keyword (the
+names come from the same table) or a keyword that does not exist. The contract checked: the call returns or raises one of
 EXPECTED, never crashes, and DLPack ownership is respected (dlfake.Ledger).
 """
 import os
-import re
 
 import numpy as np
 
@@ -148,10 +149,28 @@ def group(fdp, K):
     return scalar(fdp, g, (0, -1, 2 ** 62, 2 ** 63 - 1, 2 ** 63, 1.5, None))
 
 
+def as_keywords(fdp, f, args):
+    """Split a positional call into (positional head, keywords) by the entry point's argument names;
+    sometimes with a duplicate or unknown keyword (both must raise TypeError)."""
+    names = [a[0] for a in SIGNATURES.get(getattr(f, "__name__", ""), ())]
+    if not names or fdp.ConsumeIntInRange(0, 3):
+        return list(args), {}
+    cut = fdp.ConsumeIntInRange(0, min(len(args), len(names)))
+    kw = dict(zip(names[cut:], args[cut:]))
+    head = list(args[:cut]) + list(args[len(names):])  # extra positionals stay (wrong arity)
+    bad = fdp.ConsumeIntInRange(0, 15)
+    if bad == 0:
+        kw["no_such_argument"] = 1
+    elif bad == 1 and cut:
+        kw[names[0]] = args[0]  # given twice
+    return head, kw
+
+
 def call(f, *args):
     STATS["calls"] += 1
+    pos, kw = as_keywords(_FDP[0], f, args) if _FDP else (list(args), {})
     try:
-        f(*args)
+        f(*pos, **kw)
         STATS["ok"] += 1
     except EXPECTED:
         STATS["errors"] += 1
@@ -417,41 +436,40 @@ def t_woq_linear(fdp):
 
 
 # ---------------------------------------------------------------- any other entry point
-INT_PARAMS = {"bits", "k", "iters", "group_size", "impl", "n", "N", "K", "g", "clip_grid", "symmetric",
-              "group_order", "levels_n", "seed", "M"}
-FLOAT_PARAMS = {"damp", "alpha", "tol", "eps", "lam", "ratio"}
+SIGNATURES = _C.__signatures__  # entry point -> [(name, kind, constraints)], declared in csrc/module.c
+_FDP = []  # the current input's data provider (as_keywords draws from it)
 
 
-def signature(name):
-    doc = getattr(getattr(_C, name), "__doc__", "") or ""
-    m = re.match(r"\s*\w+\((.*?)\)", doc)
-    if not m:
-        return None
-    return [p.strip() for p in m.group(1).split(",") if p.strip()]
-
-
-def random_array(fdp):
-    dt = fdp.PickValueInList(["float32", "float32", "float64", "int8", "uint8", "int64", "float16", "int32"])
-    shp = tuple(fdp.ConsumeIntInRange(0, 9) for _ in range(fdp.ConsumeIntInRange(0, 3)))
+def random_array(fdp, cons=None):
+    """An array meeting the declared constraints (dtype, ndim) with random extents, or a mutation."""
+    cons = cons or {}
+    dts = list(cons.get("dtypes") or ["float32", "float64", "int8", "uint8", "int64", "float16", "int32"])
+    dt = fdp.PickValueInList(dts)
+    ndim = cons.get("ndim", -1)
+    nd = ndim if ndim is not None and ndim >= 0 else fdp.ConsumeIntInRange(0, 3)
+    shp = tuple(fdp.ConsumeIntInRange(0, 9) for _ in range(nd))
     return arr(fdp, dt, shp)
+
+
+def generic_arg(fdp, kind, cons):
+    if cons.get("none_ok") and fdp.ConsumeIntInRange(0, 3) == 0:
+        return None
+    if kind == "int":
+        lo, hi = max(cons.get("min", -2), -2), min(cons.get("max", 130), 130)
+        return scalar(fdp, fdp.ConsumeIntInRange(lo, max(lo, hi)), (cons.get("min", 0) - 1, cons.get("max", 0) + 1,
+                                                                   2 ** 63, 1.5, None, "x"))
+    if kind == "float":
+        return scalar(fdp, fdp.ConsumeRegularFloat(), (float("nan"), float("inf"), -1.0, None, "x"))
+    if kind == "bool":
+        return fdp.ConsumeBool()
+    if kind == "object" or fdp.ConsumeIntInRange(0, 15) == 0:
+        return fdp.PickValueInList([[random_array(fdp)], (1, 2), {"a": 1}, 3, None])
+    return random_array(fdp, cons)
 
 
 def make_generic(name):
     def target(fdp):
-        sig = signature(name) or ["a"] * fdp.ConsumeIntInRange(0, 6)
-        args = []
-        for p in sig:
-            base = p.split("|")[0].strip()
-            if "|None" in p and fdp.ConsumeBool():
-                args.append(None)
-            elif base in INT_PARAMS:
-                args.append(scalar(fdp, fdp.ConsumeIntInRange(-2, 130)))
-            elif base in FLOAT_PARAMS:
-                args.append(scalar(fdp, fdp.ConsumeRegularFloat(), (float("nan"), float("inf"), -1.0, None)))
-            elif fdp.ConsumeIntInRange(0, 15) == 0:
-                args.append(fdp.PickValueInList([[random_array(fdp)], (1, 2), {"a": 1}, 3]))
-            else:
-                args.append(random_array(fdp))
+        args = [generic_arg(fdp, kind, cons) for _, kind, cons in SIGNATURES[name]]
         if fdp.ConsumeIntInRange(0, 15) == 0:  # wrong arity
             args = args[: fdp.ConsumeIntInRange(0, len(args))] if fdp.ConsumeBool() else args + [None]
         call(getattr(_C, name), *args)
@@ -470,7 +488,7 @@ TARGETS = {
 
 
 def entry_points():
-    return sorted(n for n in dir(_C) if not n.startswith("_") and callable(getattr(_C, n)))
+    return sorted(SIGNATURES)
 
 
 def target_for(name):
@@ -480,9 +498,11 @@ def target_for(name):
 def run_one(name, data, fdp_cls):
     fdp = fdp_cls(data)
     dlfake.LEDGER.reset()
+    _FDP[:] = [fdp]
     try:
         target_for(name)(fdp)
     finally:
+        _FDP.clear()
         made = list(dlfake.LEDGER.made)
     dlfake.LEDGER.check()
     del made

@@ -113,3 +113,68 @@ def test_byte_offset_views():
 def test_zero_size_arrays():
     q, s = ops.quantize_activation(np.zeros((0, 8), np.float32), 4)
     assert q.shape == (0, 8) and s.shape == (0, 2)
+
+
+# ---- the argument layer (csrc/args.c): one declared table per entry point
+def _qw_args(rng):
+    w = rng.standard_normal((3, 10)).astype(np.float32)
+    return w, np.zeros((3, 10), np.uint8), np.zeros((3, 3), np.float32), np.zeros((3, 3), np.uint8)
+
+
+def test_keywords_give_the_positional_result():
+    rng = np.random.default_rng(11)
+    w, q, s, z = _qw_args(rng)
+    _C.quantize_weight(w, 4, 4, False, q, s, z)
+    q2, s2, z2 = np.zeros_like(q), np.zeros_like(s), np.zeros_like(z)
+    _C.quantize_weight(w, 4, zero_out=z2, scale_out=s2, q_out=q2, symmetric=False, group_size=4)
+    np.testing.assert_array_equal(q, q2)
+    np.testing.assert_array_equal(s, s2)
+    np.testing.assert_array_equal(z, z2)
+    ref = ops.quantize_weight(w, 4, 4)
+    np.testing.assert_array_equal(q, ref[0])
+
+
+def test_argument_errors_name_the_argument():
+    rng = np.random.default_rng(12)
+    w, q, s, z = _qw_args(rng)
+    with pytest.raises(TypeError, match="missing required argument 'zero_out'"):
+        _C.quantize_weight(w, 4, 4, False, q, s)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'"):
+        _C.quantize_weight(w, 4, 4, False, q, s, z, bogus=1)
+    with pytest.raises(TypeError, match="multiple values for argument 'w'"):
+        _C.quantize_weight(w, 4, 4, False, q, s, z, w=w)
+    with pytest.raises(TypeError, match="at most 7 arguments"):
+        _C.quantize_weight(w, 4, 4, False, q, s, z, None)
+    with pytest.raises(TypeError, match="group_size: expected an integer, got float"):
+        _C.quantize_weight(w, 4, 4.0, False, q, s, z)
+    with pytest.raises(ValueError, match="group_size: expected a positive integer, got 0"):
+        _C.quantize_weight(w, 4, 0, False, q, s, z)
+    with pytest.raises(OverflowError, match="bits"):  # a C int, as PyArg_ParseTuple's "i" had it
+        _C.quantize_weight(w, 2 ** 40, 4, False, q, s, z)
+    with pytest.raises(ValueError, match="k: expected 1..256 levels, got 300"):
+        _C.kmeans1d(w, None, 300, None, 10, np.zeros((3, 300), np.float32), np.zeros((3, 10), np.uint8))
+    with pytest.raises(TypeError, match="damp: expected a float, got str"):
+        _C.gptq_quantize(w, None, 4, 4, False, "0.01", True, 0, None, q, s, z)
+    with pytest.raises(TypeError, match="q_out: expected an array, got None"):
+        _C.quantize_weight(w, 4, 4, False, None, s, z)
+
+
+def test_signature_table_matches_the_callables():
+    import inspect
+    sigs = _C.__signatures__
+    public = sorted(n for n in dir(_C) if not n.startswith("_") and callable(getattr(_C, n)))
+    assert sorted(sigs) == public and len(public) == 16
+    for name, args in sigs.items():
+        params = list(inspect.signature(getattr(_C, name)).parameters)
+        assert params == [a[0] for a in args], name
+        for arg, kind, cons in args:
+            assert kind in ("array", "int", "float", "bool", "object")
+            if kind == "array":
+                assert cons["dtypes"] and isinstance(cons["output"], bool)
+            if kind == "int":
+                assert cons["min"] <= cons["max"]
+    qa = {a[0]: a for a in sigs["quantize_activation"]}
+    assert qa["x"][2]["dtypes"] == ("float32", "float16", "bfloat16") and qa["x"][2]["ndim"] == 2
+    assert qa["q_out"][2]["output"] and not qa["x"][2]["output"]
+    assert qa["group_size"][2]["min"] == 1
+    assert inspect.signature(_C.slim_gptq).parameters["U"].default is None
