@@ -108,16 +108,15 @@ static int collect(mix_call *c, PyObject *const *args, Py_ssize_t nargs, PyObjec
             return -1;
         }
         if (c->obj[i]) {
-            PyErr_Format(PyExc_TypeError, "%s() got multiple values for argument '%s'", sig->name,
-                         sig->args[i].name);
+            PyErr_Format(PyExc_TypeError, "%s() got multiple values for argument '%s'", sig->name, sig->args[i].name);
             return -1;
         }
         c->obj[i] = args[nargs + k];
     }
     for (int i = 0; i < sig->nargs; i++)
         if (!c->obj[i] && !(sig->args[i].flags & MIX_ARG_DEFAULT)) {
-            PyErr_Format(PyExc_TypeError, "%s() missing required argument '%s' (pos %d)", sig->name,
-                         sig->args[i].name, i + 1);
+            PyErr_Format(PyExc_TypeError, "%s() missing required argument '%s' (pos %d)", sig->name, sig->args[i].name,
+                         i + 1);
             return -1;
         }
     return 0;
@@ -173,13 +172,13 @@ static mix_array *take(mix_call *c, PyObject *obj, const char *name, unsigned dt
 mix_array *mix_call_take(mix_call *c, int i, unsigned dtypes) {
     const mix_arg *a = &c->sig->args[i];
     if (mix_is_none(c, i) && (a->flags & MIX_ARG_NONE_OK)) return NULL;
-    mix_array *r = take(c, mix_obj(c, i), a->name, dtypes ? dtypes : a->dtypes, a->ndim, (a->flags & MIX_ARG_OUTPUT) != 0);
+    mix_array *r =
+        take(c, mix_obj(c, i), a->name, dtypes ? dtypes : a->dtypes, a->ndim, (a->flags & MIX_ARG_OUTPUT) != 0);
     c->arr[i] = r;
     return r;
 }
 
-mix_array *mix_call_take_nested(mix_call *c, PyObject *obj, const char *name, unsigned dtypes, int ndim,
-                                int output) {
+mix_array *mix_call_take_nested(mix_call *c, PyObject *obj, const char *name, unsigned dtypes, int ndim, int output) {
     return take(c, obj, name, dtypes, ndim, output);
 }
 
@@ -278,9 +277,12 @@ static char *make_doc(const mix_sig *sig) {
         const mix_arg *a = &sig->args[i];
         p += sprintf(p, ", %s", a->name);
         if (a->flags & MIX_ARG_DEFAULT) {
-            if (a->kind == MIX_ARG_INT || a->kind == MIX_ARG_BOOL) p += sprintf(p, "=%lld", (long long)a->dflt);
-            else if (a->kind == MIX_ARG_FLOAT) p += sprintf(p, "=%.17g", a->dflt);
-            else p += sprintf(p, "=None");
+            if (a->kind == MIX_ARG_INT || a->kind == MIX_ARG_BOOL)
+                p += sprintf(p, "=%lld", (long long)a->dflt);
+            else if (a->kind == MIX_ARG_FLOAT)
+                p += sprintf(p, "=%.17g", a->dflt);
+            else
+                p += sprintf(p, "=None");
         }
     }
     sprintf(p, ")\n--\n\n%s", sig->summary ? sig->summary : "");
@@ -321,7 +323,10 @@ static PyObject *arg_constraints(const mix_arg *a) {
             Py_ssize_t m = PyTuple_GET_SIZE(dts);
             if (_PyTuple_Resize(&dts, m + 1) < 0) break;
             PyObject *s = PyUnicode_FromString(mix_dtype_name((mix_dtype)t));
-            if (!s) { Py_CLEAR(dts); break; }
+            if (!s) {
+                Py_CLEAR(dts);
+                break;
+            }
             PyTuple_SET_ITEM(dts, m, s);
         }
         bad |= set_item(d, "dtypes", dts) < 0;
@@ -334,7 +339,7 @@ static PyObject *arg_constraints(const mix_arg *a) {
     }
     bad |= set_item(d, "none_ok", PyBool_FromLong((a->flags & MIX_ARG_NONE_OK) != 0)) < 0;
     if (a->flags & MIX_ARG_DEFAULT) {
-        PyObject *v = a->kind == MIX_ARG_FLOAT ? PyFloat_FromDouble(a->dflt)
+        PyObject *v = a->kind == MIX_ARG_FLOAT                              ? PyFloat_FromDouble(a->dflt)
                       : (a->kind == MIX_ARG_INT || a->kind == MIX_ARG_BOOL) ? PyLong_FromLongLong((long long)a->dflt)
                                                                             : (Py_INCREF(Py_None), Py_None);
         bad |= set_item(d, "default", v) < 0;

@@ -30,10 +30,10 @@
 #define MIXLLM_ARGS_H
 #include "dlpack_bridge.h" /* first: it includes Python.h */
 
-#define MIX_CALL_MAX_ARGS 16   /* declared arguments of one entry point */
-#define MIX_CALL_MAX_ARRAYS 24 /* arrays one call may hold, nested ones (parts, specs) included */
-#define MIX_CALL_MAX_SCRATCH 4 /* mix_call_alloc blocks of one call */
-#define MIX_CALL_MAX_KEEP 4    /* mix_call_keep references of one call */
+#define MIX_CALL_MAX_ARGS    16 /* declared arguments of one entry point */
+#define MIX_CALL_MAX_ARRAYS  24 /* arrays one call may hold, nested ones (parts, specs) included */
+#define MIX_CALL_MAX_SCRATCH 4  /* mix_call_alloc blocks of one call */
+#define MIX_CALL_MAX_KEEP    4  /* mix_call_keep references of one call */
 
 typedef enum {
     MIX_ARG_ARRAY,  /* a DLPack array, taken by mix_call_begin unless MIX_ARG_LATE */
@@ -55,10 +55,10 @@ typedef struct {
     const char *name;
     mix_arg_kind kind;
     unsigned flags;
-    unsigned dtypes; /* arrays: MIX_DT() mask of accepted dtypes */
-    int ndim;        /* arrays: required number of dimensions (-1: any) */
-    long long lo, hi; /* ints: accepted range (inclusive) */
-    double dflt;     /* scalars with MIX_ARG_DEFAULT: the default */
+    unsigned dtypes;       /* arrays: MIX_DT() mask of accepted dtypes */
+    int ndim;              /* arrays: required number of dimensions (-1: any) */
+    long long lo, hi;      /* ints: accepted range (inclusive) */
+    double dflt;           /* scalars with MIX_ARG_DEFAULT: the default */
     const char *range_msg; /* ints: what to say when out of range ("expected a positive integer") */
 } mix_arg;
 
@@ -87,23 +87,24 @@ typedef struct {
 
 /* Declaration helpers for mix_arg tables. */
 #define MIX_IN(nm, dt, nd) {.name = (nm), .kind = MIX_ARG_ARRAY, .dtypes = (dt), .ndim = (nd)}
-#define MIX_IN_OPT(nm, dt, nd) {.name = (nm), .kind = MIX_ARG_ARRAY, .flags = MIX_ARG_NONE_OK, .dtypes = (dt), .ndim = (nd)}
+#define MIX_IN_OPT(nm, dt, nd) \
+    {.name = (nm), .kind = MIX_ARG_ARRAY, .flags = MIX_ARG_NONE_OK, .dtypes = (dt), .ndim = (nd)}
 #define MIX_OUT(nm, dt, nd) {.name = (nm), .kind = MIX_ARG_ARRAY, .flags = MIX_ARG_OUTPUT, .dtypes = (dt), .ndim = (nd)}
 #define MIX_INT(nm, l, h, msg) {.name = (nm), .kind = MIX_ARG_INT, .lo = (l), .hi = (h), .range_msg = (msg)}
-#define MIX_FLOAT(nm) {.name = (nm), .kind = MIX_ARG_FLOAT}
-#define MIX_BOOL(nm) {.name = (nm), .kind = MIX_ARG_BOOL}
-#define MIX_OBJ(nm) {.name = (nm), .kind = MIX_ARG_OBJECT}
-#define MIX_GROUP_SIZE MIX_INT("group_size", 1, LLONG_MAX, "expected a positive integer")
-#define MIX_NARGS(a) ((int)(sizeof(a) / sizeof((a)[0])))
+#define MIX_FLOAT(nm)          {.name = (nm), .kind = MIX_ARG_FLOAT}
+#define MIX_BOOL(nm)           {.name = (nm), .kind = MIX_ARG_BOOL}
+#define MIX_OBJ(nm)            {.name = (nm), .kind = MIX_ARG_OBJECT}
+#define MIX_GROUP_SIZE         MIX_INT("group_size", 1, LLONG_MAX, "expected a positive integer")
+#define MIX_NARGS(a)           ((int)(sizeof(a) / sizeof((a)[0])))
 /* MIX_SIG(x, summary, errors, precheck): the CPU table S_x of entry point x, arguments in A_x. */
 #define MIX_SIG(x, summ, errs, pre) \
     static const mix_sig S_##x = {#x, (summ), A_##x, MIX_NARGS(A_##x), (errs), MIX_ON_CPU, -1, (pre)}
 
 typedef struct mix_call {
     const mix_sig *sig;
-    PyObject *obj[MIX_CALL_MAX_ARGS]; /* the objects passed (borrowed), NULL when omitted */
-    long long i[MIX_CALL_MAX_ARGS];   /* ints and bools */
-    double f[MIX_CALL_MAX_ARGS];      /* floats */
+    PyObject *obj[MIX_CALL_MAX_ARGS];  /* the objects passed (borrowed), NULL when omitted */
+    long long i[MIX_CALL_MAX_ARGS];    /* ints and bools */
+    double f[MIX_CALL_MAX_ARGS];       /* floats */
     mix_array *arr[MIX_CALL_MAX_ARGS]; /* taken arrays, NULL for None / not taken */
     mix_array held[MIX_CALL_MAX_ARRAYS];
     int nheld;
@@ -130,8 +131,7 @@ static inline int mix_is_none(const mix_call *c, int i) { return !c->obj[i] || c
  * then NULL without exception: check mix_is_none first). */
 mix_array *mix_call_take(mix_call *c, int i, unsigned dtypes);
 /* Take an array that is not an argument of its own (an element of a list or tuple argument). */
-mix_array *mix_call_take_nested(mix_call *c, PyObject *obj, const char *name, unsigned dtypes, int ndim,
-                                int output);
+mix_array *mix_call_take_nested(mix_call *c, PyObject *obj, const char *name, unsigned dtypes, int ndim, int output);
 
 /* Memory and references that live until the call ends. */
 void *mix_call_alloc(mix_call *c, size_t bytes);

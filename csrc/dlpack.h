@@ -6,10 +6,17 @@
 #include <stdint.h>
 
 typedef enum { kDLCPU = 1, kDLCUDA = 2, kDLCUDAHost = 3, kDLCUDAManaged = 13 } DLDeviceType;
-typedef struct { int32_t device_type; int32_t device_id; } DLDevice;
+typedef struct {
+    int32_t device_type;
+    int32_t device_id;
+} DLDevice;
 
 typedef enum { kDLInt = 0, kDLUInt = 1, kDLFloat = 2, kDLBfloat = 4, kDLBool = 6 } DLDataTypeCode;
-typedef struct { uint8_t code; uint8_t bits; uint16_t lanes; } DLDataType;
+typedef struct {
+    uint8_t code;
+    uint8_t bits;
+    uint16_t lanes;
+} DLDataType;
 
 typedef struct {
     void *data;
@@ -27,7 +34,10 @@ typedef struct DLManagedTensor {
     void (*deleter)(struct DLManagedTensor *self);
 } DLManagedTensor;
 
-typedef struct { uint32_t major; uint32_t minor; } DLPackVersion;
+typedef struct {
+    uint32_t major;
+    uint32_t minor;
+} DLPackVersion;
 
 #define DLPACK_FLAG_BITMASK_READ_ONLY (1UL << 0UL)
 

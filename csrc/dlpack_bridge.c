@@ -8,7 +8,7 @@
 #include <string.h>
 
 static const char *dtype_names[MIX_NDTYPES] = {"float32", "float16", "bfloat16", "float64",
-                                               "int8", "uint8", "int32", "int64"};
+                                               "int8",    "uint8",   "int32",    "int64"};
 static const size_t dtype_sizes[MIX_NDTYPES] = {4, 2, 2, 8, 1, 1, 4, 8};
 
 const char *mix_dtype_name(mix_dtype d) { return (unsigned)d < MIX_NDTYPES ? dtype_names[d] : "?"; }
@@ -16,15 +16,24 @@ size_t mix_dtype_size(mix_dtype d) { return (unsigned)d < MIX_NDTYPES ? dtype_si
 
 static int dtype_from_dl(DLDataType t, mix_dtype *out) {
     if (t.lanes != 1) return -1;
-    if (t.code == kDLFloat && t.bits == 32) *out = MIX_F32;
-    else if (t.code == kDLFloat && t.bits == 16) *out = MIX_F16;
-    else if (t.code == kDLBfloat && t.bits == 16) *out = MIX_BF16;
-    else if (t.code == kDLFloat && t.bits == 64) *out = MIX_F64;
-    else if (t.code == kDLInt && t.bits == 8) *out = MIX_I8;
-    else if (t.code == kDLUInt && t.bits == 8) *out = MIX_U8;
-    else if (t.code == kDLInt && t.bits == 32) *out = MIX_I32;
-    else if (t.code == kDLInt && t.bits == 64) *out = MIX_I64;
-    else return -1;
+    if (t.code == kDLFloat && t.bits == 32)
+        *out = MIX_F32;
+    else if (t.code == kDLFloat && t.bits == 16)
+        *out = MIX_F16;
+    else if (t.code == kDLBfloat && t.bits == 16)
+        *out = MIX_BF16;
+    else if (t.code == kDLFloat && t.bits == 64)
+        *out = MIX_F64;
+    else if (t.code == kDLInt && t.bits == 8)
+        *out = MIX_I8;
+    else if (t.code == kDLUInt && t.bits == 8)
+        *out = MIX_U8;
+    else if (t.code == kDLInt && t.bits == 32)
+        *out = MIX_I32;
+    else if (t.code == kDLInt && t.bits == 64)
+        *out = MIX_I64;
+    else
+        return -1;
     return 0;
 }
 
@@ -66,11 +75,17 @@ static PyObject *request_capsule(PyObject *obj, const char *name, int is_cuda, l
     if (!kwargs || !args) goto done;
     if (is_cuda && stream != -1) {
         PyObject *s = PyLong_FromLongLong(stream);
-        if (!s || PyDict_SetItemString(kwargs, "stream", s) < 0) { Py_XDECREF(s); goto done; }
+        if (!s || PyDict_SetItemString(kwargs, "stream", s) < 0) {
+            Py_XDECREF(s);
+            goto done;
+        }
         Py_DECREF(s);
     }
     PyObject *ver = Py_BuildValue("(ii)", 1, 0);
-    if (!ver || PyDict_SetItemString(kwargs, "max_version", ver) < 0) { Py_XDECREF(ver); goto done; }
+    if (!ver || PyDict_SetItemString(kwargs, "max_version", ver) < 0) {
+        Py_XDECREF(ver);
+        goto done;
+    }
     Py_DECREF(ver);
     cap = PyObject_Call(meth, args, kwargs);
     if (!cap && PyErr_ExceptionMatches(PyExc_TypeError)) {
@@ -84,7 +99,9 @@ static PyObject *request_capsule(PyObject *obj, const char *name, int is_cuda, l
         PyErr_Fetch(&et, &ev, &tb);
         PyErr_Format(PyExc_TypeError, "%s: could not export the array through __dlpack__ (%S)", name,
                      ev ? ev : Py_None);
-        Py_XDECREF(et); Py_XDECREF(ev); Py_XDECREF(tb);
+        Py_XDECREF(et);
+        Py_XDECREF(ev);
+        Py_XDECREF(tb);
     }
 done:
     Py_XDECREF(kwargs);
@@ -97,8 +114,10 @@ static int query_device(PyObject *obj, const char *name, int *dev_type, int *dev
     PyObject *r = PyObject_CallMethod(obj, "__dlpack_device__", NULL);
     if (!r) {
         PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "%s: expected an array supporting DLPack (a torch tensor or NumPy array), "
-                     "got %.100s", name, Py_TYPE(obj)->tp_name);
+        PyErr_Format(PyExc_TypeError,
+                     "%s: expected an array supporting DLPack (a torch tensor or NumPy array), "
+                     "got %.100s",
+                     name, Py_TYPE(obj)->tp_name);
         return -1;
     }
     int ok = PyTuple_Check(r) && PyTuple_GET_SIZE(r) == 2;
@@ -115,8 +134,8 @@ static int query_device(PyObject *obj, const char *name, int *dev_type, int *dev
     return 0;
 }
 
-int mix_array_get(PyObject *obj, const char *name, unsigned allowed_dtypes, int ndim, int device,
-                  int writable, long long stream, mix_array *a) {
+int mix_array_get(PyObject *obj, const char *name, unsigned allowed_dtypes, int ndim, int device, int writable,
+                  long long stream, mix_array *a) {
     memset(a, 0, sizeof(*a));
     a->name = name;
     if (obj == NULL || obj == Py_None) {
@@ -164,7 +183,8 @@ int mix_array_get(PyObject *obj, const char *name, unsigned allowed_dtypes, int 
     if (PyCapsule_IsValid(cap, "dltensor_versioned")) {
         DLManagedTensorVersioned *m = PyCapsule_GetPointer(cap, "dltensor_versioned");
         if (!m || PyCapsule_SetName(cap, "used_dltensor_versioned") < 0) goto bad_capsule;
-        a->managed = m; a->versioned = 1;
+        a->managed = m;
+        a->versioned = 1;
         if (m->version.major != 1) {
             a->capsule = cap;
             PyErr_Format(PyExc_ValueError, "%s: unsupported DLPack major version %u", name, m->version.major);
@@ -195,8 +215,8 @@ int mix_array_get(PyObject *obj, const char *name, unsigned allowed_dtypes, int 
         char buf[160];
         allowed_list(allowed_dtypes, buf, sizeof buf);
         if (dtype_from_dl(t->dtype, &a->dtype) < 0)
-            PyErr_Format(PyExc_TypeError, "%s: expected dtype %s, got DLPack dtype (code %d, %d bits, %d lanes)",
-                         name, buf, t->dtype.code, t->dtype.bits, t->dtype.lanes);
+            PyErr_Format(PyExc_TypeError, "%s: expected dtype %s, got DLPack dtype (code %d, %d bits, %d lanes)", name,
+                         buf, t->dtype.code, t->dtype.bits, t->dtype.lanes);
         else
             PyErr_Format(PyExc_TypeError, "%s: expected dtype %s, got %s", name, buf, dtype_names[a->dtype]);
         goto fail;
@@ -217,8 +237,7 @@ int mix_array_get(PyObject *obj, const char *name, unsigned allowed_dtypes, int 
     }
     for (int d = 0; d < t->ndim; d++) {
         if (t->shape[d] < 0) {
-            PyErr_Format(PyExc_ValueError, "%s: negative extent %lld in dimension %d", name,
-                         (long long)t->shape[d], d);
+            PyErr_Format(PyExc_ValueError, "%s: negative extent %lld in dimension %d", name, (long long)t->shape[d], d);
             goto fail;
         }
         a->shape[d] = t->shape[d];
@@ -234,8 +253,10 @@ int mix_array_get(PyObject *obj, const char *name, unsigned allowed_dtypes, int 
         int64_t expect = 1;
         for (int d = t->ndim - 1; d >= 0; d--) {
             if (t->shape[d] != 1 && t->strides[d] != expect) {
-                PyErr_Format(PyExc_ValueError, "%s: expected a C-contiguous (row-major) array; got strides that are "
-                             "not compact (call .contiguous() / np.ascontiguousarray first)", name);
+                PyErr_Format(PyExc_ValueError,
+                             "%s: expected a C-contiguous (row-major) array; got strides that are "
+                             "not compact (call .contiguous() / np.ascontiguousarray first)",
+                             name);
                 goto fail;
             }
             expect *= t->shape[d];
@@ -270,8 +291,8 @@ fail:
 int mix_check_dim(const mix_array *a, int dim, int64_t expected) {
     int d = dim < 0 ? a->ndim + dim : dim;
     if (d < 0 || d >= a->ndim || a->shape[d] != expected) {
-        PyErr_Format(PyExc_ValueError, "%s: expected size %lld in dimension %d, got %lld", a->name,
-                     (long long)expected, dim, d >= 0 && d < a->ndim ? (long long)a->shape[d] : -1LL);
+        PyErr_Format(PyExc_ValueError, "%s: expected size %lld in dimension %d, got %lld", a->name, (long long)expected,
+                     dim, d >= 0 && d < a->ndim ? (long long)a->shape[d] : -1LL);
         return -1;
     }
     return 0;
@@ -288,19 +309,34 @@ int mix_check_same_device(const mix_array *a, const mix_array *b) {
 /* IEEE half <-> float, round-to-nearest-even, subnormals and Inf/NaN kept. */
 float mix_half_to_float(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
-    if (exp == 0x1f) u = sign | 0x7f800000u | (man << 13);
-    else if (exp) u = sign | ((exp + 112) << 23) | (man << 13);
-    else if (!man) u = sign;
+    if (exp == 0x1f)
+        u = sign | 0x7f800000u | (man << 13);
+    else if (exp)
+        u = sign | ((exp + 112) << 23) | (man << 13);
+    else if (!man)
+        u = sign;
     else { /* subnormal: normalise */
         int e = -1;
-        do { man <<= 1; e++; } while (!(man & 0x400));
+        do {
+            man <<= 1;
+            e++;
+        } while (!(man & 0x400));
         u = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ff) << 13);
     }
-    union { uint32_t u; float f; } v; v.u = u; return v.f;
+    union {
+        uint32_t u;
+        float f;
+    } v;
+    v.u = u;
+    return v.f;
 }
 
 uint16_t mix_float_to_half(float f) {
-    union { float f; uint32_t u; } v; v.f = f;
+    union {
+        float f;
+        uint32_t u;
+    } v;
+    v.f = f;
     uint32_t x = v.u, sign = (x >> 16) & 0x8000;
     int32_t exp = (int32_t)((x >> 23) & 0xff) - 127 + 15;
     uint32_t man = x & 0x7fffff;
@@ -320,7 +356,11 @@ uint16_t mix_float_to_half(float f) {
 }
 
 uint16_t mix_float_to_bf16(float f) {
-    union { float f; uint32_t u; } v; v.f = f;
+    union {
+        float f;
+        uint32_t u;
+    } v;
+    v.f = f;
     if ((v.u & 0x7fffffff) > 0x7f800000) return (uint16_t)((v.u >> 16) | 0x40); /* quiet NaN */
     uint32_t lsb = (v.u >> 16) & 1;
     return (uint16_t)((v.u + 0x7fff + lsb) >> 16);

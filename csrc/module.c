@@ -14,23 +14,22 @@
 #include "woq.h"
 #include <string.h>
 
-#define F32 MIX_DT(MIX_F32)
-#define F64 MIX_DT(MIX_F64)
-#define I8 MIX_DT(MIX_I8)
-#define U8 MIX_DT(MIX_U8)
-#define I32 MIX_DT(MIX_I32)
-#define I64 MIX_DT(MIX_I64)
+#define F32      MIX_DT(MIX_F32)
+#define F64      MIX_DT(MIX_F64)
+#define I8       MIX_DT(MIX_I8)
+#define U8       MIX_DT(MIX_U8)
+#define I32      MIX_DT(MIX_I32)
+#define I64      MIX_DT(MIX_I64)
 #define ENTRY(x) static PyObject *py_##x(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kw)
-#define BEGIN(x)                                                                                                    \
-    mix_call c;                                                                                                     \
+#define BEGIN(x) \
+    mix_call c;  \
     if (mix_call_begin(&c, &S_##x, args, nargs, kw) < 0) return NULL
 
 static const mix_err E_NONFINITE_W[] = {{-1, MIX_EXC_VALUE, "w: contains NaN or Inf"}, {0, 0, NULL}};
 static const mix_err E_NONFINITE_X[] = {{-1, MIX_EXC_VALUE, "x: contains NaN or Inf"}, {0, 0, NULL}};
-static const mix_err E_GPTQ[] = {
-    {-1, MIX_EXC_VALUE, "w or H: contains NaN or Inf"},
-    {-3, MIX_EXC_VALUE, "H: not positive definite even after damping; raise damp"},
-    {0, 0, NULL}};
+static const mix_err E_GPTQ[] = {{-1, MIX_EXC_VALUE, "w or H: contains NaN or Inf"},
+                                 {-3, MIX_EXC_VALUE, "H: not positive definite even after damping; raise damp"},
+                                 {0, 0, NULL}};
 
 static int bits_for(int symmetric, long long bits) {
     if (bits < (symmetric ? 2 : 1) || bits > 8) {
@@ -90,8 +89,7 @@ ENTRY(quantize_weight) {
     long long g = mix_int(&c, 2);
     mix_array *w = mix_arr(&c, 0), *sc = mix_arr(&c, 5), *q, *z = NULL;
     int64_t N = w->shape[0], K = w->shape[1], G = mix_ngroups(K, g);
-    if (!(q = mix_call_take(&c, 4, sym ? I8 : U8)) || mix_check_shape2(q, N, K) < 0 ||
-        mix_check_shape2(sc, N, G) < 0)
+    if (!(q = mix_call_take(&c, 4, sym ? I8 : U8)) || mix_check_shape2(q, N, K) < 0 || mix_check_shape2(sc, N, G) < 0)
         return mix_call_fail(&c);
     if (!sym && (!(z = mix_call_take(&c, 6, 0)) || mix_check_shape2(z, N, G) < 0)) return mix_call_fail(&c);
     int rc;
@@ -103,8 +101,7 @@ ENTRY(quantize_weight) {
 }
 
 static const mix_arg A_dequantize_weight[] = {
-    MIX_IN("q", U8 | I8, 2), MIX_IN("scale", F32, 2), MIX_IN_OPT("zero", U8, 2), MIX_GROUP_SIZE,
-    MIX_OUT("out", F32, 2),
+    MIX_IN("q", U8 | I8, 2), MIX_IN("scale", F32, 2), MIX_IN_OPT("zero", U8, 2), MIX_GROUP_SIZE, MIX_OUT("out", F32, 2),
 };
 MIX_SIG(dequantize_weight, "(q - zero) * scale per group, as float32 (zero=None for int8 codes).", NULL, NULL);
 ENTRY(dequantize_weight) {
@@ -121,7 +118,10 @@ ENTRY(dequantize_weight) {
 }
 
 static const mix_arg A_quantize_activation[] = {
-    MIX_IN("x", MIX_FLOATS, 2), MIX_GROUP_SIZE, MIX_OUT("q_out", I8, 2), MIX_OUT("scale_out", F32, 2),
+    MIX_IN("x", MIX_FLOATS, 2),
+    MIX_GROUP_SIZE,
+    MIX_OUT("q_out", I8, 2),
+    MIX_OUT("scale_out", F32, 2),
 };
 MIX_SIG(quantize_activation, "Symmetric int8 quantization per token and group.", E_NONFINITE_X, NULL);
 ENTRY(quantize_activation) {
@@ -169,7 +169,9 @@ ENTRY(unpack_int4) {
 /* ---- salience and GPTQ --------------------------------------------------------------------------- */
 
 static const mix_arg A_salience_accumulate[] = {
-    MIX_OUT("acc", F64, 1), MIX_IN("grad", MIX_FLOATS, 2), MIX_IN("delta", F32, 2),
+    MIX_OUT("acc", F64, 1),
+    MIX_IN("grad", MIX_FLOATS, 2),
+    MIX_IN("delta", F32, 2),
 };
 MIX_SIG(salience_accumulate, "In place: acc[c] += |t + t^2/2| with t = grad[c] . delta[c].", NULL, NULL);
 ENTRY(salience_accumulate) {
@@ -286,7 +288,8 @@ ENTRY(cpu_prepack) {
     }
     mix_cpu_weight w;
     mix_cpu_weight_geometry(bits, N, K, g, &w);
-    if (mix_cpu_blob_bytes(&w) < 0) return mix_raise(&c, PyExc_ValueError, "codes: the packed weight would be too large");
+    if (mix_cpu_blob_bytes(&w) < 0)
+        return mix_raise(&c, PyExc_ValueError, "codes: the packed weight would be too large");
     if (!(blob = mix_call_take(&c, 5, 0)) || mix_check_dim(blob, 0, mix_cpu_blob_bytes(&w)) < 0)
         return mix_call_fail(&c);
     Py_BEGIN_ALLOW_THREADS
@@ -317,8 +320,7 @@ static int pre_cpu_qlinear(const mix_call *c) {
     }
     return 0;
 }
-MIX_SIG(cpu_qlinear, "y = x W^T + bias over prepacked parts (W4A8 / W8A8 / mixed).", E_NONFINITE_X,
-        pre_cpu_qlinear);
+MIX_SIG(cpu_qlinear, "y = x W^T + bias over prepacked parts (W4A8 / W8A8 / mixed).", E_NONFINITE_X, pre_cpu_qlinear);
 ENTRY(cpu_qlinear) {
     BEGIN(cpu_qlinear);
     mix_array *x = mix_arr(&c, 0), *out = mix_arr(&c, 4), *bias = NULL;
@@ -347,8 +349,7 @@ ENTRY(cpu_qlinear) {
         if (check_bits_48(bits) < 0) return mix_call_fail(&c);
         if (N < 0 || N > n_out) return mix_raise(&c, PyExc_ValueError, "parts[%d]: N=%lld out of range", p, N);
         mix_cpu_weight_geometry(bits, N, K, g, &parts[p]);
-        if (mix_cpu_blob_bytes(&parts[p]) < 0)
-            return mix_raise(&c, PyExc_ValueError, "parts[%d]: weight too large", p);
+        if (mix_cpu_blob_bytes(&parts[p]) < 0) return mix_raise(&c, PyExc_ValueError, "parts[%d]: weight too large", p);
         mix_array *blob = mix_call_take_nested(&c, oblob, "blob", U8, 1, 0);
         if (!blob || mix_check_dim(blob, 0, mix_cpu_blob_bytes(&parts[p])) < 0) return mix_call_fail(&c);
         parts[p].blob = blob->data;
@@ -390,15 +391,15 @@ ENTRY(cpu_qlinear) {
         return mix_call_fail(&c);
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = mix_cpu_qlinear(x->data, x->dtype, M, K, g, parts, np, bias ? bias->data : NULL, out->data, out->dtype,
-                         n_out, (mix_impl)mix_int(&c, 5));
+    rc = mix_cpu_qlinear(x->data, x->dtype, M, K, g, parts, np, bias ? bias->data : NULL, out->data, out->dtype, n_out,
+                         (mix_impl)mix_int(&c, 5));
     Py_END_ALLOW_THREADS
     return mix_call_finish(&c, rc);
 }
 
 static const mix_arg A_cpu_has[] = {MIX_INT("impl", INT_MIN, INT_MAX, NULL)};
-MIX_SIG(cpu_has, "Whether this CPU runs kernel implementation impl (0 auto, 1 portable, 2 AVX2, 3 AVX-512 VNNI).",
-        NULL, NULL);
+MIX_SIG(cpu_has, "Whether this CPU runs kernel implementation impl (0 auto, 1 portable, 2 AVX2, 3 AVX-512 VNNI).", NULL,
+        NULL);
 ENTRY(cpu_has) {
     BEGIN(cpu_has);
     long long impl = mix_int(&c, 0);
@@ -453,8 +454,8 @@ static mix_slim_ctx slim_ctx(const mix_call *c, int first) {
 }
 static int check_slim(const mix_call *c, int first) {
     mix_slim_ctx s = slim_ctx(c, first);
-    const char *bad = !(s.lambda >= 0 && isfinite(s.lambda)) ? "lam: expected a finite value >= 0"
-                      : !(s.norm > 0 && s.norm <= 8)          ? "norm: expected 0 < norm <= 8"
+    const char *bad = !(s.lambda >= 0 && isfinite(s.lambda))   ? "lam: expected a finite value >= 0"
+                      : !(s.norm > 0 && s.norm <= 8)           ? "norm: expected 0 < norm <= 8"
                       : !(s.tau_range >= 0 && s.tau_range < 1) ? "tau_range: expected 0 <= tau_range < 1"
                                                                : NULL;
     if (bad) PyErr_SetString(PyExc_ValueError, bad);
@@ -537,7 +538,8 @@ ENTRY(slim_gptq) {
     if (ua) {
         if (mix_check_shape2(ua, K, K) < 0) return mix_call_fail(&c);
         if (!h) return mix_raise(&c, PyExc_ValueError, "U: given without H");
-        if (o.group_order) return mix_raise(&c, PyExc_ValueError, "U: only with group_order off (natural column order)");
+        if (o.group_order)
+            return mix_raise(&c, PyExc_ValueError, "U: only with group_order off (natural column order)");
         const double *ud = ua->data;
         for (int64_t k = 0; k < K; k++)
             if (!(ud[k * K + k] > 0) || !isfinite(ud[k * K + k]))
@@ -649,15 +651,13 @@ static int woq_validate(const mix_woq_weight *w, int64_t nnz) {
 }
 
 static const mix_arg A_woq_dequantize[] = {MIX_OBJ("weight"), MIX_OUT("out", F32, 2)};
-MIX_SIG(woq_dequantize, "Float32 weight of a weight-only format (weight: a group or codebook spec tuple).", NULL,
-        NULL);
+MIX_SIG(woq_dequantize, "Float32 weight of a weight-only format (weight: a group or codebook spec tuple).", NULL, NULL);
 ENTRY(woq_dequantize) {
     BEGIN(woq_dequantize);
     mix_woq_weight w;
     mix_array *out = mix_arr(&c, 1);
     int64_t nnz = 0;
-    if (parse_woq(&c, mix_obj(&c, 0), &w, &nnz) < 0 || mix_check_shape2(out, w.N, w.K) < 0 ||
-        woq_validate(&w, nnz) < 0)
+    if (parse_woq(&c, mix_obj(&c, 0), &w, &nnz) < 0 || mix_check_shape2(out, w.N, w.K) < 0 || woq_validate(&w, nnz) < 0)
         return mix_call_fail(&c);
     Py_BEGIN_ALLOW_THREADS
     mix_woq_dequantize(&w, out->data);
@@ -666,18 +666,19 @@ ENTRY(woq_dequantize) {
 }
 
 static const mix_arg A_woq_linear[] = {
-    MIX_IN("x", MIX_FLOATS, 2), MIX_OBJ("weight"), MIX_IN_OPT("bias", F32, 1), MIX_OUT("out", MIX_FLOATS, 2),
+    MIX_IN("x", MIX_FLOATS, 2),
+    MIX_OBJ("weight"),
+    MIX_IN_OPT("bias", F32, 1),
+    MIX_OUT("out", MIX_FLOATS, 2),
 };
-MIX_SIG(woq_linear, "y = x W^T + bias, dequantizing a weight-only W one output row at a time.", E_NONFINITE_X,
-        NULL);
+MIX_SIG(woq_linear, "y = x W^T + bias, dequantizing a weight-only W one output row at a time.", E_NONFINITE_X, NULL);
 ENTRY(woq_linear) {
     BEGIN(woq_linear);
     mix_woq_weight w;
     mix_array *x = mix_arr(&c, 0), *b = mix_arr(&c, 2), *out = mix_arr(&c, 3);
     int64_t nnz = 0;
     if (parse_woq(&c, mix_obj(&c, 1), &w, &nnz) < 0 || mix_check_dim(x, 1, w.K) < 0 ||
-        (b && mix_check_dim(b, 0, w.N) < 0) || mix_check_shape2(out, x->shape[0], w.N) < 0 ||
-        woq_validate(&w, nnz) < 0)
+        (b && mix_check_dim(b, 0, w.N) < 0) || mix_check_shape2(out, x->shape[0], w.N) < 0 || woq_validate(&w, nnz) < 0)
         return mix_call_fail(&c);
     int rc;
     Py_BEGIN_ALLOW_THREADS
@@ -690,9 +691,12 @@ ENTRY(woq_linear) {
 
 #define E(x) {&S_##x, py_##x}
 static const mix_entry ENTRIES[] = {
-    E(quantize_weight), E(dequantize_weight), E(quantize_activation), E(pack_int4), E(unpack_int4),
-    E(salience_accumulate), E(gptq_quantize), E(cpu_blob_bytes), E(cpu_prepack), E(cpu_qlinear), E(cpu_has),
-    E(kmeans1d), E(slim_calibrate), E(slim_gptq), E(woq_dequantize), E(woq_linear),
+    E(quantize_weight), E(dequantize_weight), E(quantize_activation),
+    E(pack_int4),       E(unpack_int4),       E(salience_accumulate),
+    E(gptq_quantize),   E(cpu_blob_bytes),    E(cpu_prepack),
+    E(cpu_qlinear),     E(cpu_has),           E(kmeans1d),
+    E(slim_calibrate),  E(slim_gptq),         E(woq_dequantize),
+    E(woq_linear),
 };
 #define NENTRIES MIX_NARGS(ENTRIES)
 static PyMethodDef methods[NENTRIES + 1];
