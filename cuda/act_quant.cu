@@ -4,14 +4,18 @@
  * and round-half-to-even. One warp per (token, group); two passes over the group (the
  * second hits L1); 8/16-byte loads when g is a multiple of 128 (the default), scalar otherwise. Writes either the plain [M, K] / [M, G] format or the GEMM's padded
  * layout (cuda/w4a8.cu): groups padded with zeros to gp columns, the scale repeated for
- * each of the group's stages. Non-finite inputs are not detected on the GPU (that would
- * need a host synchronisation); they give unspecified codes. */
+ * each of the group's stages.
+ * Non-finite inputs (docs/readme_reliability.md, "NaN and Inf on the GPU"): a group holding a NaN
+ * or +-Inf gets scale NaN and all-zero codes, so the GEMM's product with that scale makes the
+ * token's whole output row NaN, as F.linear would. The CPU op raises instead; a GPU op cannot
+ * without a host synchronisation. (fmaxf alone would drop a NaN and give finite garbage.) */
 #include "mixllm_cuda.h"
 #include "device_guard.cuh"
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <stdint.h>
+#include <cfloat>
 
 namespace {
 
@@ -22,6 +26,20 @@ __device__ __forceinline__ void let_dependents_start() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
+}
+
+/* |v| into the group's running max; *bad records a NaN or +-Inf (which fmaxf would drop). */
+__device__ __forceinline__ void absmax(float v, float &amax, bool &bad) {
+    const float a = fabsf(v);
+    amax = fmaxf(amax, a);
+    bad |= !(a <= FLT_MAX);
+}
+
+/* The group's scale from its warp-reduced max: NaN for a non-finite group, 1 for an all-zero one. */
+__device__ __forceinline__ float group_scale(float amax, bool bad) {
+    if (__any_sync(0xffffffffu, bad)) return __int_as_float(0x7fffffff);
+    const float s = amax / 127.f;
+    return s > 0.f ? s : 1.f;
 }
 
 template <typename T> __device__ __forceinline__ float to_f(T v);
@@ -41,14 +59,15 @@ __global__ void act_quant_kernel(const T *__restrict__ x, int64_t M, int64_t K, 
     const int64_t k0 = j * g, len = min(g, K - k0);
     const T *xr = x + m * K + k0;
     float amax = 0.f;
-    for (int64_t e = lane; e < len; e += 32) amax = fmaxf(amax, fabsf(to_f(xr[e])));
+    bool bad = false;
+    for (int64_t e = lane; e < len; e += 32) absmax(to_f(xr[e]), amax, bad);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-    float s = amax / 127.f;
-    if (!(s > 0.f)) s = 1.f;
+    const float s = group_scale(amax, bad);
+    const bool finite = s == s;
     int8_t *qr = q + m * qpitch + j * gp;
     for (int64_t e = lane; e < len; e += 32) {
-        int c = __float2int_rn(to_f(xr[e]) / s);
+        const int c = finite ? __float2int_rn(to_f(xr[e]) / s) : 0;
         qr[e] = (int8_t)max(-127, min(127, c));
     }
     /* padding of the group, and past the last group up to the row's end */
@@ -89,19 +108,20 @@ __global__ void act_quant_vec_kernel(const T *__restrict__ x, int64_t M, int64_t
         const T *xr = x + m * K + k0;
         float v0[4] = {0.f, 0.f, 0.f, 0.f};
         float amax = 0.f;
+        bool bad = false;
         if (lane * 4 < len) load4(xr + lane * 4, v0);
 #pragma unroll
-        for (int i = 0; i < 4; i++) amax = fmaxf(amax, fabsf(v0[i]));
+        for (int i = 0; i < 4; i++) absmax(v0[i], amax, bad);
         for (int64_t e = 128 + lane * 4; e < len; e += 128) {
             float v[4];
             load4(xr + e, v);
 #pragma unroll
-            for (int i = 0; i < 4; i++) amax = fmaxf(amax, fabsf(v[i]));
+            for (int i = 0; i < 4; i++) absmax(v[i], amax, bad);
         }
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-        float s = amax / 127.f;
-        if (!(s > 0.f)) s = 1.f;
+        const float s = group_scale(amax, bad);
+        const bool finite = s == s;
         int8_t *qr = q + m * qpitch + j * gp;
         for (int64_t e = lane * 4; e < len; e += 128) {
             float v[4];
@@ -117,7 +137,7 @@ __global__ void act_quant_vec_kernel(const T *__restrict__ x, int64_t M, int64_t
                 const int c = max(-127, min(127, __float2int_rn(v[i] / s)));
                 w |= (uint32_t)(uint8_t)(int8_t)c << (8 * i);
             }
-            *(uint32_t *)(qr + e) = w;
+            *(uint32_t *)(qr + e) = finite ? w : 0u;
         }
         const int64_t pad_end = (j == G - 1) ? qpitch - j * gp : gp;
         for (int64_t e = len + lane * 4; e < pad_end; e += 128) *(uint32_t *)(qr + e) = 0;

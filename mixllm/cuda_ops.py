@@ -4,6 +4,14 @@
 called directly. Every launch goes to the caller's current stream, and every buffer is a
 torch allocation (so the ops work inside CUDA graph capture). The GEMM layout of a weight
 (cuda/w8a8.cu) is built on first use per device and cached in ``weight._packed["cuda:<i>"]``.
+
+Output indices (``out_index``, the mixed layer's column scatter) are validated where they cannot
+be swapped behind the check's back: ``PreparedLinear`` (and so ``MixedLinear``) checks a private
+copy once, when it is built; the functional ops (``ops.mixed_linear``) check every call, which costs
+one host synchronisation per call (under CUDA graph capture, where a host synchronisation is not
+allowed, the check runs on the device instead and a bad index set gives an all-NaN output).
+The kernels also skip any store whose column lies outside ``y`` (cuda/w4a8.cu), whatever index
+reaches them. Non-finite inputs: docs/readme_reliability.md, "NaN and Inf on the GPU".
 """
 from __future__ import annotations
 
@@ -14,7 +22,6 @@ import torch.utils.dlpack
 from . import _cuda
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-_checked_index = {}  # (data_ptr, version, n_out, ...) of validated out_index sets
 
 
 def _stream(device) -> int:
@@ -45,6 +52,7 @@ def packed_weight(weight, device):
     key = f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}"
     entry = weight._packed.get(key)
     if entry is None:
+        _refuse_capture(device, "weight: its GPU layout is built on first use")
         N, K = weight.shape
         g = min(weight.group_size, K)
         G, gp, spg, Kp = _cuda.geometry(K, g)
@@ -62,31 +70,42 @@ def packed_weight(weight, device):
     return entry
 
 
+def _capturing(device) -> bool:
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
+def _refuse_capture(device, what):
+    if _capturing(device):
+        raise RuntimeError(f"{what}: make one call outside CUDA graph capture first (it builds state "
+                           "that a captured call would only fill when the graph is replayed)")
+
+
 def _out_index(idx, N, device):
+    """A private int64 copy of ``idx`` on ``device``: what the caller holds may change after the
+    check (or be freed and its address reused), the copy cannot."""
     if idx is None:
         return None
     t = torch.as_tensor(idx) if isinstance(idx, np.ndarray) else idx
-    t = t.detach().to(device=device, dtype=torch.int64).contiguous()
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"out_index: expected a torch tensor or NumPy array, got {type(idx).__name__}")
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise TypeError(f"out_index: expected an integer dtype, got {t.dtype}")
     if tuple(t.shape) != (N,):
         raise ValueError(f"out_index: expected shape ({N},), got {tuple(t.shape)}")
-    return t
+    return t.detach().to(device=device, dtype=torch.int64, copy=True).contiguous()
 
 
-def _check_permutation(idxs, n_out):
-    """out_index sets must cover every column once (the GEMM writes each column once and
-    reads nothing back); checked on the GPU once per index tensor version."""
-    key = tuple((i.data_ptr(), i._version, i.numel()) for i in idxs) + (n_out,)
-    if key in _checked_index:
-        return
+def _is_permutation(idxs, n_out):
+    """0-d bool tensor on the indices' device: do ``idxs`` together name every column of
+    0..n_out-1 exactly once? Torch ops only, no host synchronisation (capturable)."""
     allidx = torch.cat(idxs)
-    ok = allidx.numel() == n_out and bool(
-        ((allidx >= 0) & (allidx < n_out)).all() and torch.bincount(allidx.clamp(0, max(n_out - 1, 0)),
-                                                                    minlength=n_out).eq(1).all())
-    if not ok:
-        raise ValueError("out_index: must be a permutation of the output columns")
-    if len(_checked_index) > 4096:
-        _checked_index.clear()
-    _checked_index[key] = True
+    if allidx.numel() != n_out:
+        return torch.zeros((), dtype=torch.bool, device=allidx.device)
+    inside = (allidx >= 0) & (allidx < n_out)
+    count = torch.zeros(n_out, dtype=torch.int32, device=allidx.device)
+    count.scatter_add_(0, torch.where(inside, allidx, 0), inside.to(torch.int32))
+    return count.eq(1).all()
 
 
 def _raw_stream_fn():
@@ -108,12 +127,20 @@ class PreparedLinear:
     buffer, as raw DLPack capsules (no Python-level ``__dlpack__`` exchange), and runs on the
     caller's current stream (CUDA-graph capturable: every buffer is a torch allocation, no
     host synchronisation). ``MixedLinear`` keeps one per device: the fast path of decode.
+
+    The output indices are copied (private, never handed out) and checked once, here: a host
+    synchronisation, so build it outside CUDA graph capture. ``_per_call=True`` (the functional
+    ops: a layer built for one call) allows building under capture; the check then runs on the
+    device and a bad index set makes the call's output all NaN instead of raising.
     """
 
-    def __init__(self, parts, n_out, bias, device, pdl: bool = True):
+    def __init__(self, parts, n_out, bias, device, pdl: bool = True, _per_call: bool = False):
         device = torch.device(device)
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
+        capturing = _capturing(device)
+        if capturing and not _per_call:
+            _refuse_capture(device, "PreparedLinear / MixedLinear: the layer is prepared on its first call")
         K = parts[0][0].shape[1]
         g = min(parts[0][0].group_size, K)
         for w, _ in parts:
@@ -128,10 +155,17 @@ class PreparedLinear:
             if oi is not None:
                 idxs.append(oi)
             c_parts.append((pw["wpack"], pw["meta"], w.bits, w.shape[0], oi))
+        self._bad = None  # set only when built under capture: 0-d bool "the index set is not a permutation"
         if idxs:
             if len(idxs) != len(parts):
                 raise ValueError("parts: give out_index for every part or for none")
-            _check_permutation(idxs, n_out)
+            ok = _is_permutation(idxs, n_out)
+            if capturing:  # no host sync allowed: every store of a bad set is skipped, y set to NaN
+                self._bad = ~ok
+                for i, p in enumerate(c_parts):
+                    c_parts[i] = p[:4] + (torch.where(ok, p[4], -1),)
+            elif not bool(ok):
+                raise ValueError("out_index: must be a permutation of the output columns")
         b = None
         if bias is not None:
             b = _to(bias, device, torch.float32)
@@ -170,6 +204,8 @@ class PreparedLinear:
             scratch = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
             _cuda.run(self.handle, _to_capsule(x2), _to_capsule(y), _to_capsule(scratch), c, sp,
                       _raw_stream(self.index))
+            if self._bad is not None:
+                y.masked_fill_(self._bad, float("nan"))
         return y.reshape(*x.shape[:-1], self.n_out)
 
 
@@ -178,15 +214,18 @@ def qlinear(x2d, parts, n_out, bias, lead, cfg: int = -1, splits: int = 0):
 
     ``parts``: list of ``(QuantizedWeight, out_index or None)``; ``cfg`` / ``splits`` force a tile
     configuration / split-K factor (tests), -1 / 0 let the planner choose. Validates the parts on
-    every call; ``PreparedLinear`` does it once.
+    every call (the out_index check: one host synchronisation, see the module docstring);
+    ``PreparedLinear`` does it once.
     """
     if x2d.dtype not in _FLOATS:
         raise TypeError(f"x: expected dtype float32, float16 or bfloat16, got {x2d.dtype}")
     if not 1 <= len(parts) <= 2:
         raise ValueError(f"parts: the CUDA kernels take 1 or 2 parts, got {len(parts)}")
-    if x2d.shape[0] == 0 or n_out == 0:
+    if n_out == 0:
+        for w, idx in parts:
+            _out_index(idx, w.shape[0], x2d.device)
         return torch.empty((*lead, n_out), dtype=x2d.dtype, device=x2d.device)
-    lin = PreparedLinear(parts, n_out, bias, x2d.device)
+    lin = PreparedLinear(parts, n_out, bias, x2d.device, _per_call=True)
     return lin(x2d, cfg, splits).reshape(*lead, n_out)
 
 

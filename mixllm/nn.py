@@ -136,7 +136,10 @@ class MixedLinear(nn.Module):
             if self.n8:
                 w8 = ops.QuantizedWeight(8, self.group_size, (self.n8, self.in_features),
                                          self.qweight8, self.scale8, None)
-            parts = (w4, w8, self.perm[self.n8:].contiguous(), self.perm[:self.n8].contiguous())
+            # private copies of the output indices (not views of ``perm``): the prepared GPU layer
+            # checks them once, so no one else may hold them; in-place edits of ``perm`` take
+            # effect after load_state_dict / .to(), which drop this cache
+            parts = (w4, w8, self.perm[self.n8:].clone(), self.perm[:self.n8].clone())
             self._cache["parts"] = parts
         return parts
 

@@ -378,3 +378,304 @@ def test_planner_picks_sm90_for_large_m():
     assert _cuda.plan(DEV.index, 4096, (14336,), 4096, -1, 0)[0] == SM90
     assert _cuda.plan(DEV.index, 4096, (12903, 1433), 4096, -1, 0)[0] == SM90
     assert _cuda.plan(DEV.index, 16, (14336,), 4096, -1, 0)[0] != SM90
+
+
+# ----------------------------------------------------------------------------- issue 14: the CPU path's promises
+# Output indices are checked where they cannot be swapped behind the check (a private copy per
+# prepared layer; every functional call), NaN/Inf show in the output (docs/readme_reliability.md,
+# "NaN and Inf on the GPU"), and every bad input is a clear exception or a documented result.
+def _mixed_layer(rng, N=256, n8=32, K=512, g=128):
+    w = rng.standard_normal((N, K)).astype(np.float32) * 0.02
+    W4 = ops.QuantizedWeight.quantize(w[: N - n8], bits=4, group_size=g)
+    W8 = ops.QuantizedWeight.quantize(w[N - n8:], bits=8, group_size=g)
+    return W4, W8, torch.arange(N - n8), torch.arange(N - n8, N)
+
+
+def _bad_index_sets(i4, i8):
+    """(name, index4, index8) that are not a permutation of the output columns."""
+    N = i4.numel() + i8.numel()
+    dup = i4.clone()
+    dup[1] = dup[0]
+    return [("shifted", i4, i8 + 1), ("duplicate", dup, i8), ("out of range", i4, torch.full_like(i8, N)),
+            ("negative", i4, i8 - N), ("all the same", torch.zeros_like(i4), torch.zeros_like(i8))]
+
+
+@pytest.mark.parametrize("where", ["cpu", "cuda"])
+def test_fresh_bad_index_after_valid_call(rng, where):
+    """The probe of issue 14: after one valid call, freshly made bad index tensors (which the caching
+    allocator places at the address, and version 0, of the earlier ones) must still be refused.
+    At main this passed silently (the check was cached by (data_ptr, _version, numel))."""
+    W4, W8, i4, i8 = _mixed_layer(rng)
+    x = torch.randn(8, 512, device=DEV, dtype=torch.bfloat16)
+    dev = DEV if where == "cuda" else "cpu"
+    y0 = ops.mixed_linear(x, W4, W8, i4.to(dev), i8.to(dev))
+    torch.cuda.synchronize()
+    for _name, b4, b8 in _bad_index_sets(i4, i8):
+        ops.mixed_linear(x, W4, W8, i4.to(dev), i8.to(dev))  # valid call first, every time
+        with pytest.raises(ValueError, match="permutation"):
+            ops.mixed_linear(x, W4, W8, b4.to(dev), b8.to(dev))
+            torch.cuda.synchronize()
+    assert torch.equal(ops.mixed_linear(x, W4, W8, i4.to(dev), i8.to(dev)), y0)
+
+
+def test_index_dtypes_shapes_and_devices(rng):
+    W4, W8, i4, i8 = _mixed_layer(rng)
+    x = torch.randn(3, 512, device=DEV)
+    y = ops.mixed_linear(x, W4, W8, i4.to(DEV), i8.to(DEV))
+    for f4, f8 in ((i4, i8), (i4.numpy(), i8.numpy()), (i4.int().to(DEV), i8.int().to(DEV)),
+                   (i4.to(torch.int16), i8.to(torch.int16))):  # any integer dtype, on the CPU or the GPU
+        assert torch.equal(ops.mixed_linear(x, W4, W8, f4, f8), y)
+    for bad in (i8.float(), i8.double().to(DEV), i8.bool(), i8.numpy().astype(np.float32)):
+        with pytest.raises(TypeError, match="out_index: expected an integer dtype"):
+            ops.mixed_linear(x, W4, W8, i4, bad)
+    with pytest.raises(ValueError, match="out_index: expected shape"):
+        ops.mixed_linear(x, W4, W8, i4, i8.reshape(4, 8))
+    with pytest.raises(ValueError, match="out_index: expected shape"):
+        ops.mixed_linear(x, W4, W8, i4, i8[:-1])
+    with pytest.raises(ValueError, match="permutation"):  # checked even when there is nothing to compute
+        ops.mixed_linear(x[:0], W4, W8, i4, i8 + 1)
+    with pytest.raises(ValueError, match="permutation"):
+        ops.mixed_linear(x.reshape(3, 1, 512)[:, :0], W4, W8, i4, i8 + 1)
+
+
+def test_prepared_layer_owns_its_indices(rng):
+    """PreparedLinear checks a private copy once: rewriting (or freeing) the caller's index tensors
+    afterwards changes nothing. At main the handle read the caller's tensors in place."""
+    W4, W8, i4, i8 = _mixed_layer(rng)
+    a4, a8 = i4.to(DEV), i8.to(DEV)
+    lin = cuda_ops.PreparedLinear([(W4, a4), (W8, a8)], 256, None, DEV)
+    x = torch.randn(5, 512, device=DEV, dtype=torch.float16)
+    y0 = lin(x)
+    a8.add_(1)  # would name column 256 of a 256-column output
+    a4.fill_(-7)
+    y1 = lin(x)
+    torch.cuda.synchronize()
+    assert torch.equal(y0, y1)
+    del a4, a8
+    fresh = torch.full((1 << 20,), 255, dtype=torch.int64, device=DEV)  # reuse the freed blocks
+    assert torch.equal(lin(x), y0)
+    del fresh
+    for _name, b4, b8 in _bad_index_sets(i4, i8):
+        with pytest.raises(ValueError, match="permutation"):
+            cuda_ops.PreparedLinear([(W4, b4.to(DEV)), (W8, b8.to(DEV))], 256, None, DEV)
+
+
+def test_mixed_linear_module_index_ownership(rng):
+    from mixllm.nn import MixedLinear
+    lin = torch.nn.Linear(300, 130)
+    m = MixedLinear.from_linear(lin, rows8=list(range(0, 130, 9))).to(DEV)
+    x = torch.randn(4, 300, device=DEV)
+    y0 = m(x)
+    m.perm.add_(1)  # in place: the prepared layer keeps its checked copy until the cache is dropped
+    assert torch.equal(m(x), y0)
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    sd["perm"] -= 1  # back to the valid permutation...
+    sd["perm"][1] = sd["perm"][0]  # ...with one duplicate
+    m.load_state_dict(sd)
+    with pytest.raises(ValueError, match="permutation"):
+        m(x)
+
+
+def test_functional_index_check_under_graph_capture(rng):
+    """Under capture no host synchronisation is possible: the check runs on the device at every
+    replay and a bad index set gives an all-NaN output (no store outside y: the kernels skip
+    out-of-range columns, see the memcheck run in scripts/gpu_fuzz.sh)."""
+    W4, W8, i4, i8 = _mixed_layer(rng)
+    a4, a8 = i4.to(DEV), i8.to(DEV)
+    x = torch.randn(4, 512, device=DEV, dtype=torch.bfloat16)
+    y_ref = ops.mixed_linear(x, W4, W8, a4, a8)  # packs the weights outside capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = ops.mixed_linear(x, W4, W8, a4, a8)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, y_ref)
+    for name, b4, b8 in _bad_index_sets(i4, i8):
+        a4.copy_(b4)
+        a8.copy_(b8)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.isnan(y).all(), name
+    a4.copy_(i4)
+    a8.copy_(i8)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, y_ref)
+
+
+def _poison(x, rows):
+    """x with a NaN in rows[0], +Inf in rows[1], -Inf in rows[2] (one element each, different groups)."""
+    x = x.clone()
+    for r, (col, v) in zip(rows, ((5, float("nan")), (x.shape[1] - 1, float("inf")), (130, float("-inf")))):
+        x[r, col % x.shape[1]] = v
+    return x
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,K,g", [(7, 40, 300, 128), (9, 64, 256, 64), (5, 24, 1200, 300)])
+def test_quantize_activation_nonfinite_group(rng, dtype, M, N, K, g):
+    """A non-finite value makes its (token, group) scale NaN and its codes 0; other groups match
+    the CPU op. At main the NaN was dropped (finite scale)."""
+    xt, _ = make_x(rng, M, K, dtype)
+    xt = _poison(xt, (1, 3, 4))
+    q, s = ops.quantize_activation(xt, g)
+    x32 = xt.float().cpu().numpy()
+    bad = ~np.isfinite(np.pad(x32, ((0, 0), (0, (-K) % g))).reshape(M, -1, g)).all(-1)
+    assert bad.sum() == 3
+    sn, qn = s.cpu().numpy(), q.cpu().numpy()
+    assert np.isnan(sn[bad]).all() and np.isfinite(sn[~bad]).all()
+    clean = np.where(np.isfinite(x32), x32, 0)
+    q_cpu, s_cpu = ops.quantize_activation(clean, g)
+    for r, j in zip(*np.nonzero(bad)):
+        assert (qn[r, j * g:(j + 1) * g] == 0).all()
+        q_cpu[r, j * g:(j + 1) * g] = 0
+    np.testing.assert_array_equal(qn, q_cpu)
+    np.testing.assert_array_equal(sn[~bad], s_cpu[~bad])
+
+
+def _apis(rng, N, K, g):
+    """(name, public(x), forced(x, cfg, splits), reference(x32) float64 [M, N] or None) for each
+    public GPU entry: ops.w4a8_linear, ops.w8a8_linear, ops.mixed_linear, MixedLinear."""
+    from mixllm.nn import MixedLinear
+    W4, c4, s4, z4 = make_weight(rng, N, K, 4, g)
+    W8, c8, s8, _ = make_weight(rng, N, K, 8, g)
+    n8 = max(1, N // 8)
+    perm = rng.permutation(N)
+    Wm4, cm4, sm4, zm4 = make_weight(rng, N - n8, K, 4, g)
+    Wm8, cm8, sm8, _ = make_weight(rng, n8, K, 8, g)
+    i4, i8 = torch.from_numpy(perm[: N - n8].copy()).to(DEV), torch.from_numpy(perm[N - n8:].copy()).to(DEV)
+
+    def mixed_ref(x32):
+        y = np.zeros((x32.shape[0], N))
+        y[:, perm[: N - n8]] = ref.qlinear(x32, cm4, sm4, zm4, g)
+        y[:, perm[N - n8:]] = ref.qlinear(x32, cm8, sm8, None, g)
+        return y
+
+    mod = MixedLinear.from_linear(torch.nn.Linear(K, N, bias=False), rows8=list(range(0, N, 7)), group_size=g)
+    mod = mod.to(DEV)
+    return [
+        ("w4a8", lambda x: ops.w4a8_linear(x, W4), lambda x, c, s: _run(x, [(W4, None)], N, None, c, s),
+         lambda x32: ref.qlinear(x32, c4, s4, z4, g)),
+        ("w8a8", lambda x: ops.w8a8_linear(x, W8), lambda x, c, s: _run(x, [(W8, None)], N, None, c, s),
+         lambda x32: ref.qlinear(x32, c8, s8, None, g)),
+        ("mixed", lambda x: ops.mixed_linear(x, Wm4, Wm8, i4, i8),
+         lambda x, c, s: _run(x, [(Wm4, i4), (Wm8, i8)], N, None, c, s), mixed_ref),
+        ("module", mod, None, None),
+    ]
+
+
+@pytest.mark.parametrize("cfg", CFGS)
+def test_nonfinite_activations_give_nan_rows(rng, cfg):
+    """NaN / +-Inf in a token's activations: that token's whole output row is NaN (what F.linear
+    gives for NaN), every other row is bit-identical to the call without the bad values. Through
+    every tile configuration, split-K, and every public entry. At main the rows came out finite."""
+    M, N, K, g = 9, 70, 640, 128
+    dtype = DTYPES[cfg % 3]
+    xt, _ = make_x(rng, M, K, dtype)
+    xbad = _poison(xt, (0, 4, 8))
+    clean = torch.where(torch.isfinite(xbad), xbad, torch.zeros_like(xbad))
+    rows = torch.tensor([r not in (0, 4, 8) for r in range(M)], device=DEV)
+    for name, public, forced, reference in _apis(rng, N, K, g):
+        calls = [public] if forced is None else [lambda x, sp=sp: forced(x, cfg, sp) for sp in (1, 3)]
+        for f in calls:
+            y, y_clean = f(xbad), f(clean)
+            assert torch.isnan(y[~rows]).all(), name
+            assert torch.isfinite(y[rows]).all() and torch.equal(y[rows], y_clean[rows]), name
+            if reference is not None:
+                assert_close(y_clean, reference(clean.float().cpu().numpy()), dtype)
+
+
+@pytest.mark.skipif(not _HAS_SM90, reason="no sm_90a device")
+def test_nonfinite_activations_sm90_large_m(rng):
+    M, N, K, g = 300, 136, 640, 128
+    xt, parts, y_ref = _mixed(rng, M, N, K, g, torch.bfloat16)
+    xt = _poison(xt, (3, 150, 299))
+    y = _run(xt, parts, N, None, SM90, 1)
+    rows = np.ones(M, bool)
+    rows[[3, 150, 299]] = False
+    assert torch.isnan(y[torch.from_numpy(~rows).to(DEV)]).all()
+    assert_close(y[torch.from_numpy(rows).to(DEV)], y_ref[rows], torch.bfloat16)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("cfg", [-1, 0, SM90])
+def test_nonfinite_weight_scales(rng, bits, cfg):
+    """A weight row with a NaN scale gives NaN in its output column for every token; with an
+    infinite scale the column has no finite value (NaN or +-Inf, as on the CPU); the other
+    columns are unaffected."""
+    M, N, K, g = 6, 48, 384, 128
+    W, codes, scale, zero = make_weight(rng, N, K, bits, g)
+    xt, x32 = make_x(rng, M, K, torch.float32)
+    y_ref = ref.qlinear(x32, codes, scale, zero, g)
+    s = np.array(scale, copy=True)
+    s[3, 1], s[17, 0], s[40, 2] = np.nan, np.inf, -np.inf
+    Wb = ops.QuantizedWeight(bits, g, (N, K), W.qweight, s, W.zero)
+    y = _run(xt, [(Wb, None)], N, None, cfg, 1).double().cpu().numpy()
+    y_cpu = np.asarray((ops.w4a8_linear if bits == 4 else ops.w8a8_linear)(x32, Wb), np.float64)
+    assert np.isnan(y[:, 3]).all() and np.isnan(y_cpu[:, 3]).all()
+    for c in (17, 40):
+        assert not np.isfinite(y[:, c]).any() and not np.isfinite(y_cpu[:, c]).any()
+    ok = np.setdiff1d(np.arange(N), [3, 17, 40])
+    assert_close(torch.from_numpy(y[:, ok]), y_ref[:, ok], torch.float32)
+
+
+@pytest.mark.parametrize("api", ["w4a8", "w8a8", "mixed", "module"])
+def test_bad_input_matrix(rng, api):
+    """The CPU op's bad-input matrix (test_hardening / test_nn) through each public GPU entry: dtype,
+    shape, non-contiguous, empty M, 3-D and 1-D inputs. Each is a clear exception or a documented,
+    tested result."""
+    N, K, g = 40, 256, 128
+    f = {n: pub for n, pub, _, _ in _apis(rng, N, K, g)}[api]
+    x = torch.randn(6, K, device=DEV)
+    y = f(x)
+    assert y.shape == (6, N) and y.dtype == x.dtype and y.device == DEV
+    for bad_dtype in (torch.int32, torch.float64, torch.int8):
+        with pytest.raises(TypeError, match="x: expected dtype"):
+            f(x.to(bad_dtype))
+    for shape in ((6, K - 1), (6, K + 128), (K - 1,)):
+        with pytest.raises(ValueError, match="x: expected last dimension"):
+            f(torch.randn(shape, device=DEV))
+    # non-contiguous x: the same result as its contiguous copy
+    xt = torch.randn(K, 6, device=DEV).t()
+    assert torch.equal(f(xt), f(xt.contiguous()))
+    xs = torch.randn(12, K, device=DEV)[::2]
+    assert torch.equal(f(xs), f(xs.contiguous()))
+    # empty M, 3-D and 1-D inputs: the leading dimensions are kept
+    assert f(x[:0]).shape == (0, N)
+    assert f(x.reshape(2, 3, K)[:, :0]).shape == (2, 0, N)
+    y3 = f(x.reshape(2, 3, K))
+    assert y3.shape == (2, 3, N) and torch.equal(y3.reshape(6, N), y)
+    assert f(x[0]).shape == (N,) and torch.equal(f(x[0]), f(x[:1])[0])
+    if api == "module":
+        with pytest.raises(TypeError, match="x: expected a torch.Tensor"):
+            f(x.cpu().numpy())
+        f.to("cpu")  # the same layer on the CPU computes the same function
+        y_cpu = f(x.cpu()).double().numpy()
+        f.to(DEV)
+        np.testing.assert_allclose(y_cpu, y.double().cpu().numpy(), rtol=1e-5, atol=1e-5 * float(y.abs().max()))
+
+
+def test_device_mismatch(rng):
+    """x on the GPU, weights / bias / indices on the CPU: they are copied to x's device once (the
+    packed layout is cached per device) and the result equals the all-on-GPU call. A prepared layer
+    refuses x on another device."""
+    N, K, g = 64, 256, 128
+    W, codes, scale, zero = make_weight(rng, N, K, 4, g)  # NumPy arrays: host memory
+    Wd = ops.QuantizedWeight(4, g, (N, K), *(torch.from_numpy(a).to(DEV) for a in (W.qweight, W.scale, W.zero)))
+    bias = torch.randn(N)
+    x = torch.randn(5, K, device=DEV)
+    y_host = ops.w4a8_linear(x, W, bias)
+    y_dev = ops.w4a8_linear(x, Wd, bias.to(DEV))
+    assert torch.equal(y_host, y_dev) and y_host.device == DEV
+    lin = cuda_ops.PreparedLinear([(W, None)], N, bias, DEV)
+    with pytest.raises(ValueError, match="x: expected a tensor on"):
+        lin(x.cpu())
+    with pytest.raises(ValueError, match="bias: expected shape"):
+        ops.w4a8_linear(x, W, torch.zeros(N + 1))
+    W8, *_ = make_weight(rng, N, K, 8, g)
+    with pytest.raises(ValueError, match="expected a 4-bit weight"):
+        ops.w4a8_linear(x, W8)
+    Wk, *_ = make_weight(rng, 8, K + 128, 8, g)
+    with pytest.raises(ValueError, match="same K"):
+        ops.mixed_linear(x, W, Wk, torch.arange(N), torch.arange(N, N + 8))
