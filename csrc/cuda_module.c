@@ -52,6 +52,36 @@ static int check_group(long long g) {
     return 0;
 }
 
+/* ceil(a / b) for a >= 0, b > 0 without the overflow of (a + b - 1) / b. */
+static int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
+
+/* K and g of a weight layout: 1 <= g <= K (callers pass min(group_size, K)) and K small enough
+ * that the padded sizes (mixc_kp, mixc_wpack_bytes) and the GEMM's int group count cannot overflow. */
+#define MAX_K 0x7fffff80LL
+#define MAX_ROWS (1LL << 40)
+#define MAX_BYTES (1LL << 56) /* any one buffer of a call */
+
+/* The packed layout of an [N, K] part fits MAX_BYTES (so mixc_wpack_bytes cannot overflow). */
+static int check_layout(int64_t N, int64_t K, int64_t g, const char *name) {
+    const int64_t Kp = mixc_kp(K, g), rows = (N + 15) / 16 * 16;
+    if (N < 0 || N > MAX_ROWS || (rows > 0 && Kp > MAX_BYTES / rows)) {
+        PyErr_Format(PyExc_ValueError, "%s: a %lld x %lld layer is too large", name, (long long)N, (long long)K);
+        return -1;
+    }
+    return 0;
+}
+static int check_k_g(long long K, long long g) {
+    if (K <= 0 || K > MAX_K) {
+        PyErr_Format(PyExc_ValueError, "K: expected an integer in [1, %lld], got %lld", MAX_K, K);
+        return -1;
+    }
+    if (g <= 0 || g > K) {
+        PyErr_Format(PyExc_ValueError, "g: expected an integer in [1, K=%lld] (min(group_size, K)), got %lld", K, g);
+        return -1;
+    }
+    return 0;
+}
+
 /* act_quant(x, g, gp, q_out, scale_out, spg, stream) */
 static PyObject *py_act_quant(PyObject *self, PyObject *args) {
     PyObject *ox, *oq, *os;
@@ -63,15 +93,15 @@ static PyObject *py_act_quant(PyObject *self, PyObject *args) {
     arrset s = {.n = 0, .stream = stream};
     mix_array *x, *q, *sc;
     if (!(x = take(&s, ox, "x", MIX_FLOATS, 2, 0))) goto fail;
-    int64_t M = x->shape[0], K = x->shape[1], G = (K + g - 1) / g;
+    int64_t M = x->shape[0], K = x->shape[1], G = ceil_div(K, g);
     if (!(q = take(&s, oq, "q_out", MIX_DT(MIX_I8), 2, 1)) || mix_check_dim(q, 0, M) < 0) goto fail;
     if (!(sc = take(&s, os, "scale_out", MIX_DT(MIX_F32), 2, 1)) || mix_check_dim(sc, 0, M) < 0) goto fail;
     int64_t qpitch = q->shape[1], sapitch = sc->shape[1];
-    if (qpitch < K || (gp != g && qpitch < G * gp)) {
+    if (qpitch < K || (gp != g && G > 0 && gp > qpitch / G)) { /* qpitch < G * gp, without overflow */
         PyErr_Format(PyExc_ValueError, "q_out: rows of %lld codes are too short for K=%lld", (long long)qpitch, (long long)K);
         goto fail;
     }
-    if (sapitch < G * spg) {
+    if (G > 0 && spg > sapitch / G) { /* sapitch < G * spg */
         PyErr_Format(PyExc_ValueError, "scale_out: rows of %lld scales are too short", (long long)sapitch);
         goto fail;
     }
@@ -92,12 +122,12 @@ static PyObject *py_pack_weight(PyObject *self, PyObject *args) {
     long long K, g, stream;
     if (!PyArg_ParseTuple(args, "OOOiLLOOL", &oq, &os, &oz, &bits, &K, &g, &ow, &om, &stream)) return NULL;
     if (bits != 4 && bits != 8) return PyErr_Format(PyExc_ValueError, "bits: expected 4 or 8, got %d", bits);
-    if (check_group(g) < 0) return NULL;
-    if (K <= 0) return PyErr_Format(PyExc_ValueError, "K: expected a positive integer, got %lld", K);
+    if (check_k_g(K, g) < 0) return NULL;
     arrset s = {.n = 0, .stream = stream};
     mix_array *q, *sc, *z = NULL, *w, *m;
     if (!(q = take(&s, oq, "qweight", MIX_DT(bits == 4 ? MIX_U8 : MIX_I8), 2, 0))) goto fail;
-    int64_t N = q->shape[0], G = (K + g - 1) / g;
+    int64_t N = q->shape[0], G = ceil_div(K, g);
+    if (check_layout(N, K, g, "qweight") < 0) goto fail;
     if (mix_check_dim(q, 1, bits == 4 ? (K + 1) / 2 : K) < 0) goto fail;
     if (!(sc = take(&s, os, "scale", MIX_DT(MIX_F32), 2, 0)) || check_shape2(sc, N, G) < 0) goto fail;
     if (bits == 4) {
@@ -124,10 +154,9 @@ fail:
 static PyObject *py_geometry(PyObject *self, PyObject *args) {
     long long K, g;
     if (!PyArg_ParseTuple(args, "LL", &K, &g)) return NULL;
-    if (check_group(g) < 0) return NULL;
-    if (K <= 0) return PyErr_Format(PyExc_ValueError, "K: expected a positive integer, got %lld", K);
+    if (check_k_g(K, g) < 0) return NULL;
     long long gp = mixc_gp(g);
-    return Py_BuildValue("LLLL", (K + g - 1) / g, gp, gp / MIXC_KSTAGE, (long long)mixc_kp(K, g));
+    return Py_BuildValue("LLLL", (long long)ceil_div(K, g), gp, gp / MIXC_KSTAGE, (long long)mixc_kp(K, g));
 }
 
 /* plan(device, M, (N, ...), Kp, cfg, splits) -> (cfg, splits, cfg_name) */
@@ -143,7 +172,12 @@ static PyObject *py_plan(PyObject *self, PyObject *args) {
         Ns[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(ons, i));
         if (PyErr_Occurred()) return NULL;
     }
-    if (Kp <= 0 || Kp % MIXC_KSTAGE) return PyErr_Format(PyExc_ValueError, "Kp: expected a positive multiple of %d", MIXC_KSTAGE);
+    if (Kp <= 0 || Kp % MIXC_KSTAGE || Kp > mixc_kp(MAX_K, 1))
+        return PyErr_Format(PyExc_ValueError, "Kp: expected a positive multiple of %d (from geometry())", MIXC_KSTAGE);
+    if (M < 0 || M > MAX_ROWS) return PyErr_Format(PyExc_ValueError, "M: expected an integer in [0, %lld], got %lld", MAX_ROWS, M);
+    for (Py_ssize_t i = 0; i < np; i++)
+        if (Ns[i] < 0 || Ns[i] > MAX_ROWS)
+            return PyErr_Format(PyExc_ValueError, "Ns: expected row counts in [0, %lld]", MAX_ROWS);
     int c, sp;
     if (mixc_plan(device, M, Ns, (int)np, Kp, cfg, splits, &c, &sp) < 0)
         return PyErr_Format(PyExc_ValueError, "cfg: expected -1 (auto) or 0..%d, got %d", MIXC_NCFG - 1, cfg);
@@ -188,15 +222,14 @@ static PyObject *py_prepare(PyObject *self, PyObject *args) {
     long long K, g, stream;
     int pdl = 1;
     if (!PyArg_ParseTuple(args, "O!OLLL|p", &PyList_Type, &oparts, &obias, &K, &g, &stream, &pdl)) return NULL;
-    if (check_group(g) < 0) return NULL;
-    if (K <= 0) return PyErr_Format(PyExc_ValueError, "K: expected a positive integer, got %lld", K);
+    if (check_k_g(K, g) < 0) return NULL;
     Py_ssize_t np = PyList_GET_SIZE(oparts);
     if (np < 1 || np > MIXC_MAX_PARTS)
         return PyErr_Format(PyExc_ValueError, "parts: expected a list of 1 or 2 (wpack, meta, bits, N, out_index) tuples");
     qhandle *h = PyMem_Calloc(1, sizeof *h);
     if (!h) return PyErr_NoMemory();
     arrset s = {.n = 0, .stream = stream};
-    const int64_t gp = mixc_gp(g), Kp = mixc_kp(K, g), Gn = (K + g - 1) / g;
+    const int64_t gp = mixc_gp(g), Kp = mixc_kp(K, g), Gn = ceil_div(K, g);
     int64_t nsum = 0;
     for (Py_ssize_t i = 0; i < np; i++) {
         PyObject *t = PyList_GET_ITEM(oparts, i), *ow, *om, *oidx;
@@ -207,7 +240,8 @@ static PyObject *py_prepare(PyObject *self, PyObject *args) {
             PyErr_SetString(PyExc_TypeError, "parts: each part must be a (wpack, meta, bits, N, out_index) tuple");
             goto fail;
         }
-        if ((bits != 4 && bits != 8) || N < 0) { PyErr_SetString(PyExc_ValueError, "parts: bits must be 4 or 8, N >= 0"); goto fail; }
+        if (bits != 4 && bits != 8) { PyErr_SetString(PyExc_ValueError, "parts: bits must be 4 or 8"); goto fail; }
+        if (check_layout(N, K, g, "parts") < 0) goto fail;
         mix_array *w, *m;
         if (!(w = take(&s, ow, "wpack", MIX_DT(MIX_U8), 1, 0)) || check_size(w, mixc_wpack_bytes(bits, N, K, g)) < 0) goto fail;
         if (!(m = take(&s, om, "meta", MIX_DT(MIX_U8), 1, 0)) || check_size(m, mixc_meta_bytes(N, K, g)) < 0) goto fail;
@@ -267,9 +301,15 @@ static int64_t align16(int64_t v) { return (v + 15) / 16 * 16; }
  * bytes; *sa_off / *ws_off: where the scales / partials start. */
 static int64_t scratch_layout(const qhandle *h, int64_t M, int splits, int64_t *sa_off, int64_t *ws_off) {
     const int64_t Kp = h->tmpl.Kp;
-    *sa_off = align16(M * Kp);
-    *ws_off = *sa_off + align16(M * (Kp / MIXC_KSTAGE) * 4);
-    return *ws_off + (splits > 1 ? (int64_t)splits * M * h->tmpl.n_out * 4 : 0);
+    int64_t codes, scales, partials = 0;
+    if (M < 0 || __builtin_mul_overflow(M, Kp, &codes) || codes > MAX_BYTES ||
+        __builtin_mul_overflow(M, (Kp / MIXC_KSTAGE) * 4, &scales) || scales > MAX_BYTES ||
+        (splits > 1 && (__builtin_mul_overflow(M, h->tmpl.n_out * 4, &partials) ||
+                        __builtin_mul_overflow(partials, (int64_t)splits, &partials) || partials > MAX_BYTES)))
+        return -1; /* (a caller's M far beyond any memory) */
+    *sa_off = align16(codes);
+    *ws_off = *sa_off + align16(scales);
+    return *ws_off + partials;
 }
 
 /* Checks a (cfg, splits) choice for M tokens; fills the planner's choice for cfg < 0 /
@@ -299,6 +339,7 @@ static PyObject *py_plan_call(PyObject *self, PyObject *args) {
     if (resolve_plan(h, M, &cfg, &splits) < 0) return NULL;
     int64_t sa_off, ws_off;
     const int64_t nbytes = scratch_layout(h, M, splits, &sa_off, &ws_off);
+    if (nbytes < 0) return PyErr_Format(PyExc_ValueError, "M: %lld tokens need more scratch than can be addressed", M);
     return Py_BuildValue("iiLs", cfg, splits, (long long)nbytes, mixc_cfg_name(cfg));
 }
 
@@ -327,6 +368,7 @@ static PyObject *py_run(PyObject *self, PyObject *args) {
     if (resolve_plan(h, M, &cfg, &splits) < 0) goto fail;
     int64_t sa_off, ws_off;
     const int64_t need = scratch_layout(h, M, splits, &sa_off, &ws_off);
+    if (need < 0) { PyErr_SetString(PyExc_ValueError, "x: too many tokens for one call"); goto fail; }
     uint8_t *base = NULL;
     if (need > 0) {
         if (osc == Py_None) { PyErr_Format(PyExc_ValueError, "scratch: %lld bytes are needed", (long long)need); goto fail; }

@@ -154,7 +154,7 @@ extern "C" int mixc_act_quant(int device, const void *x, int dtype, int64_t M, i
     DeviceGuard guard(device);
     if (guard.err != cudaSuccess) return (int)guard.err;
     cudaStream_t stream = (cudaStream_t)stream_;
-    const int64_t G = (K + g - 1) / g;
+    const int64_t G = K / g + (K % g != 0); /* ceil(K / g); g may be anything > 0 */
     const int64_t warps = M * G;
     cudaError_t err = cudaSuccess;
     if (warps > 0) {
