@@ -1,10 +1,24 @@
-"""CPU benchmark: mixllm mixed_linear (10% 8-bit rows, 90% 4-bit, g128, int8 activations)
-against torch fp32 F.linear, measured in the same run.
+"""CPU benchmark: mixllm's quantized linear layers against PyTorch's own CPU paths, in one process.
 
-    python bench/cpu_linear.py [--reps 20] [--impl auto] [--json bench/results/cpu_linear.json]
+    python3 bench/cpu_linear.py [--reps 15] [--impl auto] [--shapes llama|small|all] [--ms 1,16,128]
+                                [--json bench/results/cpu_linear.json]
 
-Times are medians over repetitions after a warm-up; ratios are fp32 time / mixllm time
-(> 1 means mixllm is faster). Weights are random (this measures speed, not accuracy).
+Columns (all without bias, float32 activations in and out):
+  fp32    torch ``F.linear`` (oneDNN / MKL sgemm)
+  int8    PyTorch dynamic int8: ``torch.ao.quantization.quantize_dynamic`` of an ``nn.Linear`` on the
+          fbgemm engine (int8 weights per tensor, activations quantized to uint8 per call)
+  W4.4A8  ``ops.mixed_linear``: 10% of the rows 8-bit, 90% 4-bit, g128, int8 activations per token
+          and group, quantized inside the call
+  W8A8    ``ops.w8a8_linear`` over all N rows (the 8-bit part alone, at the full layer size)
+
+The contenders run interleaved: every repetition times each of them once, in turn, so that load
+from other processes on a shared machine hits all of them alike; the tables report medians over
+repetitions (after a warm-up) and ratios of medians (``x int8`` = int8 time / mixllm time: > 1 means
+mixllm is faster). Weights are random: this measures speed, not accuracy.
+
+Shapes: ``llama`` = 4096x4096, 11008x4096, 4096x11008 (N x K); ``small`` = the linear layers of the
+default model (hidden 576, MLP 1536, 3 KV heads of 64: q/o 576x576, k/v 192x576, gate/up 1536x576,
+down 576x1536), where per-call overheads weigh most; M = 512 is its evaluation window.
 """
 import argparse
 import datetime
@@ -20,18 +34,23 @@ import torch.nn.functional as F
 
 from mixllm import ops
 
-SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N, K)
-MS = [1, 16, 128]
+SHAPES = {
+    "llama": [(4096, 4096), (11008, 4096), (4096, 11008)],  # (N, K)
+    "small": [(576, 576), (192, 576), (1536, 576), (576, 1536)],
+}
 
 
-def median_time(fn, reps):
-    fn()
-    ts = []
+def interleaved_medians(fns, reps):
+    """Median seconds of each callable, timed round-robin (one call of each per repetition)."""
+    for f in fns.values():  # warm-up (packing, first-touch, thread pools)
+        f()
+    ts = {k: [] for k in fns}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            ts[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in ts.items()}
 
 
 def cpu_name():
@@ -44,37 +63,72 @@ def cpu_name():
     return platform.processor()
 
 
+def cpu_flags():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni") if f in have]
+    except OSError:
+        pass
+    return []
+
+
+def int8_linear(w):
+    """PyTorch's dynamic int8 linear layer (fbgemm) holding the float weight ``w`` [N, K]."""
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    return torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--impl", default="auto", choices=["auto"] + ops.cpu_impls())
+    ap.add_argument("--shapes", default="llama", choices=["llama", "small", "all"])
+    ap.add_argument("--ms", default=None, help="comma-separated token counts (default 1,16,128; small: 1,16,128,512)")
     ap.add_argument("--json", default=None, help="write results here")
     args = ap.parse_args()
+    torch.backends.quantized.engine = "fbgemm"
+    shapes = SHAPES["llama"] + SHAPES["small"] if args.shapes == "all" else SHAPES[args.shapes]
     rng = np.random.default_rng(0)
     rows = []
-    for N, K in SHAPES:
+    for N, K in shapes:
+        ms = [int(m) for m in args.ms.split(",")] if args.ms else ([1, 16, 128] if K >= 4096 else [1, 16, 128, 512])
         w = torch.from_numpy(rng.standard_normal((N, K), dtype=np.float32) * 0.02)
         n8 = N // 10
         perm = torch.from_numpy(rng.permutation(N))
         idx8, idx4 = perm[:n8], perm[n8:]
         W8 = ops.QuantizedWeight.from_codes(*ops.quantize_weight(w[idx8], 8, 128), 8, 128)
         W4 = ops.QuantizedWeight.from_codes(*ops.quantize_weight(w[idx4], 4, 128), 4, 128)
-        W8.cpu_blob(), W4.cpu_blob()
-        for M in MS:
+        W8all = ops.QuantizedWeight.from_codes(*ops.quantize_weight(w, 8, 128), 8, 128)
+        q8 = int8_linear(w)
+        for M in ms:
             x = torch.randn(M, K)
-            t_ref = median_time(lambda: F.linear(x, w), args.reps)
-            t_mix = median_time(lambda: ops.mixed_linear(x, W4, W8, idx4, idx8, impl=args.impl), args.reps)
-            rows.append(dict(N=N, K=K, M=M, fp32_ms=t_ref * 1e3, mixed_ms=t_mix * 1e3, speedup=t_ref / t_mix))
-            r = rows[-1]
-            print(f"N={N:6d} K={K:6d} M={M:4d}  fp32 {r['fp32_ms']:8.3f} ms  W4.4A8 {r['mixed_ms']:8.3f} ms  "
-                  f"x{r['speedup']:.2f}", flush=True)
-    meta = dict(date=datetime.date.today().isoformat(), cpu=cpu_name(), cores=os.cpu_count(),
-                torch=torch.__version__, torch_threads=torch.get_num_threads(), impl=args.impl,
-                impls_available=ops.cpu_impls())
-    print("\n| N x K | M | fp32 F.linear (ms) | mixllm W4.4A8 (ms) | speed-up |")
-    print("|---|---|---|---|---|")
+            t = interleaved_medians({
+                "fp32": lambda: F.linear(x, w),
+                "int8": lambda: q8(x),
+                "mixed": lambda: ops.mixed_linear(x, W4, W8, idx4, idx8, impl=args.impl),
+                "w8a8": lambda: ops.w8a8_linear(x, W8all, impl=args.impl),
+            }, args.reps)
+            r = dict(N=N, K=K, M=M, fp32_ms=t["fp32"] * 1e3, int8_ms=t["int8"] * 1e3, mixed_ms=t["mixed"] * 1e3,
+                     w8a8_ms=t["w8a8"] * 1e3, mixed_vs_fp32=t["fp32"] / t["mixed"],
+                     mixed_vs_int8=t["int8"] / t["mixed"], w8a8_vs_int8=t["int8"] / t["w8a8"])
+            rows.append(r)
+            print(f"N={N:6d} K={K:6d} M={M:4d}  fp32 {r['fp32_ms']:8.3f}  int8 {r['int8_ms']:8.3f}  "
+                  f"W4.4A8 {r['mixed_ms']:8.3f} (x{r['mixed_vs_int8']:.2f} int8, x{r['mixed_vs_fp32']:.2f} fp32)  "
+                  f"W8A8 {r['w8a8_ms']:8.3f} (x{r['w8a8_vs_int8']:.2f} int8)  ms", flush=True)
+    meta = dict(date=datetime.date.today().isoformat(), cpu=cpu_name(), cpu_flags=cpu_flags(), cores=os.cpu_count(),
+                torch=torch.__version__, torch_threads=torch.get_num_threads(),
+                omp_num_threads=os.environ.get("OMP_NUM_THREADS"), quantized_engine=torch.backends.quantized.engine,
+                impl=args.impl, impls_available=ops.cpu_impls(), reps=args.reps, timing="interleaved medians")
+    print("\n| N x K | M | fp32 F.linear (ms) | int8 dynamic (ms) | mixllm W4.4A8 (ms) | vs fp32 | vs int8 "
+          "| mixllm W8A8 (ms) | W8A8 vs int8 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['N']}x{r['K']} | {r['M']} | {r['fp32_ms']:.3f} | {r['mixed_ms']:.3f} | {r['speedup']:.2f}x |")
+        print(f"| {r['N']}x{r['K']} | {r['M']} | {r['fp32_ms']:.3f} | {r['int8_ms']:.3f} | {r['mixed_ms']:.3f} | "
+              f"{r['mixed_vs_fp32']:.2f}x | {r['mixed_vs_int8']:.2f}x | {r['w8a8_ms']:.3f} | {r['w8a8_vs_int8']:.2f}x |")
     print(f"\n{meta}")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

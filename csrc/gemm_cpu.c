@@ -1,39 +1,40 @@
-/* CPU W4A8 / W8A8 / mixed linear (docs/spec.md §2, §5).
+/* CPU W4A8 / W8A8 / mixed linear (docs/spec.md §2, §5; the layout: csrc/layout_cpu.h).
  *
- * Math: y[m,n] = sum_j Sw[n,j] Sa[m,j] * sum_{k in j} (Wq[n,k] - z[n,j]) Aq[m,k].
- * Activations are quantized once per call (int8 per token and group) and stored shifted
- * to unsigned (Aq + 128) because the x86 int8 dot products take one unsigned operand;
- * the shift adds 128 * sum_k (Wq - z) per row and group, precomputed at packing time
- * ("corr") and subtracted from the int32 sum before the float scaling.
+ * Math: y[m,n] = sum_j Sw[n,j] Sa[m,j] * D[m,n,j] with the integer group dot product
+ *   D = sum_{k in j} (Wq[n,k] - z[n,j]) Aq[m,k] = sum_k Wq Aq - z * sum_k Aq   (z = 0 for 8-bit).
+ * Activations are quantized once per call (int8 per token and group, docs/method.md) together with
+ * their per-group code sums; the kernels take the unsigned 4-bit codes as the unsigned operand of the
+ * u8 x s8 dot products and subtract z * sum_k Aq per group, so no zero point is applied per weight.
+ * Every path computes D exactly in int32 (mod 2^32, like vpdpbusd) and then the same float steps,
+ * group by group in order:  acc = fma((float)D, Sw * Sa, acc);  y = acc + bias.
+ * So the portable C, AVX2 and AVX-512 VNNI paths give bit-identical outputs (tested).
  *
- * Prepacked layout, per row block of 16 rows and per group j (one contiguous section):
- *   weights  4-bit: Lp/8 steps x 64 bytes; byte 4*r+i = code[r, k+i] | code[r, k+4+i] << 4
- *            8-bit: Lp/4 steps x 64 bytes; byte 4*r+i = int8 w[r, k+i]
- *   zvec     64 bytes: zero point of row r repeated 4 times (4-bit; 0 for 8-bit)
- *   corr     16 int32: 128 * sum_k (Wq - z) of row r (padding contributes 0)
- *   scale    16 float32: Sw[r, j]
- * Padding (rows past N, k past the group's end) stores code = zero point, i.e. weight 0.
- *
- * Three implementations read it: portable C (the oracle for the SIMD ones), AVX2
- * (maddubs) and AVX-512 VNNI (vpdpbusd); chosen at run time with __builtin_cpu_supports. */
+ * Three implementations read the layout: portable C (the oracle for the SIMD ones), AVX2 (maddubs)
+ * and AVX-512 VNNI (vpdpbusd); chosen at run time with __builtin_cpu_supports.
+ * Threads split the output rows (row blocks), never K: each output is written by one thread. */
 #include "dlpack_bridge.h" /* first: it includes Python.h */
 #include "gemm_cpu.h"
 #include "quant.h"
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#include <omp.h>
 #ifdef __x86_64__
 #include <immintrin.h>
 #endif
 
-#define MB_MAX 8 /* tokens per register tile */
+#define MB_MAX 8                  /* tokens per register tile (AVX-512); AVX2 uses MB_AVX2 */
+#define MB_AVX2 4                 /* AVX2 has 16 vector registers: 4 tokens x 2 half-blocks of int32 sums */
+#define CHUNK 1024                /* activation values converted to float32 at a time */
+#define PREFETCH_BYTES 1024       /* software prefetch distance in the weight stream (M = 1 is bandwidth-bound) */
+#define MACS_PER_THREAD (1 << 20) /* below this many multiply-adds per thread, fewer threads: waking one costs more */
 
 void mix_cpu_weight_geometry(int bits, int64_t N, int64_t K, int64_t g, mix_cpu_weight *w) {
     memset(w, 0, sizeof(*w));
     w->bits = bits; w->N = N; w->K = K; w->g = g;
     w->G = mix_ngroups(K, g);
-    w->Lp = g > INT64_MAX / 64 ? -1 : (g + 7) / 8 * 8;
-    w->section = w->Lp < 0 ? -1 : (bits == 4 ? w->Lp * MIX_RB / 2 : w->Lp * MIX_RB) + 192;
+    w->Lp = g > INT64_MAX / 64 ? -1 : (g + MIX_K_ALIGN - 1) / MIX_K_ALIGN * MIX_K_ALIGN;
+    w->section = w->Lp < 0 ? -1 : mix_cpu_code_bytes(bits, w->Lp) + MIX_TAIL_BYTES;
 }
 
 int64_t mix_cpu_blob_bytes(const mix_cpu_weight *w) { /* -1 when the size does not fit int64 */
@@ -44,112 +45,183 @@ int64_t mix_cpu_blob_bytes(const mix_cpu_weight *w) { /* -1 when the size does n
     return r;
 }
 
+static inline const mix_cpu_tail *section_tail(const mix_cpu_weight *w, const uint8_t *sec) {
+    return (const mix_cpu_tail *)(sec + (w->section - MIX_TAIL_BYTES));
+}
+
 void mix_cpu_prepack(mix_cpu_weight *w, const void *codes, const float *scale, const uint8_t *zero, uint8_t *blob) {
     int64_t NB = (w->N + MIX_RB - 1) / MIX_RB, G = w->G, K = w->K, g = w->g, Lp = w->Lp;
-    int64_t wbytes = w->section - 192;
+    int64_t code_bytes = w->section - MIX_TAIL_BYTES;
 #pragma omp parallel for schedule(static)
     for (int64_t rb = 0; rb < NB; rb++)
         for (int64_t j = 0; j < G; j++) {
             uint8_t *sec = blob + (rb * G + j) * w->section;
             memset(sec, 0, (size_t)w->section);
-            int32_t corr[MIX_RB];
-            float sw[MIX_RB];
+            mix_cpu_tail tail;
             for (int r = 0; r < MIX_RB; r++) {
                 int64_t n = rb * MIX_RB + r;
                 int valid = n < w->N;
                 int z = (valid && w->bits == 4) ? zero[n * G + j] : 0;
-                int32_t sum = 0;
+                int64_t wsum = 0;
                 for (int64_t kk = 0; kk < Lp; kk++) {
                     int64_t k = j * g + kk;
                     int in = valid && kk < g && k < K;
-                    int c;
-                    if (w->bits == 4) c = in ? ((const uint8_t *)codes)[n * K + k] : z;
-                    else c = in ? ((const int8_t *)codes)[n * K + k] : 0;
-                    sum += c - z;
                     if (w->bits == 4) {
+                        int c = in ? ((const uint8_t *)codes)[n * K + k] : z; /* padding: weight 0 */
                         int64_t step = kk / 8, i = kk % 8;
-                        uint8_t *b = sec + step * 64 + 4 * r + (i & 3);
-                        *b |= (uint8_t)((c & 15) << (i < 4 ? 0 : 4));
+                        sec[step * MIX_STEP_BYTES + 4 * r + (i & 3)] |= (uint8_t)((c & 15) << (i < 4 ? 0 : 4));
                     } else {
-                        sec[(kk / 4) * 64 + 4 * r + (kk % 4)] = (uint8_t)(int8_t)c;
+                        int c = in ? ((const int8_t *)codes)[n * K + k] : 0;
+                        wsum += c;
+                        sec[(kk / 4) * MIX_STEP_BYTES + 4 * r + (kk % 4)] = (uint8_t)(int8_t)c;
                     }
                 }
-                for (int i = 0; i < 4; i++) sec[wbytes + 4 * r + i] = (uint8_t)z;
-                corr[r] = 128 * sum;
-                sw[r] = valid ? scale[n * G + j] : 0.f;
+                tail.izero[r] = w->bits == 4 ? z : (int32_t)(128u * (uint32_t)wsum); /* mod 2^32, like the sums */
+                tail.scale[r] = valid ? scale[n * G + j] : 0.f;
             }
-            memcpy(sec + wbytes + 64, corr, sizeof corr);
-            memcpy(sec + wbytes + 128, sw, sizeof sw);
+            memcpy(sec + code_bytes, &tail, sizeof tail);
         }
 }
 
-/* ---- activation preparation: codes + 128 in [M][G][Lp], padding = 128 (value 0) ---- */
-static int prepare_activations(const void *x, int dt, int64_t M, int64_t K, int64_t g, int64_t Lp,
-                               uint8_t *au8, float *sa) {
-    int64_t G = mix_ngroups(K, g);
-    int bad = 0;
-#pragma omp parallel for schedule(static) reduction(| : bad)
-    for (int64_t m = 0; m < M; m++) {
-        float buf[4096];
-        for (int64_t j = 0; j < G; j++) {
-            int64_t k0 = j * g, len = (k0 + g < K ? g : K - k0);
-            uint8_t *dst = au8 + (m * G + j) * Lp;
-            float amax = 0.f;
-            for (int64_t c0 = 0; c0 < len; c0 += 4096) { /* groups longer than buf: two passes */
-                int64_t c1 = c0 + 4096 < len ? c0 + 4096 : len;
-                for (int64_t c = c0; c < c1; c++) {
-                    float v = mix_load_float(x, (mix_dtype)dt, m * K + k0 + c);
-                    if (!isfinite(v)) bad = 1;
-                    amax = fmaxf(amax, fabsf(v));
-                }
-            }
-            float s = mix_sym_scale(amax, 8);
-            sa[m * G + j] = s;
-            for (int64_t c0 = 0; c0 < len; c0 += 4096) {
-                int64_t c1 = c0 + 4096 < len ? c0 + 4096 : len;
-                for (int64_t c = c0; c < c1; c++) buf[c - c0] = mix_load_float(x, (mix_dtype)dt, m * K + k0 + c);
-                for (int64_t c = c0; c < c1; c++) dst[c] = (uint8_t)(mix_sym_code(buf[c - c0], s, 8) + 128);
-            }
-            memset(dst + len, 128, (size_t)(Lp - len));
-        }
+/* ---- activations: int8 codes [M][G][Lp] (padding 0), scales [M][G], code sums [M][G] ---- */
+typedef struct {
+    int8_t *aq;
+    float *sa;
+    int32_t *asum;
+    int64_t G, Lp;
+} acts;
+
+/* x[off .. off+n) as float32: x itself when it is float32, else converted into buf. */
+static const float *floats_of(const void *x, int dt, int64_t off, int64_t n, float *buf) {
+    if (dt == MIX_F32) return (const float *)x + off;
+    for (int64_t i = 0; i < n; i++) buf[i] = mix_load_float(x, (mix_dtype)dt, off + i);
+    return buf;
+}
+
+/* The reference: max |v| (and whether all are finite), then codes (quant.h) and their sum. */
+static void absmax_portable(const float *v, int64_t n, float *amax, int *bad) {
+    for (int64_t i = 0; i < n; i++) {
+        if (!isfinite(v[i])) *bad = 1;
+        *amax = fmaxf(*amax, fabsf(v[i]));
     }
-    return bad ? -1 : 0;
+}
+static int32_t codes_portable(const float *v, int64_t n, float s, int8_t *dst) {
+    int32_t sum = 0;
+    for (int64_t i = 0; i < n; i++) sum += dst[i] = mix_sym_code(v[i], s, 8);
+    return sum;
+}
+
+#ifdef __x86_64__
+#define AVX2_FN __attribute__((target("avx2,fma")))
+/* Same results as the portable pair: max is order-free, and rint(v / s) is _mm256_round_ps of an
+ * IEEE division; the clamp is ordered so that NaN maps to -127 like mix_sym_code. */
+static AVX2_FN void absmax_avx2(const float *v, int64_t n, float *amax, int *bad) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), inf = _mm256_set1_ps(INFINITY);
+    __m256 m = _mm256_setzero_ps(), finite = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 a = _mm256_and_ps(_mm256_loadu_ps(v + i), absmask);
+        finite = _mm256_and_ps(finite, _mm256_cmp_ps(a, inf, _CMP_LT_OQ)); /* NaN, Inf -> false */
+        m = _mm256_max_ps(m, a);
+    }
+    if (_mm256_movemask_ps(finite) != 0xff) *bad = 1;
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    *amax = fmaxf(*amax, _mm_cvtss_f32(h));
+    absmax_portable(v + i, n - i, amax, bad);
+}
+static AVX2_FN int32_t codes_avx2(const float *v, int64_t n, float s, int8_t *dst) {
+    const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
+    const __m256i ones16 = _mm256_set1_epi16(1);
+    __m256i sum = _mm256_setzero_si256();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m256i q[4];
+        for (int u = 0; u < 4; u++) {
+            __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(v + i + 8 * u), vs),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            q[u] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi)); /* max(NaN, lo) = lo */
+        }
+        __m256i w01 = _mm256_packs_epi32(q[0], q[1]), w23 = _mm256_packs_epi32(q[2], q[3]);
+        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_add_epi16(w01, w23), ones16));
+        __m256i b = _mm256_packs_epi16(w01, w23); /* lane-interleaved: restore the order */
+        b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(dst + i), b);
+    }
+    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
+    return _mm_cvtsi128_si32(t) + codes_portable(v + i, n - i, s, dst + i);
+}
+#endif
+
+/* One (token, group): codes + 0-padding to Lp, scale, code sum. Returns 1 on NaN/Inf. */
+static int prepare_group(const void *x, int dt, int64_t K, int64_t g, int64_t m, int64_t j, const acts *A,
+                         int simd) {
+    float buf[CHUNK];
+    int64_t k0 = j * g, len = (k0 + g < K ? g : K - k0);
+    int8_t *dst = A->aq + (m * A->G + j) * A->Lp;
+    float amax = 0.f;
+    int bad = 0;
+    for (int64_t c = 0; c < len; c += CHUNK) {
+        int64_t n = len - c < CHUNK ? len - c : CHUNK;
+        const float *v = floats_of(x, dt, m * K + k0 + c, n, buf);
+#ifdef __x86_64__
+        if (simd) absmax_avx2(v, n, &amax, &bad); else
+#endif
+        absmax_portable(v, n, &amax, &bad);
+    }
+    float s = mix_sym_scale(amax, 8);
+    int32_t sum = 0;
+    for (int64_t c = 0; c < len; c += CHUNK) {
+        int64_t n = len - c < CHUNK ? len - c : CHUNK;
+        const float *v = floats_of(x, dt, m * K + k0 + c, n, buf);
+#ifdef __x86_64__
+        if (simd) sum += codes_avx2(v, n, s, dst + c); else
+#endif
+        sum += codes_portable(v, n, s, dst + c);
+    }
+    memset(dst + len, 0, (size_t)(A->Lp - len));
+    A->sa[m * A->G + j] = s;
+    A->asum[m * A->G + j] = sum;
+    return bad;
 }
 
 /* ---- kernels: one row block x MB tokens -> out[MB][16] float ---- */
 typedef struct {
     const mix_cpu_weight *w;
-    const uint8_t *au8; /* [M][G][Lp] */
-    const float *sa;    /* [M][G] */
+    const acts *A;
 } kctx;
 
 static void rb_portable(const kctx *c, int64_t rb, int64_t m0, int MB, float *out) {
     const mix_cpu_weight *w = c->w;
-    int64_t G = w->G, Lp = w->Lp, wbytes = w->section - 192;
+    const acts *A = c->A;
+    int64_t G = w->G, Lp = w->Lp;
     for (int t = 0; t < MB; t++)
         for (int r = 0; r < MIX_RB; r++) out[t * MIX_RB + r] = 0.f;
     for (int64_t j = 0; j < G; j++) {
         const uint8_t *sec = w->blob + (rb * G + j) * w->section;
-        int32_t corr[MIX_RB];
-        float sw[MIX_RB];
-        memcpy(corr, sec + wbytes + 64, sizeof corr);
-        memcpy(sw, sec + wbytes + 128, sizeof sw);
+        mix_cpu_tail tail;
+        memcpy(&tail, section_tail(w, sec), sizeof tail);
         for (int t = 0; t < MB; t++) {
-            const uint8_t *a = c->au8 + ((m0 + t) * G + j) * Lp;
-            float s_a = c->sa[(m0 + t) * G + j];
+            const int8_t *a = A->aq + ((m0 + t) * G + j) * Lp;
+            float s_a = A->sa[(m0 + t) * G + j];
+            uint32_t asum = (uint32_t)A->asum[(m0 + t) * G + j];
             for (int r = 0; r < MIX_RB; r++) {
-                int32_t acc = 0, z = sec[wbytes + 4 * r];
+                uint32_t acc = 0; /* wraps like vpdpbusd */
                 for (int64_t kk = 0; kk < Lp; kk++) {
                     int wv;
                     if (w->bits == 4) {
-                        uint8_t b = sec[(kk / 8) * 64 + 4 * r + (kk & 3)];
-                        wv = ((kk % 8) < 4 ? (b & 15) : (b >> 4)) - z;
+                        uint8_t b = sec[(kk / 8) * MIX_STEP_BYTES + 4 * r + (kk & 3)];
+                        wv = (kk % 8) < 4 ? (b & 15) : (b >> 4);
                     } else {
-                        wv = (int8_t)sec[(kk / 4) * 64 + 4 * r + (kk % 4)];
+                        wv = (int8_t)sec[(kk / 4) * MIX_STEP_BYTES + 4 * r + (kk % 4)];
                     }
-                    acc = (int32_t)((uint32_t)acc + (uint32_t)((int32_t)a[kk] * wv)); /* wraps like vpdpbusd */
+                    acc += (uint32_t)((int32_t)a[kk] * wv);
                 }
-                out[t * MIX_RB + r] += (float)(int32_t)((uint32_t)acc - (uint32_t)corr[r]) * (sw[r] * s_a);
+                if (w->bits == 4) acc -= (uint32_t)tail.izero[r] * asum;
+                out[t * MIX_RB + r] = fmaf((float)(int32_t)acc, tail.scale[r] * s_a, out[t * MIX_RB + r]);
             }
         }
     }
@@ -157,113 +229,132 @@ static void rb_portable(const kctx *c, int64_t rb, int64_t m0, int MB, float *ou
 
 #ifdef __x86_64__
 #define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) inline
+/* vpdpbusd takes u8 x s8: 4-bit: codes (u8) x activations (s8); 8-bit: activations shifted to u8
+ * (a + 128) x weights (s8), minus the tail's 128 * sum_k w. */
 static AVX512_TARGET void rb_avx512_tile(const kctx *c, int64_t rb, int64_t m0, const int MB, float *out) {
     const mix_cpu_weight *w = c->w;
-    int64_t G = w->G, Lp = w->Lp, wbytes = w->section - 192;
+    const acts *A = c->A;
+    int64_t G = w->G, Lp = w->Lp;
     const __m512i low4 = _mm512_set1_epi8(15);
     __m512 accf[MB_MAX];
     for (int t = 0; t < MB; t++) accf[t] = _mm512_setzero_ps();
     for (int64_t j = 0; j < G; j++) {
         const uint8_t *sec = w->blob + (rb * G + j) * w->section;
-        const __m512i zv = _mm512_loadu_si512(sec + wbytes);
+        const mix_cpu_tail *tail = section_tail(w, sec);
         __m512i acc[MB_MAX];
         for (int t = 0; t < MB; t++) acc[t] = _mm512_setzero_si512();
-        const uint8_t *a0 = c->au8 + (m0 * G + j) * Lp;
+        const int8_t *a0 = A->aq + (m0 * G + j) * Lp;
         const int64_t astride = G * Lp;
         if (w->bits == 4) {
             for (int64_t s = 0; s < Lp / 8; s++) {
-                __m512i v = _mm512_loadu_si512(sec + 64 * s);
-                __m512i lo = _mm512_sub_epi8(_mm512_and_si512(v, low4), zv);
-                __m512i hi = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v, 4), low4), zv);
+                _mm_prefetch((const char *)sec + MIX_STEP_BYTES * s + PREFETCH_BYTES, _MM_HINT_T0);
+                __m512i v = _mm512_loadu_si512(sec + MIX_STEP_BYTES * s);
+                __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
                 for (int t = 0; t < MB; t++) {
-                    const uint8_t *a = a0 + t * astride + 8 * s;
+                    const int8_t *a = a0 + t * astride + 8 * s;
                     int32_t a_lo, a_hi;
                     memcpy(&a_lo, a, 4);
                     memcpy(&a_hi, a + 4, 4);
-                    acc[t] = _mm512_dpbusd_epi32(acc[t], _mm512_set1_epi32(a_lo), lo);
-                    acc[t] = _mm512_dpbusd_epi32(acc[t], _mm512_set1_epi32(a_hi), hi);
+                    acc[t] = _mm512_dpbusd_epi32(acc[t], lo, _mm512_set1_epi32(a_lo));
+                    acc[t] = _mm512_dpbusd_epi32(acc[t], hi, _mm512_set1_epi32(a_hi));
                 }
             }
+            const __m512i z = _mm512_loadu_si512(tail->izero);
+            for (int t = 0; t < MB; t++)
+                acc[t] = _mm512_sub_epi32(acc[t], _mm512_mullo_epi32(z, _mm512_set1_epi32(A->asum[(m0 + t) * G + j])));
         } else {
+            const __m512i flip = _mm512_set1_epi8((char)0x80);
             for (int64_t s = 0; s < Lp / 4; s++) {
-                __m512i v = _mm512_loadu_si512(sec + 64 * s);
+                _mm_prefetch((const char *)sec + MIX_STEP_BYTES * s + PREFETCH_BYTES, _MM_HINT_T0);
+                __m512i v = _mm512_loadu_si512(sec + MIX_STEP_BYTES * s);
                 for (int t = 0; t < MB; t++) {
-                    int32_t av;
-                    memcpy(&av, a0 + t * astride + 4 * s, 4);
-                    acc[t] = _mm512_dpbusd_epi32(acc[t], _mm512_set1_epi32(av), v);
+                    int32_t a4;
+                    memcpy(&a4, a0 + t * astride + 4 * s, 4);
+                    acc[t] = _mm512_dpbusd_epi32(acc[t], _mm512_xor_si512(_mm512_set1_epi32(a4), flip), v);
                 }
             }
+            const __m512i corr = _mm512_loadu_si512(tail->izero);
+            for (int t = 0; t < MB; t++) acc[t] = _mm512_sub_epi32(acc[t], corr);
         }
-        const __m512i corr = _mm512_loadu_si512(sec + wbytes + 64);
-        const __m512 sw = _mm512_loadu_ps((const float *)(sec + wbytes + 128));
+        const __m512 sw = _mm512_loadu_ps(tail->scale);
         for (int t = 0; t < MB; t++) {
-            __m512 scale = _mm512_mul_ps(sw, _mm512_set1_ps(c->sa[(m0 + t) * G + j]));
-            accf[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[t], corr)), scale, accf[t]);
+            __m512 scale = _mm512_mul_ps(sw, _mm512_set1_ps(A->sa[(m0 + t) * G + j]));
+            accf[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t]), scale, accf[t]);
         }
     }
     for (int t = 0; t < MB; t++) _mm512_storeu_ps(out + t * MIX_RB, accf[t]);
 }
 
 #define AVX2_TARGET __attribute__((target("avx2,fma"), always_inline)) inline
-/* AVX2 has no u8 x s8 -> int32 dot: maddubs (to saturating int16) then madd with ones.
- * 4-bit: |(a+128) * (q-z)| * 2 <= 255 * 15 * 2 fits int16. 8-bit would saturate, so the
- * 8-bit path uses signed activations and the sign trick |w| * sign(a, w) instead (no corr). */
+/* AVX2 has no u8 x s8 -> int32 dot: maddubs (to saturating int16) then madd with ones; both
+ * 32-byte halves of a step (rows 0-7, 8-15) in one pass, so each broadcast serves 16 rows.
+ * 4-bit: code (u8, <= 15) x activation (s8, |a| <= 127): pair sums <= 3810, lo + hi <= 7620: exact.
+ * 8-bit: |w| (u8) x sign(a, w) (s8): pair sums <= 2 * 128 * 127 = 32512: exact. The float sums
+ * live in out[] (L1) between groups, which leaves the 16 registers to the integer sums. */
 static AVX2_TARGET void rb_avx2_tile(const kctx *c, int64_t rb, int64_t m0, const int MB, float *out) {
     const mix_cpu_weight *w = c->w;
-    int64_t G = w->G, Lp = w->Lp, wbytes = w->section - 192;
-    const __m256i low4 = _mm256_set1_epi8(15), ones16 = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
-    for (int half = 0; half < 2; half++) { /* rows 0-7, then 8-15: 32 bytes each */
-        __m256 accf[MB_MAX];
-        for (int t = 0; t < MB; t++) accf[t] = _mm256_setzero_ps();
-        for (int64_t j = 0; j < G; j++) {
-            const uint8_t *sec = w->blob + (rb * G + j) * w->section;
-            const __m256i zv = _mm256_loadu_si256((const __m256i *)(sec + wbytes + 32 * half));
-            __m256i acc[MB_MAX];
-            for (int t = 0; t < MB; t++) acc[t] = _mm256_setzero_si256();
-            const uint8_t *a0 = c->au8 + (m0 * G + j) * Lp;
-            const int64_t astride = G * Lp;
-            if (w->bits == 4) {
-                for (int64_t s = 0; s < Lp / 8; s++) {
-                    __m256i v = _mm256_loadu_si256((const __m256i *)(sec + 64 * s + 32 * half));
-                    __m256i lo = _mm256_sub_epi8(_mm256_and_si256(v, low4), zv);
-                    __m256i hi = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v, 4), low4), zv);
+    const acts *A = c->A;
+    int64_t G = w->G, Lp = w->Lp;
+    const __m256i low4 = _mm256_set1_epi8(15), ones16 = _mm256_set1_epi16(1);
+    for (int i = 0; i < MB * MIX_RB; i++) out[i] = 0.f;
+    for (int64_t j = 0; j < G; j++) {
+        const uint8_t *sec = w->blob + (rb * G + j) * w->section;
+        const mix_cpu_tail *tail = section_tail(w, sec);
+        __m256i acc[MB_AVX2][2];
+        for (int t = 0; t < MB; t++) acc[t][0] = acc[t][1] = _mm256_setzero_si256();
+        const int8_t *a0 = A->aq + (m0 * G + j) * Lp;
+        const int64_t astride = G * Lp;
+        if (w->bits == 4) {
+            for (int64_t s = 0; s < Lp / 8; s++) {
+                _mm_prefetch((const char *)sec + MIX_STEP_BYTES * s + PREFETCH_BYTES, _MM_HINT_T0);
+                for (int h = 0; h < 2; h++) {
+                    __m256i v = _mm256_loadu_si256((const __m256i *)(sec + MIX_STEP_BYTES * s + 32 * h));
+                    __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
                     for (int t = 0; t < MB; t++) {
-                        const uint8_t *a = a0 + t * astride + 8 * s;
+                        const int8_t *a = a0 + t * astride + 8 * s;
                         int32_t a_lo, a_hi;
                         memcpy(&a_lo, a, 4);
                         memcpy(&a_hi, a + 4, 4);
-                        __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_set1_epi32(a_lo), lo),
-                                                     _mm256_maddubs_epi16(_mm256_set1_epi32(a_hi), hi));
-                        acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(p, ones16));
+                        __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(a_lo)),
+                                                     _mm256_maddubs_epi16(hi, _mm256_set1_epi32(a_hi)));
+                        acc[t][h] = _mm256_add_epi32(acc[t][h], _mm256_madd_epi16(p, ones16));
                     }
                 }
-            } else {
-                for (int64_t s = 0; s < Lp / 4; s++) {
-                    __m256i v = _mm256_loadu_si256((const __m256i *)(sec + 64 * s + 32 * half));
+            }
+            for (int h = 0; h < 2; h++) {
+                const __m256i z = _mm256_loadu_si256((const __m256i *)(tail->izero + 8 * h));
+                for (int t = 0; t < MB; t++)
+                    acc[t][h] = _mm256_sub_epi32(
+                        acc[t][h], _mm256_mullo_epi32(z, _mm256_set1_epi32(A->asum[(m0 + t) * G + j])));
+            }
+        } else {
+            for (int64_t s = 0; s < Lp / 4; s++) {
+                _mm_prefetch((const char *)sec + MIX_STEP_BYTES * s + PREFETCH_BYTES, _MM_HINT_T0);
+                for (int h = 0; h < 2; h++) {
+                    __m256i v = _mm256_loadu_si256((const __m256i *)(sec + MIX_STEP_BYTES * s + 32 * h));
                     __m256i av = _mm256_abs_epi8(v);
                     for (int t = 0; t < MB; t++) {
                         int32_t a4;
                         memcpy(&a4, a0 + t * astride + 4 * s, 4);
-                        __m256i as = _mm256_xor_si256(_mm256_set1_epi32(a4), flip); /* back to signed */
-                        __m256i p = _mm256_maddubs_epi16(av, _mm256_sign_epi8(as, v));
-                        acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(p, ones16));
+                        __m256i p = _mm256_maddubs_epi16(av, _mm256_sign_epi8(_mm256_set1_epi32(a4), v));
+                        acc[t][h] = _mm256_add_epi32(acc[t][h], _mm256_madd_epi16(p, ones16));
                     }
                 }
             }
-            const __m256i corr = w->bits == 4 ? _mm256_loadu_si256((const __m256i *)(sec + wbytes + 64 + 32 * half))
-                                              : _mm256_setzero_si256();
-            const __m256 sw = _mm256_loadu_ps((const float *)(sec + wbytes + 128) + 8 * half);
+        }
+        for (int h = 0; h < 2; h++) {
+            const __m256 sw = _mm256_loadu_ps(tail->scale + 8 * h);
             for (int t = 0; t < MB; t++) {
-                __m256 scale = _mm256_mul_ps(sw, _mm256_set1_ps(c->sa[(m0 + t) * G + j]));
-                accf[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[t], corr)), scale, accf[t]);
+                float *o = out + t * MIX_RB + 8 * h;
+                __m256 scale = _mm256_mul_ps(sw, _mm256_set1_ps(A->sa[(m0 + t) * G + j]));
+                _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t][h]), scale, _mm256_loadu_ps(o)));
             }
         }
-        for (int t = 0; t < MB; t++) _mm256_storeu_ps(out + t * MIX_RB + 8 * half, accf[t]);
     }
 }
 
 /* Instantiate each tile with a compile-time token count so the accumulators stay in registers. */
-#define TILE_VARIANTS(NAME, TILE, TARGET)                                                         \
+#define TILE_VARIANTS8(NAME, TILE, TARGET)                                                        \
     static __attribute__((target(TARGET))) void NAME(const kctx *c, int64_t rb, int64_t m0, int MB, \
                                                      float *out) {                                \
         switch (MB) {                                                                             \
@@ -277,8 +368,15 @@ static AVX2_TARGET void rb_avx2_tile(const kctx *c, int64_t rb, int64_t m0, cons
         default: TILE(c, rb, m0, 1, out); break;                                                  \
         }                                                                                         \
     }
-TILE_VARIANTS(rb_avx512, rb_avx512_tile, "avx512f,avx512bw,avx512vnni")
-TILE_VARIANTS(rb_avx2, rb_avx2_tile, "avx2,fma")
+TILE_VARIANTS8(rb_avx512, rb_avx512_tile, "avx512f,avx512bw,avx512vnni")
+static __attribute__((target("avx2,fma"))) void rb_avx2(const kctx *c, int64_t rb, int64_t m0, int MB, float *out) {
+    switch (MB) {
+    case 4: rb_avx2_tile(c, rb, m0, 4, out); break;
+    case 3: rb_avx2_tile(c, rb, m0, 3, out); break;
+    case 2: rb_avx2_tile(c, rb, m0, 2, out); break;
+    default: rb_avx2_tile(c, rb, m0, 1, out); break;
+    }
+}
 #endif
 
 int mix_cpu_has(mix_impl impl) {
@@ -297,51 +395,94 @@ int mix_cpu_has(mix_impl impl) {
 
 typedef void (*tile_fn)(const kctx *, int64_t, int64_t, int, float *);
 
-static tile_fn pick(mix_impl impl) {
+static mix_impl resolve(mix_impl impl) {
+    if (impl != MIX_IMPL_AUTO) return impl;
+    return mix_cpu_has(MIX_IMPL_AVX512VNNI) ? MIX_IMPL_AVX512VNNI
+           : mix_cpu_has(MIX_IMPL_AVX2)     ? MIX_IMPL_AVX2
+                                            : MIX_IMPL_PORTABLE;
+}
+
+static tile_fn pick(mix_impl impl, int *mb) {
 #ifdef __x86_64__
-    if (impl == MIX_IMPL_AUTO) impl = mix_cpu_has(MIX_IMPL_AVX512VNNI) ? MIX_IMPL_AVX512VNNI
-                                    : mix_cpu_has(MIX_IMPL_AVX2) ? MIX_IMPL_AVX2 : MIX_IMPL_PORTABLE;
-    if (impl == MIX_IMPL_AVX512VNNI) return rb_avx512;
-    if (impl == MIX_IMPL_AVX2) return rb_avx2;
+    if (impl == MIX_IMPL_AVX512VNNI) { *mb = MB_MAX; return rb_avx512; }
+    if (impl == MIX_IMPL_AVX2) { *mb = MB_AVX2; return rb_avx2; }
 #endif
-    (void)impl;
+    *mb = MB_MAX;
     return rb_portable;
+}
+
+/* Row blocks per work item: contiguous runs keep the weight stream sequential (prefetch-friendly);
+ * about 8 items per thread balance the load when a thread is descheduled on a shared machine. */
+static int64_t rows_per_item(int64_t nb_total, int nthreads) {
+    int64_t per = nb_total / (8 * (int64_t)nthreads);
+    return per < 1 ? 1 : per > 16 ? 16 : per;
 }
 
 int mix_cpu_qlinear(const void *x, int x_dtype, int64_t M, int64_t K, int64_t g, const mix_cpu_weight *parts,
                     int nparts, const float *bias, void *y, int y_dtype, int64_t n_out, mix_impl impl) {
     if (M == 0 || n_out == 0) return 0;
-    int64_t G = mix_ngroups(K, g), Lp = (g + 7) / 8 * 8;
-    uint8_t *au8 = malloc((size_t)(M * G * Lp));
-    float *sa = malloc((size_t)(M * G) * sizeof(float));
-    if (!au8 || !sa) { free(au8); free(sa); return -2; }
-    if (prepare_activations(x, x_dtype, M, K, g, Lp, au8, sa) < 0) { free(au8); free(sa); return -1; }
-    tile_fn tile = pick(impl);
+    int64_t G = mix_ngroups(K, g), Lp = (g + MIX_K_ALIGN - 1) / MIX_K_ALIGN * MIX_K_ALIGN;
+    acts A = {malloc((size_t)(M * G * Lp)), malloc((size_t)(M * G) * sizeof(float)),
+              malloc((size_t)(M * G) * sizeof(int32_t)), G, Lp};
+    if (!A.aq || !A.sa || !A.asum) { free(A.aq); free(A.sa); free(A.asum); return -2; }
+    impl = resolve(impl);
+    int simd_prep = impl != MIX_IMPL_PORTABLE && mix_cpu_has(MIX_IMPL_AVX2);
+    int MB;
+    tile_fn tile = pick(impl, &MB);
     int64_t nb[8], nb_total = 0;
     for (int p = 0; p < nparts; p++) { nb[p] = (parts[p].N + MIX_RB - 1) / MIX_RB; nb_total += nb[p]; }
-    /* Every output column belongs to exactly one part's row: rows write, nobody accumulates. */
-#pragma omp parallel for schedule(dynamic, 2)
-    for (int64_t item = 0; item < nb_total; item++) {
-        int p = 0;
-        int64_t rb = item;
-        while (rb >= nb[p]) { rb -= nb[p]; p++; }
-        const mix_cpu_weight *w = &parts[p];
-        kctx c = {w, au8, sa};
-        float out[MB_MAX * MIX_RB];
-        for (int64_t m0 = 0; m0 < M; m0 += MB_MAX) {
-            int MB = (int)(M - m0 < MB_MAX ? M - m0 : MB_MAX);
-            tile(&c, rb, m0, MB, out);
-            for (int t = 0; t < MB; t++)
-                for (int r = 0; r < MIX_RB; r++) {
-                    int64_t n = rb * MIX_RB + r;
-                    if (n >= w->N) break;
-                    int64_t col = w->out_index ? w->out_index[n] : n;
-                    float v = out[t * MIX_RB + r] + (bias ? bias[col] : 0.f);
-                    mix_store_float(y, (mix_dtype)y_dtype, (m0 + t) * n_out + col, v);
+    /* Small layers run on fewer threads: waking a thread (worse: waiting for a descheduled one on a
+     * loaded machine) costs more than it saves. */
+    double macs = (double)M * (double)n_out * (double)K;
+    int nthreads = omp_get_max_threads();
+    if (macs < (double)MACS_PER_THREAD * nthreads) nthreads = (int)(macs / MACS_PER_THREAD) + 1;
+    if (nthreads > nb_total) nthreads = (int)nb_total;
+    if (nthreads < 1) nthreads = 1;
+    int64_t per = rows_per_item(nb_total, nthreads), items = (nb_total + per - 1) / per;
+    int bad = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        int my_bad = 0;
+#pragma omp for schedule(static)
+        for (int64_t mj = 0; mj < M * G; mj++) /* by (token, group): at M = 1 every thread helps */
+            my_bad |= prepare_group(x, x_dtype, K, g, mj / G, mj % G, &A, simd_prep);
+        if (my_bad) {
+#pragma omp atomic write
+            bad = 1;
+        }
+#pragma omp barrier
+        int stop;
+#pragma omp atomic read
+        stop = bad;
+        if (!stop) {
+            /* Every output column belongs to exactly one part's row: rows write, nobody accumulates. */
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t item = 0; item < items; item++) {
+                float out[MB_MAX * MIX_RB];
+                for (int64_t b = item * per; b < (item + 1) * per && b < nb_total; b++) {
+                    int p = 0;
+                    int64_t rb = b;
+                    while (rb >= nb[p]) { rb -= nb[p]; p++; }
+                    const mix_cpu_weight *w = &parts[p];
+                    kctx c = {w, &A};
+                    for (int64_t m0 = 0; m0 < M; m0 += MB) {
+                        int mb = (int)(M - m0 < MB ? M - m0 : MB);
+                        tile(&c, rb, m0, mb, out);
+                        for (int t = 0; t < mb; t++)
+                            for (int r = 0; r < MIX_RB; r++) {
+                                int64_t n = rb * MIX_RB + r;
+                                if (n >= w->N) break;
+                                int64_t col = w->out_index ? w->out_index[n] : n;
+                                float v = out[t * MIX_RB + r] + (bias ? bias[col] : 0.f);
+                                mix_store_float(y, (mix_dtype)y_dtype, (m0 + t) * n_out + col, v);
+                            }
+                    }
                 }
+            }
         }
     }
-    free(au8);
-    free(sa);
-    return 0;
+    free(A.aq);
+    free(A.sa);
+    free(A.asum);
+    return bad ? -1 : 0;
 }

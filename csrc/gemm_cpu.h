@@ -2,19 +2,15 @@
 #ifndef MIXLLM_GEMM_CPU_H
 #define MIXLLM_GEMM_CPU_H
 #include <stdint.h>
-
-/* Row blocks of 16 output features: one 512-bit vector holds 4 consecutive k of each of
- * the 16 rows, so a VNNI dot product (u8 activations x s8 weights -> 16 int32) needs
- * no horizontal reduction; per group the int32 sums are scaled once (two-step dequant). */
-#define MIX_RB 16
+#include "layout_cpu.h" /* the prepacked layout: row blocks of MIX_RB rows, one section per group */
 
 typedef enum { MIX_IMPL_AUTO = 0, MIX_IMPL_PORTABLE = 1, MIX_IMPL_AVX2 = 2, MIX_IMPL_AVX512VNNI = 3 } mix_impl;
 
 typedef struct {
     int bits;          /* 4 (packed nibbles, asymmetric) or 8 (int8, symmetric) */
     int64_t N, K, g;   /* output features, input features, group size */
-    int64_t G, Lp;     /* groups, padded group length (multiple of 8) */
-    int64_t section;   /* bytes per (row block, group) */
+    int64_t G, Lp;     /* groups, padded group length (multiple of MIX_K_ALIGN) */
+    int64_t section;   /* bytes per (row block, group): codes + mix_cpu_tail */
     const uint8_t *blob;
     const int64_t *out_index; /* [N] output column of each row, or NULL for identity */
 } mix_cpu_weight;
