@@ -159,6 +159,17 @@ static PyObject *py_geometry(PyObject *self, PyObject *args) {
     return Py_BuildValue("LLLL", (long long)ceil_div(K, g), gp, gp / MIXC_KSTAGE, (long long)mixc_kp(K, g));
 }
 
+/* layout_bytes(bits, N, K, g) -> (wpack_bytes, meta_bytes): the sizes of pack_weight's outputs for an
+ * [N, K] weight (cuda/w4a8.cu computes them; Python allocates from these, never recomputes them). */
+static PyObject *py_layout_bytes(PyObject *self, PyObject *args) {
+    int bits;
+    long long N, K, g;
+    if (!PyArg_ParseTuple(args, "iLLL", &bits, &N, &K, &g)) return NULL;
+    if (bits != 4 && bits != 8) return PyErr_Format(PyExc_ValueError, "bits: expected 4 or 8, got %d", bits);
+    if (check_k_g(K, g) < 0 || check_layout(N, K, g, "N") < 0) return NULL;
+    return Py_BuildValue("LL", (long long)mixc_wpack_bytes(bits, N, K, g), (long long)mixc_meta_bytes(N, K, g));
+}
+
 /* plan(device, M, (N, ...), Kp, cfg, splits) -> (cfg, splits, cfg_name) */
 static PyObject *py_plan(PyObject *self, PyObject *args) {
     int device, cfg, splits;
@@ -408,6 +419,8 @@ static PyMethodDef methods[] = {
     {"pack_weight", py_pack_weight, METH_VARARGS,
      "pack_weight(qweight, scale, zero, bits, K, g, wpack_out, meta_out, stream): canonical -> GEMM layout"},
     {"geometry", py_geometry, METH_VARARGS, "geometry(K, g) -> (G, gp, spg, Kp): the padded-K layout"},
+    {"layout_bytes", py_layout_bytes, METH_VARARGS,
+     "layout_bytes(bits, N, K, g) -> (wpack_bytes, meta_bytes): sizes of pack_weight's outputs"},
     {"plan", py_plan, METH_VARARGS, "plan(device, M, Ns, Kp, cfg, splits) -> (cfg, splits, name)"},
     {"prepare", py_prepare, METH_VARARGS,
      "prepare(parts, bias, K, g, stream, pdl=1) -> handle: a validated W4A8/W8A8/mixed layer"},

@@ -60,9 +60,9 @@ def packed_weight(weight, device):
         q = _to(weight.qweight, device, qdtype)
         scale = _to(weight.scale, device, torch.float32)
         zero = _to(weight.zero, device, torch.uint8) if weight.bits == 4 else None
-        nt = (N + 15) // 16
-        wpack = torch.empty(nt * 16 * Kp * weight.bits // 8, dtype=torch.uint8, device=device)
-        meta = torch.empty(nt * G * 80, dtype=torch.uint8, device=device)
+        wbytes, mbytes = _cuda.layout_bytes(weight.bits, N, K, g)
+        wpack = torch.empty(wbytes, dtype=torch.uint8, device=device)
+        meta = torch.empty(mbytes, dtype=torch.uint8, device=device)
         if N:
             _cuda.pack_weight(q, scale, zero, weight.bits, K, g, wpack, meta, _stream(device))
         entry = {"wpack": wpack, "meta": meta, "g": g, "Kp": Kp}
