@@ -28,8 +28,10 @@ def _stream(device) -> int:
     return int(torch.cuda.current_stream(device).cuda_stream)
 
 
-def _to(a, device, dtype):
+def _to(a, device, dtype, name):
     t = torch.as_tensor(a) if isinstance(a, np.ndarray) else a
+    if not isinstance(t, torch.Tensor):  # (found by fuzz/cuda_targets.py: an AttributeError before)
+        raise TypeError(f"{name}: expected a torch tensor or NumPy array, got {type(a).__name__}")
     return t.detach().to(device=device, dtype=dtype).contiguous()
 
 
@@ -57,9 +59,9 @@ def packed_weight(weight, device):
         g = min(weight.group_size, K)
         G, gp, spg, Kp = _cuda.geometry(K, g)
         qdtype = torch.uint8 if weight.bits == 4 else torch.int8
-        q = _to(weight.qweight, device, qdtype)
-        scale = _to(weight.scale, device, torch.float32)
-        zero = _to(weight.zero, device, torch.uint8) if weight.bits == 4 else None
+        q = _to(weight.qweight, device, qdtype, "qweight")
+        scale = _to(weight.scale, device, torch.float32, "scale")
+        zero = _to(weight.zero, device, torch.uint8, "zero") if weight.bits == 4 else None
         wbytes, mbytes = _cuda.layout_bytes(weight.bits, N, K, g)
         wpack = torch.empty(wbytes, dtype=torch.uint8, device=device)
         meta = torch.empty(mbytes, dtype=torch.uint8, device=device)
@@ -168,7 +170,7 @@ class PreparedLinear:
                 raise ValueError("out_index: must be a permutation of the output columns")
         b = None
         if bias is not None:
-            b = _to(bias, device, torch.float32)
+            b = _to(bias, device, torch.float32, "bias")
             if tuple(b.shape) != (n_out,):
                 raise ValueError(f"bias: expected shape ({n_out},), got {tuple(b.shape)}")
         # pdl=False: launch the GEMM without programmatic dependent launch (for comparisons)

@@ -673,6 +673,9 @@ def test_device_mismatch(rng):
         lin(x.cpu())
     with pytest.raises(ValueError, match="bias: expected shape"):
         ops.w4a8_linear(x, W, torch.zeros(N + 1))
+    for hostile in (1.5, [0.0] * N, object()):  # an AttributeError at main (found by fuzz/cuda_targets.py)
+        with pytest.raises(TypeError, match="bias: expected a torch tensor or NumPy array"):
+            ops.w4a8_linear(x, W, hostile)
     W8, *_ = make_weight(rng, N, K, 8, g)
     with pytest.raises(ValueError, match="expected a 4-bit weight"):
         ops.w4a8_linear(x, W8)
