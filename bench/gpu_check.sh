@@ -6,6 +6,9 @@
 #   bench/gpu_check.sh --tests    build and tests only
 #   bench/gpu_check.sh --tune     tests, every tile configuration on the 70B shapes, full benchmark
 #   bench/gpu_check.sh --profile  the same, after an ncu profile of one W4.4A8 call per M
+#   bench/gpu_check.sh --all-in-one  one short device call: the kernel tests, sanitizer, the layer
+#                                 table, the synthetic Llama-3-8B end to end, the decode sweep;
+#                                 each step bounded by what is left of BUDGET_S seconds (default 420)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/mixllm_gpu_out}
@@ -26,8 +29,41 @@ MIXLLM_CUDA=1 MIXLLM_CUDA_ARCH="$arch" $PY -m pip install --no-build-isolation -
     >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
 log "built in $(( $(date +%s) - t0 )) s ($arch)"
 
+if [ "$MODE" = "--all-in-one" ]; then
+    deadline=$(( t0 + ${BUDGET_S:-420} ))
+    # step NAME CAP_S CMD...: run CMD under min(CAP_S, time left), log its status
+    step() {
+        local name=$1 cap=$2; shift 2
+        local left=$(( deadline - $(date +%s) ))
+        [ $left -lt $cap ] && cap=$left
+        if [ $cap -le 5 ]; then log "$name: skipped (no time left)"; return 1; fi
+        log "$name (<= ${cap}s)"
+        timeout $cap "$@"
+        local rc=$?
+        log "$name rc=$rc"
+        return $rc
+    }
+    step "decode-kernel tests" 60 $PY -m pytest tests/test_cuda_kernels.py -q -p no:cacheprovider \
+        >"$OUT/tests_kernels.log" 2>&1; tail -5 "$OUT/tests_kernels.log"
+    step "CUDA tests" 80 $PY -m pytest tests/test_cuda.py -q -x -p no:cacheprovider >"$OUT/tests.log" 2>&1
+    tail -5 "$OUT/tests.log"
+    if command -v compute-sanitizer >/dev/null; then
+        step "compute-sanitizer memcheck" 50 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
+            $PY -m pytest tests/test_cuda_kernels.py tests/test_cuda.py -q -x -p no:cacheprovider \
+            -k "test_decode_poisoned or test_decode_every_warp_count or test_decode_mixed_matches_reference and (1-16-128 or 3-37-300) or test_poisoned_outputs_fully_written" \
+            >"$OUT/sanitizer.log" 2>&1
+        tail -3 "$OUT/sanitizer.log"
+    fi
+    step "layer table" 110 $PY bench/gpu_linear.py --out "$OUT" >"$OUT/bench.log" 2>&1; tail -60 "$OUT/bench.log"
+    step "end to end, synthetic Llama-3-8B" 120 $PY bench/gpu_e2e.py --synthetic --new-tokens 48 --reps 2 \
+        --out "$OUT/gpu_e2e_synthetic.md" >"$OUT/e2e.log" 2>&1; tail -12 "$OUT/e2e.log"
+    step "decode sweep" 90 $PY bench/gpu_linear.py --decode --out "$OUT" >"$OUT/decode_sweep.log" 2>&1
+    tail -40 "$OUT/decode_sweep.log"
+    exit 0
+fi
+
 log "tests"
-$PY -m pytest tests/test_cuda.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
+$PY -m pytest tests/test_cuda.py tests/test_cuda_kernels.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
 test_rc=${PIPESTATUS[0]}
 log "tests rc=$test_rc"
 

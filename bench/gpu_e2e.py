@@ -61,12 +61,12 @@ def decode_tps(model, prompt, new_tokens, reps):
     return new_tokens / t, out[0, x.shape[1]:].tolist()
 
 
-def _static_cache(model, max_len, dtype, device):
+def _static_cache(model, max_len, dtype, device, batch=1):
     """A transformers StaticCache, across the constructor signatures of 4.4x and 5.x."""
     from transformers import StaticCache
     cfg = model.config
     tries = [dict(config=cfg, max_cache_len=max_len),
-             dict(config=cfg, max_batch_size=1, max_cache_len=max_len, device=device, dtype=dtype)]
+             dict(config=cfg, max_batch_size=batch, max_cache_len=max_len, device=device, dtype=dtype)]
     err = None
     for kw in tries:
         try:
@@ -78,17 +78,17 @@ def _static_cache(model, max_len, dtype, device):
 
 @torch.no_grad()
 def decode_graph_tps(model, prompt, new_tokens, reps):
-    """Greedy decode, batch 1, each step one replay of a CUDA graph of the whole model
-    (transformers StaticCache; the prompt's prefill runs eagerly, outside the timed loop).
-    Returns (tokens/s, tokens)."""
+    """Greedy decode, each step one replay of a CUDA graph of the whole model (transformers
+    StaticCache; the prompt's prefill runs eagerly, outside the timed loop). ``prompt``: [P]
+    (batch 1) or [B, P]. Returns (steps/s, tokens of sequence 0); tokens/s = B * steps/s."""
     dev = next(model.parameters()).device
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-    P = prompt.numel()
-    ids = prompt.to(dev)[None]
-    cache = _static_cache(model, P + new_tokens + 8, dtype, dev)
+    ids = (prompt[None] if prompt.dim() == 1 else prompt).to(dev)
+    B, P = ids.shape
+    cache = _static_cache(model, P + new_tokens + 8, dtype, dev, B)
     out = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(P, device=dev), use_cache=True)
     first = out.logits[:, -1].argmax(-1)
-    static_ids = first.view(1, 1).clone()
+    static_ids = first.view(B, 1).clone()
     static_pos = torch.tensor([P], device=dev)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -114,7 +114,7 @@ def decode_graph_tps(model, prompt, new_tokens, reps):
         t0 = time.perf_counter()
         for t in range(new_tokens):
             seq[t] = nxt[0]
-            static_ids.copy_(nxt.view(1, 1))
+            static_ids.copy_(nxt.view(B, 1))
             static_pos.fill_(P + t)
             graph.replay()
             nxt = logits[:, -1].argmax(-1)
@@ -199,9 +199,124 @@ def _save(res, out):
         json.dump(res, f, indent=1)
 
 
+# Llama-3-8B's shapes (its config.json), typed in: the synthetic model has random weights.
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                 num_hidden_layers=32, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+                 rms_norm_eps=1e-5, tie_word_embeddings=False, hidden_act="silu")
+
+
+@torch.no_grad()
+def rtn_mixed(lin, frac8, gen):
+    """A MixedLinear from ``lin``'s weight: round-to-nearest on the GPU (4-bit asymmetric and 8-bit
+    symmetric, groups of 128), a random ``frac8`` of the rows in 8-bit (speed only: no salience)."""
+    W = lin.weight.detach().float()
+    N, K = W.shape
+    dev = W.device
+    n8 = int(round(frac8 * N))
+    perm = torch.randperm(N, device=dev, generator=gen)
+    rows8, rows4 = torch.sort(perm[:n8]).values, torch.sort(perm[n8:]).values
+    m = MixedLinear(K, N, n8=n8, bias=lin.bias is not None, device=dev)
+    m.perm.copy_(torch.cat([rows8, rows4]))
+    g4 = W[rows4].view(N - n8, K // 128, 128)
+    lo, hi = g4.amin(-1, keepdim=True), g4.amax(-1, keepdim=True)
+    s4 = ((hi - lo) / 15).clamp_min(1e-8)
+    z4 = torch.round(-lo / s4).clamp(0, 15)
+    q4 = torch.round(g4 / s4 + z4).clamp(0, 15).to(torch.uint8).view(N - n8, K)
+    m.qweight4.copy_(q4[:, 0::2] | (q4[:, 1::2] << 4))
+    m.scale4.copy_(s4.view(N - n8, -1))
+    m.zero4.copy_(z4.view(N - n8, -1).to(torch.uint8))
+    if n8:
+        g8 = W[rows8].view(n8, K // 128, 128)
+        s8 = (g8.abs().amax(-1, keepdim=True) / 127).clamp_min(1e-8)
+        m.qweight8.copy_(torch.round(g8 / s8).clamp(-127, 127).to(torch.int8).view(n8, K))
+        m.scale8.copy_(s8.view(n8, -1))
+    if lin.bias is not None:
+        m.bias.copy_(lin.bias.float())
+    return m
+
+
+@torch.no_grad()
+def prefill_ms(model, L, reps=5):
+    """One eager forward of 1 x L tokens (no cache): median ms of CUDA-event timings."""
+    dev = next(model.parameters()).device
+    x = torch.randint(0, model.config.vocab_size, (1, L), device=dev)
+    for _ in range(2):
+        model(input_ids=x, use_cache=False)
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        model(input_ids=x, use_cache=False)
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    return statistics.median(ts)
+
+
+def synthetic(args):
+    """Speed of a Llama-3-8B-shaped model with random weights: bf16 vs W4.4A8 (RTN, a random 10%
+    of the rows 8-bit; embeddings, norms and the head stay bf16)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    dev = torch.device("cuda")
+    cfg = LlamaConfig(**dict(LLAMA3_8B, num_hidden_layers=args.layers))
+    res = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
+           "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "model": f"synthetic Llama-3-8B shapes, {args.layers} blocks, RANDOM weights (speed only)",
+           "config": dict(LLAMA3_8B, num_hidden_layers=args.layers), "new_tokens": args.new_tokens,
+           "prompt_tokens": 32, "prefill_tokens": args.prefill}
+    log(res["model"])
+    torch.manual_seed(0)
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    with dev:
+        model = LlamaForCausalLM(cfg).eval()
+    torch.set_default_dtype(old)
+    prompt1 = torch.randint(0, cfg.vocab_size, (32,), generator=torch.Generator().manual_seed(1))
+    prompt16 = torch.randint(0, cfg.vocab_size, (16, 32), generator=torch.Generator().manual_seed(2))
+
+    def measure(name):
+        steps, _ = decode_graph_tps(model, prompt1, args.new_tokens, args.reps)
+        res[f"decode_b1_tps_{name}"] = steps
+        log(name, "batch-1 graph decode tok/s", steps)
+        steps, _ = decode_graph_tps(model, prompt16, args.new_tokens, args.reps)
+        res[f"decode_b16_tps_{name}"] = 16 * steps
+        log(name, "batch-16 graph decode tok/s", 16 * steps)
+        res[f"prefill{args.prefill}_ms_{name}"] = prefill_ms(model, args.prefill)
+        log(name, f"prefill {args.prefill} ms", res[f"prefill{args.prefill}_ms_{name}"])
+        _save(res, args.out)
+
+    measure("bf16")
+    t0 = time.time()
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for n, mod in list(parent.named_children()):
+                if isinstance(mod, torch.nn.Linear):
+                    setattr(parent, n, rtn_mixed(mod, 0.1, gen))
+    torch.cuda.empty_cache()
+    res["quantize_s"] = time.time() - t0
+    measure("w44a8")
+    res["decode_b1_speedup"] = res["decode_b1_tps_w44a8"] / res["decode_b1_tps_bf16"]
+    res["decode_b16_speedup"] = res["decode_b16_tps_w44a8"] / res["decode_b16_tps_bf16"]
+    res["prefill_speedup"] = res[f"prefill{args.prefill}_ms_bf16"] / res[f"prefill{args.prefill}_ms_w44a8"]
+    _save(res, args.out)
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    with open(os.path.join(here, f"gpu_e2e_llama3_8b_synthetic_{res['date'][:10]}.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"# {res['model']}, {res['device']}, {res['date']}")
+    for k, goal in (("decode_b1_speedup", 2.5), ("decode_b16_speedup", 2.0), ("prefill_speedup", 1.3)):
+        print(f"{'MET ' if res[k] >= goal else 'not '} {k}: {res[k]:.2f}x (goal {goal}x)")
+    return res
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--ids", required=True)
+    ap.add_argument("--synthetic", action="store_true",
+                    help="Llama-3-8B shapes with random weights: speed of bf16 vs W4.4A8 only (no --ids)")
+    ap.add_argument("--layers", type=int, default=32, help="--synthetic: decoder blocks")
+    ap.add_argument("--prefill", type=int, default=2048, help="--synthetic: prefill tokens")
+    ap.add_argument("--ids")
     ap.add_argument("--out", default="gpu_e2e.md")
     ap.add_argument("--bits", type=float, default=4.4)
     ap.add_argument("--eval-tokens", type=int, default=16384)
@@ -212,6 +327,13 @@ def main(argv=None):
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args(argv)
+    if args.synthetic:
+        if args.out == "gpu_e2e.md":
+            args.out = os.path.join(os.environ.get("OUT", "."), "gpu_e2e_synthetic.md")
+        args.new_tokens = min(args.new_tokens, 64)
+        return synthetic(args)
+    if not args.ids:
+        ap.error("--ids is required (or --synthetic)")
     torch.set_num_threads(args.threads)
     t_all = time.time()
     ids = torch.load(args.ids)

@@ -16,8 +16,10 @@ extern "C" {
 #endif
 
 #define MIXC_KSTAGE 128 /* padded K per pipeline stage */
-#define MIXC_NCFG 11     /* tile configurations, see mixc_cfg_name */
+#define MIXC_NCFG 12     /* tile configurations, see mixc_cfg_name */
 #define MIXC_CFG_SM90 10 /* the sm_90a wgmma + TMA prefill kernel (cuda/w4a8_sm90.cu) */
+#define MIXC_CFG_DECODE 11 /* the few-token kernel (cuda/w4a8_decode.cu); its "splits" = warps per row tile */
+#define MIXC_DECODE_MAX_M 32 /* the planner picks it up to this many tokens */
 #define MIXC_SM90_MIN_M 256 /* the planner picks it on 9.x devices from this many tokens on (measured faster at 256) */
 #define MIXC_MAX_PARTS 2
 
@@ -75,6 +77,13 @@ int mixc_qlinear(int device, mixc_gemm *g, void *stream);
  * kernel, else 0; its launcher, called by mixc_qlinear for cfg MIXC_CFG_SM90.  */
 int mixc_sm90_ok(int device);
 int mixc_qlinear_sm90(int device, const mixc_gemm *g, void *stream);
+
+/* The decode path (cuda/w4a8_decode.cu): tokens per block for M, the most and the planned
+ * number of warps sharing one 16-row tile's K (reduced in the block, no workspace), launcher. */
+int mixc_decode_tokens_per_block(int64_t M);
+int mixc_decode_max_warps(int64_t M);
+int mixc_decode_warps(int64_t M, const int64_t *Ns, int nparts, int64_t Kp, int sms);
+int mixc_qlinear_decode(int device, const mixc_gemm *g, int pdl, void *stream);
 
 const char *mixc_error_string(int err);
 

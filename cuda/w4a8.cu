@@ -42,6 +42,7 @@
 #include "mixllm_cuda.h"
 #include "device_guard.cuh"
 #include "gemm_common.cuh"
+#include "packed_layout.cuh"
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -121,7 +122,7 @@ struct StageLayout {
     static constexpr int W = (SA + BM * 4 + 15) / 16 * 16;
     static constexpr int WARP_W = TN * (BITS / 2) * 32 * 16;
     static constexpr int META = W + NW * WARP_W;
-    static constexpr int BYTES = META + NW * TN * 80;
+    static constexpr int BYTES = META + NW * TN * mixc_layout::META_BYTES;
 };
 /* Stages in flight per bit-width. Giving the 4-bit rows of decode tiles 2*ST-1 stages in the same
  * shared memory was measured slower on the H100 at M = 1 (fewer resident blocks; 62 -> 71 us on
@@ -175,7 +176,9 @@ __device__ __forceinline__ void gemm_tile(const Args &a, const Part &p, int rb, 
             uint8_t *dst = st + L::W + warp * L::WARP_W + (i * WPS * 32 + lane) * 16;
 #pragma unroll
             for (int v = 0; v < WPS; v++) cp_async16(dst + v * 512, src + v * 512);
-            if (lane < 5) cp_async16(st + L::META + (warp * TN + i) * 80 + lane * 16, msrc + (rt * G + j) * 80 + lane * 16);
+            if (lane < mixc_layout::META_WORDS)
+                cp_async16(st + L::META + (warp * TN + i) * mixc_layout::META_BYTES + lane * 16,
+                           msrc + (rt * G + j) * mixc_layout::META_BYTES + lane * 16);
         }
     };
 
@@ -210,11 +213,12 @@ __device__ __forceinline__ void gemm_tile(const Args &a, const Part &p, int rb, 
         float sw[TN][2];
 #pragma unroll
         for (int i = 0; i < TN; i++) {
-            const uint8_t *m = st + L::META + (warp * TN + i) * 80;
-            sw[i][0] = ((const float *)m)[gid];
-            sw[i][1] = ((const float *)m)[gid + 8];
-            zz[i][0] = (uint32_t)m[64 + gid] * 0x01010101u;
-            zz[i][1] = (uint32_t)m[64 + gid + 8] * 0x01010101u;
+            const mixc_layout::MetaRecord *m =
+                (const mixc_layout::MetaRecord *)(st + L::META + (warp * TN + i) * mixc_layout::META_BYTES);
+            sw[i][0] = m->scale[gid];
+            sw[i][1] = m->scale[gid + 8];
+            zz[i][0] = (uint32_t)m->zero[gid] * 0x01010101u;
+            zz[i][1] = (uint32_t)m->zero[gid + 8] * 0x01010101u;
         }
 #pragma unroll
         for (int k = 0; k < SPS; k++) {
@@ -303,26 +307,6 @@ __global__ void __launch_bounds__(NW * 32) qgemm_kernel(const __grid_constant__ 
     }
 }
 
-struct CfgInfo {
-    int nw, tn, bm, st;
-    const char *name;
-};
-/* The tile table: decode shapes stream weights with small token tiles, prefill reuses each
- * weight fragment across 128 tokens. Rows per block = nw * tn * 16. */
-const CfgInfo CFGS[MIXC_NCFG] = {
-    {4, 2, 8, 4, "w4x2_m8"},
-    {4, 2, 16, 4, "w4x2_m16"},
-    {4, 2, 32, 4, "w4x2_m32"},
-    {4, 2, 64, 4, "w4x2_m64"},
-    {8, 1, 128, 4, "w8x1_m128"},
-    {8, 2, 64, 4, "w8x2_m64"},
-    {8, 1, 8, 6, "w8x1_m8_s6"},
-    {8, 1, 16, 6, "w8x1_m16_s6"},
-    {8, 1, 32, 4, "w8x1_m32"},
-    {8, 1, 64, 4, "w8x1_m64"},
-    {8, 1, 128, 8, "sm90_wgmma_m128"}, /* MIXC_CFG_SM90: 128 rows x 128 tokens, cuda/w4a8_sm90.cu */
-};
-
 /* Per-device facts the launchers need, read once. */
 struct DeviceInfo {
     int sms = 0, major = 0, smem_optin = 0;
@@ -393,18 +377,31 @@ cudaError_t launch_cfg(const Args &a, int nblk, bool pdl, cudaStream_t stream) {
     return e != cudaSuccess ? e : cudaGetLastError();
 }
 
-/* One row of the tile table: its launcher and occupancy query. */
-struct CfgFns {
+/* The tile table, one row per configuration index: decode shapes stream weights with small
+ * token tiles, prefill reuses each weight fragment across 128 tokens. Rows per block =
+ * nw * tn * 16. The last two rows run in their own files (launch = nullptr): the wgmma
+ * prefill kernel (its occupancy answered by the mma.sync 128-token row) and the decode kernel
+ * (the planner sizes it itself). */
+struct CfgInfo {
+    int nw, tn, bm, st;
+    const char *name;
     cudaError_t (*launch)(const Args &, int, bool, cudaStream_t);
     cudaError_t (*prepare)(int *);
 };
-#define MIXC_CFG(NW, TN, BM, ST) { launch_cfg<NW, TN, BM, ST>, prepare_cfg<NW, TN, BM, ST> }
-/* in the order of CFGS */
-const CfgFns FNS[MIXC_NCFG] = {
-    MIXC_CFG(4, 2, 8, 4),   MIXC_CFG(4, 2, 16, 4),  MIXC_CFG(4, 2, 32, 4), MIXC_CFG(4, 2, 64, 4),
-    MIXC_CFG(8, 1, 128, 4), MIXC_CFG(8, 2, 64, 4),  MIXC_CFG(8, 1, 8, 6),  MIXC_CFG(8, 1, 16, 6),
-    MIXC_CFG(8, 1, 32, 4),  MIXC_CFG(8, 1, 64, 4),
-    MIXC_CFG(8, 1, 128, 4), /* MIXC_CFG_SM90 launches through mixc_qlinear_sm90; this row answers occupancy */
+#define MIXC_CFG(NW, TN, BM, ST, NAME) {NW, TN, BM, ST, NAME, launch_cfg<NW, TN, BM, ST>, prepare_cfg<NW, TN, BM, ST>}
+const CfgInfo CFGS[MIXC_NCFG] = {
+    MIXC_CFG(4, 2, 8, 4, "w4x2_m8"),
+    MIXC_CFG(4, 2, 16, 4, "w4x2_m16"),
+    MIXC_CFG(4, 2, 32, 4, "w4x2_m32"),
+    MIXC_CFG(4, 2, 64, 4, "w4x2_m64"),
+    MIXC_CFG(8, 1, 128, 4, "w8x1_m128"),
+    MIXC_CFG(8, 2, 64, 4, "w8x2_m64"),
+    MIXC_CFG(8, 1, 8, 6, "w8x1_m8_s6"),
+    MIXC_CFG(8, 1, 16, 6, "w8x1_m16_s6"),
+    MIXC_CFG(8, 1, 32, 4, "w8x1_m32"),
+    MIXC_CFG(8, 1, 64, 4, "w8x1_m64"),
+    {8, 1, 128, 8, "sm90_wgmma_m128", nullptr, prepare_cfg<8, 1, 128, 4>}, /* MIXC_CFG_SM90, cuda/w4a8_sm90.cu */
+    {1, 1, 8, 4, "decode_gemv", nullptr, nullptr},                        /* MIXC_CFG_DECODE, cuda/w4a8_decode.cu */
 };
 #undef MIXC_CFG
 
@@ -415,7 +412,7 @@ int cfg_occupancy(int device, int cfg) {
     if (!cache[device][cfg]) {
         int n = 0;
         DeviceGuard guard(device);
-        cudaError_t e = guard.err == cudaSuccess ? FNS[cfg].prepare(&n) : guard.err;
+        cudaError_t e = guard.err != cudaSuccess ? guard.err : CFGS[cfg].prepare ? CFGS[cfg].prepare(&n) : cudaSuccess;
         if (e != cudaSuccess || n <= 0) { cudaGetLastError(); n = 1; }
         cache[device][cfg] = n;
     }
@@ -436,7 +433,7 @@ extern "C" int64_t mixc_wpack_bytes(int bits, int64_t N, int64_t K, int64_t g) {
 }
 
 extern "C" int64_t mixc_meta_bytes(int64_t N, int64_t K, int64_t g) {
-    return (N + 15) / 16 * ((K + g - 1) / g) * 80;
+    return (N + 15) / 16 * ((K + g - 1) / g) * mixc_layout::META_BYTES;
 }
 
 extern "C" const char *mixc_cfg_name(int cfg) { return (cfg >= 0 && cfg < MIXC_NCFG) ? CFGS[cfg].name : "?"; }
@@ -451,6 +448,13 @@ extern "C" int mixc_plan(int device, int64_t M, const int64_t *Ns, int nparts, i
     if (cfg >= MIXC_NCFG) return -1;
     if (cfg == MIXC_CFG_SM90 && !mixc_sm90_ok(device)) cfg = 4; /* forced where no sm_90a kernel runs */
     if (cfg < 0 && M >= MIXC_SM90_MIN_M && mixc_sm90_ok(device)) cfg = MIXC_CFG_SM90;
+    if (cfg < 0 && M <= MIXC_DECODE_MAX_M) cfg = MIXC_CFG_DECODE;
+    if (cfg == MIXC_CFG_DECODE) {
+        const int kmax = mixc_decode_max_warps(M);
+        *cfg_out = cfg;
+        *splits_out = splits > 0 ? (splits < kmax ? splits : kmax) : mixc_decode_warps(M, Ns, nparts, Kp, sm_count(device));
+        return 0;
+    }
     int64_t rows_all = 0;
     for (int i = 0; i < nparts; i++) rows_all += Ns[i];
     if (cfg < 0 && M <= 64 && rows_all * Kp <= SMALL_LAYER_CODES) {
@@ -513,6 +517,7 @@ extern "C" int mixc_qlinear(int device, mixc_gemm *g, void *stream_) {
     if (g->cfg < 0 || g->cfg >= MIXC_NCFG || g->splits < 1 || g->nparts < 1 || g->nparts > 2)
         return (int)cudaErrorInvalidValue;
     if (g->cfg == MIXC_CFG_SM90) return mixc_qlinear_sm90(device, g, stream_);
+    if (g->cfg == MIXC_CFG_DECODE) return mixc_qlinear_decode(device, g, g->pdl && device_info(device).major >= 9, stream_);
     const CfgInfo &c = CFGS[g->cfg];
     const int64_t bn = (int64_t)c.nw * c.tn * 16;
     const int nst = (int)(g->Kp / KS);
@@ -524,7 +529,7 @@ extern "C" int mixc_qlinear(int device, mixc_gemm *g, void *stream_) {
     const int nblk = order_parts(g, bn, a.p0, a.p1);
     if (g->M <= 0 || nblk == 0) return 0;
     const bool pdl = g->pdl && device_info(device).major >= 9;
-    cudaError_t e = FNS[g->cfg].launch(a, nblk, pdl, stream);
+    cudaError_t e = CFGS[g->cfg].launch(a, nblk, pdl, stream);
     if (e != cudaSuccess || g->splits == 1) return (int)e;
     return (int)launch_splitk_finish(g, g->splits, 4 * sm_count(device), stream);
 }

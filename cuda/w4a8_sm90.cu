@@ -43,6 +43,7 @@
 #include "mixllm_cuda.h"
 #include "device_guard.cuh"
 #include "gemm_common.cuh"
+#include "packed_layout.cuh"
 #include <cuda.h>
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -163,12 +164,12 @@ __device__ __forceinline__ void load_regs(StageRegs<BITS> &r, const Part90 &p, i
 #pragma unroll
     for (int v = 0; v < BITS / 2; v++) r.w[v] = ld_stream(src + v * 512);
     const int j = min(s / spg, G - 1);
-    const uint8_t *m = p.meta + (rt * G + j) * 80;
-    r.sw0 = __ldg((const float *)m + gid);
-    r.sw1 = __ldg((const float *)m + gid + 8);
+    const mixc_layout::MetaRecord *m = (const mixc_layout::MetaRecord *)(p.meta + (rt * G + j) * mixc_layout::META_BYTES);
+    r.sw0 = __ldg(&m->scale[gid]);
+    r.sw1 = __ldg(&m->scale[gid + 8]);
     if (BITS == 4) {
-        r.z0 = (uint32_t)__ldg(m + 64 + gid) * 0x01010101u;
-        r.z1 = (uint32_t)__ldg(m + 72 + gid) * 0x01010101u;
+        r.z0 = (uint32_t)__ldg(&m->zero[gid]) * 0x01010101u;
+        r.z1 = (uint32_t)__ldg(&m->zero[gid + 8]) * 0x01010101u;
     }
 }
 

@@ -12,6 +12,7 @@
  * (uint8; 0 for 8-bit rows). */
 #include "mixllm_cuda.h"
 #include "device_guard.cuh"
+#include "packed_layout.cuh"
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -77,24 +78,18 @@ __global__ void pack_kernel(const uint8_t *__restrict__ qw, const uint8_t *__res
 }
 
 __global__ void meta_kernel(const float *__restrict__ scale, const uint8_t *__restrict__ zero, Geo geo,
-                            uint4 *__restrict__ meta, int64_t total) {
+                            mixc_layout::MetaRecord *__restrict__ meta, int64_t total) {
+    using mixc_layout::TILE_ROWS;
     const int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
     if (i >= total) return;
     const int64_t j = i % geo.G, rt = i / geo.G;
-    uint32_t w[20];
-    for (int r = 0; r < 16; r++) {
-        const int64_t n = rt * 16 + r;
-        w[r] = __float_as_uint(n < geo.N ? scale[n * geo.G + j] : 0.f);
+    mixc_layout::MetaRecord rec;
+    for (int r = 0; r < TILE_ROWS; r++) {
+        const int64_t n = rt * TILE_ROWS + r;
+        rec.scale[r] = n < geo.N ? scale[n * geo.G + j] : 0.f;
+        rec.zero[r] = (zero && n < geo.N) ? zero[n * geo.G + j] : 0;
     }
-    for (int q = 0; q < 4; q++) {
-        uint32_t v = 0;
-        for (int b = 0; b < 4; b++) {
-            const int64_t n = rt * 16 + 4 * q + b;
-            v |= (uint32_t)((zero && n < geo.N) ? zero[n * geo.G + j] : 0) << (8 * b);
-        }
-        w[16 + q] = v;
-    }
-    for (int q = 0; q < 5; q++) meta[i * 5 + q] = make_uint4(w[4 * q], w[4 * q + 1], w[4 * q + 2], w[4 * q + 3]);
+    meta[i] = rec;
 }
 
 } // namespace
@@ -120,7 +115,8 @@ extern "C" int mixc_pack_weight(int device, int bits, const void *qweight, const
             pack_kernel<8><<<(unsigned)blocks, 256, 0, stream>>>((const uint8_t *)qweight, nullptr, geo, (uint4 *)wpack, total);
         err = cudaGetLastError();
         if (err == cudaSuccess) {
-            meta_kernel<<<(unsigned)mblocks, 256, 0, stream>>>(scale, bits == 4 ? zero : nullptr, geo, (uint4 *)meta, mtotal);
+            meta_kernel<<<(unsigned)mblocks, 256, 0, stream>>>(scale, bits == 4 ? zero : nullptr, geo,
+                                                              (mixc_layout::MetaRecord *)meta, mtotal);
             err = cudaGetLastError();
         }
     }

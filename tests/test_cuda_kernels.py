@@ -1,0 +1,146 @@
+"""The decode GEMM (cuda/w4a8_decode.cu, configuration MIXC_CFG_DECODE) against the float64
+reference and the CPU op: tails in M, N and K, group sizes below, at and above the 128-column
+stage, float32/float16/bfloat16, every forced warp count, outputs poisoned with NaN, the
+planner's choice, determinism. Skipped without the extension or a GPU.
+"""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+_cuda = pytest.importorskip("mixllm._cuda")
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA device", allow_module_level=True)
+
+import reference as ref  # noqa: E402
+from mixllm import cuda_ops, ops  # noqa: E402
+
+DEV = torch.device("cuda", torch.cuda.current_device())
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+RTOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+DECODE = next(c for c in range(_cuda.NCFG) if _cuda.plan(DEV.index, 1, (16,), 128, c, 1)[2] == "decode_gemv")
+
+
+def make_weight(rng, N, K, bits, g):
+    w = rng.standard_normal((N, K)).astype(np.float32) * 0.05
+    codes, scale, zero = ops.quantize_weight(w, bits, g)
+    return ops.QuantizedWeight.from_codes(codes, scale, zero, bits, g), codes, scale, zero
+
+
+def make_x(rng, M, K, dtype):
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    x[:, ::7] *= 8.0  # outlier channels
+    xt = torch.from_numpy(x).to(DEV, dtype)
+    return xt, xt.float().cpu().numpy()
+
+
+def assert_close(y, y_ref, dtype):
+    y = y.float().cpu().numpy().astype(np.float64)
+    assert np.isfinite(y).all()
+    atol = 2e-5 * (np.abs(y_ref).max() + 1e-3)
+    np.testing.assert_allclose(y, y_ref, atol=atol, rtol=RTOL[dtype])
+
+
+def mixed_layer(rng, N, K, g, n8=None, bias=True):
+    n8 = max(1, N // 10) if n8 is None else n8
+    perm = rng.permutation(N)
+    W4, c4, s4, z4 = make_weight(rng, N - n8, K, 4, g)
+    W8, c8, s8, _ = make_weight(rng, n8, K, 8, g)
+    i4 = torch.from_numpy(perm[: N - n8].copy()).to(DEV)
+    i8 = torch.from_numpy(perm[N - n8:].copy()).to(DEV)
+    b = rng.standard_normal(N).astype(np.float32) if bias else None
+
+    def reference(x32):
+        y = np.zeros((x32.shape[0], N))
+        y[:, perm[: N - n8]] = ref.qlinear(x32, c4, s4, z4, g)
+        y[:, perm[N - n8:]] = ref.qlinear(x32, c8, s8, None, g)
+        return y + (b if bias else 0.0)
+
+    parts = [(W4, i4), (W8, i8)]
+    return parts, (torch.from_numpy(b).to(DEV) if bias else None), reference
+
+
+@pytest.mark.parametrize("M,N,K,g", [(1, 16, 128, 128), (1, 300, 1000, 128), (3, 37, 300, 128),
+                                     (8, 130, 1000, 128), (13, 200, 520, 64), (16, 96, 1200, 256),
+                                     (31, 70, 640, 100), (33, 150, 384, 128), (64, 40, 1500, 128),
+                                     (70, 48, 256, 128)])
+def test_decode_mixed_matches_reference(rng, M, N, K, g):
+    parts, bias, reference = mixed_layer(rng, N, K, g)
+    for dtype in DTYPES:
+        xt, x32 = make_x(rng, M, K, dtype)
+        y = cuda_ops.qlinear(xt, parts, N, bias, (M,), cfg=DECODE)
+        assert y.shape == (M, N) and y.dtype == dtype
+        assert_close(y, reference(x32), dtype)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("kw", [1, 2, 3, 8])
+def test_decode_every_warp_count(rng, bits, kw):
+    """Forced warps per row tile (the 'splits' of this configuration), one part, no out_index;
+    more warps than stages leaves some warps without work."""
+    M, N, K, g = 5, 50, 1000, 128
+    W, codes, scale, zero = make_weight(rng, N, K, bits, g)
+    xt, x32 = make_x(rng, M, K, torch.float32)
+    y = cuda_ops.qlinear(xt, [(W, None)], N, None, (M,), cfg=DECODE, splits=kw)
+    assert_close(y, ref.qlinear(x32, codes, scale, zero, g), torch.float32)
+    fn = ops.w4a8_linear if bits == 4 else ops.w8a8_linear
+    assert_close(y, np.asarray(fn(x32, W), np.float64), torch.float32)  # the CPU op: same function
+
+
+@pytest.mark.parametrize("M", [1, 9, 40])
+def test_decode_poisoned_outputs_fully_written(rng, M):
+    N, K, g = 90, 700, 128
+    parts, bias, reference = mixed_layer(rng, N, K, g)
+    xt, x32 = make_x(rng, M, K, torch.bfloat16)
+    lin = cuda_ops.PreparedLinear(parts, N, bias, DEV)
+    c, sp, nbytes, name = lin.plan(M, DECODE)
+    assert c == DECODE and name == "decode_gemv"
+    y = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device=DEV)
+    scratch = torch.full((nbytes,), 0xFF, dtype=torch.uint8, device=DEV)
+    _cuda.run(lin.handle, xt, y, scratch, c, sp, 0)
+    torch.cuda.synchronize()
+    assert_close(y, reference(x32), torch.bfloat16)
+
+
+def test_decode_deterministic_and_agrees_with_mma_path(rng):
+    M, N, K, g = 4, 260, 2048, 128
+    parts, bias, reference = mixed_layer(rng, N, K, g)
+    xt, x32 = make_x(rng, M, K, torch.float32)
+    lin = cuda_ops.PreparedLinear(parts, N, bias, DEV)
+    y1, y2 = lin(xt, DECODE), lin(xt, DECODE)
+    assert torch.equal(y1, y2)
+    y_mma = lin(xt, 0)  # the mma.sync 8-token tile
+    assert_close(y1, reference(x32), torch.float32)
+    torch.testing.assert_close(y1, y_mma, rtol=1e-5, atol=1e-4 * float(y_mma.abs().max()))
+
+
+def test_planner_picks_decode_for_few_tokens():
+    for M in (1, 8, 16):
+        assert _cuda.plan(DEV.index, M, (28000, 3000), 8192, -1, 0)[0] == DECODE
+    c, kw, _ = _cuda.plan(DEV.index, 1, (28000, 3000), 8192, -1, 0)
+    assert 1 <= kw <= 8
+    assert _cuda.plan(DEV.index, 4096, (14336,), 4096, -1, 0)[0] != DECODE
+    c, kw, _ = _cuda.plan(DEV.index, 1, (4096,), 4096, DECODE, 99)  # forced: clamped to the most warps
+    assert c == DECODE and kw == 8
+
+
+def test_decode_graph_capture(rng):
+    """The decode path inside a CUDA graph (as in graph decode) gives the eager result."""
+    M, N, K, g = 1, 512, 1024, 128
+    parts, bias, reference = mixed_layer(rng, N, K, g)
+    lin = cuda_ops.PreparedLinear(parts, N, bias, DEV)
+    x = make_x(rng, M, K, torch.bfloat16)[0]
+    y_eager = lin(x)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        lin(x)
+    torch.cuda.current_stream().wait_stream(s)
+    g_ = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g_):
+        y = lin(x)
+    x2, x2_32 = make_x(rng, M, K, torch.bfloat16)
+    x.copy_(x2)
+    g_.replay()
+    torch.cuda.synchronize()
+    assert_close(y, reference(x2_32), torch.bfloat16)
+    assert not torch.equal(y, y_eager)
