@@ -16,7 +16,12 @@ __version__ = "0.1.0"
 _LAZY = {
     "quantize": ("mixllm.methods", "quantize"),
     "METHODS": ("mixllm.methods", "METHODS"),
-    "MixLLMConfig": ("mixllm.methods.mixllm", "MixLLMConfig"),
+    "MixLLMConfig": ("mixllm.methods", "MixLLMConfig"),
+    "SliMConfig": ("mixllm.methods", "SliMConfig"),
+    "CMPQConfig": ("mixllm.methods", "CMPQConfig"),
+    "GPTQConfig": ("mixllm.methods", "GPTQConfig"),
+    "RTNConfig": ("mixllm.methods", "RTNConfig"),
+    "QuantConfig": ("mixllm.methods", "QuantConfig"),
     "MixedLinear": ("mixllm.nn", "MixedLinear"),
     "save": ("mixllm.io", "save"),
     "load": ("mixllm.io", "load"),

@@ -140,7 +140,8 @@ def quantize_weight(w, bits: int = 4, group_size: int = 128, symmetric: Optional
     q = _empty(w, (N, K), "int8" if symmetric else "uint8")
     scale = _empty(w, (N, G), "float32")
     zero = _zeros(w, (N, G), "uint8")
-    _C.quantize_weight(w, int(bits), group_size, symmetric, q, scale, zero)
+    _C.quantize_weight(w, bits=int(bits), group_size=group_size, symmetric=symmetric, q_out=q, scale_out=scale,
+                       zero_out=zero)
     return q, scale, (None if symmetric else zero)
 
 
@@ -236,8 +237,9 @@ def gptq_quantize(w, H=None, bits: int = 4, group_size: int = 128, symmetric: Op
     q = _empty(w, (N, K), "int8" if symmetric else "uint8")
     scale = _empty(w, (N, G), "float32")
     zero = _zeros(w, (N, G), "uint8")
-    _C.gptq_quantize(w, H, int(bits), group_size, symmetric, float(damp), bool(group_order),
-                     int(clip_grid) if clip else 0, bits_per_group, q, scale, zero)
+    _C.gptq_quantize(w, H, bits=int(bits), group_size=group_size, symmetric=symmetric, damp=float(damp),
+                     group_order=bool(group_order), clip_grid=int(clip_grid) if clip else 0,
+                     bits_per_group=bits_per_group, q_out=q, scale_out=scale, zero_out=zero)
     return q, scale, (None if symmetric else zero)
 
 
@@ -456,12 +458,13 @@ def kmeans1d(x, k: int, weight=None, levels=None, iters: int = 50):
             levels = levels.int() if _is_torch(levels) else levels.astype(np.int32)
     cent = _empty(x, (R, k), "float32")
     codes = _empty(x, (R, n), "uint8")
-    _C.kmeans1d(x, weight, k, levels, iters, cent, codes)
+    _C.kmeans1d(x, weight=weight, k=k, levels=levels, iters=iters, centroids_out=cent, codes_out=codes)
     return cent, codes
 
 
 def _slim_args(lam, norm, tau_range, tau_n):
-    return float(lam), float(norm), float(tau_range), _check_int(tau_n, "tau_n", 1, 1000)
+    """SliM-LLM's loss settings as the C entry points' keywords."""
+    return dict(lam=float(lam), norm=float(norm), tau_range=float(tau_range), tau_n=_check_int(tau_n, "tau_n", 1, 1000))
 
 
 def slim_calibrate(w, u, bits: int, threshold=None, lam: float = 1.0, norm: float = 2.4,
@@ -481,8 +484,8 @@ def slim_calibrate(w, u, bits: int, threshold=None, lam: float = 1.0, norm: floa
     R = w.shape[0]
     scale = np.empty(R, np.float32)
     offset = np.empty(R, np.float32)
-    _C.slim_calibrate(w, u, bits, None if threshold is None else float(threshold),
-                      *_slim_args(lam, norm, tau_range, tau_n), scale, offset)
+    _C.slim_calibrate(w, u, bits=bits, threshold=None if threshold is None else float(threshold),
+                      **_slim_args(lam, norm, tau_range, tau_n), scale_out=scale, offset_out=offset)
     return scale, offset
 
 
@@ -512,8 +515,9 @@ def slim_gptq_quantize(w, H, bits_per_group, group_size: int = 128, damp: float 
     offset = np.empty((N, G), np.float32)
     if U is not None:
         U = _to_np_cpu(U, "U", np.float64)
-    _C.slim_gptq(w, H, bpg, group_size, float(damp), bool(group_order), thr,
-                 *_slim_args(lam, norm, tau_range, tau_n), q, scale, offset, U)
+    _C.slim_gptq(w, H, bits_per_group=bpg, group_size=group_size, damp=float(damp), group_order=bool(group_order),
+                 thresholds=thr, **_slim_args(lam, norm, tau_range, tau_n), q_out=q, scale_out=scale,
+                 offset_out=offset, U=U)
     return q, scale, offset
 
 

@@ -1,42 +1,51 @@
-"""Quantization methods: a registry of config classes and the one dispatcher, :func:`quantize`.
+"""Quantization methods: the registry of config classes and the one dispatcher, :func:`quantize`.
 
 Plug-in contract (what a method provides, e.g. ``SliMConfig`` in ``methods/slim.py``):
 
-* a ``@dataclass`` config class whose fields are the method's knobs, each documented, with defaults;
-  the CLI turns every field into a ``--flag`` (``bool`` fields into ``--flag/--no-flag``), so keep
-  field types simple (``int``, ``float``, ``str``, ``bool``, ``Optional`` of these);
+* a ``@dataclass`` config class deriving from :class:`QuantConfig` (weight-only methods: from
+  :class:`WeightOnlyConfig`, which supplies ``apply``), registered with ``@register("name")``
+  (``calibration=False`` when it needs no calibration data), whose fields are the method's knobs, each
+  documented, with defaults, checked in ``__post_init__`` with :mod:`mixllm.methods.validate`; the CLI
+  turns every field into a ``--flag`` (``bool`` fields into ``--flag/--no-flag``), so keep field types
+  simple (``int``, ``float``, ``str``, ``bool``, ``Optional`` of these);
 * ``config.apply(model, calib) -> dict``: quantizes ``model`` *in place* (swapping ``nn.Linear``
-  modules for quantized modules) and returns a JSON-serialisable report (at least ``avg_bits``);
-  ``calib`` is whatever :func:`mixllm.methods.prepare_calib` returns (token ids [n, seq_len], or a
-  :class:`mixllm.calib.Calibration` to reuse statistics), or ``None`` when the method needs none;
+  modules for quantized modules with :func:`mixllm.modules.set_module`) and returns a JSON-serialisable
+  report (at least ``avg_bits``); ``calib`` is whatever :func:`prepare_calib` returns (token ids
+  [n, seq_len], or a :class:`mixllm.calib.Calibration` to reuse statistics), or ``None`` when the method
+  needs none;
 * the quantized module classes must be registered with :func:`mixllm.io.register_module` (they
   implement ``get_config() -> dict`` and ``classmethod from_config(dict)``) so ``mixllm.load`` can
   rebuild them;
-* an entry ``METHODS["name"] = ConfigClass`` (added below, or at import time of the module).
+* an import of its module below (the decorator registers it).
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
+from .base import REGISTRY, QuantConfig, WeightOnlyConfig, register
+from .baselines import GPTQConfig, RTNConfig
+from .cmpq import CMPQConfig
 from .mixllm import MixLLMConfig
+from .slim import SliMConfig
 
-__all__ = ["METHODS", "quantize", "get_method", "MixLLMConfig", "method_name"]
+__all__ = [
+    "METHODS",
+    "quantize",
+    "get_method",
+    "method_name",
+    "QuantConfig",
+    "WeightOnlyConfig",
+    "register",
+    "MixLLMConfig",
+    "RTNConfig",
+    "GPTQConfig",
+    "SliMConfig",
+    "CMPQConfig",
+]
 
-METHODS: Dict[str, type] = {"mixllm": MixLLMConfig}
-
-# Sister methods live in their own modules; they register themselves if present.
-for _mod, _names in (("slim", ("slim", "SliMConfig")), ("cmpq", ("cmpq", "CMPQConfig")),
-                     ("baselines", ("gptq", "GPTQConfig", "rtn", "RTNConfig"))):
-    try:
-        _m = __import__(f"{__name__}.{_mod}", fromlist=["_"])
-    except ModuleNotFoundError as _e:  # not written yet; a broken module still raises
-        if _e.name != f"{__name__}.{_mod}":
-            raise
-        continue
-    for _key, _cls in zip(_names[::2], _names[1::2]):
-        if hasattr(_m, _cls):
-            METHODS.setdefault(_key, getattr(_m, _cls))
+METHODS: Dict[str, type] = REGISTRY  # name -> config class, filled by @register
 
 
 def get_method(name: str) -> type:
@@ -50,10 +59,7 @@ def get_method(name: str) -> type:
 
 
 def method_name(config) -> str:
-    for k, v in METHODS.items():
-        if type(config) is v:
-            return k
-    return type(config).__name__
+    return getattr(type(config), "name", "") or type(config).__name__
 
 
 def quantize(model, config, calib: Any = None, tokenizer=None) -> Dict[str, Any]:
@@ -65,11 +71,11 @@ def quantize(model, config, calib: Any = None, tokenizer=None) -> Dict[str, Any]
     kept on ``model.mixllm_info`` for :func:`mixllm.save`.
     """
     import torch
+
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    if not dataclasses.is_dataclass(config) or not hasattr(config, "apply"):
-        raise TypeError(f"config: expected a method config (one of {sorted(METHODS)}), "
-                        f"got {type(config).__name__}")
+    if not dataclasses.is_dataclass(config) or not isinstance(config, QuantConfig):
+        raise TypeError(f"config: expected a method config (one of {sorted(METHODS)}), got {type(config).__name__}")
     calib = prepare_calib(model, config, calib, tokenizer)
     report = config.apply(model, calib)
     model.mixllm_info = {"method": method_name(config), "config": config_dict(config), "report": report}
@@ -83,8 +89,10 @@ def config_dict(config) -> Dict[str, Any]:
 def prepare_calib(model, config, calib, tokenizer=None):
     """Turn ``calib`` into token ids [n, seq_len] (or pass a Calibration / ids through)."""
     import torch
-    from ..calib import Calibration
+
     from .. import data
+    from ..calib import Calibration
+
     if isinstance(calib, Calibration):
         return calib
     needs = getattr(config, "needs_calibration", lambda: True)()
@@ -108,9 +116,12 @@ def prepare_calib(model, config, calib, tokenizer=None):
 
 def _tokenizer_for(model):
     from transformers import AutoTokenizer
+
     path = getattr(getattr(model, "config", None), "_name_or_path", "")
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:
-        raise ValueError("calib: pass token ids, or a tokenizer= to tokenize the calibration text "
-                         f"(could not load a tokenizer from {path!r}: {e})") from None
+        raise ValueError(
+            "calib: pass token ids, or a tokenizer= to tokenize the calibration text "
+            f"(could not load a tokenizer from {path!r}: {e})"
+        ) from None

@@ -28,9 +28,12 @@ import torch
 import torch.nn as nn
 
 from .. import ops
+from ..modules import replace_modules
 from ..nn_weight_only import WeightOnlyLinear
+from . import validate
+from .base import WeightOnlyConfig, register
 
-__all__ = ["RTNConfig", "GPTQConfig", "LayerStats", "collect_stats", "default_filter", "replace_linears",
+__all__ = ["RTNConfig", "GPTQConfig", "LayerStats", "collect_stats", "default_filter",
            "quantize_weight_only", "sequential_quantize"]
 
 
@@ -243,13 +246,6 @@ def sequential_quantize(model: nn.Module, config, calib, filter_fn: Callable = d
         inputs = new_inputs
     return out_new
 
-def replace_linears(model: nn.Module, new: Dict[str, nn.Module]):
-    for name, m in new.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, m)
-
-
 def _stats_from_calibration(cal, model, filter_fn):
     """LayerStats from a mixllm.calib.Calibration (Hessians only: no input rows)."""
     out = {}
@@ -293,7 +289,7 @@ def quantize_weight_only(model: nn.Module, config, calib=None, filter_fn: Callab
         new[name] = config.quantize_linear(lin, stats.pop(name))
         if verbose:
             print(f"{name}: {new[name].extra_repr()}", flush=True)
-    replace_linears(model, new)
+    replace_modules(model, new)
     return _report(new, "one-pass" if config.needs_calibration() else "none")
 
 
@@ -304,35 +300,23 @@ def _report(new, how):
             "quantized_params": n_w, "n_layers": len(new), "calibration": how}
 
 
-def _check_bits(bits, lo=2, hi=8):
-    """An integer bit-width (an integral float such as the CLI's ``2.0`` is accepted)."""
-    if isinstance(bits, (float, np.floating)) and float(bits).is_integer():
-        bits = int(bits)
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not lo <= bits <= hi:
-        raise ValueError(f"bits: expected an integer in {lo}..{hi}, got {bits!r}")
-    return int(bits)
-
-
 def _weight(linear):
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
     return linear.weight.detach().float().cpu().numpy()
 
 
+@register("rtn", calibration=False)
 @dataclass
-class RTNConfig:
+class RTNConfig(WeightOnlyConfig):
     """Round-to-nearest weight-only quantization: asymmetric ``bits``-bit, groups of ``group_size``
     along the input features (docs/spec.md §1 format, min/max range)."""
     bits: int = 4
     group_size: int = 128
-    name = "rtn"
-
-    def needs_calibration(self) -> bool:
-        return False
 
     def __post_init__(self):
-        self.bits = _check_bits(self.bits)
-        self.group_size = ops._check_group(self.group_size)
+        self.bits = validate.integer_in("bits", self.bits, 2, 8)
+        self.group_size = validate.group_size(self.group_size)
 
     def quantize_linear(self, linear: nn.Linear, stats: Optional[LayerStats] = None) -> WeightOnlyLinear:
         w = _weight(linear)
@@ -340,12 +324,10 @@ class RTNConfig:
         return WeightOnlyLinear.from_group(linear, q, s, -z.astype(np.float32) * s, self.bits, self.group_size,
                                            method=self.name)
 
-    def apply(self, model, calib=None, filter_fn=default_filter, verbose=False):
-        return quantize_weight_only(model, self, calib, filter_fn, verbose)
 
-
+@register("gptq")
 @dataclass
-class GPTQConfig:
+class GPTQConfig(WeightOnlyConfig):
     """GPTQ weight-only baseline (Frantar et al. 2022) on the project's C implementation: asymmetric
     ``bits``-bit groups of ``group_size``, Hessian ``2 X^T X / n`` damped by ``damp * mean(diag H)``.
     The vanilla algorithm by default; ``group_order`` / ``clip`` turn on the MixLLM refinements.
@@ -360,16 +342,11 @@ class GPTQConfig:
     sequential: bool = True
     keep_tokens: int = 0
     seed: int = 0
-    name = "gptq"
-
-    def needs_calibration(self) -> bool:
-        return True
 
     def __post_init__(self):
-        self.bits = _check_bits(self.bits)
-        self.group_size = ops._check_group(self.group_size)
-        if not self.damp >= 0:
-            raise ValueError(f"damp: expected a value >= 0, got {self.damp!r}")
+        self.bits = validate.integer_in("bits", self.bits, 2, 8)
+        self.group_size = validate.group_size(self.group_size)
+        self.damp = validate.non_negative("damp", self.damp)
 
     def quantize_linear(self, linear: nn.Linear, stats: LayerStats) -> WeightOnlyLinear:
         if not isinstance(stats, LayerStats):
@@ -388,6 +365,3 @@ class GPTQConfig:
                                     group_order=self.group_order, clip=self.clip)
         return WeightOnlyLinear.from_group(linear, q, s, -z.astype(np.float32) * s, self.bits, self.group_size,
                                            method=self.name)
-
-    def apply(self, model, calib, filter_fn=default_filter, verbose=False):
-        return quantize_weight_only(model, self, calib, filter_fn, verbose)

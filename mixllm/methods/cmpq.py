@@ -26,7 +26,9 @@ import torch.nn as nn
 
 from .. import ops
 from ..nn_weight_only import WeightOnlyLinear
-from .baselines import LayerStats, _weight, default_filter, quantize_weight_only
+from . import validate
+from .base import WeightOnlyConfig, register
+from .baselines import LayerStats, _weight
 
 __all__ = ["CMPQConfig", "channel_bits"]
 
@@ -43,8 +45,9 @@ def channel_bits(act_norm: np.ndarray, bits: float) -> np.ndarray:
     return cb
 
 
+@register("cmpq")
 @dataclass
-class CMPQConfig:
+class CMPQConfig(WeightOnlyConfig):
     """CMPQ weight-only quantization at any average ``bits`` in [2, 4] (codes only; codebooks and the
     16-bit outliers come on top and are counted in the model size).
 
@@ -58,20 +61,14 @@ class CMPQConfig:
     iters: int = 50
     keep_tokens: int = 0
     seed: int = 0
-    name = "cmpq"
-
-    def needs_calibration(self) -> bool:
-        return True
 
     def __post_init__(self):
-        if isinstance(self.bits, bool) or not isinstance(self.bits, (int, float, np.integer, np.floating)) \
-                or not 2 <= float(self.bits) <= 4:
-            raise ValueError(f"bits: CMPQ takes an average bit-width in [2, 4], got {self.bits!r}")
-        self.bits = float(self.bits)
+        try:
+            self.bits = validate.number_in("bits", self.bits, 2, 4)
+        except ValueError:
+            raise ValueError(f"bits: CMPQ takes an average bit-width in [2, 4], got {self.bits!r}") from None
         for n in ("act_outlier_ratio", "quant_outlier_ratio"):
-            v = getattr(self, n)
-            if not 0 <= v < 0.5:
-                raise ValueError(f"{n}: expected a fraction in [0, 0.5), got {v!r}")
+            setattr(self, n, validate.number_in(n, getattr(self, n), 0, 0.5, hi_open=True))
 
     def quantize_linear(self, linear: nn.Linear, stats: LayerStats) -> WeightOnlyLinear:
         if not isinstance(stats, LayerStats):
@@ -101,6 +98,3 @@ class CMPQConfig:
         kk, nn_ = np.nonzero(mask == 0)  # channel, row
         outliers = (nn_, kk, wt[kk, nn_])
         return WeightOnlyLinear.from_codebook(linear, codes.T, cent, cb, outliers=outliers, method=self.name)
-
-    def apply(self, model, calib, filter_fn=default_filter, verbose=False):
-        return quantize_weight_only(model, self, calib, filter_fn, verbose)

@@ -29,15 +29,19 @@ from tqdm.auto import tqdm
 
 from .. import ops
 from ..calib import Calibration, calibrate, target_linears
+from ..modules import set_module
 from ..nn import MixedLinear
+from . import validate
+from .base import QuantConfig, register
 
 __all__ = ["MixLLMConfig", "allocate", "plot_fractions"]
 
 _SELECTIONS = ("global", "per_layer", "random")
 
 
+@register("mixllm")
 @dataclass
-class MixLLMConfig:
+class MixLLMConfig(QuantConfig):
     r"""Configuration of MixLLM quantization (defaults: the reference's evaluation configuration,
     except the calibration size, reduced for CPUs).
 
@@ -95,20 +99,15 @@ class MixLLMConfig:
         f = self.fraction_8bit()  # validates bits / fraction
         del f
         for name in ("group_size", "n_calib", "seq_len", "row_multiple"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+            validate.positive_int(name, getattr(self, name))
         if self.seq_len < 2:
             raise ValueError("seq_len: expected at least 2 tokens")
         if self.act_bits != 8:
             raise ValueError(f"act_bits: only 8-bit activations are implemented (or weight_only=True), "
                              f"got {self.act_bits!r}")
-        if self.selection not in _SELECTIONS:
-            raise ValueError(f"selection: expected one of {_SELECTIONS}, got {self.selection!r}")
-        if self.salience_bits not in (2, 3, 4):
-            raise ValueError(f"salience_bits: expected 2, 3 or 4, got {self.salience_bits!r}")
-        if not isinstance(self.damp, (int, float)) or not self.damp >= 0:
-            raise ValueError(f"damp: expected a non-negative number, got {self.damp!r}")
+        validate.one_of("selection", self.selection, _SELECTIONS)
+        validate.one_of("salience_bits", self.salience_bits, (2, 3, 4))
+        validate.non_negative("damp", self.damp)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed: expected an integer, got {self.seed!r}")
 
@@ -210,7 +209,7 @@ class MixLLMConfig:
             q8 = store.get(("q", 8, name) + qkey)
             new_mod = MixedLinear.from_linear(m, rows8[name], self.group_size, q4=q4, q8=q8,
                                               weight_only=self.weight_only)
-            _set_module(model, name, new_mod)
+            set_module(model, name, new_mod)
             per_layer[name] = {"in": m.in_features, "out": m.out_features, "n8": int(len(rows8[name]))}
         return make_report(model, per_layer, self)
 
@@ -291,11 +290,6 @@ class _DiskCache:
             if z is not None:
                 t[f"{n}.zero"] = torch.as_tensor(z)
         self._write(f"q{bits}.safetensors", t)
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module):
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, new)
 
 
 def allocate(layers, salience: Dict[str, np.ndarray], fraction: float, selection: str = "global",

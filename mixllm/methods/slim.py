@@ -25,7 +25,9 @@ import torch.nn as nn
 
 from .. import ops
 from ..nn_weight_only import WeightOnlyLinear
-from .baselines import LayerStats, _check_bits, _weight, default_filter, quantize_weight_only
+from . import validate
+from .base import WeightOnlyConfig, register
+from .baselines import LayerStats, _weight
 
 __all__ = ["SliMConfig", "hinv_diag", "group_salience", "sba_search", "sqc_thresholds", "rtn_blocks"]
 
@@ -138,8 +140,9 @@ def sba_search(w: np.ndarray, X: Optional[np.ndarray], sal: np.ndarray, bits: in
     return allocation(sal, best, bits), best, errs
 
 
+@register("slim")
 @dataclass
-class SliMConfig:
+class SliMConfig(WeightOnlyConfig):
     """SliM-LLM weight-only quantization at an integer average ``bits`` (groups get ``bits - 1``,
     ``bits``, ``bits + 1``; 1-bit groups are binarized).
 
@@ -163,19 +166,14 @@ class SliMConfig:
     sequential: bool = True
     keep_tokens: int = 1024
     seed: int = 0
-    name = "slim"
-
-    def needs_calibration(self) -> bool:
-        return True
 
     def __post_init__(self):
         try:
-            self.bits = _check_bits(self.bits, 2, 7)
+            self.bits = validate.integer_in("bits", self.bits, 2, 7)
         except ValueError:
             raise ValueError(f"bits: SliM-LLM takes an integer average in 2..7, got {self.bits!r}") from None
-        self.group_size = ops._check_group(self.group_size)
-        if not self.lam >= 0:
-            raise ValueError(f"lam: expected a value >= 0, got {self.lam!r}")
+        self.group_size = validate.group_size(self.group_size)
+        self.lam = validate.non_negative("lam", self.lam)
 
     def quantize_linear(self, linear: nn.Linear, stats: LayerStats) -> WeightOnlyLinear:
         if not isinstance(stats, LayerStats):
@@ -197,6 +195,3 @@ class SliMConfig:
                                            norm=self.norm, tau_range=tau_range, tau_n=tau_n, U=U)
         return WeightOnlyLinear.from_group(linear, q, s, off, np.ascontiguousarray(bpg).astype(np.uint8), g,
                                            method=self.name)
-
-    def apply(self, model, calib, filter_fn=default_filter, verbose=False):
-        return quantize_weight_only(model, self, calib, filter_fn, verbose)
