@@ -6,6 +6,7 @@ Environment:
   MIXLLM_SANITIZE=address,undefined   build the C core with sanitizers (hardening CI step)
 No part is built against PyTorch's C++ ABI: arrays cross the boundary through DLPack.
 """
+
 import glob
 import os
 import shutil
@@ -23,8 +24,17 @@ if sanitize:
     C_FLAGS = [f for f in C_FLAGS if f != "-O3"] + ["-O1", "-g", "-fno-omit-frame-pointer", f"-fsanitize={sanitize}"]
     LINK_FLAGS += [f"-fsanitize={sanitize}"]
 
-CORE_SOURCES = ["csrc/args.c", "csrc/dlpack_bridge.c", "csrc/quant.c", "csrc/gptq.c", "csrc/salience.c", "csrc/gemm_cpu.c",
-                "csrc/cluster.c", "csrc/slim.c", "csrc/woq.c"]
+CORE_SOURCES = [
+    "csrc/args.c",
+    "csrc/dlpack_bridge.c",
+    "csrc/quant.c",
+    "csrc/gptq.c",
+    "csrc/salience.c",
+    "csrc/gemm_cpu.c",
+    "csrc/cluster.c",
+    "csrc/slim.c",
+    "csrc/woq.c",
+]
 CUDA_GENCODE = os.environ.get(
     "MIXLLM_CUDA_ARCH",
     "-gencode=arch=compute_90a,code=sm_90a -gencode=arch=compute_80,code=sm_80",
@@ -53,8 +63,21 @@ class BuildExt(build_ext):
         py_inc = sysconfig.get_paths()["include"]
         for src in cu:
             obj = os.path.join(self.build_temp, os.path.basename(src) + ".o")
-            cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
-                   "--expt-relaxed-constexpr", "-Icsrc", "-I" + py_inc, *CUDA_GENCODE]
+            cmd = [
+                nvcc,
+                "-c",
+                src,
+                "-o",
+                obj,
+                "-O3",
+                "-std=c++17",
+                "-Xcompiler",
+                "-fPIC",
+                "--expt-relaxed-constexpr",
+                "-Icsrc",
+                "-I" + py_inc,
+                *CUDA_GENCODE,
+            ]
             print(" ".join(cmd))
             subprocess.check_call(cmd, cwd=HERE)
             objs.append(obj)
@@ -62,25 +85,39 @@ class BuildExt(build_ext):
         ext.extra_objects = objs
         cuda_home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
         homes = [cuda_home] + [h for h in (os.environ.get("CUDA_HOME"), "/usr/local/cuda") if h]
-        ext.library_dirs = [os.path.join(h, d) for h in homes for d in ("lib64", "lib", "targets/x86_64-linux/lib")
-                            if os.path.isdir(os.path.join(h, d))]
+        ext.library_dirs = [
+            os.path.join(h, d)
+            for h in homes
+            for d in ("lib64", "lib", "targets/x86_64-linux/lib")
+            if os.path.isdir(os.path.join(h, d))
+        ]
         # static runtime: the module needs no libcudart at run time (the driver is enough)
         ext.libraries = ["cudart_static", "stdc++", "rt", "pthread", "dl"]
         return super().build_extension(ext)
 
 
 ext_modules = [
-    Extension("mixllm._C", sources=["csrc/module.c", *CORE_SOURCES], include_dirs=["csrc"],
-              extra_compile_args=C_FLAGS, extra_link_args=LINK_FLAGS),
+    Extension(
+        "mixllm._C",
+        sources=["csrc/module.c", *CORE_SOURCES],
+        include_dirs=["csrc"],
+        extra_compile_args=C_FLAGS,
+        extra_link_args=LINK_FLAGS,
+    ),
 ]
 
 want_cuda = os.environ.get("MIXLLM_CUDA", "auto")
 cuda_sources = sorted(glob.glob(os.path.join("cuda", "*.cu")))
 if want_cuda != "0" and cuda_sources and os.path.exists(os.path.join(HERE, "csrc", "cuda_module.c")):
     if find_nvcc():
-        ext_modules.append(Extension(
-            "mixllm._cuda", sources=["csrc/cuda_module.c", "csrc/args.c", "csrc/dlpack_bridge.c", *cuda_sources],
-            include_dirs=["csrc"], extra_compile_args=["-std=c11", "-O2", "-Wall", "-Wno-unused-parameter"]))
+        ext_modules.append(
+            Extension(
+                "mixllm._cuda",
+                sources=["csrc/cuda_module.c", "csrc/args.c", "csrc/dlpack_bridge.c", *cuda_sources],
+                include_dirs=["csrc"],
+                extra_compile_args=["-std=c11", "-O2", "-Wall", "-Wno-unused-parameter"],
+            )
+        )
     elif want_cuda == "1":
         raise RuntimeError("MIXLLM_CUDA=1 but nvcc was not found (set CUDA_HOME or PATH)")
 

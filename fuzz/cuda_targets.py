@@ -23,6 +23,7 @@ The stream argument of the raw entry points is a cudaStream_t (a pointer): it is
 stream here; a made-up handle cannot be checked by any consumer (as with a producer that lies about
 its memory).
 """
+
 import json
 import os
 import random
@@ -54,7 +55,7 @@ class Bytes:
         if span <= 0:
             return lo
         n = (span.bit_length() + 7) // 8
-        v = int.from_bytes(self.d[self.i:self.i + n].ljust(n, b"\0"), "little")
+        v = int.from_bytes(self.d[self.i : self.i + n].ljust(n, b"\0"), "little")
         self.i += n
         return lo + v % (span + 1)
 
@@ -71,13 +72,14 @@ OTHER = [torch.float64, torch.int8, torch.uint8, torch.int32, torch.int64, torch
 
 def values(fdp, dtype, shape, lo=0, hi=1):
     """Honest contents: normal floats (sometimes NaN / Inf / huge), integers in [lo, hi]."""
-    g = torch.Generator().manual_seed(fdp.ConsumeIntInRange(0, 2 ** 31))
+    g = torch.Generator().manual_seed(fdp.ConsumeIntInRange(0, 2**31))
     if dtype.is_floating_point:
         scale = fdp.PickValueInList([1.0, 1.0, 1e-30, 1e4, 3e38])
         v = torch.randn(shape, generator=g) * scale
         if v.numel() and fdp.ConsumeIntInRange(0, 5) == 0:
             v.view(-1)[fdp.ConsumeIntInRange(0, v.numel() - 1)] = fdp.PickValueInList(
-                [float("nan"), float("inf"), float("-inf")])
+                [float("nan"), float("inf"), float("-inf")]
+            )
         return v.to(dtype)
     if dtype == torch.bool:
         return torch.randint(0, 2, shape, generator=g).bool()
@@ -119,12 +121,17 @@ def arr(fdp, dtype, shape, lo=0, hi=1, out=False):
         return torch.utils.dlpack.to_dlpack(values(fdp, dtype, shape, lo, hi).to(DEV))
     if mode == 29:  # one element short / long
         n = max(int(np.prod(shape)) + fdp.PickValueInList([-1, 1, 16]), 0)
-        return torch.zeros(n, dtype=dtype, device=DEV) if len(shape) == 1 else torch.zeros(
-            (max(shape[0] + fdp.PickValueInList([-1, 1]), 0),) + tuple(shape[1:]), dtype=dtype, device=DEV)
+        return (
+            torch.zeros(n, dtype=dtype, device=DEV)
+            if len(shape) == 1
+            else torch.zeros(
+                (max(shape[0] + fdp.PickValueInList([-1, 1]), 0),) + tuple(shape[1:]), dtype=dtype, device=DEV
+            )
+        )
     return hostile(fdp)
 
 
-def scalar(fdp, good, bad=(-1, 0, 2 ** 31, 2 ** 62, 2 ** 63 - 1, 2 ** 63, -(2 ** 63), 1.5, "4", None)):
+def scalar(fdp, good, bad=(-1, 0, 2**31, 2**62, 2**63 - 1, 2**63, -(2**63), 1.5, "4", None)):
     return good if fdp.ConsumeIntInRange(0, 15) else fdp.PickValueInList(list(bad))
 
 
@@ -153,7 +160,7 @@ def shape_mk(fdp):
 
 
 def permutation(fdp, n):
-    g = torch.Generator().manual_seed(fdp.ConsumeIntInRange(0, 2 ** 31))
+    g = torch.Generator().manual_seed(fdp.ConsumeIntInRange(0, 2**31))
     return torch.randperm(n, generator=g)
 
 
@@ -167,11 +174,11 @@ def bad_index(fdp, idx, n_out):
     if k == 6:
         idx[j] = idx[(j + 1) % idx.numel()]
     elif k == 7:
-        idx[j] = -fdp.ConsumeIntInRange(1, 2 ** 40)
+        idx[j] = -fdp.ConsumeIntInRange(1, 2**40)
     elif k == 8:
-        idx[j] = n_out + fdp.ConsumeIntInRange(0, 2 ** 40)
+        idx[j] = n_out + fdp.ConsumeIntInRange(0, 2**40)
     elif k == 9:
-        idx = values(fdp, torch.int64, tuple(idx.shape), -(2 ** 62), 2 ** 62)
+        idx = values(fdp, torch.int64, tuple(idx.shape), -(2**62), 2**62)
     elif k == 10:
         idx = idx + 1
     else:
@@ -185,7 +192,8 @@ def weight(fdp, bits, N, K, g):
     scale = values(fdp, torch.float32, (N, G)).abs() * 0.01
     if fdp.ConsumeIntInRange(0, 7) == 0 and scale.numel():
         scale.view(-1)[fdp.ConsumeIntInRange(0, scale.numel() - 1)] = fdp.PickValueInList(
-            [float("nan"), float("inf"), 0.0, -1.0])
+            [float("nan"), float("inf"), 0.0, -1.0]
+        )
     zero = values(fdp, torch.uint8, (N, G), 0, 15) if bits == 4 else None
     c = codes.to(torch.uint8) if bits == 4 else codes.to(torch.int8)
     return ops.QuantizedWeight.from_codes(c, scale, zero, bits, g)
@@ -193,7 +201,7 @@ def weight(fdp, bits, N, K, g):
 
 # ----------------------------------------------------------------------------- targets
 def t_geometry(fdp):
-    K = scalar(fdp, fdp.PickValueInList([1, 128, 300, 4096, 0x7fffff80]))
+    K = scalar(fdp, fdp.PickValueInList([1, 128, 300, 4096, 0x7FFFFF80]))
     g = scalar(fdp, fdp.PickValueInList([1, 64, 128, 300, 4096]))
     return _cuda.geometry(K, g)
 
@@ -201,20 +209,20 @@ def t_geometry(fdp):
 def t_layout_bytes(fdp):
     bits = scalar(fdp, fdp.PickValueInList([4, 8]), (2, 3, 16, -4, None))
     N = scalar(fdp, fdp.PickValueInList([0, 1, 16, 300, 1 << 40]))
-    K = scalar(fdp, fdp.PickValueInList([1, 128, 300, 0x7fffff80]))
+    K = scalar(fdp, fdp.PickValueInList([1, 128, 300, 0x7FFFFF80]))
     g = scalar(fdp, fdp.PickValueInList([1, 128, 300]))
     return _cuda.layout_bytes(bits, N, K, g)
 
 
 def t_plan(fdp):
-    dev = scalar(fdp, DEV.index, (-1, 1, 7, 63, 64, 1000, 2 ** 31, None))
+    dev = scalar(fdp, DEV.index, (-1, 1, 7, 63, 64, 1000, 2**31, None))
     M = scalar(fdp, fdp.PickValueInList([0, 1, 8, 64, 256, 4096]))
     Ns = tuple(scalar(fdp, fdp.PickValueInList([0, 16, 300, 14336])) for _ in range(fdp.ConsumeIntInRange(1, 2)))
     if fdp.ConsumeIntInRange(0, 15) == 0:
         Ns = fdp.PickValueInList([(), (1, 2, 3), [16], None])
-    Kp = scalar(fdp, fdp.PickValueInList([128, 256, 4096, 8192]), (0, 100, -128, 2 ** 62, 2 ** 40))
-    cfg = scalar(fdp, fdp.ConsumeIntInRange(-1, _cuda.NCFG - 1), (-5, _cuda.NCFG, 99, 2 ** 31))
-    splits = scalar(fdp, fdp.ConsumeIntInRange(0, 8), (-1, 99, 2 ** 31, 1 << 20))
+    Kp = scalar(fdp, fdp.PickValueInList([128, 256, 4096, 8192]), (0, 100, -128, 2**62, 2**40))
+    cfg = scalar(fdp, fdp.ConsumeIntInRange(-1, _cuda.NCFG - 1), (-5, _cuda.NCFG, 99, 2**31))
+    splits = scalar(fdp, fdp.ConsumeIntInRange(0, 8), (-1, 99, 2**31, 1 << 20))
     return _cuda.plan(dev, M, Ns, Kp, cfg, splits)
 
 
@@ -227,14 +235,14 @@ def t_act_quant(fdp):
     else:
         qp, sp = Kp, Kp // 128
     if fdp.ConsumeIntInRange(0, 7) == 0:  # a hand-made layout
-        gp = scalar(fdp, fdp.PickValueInList([g, g + 1, 128, 256]), (0, -1, 2 ** 62, 2 ** 63 - 1))
-        spg = scalar(fdp, fdp.PickValueInList([1, 2, 3]), (0, -1, 2 ** 31 - 1))
+        gp = scalar(fdp, fdp.PickValueInList([g, g + 1, 128, 256]), (0, -1, 2**62, 2**63 - 1))
+        spg = scalar(fdp, fdp.PickValueInList([1, 2, 3]), (0, -1, 2**31 - 1))
         qp = fdp.PickValueInList([K, Kp, K + 4, 1])
         sp = fdp.PickValueInList([G, Kp // 128, 1, 2 * G])
     x = arr(fdp, fdp.PickValueInList(FLOATS), (M, K))
     q = arr(fdp, torch.int8, (M, qp), out=True)
     s = arr(fdp, torch.float32, (M, sp), out=True)
-    return _cuda.act_quant(x, scalar(fdp, g, (0, -1, 2 ** 62, 2 ** 63 - 1)), gp, q, s, spg, stream(fdp))
+    return _cuda.act_quant(x, scalar(fdp, g, (0, -1, 2**62, 2**63 - 1)), gp, q, s, spg, stream(fdp))
 
 
 def t_pack_weight(fdp):
@@ -243,16 +251,22 @@ def t_pack_weight(fdp):
     W = weight(fdp, bits, N, K, g)
     G = (K + g - 1) // g
     wb, mb = _cuda.layout_bytes(bits, N, K, g)
-    q = arr(fdp, torch.uint8 if bits == 4 else torch.int8, (N, (K + 1) // 2 if bits == 4 else K),
-            0, 15 if bits == 4 else 127)
+    q = arr(
+        fdp,
+        torch.uint8 if bits == 4 else torch.int8,
+        (N, (K + 1) // 2 if bits == 4 else K),
+        0,
+        15 if bits == 4 else 127,
+    )
     if isinstance(q, torch.Tensor) and q.shape == W.qweight.shape and q.dtype == W.qweight.dtype and q.is_cuda:
         q = W.qweight.to(DEV)
     sc = arr(fdp, torch.float32, (N, G))
     z = arr(fdp, torch.uint8, (N, G), 0, 15) if bits == 4 or fdp.ConsumeIntInRange(0, 7) == 0 else None
     wp = arr(fdp, torch.uint8, (wb,), out=True)
     me = arr(fdp, torch.uint8, (mb,), out=True)
-    return _cuda.pack_weight(q, sc, z, scalar(fdp, bits, (2, 16, -4)), scalar(fdp, K), scalar(fdp, g), wp, me,
-                             stream(fdp))
+    return _cuda.pack_weight(
+        q, sc, z, scalar(fdp, bits, (2, 16, -4)), scalar(fdp, K), scalar(fdp, g), wp, me, stream(fdp)
+    )
 
 
 def _layer(fdp, N, K, g, nparts):
@@ -260,7 +274,7 @@ def _layer(fdp, N, K, g, nparts):
     perm = permutation(fdp, N)
     if nparts == 2:
         n8 = fdp.ConsumeIntInRange(1, N - 1)
-        rows = [(4, N - n8, perm[: N - n8]), (8, n8, perm[N - n8:])]
+        rows = [(4, N - n8, perm[: N - n8]), (8, n8, perm[N - n8 :])]
     else:
         rows = [(fdp.PickValueInList([4, 8]), N, perm)]
     parts = []
@@ -269,13 +283,15 @@ def _layer(fdp, N, K, g, nparts):
         oi = bad_index(fdp, idx, N).to(DEV) if (nparts == 2 or fdp.ConsumeBool()) else None
         wp, me = pw["wpack"], pw["meta"]
         if fdp.ConsumeIntInRange(0, 15) == 0:  # garbage codes and scales of the right size
-            wp, me = values(fdp, torch.uint8, tuple(wp.shape), 0, 255).to(DEV), \
-                values(fdp, torch.uint8, tuple(me.shape), 0, 255).to(DEV)
+            wp, me = (
+                values(fdp, torch.uint8, tuple(wp.shape), 0, 255).to(DEV),
+                values(fdp, torch.uint8, tuple(me.shape), 0, 255).to(DEV),
+            )
         if fdp.ConsumeIntInRange(0, 15) == 0:
             wp = arr(fdp, torch.uint8, tuple(wp.shape))
         if fdp.ConsumeIntInRange(0, 15) == 0:
             me = arr(fdp, torch.uint8, tuple(me.shape))
-        parts.append((wp, me, scalar(fdp, bits, (2, 16)), scalar(fdp, n, (-1, n + 1, 2 ** 40, 2 ** 62)), oi))
+        parts.append((wp, me, scalar(fdp, bits, (2, 16)), scalar(fdp, n, (-1, n + 1, 2**40, 2**62)), oi))
     k = fdp.ConsumeIntInRange(0, 31)
     if k == 0:
         parts = parts + parts[:1]
@@ -305,21 +321,23 @@ def t_plan_call(fdp):
     h, M, N, K = _handle(fdp)
     if fdp.ConsumeIntInRange(0, 15) == 0:
         h = hostile(fdp)
-    cfg = scalar(fdp, fdp.ConsumeIntInRange(-1, _cuda.NCFG - 1), (-5, _cuda.NCFG, 2 ** 31))
-    return _cuda.plan_call(h, scalar(fdp, M, (-1, 2 ** 40, 2 ** 62, 2 ** 63 - 1)), cfg,
-                           scalar(fdp, fdp.ConsumeIntInRange(0, 8), (-1, 99, 2 ** 31)))
+    cfg = scalar(fdp, fdp.ConsumeIntInRange(-1, _cuda.NCFG - 1), (-5, _cuda.NCFG, 2**31))
+    return _cuda.plan_call(
+        h, scalar(fdp, M, (-1, 2**40, 2**62, 2**63 - 1)), cfg, scalar(fdp, fdp.ConsumeIntInRange(0, 8), (-1, 99, 2**31))
+    )
 
 
 def t_run(fdp):
     h, M, N, K = _handle(fdp)
-    cfg, splits, nbytes, _ = _cuda.plan_call(h, M, fdp.ConsumeIntInRange(-1, _cuda.NCFG - 1),
-                                            fdp.ConsumeIntInRange(0, 6))
+    cfg, splits, nbytes, _ = _cuda.plan_call(
+        h, M, fdp.ConsumeIntInRange(-1, _cuda.NCFG - 1), fdp.ConsumeIntInRange(0, 6)
+    )
     dt = fdp.PickValueInList(FLOATS)
     x = arr(fdp, dt, (M, K))
     y = arr(fdp, fdp.PickValueInList([dt, dt, torch.float32]), (M, N), out=True)
     sc = arr(fdp, torch.uint8, (nbytes,), out=True) if nbytes or fdp.ConsumeBool() else None
     if fdp.ConsumeIntInRange(0, 15) == 0:
-        cfg, splits = fdp.PickValueInList([(-1, 0), (99, 1), (cfg, 0), (cfg, 99), (0, 2 ** 31 - 1)])
+        cfg, splits = fdp.PickValueInList([(-1, 0), (99, 1), (cfg, 0), (cfg, 99), (0, 2**31 - 1)])
     return _cuda.run(h, x, y, sc, cfg, splits, stream(fdp))
 
 
@@ -332,7 +350,7 @@ def t_ops(fdp):
     if fdp.ConsumeIntInRange(0, 7) == 0 and isinstance(x, torch.Tensor) and x.dim() == 2:
         x = x.reshape(1, *x.shape) if fdp.ConsumeBool() else x[0] if len(x) else x
     if which == 0:
-        return ops.quantize_activation(x, scalar(fdp, g, (0, -1, 2 ** 62)))
+        return ops.quantize_activation(x, scalar(fdp, g, (0, -1, 2**62)))
     if which in (1, 2):
         bits = 4 if which == 1 else 8
         W = weight(fdp, bits, N, K, g)
@@ -343,11 +361,12 @@ def t_ops(fdp):
             N = 2
         n8 = fdp.ConsumeIntInRange(1, N - 1)
         perm = permutation(fdp, N)
-        i4, i8 = bad_index(fdp, perm[: N - n8], N), bad_index(fdp, perm[N - n8:], N)
+        i4, i8 = bad_index(fdp, perm[: N - n8], N), bad_index(fdp, perm[N - n8 :], N)
         if fdp.ConsumeBool():
             i4, i8 = i4.to(DEV), i8.to(DEV)
         return ops.mixed_linear(x, weight(fdp, 4, N - n8, K, g), weight(fdp, 8, n8, K, g), i4, i8)
     from mixllm.nn import MixedLinear
+
     m = MixedLinear(K, N, n8=fdp.ConsumeIntInRange(0, N), bias=fdp.ConsumeBool(), group_size=g).to(DEV)
     if fdp.ConsumeIntInRange(0, 3) == 0:
         with torch.no_grad():
@@ -355,9 +374,17 @@ def t_ops(fdp):
     return m(x)
 
 
-TARGETS = {"act_quant": t_act_quant, "pack_weight": t_pack_weight, "geometry": t_geometry,
-           "layout_bytes": t_layout_bytes, "plan": t_plan, "prepare": t_prepare, "plan_call": t_plan_call,
-           "run": t_run, "ops": t_ops}
+TARGETS = {
+    "act_quant": t_act_quant,
+    "pack_weight": t_pack_weight,
+    "geometry": t_geometry,
+    "layout_bytes": t_layout_bytes,
+    "plan": t_plan,
+    "prepare": t_prepare,
+    "plan_call": t_plan_call,
+    "run": t_run,
+    "ops": t_ops,
+}
 
 
 def entry_points():

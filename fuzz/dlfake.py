@@ -7,6 +7,7 @@ shape needs), so that any out-of-bounds access is the consumer's fault.
 Ownership is checked after every call: a capsule the consumer renamed to "used_*" must have had its
 deleter called exactly once, any other capsule never (`Ledger.check`).
 """
+
 import ctypes
 from ctypes import POINTER, Structure, c_char_p, c_int32, c_int64, c_uint8, c_uint16, c_uint32, c_uint64, c_void_p
 
@@ -22,8 +23,15 @@ class DLDataType(Structure):
 
 
 class DLTensor(Structure):
-    _fields_ = [("data", c_void_p), ("device", DLDevice), ("ndim", c_int32), ("dtype", DLDataType),
-                ("shape", POINTER(c_int64)), ("strides", POINTER(c_int64)), ("byte_offset", c_uint64)]
+    _fields_ = [
+        ("data", c_void_p),
+        ("device", DLDevice),
+        ("ndim", c_int32),
+        ("dtype", DLDataType),
+        ("shape", POINTER(c_int64)),
+        ("strides", POINTER(c_int64)),
+        ("byte_offset", c_uint64),
+    ]
 
 
 DELETER = ctypes.CFUNCTYPE(None, c_void_p)
@@ -38,8 +46,13 @@ class DLPackVersion(Structure):
 
 
 class DLManagedTensorVersioned(Structure):
-    _fields_ = [("version", DLPackVersion), ("manager_ctx", c_void_p), ("deleter", DELETER),
-                ("flags", c_uint64), ("dl_tensor", DLTensor)]
+    _fields_ = [
+        ("version", DLPackVersion),
+        ("manager_ctx", c_void_p),
+        ("deleter", DELETER),
+        ("flags", c_uint64),
+        ("dl_tensor", DLTensor),
+    ]
 
 
 _PyCapsule_New = ctypes.pythonapi.PyCapsule_New
@@ -50,9 +63,20 @@ _PyCapsule_GetName.restype = c_char_p
 _PyCapsule_GetName.argtypes = [ctypes.py_object]
 
 # DLPack (code, bits) of the dtypes the fuzzers draw; NumPy name -> element size.
-DL_DTYPES = {"float32": (2, 32), "float16": (2, 16), "bfloat16": (4, 16), "float64": (2, 64), "int8": (0, 8),
-             "uint8": (1, 8), "int32": (0, 32), "int64": (0, 64), "int16": (0, 16), "uint16": (1, 16),
-             "bool": (6, 8), "complex64": (5, 64)}
+DL_DTYPES = {
+    "float32": (2, 32),
+    "float16": (2, 16),
+    "bfloat16": (4, 16),
+    "float64": (2, 64),
+    "int8": (0, 8),
+    "uint8": (1, 8),
+    "int32": (0, 32),
+    "int64": (0, 64),
+    "int16": (0, 16),
+    "uint16": (1, 16),
+    "bool": (6, 8),
+    "complex64": (5, 64),
+}
 VALID_NAMES = (b"dltensor", b"dltensor_versioned")
 
 
@@ -85,8 +109,10 @@ class Ledger:
                 raise AssertionError(f"capsule renamed from {name!r} to {now!r}")
             want = 1 if (consumed and with_deleter) else 0
             if n != want:
-                raise AssertionError(f"deleter of a {'consumed' if consumed else 'unconsumed'} {name!r} capsule "
-                                     f"called {n} times (want {want})")
+                raise AssertionError(
+                    f"deleter of a {'consumed' if consumed else 'unconsumed'} {name!r} capsule "
+                    f"called {n} times (want {want})"
+                )
 
     def reset(self):
         self.made.clear()
@@ -102,11 +128,11 @@ def make_capsule(fdp, values, dtype_name, shape, *, mutate=True):
     code, bits = DL_DTYPES.get(dtype_name, (2, 32))
     es = max(1, bits // 8)
     shape = list(shape)
-    m = (lambda p: mutate and fdp.ConsumeIntInRange(0, 99) < p)
+    m = lambda p: mutate and fdp.ConsumeIntInRange(0, 99) < p
     if m(10):  # another shape, kept honest below
         shape = [fdp.ConsumeIntInRange(-2, 6) for _ in range(fdp.ConsumeIntInRange(0, 5))]
         if m(20) and shape:
-            shape[fdp.ConsumeIntInRange(0, len(shape) - 1)] = fdp.PickValueInList([2 ** 40, 2 ** 62, 2 ** 63 - 1])
+            shape[fdp.ConsumeIntInRange(0, len(shape) - 1)] = fdp.PickValueInList([2**40, 2**62, 2**63 - 1])
     numel = 1
     for s in shape:
         numel *= max(s, 0)
@@ -116,10 +142,11 @@ def make_capsule(fdp, values, dtype_name, shape, *, mutate=True):
     offset = fdp.ConsumeIntInRange(0, 64) if m(30) else 0
     buf = np.zeros(offset + numel * es + 64, np.uint8)
     if values is not None and numel and np.asarray(values).nbytes == numel * es:
-        buf[offset:offset + numel * es] = np.frombuffer(np.ascontiguousarray(values).tobytes(), np.uint8)
+        buf[offset : offset + numel * es] = np.frombuffer(np.ascontiguousarray(values).tobytes(), np.uint8)
     else:
-        buf[offset:offset + numel * es] = np.frombuffer(fdp.ConsumeBytes(numel * es).ljust(numel * es, b"\0"),
-                                                        np.uint8)
+        buf[offset : offset + numel * es] = np.frombuffer(
+            fdp.ConsumeBytes(numel * es).ljust(numel * es, b"\0"), np.uint8
+        )
     base = buf.ctypes.data
     split = fdp.ConsumeIntInRange(0, offset) if offset else 0
     data = base + split
@@ -127,7 +154,7 @@ def make_capsule(fdp, values, dtype_name, shape, *, mutate=True):
         data = 0  # NULL data pointer
     ndim = len(shape)
     if m(5):
-        ndim = fdp.PickValueInList([-1, 0, 5, 100, -(2 ** 31)])
+        ndim = fdp.PickValueInList([-1, 0, 5, 100, -(2**31)])
     shp = (c_int64 * max(4, len(shape)))(*shape)
     strides = None
     if m(40):
@@ -139,28 +166,31 @@ def make_capsule(fdp, values, dtype_name, shape, *, mutate=True):
         if m(50):
             for d in range(len(st)):
                 if fdp.ConsumeBool():
-                    st[d] = fdp.PickValueInList([0, -1, -st[d], 2 * st[d], 2 ** 62, -(2 ** 63)])
+                    st[d] = fdp.PickValueInList([0, -1, -st[d], 2 * st[d], 2**62, -(2**63)])
         strides = (c_int64 * max(4, len(st)))(*st)
     tensor = DLTensor()
     tensor.data = data
     dev = (1, 0)
     if m(6):
-        dev = (fdp.PickValueInList([1, 2, 3, 13, 0, -1, 2 ** 31 - 1]), fdp.PickValueInList([0, 1, -1, 7]))
+        dev = (fdp.PickValueInList([1, 2, 3, 13, 0, -1, 2**31 - 1]), fdp.PickValueInList([0, 1, -1, 7]))
     tensor.device = DLDevice(*dev)
     tensor.ndim = ndim
     tensor.dtype = DLDataType(code, bits, 1)
     if m(8):
-        tensor.dtype = DLDataType(fdp.ConsumeIntInRange(0, 255), fdp.PickValueInList([0, 1, 8, 16, 32, 64, 128, 255]),
-                                  fdp.PickValueInList([1, 1, 0, 2, 65535]))
+        tensor.dtype = DLDataType(
+            fdp.ConsumeIntInRange(0, 255),
+            fdp.PickValueInList([0, 1, 8, 16, 32, 64, 128, 255]),
+            fdp.PickValueInList([1, 1, 0, 2, 65535]),
+        )
     tensor.shape = ctypes.cast(shp, POINTER(c_int64)) if not m(3) else None
     tensor.strides = ctypes.cast(strides, POINTER(c_int64)) if strides is not None else None
     tensor.byte_offset = offset - split
     if m(3):
-        tensor.byte_offset = fdp.PickValueInList([2 ** 64 - 1, 2 ** 63, 2 ** 64 - base])
+        tensor.byte_offset = fdp.PickValueInList([2**64 - 1, 2**63, 2**64 - base])
     versioned = fdp.ConsumeBool() if mutate else False
     if versioned:
         managed = DLManagedTensorVersioned()
-        managed.version = DLPackVersion(1 if not m(5) else fdp.PickValueInList([0, 2, 2 ** 32 - 1]), 0)
+        managed.version = DLPackVersion(1 if not m(5) else fdp.PickValueInList([0, 2, 2**32 - 1]), 0)
         managed.flags = 1 if m(15) else 0
         managed.dl_tensor = tensor
     else:
@@ -168,12 +198,11 @@ def make_capsule(fdp, values, dtype_name, shape, *, mutate=True):
         managed.dl_tensor = tensor
     name = VALID_NAMES[versioned]
     if m(6):
-        name = fdp.PickValueInList([b"used_dltensor", b"used_dltensor_versioned",
-                                    b"garbage", None])
+        name = fdp.PickValueInList([b"used_dltensor", b"used_dltensor_versioned", b"garbage", None])
     cap = LEDGER.capsule(managed, name, not m(5), (buf, shp, strides))
     claimed = dev
     if m(5):
-        claimed = fdp.PickValueInList([(1, 0), (2, 0), (1,), "cpu", (1, "x"), (2 ** 70, 0), None])
+        claimed = fdp.PickValueInList([(1, 0), (2, 0), (1,), "cpu", (1, "x"), (2**70, 0), None])
     return cap, claimed
 
 
@@ -210,5 +239,15 @@ class BadStrError(Exception):
         raise ValueError("__str__ failed too")
 
 
-BEHAVIOURS = ["ok", "ok", "ok", "ok", "raises", "raises_bad_str", "typeerror_on_max_version", "returns_int",
-              "returns_none", "device_raises"]
+BEHAVIOURS = [
+    "ok",
+    "ok",
+    "ok",
+    "ok",
+    "raises",
+    "raises_bad_str",
+    "typeerror_on_max_version",
+    "returns_int",
+    "returns_none",
+    "device_raises",
+]

@@ -12,6 +12,7 @@ Set MIXLLM_FUZZ_TORCH=1 to let the targets hand torch tensors over too (off by d
 torch under AddressSanitizer costs ~10 s per target). .ci/hardening.sh runs every target under the
 ASan+UBSan build.
 """
+
 import os
 import sys
 
@@ -30,6 +31,7 @@ def main(argv):
     cmd = argv[1]
     if cmd in ("list", "check"):
         import targets
+
         names = targets.entry_points()
         missing = [n for n in names if n not in targets.TARGETS]
         for n in names:
@@ -39,8 +41,10 @@ def main(argv):
         return 0
     if cmd == "sweep":
         import random
+
         import atheris
         import targets
+
         n_random, roots = int(argv[2]), [os.path.join(HERE, "corpus")] + argv[3:]
         total = 0
         for name in targets.entry_points():
@@ -65,12 +69,14 @@ def main(argv):
     if cmd == "replay":
         import atheris
         import targets
+
         for path in argv[3:]:
             with open(path, "rb") as f:
                 targets.run_one(name, f.read(), atheris.FuzzedDataProvider)
         print(f"replayed {len(argv) - 3} inputs: {targets.STATS}")
         return 0
     import atheris
+
     with atheris.instrument_imports():
         import dlfake  # noqa: F401
         import targets

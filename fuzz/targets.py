@@ -8,17 +8,16 @@ a strided / zero-stride / negative-stride / read-only view, a torch tensor, a ha
 capsule with arbitrary fields (fuzz/dlfake.py), or a hostile object (its __dlpack__ raises, returns
 garbage, returns an already consumed capsule, or mutates the caller's containers). Scalars may
 become out of range or the wrong type, and any call may pass some of its arguments by keyword (the
-names come from the same table) or a keyword that does not exist. The contract checked: the call returns or raises one of
-EXPECTED, never crashes, and DLPack ownership is respected (dlfake.Ledger).
+names come from the same table) or a keyword that does not exist. The contract checked: the call
+returns or raises one of EXPECTED, never crashes, and DLPack ownership is respected (dlfake.Ledger).
 """
+
 import os
 
+import dlfake
 import numpy as np
 
-from mixllm import _C
-from mixllm import ops
-
-import dlfake
+from mixllm import _C, ops
 
 torch = None
 if os.environ.get("MIXLLM_FUZZ_TORCH") == "1":  # torch tensors as one more producer (slow under ASan)
@@ -27,8 +26,7 @@ if os.environ.get("MIXLLM_FUZZ_TORCH") == "1":  # torch tensors as one more prod
 EXPECTED = (TypeError, ValueError, OverflowError, MemoryError, BufferError)
 STATS = {"calls": 0, "ok": 0, "errors": 0}
 
-NP_DTYPES = ["float32", "float16", "float64", "int8", "uint8", "int32", "int64", "int16", "uint16", "bool",
-             "complex64"]
+NP_DTYPES = ["float32", "float16", "float64", "int8", "uint8", "int32", "int64", "int16", "uint16", "bool", "complex64"]
 
 
 def ngroups(K, g):
@@ -40,7 +38,7 @@ def values(fdp, dtype, shape, lo=None, hi=None):
     n = int(np.prod(shape)) if shape else 1
     if dtype in ("float32", "float16", "float64", "bfloat16"):
         scale = fdp.PickValueInList([1.0, 1.0, 1e-30, 1e4, 3e38])
-        seed = fdp.ConsumeIntInRange(0, 2 ** 31)
+        seed = fdp.ConsumeIntInRange(0, 2**31)
         v = np.random.default_rng(seed).standard_normal(n) * scale
         if n and fdp.ConsumeIntInRange(0, 9) == 0:
             v[fdp.ConsumeIntInRange(0, n - 1)] = fdp.PickValueInList([np.nan, np.inf, -np.inf])
@@ -49,7 +47,7 @@ def values(fdp, dtype, shape, lo=None, hi=None):
     info = np.iinfo(dtype) if dtype not in ("bool", "complex64") else None
     lo = info.min if lo is None and info else (lo or 0)
     hi = info.max if hi is None and info else (hi or 1)
-    seed = fdp.ConsumeIntInRange(0, 2 ** 31)
+    seed = fdp.ConsumeIntInRange(0, 2**31)
     return np.random.default_rng(seed).integers(lo, hi, n, endpoint=True).astype(dtype).reshape(shape)
 
 
@@ -135,18 +133,19 @@ class _CapsuleHolder:
         return (1, 0)
 
 
-def scalar(fdp, good, bad=(-1, 0, 2 ** 31, 2 ** 63 - 1, 2 ** 63, -(2 ** 63), 1.5, "4", None, True)):
+def scalar(fdp, good, bad=(-1, 0, 2**31, 2**63 - 1, 2**63, -(2**63), 1.5, "4", None, True)):
     return good if fdp.ConsumeIntInRange(0, 15) else fdp.PickValueInList(list(bad))
 
 
 def dims(fdp, n, hi=40):
-    return [fdp.ConsumeIntInRange(0, hi) if fdp.ConsumeIntInRange(0, 7) else fdp.ConsumeIntInRange(0, 300)
-            for _ in range(n)]
+    return [
+        fdp.ConsumeIntInRange(0, hi) if fdp.ConsumeIntInRange(0, 7) else fdp.ConsumeIntInRange(0, 300) for _ in range(n)
+    ]
 
 
 def group(fdp, K):
     g = fdp.PickValueInList([1, 2, 3, 4, 8, 16, 32, 128, K or 1, max(1, K // 2)])
-    return scalar(fdp, g, (0, -1, 2 ** 62, 2 ** 63 - 1, 2 ** 63, 1.5, None))
+    return scalar(fdp, g, (0, -1, 2**62, 2**63 - 1, 2**63, 1.5, None))
 
 
 def as_keywords(fdp, f, args):
@@ -157,7 +156,7 @@ def as_keywords(fdp, f, args):
         return list(args), {}
     cut = fdp.ConsumeIntInRange(0, min(len(args), len(names)))
     kw = dict(zip(names[cut:], args[cut:]))
-    head = list(args[:cut]) + list(args[len(names):])  # extra positionals stay (wrong arity)
+    head = list(args[:cut]) + list(args[len(names) :])  # extra positionals stay (wrong arity)
     bad = fdp.ConsumeIntInRange(0, 15)
     if bad == 0:
         kw["no_such_argument"] = 1
@@ -181,10 +180,18 @@ def t_quantize_weight(fdp):
     N, K = dims(fdp, 2)
     g = group(fdp, K)
     sym = fdp.ConsumeBool()
-    bits = scalar(fdp, fdp.ConsumeIntInRange(2, 8), (-1, 0, 1, 9, 64, 2 ** 40, None))
+    bits = scalar(fdp, fdp.ConsumeIntInRange(2, 8), (-1, 0, 1, 9, 64, 2**40, None))
     G = ngroups(K, g) if isinstance(g, int) and g > 0 else 1
-    call(_C.quantize_weight, arr(fdp, "float32", (N, K)), bits, g, scalar(fdp, sym, ([], "x")),
-         arr(fdp, "int8" if sym else "uint8", (N, K)), arr(fdp, "float32", (N, G)), arr(fdp, "uint8", (N, G)))
+    call(
+        _C.quantize_weight,
+        arr(fdp, "float32", (N, K)),
+        bits,
+        g,
+        scalar(fdp, sym, ([], "x")),
+        arr(fdp, "int8" if sym else "uint8", (N, K)),
+        arr(fdp, "float32", (N, G)),
+        arr(fdp, "uint8", (N, G)),
+    )
 
 
 def t_dequantize_weight(fdp):
@@ -193,8 +200,14 @@ def t_dequantize_weight(fdp):
     G = ngroups(K, g) if isinstance(g, int) and g > 0 else 1
     sym = fdp.ConsumeBool()
     zero = None if sym and fdp.ConsumeBool() else arr(fdp, "uint8", (N, G), 0, 15)
-    call(_C.dequantize_weight, arr(fdp, "int8" if sym else "uint8", (N, K)), arr(fdp, "float32", (N, G)), zero, g,
-         arr(fdp, "float32", (N, K)))
+    call(
+        _C.dequantize_weight,
+        arr(fdp, "int8" if sym else "uint8", (N, K)),
+        arr(fdp, "float32", (N, G)),
+        zero,
+        g,
+        arr(fdp, "float32", (N, K)),
+    )
 
 
 def t_quantize_activation(fdp):
@@ -228,7 +241,7 @@ def t_gptq_quantize(fdp):
     g = group(fdp, K)
     G = ngroups(K, g) if isinstance(g, int) and g > 0 else 1
     sym = fdp.ConsumeBool()
-    bits = scalar(fdp, fdp.ConsumeIntInRange(2, 8), (-1, 0, 1, 9, 2 ** 40))
+    bits = scalar(fdp, fdp.ConsumeIntInRange(2, 8), (-1, 0, 1, 9, 2**40))
     hk = fdp.ConsumeIntInRange(0, 4)
     if hk == 0:
         H = None
@@ -242,26 +255,46 @@ def t_gptq_quantize(fdp):
     else:
         H = arr(fdp, "float64", (K, K))  # random: not symmetric, not PD, NaN...
     damp = scalar(fdp, fdp.PickValueInList([0.0, 0.01, 0.1, 1.0]), (-1.0, float("nan"), float("inf"), 1e300, "x"))
-    clip = scalar(fdp, fdp.PickValueInList([0, 0, 5, 20]), (-1, 100, 2 ** 31, None))
+    clip = scalar(fdp, fdp.PickValueInList([0, 0, 5, 20]), (-1, 100, 2**31, None))
     bpg = None
     if fdp.ConsumeIntInRange(0, 3) == 0:
         bpg = arr(fdp, "float32", (N, G))
         if isinstance(bpg, np.ndarray) and bpg.dtype == np.float32 and bpg.shape == (N, G) and fdp.ConsumeBool():
-            bpg = np.random.default_rng(fdp.ConsumeIntInRange(0, 99)).integers(2, 8, (N, G), endpoint=True
-                                                                               ).astype(np.float32)
-    call(_C.gptq_quantize, arr(fdp, "float32", (N, K)), H, bits, g, sym, damp, fdp.ConsumeBool(), clip, bpg,
-         arr(fdp, "int8" if sym else "uint8", (N, K)), arr(fdp, "float32", (N, G)), arr(fdp, "uint8", (N, G)))
+            bpg = (
+                np.random.default_rng(fdp.ConsumeIntInRange(0, 99))
+                .integers(2, 8, (N, G), endpoint=True)
+                .astype(np.float32)
+            )
+    call(
+        _C.gptq_quantize,
+        arr(fdp, "float32", (N, K)),
+        H,
+        bits,
+        g,
+        sym,
+        damp,
+        fdp.ConsumeBool(),
+        clip,
+        bpg,
+        arr(fdp, "int8" if sym else "uint8", (N, K)),
+        arr(fdp, "float32", (N, G)),
+        arr(fdp, "uint8", (N, G)),
+    )
 
 
 def t_cpu_blob_bytes(fdp):
-    big = (-1, 0, 2 ** 31, 2 ** 31 + 1, 2 ** 62, 2 ** 63 - 1, 2 ** 63, 1.5, None)
-    call(_C.cpu_blob_bytes, scalar(fdp, fdp.PickValueInList([4, 8]), (0, 3, 16, None)),
-         scalar(fdp, fdp.ConsumeIntInRange(0, 2 ** 31), big), scalar(fdp, fdp.ConsumeIntInRange(1, 2 ** 31), big),
-         scalar(fdp, fdp.ConsumeIntInRange(1, 2 ** 31), big))
+    big = (-1, 0, 2**31, 2**31 + 1, 2**62, 2**63 - 1, 2**63, 1.5, None)
+    call(
+        _C.cpu_blob_bytes,
+        scalar(fdp, fdp.PickValueInList([4, 8]), (0, 3, 16, None)),
+        scalar(fdp, fdp.ConsumeIntInRange(0, 2**31), big),
+        scalar(fdp, fdp.ConsumeIntInRange(1, 2**31), big),
+        scalar(fdp, fdp.ConsumeIntInRange(1, 2**31), big),
+    )
 
 
 def t_cpu_has(fdp):
-    call(_C.cpu_has, scalar(fdp, fdp.ConsumeIntInRange(-2, 5), (2 ** 31, 2 ** 63, None, "x")))
+    call(_C.cpu_has, scalar(fdp, fdp.ConsumeIntInRange(-2, 5), (2**31, 2**63, None, "x")))
 
 
 def t_cpu_prepack(fdp):
@@ -277,8 +310,15 @@ def t_cpu_prepack(fdp):
         nbytes = _C.cpu_blob_bytes(bits if bits in (4, 8) else 4, N, K, geff)
     except EXPECTED:
         nbytes = 0
-    call(_C.cpu_prepack, codes, arr(fdp, "float32", (N, G)), arr(fdp, "uint8", (N, G), 0, 15) if four or
-         fdp.ConsumeBool() else None, bits, g, arr(fdp, "uint8", (max(nbytes, 0),)))
+    call(
+        _C.cpu_prepack,
+        codes,
+        arr(fdp, "float32", (N, G)),
+        arr(fdp, "uint8", (N, G), 0, 15) if four or fdp.ConsumeBool() else None,
+        bits,
+        g,
+        arr(fdp, "uint8", (max(nbytes, 0),)),
+    )
 
 
 def _weight(fdp, bits, N, K, g):
@@ -310,14 +350,14 @@ def t_cpu_qlinear(fdp):
         if fdp.ConsumeIntInRange(0, 7) == 0:
             p[1] = scalar(fdp, p[1], (0, 2, 16, None))
         if fdp.ConsumeIntInRange(0, 7) == 0:
-            p[2] = scalar(fdp, p[2], (-1, n_out + 1, 2 ** 62, 2 ** 63 - 1, None))
+            p[2] = scalar(fdp, p[2], (-1, n_out + 1, 2**62, 2**63 - 1, None))
         if p[3] is not None and fdp.ConsumeIntInRange(0, 5) == 0:
             if fdp.ConsumeBool() and len(p[3]):
                 p[3] = p[3].copy()
-                p[3][fdp.ConsumeIntInRange(0, len(p[3]) - 1)] = fdp.PickValueInList([-1, n_out, 2 ** 62, -(2 ** 63), 0])
+                p[3][fdp.ConsumeIntInRange(0, len(p[3]) - 1)] = fdp.PickValueInList([-1, n_out, 2**62, -(2**63), 0])
             else:
                 p[3] = arr(fdp, "int64", tuple(p[3].shape), -2, n_out + 1)
-    plist = [tuple(p) if fdp.ConsumeIntInRange(0, 15) else tuple(p[:fdp.ConsumeIntInRange(0, 3)]) for p in parts]
+    plist = [tuple(p) if fdp.ConsumeIntInRange(0, 15) else tuple(p[: fdp.ConsumeIntInRange(0, 3)]) for p in parts]
     if fdp.ConsumeIntInRange(0, 7) == 0 and plist and len(plist[0]) == 4:
         # a producer that mutates the parts list (and frees its tuples) while being exported
         victim = plist[0]
@@ -333,10 +373,18 @@ def t_cpu_qlinear(fdp):
     dt = fdp.PickValueInList(["float32", "float16", "bfloat16"])
     odt = fdp.PickValueInList(["float32", "float16", dt])
     bias = arr(fdp, "float32", (n_out,)) if fdp.ConsumeBool() else None
-    impl = scalar(fdp, fdp.PickValueInList(ops._IMPLS and [0, 1] + [v for v in (2, 3) if _C.cpu_has(v)]),
-                  (-1, 4, 2 ** 31, None))
-    call(_C.cpu_qlinear, arr(fdp, dt, (M, K)), plist, scalar(fdp, g, (0, -1, 2 ** 63 - 1)), bias,
-         arr(fdp, odt, (M, n_out)), impl)
+    impl = scalar(
+        fdp, fdp.PickValueInList(ops._IMPLS and [0, 1] + [v for v in (2, 3) if _C.cpu_has(v)]), (-1, 4, 2**31, None)
+    )
+    call(
+        _C.cpu_qlinear,
+        arr(fdp, dt, (M, K)),
+        plist,
+        scalar(fdp, g, (0, -1, 2**63 - 1)),
+        bias,
+        arr(fdp, odt, (M, n_out)),
+        impl,
+    )
 
 
 def _fl(fdp, good, bad=(float("nan"), float("inf"), -1.0, 1e308, None, "x")):
@@ -345,20 +393,32 @@ def _fl(fdp, good, bad=(float("nan"), float("inf"), -1.0, 1e308, None, "x")):
 
 def t_kmeans1d(fdp):
     R, n = dims(fdp, 2, hi=30)
-    k = scalar(fdp, fdp.ConsumeIntInRange(1, 16), (0, -1, 257, 2 ** 31, None))
+    k = scalar(fdp, fdp.ConsumeIntInRange(1, 16), (0, -1, 257, 2**31, None))
     kk = k if isinstance(k, int) and 1 <= k <= 256 else 4
     weight = None if fdp.ConsumeBool() else arr(fdp, "float32", (R, n))
     if isinstance(weight, np.ndarray) and weight.dtype.kind == "f" and fdp.ConsumeIntInRange(0, 3):
         weight = np.abs(weight)  # mostly valid (non-negative) weights
     levels = None if fdp.ConsumeBool() else arr(fdp, "int32", (R,), 0, kk + 1)
-    iters = scalar(fdp, fdp.ConsumeIntInRange(0, 8), (-1, 2 ** 31, None))
-    call(_C.kmeans1d, arr(fdp, "float32", (R, n)), weight, k, levels, iters, arr(fdp, "float32", (R, kk)),
-         arr(fdp, "uint8", (R, n)))
+    iters = scalar(fdp, fdp.ConsumeIntInRange(0, 8), (-1, 2**31, None))
+    call(
+        _C.kmeans1d,
+        arr(fdp, "float32", (R, n)),
+        weight,
+        k,
+        levels,
+        iters,
+        arr(fdp, "float32", (R, kk)),
+        arr(fdp, "uint8", (R, n)),
+    )
 
 
 def _slim_scalars(fdp):
-    return (_fl(fdp, fdp.PickValueInList([0.0, 0.5, 3.0])), _fl(fdp, fdp.PickValueInList([1.0, 2.0, 2.4])),
-            _fl(fdp, fdp.PickValueInList([0.0, 0.1, 0.5])), scalar(fdp, fdp.ConsumeIntInRange(1, 12), (0, -1, 1001)))
+    return (
+        _fl(fdp, fdp.PickValueInList([0.0, 0.5, 3.0])),
+        _fl(fdp, fdp.PickValueInList([1.0, 2.0, 2.4])),
+        _fl(fdp, fdp.PickValueInList([0.0, 0.1, 0.5])),
+        scalar(fdp, fdp.ConsumeIntInRange(1, 12), (0, -1, 1001)),
+    )
 
 
 def t_slim_calibrate(fdp):
@@ -369,8 +429,19 @@ def t_slim_calibrate(fdp):
         u = np.abs(u) + 1e-3
     thr = None if fdp.ConsumeBool() else _fl(fdp, fdp.ConsumeRegularFloat())
     lam, norm, tau_range, tau_n = _slim_scalars(fdp)
-    call(_C.slim_calibrate, arr(fdp, "float32", (R, ln)), u, bits, thr, lam, norm, tau_range, tau_n,
-         arr(fdp, "float32", (R,)), arr(fdp, "float32", (R,)))
+    call(
+        _C.slim_calibrate,
+        arr(fdp, "float32", (R, ln)),
+        u,
+        bits,
+        thr,
+        lam,
+        norm,
+        tau_range,
+        tau_n,
+        arr(fdp, "float32", (R,)),
+        arr(fdp, "float32", (R,)),
+    )
 
 
 def t_slim_gptq(fdp):
@@ -387,8 +458,22 @@ def t_slim_gptq(fdp):
     thr = None if fdp.ConsumeBool() else arr(fdp, "float64", (G,))
     lam, norm, tau_range, tau_n = _slim_scalars(fdp)
     go = fdp.ConsumeBool()
-    args = [arr(fdp, "float32", (N, K)), H, bpg, g, _fl(fdp, 0.01), go, thr, lam, norm, tau_range, tau_n,
-            arr(fdp, "uint8", (N, K)), arr(fdp, "float32", (N, G)), arr(fdp, "float32", (N, G))]
+    args = [
+        arr(fdp, "float32", (N, K)),
+        H,
+        bpg,
+        g,
+        _fl(fdp, 0.01),
+        go,
+        thr,
+        lam,
+        norm,
+        tau_range,
+        tau_n,
+        arr(fdp, "uint8", (N, K)),
+        arr(fdp, "float32", (N, G)),
+        arr(fdp, "float32", (N, G)),
+    ]
     if fdp.ConsumeIntInRange(0, 3) == 0:
         args.append(arr(fdp, "float64", (K, K)))  # U (upper Cholesky factor of H^-1), maybe garbage
     call(_C.slim_gptq, *args)
@@ -401,19 +486,27 @@ def _woq_spec(fdp, N, K):
         spec = ["group", g, arr(fdp, "uint8", (N, K), 0, 15), arr(fdp, "float32", (N, G)), arr(fdp, "float32", (N, G))]
     else:
         L = fdp.ConsumeIntInRange(1, 16)
-        spec = ["codebook", 0, arr(fdp, "uint8", (N, K), 0, L - 1 if fdp.ConsumeIntInRange(0, 7) else 255),
-                arr(fdp, "float32", (K, L)), None]
+        spec = [
+            "codebook",
+            0,
+            arr(fdp, "uint8", (N, K), 0, L - 1 if fdp.ConsumeIntInRange(0, 7) else 255),
+            arr(fdp, "float32", (K, L)),
+            None,
+        ]
     if fdp.ConsumeBool():  # sparse outliers in CSR form, honest or not
         counts = np.random.default_rng(fdp.ConsumeIntInRange(0, 99)).integers(0, 3, N)
         rowptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         nnz = int(rowptr[-1])
         cols = np.random.default_rng(fdp.ConsumeIntInRange(0, 99)).integers(0, max(K, 1), nnz).astype(np.int64)
         if nnz and fdp.ConsumeIntInRange(0, 3) == 0:
-            cols[fdp.ConsumeIntInRange(0, nnz - 1)] = fdp.PickValueInList([-1, K, 2 ** 62, -(2 ** 63)])
+            cols[fdp.ConsumeIntInRange(0, nnz - 1)] = fdp.PickValueInList([-1, K, 2**62, -(2**63)])
         if N and fdp.ConsumeIntInRange(0, 3) == 0:
-            rowptr[fdp.ConsumeIntInRange(0, N)] = fdp.PickValueInList([-1, nnz + 1, 2 ** 62, 0])
-        spec += [arr(fdp, "int64", (N + 1,)) if fdp.ConsumeIntInRange(0, 7) == 0 else rowptr,
-                 arr(fdp, "int64", (nnz,)) if fdp.ConsumeIntInRange(0, 7) == 0 else cols, arr(fdp, "float32", (nnz,))]
+            rowptr[fdp.ConsumeIntInRange(0, N)] = fdp.PickValueInList([-1, nnz + 1, 2**62, 0])
+        spec += [
+            arr(fdp, "int64", (N + 1,)) if fdp.ConsumeIntInRange(0, 7) == 0 else rowptr,
+            arr(fdp, "int64", (nnz,)) if fdp.ConsumeIntInRange(0, 7) == 0 else cols,
+            arr(fdp, "float32", (nnz,)),
+        ]
     else:
         spec += [None, None, None]
     if fdp.ConsumeIntInRange(0, 15) == 0:
@@ -431,8 +524,13 @@ def t_woq_dequantize(fdp):
 def t_woq_linear(fdp):
     M, N, K = dims(fdp, 3, hi=24)
     dt = fdp.PickValueInList(["float32", "float16", "bfloat16"])
-    call(_C.woq_linear, arr(fdp, dt, (M, K)), _woq_spec(fdp, N, K),
-         None if fdp.ConsumeBool() else arr(fdp, "float32", (N,)), arr(fdp, fdp.PickValueInList(["float32", dt]), (M, N)))
+    call(
+        _C.woq_linear,
+        arr(fdp, dt, (M, K)),
+        _woq_spec(fdp, N, K),
+        None if fdp.ConsumeBool() else arr(fdp, "float32", (N,)),
+        arr(fdp, fdp.PickValueInList(["float32", dt]), (M, N)),
+    )
 
 
 # ---------------------------------------------------------------- any other entry point
@@ -456,8 +554,11 @@ def generic_arg(fdp, kind, cons):
         return None
     if kind == "int":
         lo, hi = max(cons.get("min", -2), -2), min(cons.get("max", 130), 130)
-        return scalar(fdp, fdp.ConsumeIntInRange(lo, max(lo, hi)), (cons.get("min", 0) - 1, cons.get("max", 0) + 1,
-                                                                   2 ** 63, 1.5, None, "x"))
+        return scalar(
+            fdp,
+            fdp.ConsumeIntInRange(lo, max(lo, hi)),
+            (cons.get("min", 0) - 1, cons.get("max", 0) + 1, 2**63, 1.5, None, "x"),
+        )
     if kind == "float":
         return scalar(fdp, fdp.ConsumeRegularFloat(), (float("nan"), float("inf"), -1.0, None, "x"))
     if kind == "bool":
@@ -473,17 +574,28 @@ def make_generic(name):
         if fdp.ConsumeIntInRange(0, 15) == 0:  # wrong arity
             args = args[: fdp.ConsumeIntInRange(0, len(args))] if fdp.ConsumeBool() else args + [None]
         call(getattr(_C, name), *args)
+
     target.generic = True
     return target
 
 
 TARGETS = {
-    "quantize_weight": t_quantize_weight, "dequantize_weight": t_dequantize_weight,
-    "quantize_activation": t_quantize_activation, "pack_int4": t_pack_int4, "unpack_int4": t_unpack_int4,
-    "salience_accumulate": t_salience_accumulate, "gptq_quantize": t_gptq_quantize,
-    "cpu_blob_bytes": t_cpu_blob_bytes, "cpu_has": t_cpu_has, "cpu_prepack": t_cpu_prepack,
-    "cpu_qlinear": t_cpu_qlinear, "kmeans1d": t_kmeans1d, "slim_calibrate": t_slim_calibrate,
-    "slim_gptq": t_slim_gptq, "woq_dequantize": t_woq_dequantize, "woq_linear": t_woq_linear,
+    "quantize_weight": t_quantize_weight,
+    "dequantize_weight": t_dequantize_weight,
+    "quantize_activation": t_quantize_activation,
+    "pack_int4": t_pack_int4,
+    "unpack_int4": t_unpack_int4,
+    "salience_accumulate": t_salience_accumulate,
+    "gptq_quantize": t_gptq_quantize,
+    "cpu_blob_bytes": t_cpu_blob_bytes,
+    "cpu_has": t_cpu_has,
+    "cpu_prepack": t_cpu_prepack,
+    "cpu_qlinear": t_cpu_qlinear,
+    "kmeans1d": t_kmeans1d,
+    "slim_calibrate": t_slim_calibrate,
+    "slim_gptq": t_slim_gptq,
+    "woq_dequantize": t_woq_dequantize,
+    "woq_linear": t_woq_linear,
 }
 
 

@@ -1,4 +1,5 @@
 """The DLPack bridge (csrc/dlpack_bridge.c): protocol, ownership and clear errors."""
+
 import gc
 import sys
 
@@ -43,6 +44,7 @@ def test_producer_without_max_version_supported():
     class Legacy(Wrapper):
         def __dlpack__(self, stream=None):  # rejects max_version: bridge falls back
             return self.base.__dlpack__()
+
     np.testing.assert_array_equal(quantize_act(Legacy(np.ones((1, 4), np.float32))), [[127] * 4])
 
 
@@ -50,7 +52,7 @@ def test_consumed_capsule_rejected():
     base = torch.ones(1, 4)
     cap = base.__dlpack__()
     quantize_act(Wrapper(base, capsule=cap))  # consumes it
-    with pytest.raises(TypeError, match="unused \"dltensor\" capsule"):
+    with pytest.raises(TypeError, match='unused "dltensor" capsule'):
         quantize_act(Wrapper(base, capsule=cap))
 
 
@@ -69,8 +71,9 @@ def test_raw_capsule_taken_once():
         quantize_act(cap)
     q = np.zeros((1, 4), np.int8)
     with pytest.raises(TypeError, match="x: expected dtype"):  # capsules get the same checks
-        _C.quantize_activation(torch.utils.dlpack.to_dlpack(torch.ones(1, 4, dtype=torch.int32)), 4, q,
-                               np.zeros((1, 1), np.float32))
+        _C.quantize_activation(
+            torch.utils.dlpack.to_dlpack(torch.ones(1, 4, dtype=torch.int32)), 4, q, np.zeros((1, 1), np.float32)
+        )
 
 
 def test_garbage_from_dlpack():
@@ -150,7 +153,7 @@ def test_argument_errors_name_the_argument():
     with pytest.raises(ValueError, match="group_size: expected a positive integer, got 0"):
         _C.quantize_weight(w, 4, 0, False, q, s, z)
     with pytest.raises(OverflowError, match="bits"):  # a C int, as PyArg_ParseTuple's "i" had it
-        _C.quantize_weight(w, 2 ** 40, 4, False, q, s, z)
+        _C.quantize_weight(w, 2**40, 4, False, q, s, z)
     with pytest.raises(ValueError, match="k: expected 1..256 levels, got 300"):
         _C.kmeans1d(w, None, 300, None, 10, np.zeros((3, 300), np.float32), np.zeros((3, 10), np.uint8))
     with pytest.raises(TypeError, match="damp: expected a float, got str"):
@@ -161,13 +164,14 @@ def test_argument_errors_name_the_argument():
 
 def test_signature_table_matches_the_callables():
     import inspect
+
     sigs = _C.__signatures__
     public = sorted(n for n in dir(_C) if not n.startswith("_") and callable(getattr(_C, n)))
     assert sorted(sigs) == public and len(public) == 16
     for name, args in sigs.items():
         params = list(inspect.signature(getattr(_C, name)).parameters)
         assert params == [a[0] for a in args], name
-        for arg, kind, cons in args:
+        for _arg, kind, cons in args:
             assert kind in ("array", "int", "float", "bool", "object")
             if kind == "array":
                 assert cons["dtypes"] and isinstance(cons["output"], bool)

@@ -1,6 +1,6 @@
 """Regression tests for the C core's hardening fixes (issue 6): each one reproduces a crash, an
 undefined-behaviour report or a lost exception found by the fuzzers (fuzz/) or by review."""
-import ctypes
+
 import os
 import sys
 
@@ -47,8 +47,9 @@ def test_error_survives_a_python_deleter():
     dlfake.LEDGER.reset()
     w = _capsule_array(np.ones((4, 8), np.float32), major=0)
     with pytest.raises(ValueError, match="major version 0"):
-        _C.quantize_weight(w, 4, 8, False, np.zeros((4, 8), np.uint8), np.zeros((4, 1), np.float32),
-                           np.zeros((4, 1), np.uint8))
+        _C.quantize_weight(
+            w, 4, 8, False, np.zeros((4, 8), np.uint8), np.zeros((4, 1), np.float32), np.zeros((4, 1), np.uint8)
+        )
     dlfake.LEDGER.check()  # and the deleter ran exactly once
     x = _capsule_array(np.ones((2, 8), np.uint8))  # wrong dtype: error raised before release
     with pytest.raises(TypeError, match="expected dtype"):
@@ -70,7 +71,7 @@ def test_fake_capsule_round_trip():
 def test_blob_size_overflow_is_an_error():
     """(N/16) * G * section overflowed int64 (and wrapped to small sizes that a blob could match)."""
     with pytest.raises(ValueError, match="too large"):
-        _C.cpu_blob_bytes(4, 2 ** 31, 2 ** 31, 1)
+        _C.cpu_blob_bytes(4, 2**31, 2**31, 1)
     assert _C.cpu_blob_bytes(4, 32, 256, 128) > 0
 
 
@@ -78,7 +79,7 @@ def test_huge_group_size_does_not_overflow():
     """ceil(K / g) was computed as (K + g - 1) / g, overflowing for g near 2^63."""
     w = np.random.default_rng(1).standard_normal((3, 5)).astype(np.float32)
     q, s, z = np.zeros((3, 5), np.uint8), np.zeros((3, 1), np.float32), np.zeros((3, 1), np.uint8)
-    _C.quantize_weight(w, 4, 2 ** 63 - 1, False, q, s, z)
+    _C.quantize_weight(w, 4, 2**63 - 1, False, q, s, z)
     q2, s2, z2 = ops.quantize_weight(w, 4, 5)
     assert np.array_equal(q, q2) and np.array_equal(s, s2)
 
@@ -86,7 +87,7 @@ def test_huge_group_size_does_not_overflow():
 def test_empty_array_with_absurd_extent_rejected():
     """Every extent is bounded, even when another one is 0 (ops compute K + 1 and the like)."""
     dlfake.LEDGER.reset()
-    cap, dev = dlfake.make_capsule(_FDP(), None, "uint8", (0, 2 ** 63 - 1), mutate=False)
+    cap, dev = dlfake.make_capsule(_FDP(), None, "uint8", (0, 2**63 - 1), mutate=False)
     with pytest.raises(ValueError, match="too large"):
         _C.unpack_int4(dlfake.FakeArray(cap, dev), np.zeros((0, 4), np.uint8))
     dlfake.LEDGER.check()
@@ -172,7 +173,7 @@ def test_nan_inputs_raise_without_undefined_casts():
         ops.quantize_weight(x, 8, 4)
 
 
-@pytest.mark.parametrize("offset", [2 ** 63, 2 ** 64 - 1])
+@pytest.mark.parametrize("offset", [2**63, 2**64 - 1])
 def test_absurd_byte_offset_rejected(offset):
     """data + byte_offset used to be formed as a pointer first (undefined past PTRDIFF_MAX / on wrap)."""
     dlfake.LEDGER.reset()

@@ -1,5 +1,6 @@
 """Concurrency: the C ops release the GIL around their loops, so several Python threads run them
 at once (each with its own OpenMP team). Results must be bit-identical to serial calls."""
+
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -68,11 +69,13 @@ def test_quantize_activation_threads(rng):
 def test_gptq_threads(rng):
     K = 96
     args = []
-    for i in range(THREADS):
+    for _ in range(THREADS):
         X = rng.standard_normal((256, K))
         args.append((rng.standard_normal((40, K)).astype(np.float32), 2 * X.T @ X / len(X)))
-    fns = [lambda w=w, H=H, i=i: ops.gptq_quantize(w, H, bits=4 if i % 2 else 8, group_size=32, clip_grid=5)
-           for i, (w, H) in enumerate(args)]
+    fns = [
+        lambda w=w, H=H, i=i: ops.gptq_quantize(w, H, bits=4 if i % 2 else 8, group_size=32, clip_grid=5)
+        for i, (w, H) in enumerate(args)
+    ]
     assert _check(fns) == len(fns) * ROUNDS
 
 
@@ -114,8 +117,14 @@ def test_mixed_ops_threads(rng):
     x = rng.standard_normal((16, 256)).astype(np.float32)
     qw = ops.QuantizedWeight.quantize(w, 4, 128)
     qw.cpu_blob()
-    fns = [lambda: ops.quantize_weight(w, 4, 128), lambda: ops.quantize_activation(x, 128),
-           lambda: ops.w4a8_linear(x, qw), lambda: ops.gptq_quantize(w, None, 4, 128),
-           lambda: ops.pack_int4(ops.quantize_weight(w, 4, 128)[0]), lambda: qw.dequantize(),
-           lambda: ops.salience_accumulate(np.zeros(64), w, w), lambda: ops.quantize_weight(w, 8, 64)]
+    fns = [
+        lambda: ops.quantize_weight(w, 4, 128),
+        lambda: ops.quantize_activation(x, 128),
+        lambda: ops.w4a8_linear(x, qw),
+        lambda: ops.gptq_quantize(w, None, 4, 128),
+        lambda: ops.pack_int4(ops.quantize_weight(w, 4, 128)[0]),
+        lambda: qw.dequantize(),
+        lambda: ops.salience_accumulate(np.zeros(64), w, w),
+        lambda: ops.quantize_weight(w, 8, 64),
+    ]
     assert _check(fns) == len(fns) * ROUNDS
