@@ -234,7 +234,7 @@ def sequential_quantize(model: nn.Module, config, calib, filter_fn: Callable = d
             st = acc.stats()
             for rel in group:
                 q = config.quantize_linear(lin[rel], st)
-                replace_linears(model, {bpre + rel: q})
+                replace_modules(model, {bpre + rel: q})
                 out_new[bpre + rel] = q
             bar.set_postfix_str("+".join(r.rsplit(".", 1)[-1] for r in group))
         # 4. the quantized block's outputs feed the next block
