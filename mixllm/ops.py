@@ -302,6 +302,14 @@ class QuantizedWeight:
         return sum(int(np.prod(a.shape)) * (a.element_size() if _is_torch(a) else a.itemsize)
                    for a in (self.qweight, self.scale, self.zero) if a is not None)
 
+    def kernel_layout(self, key: str, build):
+        """The kernel layout cached under ``key`` (``"cpu"``, ``"cuda:<i>"``), made by ``build()`` on
+        first use (mixllm/cuda_ops.py builds the CUDA ones through this)."""
+        v = self._packed.get(key)
+        if v is None:
+            v = self._packed[key] = build()
+        return v
+
     def cpu_blob(self):
         """The CPU kernels' prepacked layout (csrc/gemm_cpu.c), built once."""
         blob = self._packed.get("cpu")
