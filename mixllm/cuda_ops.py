@@ -3,7 +3,8 @@
 ``mixllm.ops`` dispatches here when ``x`` is a CUDA tensor; nothing here is meant to be
 called directly. Every launch goes to the caller's current stream, and every buffer is a
 torch allocation (so the ops work inside CUDA graph capture). The GEMM layout of a weight
-(cuda/w8a8.cu) is built on first use per device and cached in ``weight._packed["cuda:<i>"]``.
+(cuda/pack_weights.cu) is built on first use per device and cached with the weight
+(``QuantizedWeight.kernel_layout("cuda:<i>", ...)``).
 
 Output indices (``out_index``, the mixed layer's column scatter) are validated where they cannot
 be swapped behind the check's back: ``PreparedLinear`` (and so ``MixedLinear``) checks a private
@@ -49,27 +50,27 @@ def quantize_activation(x2d, group_size):
 
 
 def packed_weight(weight, device):
-    """The GEMM layout of ``weight`` (a QuantizedWeight) on ``device``, built once."""
+    """The GEMM layout of ``weight`` (a QuantizedWeight) on ``device``, built once per device."""
     device = torch.device(device)
     key = f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}"
-    entry = weight._packed.get(key)
-    if entry is None:
-        _refuse_capture(device, "weight: its GPU layout is built on first use")
-        N, K = weight.shape
-        g = min(weight.group_size, K)
-        G, gp, spg, Kp = _cuda.geometry(K, g)
-        qdtype = torch.uint8 if weight.bits == 4 else torch.int8
-        q = _to(weight.qweight, device, qdtype, "qweight")
-        scale = _to(weight.scale, device, torch.float32, "scale")
-        zero = _to(weight.zero, device, torch.uint8, "zero") if weight.bits == 4 else None
-        wbytes, mbytes = _cuda.layout_bytes(weight.bits, N, K, g)
-        wpack = torch.empty(wbytes, dtype=torch.uint8, device=device)
-        meta = torch.empty(mbytes, dtype=torch.uint8, device=device)
-        if N:
-            _cuda.pack_weight(q, scale, zero, weight.bits, K, g, wpack, meta, _stream(device))
-        entry = {"wpack": wpack, "meta": meta, "g": g, "Kp": Kp}
-        weight._packed[key] = entry
-    return entry
+    return weight.kernel_layout(key, lambda: _pack(weight, device))
+
+
+def _pack(weight, device):
+    _refuse_capture(device, "weight: its GPU layout is built on first use")
+    N, K = weight.shape
+    g = min(weight.group_size, K)
+    Kp = _cuda.geometry(K, g)[3]
+    qdtype = torch.uint8 if weight.bits == 4 else torch.int8
+    q = _to(weight.qweight, device, qdtype, "qweight")
+    scale = _to(weight.scale, device, torch.float32, "scale")
+    zero = _to(weight.zero, device, torch.uint8, "zero") if weight.bits == 4 else None
+    wbytes, mbytes = _cuda.layout_bytes(weight.bits, N, K, g)  # the extension's sizes, never recomputed here
+    wpack = torch.empty(wbytes, dtype=torch.uint8, device=device)
+    meta = torch.empty(mbytes, dtype=torch.uint8, device=device)
+    if N:
+        _cuda.pack_weight(q, scale, zero, weight.bits, K, g, wpack, meta, _stream(device))
+    return {"wpack": wpack, "meta": meta, "g": g, "Kp": Kp}
 
 
 def _capturing(device) -> bool:
