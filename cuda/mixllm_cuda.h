@@ -19,7 +19,7 @@ extern "C" {
 #define MIXC_NCFG 12     /* tile configurations, see mixc_cfg_name */
 #define MIXC_CFG_SM90 10 /* the sm_90a wgmma + TMA prefill kernel (cuda/w4a8_sm90.cu) */
 #define MIXC_CFG_DECODE 11 /* the few-token kernel (cuda/w4a8_decode.cu); its "splits" = warps per row tile */
-#define MIXC_DECODE_MAX_M 32 /* the planner picks it up to this many tokens */
+#define MIXC_DECODE_MAX_M 16 /* the planner picks it up to this many tokens (measured: slower than the mma.sync tiles from 32 on) */
 #define MIXC_SM90_MIN_M 256 /* the planner picks it on 9.x devices from this many tokens on (measured faster at 256) */
 #define MIXC_MAX_PARTS 2
 

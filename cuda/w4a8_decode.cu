@@ -40,7 +40,7 @@ struct DArgs {
 
 __device__ __forceinline__ void dec_mma(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
                                         uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
                  "{%0,%1,%2,%3};\n"
                  : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
@@ -105,11 +105,32 @@ __device__ __forceinline__ void decode_range(const DArgs &a, const DPart &p, int
         if (s0 + d < s1) load(d, s0 + d);
     dec_grid_dep_wait();
 
+    /* Activations one stage ahead (measured: a warp that loads them at the start of each stage
+     * waits on them and on a 4-long MMA chain in turn, and runs at half the streaming rate). */
+    uint2 bx[NT8][KSTEPS_PER_STAGE];
+    auto load_act = [&](int s) {
+#pragma unroll
+        for (int t = 0; t < NT8; t++) {
+            const int64_t mb = m0 + t * 8 + gid;
+            const int8_t *xr = a.xq + mb * a.Kp + (int64_t)s * KSTAGE + tig * 8;
+#pragma unroll
+            for (int k = 0; k < KSTEPS_PER_STAGE; k++)
+                bx[t][k] = (mb < a.M && s < s1) ? ld_act8(xr + k * KSTEP) : make_uint2(0, 0);
+        }
+    };
+    load_act(s0);
+
     for (int sb = s0; sb < s1; sb += DEPTH) {
 #pragma unroll
         for (int d = 0; d < DEPTH; d++) {
             const int s = sb + d;
             if (s >= s1) break;
+            uint2 b[NT8][KSTEPS_PER_STAGE];
+#pragma unroll
+            for (int t = 0; t < NT8; t++)
+#pragma unroll
+                for (int k = 0; k < KSTEPS_PER_STAGE; k++) b[t][k] = bx[t][k];
+            load_act(s + 1);
             /* (q - z) as int8 A fragments of the stage's four k-steps, shared by all token tiles */
             uint32_t af[KSTEPS_PER_STAGE][4];
 #pragma unroll
@@ -128,22 +149,21 @@ __device__ __forceinline__ void decode_range(const DArgs &a, const DPart &p, int
             }
 #pragma unroll
             for (int t = 0; t < NT8; t++) {
-                /* this lane's tokens: B fragment row gid, C fragment columns 2*tig and 2*tig+1 */
-                const int64_t mb = m0 + t * 8 + gid, mc = m0 + t * 8 + 2 * tig;
-                const int8_t *xr = a.xq + mb * a.Kp + (int64_t)s * KSTAGE + tig * 8;
-                int iacc[4] = {0, 0, 0, 0};
-#pragma unroll
-                for (int k = 0; k < KSTEPS_PER_STAGE; k++) {
-                    const uint2 b = mb < a.M ? ld_act8(xr + k * KSTEP) : make_uint2(0, 0);
-                    dec_mma(iacc, af[k][0], af[k][1], af[k][2], af[k][3], b.x, b.y);
-                }
+                if (m0 + t * 8 >= a.M) break; /* token tiles past M: nothing to compute */
+                const int64_t mc = m0 + t * 8 + 2 * tig;
+                /* two independent accumulators: MMA chains of 2 instead of 4 */
+                int i0[4] = {0, 0, 0, 0}, i1[4] = {0, 0, 0, 0};
+                dec_mma(i0, af[0][0], af[0][1], af[0][2], af[0][3], b[t][0].x, b[t][0].y);
+                dec_mma(i1, af[1][0], af[1][1], af[1][2], af[1][3], b[t][1].x, b[t][1].y);
+                dec_mma(i0, af[2][0], af[2][1], af[2][2], af[2][3], b[t][2].x, b[t][2].y);
+                dec_mma(i1, af[3][0], af[3][1], af[3][2], af[3][3], b[t][3].x, b[t][3].y);
                 /* second step of the dequantization: a stage lies in one group */
                 const float sa0 = mc < a.M ? __ldg(a.sa + mc * a.nst + s) : 0.f;
                 const float sa1 = mc + 1 < a.M ? __ldg(a.sa + (mc + 1) * a.nst + s) : 0.f;
-                facc[t][0] = __fmaf_rn(dec_i2f(iacc[0]), sw[d][0] * sa0, facc[t][0]);
-                facc[t][1] = __fmaf_rn(dec_i2f(iacc[1]), sw[d][0] * sa1, facc[t][1]);
-                facc[t][2] = __fmaf_rn(dec_i2f(iacc[2]), sw[d][1] * sa0, facc[t][2]);
-                facc[t][3] = __fmaf_rn(dec_i2f(iacc[3]), sw[d][1] * sa1, facc[t][3]);
+                facc[t][0] = __fmaf_rn(dec_i2f(i0[0] + i1[0]), sw[d][0] * sa0, facc[t][0]);
+                facc[t][1] = __fmaf_rn(dec_i2f(i0[1] + i1[1]), sw[d][0] * sa1, facc[t][1]);
+                facc[t][2] = __fmaf_rn(dec_i2f(i0[2] + i1[2]), sw[d][1] * sa0, facc[t][2]);
+                facc[t][3] = __fmaf_rn(dec_i2f(i0[3] + i1[3]), sw[d][1] * sa1, facc[t][3]);
             }
             if (s + DEPTH < s1) load(d, s + DEPTH); /* refill the ring slot just consumed */
         }
