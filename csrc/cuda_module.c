@@ -186,6 +186,9 @@ static PyObject *py_plan(PyObject *self, PyObject *args) {
     if (Kp <= 0 || Kp % MIXC_KSTAGE || Kp > mixc_kp(MAX_K, 1))
         return PyErr_Format(PyExc_ValueError, "Kp: expected a positive multiple of %d (from geometry())", MIXC_KSTAGE);
     if (M < 0 || M > MAX_ROWS) return PyErr_Format(PyExc_ValueError, "M: expected an integer in [0, %lld], got %lld", MAX_ROWS, M);
+    const int ndev = mixc_device_count(); /* (the planner queries the device: an invalid ordinal is a CUDA error) */
+    if (device < 0 || device >= ndev)
+        return PyErr_Format(PyExc_ValueError, "device: expected a CUDA device ordinal in [0, %d), got %d", ndev, device);
     for (Py_ssize_t i = 0; i < np; i++)
         if (Ns[i] < 0 || Ns[i] > MAX_ROWS)
             return PyErr_Format(PyExc_ValueError, "Ns: expected row counts in [0, %lld]", MAX_ROWS);

@@ -183,3 +183,12 @@ extern "C" int mixc_act_quant(int device, const void *x, int dtype, int64_t M, i
     }
     return (int)err;
 }
+
+extern "C" int mixc_device_count(void) {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    return n;
+}

@@ -86,6 +86,9 @@ int mixc_decode_warps(int64_t M, const int64_t *Ns, int nparts, int64_t Kp, int 
 int mixc_qlinear_decode(int device, const mixc_gemm *g, int pdl, void *stream);
 
 const char *mixc_error_string(int err);
+/* CUDA devices visible to this process (0 when the driver reports none): csrc/cuda_module.c checks
+ * device ordinals it is given against it (cuda/act_quant.cu). */
+int mixc_device_count(void);
 
 #ifdef __cplusplus
 }

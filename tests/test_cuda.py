@@ -279,6 +279,9 @@ def test_bad_inputs_raise(rng):
         _cuda.plan_call(h, 2, 99, 1)
     with pytest.raises(ValueError, match="cfg"):
         _cuda.plan(DEV.index, 2, (16,), Kp, 99, 0)
+    for bad_device in (-1, torch.cuda.device_count(), 63):  # a CUDA API error in the planner before
+        with pytest.raises(ValueError, match="device: expected a CUDA device ordinal"):
+            _cuda.plan(bad_device, 2, (16,), Kp, -1, 0)
     with pytest.raises(ValueError, match="y"):
         _cuda.run(h, x, torch.empty((2, 17), device=DEV), scratch, c, sp, 0)
     with pytest.raises(ValueError, match="C-contiguous"):
