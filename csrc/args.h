@@ -99,6 +99,10 @@ typedef struct {
 /* MIX_SIG(x, summary, errors, precheck): the CPU table S_x of entry point x, arguments in A_x. */
 #define MIX_SIG(x, summ, errs, pre) \
     static const mix_sig S_##x = {#x, (summ), A_##x, MIX_NARGS(A_##x), (errs), MIX_ON_CPU, -1, (pre)}
+/* The same for a CUDA entry point: arrays must be CUDA arrays on one device, and the int argument at
+ * index `stream` holds the caller's stream, passed to every producer's __dlpack__(stream=...). */
+#define MIX_SIG_CUDA(x, summ, errs, pre, stream) \
+    static const mix_sig S_##x = {#x, (summ), A_##x, MIX_NARGS(A_##x), (errs), MIX_ON_CUDA, (stream), (pre)}
 
 typedef struct mix_call {
     const mix_sig *sig;
