@@ -442,13 +442,19 @@ extern "C" const char *mixc_error_string(int err) { return cudaGetErrorString((c
 
 /* Codes (rows x padded K) up to which a layer counts as small for the planner (<= 4 MB at 8 bits). */
 constexpr int64_t SMALL_LAYER_CODES = 4LL << 20;
+/* Codes (rows x padded K) up to which the planner sends M <= MIXC_DECODE_MAX_M to the decode kernel. */
+constexpr int64_t DECODE_MAX_CODES = 64LL << 20;
 
 extern "C" int mixc_plan(int device, int64_t M, const int64_t *Ns, int nparts, int64_t Kp, int cfg, int splits,
                          int *cfg_out, int *splits_out) {
     if (cfg >= MIXC_NCFG) return -1;
     if (cfg == MIXC_CFG_SM90 && !mixc_sm90_ok(device)) cfg = 4; /* forced where no sm_90a kernel runs */
     if (cfg < 0 && M >= MIXC_SM90_MIN_M && mixc_sm90_ok(device)) cfg = MIXC_CFG_SM90;
-    if (cfg < 0 && M <= MIXC_DECODE_MAX_M) cfg = MIXC_CFG_DECODE;
+    int64_t codes_all = 0;
+    for (int i = 0; i < nparts; i++) codes_all += Ns[i] * Kp;
+    /* The decode kernel: measured faster than the mma.sync tiles up to 16 tokens on layers up to
+     * 14336 x 4096, even or slower on the 70B-sized ones (H200, bench/results/gpu_decode_sweep_2026-11-30.log). */
+    if (cfg < 0 && M <= MIXC_DECODE_MAX_M && codes_all <= DECODE_MAX_CODES) cfg = MIXC_CFG_DECODE;
     if (cfg == MIXC_CFG_DECODE) {
         const int kmax = mixc_decode_max_warps(M);
         *cfg_out = cfg;

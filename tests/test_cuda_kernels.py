@@ -115,9 +115,11 @@ def test_decode_deterministic_and_agrees_with_mma_path(rng):
 
 def test_planner_picks_decode_for_few_tokens():
     for M in (1, 8, 16):
-        assert _cuda.plan(DEV.index, M, (28000, 3000), 8192, -1, 0)[0] == DECODE
-    c, kw, _ = _cuda.plan(DEV.index, 1, (28000, 3000), 8192, -1, 0)
+        assert _cuda.plan(DEV.index, M, (12903, 1433), 4096, -1, 0)[0] == DECODE
+    c, kw, _ = _cuda.plan(DEV.index, 1, (12903, 1433), 4096, -1, 0)
     assert 1 <= kw <= 8
+    assert _cuda.plan(DEV.index, 1, (25805, 2867), 8192, -1, 0)[0] != DECODE  # 70B-sized: mma.sync tiles
+    assert _cuda.plan(DEV.index, 32, (4096,), 4096, -1, 0)[0] != DECODE
     assert _cuda.plan(DEV.index, 4096, (14336,), 4096, -1, 0)[0] != DECODE
     c, kw, _ = _cuda.plan(DEV.index, 1, (4096,), 4096, DECODE, 99)  # forced: clamped to the most warps
     assert c == DECODE and kw == 8
