@@ -349,6 +349,8 @@ def _bias32(bias, n):
 
 def _index(idx, name):
     idx = _contig(idx, name)
+    if not _dtype_name(idx).startswith(("int", "uint")):  # a float / bool index would be truncated silently
+        raise TypeError(f"{name}: expected an integer dtype, got {_dtype_name(idx)}")
     if _dtype_name(idx) != "int64":
         idx = idx.long() if _is_torch(idx) else idx.astype(np.int64)
     return idx

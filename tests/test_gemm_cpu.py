@@ -125,6 +125,20 @@ class TestBadArguments:
         with pytest.raises(ValueError, match="out_index"):
             ops.mixed_linear(self.x, self.W4, self.W8, np.arange(16), np.array([16, 17, 18, 99]))
 
+    def test_index_float_or_bool_dtype(self):
+        # float / bool indices are refused, never truncated to integers (as on the GPU path)
+        idx4, idx8 = np.arange(16), np.arange(16, 20)
+        for bad in (np.float32, np.float64, bool):
+            with pytest.raises(TypeError, match="out_index: expected an integer dtype"):
+                ops.mixed_linear(self.x, self.W4, self.W8, idx4.astype(bad), idx8)
+            with pytest.raises(TypeError, match="out_index: expected an integer dtype"):
+                ops.mixed_linear(self.x, self.W4, self.W8, idx4, idx8.astype(bad))
+        torch = pytest.importorskip("torch")
+        with pytest.raises(TypeError, match="out_index: expected an integer dtype"):
+            ops.mixed_linear(torch.ones(2, 128), self.W4, self.W8, torch.arange(16.0), torch.arange(16, 20))
+        y = ops.mixed_linear(self.x, self.W4, self.W8, idx4.astype(np.int32), idx8.astype(np.uint8))
+        np.testing.assert_array_equal(y, ops.mixed_linear(self.x, self.W4, self.W8, idx4, idx8))
+
     def test_index_wrong_length(self):
         with pytest.raises(ValueError, match="out_index: expected size 16"):
             ops.mixed_linear(self.x, self.W4, self.W8, np.arange(15), np.arange(15, 20))
