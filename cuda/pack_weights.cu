@@ -1,15 +1,7 @@
-/* Offline packing of quantized weights into the GEMM layout of cuda/w4a8.cu, for the 8-bit
- * symmetric rows (W8A8: codes int8, zero point 0) and the 4-bit asymmetric ones (W4A8).
- * One thread writes one 16-byte word of the layout, gathering its codes from the canonical
- * format (4-bit: packed nibbles [N, ceil(K/2)], low nibble = even k; 8-bit: int8 [N, K]).
- *
- * Layout (uint4 units), 16-row tile rt, k-pair kp (64 padded columns), word v, lane:
- *   wpack[((rt * Kp/64 + kp) * VEC + v) * 32 + lane],   VEC = bits / 4
- * lane = 4 * gid + tig holds rows gid and gid + 8 of the tile, stored columns 8 * tig .. 8 * tig + 7
- * of each k-step (the MMA fragment's k order, see cuda/w4a8.cu). Padding (rows >= N, columns past a
- * group's end) holds the zero point, i.e. weight 0. Meta: one 80-byte record per (16-row tile,
- * group), at byte (rt * G + j) * 80: the 16 rows' float32 scales, then their 16 zero points
- * (uint8; 0 for 8-bit rows). */
+/* Offline packing of quantized weights into the GEMM layout (cuda/packed_layout.cuh): 8-bit
+ * symmetric rows (int8 codes, zero point 0) and 4-bit asymmetric ones. Input, the canonical format:
+ * 4-bit packed nibbles [N, ceil(K/2)] (low nibble = even k) + zero uint8 [N, G]; 8-bit int8 [N, K];
+ * scale float32 [N, G]. One thread writes one 16-byte word of the layout. */
 #include "mixllm_cuda.h"
 #include "device_guard.cuh"
 #include "packed_layout.cuh"

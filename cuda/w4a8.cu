@@ -1,44 +1,13 @@
-/* W4A8 / W8A8 / mixed-precision GEMM with two-step dequantization (SPEC §2, §5), mma.sync path
- * (sm_80 and sm_90).
+/* W4A8 / W8A8 / mixed-precision GEMM, mma.sync path (sm_80 and sm_90): the tile table, the planner
+ * (mixc_plan) and the dispatcher (mixc_qlinear) for every configuration.
  *
  *   Y[m, n] = sum_j Sw[n, j] Sa[m, j] * sum_{k in group j} (Wq[n, k] - z[n, j]) Aq[m, k]
  *
- * Operands. The weight is the MMA's A operand (16 rows of N per m16n8k32 tile) and the
- * activations are its B operand (8 tokens), so a decode step with M = 1..8 wastes no weight
- * bandwidth. int8 x int8 products accumulate in int32 over one stage of 128 columns (one
- * group, or a part of a longer one); then the int32 sums become float (the "add 1.5*2^23 and
- * reinterpret" trick, exact for |x| < 2^22 > 128*127*127) and are scaled by Sw * Sa into
- * float32 accumulators.
- *
- * Weight layout (written offline by mixc_pack_weight, cuda/w8a8.cu). Each warp owns TN tiles
- * of 16 weight rows and reads them straight from global memory into registers, never
- * through shared memory: no other warp needs them. The codes are stored in the exact order
- * of the MMA's A fragments, so every load is 16 bytes per lane, 512 contiguous bytes per
- * warp. Within each k-step of 32 the k order is permuted (logical k 4t+i <-> stored k 8t+i,
- * 16+4t+i <-> 8t+4+i for thread t of a quad) so that a thread's B fragment is 8 contiguous
- * activation bytes (one 8-byte shared-memory load). 4-bit: one uint4 holds two k-steps of
- * one lane (word 2h: rows gid, low nibbles = fragment a0, high = a2; word 2h+1: row gid+8);
- * (Wq - z) is formed per byte as ((q | 0x80) - z) ^ 0x80, three integer ops per 4 codes.
- * 8-bit: two uint4 per lane per two k-steps, the fragments as they are. Scales and zero
- * points ("meta"): one 80-byte record per (16-row tile, group): 16 float scales, 16 zeros.
- *
- * Groups. K is padded per group to gp columns (a multiple of the 128-column stage, see
- * mixc_gp) so that each stage lies in one group (one scale/zero load per stage and row tile;
- * groups shorter than 128 run as fast as 128-column ones, not faster); padding codes equal the zero point and padding activations are
- * 0, so they add nothing. Activations come from cuda/act_quant.cu in that padded layout,
- * with the scale repeated per stage ([M, Kp/128]), so that a stage needs one scale per token.
- *
- * Pipeline. Each stage (128 padded columns) of activations (shared by all warps of a block),
- * weights and meta (each warp's own) goes global -> shared with cp.async, ST stages deep, so
- * that ST-1 stages of weight bytes are in flight per warp while one is computed; a warp reads
- * its weight fragments back as 16-byte shared loads (conflict-free: consecutive per lane). Tile configurations (warps, 16-row tiles per warp,
- * tokens per block, stages) come from a table chosen by M; split-K over stages fills the
- * GPU when the row blocks x token blocks are too few, writing float partial sums to a
- * workspace that one small kernel reduces in a fixed order (deterministic), adds the bias
- * to and stores in y's dtype. Without split-K the GEMM writes y itself.
- *
- * Mixed layer: one launch covers both parts; blockIdx.x enumerates the row blocks of part 0
- * (the 4-bit rows) and then part 1, and each row's result goes to column out_index[row]. */
+ * Contract: the weight in the packed layout of cuda/packed_layout.cuh (written by
+ * cuda/pack_weights.cu); activations int8 [M, Kp] in the padded-K layout of mixllm_cuda.h with one
+ * float scale per token and 128-column stage ([M, Kp/128], cuda/act_quant.cu); each part's row n
+ * written to column out_index[n] of y, in y's dtype, bias added. Design notes and measurements:
+ * docs/kernels.md; the function: docs/spec.md §2 and §5. */
 #include "mixllm_cuda.h"
 #include "device_guard.cuh"
 #include "gemm_common.cuh"

@@ -1,45 +1,8 @@
-/* W4A8 / W8A8 / mixed-precision GEMM for large M on Hopper (sm_90a): wgmma + TMA.
- *
- *   Y[m, n] = sum_j Sw[n, j] Sa[m, j] * sum_{k in group j} (Wq[n, k] - z[n, j]) Aq[m, k]
- *
- * Same function, inputs and packed weight layout as the mma.sync path (cuda/w4a8.cu, whose
- * header explains the padded-K geometry and the layout); this file is the prefill
- * configuration MIXC_CFG_SM90 that mixc_qlinear routes here.
- *
- * Operands. One CTA computes 128 weight rows x 128 tokens. The weight is wgmma's A operand,
- * taken from registers: the packed layout is already in the m16n8k32 A-fragment order, which
- * is also the per-warp fragment of wgmma m64nNk32 (warp w of a warpgroup owns rows 16w..16w+15).
- * Each consumer thread loads its fragments straight from global memory (16 bytes per lane,
- * two stages ahead, no shared-memory round trip), forms (q - z) as in w4a8.cu, and undoes the
- * packer's k permutation inside each 32-column step with four (4-bit) or eight (8-bit) warp
- * shuffles per step: thread t of a quad needs columns 4t..4t+3 and 16+4t..16+4t+3, which the
- * layout stores in quad lanes t/2 and 2+t/2. The activations are the B operand (N = 128
- * tokens), K-major in shared memory with the 128-byte swizzle, loaded by TMA
- * (cp.async.bulk.tensor, tensor map encoded on the host through the runtime's driver entry
- * point, so nothing links libcuda); rows past M are zero-filled by the copy engine.
- *
- * Roles (HOPPER.md): warpgroup 0 is the producer (one warp: TMA of the activation tile and
- * plain loads of the per-stage activation scales into an ST-deep ring of shared-memory stages,
- * full/empty mbarriers); warpgroups 1 and 2 are consumers, 64 weight rows each over the same
- * token tile, with setmaxnreg moving registers from the producer to them. Per stage (128
- * padded columns, inside one group): 4 x wgmma m64n128k32 s32.s8.s8 into 64 int32
- * accumulators per thread (scale-d = 0 on the first step, so no zeroing), then the second
- * step of the dequantization: int32 -> float (exact) times Sw[n] * Sa[m] into 64
- * float accumulators. One warpgroup's float rescale runs while the other's wgmma keeps the
- * tensor cores busy.
- *
- * Mixed layer: blockIdx.y enumerates the row blocks of part 0, then part 1 (8-bit parts first,
- * longest job first, as in w4a8.cu); blockIdx.x the token blocks (fastest, so that the CTAs
- * resident together share weight rows in L2); blockIdx.z the split of K (split-K partial sums
- * go to the workspace and a small kernel reduces them in a fixed order). Each row's result goes
- * to column out_index[row]. The sm_80 build of this file holds a stub that is never launched:
- * mixc_sm90_ok() is false unless the device is 9.x and the loaded binary is sm_90a code.
- *
- * Measured (H100, bench/results/gpu_sm90_2026-11-23.log): 1.2-1.5x the mma.sync path at M >= 256,
- * 300-400 TOPS, i.e. still 0.35-0.5x _int_mm. ncu: 44% issue-active, the largest stall is long
- * scoreboard (mbarrier waits on the activation tiles or the weight loads, not yet told apart),
- * then fixed-latency waits. Next: tell those apart; a persistent grid; a third consumer
- * warpgroup or 2 CTAs per SM (registers: 64 float + 64 int32 accumulators per thread now). */
+/* W4A8 / W8A8 / mixed-precision GEMM for large M on Hopper (sm_90a): wgmma + TMA, configuration
+ * MIXC_CFG_SM90 of mixc_qlinear. Same function, inputs and packed layout as cuda/w4a8.cu
+ * (cuda/packed_layout.cuh). The sm_80 build holds a stub that is never launched: mixc_sm90_ok()
+ * is false unless the device is 9.x and runs the sm_90a code. Design notes and measurements:
+ * docs/kernels.md. */
 #include "mixllm_cuda.h"
 #include "device_guard.cuh"
 #include "gemm_common.cuh"
