@@ -305,18 +305,30 @@ static AVX2_TARGET void rb_avx2_tile(const kctx *c, int64_t rb, int64_t m0, cons
         const int8_t *a0 = A->aq + (m0 * G + j) * Lp;
         const int64_t astride = G * Lp;
         if (w->bits == 4) {
-            for (int64_t s = 0; s < Lp / 8; s++) {
+            /* Pairs of steps summed in int16 (4 products of <= 3810) before one widening madd; an
+             * odd last step pairs with a zero vector (lo = hi = 0 adds 0), its activations not read. */
+            const int64_t S = Lp / 8;
+            for (int64_t s = 0; s < S; s += 2) {
+                const int64_t s1 = s + 1 < S ? s + 1 : s; /* the zero vector's activations: any in bounds */
                 _mm_prefetch((const char *)sec + MIX_STEP_BYTES * s + PREFETCH_BYTES, _MM_HINT_T0);
+                _mm_prefetch((const char *)sec + MIX_STEP_BYTES * s + PREFETCH_BYTES + 64, _MM_HINT_T0);
                 for (int h = 0; h < 2; h++) {
-                    __m256i v = _mm256_loadu_si256((const __m256i *)(sec + MIX_STEP_BYTES * s + 32 * h));
-                    __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                    __m256i v0 = _mm256_loadu_si256((const __m256i *)(sec + MIX_STEP_BYTES * s + 32 * h));
+                    __m256i v1 = s + 1 < S ? _mm256_loadu_si256((const __m256i *)(sec + MIX_STEP_BYTES * (s + 1) + 32 * h))
+                                           : _mm256_setzero_si256();
+                    __m256i lo0 = _mm256_and_si256(v0, low4), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low4);
+                    __m256i lo1 = _mm256_and_si256(v1, low4), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low4);
                     for (int t = 0; t < MB; t++) {
-                        const int8_t *a = a0 + t * astride + 8 * s;
-                        int32_t a_lo, a_hi;
-                        memcpy(&a_lo, a, 4);
-                        memcpy(&a_hi, a + 4, 4);
-                        __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(a_lo)),
-                                                     _mm256_maddubs_epi16(hi, _mm256_set1_epi32(a_hi)));
+                        const int8_t *a = a0 + t * astride;
+                        int32_t x0, x1, x2, x3;
+                        memcpy(&x0, a + 8 * s, 4);
+                        memcpy(&x1, a + 8 * s + 4, 4);
+                        memcpy(&x2, a + 8 * s1, 4);
+                        memcpy(&x3, a + 8 * s1 + 4, 4);
+                        __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo0, _mm256_set1_epi32(x0)),
+                                                     _mm256_maddubs_epi16(hi0, _mm256_set1_epi32(x1)));
+                        p = _mm256_add_epi16(p, _mm256_add_epi16(_mm256_maddubs_epi16(lo1, _mm256_set1_epi32(x2)),
+                                                                 _mm256_maddubs_epi16(hi1, _mm256_set1_epi32(x3))));
                         acc[t][h] = _mm256_add_epi32(acc[t][h], _mm256_madd_epi16(p, ones16));
                     }
                 }
@@ -377,6 +389,7 @@ static __attribute__((target("avx2,fma"))) void rb_avx2(const kctx *c, int64_t r
     default: rb_avx2_tile(c, rb, m0, 1, out); break;
     }
 }
+
 #endif
 
 int mix_cpu_has(mix_impl impl) {
@@ -416,6 +429,31 @@ static tile_fn pick(mix_impl impl, int *mb) {
 static int64_t rows_per_item(int64_t nb_total, int nthreads) {
     int64_t per = nb_total / (8 * (int64_t)nthreads);
     return per < 1 ? 1 : per > 16 ? 16 : per;
+}
+
+/* out[mb][16] (rows of row block rb, tokens m0 ..) + bias -> y, at the part's output columns. */
+static void store_rows(const mix_cpu_weight *w, int64_t rb, int64_t m0, int64_t mb, const float *out,
+                       const float *bias, void *y, int y_dtype, int64_t n_out) {
+    int rows = w->N - rb * MIX_RB < MIX_RB ? (int)(w->N - rb * MIX_RB) : MIX_RB;
+    const int64_t *cols = w->out_index ? w->out_index + rb * MIX_RB : NULL;
+    if (y_dtype == MIX_F32) { /* the common case, without the per-element dtype switch */
+        for (int64_t t = 0; t < mb; t++) {
+            float *yrow = (float *)y + (m0 + t) * n_out;
+            for (int r = 0; r < rows; r++) {
+                int64_t col = cols ? cols[r] : rb * MIX_RB + r;
+                yrow[col] = out[t * MIX_RB + r] + (bias ? bias[col] : 0.f);
+            }
+        }
+        return;
+    }
+    for (int64_t t = 0; t < mb; t++)
+        for (int r = 0; r < MIX_RB; r++) {
+            int64_t n = rb * MIX_RB + r;
+            if (n >= w->N) break;
+            int64_t col = w->out_index ? w->out_index[n] : n;
+            float v = out[t * MIX_RB + r] + (bias ? bias[col] : 0.f);
+            mix_store_float(y, (mix_dtype)y_dtype, (m0 + t) * n_out + col, v);
+        }
 }
 
 int mix_cpu_qlinear(const void *x, int x_dtype, int64_t M, int64_t K, int64_t g, const mix_cpu_weight *parts,
@@ -463,19 +501,11 @@ int mix_cpu_qlinear(const void *x, int x_dtype, int64_t M, int64_t K, int64_t g,
                     int p = 0;
                     int64_t rb = b;
                     while (rb >= nb[p]) { rb -= nb[p]; p++; }
-                    const mix_cpu_weight *w = &parts[p];
-                    kctx c = {w, &A};
+                    kctx c = {&parts[p], &A};
                     for (int64_t m0 = 0; m0 < M; m0 += MB) {
                         int mb = (int)(M - m0 < MB ? M - m0 : MB);
                         tile(&c, rb, m0, mb, out);
-                        for (int t = 0; t < mb; t++)
-                            for (int r = 0; r < MIX_RB; r++) {
-                                int64_t n = rb * MIX_RB + r;
-                                if (n >= w->N) break;
-                                int64_t col = w->out_index ? w->out_index[n] : n;
-                                float v = out[t * MIX_RB + r] + (bias ? bias[col] : 0.f);
-                                mix_store_float(y, (mix_dtype)y_dtype, (m0 + t) * n_out + col, v);
-                            }
+                        store_rows(&parts[p], rb, m0, mb, out, bias, y, y_dtype, n_out);
                     }
                 }
             }

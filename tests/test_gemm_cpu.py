@@ -164,3 +164,20 @@ class TestBadArguments:
             pytest.skip("has a GPU")
         with pytest.raises((RuntimeError, AssertionError)):
             ops.w4a8_linear(torch.ones(2, 128, device="cuda"), self.W4)
+
+
+@pytest.mark.parametrize("M,N,K,g", [(1, 37, 300, 128), (9, 64, 256, 64), (6, 33, 1000, 128), (5, 20, 136, 40)])
+def test_impls_bit_identical(rng, M, N, K, g):
+    """Every implementation computes the same integer group sums and the same float steps in the same
+    order (csrc/gemm_cpu.c), so outputs agree bit for bit, not just within a tolerance."""
+    n8 = max(1, N // 10)
+    perm = rng.permutation(N)
+    idx8, idx4 = perm[:n8], perm[n8:]
+    w = rng.standard_normal((N, K)).astype(np.float32) * 0.05
+    W8 = ops.QuantizedWeight.from_codes(*ops.quantize_weight(w[idx8], 8, g), 8, g)
+    W4 = ops.QuantizedWeight.from_codes(*ops.quantize_weight(w[idx4], 4, g), 4, g)
+    x = (rng.standard_normal((M, K)) * 3).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32)
+    ys = {impl: ops.mixed_linear(x, W4, W8, idx4, idx8, bias, impl=impl) for impl in IMPLS}
+    for impl, y in ys.items():
+        np.testing.assert_array_equal(y.view(np.uint32), ys["portable"].view(np.uint32), err_msg=impl)
