@@ -1,13 +1,38 @@
 #!/usr/bin/env bash
-# The comparison table of bench/results/e2e_cpu.md: every row is one `mixllm` command on the default
-# model (SmolLM2-135M-Instruct) and text (gensim's Wikipedia sample: evaluation articles, first 16384
-# tokens, disjoint windows of 512). Calibration: 32 windows of 512 tokens of the calibration articles,
-# seed 0. The first MixLLM run fills ~/.cache/mixllm/calib (salience + GPTQ results of both
-# bit-widths for all rows), so the later rows with the same calibration only pick rows and evaluate.
-# Logs: bench/results/e2e_logs/. About 45 min on a lightly loaded 2-core CPU.
+# MixLLM end to end on the CPU, on both bundled models (SmolLM2-135M, the default; Gemma-3-270M) and
+# both bundled texts (gensim's Wikipedia sample: evaluation articles; gensim's Lee news corpus).
+#
+# 1. bench/e2e_cpu.py per model: fp32, W8A8 (RTN), W4A8 (GPTQ + clip), MixLLM W4.4A8 / W4.8A8 (global),
+#    per-layer and random 10%, and the allocation ablations (per-bit ranking, GPTQ+clip delta in the
+#    salience, first-order salience, half the calibration). One calibration set per model serves every
+#    row; per-window NLLs are kept, so bench/e2e_cpu.py --table gives paired noise estimates.
+#    JSON: bench/results/e2e_cpu_<model>.json (rows already there are kept: the run can be resumed);
+#    tables: bench/results/e2e_cpu_models.md.
+# 2. with MIXLLM_E2E_CLI=1 also the single-model table of bench/results/e2e_cpu.md, one `mixllm`
+#    command per row (logs in bench/results/e2e_logs/).
+#
+# Sizes (env): MIXLLM_E2E_CALIB (calibration windows of 512 tokens, default 32), MIXLLM_E2E_TOKENS
+# (evaluation tokens per text, default 16384), MIXLLM_E2E_MODELS (default "smollm2-135m gemma3-270m").
+# Cost on an idle 2-core CPU, per model: a calibration pass (forward + backward per window), GPTQ of
+# every layer at 4 and 8 bits, then ~1-3 min per row and text at 16384 tokens (Gemma's 262k-token
+# output head doubles the evaluation cost). Run it under `nice` on shared machines.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}   # shared CPUs: do not spin in OpenMP barriers
+CALIB=${MIXLLM_E2E_CALIB:-32}
+TOKENS=${MIXLLM_E2E_TOKENS:-16384}
+MODELS=${MIXLLM_E2E_MODELS:-"smollm2-135m gemma3-270m"}
+jsons=()
+for m in $MODELS; do
+    out=bench/results/e2e_cpu_$m.json
+    echo "== $m -> $out"
+    python3 bench/e2e_cpu.py --model "$m" --n-calib "$CALIB" --eval-tokens "$TOKENS" --out "$out" --resume
+    jsons+=("$out")
+done
+python3 bench/e2e_cpu.py --table "${jsons[@]}" > bench/results/e2e_cpu_models.md
+echo "tables: bench/results/e2e_cpu_models.md"
+
+[ "${MIXLLM_E2E_CLI:-0}" = 1 ] || exit 0
 LOG=bench/results/e2e_logs
 OUT=${MIXLLM_E2E_OUT:-${TMPDIR:-/tmp}/mixllm_e2e}
 mkdir -p "$LOG"
