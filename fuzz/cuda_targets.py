@@ -11,6 +11,11 @@ checked: the call returns or raises one of EXPECTED, and the device is still hea
 (a synchronize raises nothing). A CUDA error or any other exception is a finding; its input is
 saved (--save DIR) and can be replayed.
 
+The entry points and their argument names come from the extension's declared argument tables,
+``mixllm._cuda.__signatures__`` (csrc/cuda_module.c), as fuzz/targets.py does for ``mixllm._C``: any
+call may pass some of its arguments by keyword (sometimes a duplicate or unknown one, a TypeError),
+and an entry point without a dedicated target is fuzzed by a generic one built from its table.
+
 Inputs are byte strings (the same role as libFuzzer's): the seeds under fuzz/corpus/cuda_<target>/
 plus N random ones from random.Random(target), so a sweep replays exactly.
 
@@ -199,11 +204,32 @@ def weight(fdp, bits, N, K, g):
     return ops.QuantizedWeight.from_codes(c, scale, zero, bits, g)
 
 
+# ----------------------------------------------------------------------------- calls
+SIGNATURES = _cuda.__signatures__  # entry point -> [(name, kind, constraints)], declared in csrc/cuda_module.c
+
+
+def call(fdp, f, *args):
+    """f(*args), with some trailing arguments passed by the keyword names of f's declared table;
+    sometimes a duplicate or unknown keyword (both must raise TypeError)."""
+    names = [a[0] for a in SIGNATURES.get(getattr(f, "__name__", ""), ())]
+    if not names or fdp.ConsumeIntInRange(0, 3):
+        return f(*args)
+    cut = fdp.ConsumeIntInRange(0, min(len(args), len(names)))
+    kw = dict(zip(names[cut:], args[cut:]))
+    head = list(args[:cut]) + list(args[len(names) :])  # extra positionals stay (wrong arity)
+    bad = fdp.ConsumeIntInRange(0, 15)
+    if bad == 0:
+        kw["no_such_argument"] = 1
+    elif bad == 1 and cut:
+        kw[names[0]] = args[0]  # given twice
+    return f(*head, **kw)
+
+
 # ----------------------------------------------------------------------------- targets
 def t_geometry(fdp):
     K = scalar(fdp, fdp.PickValueInList([1, 128, 300, 4096, 0x7FFFFF80]))
     g = scalar(fdp, fdp.PickValueInList([1, 64, 128, 300, 4096]))
-    return _cuda.geometry(K, g)
+    return call(fdp, _cuda.geometry, K, g)
 
 
 def t_layout_bytes(fdp):
@@ -211,7 +237,7 @@ def t_layout_bytes(fdp):
     N = scalar(fdp, fdp.PickValueInList([0, 1, 16, 300, 1 << 40]))
     K = scalar(fdp, fdp.PickValueInList([1, 128, 300, 0x7FFFFF80]))
     g = scalar(fdp, fdp.PickValueInList([1, 128, 300]))
-    return _cuda.layout_bytes(bits, N, K, g)
+    return call(fdp, _cuda.layout_bytes, bits, N, K, g)
 
 
 def t_plan(fdp):
@@ -223,7 +249,7 @@ def t_plan(fdp):
     Kp = scalar(fdp, fdp.PickValueInList([128, 256, 4096, 8192]), (0, 100, -128, 2**62, 2**40))
     cfg = scalar(fdp, fdp.ConsumeIntInRange(-1, _cuda.NCFG - 1), (-5, _cuda.NCFG, 99, 2**31))
     splits = scalar(fdp, fdp.ConsumeIntInRange(0, 8), (-1, 99, 2**31, 1 << 20))
-    return _cuda.plan(dev, M, Ns, Kp, cfg, splits)
+    return call(fdp, _cuda.plan, dev, M, Ns, Kp, cfg, splits)
 
 
 def t_act_quant(fdp):
@@ -242,7 +268,7 @@ def t_act_quant(fdp):
     x = arr(fdp, fdp.PickValueInList(FLOATS), (M, K))
     q = arr(fdp, torch.int8, (M, qp), out=True)
     s = arr(fdp, torch.float32, (M, sp), out=True)
-    return _cuda.act_quant(x, scalar(fdp, g, (0, -1, 2**62, 2**63 - 1)), gp, q, s, spg, stream(fdp))
+    return call(fdp, _cuda.act_quant, x, scalar(fdp, g, (0, -1, 2**62, 2**63 - 1)), gp, q, s, spg, stream(fdp))
 
 
 def t_pack_weight(fdp):
@@ -264,8 +290,18 @@ def t_pack_weight(fdp):
     z = arr(fdp, torch.uint8, (N, G), 0, 15) if bits == 4 or fdp.ConsumeIntInRange(0, 7) == 0 else None
     wp = arr(fdp, torch.uint8, (wb,), out=True)
     me = arr(fdp, torch.uint8, (mb,), out=True)
-    return _cuda.pack_weight(
-        q, sc, z, scalar(fdp, bits, (2, 16, -4)), scalar(fdp, K), scalar(fdp, g), wp, me, stream(fdp)
+    return call(
+        fdp,
+        _cuda.pack_weight,
+        q,
+        sc,
+        z,
+        scalar(fdp, bits, (2, 16, -4)),
+        scalar(fdp, K),
+        scalar(fdp, g),
+        wp,
+        me,
+        stream(fdp),
     )
 
 
@@ -309,7 +345,7 @@ def _handle(fdp):
     M, N, K, g = shape_mk(fdp)
     nparts = fdp.PickValueInList([1, 2]) if N > 1 else 1
     parts, bias = _layer(fdp, N, K, g, nparts)
-    h = _cuda.prepare(parts, bias, scalar(fdp, K), scalar(fdp, g), stream(fdp), fdp.ConsumeBool())
+    h = call(fdp, _cuda.prepare, parts, bias, scalar(fdp, K), scalar(fdp, g), stream(fdp), fdp.ConsumeBool())
     return h, M, N, K
 
 
@@ -322,8 +358,13 @@ def t_plan_call(fdp):
     if fdp.ConsumeIntInRange(0, 15) == 0:
         h = hostile(fdp)
     cfg = scalar(fdp, fdp.ConsumeIntInRange(-1, _cuda.NCFG - 1), (-5, _cuda.NCFG, 2**31))
-    return _cuda.plan_call(
-        h, scalar(fdp, M, (-1, 2**40, 2**62, 2**63 - 1)), cfg, scalar(fdp, fdp.ConsumeIntInRange(0, 8), (-1, 99, 2**31))
+    return call(
+        fdp,
+        _cuda.plan_call,
+        h,
+        scalar(fdp, M, (-1, 2**40, 2**62, 2**63 - 1)),
+        cfg,
+        scalar(fdp, fdp.ConsumeIntInRange(0, 8), (-1, 99, 2**31)),
     )
 
 
@@ -338,7 +379,7 @@ def t_run(fdp):
     sc = arr(fdp, torch.uint8, (nbytes,), out=True) if nbytes or fdp.ConsumeBool() else None
     if fdp.ConsumeIntInRange(0, 15) == 0:
         cfg, splits = fdp.PickValueInList([(-1, 0), (99, 1), (cfg, 0), (cfg, 99), (0, 2**31 - 1)])
-    return _cuda.run(h, x, y, sc, cfg, splits, stream(fdp))
+    return call(fdp, _cuda.run, h, x, y, sc, cfg, splits, stream(fdp))
 
 
 def t_ops(fdp):
@@ -374,6 +415,35 @@ def t_ops(fdp):
     return m(x)
 
 
+# ---------------------------------------------------------------- any other entry point
+def generic_arg(fdp, kind, cons):
+    """An argument meeting the declared constraints (dtype, ndim, range), or a mutation."""
+    if cons.get("none_ok") and fdp.ConsumeIntInRange(0, 3) == 0:
+        return None
+    if kind == "int":
+        lo, hi = max(cons.get("min", -2), -2), min(cons.get("max", 4096), 4096)
+        return scalar(fdp, fdp.ConsumeIntInRange(lo, max(lo, hi)), (cons.get("min", 0) - 1, cons.get("max", 0) + 1))
+    if kind == "float":
+        return scalar(fdp, 1.0, (float("nan"), float("inf"), -1.0, None, "x"))
+    if kind == "bool":
+        return fdp.ConsumeBool()
+    if kind == "object":
+        return hostile(fdp)
+    dt = getattr(torch, fdp.PickValueInList(list(cons.get("dtypes") or ["float32"])))
+    nd = cons.get("ndim", -1)
+    shape = tuple(fdp.ConsumeIntInRange(0, 9) for _ in range(nd if nd >= 0 else fdp.ConsumeIntInRange(0, 3)))
+    return arr(fdp, dt, shape, out=cons.get("output", False))
+
+
+def make_generic(name):
+    def target(fdp):
+        args = [generic_arg(fdp, kind, cons) for _, kind, cons in SIGNATURES[name]]
+        return call(fdp, getattr(_cuda, name), *args)
+
+    target.generic = True
+    return target
+
+
 TARGETS = {
     "act_quant": t_act_quant,
     "pack_weight": t_pack_weight,
@@ -388,7 +458,16 @@ TARGETS = {
 
 
 def entry_points():
-    return sorted(n for n in dir(_cuda) if not n.startswith("_") and callable(getattr(_cuda, n)))
+    return sorted(SIGNATURES)
+
+
+def target_for(name):
+    return TARGETS.get(name) or make_generic(name)
+
+
+def target_names():
+    """Every entry point (dedicated or generic target) and the public-ops target."""
+    return sorted(set(entry_points()) | set(TARGETS))
 
 
 class Finding(Exception):
@@ -399,7 +478,7 @@ def run_one(name, data):
     """One input; raises Finding on an unexpected exception or an unhealthy device afterwards."""
     STATS["inputs"] += 1
     try:
-        TARGETS[name](Bytes(data))
+        target_for(name)(Bytes(data))
         STATS["ok"] += 1
     except EXPECTED:
         STATS["errors"] += 1
@@ -427,12 +506,14 @@ def main(argv):
     if len(argv) < 2 or argv[1] not in ("list", "sweep", "replay"):
         print(__doc__)
         return 2
-    missing = [n for n in entry_points() if n not in TARGETS]
-    if missing:  # every entry point must have its target
-        print(f"entry points without a target: {missing}")
+    undeclared = sorted(n for n in dir(_cuda) if callable(getattr(_cuda, n)) and not n.startswith("_"))
+    undeclared = [n for n in undeclared if n not in SIGNATURES]
+    if undeclared:  # every entry point is declared in a table (and so fuzzed)
+        print(f"entry points without a declared signature: {undeclared}")
         return 2
     if argv[1] == "list":
-        print("\n".join(sorted(TARGETS)))
+        for n in target_names():
+            print(n + ("" if n in TARGETS else "  (generic)"))
         return 0
     if argv[1] == "replay":
         for path in argv[3:]:
@@ -445,7 +526,7 @@ def main(argv):
     only = argv[argv.index("--only") + 1] if "--only" in argv else None
     budget = float(argv[argv.index("--seconds") + 1]) if "--seconds" in argv else float("inf")
     per, findings = {}, []
-    for name in sorted(TARGETS):
+    for name in target_names():
         if only and name != only:
             continue
         t0, before = time.time(), dict(STATS)

@@ -45,7 +45,7 @@ def quantize_activation(x2d, group_size):
     q = torch.empty((M, K), dtype=torch.int8, device=x2d.device)
     scale = torch.empty((M, G), dtype=torch.float32, device=x2d.device)
     if M and K:
-        _cuda.act_quant(x2d, group_size, group_size, q, scale, 1, _stream(x2d.device))
+        _cuda.act_quant(x2d, g=group_size, gp=group_size, q_out=q, scale_out=scale, spg=1, stream=_stream(x2d.device))
     return q, scale
 
 
@@ -69,7 +69,8 @@ def _pack(weight, device):
     wpack = torch.empty(wbytes, dtype=torch.uint8, device=device)
     meta = torch.empty(mbytes, dtype=torch.uint8, device=device)
     if N:
-        _cuda.pack_weight(q, scale, zero, weight.bits, K, g, wpack, meta, _stream(device))
+        _cuda.pack_weight(q, scale, zero, bits=weight.bits, K=K, g=g, wpack_out=wpack, meta_out=meta,
+                          stream=_stream(device))
     return {"wpack": wpack, "meta": meta, "g": g, "Kp": Kp}
 
 
@@ -175,7 +176,7 @@ class PreparedLinear:
             if tuple(b.shape) != (n_out,):
                 raise ValueError(f"bias: expected shape ({n_out},), got {tuple(b.shape)}")
         # pdl=False: launch the GEMM without programmatic dependent launch (for comparisons)
-        self.handle = _cuda.prepare(c_parts, b, K, g, _stream(device), bool(pdl))
+        self.handle = _cuda.prepare(c_parts, bias=b, K=K, g=g, stream=_stream(device), pdl=bool(pdl))
         self.K, self.n_out, self.device, self.index = K, n_out, device, device.index
         self._plans = {}
 
@@ -205,6 +206,7 @@ class PreparedLinear:
         if M:
             c, sp, nbytes, _ = self.plan(M, cfg, splits)
             scratch = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            # positional: the per-call path (keywords would cost a name lookup per argument)
             _cuda.run(self.handle, _to_capsule(x2), _to_capsule(y), _to_capsule(scratch), c, sp,
                       _raw_stream(self.index))
             if self._bad is not None:

@@ -46,8 +46,9 @@ grep -E "^sweep|^FINDING|ERROR SUMMARY" "$OUT/fuzz_memcheck.log" | tail -20
 log "fuzz under memcheck rc=$fuzz_rc in $(( $(date +%s) - t2 )) s"
 
 t3=$(date +%s)
-SMALL="test_act_quant_padded_layout or test_mixed_matches_cpu_op or (test_poisoned_outputs_fully_written and (0-1 or 1-4 or 9-1)) or (test_sm90_single_part and 4) or test_back_to_back"
-timeout "${MIXLLM_RACE_TIMEOUT:-120}" "$SAN" --tool racecheck --racecheck-report hazard --print-limit 50 \
+# test_poisoned_outputs_fully_written: every tile configuration (ids [splits-cfg]: 12 configs x splits 1, 4)
+SMALL="test_act_quant_padded_layout or test_mixed_matches_cpu_op or test_poisoned_outputs_fully_written or (test_sm90_single_part and 4) or test_back_to_back"
+timeout "${MIXLLM_RACE_TIMEOUT:-180}" "$SAN" --tool racecheck --racecheck-report hazard --print-limit 50 \
     --error-exitcode 9 $PY -m pytest tests/test_cuda.py -q -p no:cacheprovider -k "$SMALL" \
     >"$OUT/racecheck.log" 2>&1
 race_rc=$?
