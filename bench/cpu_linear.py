@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -38,6 +39,21 @@ SHAPES = {
     "llama": [(4096, 4096), (11008, 4096), (4096, 11008)],  # (N, K)
     "small": [(576, 576), (192, 576), (1536, 576), (576, 1536)],
 }
+# One block of the default model: q, o (576x576), k, v (192x576), gate, up (1536x576), down (576x1536).
+BLOCK = {(576, 576): 2, (192, 576): 2, (1536, 576): 2, (576, 1536): 1}
+
+
+def block_totals(rows):
+    """Per M, the summed time of one default-model block's seven linear layers (when all were measured)."""
+    out = []
+    for M in sorted({r["M"] for r in rows}):
+        got = {(r["N"], r["K"]): r for r in rows if r["M"] == M and (r["N"], r["K"]) in BLOCK}
+        if len(got) != len(BLOCK):
+            continue
+        tot = {c: sum(BLOCK[s] * got[s][c + "_ms"] for s in BLOCK) for c in ("fp32", "int8", "mixed", "w8a8")}
+        out.append(dict(M=M, **{c + "_ms": v for c, v in tot.items()}, mixed_vs_fp32=tot["fp32"] / tot["mixed"],
+                        mixed_vs_int8=tot["int8"] / tot["mixed"], w8a8_vs_int8=tot["int8"] / tot["w8a8"]))
+    return out
 
 
 def interleaved_medians(fns, reps):
@@ -89,6 +105,7 @@ def main():
     ap.add_argument("--shapes", default="llama", choices=["llama", "small", "all"])
     ap.add_argument("--ms", default=None, help="comma-separated token counts (default 1,16,128; small: 1,16,128,512)")
     ap.add_argument("--json", default=None, help="write results here")
+    ap.add_argument("--note", default="", help="free text stored with the results (e.g. 'machine shared')")
     args = ap.parse_args()
     torch.backends.quantized.engine = "fbgemm"
     shapes = SHAPES["llama"] + SHAPES["small"] if args.shapes == "all" else SHAPES[args.shapes]
@@ -119,21 +136,29 @@ def main():
             print(f"N={N:6d} K={K:6d} M={M:4d}  fp32 {r['fp32_ms']:8.3f}  int8 {r['int8_ms']:8.3f}  "
                   f"W4.4A8 {r['mixed_ms']:8.3f} (x{r['mixed_vs_int8']:.2f} int8, x{r['mixed_vs_fp32']:.2f} fp32)  "
                   f"W8A8 {r['w8a8_ms']:8.3f} (x{r['w8a8_vs_int8']:.2f} int8)  ms", flush=True)
+    command = "python3 bench/cpu_linear.py " + " ".join(sys.argv[1:])
     meta = dict(date=datetime.date.today().isoformat(), cpu=cpu_name(), cpu_flags=cpu_flags(), cores=os.cpu_count(),
                 torch=torch.__version__, torch_threads=torch.get_num_threads(),
                 omp_num_threads=os.environ.get("OMP_NUM_THREADS"), quantized_engine=torch.backends.quantized.engine,
-                impl=args.impl, impls_available=ops.cpu_impls(), reps=args.reps, timing="interleaved medians")
+                impl=args.impl, impls_available=ops.cpu_impls(), reps=args.reps, timing="interleaved medians",
+                note=args.note)
     print("\n| N x K | M | fp32 F.linear (ms) | int8 dynamic (ms) | mixllm W4.4A8 (ms) | vs fp32 | vs int8 "
           "| mixllm W8A8 (ms) | W8A8 vs int8 |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['N']}x{r['K']} | {r['M']} | {r['fp32_ms']:.3f} | {r['int8_ms']:.3f} | {r['mixed_ms']:.3f} | "
               f"{r['mixed_vs_fp32']:.2f}x | {r['mixed_vs_int8']:.2f}x | {r['w8a8_ms']:.3f} | {r['w8a8_vs_int8']:.2f}x |")
+    blocks = block_totals(rows)
+    if blocks:
+        print("\nOne default-model block (q, k, v, o, gate, up, down summed):")
+        for b in blocks:
+            print(f"| block | {b['M']} | {b['fp32_ms']:.3f} | {b['int8_ms']:.3f} | {b['mixed_ms']:.3f} | "
+                  f"{b['mixed_vs_fp32']:.2f}x | {b['mixed_vs_int8']:.2f}x | {b['w8a8_ms']:.3f} | {b['w8a8_vs_int8']:.2f}x |")
     print(f"\n{meta}")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json + ".tmp", "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+            json.dump(dict(meta=meta, command=command, rows=rows, block_totals=blocks), f, indent=1)
         os.replace(args.json + ".tmp", args.json)
 
 
