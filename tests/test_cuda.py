@@ -238,6 +238,38 @@ def test_empty_inputs(rng):
 
 
 # ----------------------------------------------------------------------------- errors
+def test_signature_table_and_keywords(rng):
+    """Every _cuda entry point is declared in its argument table (csrc/cuda_module.c): the text
+    signature, __signatures__ and the keywords it accepts come from that one declaration."""
+    import inspect
+
+    sigs = _cuda.__signatures__
+    public = sorted(n for n in dir(_cuda) if not n.startswith("_") and callable(getattr(_cuda, n)))
+    assert sorted(sigs) == public and len(public) == 8
+    for name, args in sigs.items():
+        assert list(inspect.signature(getattr(_cuda, name)).parameters) == [a[0] for a in args], name
+    assert _cuda.geometry(K=300, g=128) == _cuda.geometry(300, 128) == (3, 128, 1, 384)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'group_size'"):
+        _cuda.geometry(300, group_size=128)
+    with pytest.raises(TypeError, match="multiple values for argument 'K'"):
+        _cuda.geometry(300, K=300)
+    with pytest.raises(TypeError, match="missing required argument 'g'"):
+        _cuda.geometry(300)
+    with pytest.raises(ValueError, match="K: expected an integer in"):
+        _cuda.geometry(K=2**40, g=1)  # beyond 32 bits: still the ValueError of the range, not an OverflowError
+    W, *_ = make_weight(rng, 16, 128, 4, 128)
+    pw = cuda_ops.packed_weight(W, DEV)
+    h = _cuda.prepare(parts=[(pw["wpack"], pw["meta"], 4, 16, None)], bias=None, K=128, g=128, stream=0)
+    c, sp, nbytes, _ = _cuda.plan_call(h, M=3, cfg=-1, splits=0)
+    xt = torch.randn(3, 128, device=DEV)
+    y, y2 = torch.empty((3, 16), device=DEV), torch.empty((3, 16), device=DEV)
+    scratch = torch.empty(nbytes, dtype=torch.uint8, device=DEV)
+    _cuda.run(h, xt, y, scratch, c, sp, 0)
+    _cuda.run(handle=h, x=xt, y=y2, scratch=scratch, cfg=c, splits=sp, stream=0)
+    torch.cuda.synchronize()
+    assert torch.equal(y, y2)
+
+
 def test_bad_inputs_raise(rng):
     W, *_ = make_weight(rng, 16, 128, 4, 128)
     W8, *_ = make_weight(rng, 4, 128, 8, 128)
