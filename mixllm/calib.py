@@ -2,12 +2,14 @@
 
 One pass over the calibration sequences, one sequence at a time:
   * a forward hook on every target ``nn.Linear`` adds ``2 X^T X`` of its input to the layer's Hessian
-    (layers fed the same tensor, e.g. q/k/v, share one matrix);
+    (:class:`mixllm.hessian.HessianAccumulator`; layers fed the same tensor, e.g. q/k/v, share one matrix);
   * with salience on, the LM loss of the sequence on itself (labels = inputs, mean over tokens, as the
-    reference) is back-propagated; a hook on each layer's output forms that sequence's weight gradient
-    ``G = grad_output^T @ X`` and the C op ``ops.salience_accumulate`` reduces it at once against the
-    layer's low-bit quantization error ``delta = Q(W) - W``: ``S_c += |g_c . delta_c + (g_c . delta_c)^2 / 2|``.
-    Per-sample gradients are never stored; parameters get no ``.grad``.
+    reference) is back-propagated; a hook on each layer's output takes that sequence's output gradient
+    ``g`` [S, N] and, with the layer's input ``X`` [S, K] and low-bit quantization error
+    ``delta = Q(W) - W``, adds ``S_c += |t_c + t_c^2 / 2|`` with ``t = (g * (X @ delta^T)).sum(0)``
+    (``ops.salience_accumulate_io``): this is ``t_c = G_c . delta_c`` for the weight gradient
+    ``G = g^T X``, which is never formed. Everything stays on the layer's device; parameters get no
+    ``.grad``.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import ops
+from .hessian import HessianAccumulator
 
 __all__ = ["Calibration", "target_linears", "calibrate", "rtn_delta"]
 
@@ -37,10 +40,35 @@ def target_linears(model: nn.Module, include_lm_head: bool = False) -> List[Tupl
 
 
 def rtn_delta(weight: torch.Tensor, bits: int = 4, group_size: int = 128) -> torch.Tensor:
-    """``dequant(quant(W)) - W`` for round-to-nearest asymmetric group-wise quantization (float32)."""
+    """``dequant(quant(W)) - W`` for round-to-nearest asymmetric group-wise quantization (float32), on
+    ``weight``'s device: the C op on the host, the same float32 arithmetic in torch on a GPU."""
+    if weight.is_cuda:
+        return _rtn_dequant_torch(weight.detach().float(), bits, group_size) - weight.detach().float()
     W = weight.detach().float().cpu().contiguous()
     q, s, z = ops.quantize_weight(W, bits, group_size)
     return ops.dequantize_weight(q, s, z, group_size) - W
+
+
+def _rtn_dequant_torch(W: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """csrc/quant.c ``mix_quantize_asym`` + ``mix_dequantize`` in torch (same float32 operations)."""
+    N, K = W.shape
+    g = min(group_size, K) if K % group_size else group_size
+    pad = (-K) % g
+    Wp = torch.nn.functional.pad(W, (0, pad)).reshape(N, -1, g)
+    if pad:  # padding must not widen the last group's range
+        last = W[:, (K // g) * g:]
+        lo = torch.cat([Wp[:, :-1].amin(-1), last.amin(-1, keepdim=True)], 1)
+        hi = torch.cat([Wp[:, :-1].amax(-1), last.amax(-1, keepdim=True)], 1)
+    else:
+        lo, hi = Wp.amin(-1), Wp.amax(-1)
+    qmax = float(2 ** bits - 1)
+    lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+    s = (hi - lo) / qmax
+    ok = s > 0
+    s = torch.where(ok, s, torch.ones_like(s))
+    z = torch.where(ok, torch.round(-lo / s).clamp(0.0, qmax), torch.zeros_like(s))
+    q = (torch.round(Wp / s[..., None]) + z[..., None]).clamp_(0.0, qmax)
+    return ((q - z[..., None]) * s[..., None]).reshape(N, -1)[:, :K]
 
 
 @dataclass
@@ -71,11 +99,14 @@ class Calibration:
 def calibrate(model: nn.Module, samples: torch.Tensor, layers: Optional[Sequence[Tuple[str, nn.Linear]]] = None,
               hessian: bool = True, salience: bool = True, salience_bits: int = 4, group_size: int = 128,
               delta_fn: Optional[Callable[[str, nn.Linear], torch.Tensor]] = None,
-              progress: bool = True) -> Calibration:
+              progress: bool = True, cache_deltas: Optional[bool] = None) -> Calibration:
     """Run the calibration pass over ``samples`` (LongTensor [n, seq_len] of token ids).
 
     ``delta_fn(name, layer)`` gives the quantization error used for salience (default: round-to-
     nearest ``salience_bits``-bit, group ``group_size``, as the reference's searcher does).
+    Everything is accumulated on each layer's own device (a model split over GPUs works as is).
+    ``cache_deltas``: keep every layer's ``delta`` for the whole pass (default: on the host only; on a
+    GPU it is recomputed per sequence, which keeps the memory at the model's plus one layer's).
     """
     if not isinstance(samples, torch.Tensor) or samples.dtype not in (torch.int64, torch.int32):
         raise TypeError("samples: expected an integer torch.Tensor [n, seq_len] of token ids")
@@ -86,18 +117,27 @@ def calibrate(model: nn.Module, samples: torch.Tensor, layers: Optional[Sequence
     cal = Calibration(names=names, salience_bits=salience_bits)
     if not (hessian or salience):
         return cal
-    device = next(model.parameters()).device
+    emb = model.get_input_embeddings()
+    device = emb.weight.device
 
     deltas: Dict[str, torch.Tensor] = {}
     acc: Dict[str, torch.Tensor] = {}
-    if salience:
-        it = tqdm(layers, desc="salience: quantization error", disable=not progress, leave=False)
-        for name, m in it:
-            deltas[name] = (delta_fn(name, m) if delta_fn else rtn_delta(m.weight, salience_bits, group_size))
-            deltas[name] = deltas[name].float().cpu().contiguous()
-            acc[name] = torch.zeros(m.out_features, dtype=torch.float64)
 
-    H: Dict[str, torch.Tensor] = {}
+    def delta_of(name, m, dtype):
+        d = deltas.get(name)
+        if d is None:
+            d = delta_fn(name, m).to(m.weight.device) if delta_fn else rtn_delta(m.weight, salience_bits, group_size)
+            keep = cache_deltas if cache_deltas is not None else (delta_fn is not None or not m.weight.is_cuda)
+            d = d.to(dtype)
+            if keep:
+                deltas[name] = d
+        return d
+
+    if salience:
+        for name, m in layers:
+            acc[name] = torch.zeros(m.out_features, dtype=torch.float64, device=m.weight.device)
+
+    H: Dict[str, HessianAccumulator] = {}
     share: Dict[str, str] = {}      # layer -> the layer whose Hessian it uses (same input tensor)
     first_inputs: Dict[str, torch.Tensor] = {}
     state = {"sample": 0}
@@ -113,14 +153,13 @@ def calibrate(model: nn.Module, samples: torch.Tensor, layers: Optional[Sequence
                             break
                     first_inputs[name] = inp[0]
                 if name not in share:
-                    x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
-                    h = H.get(name)
-                    xtx = (x2.T @ x2).to(torch.float64).cpu()
-                    H[name] = xtx if h is None else h.add_(xtx)
+                    H.setdefault(name, HessianAccumulator(x.shape[-1], device=x.device)).add(x)
             if salience and out.requires_grad:
-                def grad_hook(g, x=x):
-                    G = g.reshape(-1, g.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
-                    ops.salience_accumulate(acc[name], G.cpu(), deltas[name])
+                def grad_hook(g, x=x, mod=mod):
+                    x2 = x.reshape(-1, x.shape[-1])
+                    # the GEMM x @ delta^T in the activations' precision on GPUs (bf16 / fp16), else float32
+                    dt = x2.dtype if (x2.is_cuda and x2.dtype in (torch.bfloat16, torch.float16)) else torch.float32
+                    ops.salience_accumulate_io(acc[name], x2, g.reshape(-1, g.shape[-1]), delta_of(name, mod, dt))
                 out.register_hook(grad_hook)
         return hook
 
@@ -130,7 +169,6 @@ def calibrate(model: nn.Module, samples: torch.Tensor, layers: Optional[Sequence
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    emb = model.get_input_embeddings()
     try:
         for i in tqdm(range(samples.shape[0]), desc="calibration", disable=not progress):
             state["sample"] = i
@@ -153,10 +191,10 @@ def calibrate(model: nn.Module, samples: torch.Tensor, layers: Optional[Sequence
         model.train(was_training)
     cal.n_samples = int(samples.shape[0])
     if hessian:
-        for name, h in H.items():
-            h.mul_(2.0 / cal.n_tokens)
+        for name, a in H.items():
+            H[name] = a.hessian("cpu")
         for name in names:
             cal.hessians[name] = H[share.get(name, name)]
     if salience:
-        cal.salience = {n: a.numpy() for n, a in acc.items()}
+        cal.salience = {n: a.cpu().numpy() for n, a in acc.items()}
     return cal

@@ -24,7 +24,7 @@ from . import _C
 
 __all__ = [
     "quantize_weight", "dequantize_weight", "quantize_activation", "pack_int4", "unpack_int4",
-    "salience_accumulate", "gptq_quantize", "QuantizedWeight", "w4a8_linear", "w8a8_linear",
+    "salience_accumulate", "salience_accumulate_io", "gptq_quantize", "QuantizedWeight", "w4a8_linear", "w8a8_linear",
     "mixed_linear", "cpu_impls", "cuda_available",
 ]
 
@@ -204,6 +204,36 @@ def salience_accumulate(acc, grad, delta):
     grad = _contig(grad, "grad")
     delta = _as_float32(delta, "delta")
     _C.salience_accumulate(acc, grad, delta)
+    return acc
+
+
+def salience_accumulate_io(acc, x, grad_out, delta):
+    """In place, for one calibration sequence: ``acc[c] += |t_c + t_c^2/2|`` with
+    ``t = (grad_out * (x @ delta^T)).sum(0)`` — the same ``t_c = G_c . delta_c`` as
+    :func:`salience_accumulate` without forming the weight gradient ``G = grad_out^T x`` (docs/method.md).
+
+    torch tensors on one device (CPU or CUDA): ``acc`` float64 [N], ``x`` [S, K] (the layer's input),
+    ``grad_out`` [S, N] (the gradient of the loss w.r.t. the layer's output), ``delta`` [N, K]. The GEMM
+    runs in ``delta``'s dtype (float32; bfloat16 halves its cost on GPUs), ``t`` is summed in float64.
+    Returns ``acc``.
+    """
+    import torch
+    for a, name in ((acc, "acc"), (x, "x"), (grad_out, "grad_out"), (delta, "delta")):
+        if not isinstance(a, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch tensor, got {type(a).__name__}")
+    if acc.dtype != torch.float64 or acc.dim() != 1:
+        raise ValueError("acc: expected a float64 vector [N]")
+    if delta.dim() != 2 or x.dim() != 2 or grad_out.dim() != 2:
+        raise ValueError("x, grad_out, delta: expected 2-D tensors [S, K], [S, N], [N, K]")
+    N, K = delta.shape
+    if acc.shape[0] != N or x.shape[1] != K or grad_out.shape != (x.shape[0], N):
+        raise ValueError(f"shapes: acc {tuple(acc.shape)}, x {tuple(x.shape)}, grad_out {tuple(grad_out.shape)}, "
+                         f"delta {tuple(delta.shape)} do not fit acc [N], x [S, K], grad_out [S, N], delta [N, K]")
+    if len({acc.device, x.device, grad_out.device, delta.device}) != 1:
+        raise ValueError("acc, x, grad_out, delta: expected tensors on one device")
+    xd = x.to(delta.dtype) @ delta.T
+    t = (grad_out.to(torch.float64) * xd.to(torch.float64)).sum(0)
+    acc.add_((t + 0.5 * t * t).abs_())
     return acc
 
 

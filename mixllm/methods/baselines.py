@@ -20,14 +20,17 @@ attribute holding such a list.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from .. import ops
+from ..calib import Calibration
+from ..hessian import HessianAccumulator
+from ..pipeline import run_blockwise
 from ..modules import replace_modules
 from ..nn_weight_only import WeightOnlyLinear
 from . import validate
@@ -73,23 +76,11 @@ def collect_stats(model: nn.Module, calib, filter_fn: Callable = default_filter,
     mods = {n: m for n, m in model.named_modules() if filter_fn(n, m)}
     if not mods:
         raise ValueError("model: no nn.Linear layers matched the filter")
-    acc = {n: [torch.zeros(m.in_features, m.in_features, dtype=torch.float64), 0, []] for n, m in mods.items()}
     total_tokens = sum(s.numel() for s in samples)
     keep_p = min(1.0, keep_tokens / max(total_tokens, 1))
     gen = torch.Generator().manual_seed(seed)
-
-    def hook(name):
-        def f(mod, inp, out):
-            x = inp[0].detach().reshape(-1, inp[0].shape[-1]).float().cpu()
-            a = acc[name]
-            a[0] += (x.T @ x).double()
-            a[1] += x.shape[0]
-            if keep_p > 0:
-                sel = torch.rand(x.shape[0], generator=gen) < keep_p
-                a[2].append(x[sel].clone())
-        return f
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
+    acc = {n: HessianAccumulator(m.in_features, keep_p=keep_p, generator=gen) for n, m in mods.items()}
+    handles = [m.register_forward_hook(lambda mod, inp, out, a=acc[n]: a.add(inp[0])) for n, m in mods.items()]
     try:
         dev = next(model.parameters()).device
         for s in samples:
@@ -97,154 +88,42 @@ def collect_stats(model: nn.Module, calib, filter_fn: Callable = default_filter,
     finally:
         for h in handles:
             h.remove()
-    stats = {}
-    for n, (H, cnt, xs) in acc.items():
-        X = torch.cat(xs).numpy() if xs else None
-        stats[n] = LayerStats(H=(2.0 / max(cnt, 1)) * H.numpy(), X=X, n=cnt)
-    return stats
+    return {n: _layer_stats(a) for n, a in acc.items()}
 
 
-
-class _Stop(Exception):
-    pass
-
-
-def _find_blocks(model: nn.Module, names) -> Optional[tuple]:
-    """The ``nn.ModuleList`` of transformer blocks holding every selected linear: ``(prefix, list)``,
-    or None when the selected linears are not all inside one such list."""
-    best = None
-    for pname, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
-            inside = [n for n in names if n.startswith(pname + ".")]
-            if len(inside) == len(names) and (best is None or len(pname) > len(best[0])):
-                best = (pname, mod)
-    return best
+def _layer_stats(acc: HessianAccumulator) -> LayerStats:
+    X = acc.sample_rows()
+    return LayerStats(H=acc.hessian("cpu").numpy(), X=None if X is None else X.numpy(), n=acc.n)
 
 
-class _HessianAcc:
-    """``2 X^T X / n`` and up to a sample of rows of one input, accumulated over forward calls."""
-
-    def __init__(self, K, keep_p, gen):
-        self.H = torch.zeros(K, K, dtype=torch.float64)
-        self.n, self.keep_p, self.gen, self.rows = 0, keep_p, gen, []
-
-    def add(self, x):
-        x = x.detach().reshape(-1, x.shape[-1]).float().cpu()
-        self.H += (x.T @ x).double()
-        self.n += x.shape[0]
-        if self.keep_p > 0:
-            sel = torch.rand(x.shape[0], generator=self.gen) < self.keep_p
-            self.rows.append(x[sel].clone())
-
-    def stats(self):
-        X = torch.cat(self.rows).numpy() if self.rows else None
-        return LayerStats(H=(2.0 / max(self.n, 1)) * self.H.numpy(), X=X, n=self.n)
-
-
-@torch.no_grad()
 def sequential_quantize(model: nn.Module, config, calib, filter_fn: Callable = default_filter,
                         progress: bool = True) -> Optional[Dict[str, nn.Module]]:
-    """GPTQ-style sequential calibration (GPTQ paper §4 and its ``--true-sequential`` option).
-
-    The calibration samples run through the model once up to the first block; then for each block,
-    its selected linears are grouped by the input tensor they read (first-use order: q/k/v, o,
-    gate/up, down in a Llama block); for each group in turn the samples run through the block (whose
-    earlier groups are already quantized) to collect ``H`` (and rows for SliM-LLM's search), the
-    group is quantized with ``config.quantize_linear`` and swapped in; a last pass gives the block's
-    outputs, the next block's inputs. Memory: the hidden states of the calibration set (n x seq x d).
+    """GPTQ-style sequential calibration (GPTQ paper §4 and its ``--true-sequential`` option) through
+    :func:`mixllm.pipeline.run_blockwise`: block by block, inside a block one group of linears at a time
+    (the linears that read the same input), each group's ``H`` (and rows for SliM-LLM's search) from
+    the samples run through the partly quantized block; the group is quantized with
+    ``config.quantize_linear`` and swapped in. Memory: the hidden states of the calibration set.
 
     Returns the quantized modules by name (already swapped in), or None when the model has no
     ``nn.ModuleList`` of blocks holding every selected linear (the caller falls back to one pass).
     """
-    from tqdm.auto import tqdm
     samples = _samples(calib)
     names = [n for n, m in model.named_modules() if filter_fn(n, m)]
     if not names:
         raise ValueError("model: no nn.Linear layers matched the filter")
-    found = _find_blocks(model, names)
-    if found is None:
-        return None
-    prefix, blocks = found
-    dev = next(model.parameters()).device
-    # 1. inputs of block 0 (positional args and keyword args of each call)
-    inputs = []
-
-    def grab(mod, args, kwargs):
-        inputs.append((args, kwargs))
-        raise _Stop
-
-    h = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for s in samples:
-            try:
-                try:
-                    model(s.to(dev), use_cache=False)  # no KV cache (Hugging Face models)
-                except TypeError:  # a model without that keyword
-                    model(s.to(dev))
-            except _Stop:
-                pass
-    finally:
-        h.remove()
-    if len(inputs) != len(samples):
-        return None
-    total_tokens = sum(s.numel() for s in samples)
-    keep_p = min(1.0, getattr(config, "keep_tokens", 0) / max(total_tokens, 1))
-    gen = torch.Generator().manual_seed(getattr(config, "seed", 0))
     out_new: Dict[str, nn.Module] = {}
-    last = max(i for i in range(len(blocks)) if any(n.startswith(f"{prefix}.{i}.") for n in names))
-    bar = tqdm(range(last + 1), desc=f"{getattr(config, 'name', 'quantize')} (sequential)",
-               disable=not progress)
-    for bi in bar:
-        block = blocks[bi]
-        bpre = f"{prefix}.{bi}."
-        lin = {n[len(bpre):]: model.get_submodule(n) for n in names if n.startswith(bpre)}
-        # 2. group the block's linears by the tensor they read, in first-use order (one call)
-        seen, order = [], []
 
-        def rec(rel):
-            def f(mod, args):
-                x = args[0]
-                for gi, t in enumerate(seen):
-                    if t is x:
-                        order[gi].append(rel)
-                        return
-                seen.append(x)  # keeps the tensor alive so identity checks cannot alias
-                order.append([rel])
-            return f
+    def quantize_group(bi, group, acc):
+        st = _layer_stats(acc)
+        new = {n: config.quantize_linear(model.get_submodule(n), st) for n in group}
+        out_new.update(new)
+        return new
 
-        hs = [m.register_forward_pre_hook(rec(r)) for r, m in lin.items()]
-        try:
-            block(*inputs[0][0], **inputs[0][1])
-        finally:
-            for hh in hs:
-                hh.remove()
-        seen.clear()
-        missing = [r for r in lin if not any(r in g for g in order)]
-        if missing:
-            order.append(missing)  # not reached by the forward pass: their inputs never change (H = 0)
-        # 3. one pass per group on the partly quantized block
-        for group in order:
-            acc = _HessianAcc(lin[group[0]].in_features, keep_p, gen)
-            hh = lin[group[0]].register_forward_pre_hook(lambda m, a: acc.add(a[0]))
-            try:
-                for args, kwargs in inputs:
-                    block(*args, **kwargs)
-            finally:
-                hh.remove()
-            st = acc.stats()
-            for rel in group:
-                q = config.quantize_linear(lin[rel], st)
-                replace_modules(model, {bpre + rel: q})
-                out_new[bpre + rel] = q
-            bar.set_postfix_str("+".join(r.rsplit(".", 1)[-1] for r in group))
-        # 4. the quantized block's outputs feed the next block
-        new_inputs = []
-        for args, kwargs in inputs:
-            o = block(*args, **kwargs)
-            o = o[0] if isinstance(o, (tuple, list)) else o
-            new_inputs.append(((o,) + tuple(args[1:]), kwargs))
-        inputs = new_inputs
-    return out_new
+    done = run_blockwise(model, samples, names, quantize_group, keep_tokens=getattr(config, "keep_tokens", 0),
+                         seed=getattr(config, "seed", 0), progress=progress,
+                         desc=f"{getattr(config, 'name', 'quantize')} (sequential)")
+    return None if done is None else out_new
+
 
 def _stats_from_calibration(cal, model, filter_fn):
     """LayerStats from a mixllm.calib.Calibration (Hessians only: no input rows)."""
@@ -270,7 +149,7 @@ def quantize_weight_only(model: nn.Module, config, calib=None, filter_fn: Callab
     every layer from the full-precision model's inputs."""
     is_stats = isinstance(calib, dict) and calib and all(isinstance(v, LayerStats) for v in calib.values())
     if (getattr(config, "sequential", False) and config.needs_calibration() and not is_stats
-            and type(calib).__name__ != "Calibration"):
+            and not isinstance(calib, Calibration)):
         new = sequential_quantize(model, config, calib, filter_fn, progress=getattr(config, "progress", True))
         if new is not None:
             return _report(new, "sequential")
@@ -278,7 +157,7 @@ def quantize_weight_only(model: nn.Module, config, calib=None, filter_fn: Callab
         stats = {n: calib[n] for n, m in model.named_modules() if filter_fn(n, m)}  # precomputed (bench sweeps)
     elif not config.needs_calibration():
         stats = {n: None for n, m in model.named_modules() if filter_fn(n, m)}
-    elif type(calib).__name__ == "Calibration" and hasattr(calib, "hessians"):
+    elif isinstance(calib, Calibration):
         stats = _stats_from_calibration(calib, model, filter_fn)
     else:
         stats = collect_stats(model, calib, filter_fn, keep_tokens=getattr(config, "keep_tokens", 1024),

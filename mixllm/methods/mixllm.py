@@ -1,26 +1,29 @@
 """MixLLM (arXiv 2412.14590): global salience-ranked mixed precision between output features.
 
-Pipeline of :meth:`MixLLMConfig.apply`:
-  1. calibration pass (``mixllm.calib.calibrate``): per-feature salience ``S_c`` (docs/spec.md §3) and the GPTQ
-     Hessians ``2 X^T X`` of every target layer;
+Pipeline of :meth:`MixLLMConfig.apply` (block by block, the default with GPTQ and token ids):
+  1. salience pass (``mixllm.calib.calibrate``, full forward + backward per sequence on the unquantized
+     model): per-feature salience ``S_c`` (docs/spec.md §3), accumulated on each layer's device;
   2. global allocation (docs/spec.md §4): all ``(layer, c, S_c)`` of the model are ranked together and the
      most salient output features get 8 bits until the 8-bit weights reach the budget's share of all
      weights; the rest get 4 bits (ablations: ``selection="per_layer"`` takes the top share inside each
      layer, ``"random"`` a seeded random choice of the same size);
-  3. both parts quantized as the reference does (docs/spec.md §2b): GPTQ with group reordering and a clipping
-     search, 4-bit asymmetric and 8-bit symmetric, group-wise;
-  4. every target ``nn.Linear`` replaced by a :class:`mixllm.nn.MixedLinear` (W4A8 + W8A8).
+  3. block by block on the quantized prefix (``mixllm.pipeline.run_blockwise``): each group of linears'
+     Hessian ``2 X^T X``, then GPTQ with group reordering and a clipping search (docs/spec.md §2b) of its
+     rows, 4-bit asymmetric and 8-bit symmetric by the allocation, in one pass (rows are independent
+     given the Hessian); the block's weights are replaced by their dequantized values for the later
+     groups and blocks (weight-quantized prefix; activations stay in float during calibration), and at
+     the end of the block its linears become :class:`mixllm.nn.MixedLinear` (W4A8 + W8A8). Finished
+     blocks are written to ``cache_dir``, so a killed run resumes from the last finished block.
+
+With a :class:`mixllm.calib.Calibration` (or ``sequential=False`` / ``gptq=False``) the Hessians come from
+one pass of the full-precision model and both bit-widths are quantized for all rows (kept in
+``calib.quant_cache``, so a budget sweep only picks rows).
 """
 from __future__ import annotations
 
-import hashlib
-import math
-import os
-import pathlib
 import re
-import tempfile
-from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional, Union
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Union
 
 import numpy as np
 import torch
@@ -28,15 +31,20 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import ops
+from ..cache import DiskCache, derive_key, fingerprint
 from ..calib import Calibration, calibrate, target_linears
+from ..gptq import gptq as gptq_any, gptq_torch
 from ..modules import set_module
 from ..nn import MixedLinear
+from ..pipeline import PhaseTimer, run_blockwise
+from ..plotting import plot_budget, plot_fractions  # noqa: F401  (re-exported: the CLI and notebooks use them here)
+from ..report import budget_breakdown, format_breakdown, make_report  # noqa: F401
 from . import validate
 from .base import QuantConfig, register
 
-__all__ = ["MixLLMConfig", "allocate", "plot_fractions"]
+__all__ = ["MixLLMConfig", "allocate", "plot_fractions", "budget_breakdown", "format_breakdown", "plot_budget"]
 
-_SELECTIONS = ("global", "per_layer", "random")
+_SELECTIONS = ("global", "per_bit", "per_layer", "random")
 
 
 @register("mixllm")
@@ -62,8 +70,11 @@ class MixLLMConfig(QuantConfig):
         n_calib: number of calibration sequences (the reference: 128 of WikiText-2).
         seq_len: tokens per calibration sequence (the reference: the model's context, 2048+).
         seed: seed of the calibration windows and of ``selection="random"``.
-        selection: ``"global"`` (MixLLM: one ranking over all layers), ``"per_layer"`` (the same
-            share in every layer, top salience inside each) or ``"random"`` (ablations).
+        selection: ``"global"`` (MixLLM: one ranking over all layers by salience), ``"per_bit"`` (one
+            ranking over all layers by salience per weight bit spent, ``S_c / in_features``: a greedy
+            knapsack, since an 8-bit row of a layer of input width K costs 4 K extra bits),
+            ``"per_layer"`` (the same share in every layer, top salience inside each) or ``"random"``
+            (ablations; docs/method.md "Allocation ablations").
         salience_bits: bit-width of the quantizer whose error ``delta`` enters the salience
             (the low bit-width, 4).
         include_lm_head: quantize the output head too (default: it stays in float, docs/spec.md §4).
@@ -72,9 +83,23 @@ class MixLLMConfig(QuantConfig):
         row_multiple: round every layer's 8-bit row count to a multiple of this (kernels that need
             tiles of rows); the achieved average is reported.
         cache_dir: directory where salience and quantizer results are kept between runs, keyed by a
-            hash of the weights, the calibration tokens and the quantizer settings (``None``: off;
-            the CLI uses ``~/.cache/mixllm/calib``). Lets several budgets share one GPTQ pass.
-        progress: show tqdm progress bars.
+            hash of the weights, the calibration tokens and every setting that changes them (``None``:
+            off; the CLI uses ``~/.cache/mixllm/calib``). The salience serves every budget; the
+            block-by-block pass writes each finished block, so a killed run resumes where it stopped.
+        progress: show tqdm progress bars (with ETA).
+        sequential: with GPTQ and token ids, calibrate block by block on the quantized prefix (memory:
+            one block, its Hessians and the calibration hidden states); False: Hessians of every layer
+            from one pass of the full-precision model (all kept on the host).
+        device: where the work runs (``"cuda"``, ``"cuda:1"``, ``"cpu"``; None: where the model is). The
+            model is moved there, unless ``offload``.
+        offload: keep the model on the host and move one block at a time to ``device`` for the
+            block-by-block pass (the salience pass runs the model where it is: on the host, or split
+            over GPUs by accelerate's ``device_map``).
+        gptq_impl: ``"auto"`` (PyTorch GPTQ for layers on a GPU, the C GPTQ on the host), ``"c"`` or
+            ``"torch"``.
+        gptq_dtype: precision of the PyTorch GPTQ, ``"float64"`` (codes as the C GPTQ) or ``"float32"``.
+        true_sequential: inside a block, one calibration pass per group of linears (q/k/v, o, gate/up,
+            down), each on the outputs of the groups already quantized; False: one pass per block.
     """
     bits: Union[float, Dict[int, float]] = 4.4
     fraction: Optional[float] = None
@@ -94,6 +119,12 @@ class MixLLMConfig(QuantConfig):
     row_multiple: int = 1
     cache_dir: Optional[str] = None
     progress: bool = True
+    sequential: bool = True
+    device: Optional[str] = None
+    offload: bool = False
+    gptq_impl: str = "auto"
+    gptq_dtype: str = "float64"
+    true_sequential: bool = True
 
     def __post_init__(self):
         f = self.fraction_8bit()  # validates bits / fraction
@@ -110,6 +141,15 @@ class MixLLMConfig(QuantConfig):
         validate.non_negative("damp", self.damp)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed: expected an integer, got {self.seed!r}")
+        validate.one_of("gptq_impl", self.gptq_impl, ("auto", "c", "torch"))
+        validate.one_of("gptq_dtype", self.gptq_dtype, ("float64", "float32"))
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"device: expected a torch device string, got {self.device!r}") from None
+        if self.offload and self.device is None:
+            raise ValueError("offload: needs device= (where the blocks run)")
 
     # ------------------------------------------------------------------ budget
     def fraction_8bit(self) -> float:
@@ -137,18 +177,131 @@ class MixLLMConfig(QuantConfig):
         return self.gptq or 0 < f < 1
 
     # ------------------------------------------------------------------ apply
-    def apply(self, model: nn.Module, calib=None) -> Dict[str, Any]:
+    def apply(self, model: nn.Module, calib=None, timer: Optional[PhaseTimer] = None) -> Dict[str, Any]:
         """Quantize ``model`` in place; ``calib``: token ids [n, seq_len] or a :class:`Calibration`.
-
-        Both bit-widths are quantized for *all* rows of a layer (GPTQ treats rows independently given
-        the Hessian, so this equals quantizing each part on its own) and kept in ``calib.quant_cache``
-        (and in ``cache_dir``): any other budget or selection then only picks rows.
-        """
+        ``timer`` (optional :class:`mixllm.pipeline.PhaseTimer`) collects the time of each phase."""
         layers = target_linears(model, self.include_lm_head)
         if self.only:
             layers = [(n, m) for n, m in layers if re.search(self.only, n)]
             if not layers:
                 raise ValueError(f"only: no layer name matches {self.only!r}")
+        if calib is not None and not isinstance(calib, (Calibration, torch.Tensor)):
+            raise TypeError(f"calib: expected token ids or a Calibration, got {type(calib).__name__}")
+        if self.device is not None and not self.offload:
+            model.to(self.device)
+        timer = timer if timer is not None else PhaseTimer()
+        if isinstance(calib, torch.Tensor) and self.sequential and self.gptq:
+            rep = self._apply_blockwise(model, layers, calib, timer)
+            if rep is not None:
+                return rep
+        return self._apply_one_pass(model, layers, calib, timer)
+
+    def _impl(self, device) -> str:
+        if self.gptq_impl != "auto":
+            return self.gptq_impl
+        return "torch" if torch.device(device).type == "cuda" else "c"
+
+    def _salience(self, model, layers, ids, base_key, timer) -> Dict[str, np.ndarray]:
+        """Salience of ``layers`` (read from ``cache_dir`` when there)."""
+        dev = model.get_input_embeddings().weight.device
+        disk = DiskCache(self.cache_dir, derive_key(base_key, "salience", self.group_size, self.salience_bits,
+                                                      dev.type)) if self.cache_dir else None
+        sal = {k: v.numpy() for k, v in disk.read("salience.safetensors").items()} if disk else {}
+        if all(n in sal for n, _ in layers):
+            return sal
+        with timer("salience"):
+            cal = calibrate(model, ids, layers, hessian=False, salience=True, salience_bits=self.salience_bits,
+                            group_size=self.group_size, progress=self.progress)
+        sal.update(cal.salience)
+        if disk is not None:
+            disk.write("salience.safetensors", {k: torch.as_tensor(np.asarray(v)) for k, v in sal.items()})
+        return sal
+
+    def _apply_blockwise(self, model, layers, ids, timer) -> Optional[Dict[str, Any]]:
+        names = [n for n, _ in layers]
+        mods = dict(layers)
+        frac = self.fraction_8bit()
+        need_sal = 0 < frac < 1 and self.selection != "random"
+        base = fingerprint(layers, ids) if self.cache_dir else ""
+        sal = self._salience(model, layers, ids, base, timer) if need_sal else {}
+        rows8 = allocate(layers, sal, frac, self.selection, self.seed, self.row_multiple)
+        run_dev = torch.device(self.device) if self.device is not None else None
+        if self.offload:  # the salience pass ran where the model was; blocks now come from the host
+            model.to("cpu")
+        disk = None
+        if self.cache_dir:
+            dev_type = (run_dev or mods[names[0]].weight.device).type
+            disk = DiskCache(self.cache_dir, derive_key(
+                base, "blocks", frac, self.selection, self.seed, self.row_multiple, self.group_size, self.clip,
+                float(self.damp), self.salience_bits, self.true_sequential, self._impl(dev_type), self.gptq_dtype,
+                dev_type, self.weight_only))
+        built: Dict[str, MixedLinear] = {}
+        gdtype = torch.float64 if self.gptq_dtype == "float64" else torch.float32
+
+        def quantize_group(bi, group, acc):
+            lins = [model.get_submodule(n) for n in group]
+            dev = lins[0].weight.device
+            with timer("gptq"):
+                H = acc.hessian()
+                W = torch.cat([m.weight.detach().to(torch.float32) for m in lins])
+                off = np.cumsum([0] + [m.out_features for m in lins])
+                r8 = np.concatenate([rows8[n] + off[i] for i, n in enumerate(group)]).astype(np.int64)
+                parts = _gptq_rows(W, H, r8, self.group_size, float(self.damp), self.clip, self._impl(dev.type),
+                                   gdtype)
+                del H, W
+            with timer("swap"):
+                is8 = parts["is8"]
+                c8 = np.concatenate([[0], np.cumsum(is8.numpy())])
+                c4 = np.arange(len(c8)) - c8
+                for i, (n, m) in enumerate(zip(group, lins)):
+                    a, b = off[i], off[i + 1]
+                    part = {"is8": is8[a:b]}
+                    for k in ("codes4", "scale4", "zero4"):
+                        part[k] = parts[k][c4[a]:c4[b]]
+                    for k in ("codes8", "scale8"):
+                        part[k] = parts[k][c8[a]:c8[b]]
+                    q = _mixed_from_rows(m, part, self.group_size, self.weight_only)
+                    _use_as_prefix(m, q)
+                    built[n] = q
+
+        def restore(bi, todo):
+            if disk is None:
+                return False
+            t = disk.read(f"block_{bi:05d}.safetensors")
+            if not t or not all(f"{n}.perm" in t for n in todo):
+                return False
+            with timer("swap"):
+                for n in todo:
+                    m = model.get_submodule(n)
+                    q = MixedLinear(m.in_features, m.out_features, n8=int(t[f"{n}.qweight8"].shape[0]),
+                                    bias=m.bias is not None, group_size=self.group_size, weight_only=self.weight_only)
+                    q.load_state_dict({k[len(n) + 1:]: v for k, v in t.items() if k.startswith(n + ".")})
+                    _use_as_prefix(m, q)
+                    built[n] = q
+            return True
+
+        def finish_block(bi, todo):
+            todo = [n for n in todo if n in built]
+            if disk is not None and todo:
+                disk.write(f"block_{bi:05d}.safetensors",
+                           {f"{n}.{k}": v for n in todo for k, v in built[n].state_dict().items()})
+            for n in todo:
+                set_module(model, n, built.pop(n).to(model.get_submodule(n).weight.device))
+
+        done = run_blockwise(model, [ids[i:i + 1] for i in range(ids.shape[0])], names, quantize_group,
+                             device=run_dev, offload=self.offload, true_sequential=self.true_sequential,
+                             restore=restore, finish_block=finish_block, timer=timer, progress=self.progress,
+                             desc="MixLLM blocks")
+        if done is None:
+            return None
+        per_layer = {n: {"in": m.in_features, "out": m.out_features, "n8": int(len(rows8[n]))} for n, m in layers}
+        return make_report(model, per_layer, self)
+
+    def _apply_one_pass(self, model, layers, calib, timer) -> Dict[str, Any]:
+        """Hessians from one pass of the full-precision model. Both bit-widths are quantized for *all*
+        rows of a layer (GPTQ treats rows independently given the Hessian, so this equals quantizing
+        each part on its own) and kept in ``calib.quant_cache`` (and in ``cache_dir``): any other budget
+        or selection then only picks rows."""
         names = [n for n, _ in layers]
         mods = dict(layers)
         frac = self.fraction_8bit()
@@ -161,13 +314,15 @@ class MixLLMConfig(QuantConfig):
             raise TypeError(f"calib: expected token ids or a Calibration, got {type(ids).__name__}")
         store = cal.quant_cache if cal is not None else {}
         sal = dict(cal.salience) if cal is not None else {}
-        disk = None
+        disk = base = None
         if self.cache_dir and ids is not None:
-            disk = _DiskCache(self.cache_dir, _cache_key(layers, ids, self), _cache_key(layers, ids, self, False))
-        if disk is not None:
-            sal.update({n: v for n, v in disk.load_salience().items() if n in mods})
+            base = fingerprint(layers, ids)
+            disk = DiskCache(self.cache_dir, derive_key(base, "one-pass", self.group_size, self.gptq, self.clip,
+                                                        float(self.damp)))
+            if need_sal:
+                sal.update(self._salience(model, layers, ids, base, timer))
             for b in need:
-                store.update(disk.load_quant(b, names, qkey))
+                store.update(_load_quant(disk, b, names, qkey))
         miss_sal = need_sal and any(n not in sal for n in names)
         miss_q = {b: [n for n in names if ("q", b, n) + qkey not in store] for b in need}
         need_h = self.gptq and any(miss_q.values()) and not (cal is not None and all(n in cal.hessians for n in names))
@@ -175,8 +330,10 @@ class MixLLMConfig(QuantConfig):
             if ids is None:
                 raise ValueError("calib: this configuration needs calibration data (token ids), or a "
                                  "Calibration with salience and Hessians")
-            new = calibrate(model, ids, layers, hessian=need_h, salience=miss_sal,
-                            salience_bits=self.salience_bits, group_size=self.group_size, progress=self.progress)
+            with timer("salience" if miss_sal else "hessian"):
+                new = calibrate(model, ids, layers, hessian=need_h, salience=miss_sal,
+                                salience_bits=self.salience_bits, group_size=self.group_size,
+                                progress=self.progress)
             if cal is None:
                 cal = new
                 cal.quant_cache = store
@@ -185,14 +342,16 @@ class MixLLMConfig(QuantConfig):
             if miss_sal:
                 sal.update(new.salience)
                 cal.salience.update(new.salience)
-                if disk is not None:
-                    disk.save_salience(sal)
         groups = cal.groups() if (self.gptq and cal is not None) else [[n] for n in names]
         todo = [(b, g) for b in need for g in groups if any(n in miss_q[b] for n in g)]
         for b, g in tqdm(todo, desc="GPTQ" if self.gptq else "RTN", disable=not self.progress or not todo):
             H = cal.hessians[g[0]] if self.gptq else None
-            W = torch.cat([mods[n].weight.detach().float().cpu() for n in g]).contiguous()
-            q, sc, z = ops.gptq_quantize(W, H, b, self.group_size, damp=self.damp, clip=self.clip)
+            W = torch.cat([mods[n].weight.detach().float() for n in g]).contiguous()
+            with timer("gptq"):
+                q, sc, z = gptq_any(W, H, b, self.group_size, damp=self.damp, clip_grid=20 if self.clip else 0,
+                                    impl=self._impl(W.device.type),
+                                    dtype=torch.float64 if self.gptq_dtype == "float64" else torch.float32)
+                q, sc, z = q.cpu(), sc.cpu(), None if z is None else z.cpu()
             r0 = 0
             for n in g:
                 r1 = r0 + mods[n].out_features
@@ -200,7 +359,7 @@ class MixLLMConfig(QuantConfig):
                 r0 = r1
         if disk is not None and todo:
             for b in need:
-                disk.save_quant(b, {n: store[("q", b, n) + qkey] for n in names}, qkey)
+                _save_quant(disk, b, {n: store[("q", b, n) + qkey] for n in names})
 
         rows8 = allocate(layers, sal, frac, self.selection, self.seed, self.row_multiple)
         per_layer = {}
@@ -214,82 +373,76 @@ class MixLLMConfig(QuantConfig):
         return make_report(model, per_layer, self)
 
 
-def _cache_key(layers, ids, cfg, quantizer: bool = True) -> str:
-    """Fingerprint of the weights, the calibration tokens and the quantizer settings (``quantizer``
-    False: only what the salience depends on)."""
-    h = hashlib.blake2b(digest_size=16)
-    for n, m in layers:
-        h.update(n.encode())
-        h.update(m.weight.detach().float().cpu().contiguous().numpy().tobytes())
-    h.update(ids.detach().cpu().long().contiguous().numpy().tobytes())
-    if quantizer:
-        h.update(repr((cfg.group_size, cfg.gptq, cfg.clip, float(cfg.damp), cfg.salience_bits, 1)).encode())
-    else:
-        h.update(repr(("salience", cfg.group_size, cfg.salience_bits, 1)).encode())
-    return h.hexdigest()
+def _load_quant(disk, bits, names, qkey):
+    t = disk.read(f"q{bits}.safetensors")
+    return {("q", bits, n) + qkey: (t[f"{n}.codes"], t[f"{n}.scale"], t.get(f"{n}.zero"))
+            for n in names if f"{n}.codes" in t}
 
 
-class _DiskCache:
-    """Full-matrix quantizer results of one (model, calibration, quantizer) triple under
-    ``cache_dir/<key>/``, and the salience of one (model, calibration) pair under
-    ``cache_dir/<salience key>/``, as safetensors files (each written to a temp file, then renamed)."""
+def _save_quant(disk, bits, results):
+    t = {}
+    for n, (c, s, z) in results.items():
+        t[f"{n}.codes"], t[f"{n}.scale"] = torch.as_tensor(c), torch.as_tensor(s)
+        if z is not None:
+            t[f"{n}.zero"] = torch.as_tensor(z)
+    disk.write(f"q{bits}.safetensors", t)
 
-    def __init__(self, root, key, sal_key=None):
-        root = pathlib.Path(os.path.expanduser(str(root)))
-        self.dir = root / key
-        self.sal_dir = root / (sal_key or key)
 
-    def _read(self, fname, d=None):
-        from safetensors.torch import load_file
-        f = (d or self.dir) / fname
-        if not f.exists():
-            return {}
-        try:
-            return load_file(str(f))
-        except Exception:  # a damaged cache entry is recomputed, never trusted
-            return {}
+def _gptq_rows(W, H, rows8, group_size, damp, clip, impl, dtype):
+    """GPTQ of ``W`` [N, K] with 8-bit symmetric rows ``rows8`` and 4-bit asymmetric others: one pass of
+    the PyTorch GPTQ with per-row formats, or the C GPTQ once per row set. Returns host tensors
+    ``codes4, scale4, zero4`` (4-bit rows, in row order) and ``codes8, scale8``, plus ``rows8``/``rows4``."""
+    N = W.shape[0]
+    is8 = torch.zeros(N, dtype=torch.bool)
+    is8[torch.as_tensor(rows8, dtype=torch.int64)] = True
+    r8, r4 = torch.nonzero(is8).flatten(), torch.nonzero(~is8).flatten()
+    grid = 20 if clip else 0
+    if impl == "torch":
+        bits = torch.where(is8, 8, 4).to(W.device)
+        c, s, z = gptq_torch(W, H, bits, group_size, None, damp, True, grid, dtype)
+        c, s, z = c.cpu(), s.cpu(), z.cpu()
+        return {"codes4": c[r4].to(torch.uint8), "scale4": s[r4], "zero4": z[r4],
+                "codes8": c[r8].to(torch.int8), "scale8": s[r8], "is8": is8}
+    out = {"is8": is8}
+    Wc, Hc = W.cpu(), None if H is None else H.cpu()
+    for rows, bits, tag in ((r4, 4, "4"), (r8, 8, "8")):
+        if rows.numel():
+            q, s, z = gptq_any(Wc[rows].contiguous(), Hc, bits, group_size, damp=damp, clip_grid=grid, impl="c")
+        else:
+            K = W.shape[1]
+            G = -(-K // group_size)
+            q = torch.zeros(0, K, dtype=torch.uint8 if bits == 4 else torch.int8)
+            s, z = torch.zeros(0, G), torch.zeros(0, G, dtype=torch.uint8)
+        out["codes" + tag], out["scale" + tag] = q, s
+        if bits == 4:
+            out["zero4"] = z
+    return out
 
-    def _write(self, fname, tensors, d=None):
-        from safetensors.torch import save_file
-        d = d or self.dir
-        d.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{fname}.", dir=d)
-        os.close(fd)
-        try:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-            os.replace(tmp, d / fname)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
 
-    def load_salience(self):
-        t = self._read("salience.safetensors", self.sal_dir)
-        if not t and self.sal_dir != self.dir:  # entries written before salience had its own key
-            t = self._read("salience.safetensors")
-            if t:
-                self._write("salience.safetensors", t, self.sal_dir)
-        return {k: v.numpy() for k, v in t.items()}
+def _mixed_from_rows(linear, part, group_size, weight_only) -> MixedLinear:
+    """A host :class:`MixedLinear` from one layer's slice of :func:`_gptq_rows`'s output."""
+    N, K = linear.out_features, linear.in_features
+    is8 = part["is8"]
+    n8 = int(is8.sum())
+    m = MixedLinear(K, N, n8=n8, bias=linear.bias is not None, group_size=group_size, weight_only=weight_only)
+    m.perm.copy_(torch.cat([torch.nonzero(is8).flatten(), torch.nonzero(~is8).flatten()]))
+    if N - n8:
+        m.qweight4.copy_(ops.pack_int4(part["codes4"].contiguous()))
+        m.scale4.copy_(part["scale4"])
+        m.zero4.copy_(part["zero4"])
+    if n8:
+        m.qweight8.copy_(part["codes8"])
+        m.scale8.copy_(part["scale8"])
+    if linear.bias is not None:
+        m.bias.copy_(linear.bias.detach().float().cpu())
+    return m
 
-    def save_salience(self, sal):
-        self._write("salience.safetensors", {k: torch.as_tensor(np.asarray(v)) for k, v in sal.items()},
-                    self.sal_dir)
 
-    def load_quant(self, bits, names, qkey):
-        t = self._read(f"q{bits}.safetensors")
-        out = {}
-        for n in names:
-            if f"{n}.codes" in t:
-                out[("q", bits, n) + qkey] = (t[f"{n}.codes"], t[f"{n}.scale"], t.get(f"{n}.zero"))
-        return out
-
-    def save_quant(self, bits, results, qkey):
-        t = {}
-        for n, (c, s, z) in results.items():
-            t[f"{n}.codes"], t[f"{n}.scale"] = torch.as_tensor(c), torch.as_tensor(s)
-            if z is not None:
-                t[f"{n}.zero"] = torch.as_tensor(z)
-        self._write(f"q{bits}.safetensors", t)
+def _use_as_prefix(linear: nn.Linear, q: MixedLinear) -> None:
+    """Give ``linear`` the weights ``q`` represents, for the forward passes of the later groups and blocks
+    (the same values whether ``q`` was just computed or restored from the cache)."""
+    with torch.no_grad():
+        linear.weight.copy_(q.dequantized_weight().to(linear.weight.device, linear.weight.dtype))
 
 
 def allocate(layers, salience: Dict[str, np.ndarray], fraction: float, selection: str = "global",
@@ -299,6 +452,7 @@ def allocate(layers, salience: Dict[str, np.ndarray], fraction: float, selection
     The budget counts weights, not features: features are taken in order of decreasing salience
     (over the whole model for ``"global"``) while their weights fit in ``fraction`` of all weights,
     so the average is ``4 + 4 * fraction`` bits even though layers have different input widths.
+    ``"per_bit"`` ranks by ``S_c / in_features`` instead (salience per extra bit of an 8-bit row).
     """
     if selection not in _SELECTIONS:
         raise ValueError(f"selection: expected one of {_SELECTIONS}, got {selection!r}")
@@ -319,10 +473,12 @@ def allocate(layers, salience: Dict[str, np.ndarray], fraction: float, selection
     else:
         layer_id = np.concatenate([np.full(N[n], i) for i, n in enumerate(names)])
         row = np.concatenate([np.arange(N[n]) for n in names])
-        if selection == "global":
+        if selection in ("global", "per_bit"):
             s = np.concatenate([np.asarray(salience[n], dtype=np.float64) for n in names])
             if not np.all(np.isfinite(s)):
                 raise ValueError("salience: non-finite values (check the calibration data / model)")
+            if selection == "per_bit":  # greedy knapsack: value per unit of cost (K weights per row)
+                s = s / np.array([K[names[i]] for i in layer_id], dtype=np.float64)
             order = np.argsort(-s, kind="stable")
         else:
             order = np.random.default_rng(seed).permutation(len(row))
@@ -341,60 +497,3 @@ def allocate(layers, salience: Dict[str, np.ndarray], fraction: float, selection
                     rank = np.argsort(-salience[n], kind="stable")
                 out[n] = np.sort(rank[:k]).astype(np.int64)
     return out
-
-
-def make_report(model: nn.Module, per_layer: Dict[str, Dict[str, int]], config=None) -> Dict[str, Any]:
-    """Achieved bits, per-layer 8-bit fractions and sizes in bytes."""
-    w_total = sum(v["in"] * v["out"] for v in per_layer.values())
-    w8 = sum(v["in"] * v["n8"] for v in per_layer.values())
-    feats = sum(v["out"] for v in per_layer.values())
-    f8 = sum(v["n8"] for v in per_layer.values())
-    qbytes = sum(m.weight_bytes() for m in model.modules() if isinstance(m, MixedLinear))
-    total = 0
-    seen = set()
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() in seen:  # tied embeddings count once
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    for v in per_layer.values():
-        v["frac8"] = v["n8"] / v["out"]
-    return {
-        "avg_bits": 4 + 4 * w8 / max(w_total, 1),
-        "frac8_weights": w8 / max(w_total, 1),
-        "frac8_features": f8 / max(feats, 1),
-        "quantized_params": w_total,
-        "quantized_linear_bytes": qbytes,
-        "quantized_linear_bits_incl_scales": 8 * qbytes / max(w_total, 1),
-        "fp16_linear_bytes": 2 * w_total,
-        "model_bytes": total,
-        "layers": per_layer,
-    }
-
-
-def plot_fractions(report: Dict[str, Any], path: Union[str, os.PathLike], title: str = "") -> str:
-    """PNG of the per-layer share of 8-bit output features (cf. the paper's Figure 2)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import re
-
-    layers = report["layers"]
-    kinds: Dict[str, List] = {}
-    for name, v in layers.items():
-        m = re.search(r"\.(\d+)\.", name)
-        blk = int(m.group(1)) if m else -1
-        kinds.setdefault(name.rsplit(".", 1)[-1], []).append((blk, 100 * v["n8"] / v["out"]))
-    fig, ax = plt.subplots(figsize=(11, 4))
-    width = 0.8 / max(len(kinds), 1)
-    for i, (kind, pts) in enumerate(kinds.items()):
-        pts.sort()
-        ax.bar([p[0] + (i - len(kinds) / 2) * width for p in pts], [p[1] for p in pts], width, label=kind)
-    ax.set_xlabel("transformer block")
-    ax.set_ylabel("8-bit output features (%)")
-    ax.set_title(title or f"MixLLM: 8-bit share per layer (average {report['avg_bits']:.2f} bits)")
-    ax.legend(ncol=min(len(kinds), 7), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
