@@ -12,6 +12,11 @@ global salience, ``MixLLMConfig`` defaults otherwise.
 
   python bench/quantize_scale.py --model 8b [--layers 32] [--n-calib 128] [--seq-len 2048]
   python bench/quantize_scale.py --model 70b --layers 4
+  python bench/quantize_scale.py --model default   # the default real model: GPU vs CPU pipeline
+
+``--model default`` quantizes the default real model (SmolLM2-135M, float32) with the same config twice,
+on the host (C GPTQ) and on the GPU (PyTorch GPTQ), and evaluates both quantized models on the host
+(same kernels): perplexity on the default text and the agreement of the 8-bit row sets.
 
 Writes ``$OUT/quantize_scale_<model>.json`` (or ``--out``): times per phase in total and per block, peak
 GPU memory (in total and of the block-by-block pass), peak host memory (max RSS), device and date.
@@ -72,15 +77,61 @@ def run(model, ids, offload: bool, progress: bool):
     return time.perf_counter() - t0, rep, timer
 
 
+def compare_default(a, res):
+    """GPU vs CPU pipeline on the default real model (see the module docstring)."""
+    from mixllm import data
+    from mixllm.eval import perplexity
+    from mixllm.methods.mixllm import MixLLMConfig
+    from mixllm.nn import MixedLinear
+    from mixllm.pipeline import PhaseTimer
+    torch.set_num_threads(os.cpu_count())
+    base, tok = data.load_model()
+    ids = data.calibration_samples(tok, a.n_calib, a.seq_len, 0)
+    ev = tok(data.evaluation_text(), return_tensors="pt").input_ids[0][:16384]
+    res.update(model="SmolLM2-135M-Instruct (default real model), float32", n_calib=a.n_calib, seq_len=a.seq_len,
+               eval_tokens=int(ev.numel()))
+    res["fp32_ppl"] = perplexity(base, ev, 512, progress=False)
+    models = {}
+    import copy
+    for dev in ("cpu", "cuda"):
+        m = copy.deepcopy(base)
+        t = PhaseTimer()
+        t0 = time.perf_counter()
+        MixLLMConfig(bits=4.4, n_calib=a.n_calib, seq_len=a.seq_len, device=dev, progress=False,
+                     cache_dir=None).apply(m, ids, timer=t)
+        res[f"{dev}_pipeline_s"] = time.perf_counter() - t0
+        res[f"{dev}_phases_s"] = dict(t.total)
+        m.to("cpu")
+        res[f"{dev}_ppl"] = perplexity(m, ev, 512, progress=False)
+        models[dev] = m
+        print(dev, res[f"{dev}_pipeline_s"], res[f"{dev}_ppl"], flush=True)
+    same = tot = 0
+    for (n, a8), (_, b8) in zip(((n, x) for n, x in models["cpu"].named_modules() if isinstance(x, MixedLinear)),
+                                ((n, x) for n, x in models["cuda"].named_modules() if isinstance(x, MixedLinear))):
+        ra, rb = set(a8.perm[:a8.n8].tolist()), set(b8.perm[:b8.n8].tolist())
+        same += len(ra & rb)
+        tot += max(len(ra), len(rb))
+    res["rows8_agreement"] = same / max(tot, 1)
+    res["ppl_rel_diff"] = abs(res["cuda_ppl"] - res["cpu_ppl"]) / res["cpu_ppl"]
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", choices=sorted(CONFIGS), default="8b")
+    ap.add_argument("--model", choices=sorted(CONFIGS) + ["default"], default="8b")
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--n-calib", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--out", default=None)
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args()
+    if a.model == "default":
+        res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "host_cpus": os.cpu_count(),
+               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")}
+        compare_default(a, res)
+        print(json.dumps(res, indent=1), flush=True)
+        with open(a.out or os.path.join(os.environ.get("OUT", "."), "quantize_scale_default.json"), "w") as f:
+            json.dump(res, f, indent=1)
+        return
     L = a.layers or CONFIGS[a.model]["num_hidden_layers"]
     L_full = CONFIGS[a.model]["num_hidden_layers"]
     ids = torch.randint(0, CONFIGS[a.model]["vocab_size"], (a.n_calib, a.seq_len),
@@ -103,7 +154,7 @@ def main():
     else:
         # salience pass cost per block: two model depths on the GPU
         sal = {}
-        for depth in sorted({max(1, L // 2), L}):
+        for depth in [max(1, L // 2)] if L > 1 else []:
             model, cfg = build(a.model, depth, "cuda")
             from mixllm.methods.mixllm import MixLLMConfig
             from mixllm.pipeline import PhaseTimer
@@ -114,17 +165,20 @@ def main():
             sal[depth] = t.total["salience"]
             del model
             torch.cuda.empty_cache()
-        depths = sorted(sal)
-        per_block_sal = (sal[depths[-1]] - sal[depths[0]]) / max(depths[-1] - depths[0], 1)
-        res["salience_s_by_depth"] = sal
-        res["salience_s_per_block"] = per_block_sal
-        # block-by-block pass: the model on the host, one block at a time on the GPU
+        # then the model on the GPU for the salience pass (depth L), moved to the host for the block-by-block
+        # pass: one block at a time on the GPU
         model, cfg = build(a.model, L, "cuda")
         res["bf16_block_gb"] = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters()) / 1e9
         torch.cuda.reset_peak_memory_stats()
         wall, rep, timer = run(model, ids, offload=True, progress=not a.quiet)
+        sal[L] = timer.total["salience"]
+        depths = sorted(sal)
+        per_block_sal = (sal[depths[-1]] - sal[depths[0]]) / max(depths[-1] - depths[0], 1)
+        res["salience_s_by_depth"] = sal
+        res["salience_s_per_block"] = per_block_sal
         res["total_s"] = wall
         res["peak_gpu_gb"] = timer.peak_gpu_gb()
+        res["pass2_peak_gpu_gb_per_block"] = [b.get("peak_gpu_gb") for b in timer.blocks]
         blk = [sum(v for k, v in b.items() if k != "peak_gpu_gb") for b in timer.blocks]
         steady = blk[1:] if len(blk) > 1 else blk
         per_block_pass2 = sum(steady) / len(steady)

@@ -1,6 +1,7 @@
 """The ``mixllm`` command.
 
-  mixllm quantize [--model DIR] [--method mixllm] [--bits 4.4] [method flags...] --out DIR [--eval]
+  mixllm quantize [--model DIR] [--method mixllm] [--bits 4.4] [--device cuda] [--dtype bfloat16]
+                  [method flags...] --out DIR [--eval]
                   [--eval-seq-len 512] [--eval-max-tokens 16384]
   mixllm eval     [--model DIR] [--seq-len 512] [--max-tokens 16384] [--text FILE]
   mixllm report   DIR [--plot FILE.png]
@@ -67,16 +68,19 @@ def _add_config_flags(p: argparse.ArgumentParser, cls) -> None:
                            help=f"default {f.default if f.default is not dataclasses.MISSING else ''}")
 
 
-def _load(model_arg: Optional[str]):
+def _load(model_arg: Optional[str], dtype: Optional[str] = None):
     import torch
     from . import data
     torch.set_num_threads(max(1, int(os.environ.get("MIXLLM_THREADS", os.cpu_count() or 1))))
-    return data.load_model(model_arg)
+    return data.load_model(model_arg, dtype=None if dtype is None else getattr(torch, dtype))
 
 
 def _eval_ids(tok, args):
     from . import data
-    text = open(args.text, encoding="utf-8").read() if args.text else data.evaluation_text()
+    if args.text in data.TEXTS and not os.path.isfile(args.text):  # a bundled text by name
+        text = data.evaluation_text(args.text)
+    else:
+        text = open(args.text, encoding="utf-8").read() if args.text else data.evaluation_text()
     ids = tok(text, return_tensors="pt").input_ids[0]
     return ids[:args.max_tokens] if args.max_tokens else ids
 
@@ -99,13 +103,14 @@ def _add_eval_flags(p, prefix=""):
     p.add_argument(f"--{prefix}max-tokens", dest="max_tokens", type=int, default=_EVAL_TOKENS,
                    help=f"evaluate the first N tokens of the text (default {_EVAL_TOKENS}; 0: all)")
     p.add_argument(f"--{prefix}text", dest="text", default=None,
-                   help="UTF-8 text file (default: the evaluation articles)")
+                   help="UTF-8 text file, or a bundled text: 'wiki' (default: the evaluation articles), "
+                        "'news' (gensim's Lee news corpus)")
 
 
 def cmd_quantize(args, cfg_cls) -> int:
     from . import io
     from .methods import quantize
-    from .methods.mixllm import plot_fractions
+    from .plotting import plot_fractions
 
     kw = {f.name: getattr(args, f"cfg_{f.name}") for f in dataclasses.fields(cfg_cls)
           if getattr(args, f"cfg_{f.name}", None) is not None}
@@ -117,7 +122,7 @@ def cmd_quantize(args, cfg_cls) -> int:
         if str(kw["cache_dir"]).lower() in ("", "none", "off"):
             kw["cache_dir"] = None
     config = cfg_cls(**kw)
-    model, tok = _load(args.model)
+    model, tok = _load(args.model, args.dtype)
     t0 = time.time()
     report = quantize(model, config, None, tokenizer=tok)
     summary = {k: v for k, v in report.items() if k != "layers"}
@@ -141,7 +146,7 @@ def cmd_eval(args) -> int:
 
 def cmd_report(args) -> int:
     from .io import read_meta
-    from .methods.mixllm import plot_fractions
+    from .plotting import plot_fractions
     meta = read_meta(args.dir)
     rep = meta.get("report") or {}
     layers = rep.get("layers", {})
@@ -157,9 +162,16 @@ def cmd_report(args) -> int:
         for name, v in layers.items():
             print(f"  {name:48s} {v['n8']:5d}/{v['out']:5d} 8-bit ({100 * v['n8'] / v['out']:5.1f}%)")
     if layers:
+        from .plotting import plot_budget
+        from .report import format_breakdown
+        print("where the 8-bit budget went:")
+        print(format_breakdown(rep))
         out = args.plot or os.path.join(args.dir, "bits_per_layer.png")
         plot_fractions(rep, out)
         print(f"plot: {out}")
+        out2 = os.path.splitext(out)[0] + "_budget.png"
+        plot_budget(rep, out2)
+        print(f"plot: {out2}")
     return 0
 
 
@@ -170,11 +182,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     q = sub.add_parser("quantize", help="quantize a model and save it")
-    q.add_argument("--model", default=None, help="HF checkpoint directory (default: the bundled SmolLM2-135M)")
+    q.add_argument("--model", default=None, help="HF checkpoint directory or a bundled model name "
+                   "('smollm2-135m', the default; 'gemma3-270m')")
     q.add_argument("--method", default="mixllm", help=f"one of {sorted(METHODS)} (default mixllm)")
     q.add_argument("--out", default=None, help="output directory (written atomically)")
     q.add_argument("--eval", action="store_true", help="also report perplexity after quantizing")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="load the model in this dtype (default float32; bfloat16 halves the memory of "
+                        "large models on a GPU, e.g. with --device cuda)")
     _add_eval_flags(q, "eval-")
 
     e = sub.add_parser("eval", help="perplexity of a model on the evaluation text")

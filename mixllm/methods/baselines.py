@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from .. import ops
 from ..calib import Calibration
+from ..gptq import gptq
 from ..hessian import HessianAccumulator
 from ..pipeline import run_blockwise
 from ..modules import replace_modules
@@ -230,6 +231,13 @@ class GPTQConfig(WeightOnlyConfig):
     def quantize_linear(self, linear: nn.Linear, stats: LayerStats) -> WeightOnlyLinear:
         if not isinstance(stats, LayerStats):
             raise TypeError("stats: GPTQ needs the layer's calibration statistics (LayerStats)")
+        if linear.weight.is_cuda:  # the PyTorch GPTQ on the layer's GPU (same codes as the C GPTQ, mixllm/gptq.py)
+            q, s, z = gptq(linear.weight.detach().float(), torch.as_tensor(stats.H, device=linear.weight.device),
+                           self.bits, self.group_size, symmetric=False, damp=self.damp,
+                           group_order=self.group_order, clip_grid=20 if self.clip else 0, impl="torch")
+            q, s, z = q.cpu().numpy(), s.cpu().numpy(), z.cpu().numpy()
+            return WeightOnlyLinear.from_group(linear, q, s, -z.astype(np.float32) * s, self.bits, self.group_size,
+                                               method=self.name)
         w = _weight(linear)
         if not self.group_order and not self.clip:
             # the same GPTQ (csrc/gptq.c) with the H^-1 factor from LAPACK and min/max groups:
