@@ -12,8 +12,8 @@ Columns (all without bias, float32 activations in and out):
   W8A8    ``ops.w8a8_linear`` over all N rows (the 8-bit part alone, at the full layer size)
 
 The contenders run interleaved: every repetition times each of them once, in turn, so that load
-from other processes on a shared machine hits all of them alike; the tables report medians over
-repetitions (after a warm-up) and ratios of medians (``x int8`` = int8 time / mixllm time: > 1 means
+from other processes on a shared machine hits all of them alike; the tables report medians (or with
+--stat min the minima) over repetitions (after a warm-up) and their ratios (``x int8`` = int8 time / mixllm time: > 1 means
 mixllm is faster). Weights are random: this measures speed, not accuracy.
 
 Shapes: ``llama`` = 4096x4096, 11008x4096, 4096x11008 (N x K); ``small`` = the linear layers of the
@@ -56,8 +56,8 @@ def block_totals(rows):
     return out
 
 
-def interleaved_medians(fns, reps):
-    """Median seconds of each callable, timed round-robin (one call of each per repetition)."""
+def interleaved_times(fns, reps, stat="median"):
+    """Median (or minimum) seconds of each callable, timed round-robin (one call of each per repetition)."""
     for f in fns.values():  # warm-up (packing, first-touch, thread pools)
         f()
     ts = {k: [] for k in fns}
@@ -66,7 +66,7 @@ def interleaved_medians(fns, reps):
             t0 = time.perf_counter()
             f()
             ts[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in ts.items()}
+    return {k: (min(v) if stat == "min" else statistics.median(v)) for k, v in ts.items()}
 
 
 def cpu_name():
@@ -105,6 +105,8 @@ def main():
     ap.add_argument("--shapes", default="llama", choices=["llama", "small", "all"])
     ap.add_argument("--ms", default=None, help="comma-separated token counts (default 1,16,128; small: 1,16,128,512)")
     ap.add_argument("--json", default=None, help="write results here")
+    ap.add_argument("--stat", default="median", choices=["median", "min"],
+                    help="min: the fastest repetition, the robust figure on a loaded, shared machine")
     ap.add_argument("--note", default="", help="free text stored with the results (e.g. 'machine shared')")
     args = ap.parse_args()
     torch.backends.quantized.engine = "fbgemm"
@@ -123,12 +125,12 @@ def main():
         q8 = int8_linear(w)
         for M in ms:
             x = torch.randn(M, K)
-            t = interleaved_medians({
+            t = interleaved_times({
                 "fp32": lambda: F.linear(x, w),
                 "int8": lambda: q8(x),
                 "mixed": lambda: ops.mixed_linear(x, W4, W8, idx4, idx8, impl=args.impl),
                 "w8a8": lambda: ops.w8a8_linear(x, W8all, impl=args.impl),
-            }, args.reps)
+            }, args.reps, args.stat)
             r = dict(N=N, K=K, M=M, fp32_ms=t["fp32"] * 1e3, int8_ms=t["int8"] * 1e3, mixed_ms=t["mixed"] * 1e3,
                      w8a8_ms=t["w8a8"] * 1e3, mixed_vs_fp32=t["fp32"] / t["mixed"],
                      mixed_vs_int8=t["int8"] / t["mixed"], w8a8_vs_int8=t["int8"] / t["w8a8"])
@@ -140,7 +142,8 @@ def main():
     meta = dict(date=datetime.date.today().isoformat(), cpu=cpu_name(), cpu_flags=cpu_flags(), cores=os.cpu_count(),
                 torch=torch.__version__, torch_threads=torch.get_num_threads(),
                 omp_num_threads=os.environ.get("OMP_NUM_THREADS"), quantized_engine=torch.backends.quantized.engine,
-                impl=args.impl, impls_available=ops.cpu_impls(), reps=args.reps, timing="interleaved medians",
+                impl=args.impl, impls_available=ops.cpu_impls(), reps=args.reps,
+                timing=f"interleaved, {args.stat} of {args.reps} repetitions",
                 note=args.note)
     print("\n| N x K | M | fp32 F.linear (ms) | int8 dynamic (ms) | mixllm W4.4A8 (ms) | vs fp32 | vs int8 "
           "| mixllm W8A8 (ms) | W8A8 vs int8 |")
