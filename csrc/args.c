@@ -12,6 +12,7 @@ static const char *kind_word(mix_arg_kind k) {
     case MIX_ARG_INT: return "int";
     case MIX_ARG_FLOAT: return "float";
     case MIX_ARG_BOOL: return "bool";
+    case MIX_ARG_STR: return "str";
     default: return "object";
     }
 }
@@ -260,6 +261,32 @@ int mix_check_dtype(const mix_array *a, unsigned dtypes) {
         strncat(buf, mix_dtype_name((mix_dtype)d), sizeof buf - strlen(buf) - 1);
     }
     PyErr_Format(PyExc_TypeError, "%s: expected dtype %s, got %s", a->name, buf, mix_dtype_name(a->dtype));
+    return -1;
+}
+
+int mix_unpack(PyObject *tuple, const mix_arg *fields, int n, mix_field *out, const char *what) {
+    if (!PyTuple_Check(tuple) || PyTuple_GET_SIZE(tuple) != n) goto bad;
+    for (int k = 0; k < n; k++) {
+        PyObject *o = PyTuple_GET_ITEM(tuple, k);
+        out[k].obj = o;
+        out[k].i = 0;
+        out[k].str = NULL;
+        if (fields[k].kind == MIX_ARG_INT) {
+            if (PyFloat_Check(o) || !PyIndex_Check(o)) goto bad;
+            long long v = PyLong_AsLongLong(o);
+            if ((v == -1 && PyErr_Occurred()) || v < fields[k].lo || v > fields[k].hi) goto bad;
+            out[k].i = v;
+        } else if (fields[k].kind == MIX_ARG_STR) {
+            Py_ssize_t len;
+            const char *s = PyUnicode_Check(o) ? PyUnicode_AsUTF8AndSize(o, &len) : NULL;
+            if (!s || strlen(s) != (size_t)len) goto bad;
+            out[k].str = s;
+        }
+    }
+    return 0;
+bad:
+    PyErr_Clear();
+    PyErr_SetString(PyExc_TypeError, what);
     return -1;
 }
 

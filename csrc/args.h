@@ -41,6 +41,7 @@ typedef enum {
     MIX_ARG_FLOAT,  /* a Python float (or anything with __float__), stored as double */
     MIX_ARG_BOOL,   /* any object, by its truth value */
     MIX_ARG_OBJECT, /* any object, interpreted by the entry point (lists of parts, weight specs) */
+    MIX_ARG_STR,    /* a str without NUL characters (fields of a tuple: mix_unpack) */
 } mix_arg_kind;
 
 enum {
@@ -152,6 +153,16 @@ void mix_call_release(mix_call *c);
 int mix_check_shape2(const mix_array *a, int64_t rows, int64_t cols);
 /* The dtype check of the bridge for an array already taken (message "name: expected dtype ..."). */
 int mix_check_dtype(const mix_array *a, unsigned dtypes);
+
+/* A tuple argument (a record such as a weight spec or one part of a weight), declared like the
+ * arguments: exactly n items, converted by `fields` (INT within lo..hi, STR, OBJECT). 0, or -1 with
+ * TypeError(`what`), which should say what the record looks like. */
+typedef struct {
+    PyObject *obj;   /* the item (borrowed from the tuple) */
+    long long i;     /* INT */
+    const char *str; /* STR: UTF-8, valid while the tuple lives */
+} mix_field;
+int mix_unpack(PyObject *tuple, const mix_arg *fields, int n, mix_field *out, const char *what);
 
 /* Module assembly: one entry per entry point. mix_module_methods fills `out` (n + 1 slots, the last
  * the sentinel) with METH_FASTCALL | METH_KEYWORDS methods whose docstrings carry a text signature;

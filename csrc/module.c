@@ -299,6 +299,12 @@ ENTRY(cpu_prepack) {
 }
 
 /* parts: a list of 1 to 4 (blob, bits, N, out_index|None) tuples, the row blocks of one weight. */
+static const mix_arg PART_FIELDS[] = {
+    MIX_OBJ("blob"),
+    MIX_INT("bits", INT_MIN, INT_MAX, NULL),
+    MIX_INT("N", LLONG_MIN, LLONG_MAX, NULL),
+    MIX_OBJ("out_index"),
+};
 static const mix_arg A_cpu_qlinear[] = {
     MIX_IN("x", MIX_FLOATS, 2),
     MIX_OBJ("parts"),
@@ -339,13 +345,13 @@ ENTRY(cpu_qlinear) {
     if (mix_check_dim(out, 0, M) < 0) return mix_call_fail(&c);
     int64_t n_out = out->shape[1], total = 0;
     for (int p = 0; p < np; p++) {
-        PyObject *t = PyTuple_GET_ITEM(snap, p), *oblob, *oidx;
-        int bits;
-        long long N;
-        if (!PyTuple_Check(t) || !PyArg_ParseTuple(t, "OiLO", &oblob, &bits, &N, &oidx)) {
-            PyErr_Clear();
-            return mix_raise(&c, PyExc_TypeError, "parts: each part must be a (blob, bits, N, out_index) tuple");
-        }
+        mix_field f[4];
+        if (mix_unpack(PyTuple_GET_ITEM(snap, p), PART_FIELDS, 4, f,
+                       "parts: each part must be a (blob, bits, N, out_index) tuple") < 0)
+            return mix_call_fail(&c);
+        PyObject *oblob = f[0].obj, *oidx = f[3].obj;
+        int bits = (int)f[1].i;
+        long long N = f[2].i;
         if (check_bits_48(bits) < 0) return mix_call_fail(&c);
         if (N < 0 || N > n_out) return mix_raise(&c, PyExc_ValueError, "parts[%d]: N=%lld out of range", p, N);
         mix_cpu_weight_geometry(bits, N, K, g, &parts[p]);
@@ -564,17 +570,26 @@ ENTRY(slim_gptq) {
 
 /* A weight-only weight from a tuple: ("group", g, codes, scale, offset, rowptr|None, cols|None, vals|None)
  * or ("codebook", 0, codes, codebook [K,L], None, rowptr|None, cols|None, vals|None). */
+static const mix_arg WOQ_FIELDS[] = {
+    {.name = "kind", .kind = MIX_ARG_STR},
+    MIX_INT("group_size", LLONG_MIN, LLONG_MAX, NULL),
+    MIX_OBJ("codes"),
+    MIX_OBJ("scale|codebook"),
+    MIX_OBJ("offset"),
+    MIX_OBJ("rowptr"),
+    MIX_OBJ("cols"),
+    MIX_OBJ("vals"),
+};
 static int parse_woq(mix_call *c, PyObject *spec, mix_woq_weight *w, int64_t *nnz_out) {
-    const char *kind;
-    long long g;
-    PyObject *oc, *o1, *o2, *orp, *ocol, *oval;
+    mix_field f[8];
     memset(w, 0, sizeof *w);
-    if (!PyTuple_Check(spec) || !PyArg_ParseTuple(spec, "sLOOOOOO", &kind, &g, &oc, &o1, &o2, &orp, &ocol, &oval)) {
-        PyErr_Clear();
-        PyErr_SetString(PyExc_TypeError, "weight: expected a (kind, group_size, codes, scale|codebook, "
-                                         "offset|None, rowptr|None, cols|None, vals|None) tuple");
+    if (mix_unpack(spec, WOQ_FIELDS, 8, f,
+                   "weight: expected a (kind, group_size, codes, scale|codebook, offset|None, rowptr|None, "
+                   "cols|None, vals|None) tuple") < 0)
         return -1;
-    }
+    const char *kind = f[0].str;
+    long long g = f[1].i;
+    PyObject *oc = f[2].obj, *o1 = f[3].obj, *o2 = f[4].obj, *orp = f[5].obj, *ocol = f[6].obj, *oval = f[7].obj;
     mix_array *cd = mix_call_take_nested(c, oc, "codes", U8, 2, 0);
     if (!cd) return -1;
     w->N = cd->shape[0];
