@@ -5,8 +5,7 @@
 #include <stdint.h>
 #include <stddef.h>
 
-/* Number of groups along K for group size g (the last one may be shorter). */
-static inline int64_t mix_ngroups(int64_t K, int64_t g) { return K > 0 ? (K - 1) / g + 1 : 0; } /* no K+g overflow */
+#include "groups.h" /* mix_ngroups */
 
 /* Asymmetric b-bit parameters for values with range [lo, hi] (0 is always included,
  * so that zero is exact); all-equal (zero-width) groups get scale 1, zero 0. */

@@ -1,4 +1,4 @@
-/* Dynamic int8 activation quantization per token and per group of g columns (SPEC §1),
+/* Dynamic int8 activation quantization per token and per group of g columns (docs/spec.md §1),
  * bit-identical to the CPU reference (csrc/quant.c): scale = max|x| / 127 in float32
  * (1 for an all-zero group), code = clamp(rint(x / scale), -127, 127) with IEEE division
  * and round-half-to-even. One warp per (token, group); two passes over the group (the
@@ -154,7 +154,7 @@ extern "C" int mixc_act_quant(int device, const void *x, int dtype, int64_t M, i
     DeviceGuard guard(device);
     if (guard.err != cudaSuccess) return (int)guard.err;
     cudaStream_t stream = (cudaStream_t)stream_;
-    const int64_t G = K / g + (K % g != 0); /* ceil(K / g); g may be anything > 0 */
+    const int64_t G = mix_ngroups(K, g);
     const int64_t warps = M * G;
     cudaError_t err = cudaSuccess;
     if (warps > 0) {

@@ -11,6 +11,7 @@
 #ifndef MIXLLM_CUDA_H
 #define MIXLLM_CUDA_H
 #include <stdint.h>
+#include "groups.h" /* mix_ngroups (csrc/) */
 #ifdef __cplusplus
 extern "C" {
 #endif

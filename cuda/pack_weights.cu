@@ -94,7 +94,7 @@ extern "C" int mixc_pack_weight(int device, int bits, const void *qweight, const
     if (guard.err != cudaSuccess) return (int)guard.err;
     cudaStream_t stream = (cudaStream_t)stream_;
     Geo geo;
-    geo.N = N; geo.K = K; geo.g = g; geo.G = (K + g - 1) / g; geo.gp = mixc_gp(g); geo.Kp = mixc_kp(K, g);
+    geo.N = N; geo.K = K; geo.g = g; geo.G = mix_ngroups(K, g); geo.gp = mixc_gp(g); geo.Kp = mixc_kp(K, g);
     geo.qpitch = bits == 4 ? (K + 1) / 2 : K;
     const int64_t NT = (N + 15) / 16;
     const int64_t total = mixc_wpack_bytes(bits, N, K, g) / 16, mtotal = NT * geo.G;

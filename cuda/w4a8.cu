@@ -393,7 +393,7 @@ int cfg_occupancy(int device, int cfg) {
 extern "C" int64_t mixc_gp(int64_t g) { return (g + KS - 1) / KS * KS; }
 
 extern "C" int64_t mixc_kp(int64_t K, int64_t g) {
-    int64_t G = (K + g - 1) / g;
+    int64_t G = mix_ngroups(K, g);
     return (G * mixc_gp(g) + KS - 1) / KS * KS;
 }
 
@@ -402,7 +402,7 @@ extern "C" int64_t mixc_wpack_bytes(int bits, int64_t N, int64_t K, int64_t g) {
 }
 
 extern "C" int64_t mixc_meta_bytes(int64_t N, int64_t K, int64_t g) {
-    return (N + 15) / 16 * ((K + g - 1) / g) * mixc_layout::META_BYTES;
+    return (N + 15) / 16 * mix_ngroups(K, g) * mixc_layout::META_BYTES;
 }
 
 extern "C" const char *mixc_cfg_name(int cfg) { return (cfg >= 0 && cfg < MIXC_NCFG) ? CFGS[cfg].name : "?"; }
