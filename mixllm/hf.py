@@ -160,7 +160,7 @@ def quantization_config_for(model: nn.Module) -> "MixllmQuantizationConfig":
     from .nn import MixedLinear
     info = dict(getattr(model, "mixllm_info", None) or {})
     report = info.get("report") or {}
-    groups = {m.group_size for _, m in mods}
+    groups = {m.group_size for _, m in mods if m.group_size}  # codebook layers have no group (0)
     act = {8 if isinstance(m, MixedLinear) and not m.weight_only else None for _, m in mods}
     kinds = {"mixllm" if isinstance(m, MixedLinear) else (getattr(m, "method", "") or "weight-only")
              for _, m in mods}
@@ -168,7 +168,7 @@ def quantization_config_for(model: nn.Module) -> "MixllmQuantizationConfig":
     return MixllmQuantizationConfig(
         modules={n: {"class": type(m).__name__, "args": m.get_config()} for n, m in mods},
         method=method,
-        group_size=groups.pop() if len(groups) == 1 else None,
+        group_size=groups.pop() if len(groups) == 1 and len(mods) == sum(bool(m.group_size) for _, m in mods) else None,
         act_bits=act.pop() if len(act) == 1 else None,
         weight_bits=report.get("avg_bits"),
         method_config=_jsonable(info.get("config")),

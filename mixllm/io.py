@@ -283,10 +283,8 @@ def _load_v2(path: pathlib.Path, meta: Dict[str, Any], verify: bool, dtype, devi
             raise ValueError(f"{f} is corrupted: its SHA-256 does not match the one in {_META} 'files'")
     try:
         cfg = AutoConfig.from_pretrained(path)
-    except ValueError:
-        raise
     except Exception as e:  # transformers raises several types on a bad config.json
-        raise ValueError(f"{cfile} could not be read: {e}") from None
+        raise ValueError(f"{cfile} could not be read: {e}"[:600]) from None
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     n_layers = getattr(text_cfg, "num_hidden_layers", 0)
     if not isinstance(n_layers, int) or not 0 <= n_layers <= 4096:  # before building that many layers

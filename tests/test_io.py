@@ -65,29 +65,66 @@ def test_corrupted_weights(saved, tmp_path):
         mixllm.load(d, verify=False)
 
 
+def _config(d):
+    return json.loads((d / "config.json").read_text())
+
+
 def test_bad_metadata(saved, tmp_path):
     d = _copy(saved[0], tmp_path / "m")
-    meta = json.loads((d / "mixllm.json").read_text())
-    meta["modules"]["model.layers.0.mlp.up_proj"]["args"]["n8"] += 1  # mismatched with the tensors
-    (d / "mixllm.json").write_text(json.dumps(meta))
+    cfg = _config(d)
+    mods = cfg["quantization_config"]["modules"]
+    mods["model.layers.0.mlp.up_proj"]["args"]["n8"] += 1  # mismatched with the tensors
+    (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="shape"):
         mixllm.load(d)
-    meta["modules"]["model.layers.0.mlp.nope"] = meta["modules"].pop("model.layers.0.mlp.up_proj")
-    (d / "mixllm.json").write_text(json.dumps(meta))
+    mods["model.layers.0.mlp.nope"] = mods.pop("model.layers.0.mlp.up_proj")
+    (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="does not exist"):
         mixllm.load(d)
+    meta = json.loads((d / "mixllm.json").read_text())
     meta["format_version"] = 99
     (d / "mixllm.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="version"):
+    with pytest.raises(ValueError, match="format_version 99"):
         mixllm.load(d)
     (d / "mixllm.json").write_text("{not json")
     with pytest.raises(ValueError, match="JSON"):
         mixllm.load(d)
     os.unlink(d / "mixllm.json")
+    del cfg["quantization_config"]
+    (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="not a mixllm model"):
         mixllm.load(d)
     with pytest.raises(FileNotFoundError):
         mixllm.load(tmp_path / "missing")
+
+
+def _write_v1(model, d):
+    """A folder in format version 1 (mixllm <= 0.1.0): one model.safetensors, modules in mixllm.json."""
+    from safetensors.torch import save_model
+    d.mkdir()
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    (d / "config.json").write_text(json.dumps(cfg))
+    save_model(model, str(d / "model.safetensors"))
+    meta = {"format_version": 1, "method": "mixllm", "config": None, "report": None, "dtype": "float32",
+            "modules": {n: {"class": type(m).__name__, "args": m.get_config()} for n, m in io._quantized_modules(model)},
+            "sha256": io._sha256(d / "model.safetensors")}
+    (d / "mixllm.json").write_text(json.dumps(meta))
+
+
+def test_reads_format_version_1(saved, tmp_path):
+    d, logits = saved
+    model = mixllm.load(d)
+    v1 = tmp_path / "v1"
+    _write_v1(model, v1)
+    old = mixllm.load(v1)
+    assert isinstance(old.model.layers[0].mlp.down_proj, mixllm.MixedLinear)
+    with torch.no_grad():
+        assert torch.equal(old(eval_ids()[None, :200]).logits, logits)
+    with pytest.raises(ValueError, match="version 1"):
+        mixllm.load(v1, dtype=torch.float16)
+    mixllm.save(old, tmp_path / "v2")  # saving again upgrades it
+    assert io.read_meta(tmp_path / "v2")["format_version"] == 2
 
 
 def test_save_errors(tmp_path):
