@@ -63,7 +63,7 @@ def _rtn_dequant_torch(W: torch.Tensor, bits: int, group_size: int) -> torch.Ten
         lo, hi = Wp.amin(-1), Wp.amax(-1)
     qmax = float(2 ** bits - 1)
     lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
-    s = (hi - lo) / qmax
+    s = (hi - lo) / torch.full_like(hi, qmax)  # a tensor divisor: CUDA divides by a scalar via its reciprocal
     ok = s > 0
     s = torch.where(ok, s, torch.ones_like(s))
     z = torch.where(ok, torch.round(-lo / s).clamp(0.0, qmax), torch.zeros_like(s))

@@ -286,7 +286,9 @@ class MixLLMConfig(QuantConfig):
                 disk.write(f"block_{bi:05d}.safetensors",
                            {f"{n}.{k}": v for n in todo for k, v in built[n].state_dict().items()})
             for n in todo:
-                set_module(model, n, built.pop(n).to(model.get_submodule(n).weight.device))
+                old = model.get_submodule(n)
+                set_module(model, n, built.pop(n).to(old.weight.device))
+                old.to("meta")  # the caller's layer list still refers to it: free its weights now
 
         done = run_blockwise(model, [ids[i:i + 1] for i in range(ids.shape[0])], names, quantize_group,
                              device=run_dev, offload=self.offload, true_sequential=self.true_sequential,
