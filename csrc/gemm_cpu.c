@@ -10,7 +10,8 @@
  * So the portable C, AVX2 and AVX-512 VNNI paths give bit-identical outputs (tested).
  *
  * Three implementations read the layout: portable C (the oracle for the SIMD ones), AVX2 (maddubs)
- * and AVX-512 VNNI (vpdpbusd); chosen at run time with __builtin_cpu_supports.
+ * and AVX-512 VNNI (vpdpbusd); chosen at run time with __builtin_cpu_supports (see resolve(): "auto"
+ * does not pick VNNI until that path has run on a VNNI machine).
  * Threads split the output rows (row blocks), never K: each output is written by one thread. */
 #include "dlpack_bridge.h" /* first: it includes Python.h */
 #include "gemm_cpu.h"
@@ -408,11 +409,12 @@ int mix_cpu_has(mix_impl impl) {
 
 typedef void (*tile_fn)(const kctx *, int64_t, int64_t, int, float *);
 
+/* "auto" never picks the AVX-512 VNNI path: it was rewritten for the current layout and compiled, but
+ * has not yet run on a VNNI machine (its bit-identity test runs wherever the CPU has it). Until it
+ * has, users get it only by asking for impl="avx512vnni"; "auto" takes AVX2, else portable C. */
 static mix_impl resolve(mix_impl impl) {
     if (impl != MIX_IMPL_AUTO) return impl;
-    return mix_cpu_has(MIX_IMPL_AVX512VNNI) ? MIX_IMPL_AVX512VNNI
-           : mix_cpu_has(MIX_IMPL_AVX2)     ? MIX_IMPL_AVX2
-                                            : MIX_IMPL_PORTABLE;
+    return mix_cpu_has(MIX_IMPL_AVX2) ? MIX_IMPL_AVX2 : MIX_IMPL_PORTABLE;
 }
 
 static tile_fn pick(mix_impl impl, int *mb) {
