@@ -17,7 +17,7 @@ case "${1:-}" in
   part2)
     bash bench/device_assets.sh stage2 > "$OUT/stage.log" 2>&1 || tail -5 "$OUT/stage.log"
     source <(bash bench/device_assets.sh env)
-    timeout 150 python3 bench/quantize_scale.py --model default --n-calib 32 --seq-len 512 --out "$OUT/quantize_scale_default.json" 2>&1 | tail -30
+    timeout 300 python3 bench/quantize_scale.py --model default --n-calib 32 --seq-len 512 --out "$OUT/quantize_scale_default.json" 2>&1 | tail -30
     timeout 60 python3 -m pytest tests/test_pipeline.py -q -s -p no:cacheprovider -k "offloaded" 2>&1 | tail -6
     timeout ${T70B:-200} python3 bench/quantize_scale.py --model 70b --layers ${L70B:-2} --out "$OUT/quantize_scale_70b.json" 2> "$OUT/70b.err" | tail -40
     tail -c 800 "$OUT/70b.err" ;;
