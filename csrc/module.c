@@ -229,6 +229,19 @@ ENTRY(gptq_quantize) {
     return mix_call_finish(&c, rc);
 }
 
+/* The prepacked layout is read and written through its section structs (csrc/layout_cpu.h), so the
+ * blob must be aligned for them: a fresh allocation is, a view at an odd byte offset is not. */
+static int check_blob_aligned(const mix_array *blob) {
+    if ((uintptr_t)blob->data % _Alignof(mix_cpu_tail)) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s: expected an array aligned to %d bytes (a fresh allocation, not a view "
+                     "at an offset)",
+                     blob->name, (int)_Alignof(mix_cpu_tail));
+        return -1;
+    }
+    return 0;
+}
+
 /* ---- CPU linear layers --------------------------------------------------------------------------- */
 
 static const mix_arg A_cpu_blob_bytes[] = {
@@ -290,7 +303,8 @@ ENTRY(cpu_prepack) {
     mix_cpu_weight_geometry(bits, N, K, g, &w);
     if (mix_cpu_blob_bytes(&w) < 0)
         return mix_raise(&c, PyExc_ValueError, "codes: the packed weight would be too large");
-    if (!(blob = mix_call_take(&c, 5, 0)) || mix_check_dim(blob, 0, mix_cpu_blob_bytes(&w)) < 0)
+    if (!(blob = mix_call_take(&c, 5, 0)) || mix_check_dim(blob, 0, mix_cpu_blob_bytes(&w)) < 0 ||
+        check_blob_aligned(blob) < 0)
         return mix_call_fail(&c);
     Py_BEGIN_ALLOW_THREADS
     mix_cpu_prepack(&w, q->data, sc->data, z ? z->data : NULL, blob->data);
@@ -357,7 +371,8 @@ ENTRY(cpu_qlinear) {
         mix_cpu_weight_geometry(bits, N, K, g, &parts[p]);
         if (mix_cpu_blob_bytes(&parts[p]) < 0) return mix_raise(&c, PyExc_ValueError, "parts[%d]: weight too large", p);
         mix_array *blob = mix_call_take_nested(&c, oblob, "blob", U8, 1, 0);
-        if (!blob || mix_check_dim(blob, 0, mix_cpu_blob_bytes(&parts[p])) < 0) return mix_call_fail(&c);
+        if (!blob || mix_check_dim(blob, 0, mix_cpu_blob_bytes(&parts[p])) < 0 || check_blob_aligned(blob) < 0)
+            return mix_call_fail(&c);
         parts[p].blob = blob->data;
         if (oidx == Py_None) {
             if (np != 1 || N != n_out)

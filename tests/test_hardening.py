@@ -217,3 +217,18 @@ def test_woq_indices_changed_by_a_later_producer():
     cols[0] = 3
     with pytest.raises(ValueError, match="codes"):
         _C.woq_linear(x, spec, Evil(codes.reshape(-1), 200), out)
+
+
+def test_misaligned_blob_rejected():
+    """The prepacked layout is accessed through its section structs (4-byte aligned members): a blob
+    viewed at an odd byte offset was read through a misaligned struct pointer (UBSan report from the
+    fuzz replay). It is now refused at the boundary; fresh blobs are unaffected."""
+    blob, x, ref = _qlinear_setup()
+    N = ref.shape[1]
+    shifted = np.zeros(blob.size + 1, np.uint8)[1:]
+    shifted[:] = blob
+    out = np.zeros_like(ref)
+    with pytest.raises(ValueError, match="blob: expected an array aligned"):
+        _C.cpu_qlinear(x, [(shifted, 4, N, None)], 32, None, out, 1)
+    _C.cpu_qlinear(x, [(blob, 4, N, None)], 32, None, out, 1)
+    np.testing.assert_array_equal(out, ref)
