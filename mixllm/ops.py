@@ -210,7 +210,7 @@ def salience_accumulate(acc, grad, delta):
 def salience_accumulate_io(acc, x, grad_out, delta):
     """In place, for one calibration sequence: ``acc[c] += |t_c + t_c^2/2|`` with
     ``t = (grad_out * (x @ delta^T)).sum(0)`` — the same ``t_c = G_c . delta_c`` as
-    :func:`salience_accumulate` without forming the weight gradient ``G = grad_out^T x`` (docs/method.md).
+    :func:`salience_accumulate` without forming the weight gradient ``G = grad_out^T x`` (mixllm/calib.py).
 
     torch tensors on one device (CPU or CUDA): ``acc`` float64 [N], ``x`` [S, K] (the layer's input),
     ``grad_out`` [S, N] (the gradient of the loss w.r.t. the layer's output), ``delta`` [N, K]. The GEMM

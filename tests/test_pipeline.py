@@ -247,10 +247,13 @@ def test_offloaded_blockwise_peak_gpu_memory_is_one_block(tmp_path):
     K = [blk.mlp.down_proj.in_features, blk.self_attn.q_proj.in_features]
     hess_bytes = 8 * (K[0] ** 2 + 3 * K[1] ** 2)
     hidden_bytes = ids.numel() * model.config.hidden_size * 4
+    from mixllm.pipeline import PhaseTimer
     torch.cuda.reset_peak_memory_stats()
-    cfg = MixLLMConfig(bits=4.4, device="cuda", offload=True, progress=False)
-    cfg.apply(model, ids)
-    peak = torch.cuda.max_memory_allocated()
+    timer = PhaseTimer()  # peaks per block (it resets the peak statistics at block edges)
+    MixLLMConfig(bits=4.4, device="cuda", offload=True, progress=False).apply(model, ids, timer=timer)
+    peak = timer.peak_gpu_gb() * 1e9
+    assert len(timer.blocks) == model.config.num_hidden_layers
+    assert torch.cuda.memory_allocated() < hidden_bytes + (8 << 20)  # nothing of the model left on the GPU
     bound = 2 * block_bytes + hess_bytes + 3 * hidden_bytes + (64 << 20)
     print(f"peak GPU {peak / 2**20:.1f} MiB; bound {bound / 2**20:.1f} MiB; model {model_bytes / 2**20:.1f} MiB")
     assert peak < bound and peak < model_bytes / 2
