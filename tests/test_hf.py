@@ -136,8 +136,8 @@ def test_dtype_and_device_map(default):
 def test_peak_host_memory_while_loading(default):
     """Loading streams the shards: the peak RSS growth of a fresh process, measured after
     from_pretrained and again after a forward pass has touched every weight (the shards are memory
-    mapped, so pages are read on first use), stays <= checkpoint size + 2 shards. The float model
-    alone is 540 MB, more than that bound: building it first would fail this."""
+    mapped, so pages are read on first use), stays <= checkpoint size + 2 shards. A loader that built
+    the 540 MB float model and then read the 490 MB checkpoint into it would fail this."""
     _, d, _, _ = default
     shards = [d / n for n in os.listdir(d) if n.endswith(".safetensors")]
     ckpt = sum(os.path.getsize(s) for s in shards)
