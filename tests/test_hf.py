@@ -18,7 +18,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import mixllm  # noqa: E402  (registers quant_method "mixllm")
-from mixllm import hf, io  # noqa: E402
+from mixllm import data, hf, io  # noqa: E402
 from mixllm.nn import MixedLinear  # noqa: E402
 from mixllm.nn_weight_only import WeightOnlyLinear  # noqa: E402
 from _e2e import calib_ids, eval_ids, model_and_tokenizer  # noqa: E402
@@ -117,6 +117,18 @@ def test_save_pretrained_on_quantized_model_round_trips(default, tmp_path):
     assert torch.equal(_logits(mixllm.load(tmp_path / "again2")), logits)
 
 
+def test_save_pretrained_right_after_quantize(tmp_path):
+    """No mixllm.save in between: mixllm.quantize already set model.config.quantization_config."""
+    model = _small(False, False, plain=True)
+    cfg = mixllm.MixLLMConfig(bits=4.4, gptq=False, clip=False, selection="random", group_size=64, progress=False)
+    mixllm.quantize(model, cfg, torch.randint(0, 256, (2, 32)))
+    assert model.config.quantization_config.modules
+    model.save_pretrained(tmp_path / "q", max_shard_size="100KB")
+    ids = torch.arange(40)[None] % 256
+    with torch.no_grad():
+        assert torch.equal(AutoModel.from_pretrained(tmp_path / "q")(ids).logits, model(ids).logits)
+
+
 def test_dtype_and_device_map(default):
     _, d, logits, _ = default
     for dm in ("cpu", "auto", {"": "cpu"}):
@@ -179,16 +191,18 @@ def test_cli_output_loads_both_ways(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ small random models from the default config
-def _small(tie: bool, head: bool, weight_only_kind=None):
+def _small(tie: bool, head: bool, weight_only_kind=None, plain=False):
     """A 2-block model with the default model's config (scaled down), tied or untied embeddings;
     ``head``: quantize the output head too; ``weight_only_kind``: WeightOnlyLinear layers instead."""
-    base = json.loads((mixllm.data.default_model_dir() / "config.json").read_text())
+    base = json.loads((data.default_model_dir() / "config.json").read_text())
     base.update(vocab_size=256, hidden_size=128, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=32, tie_word_embeddings=tie)
     base.pop("quantization_config", None)
     cfg = transformers.LlamaConfig(**{k: v for k, v in base.items() if k not in ("architectures", "model_type")})
     torch.manual_seed(1 + tie + 2 * head)
     model = AutoModel.from_config(cfg).eval()
+    if plain:
+        return model
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
                and (head or "lm_head" not in n)]
     for i, (n, lin) in enumerate(targets):

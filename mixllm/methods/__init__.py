@@ -79,6 +79,9 @@ def quantize(model, config, calib: Any = None, tokenizer=None) -> Dict[str, Any]
     calib = prepare_calib(model, config, calib, tokenizer)
     report = config.apply(model, calib)
     model.mixllm_info = {"method": method_name(config), "config": config_dict(config), "report": report}
+    if hasattr(getattr(model, "config", None), "to_json_file"):  # so model.save_pretrained writes a loadable folder
+        from ..hf import attach_quantization_config
+        attach_quantization_config(model)
     return report
 
 
