@@ -8,7 +8,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef struct { float v; int64_t i; } vi_t;
+typedef struct {
+    float v;
+    int64_t i;
+} vi_t;
 static int cmp_vi(const void *a, const void *b) {
     const vi_t *x = a, *y = b;
     if (x->v < y->v) return -1;
@@ -19,17 +22,29 @@ static int cmp_vi(const void *a, const void *b) {
 /* first index t in sorted s[0..n) with s[t].v > b */
 static int64_t upper(const vi_t *s, int64_t n, double b) {
     int64_t lo = 0, hi = n;
-    while (lo < hi) { int64_t mid = (lo + hi) / 2; if ((double)s[mid].v > b) hi = mid; else lo = mid + 1; }
+    while (lo < hi) {
+        int64_t mid = (lo + hi) / 2;
+        if ((double)s[mid].v > b)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
     return lo;
 }
 
 static void one_row(const float *x, const float *wt, int64_t n, int k, int iters, vi_t *s, double *cw, double *cwx,
                     double *c, float *cent_out, int kout, uint8_t *codes) {
-    for (int64_t t = 0; t < n; t++) { s[t].v = x[t]; s[t].i = t; }
+    for (int64_t t = 0; t < n; t++) {
+        s[t].v = x[t];
+        s[t].i = t;
+    }
     qsort(s, (size_t)n, sizeof(vi_t), cmp_vi);
     int uniform = 1;
     double total = 0;
-    if (wt) { for (int64_t t = 0; t < n; t++) total += wt[s[t].i]; uniform = !(total > 0); }
+    if (wt) {
+        for (int64_t t = 0; t < n; t++) total += wt[s[t].i];
+        uniform = !(total > 0);
+    }
     cw[0] = cwx[0] = 0;
     for (int64_t t = 0; t < n; t++) {
         double w = uniform ? 1.0 : (double)wt[s[t].i];
@@ -41,7 +56,13 @@ static void one_row(const float *x, const float *wt, int64_t n, int k, int iters
     for (int i = 0; i < k; i++) {
         double target = total * (i + 0.5) / k;
         int64_t lo = 0, hi = n - 1;
-        while (lo < hi) { int64_t mid = (lo + hi) / 2; if (cw[mid + 1] > target) hi = mid; else lo = mid + 1; }
+        while (lo < hi) {
+            int64_t mid = (lo + hi) / 2;
+            if (cw[mid + 1] > target)
+                hi = mid;
+            else
+                lo = mid + 1;
+        }
         c[i] = s[lo].v;
     }
     for (int it = 0; it < iters; it++) {
@@ -53,12 +74,21 @@ static void one_row(const float *x, const float *wt, int64_t n, int k, int iters
             double w = cw[b] - cw[a];
             if (w > 0) {
                 double nc = (cwx[b] - cwx[a]) / w;
-                if (nc != c[i]) { c[i] = nc; changed = 1; }
+                if (nc != c[i]) {
+                    c[i] = nc;
+                    changed = 1;
+                }
             }
             a = b;
         }
         /* keep centroids ascending (equal neighbours may collapse; that is harmless) */
-        for (int i = 1; i < k; i++) if (c[i] < c[i - 1]) { double t = c[i]; c[i] = c[i - 1]; c[i - 1] = t; changed = 1; }
+        for (int i = 1; i < k; i++)
+            if (c[i] < c[i - 1]) {
+                double t = c[i];
+                c[i] = c[i - 1];
+                c[i - 1] = t;
+                changed = 1;
+            }
         if (!changed) break;
     }
     for (int i = 0; i < kout; i++) cent_out[i] = (float)c[i < k ? i : k - 1];
@@ -72,8 +102,12 @@ static void one_row(const float *x, const float *wt, int64_t n, int k, int iters
 
 int mix_kmeans1d(const float *x, const float *wt, int64_t R, int64_t n, int k, const int32_t *ks, int iters,
                  float *centroids, uint8_t *codes) {
-    for (int64_t i = 0; i < R * n; i++) if (!isfinite(x[i]) || (wt && !(wt[i] >= 0 && isfinite(wt[i])))) return -1;
-    if (n == 0) { for (int64_t i = 0; i < R * k; i++) centroids[i] = 0.f; return 0; }
+    for (int64_t i = 0; i < R * n; i++)
+        if (!isfinite(x[i]) || (wt && !(wt[i] >= 0 && isfinite(wt[i])))) return -1;
+    if (n == 0) {
+        for (int64_t i = 0; i < R * k; i++) centroids[i] = 0.f;
+        return 0;
+    }
     int rc = 0;
 #pragma omp parallel
     {
@@ -92,7 +126,10 @@ int mix_kmeans1d(const float *x, const float *wt, int64_t R, int64_t n, int k, c
             one_row(x + r * n, wt ? wt + r * n : NULL, n, kr, iters, s, cw, cwx, c, centroids + r * k, k,
                     codes + r * n);
         }
-        free(s); free(cw); free(cwx); free(c);
+        free(s);
+        free(cw);
+        free(cwx);
+        free(c);
     }
     return rc;
 }

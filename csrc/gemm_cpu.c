@@ -24,15 +24,18 @@
 #include <immintrin.h>
 #endif
 
-#define MB_MAX 8                  /* tokens per register tile (AVX-512); AVX2 uses MB_AVX2 */
-#define MB_AVX2 4                 /* AVX2 has 16 vector registers: 4 tokens x 2 half-blocks of int32 sums */
-#define CHUNK 1024                /* activation values converted to float32 at a time */
-#define PREFETCH_BYTES 1024       /* software prefetch distance in the weight stream (M = 1 is bandwidth-bound) */
+#define MB_MAX          8         /* tokens per register tile (AVX-512); AVX2 uses MB_AVX2 */
+#define MB_AVX2         4         /* AVX2 has 16 vector registers: 4 tokens x 2 half-blocks of int32 sums */
+#define CHUNK           1024      /* activation values converted to float32 at a time */
+#define PREFETCH_BYTES  1024      /* software prefetch distance in the weight stream (M = 1 is bandwidth-bound) */
 #define MACS_PER_THREAD (1 << 20) /* below this many multiply-adds per thread, fewer threads: waking one costs more */
 
 void mix_cpu_weight_geometry(int bits, int64_t N, int64_t K, int64_t g, mix_cpu_weight *w) {
     memset(w, 0, sizeof(*w));
-    w->bits = bits; w->N = N; w->K = K; w->g = g;
+    w->bits = bits;
+    w->N = N;
+    w->K = K;
+    w->g = g;
     w->G = mix_ngroups(K, g);
     w->Lp = g > INT64_MAX / 64 ? -1 : (g + MIX_K_ALIGN - 1) / MIX_K_ALIGN * MIX_K_ALIGN;
     w->section = w->Lp < 0 ? -1 : mix_cpu_code_bytes(bits, w->Lp) + MIX_TAIL_BYTES;
@@ -158,8 +161,7 @@ static AVX2_FN int32_t codes_avx2(const float *v, int64_t n, float s, int8_t *ds
 #endif
 
 /* One (token, group): codes + 0-padding to Lp, scale, code sum. Returns 1 on NaN/Inf. */
-static int prepare_group(const void *x, int dt, int64_t K, int64_t g, int64_t m, int64_t j, const acts *A,
-                         int simd) {
+static int prepare_group(const void *x, int dt, int64_t K, int64_t g, int64_t m, int64_t j, const acts *A, int simd) {
     float buf[CHUNK];
     int64_t k0 = j * g, len = (k0 + g < K ? g : K - k0);
     int8_t *dst = A->aq + (m * A->G + j) * A->Lp;
@@ -169,9 +171,11 @@ static int prepare_group(const void *x, int dt, int64_t K, int64_t g, int64_t m,
         int64_t n = len - c < CHUNK ? len - c : CHUNK;
         const float *v = floats_of(x, dt, m * K + k0 + c, n, buf);
 #ifdef __x86_64__
-        if (simd) absmax_avx2(v, n, &amax, &bad); else
+        if (simd)
+            absmax_avx2(v, n, &amax, &bad);
+        else
 #endif
-        absmax_portable(v, n, &amax, &bad);
+            absmax_portable(v, n, &amax, &bad);
     }
     float s = mix_sym_scale(amax, 8);
     int32_t sum = 0;
@@ -179,9 +183,11 @@ static int prepare_group(const void *x, int dt, int64_t K, int64_t g, int64_t m,
         int64_t n = len - c < CHUNK ? len - c : CHUNK;
         const float *v = floats_of(x, dt, m * K + k0 + c, n, buf);
 #ifdef __x86_64__
-        if (simd) sum += codes_avx2(v, n, s, dst + c); else
+        if (simd)
+            sum += codes_avx2(v, n, s, dst + c);
+        else
 #endif
-        sum += codes_portable(v, n, s, dst + c);
+            sum += codes_portable(v, n, s, dst + c);
     }
     memset(dst + len, 0, (size_t)(A->Lp - len));
     A->sa[m * A->G + j] = s;
@@ -315,8 +321,9 @@ static AVX2_TARGET void rb_avx2_tile(const kctx *c, int64_t rb, int64_t m0, cons
                 _mm_prefetch((const char *)sec + MIX_STEP_BYTES * s + PREFETCH_BYTES + 64, _MM_HINT_T0);
                 for (int h = 0; h < 2; h++) {
                     __m256i v0 = _mm256_loadu_si256((const __m256i *)(sec + MIX_STEP_BYTES * s + 32 * h));
-                    __m256i v1 = s + 1 < S ? _mm256_loadu_si256((const __m256i *)(sec + MIX_STEP_BYTES * (s + 1) + 32 * h))
-                                           : _mm256_setzero_si256();
+                    __m256i v1 = s + 1 < S
+                                     ? _mm256_loadu_si256((const __m256i *)(sec + MIX_STEP_BYTES * (s + 1) + 32 * h))
+                                     : _mm256_setzero_si256();
                     __m256i lo0 = _mm256_and_si256(v0, low4), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low4);
                     __m256i lo1 = _mm256_and_si256(v1, low4), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low4);
                     for (int t = 0; t < MB; t++) {
@@ -337,8 +344,8 @@ static AVX2_TARGET void rb_avx2_tile(const kctx *c, int64_t rb, int64_t m0, cons
             for (int h = 0; h < 2; h++) {
                 const __m256i z = _mm256_loadu_si256((const __m256i *)(tail->izero + 8 * h));
                 for (int t = 0; t < MB; t++)
-                    acc[t][h] = _mm256_sub_epi32(
-                        acc[t][h], _mm256_mullo_epi32(z, _mm256_set1_epi32(A->asum[(m0 + t) * G + j])));
+                    acc[t][h] = _mm256_sub_epi32(acc[t][h],
+                                                 _mm256_mullo_epi32(z, _mm256_set1_epi32(A->asum[(m0 + t) * G + j])));
             }
         } else {
             for (int64_t s = 0; s < Lp / 4; s++) {
@@ -367,19 +374,18 @@ static AVX2_TARGET void rb_avx2_tile(const kctx *c, int64_t rb, int64_t m0, cons
 }
 
 /* Instantiate each tile with a compile-time token count so the accumulators stay in registers. */
-#define TILE_VARIANTS8(NAME, TILE, TARGET)                                                        \
-    static __attribute__((target(TARGET))) void NAME(const kctx *c, int64_t rb, int64_t m0, int MB, \
-                                                     float *out) {                                \
-        switch (MB) {                                                                             \
-        case 8: TILE(c, rb, m0, 8, out); break;                                                   \
-        case 7: TILE(c, rb, m0, 7, out); break;                                                   \
-        case 6: TILE(c, rb, m0, 6, out); break;                                                   \
-        case 5: TILE(c, rb, m0, 5, out); break;                                                   \
-        case 4: TILE(c, rb, m0, 4, out); break;                                                   \
-        case 3: TILE(c, rb, m0, 3, out); break;                                                   \
-        case 2: TILE(c, rb, m0, 2, out); break;                                                   \
-        default: TILE(c, rb, m0, 1, out); break;                                                  \
-        }                                                                                         \
+#define TILE_VARIANTS8(NAME, TILE, TARGET)                                                                        \
+    static __attribute__((target(TARGET))) void NAME(const kctx *c, int64_t rb, int64_t m0, int MB, float *out) { \
+        switch (MB) {                                                                                             \
+        case 8: TILE(c, rb, m0, 8, out); break;                                                                   \
+        case 7: TILE(c, rb, m0, 7, out); break;                                                                   \
+        case 6: TILE(c, rb, m0, 6, out); break;                                                                   \
+        case 5: TILE(c, rb, m0, 5, out); break;                                                                   \
+        case 4: TILE(c, rb, m0, 4, out); break;                                                                   \
+        case 3: TILE(c, rb, m0, 3, out); break;                                                                   \
+        case 2: TILE(c, rb, m0, 2, out); break;                                                                   \
+        default: TILE(c, rb, m0, 1, out); break;                                                                  \
+        }                                                                                                         \
     }
 TILE_VARIANTS8(rb_avx512, rb_avx512_tile, "avx512f,avx512bw,avx512vnni")
 static __attribute__((target("avx2,fma"))) void rb_avx2(const kctx *c, int64_t rb, int64_t m0, int MB, float *out) {
@@ -419,8 +425,14 @@ static mix_impl resolve(mix_impl impl) {
 
 static tile_fn pick(mix_impl impl, int *mb) {
 #ifdef __x86_64__
-    if (impl == MIX_IMPL_AVX512VNNI) { *mb = MB_MAX; return rb_avx512; }
-    if (impl == MIX_IMPL_AVX2) { *mb = MB_AVX2; return rb_avx2; }
+    if (impl == MIX_IMPL_AVX512VNNI) {
+        *mb = MB_MAX;
+        return rb_avx512;
+    }
+    if (impl == MIX_IMPL_AVX2) {
+        *mb = MB_AVX2;
+        return rb_avx2;
+    }
 #endif
     *mb = MB_MAX;
     return rb_portable;
@@ -434,8 +446,8 @@ static int64_t rows_per_item(int64_t nb_total, int nthreads) {
 }
 
 /* out[mb][16] (rows of row block rb, tokens m0 ..) + bias -> y, at the part's output columns. */
-static void store_rows(const mix_cpu_weight *w, int64_t rb, int64_t m0, int64_t mb, const float *out,
-                       const float *bias, void *y, int y_dtype, int64_t n_out) {
+static void store_rows(const mix_cpu_weight *w, int64_t rb, int64_t m0, int64_t mb, const float *out, const float *bias,
+                       void *y, int y_dtype, int64_t n_out) {
     int rows = w->N - rb * MIX_RB < MIX_RB ? (int)(w->N - rb * MIX_RB) : MIX_RB;
     const int64_t *cols = w->out_index ? w->out_index + rb * MIX_RB : NULL;
     if (y_dtype == MIX_F32) { /* the common case, without the per-element dtype switch */
@@ -464,13 +476,21 @@ int mix_cpu_qlinear(const void *x, int x_dtype, int64_t M, int64_t K, int64_t g,
     int64_t G = mix_ngroups(K, g), Lp = (g + MIX_K_ALIGN - 1) / MIX_K_ALIGN * MIX_K_ALIGN;
     acts A = {malloc((size_t)(M * G * Lp)), malloc((size_t)(M * G) * sizeof(float)),
               malloc((size_t)(M * G) * sizeof(int32_t)), G, Lp};
-    if (!A.aq || !A.sa || !A.asum) { free(A.aq); free(A.sa); free(A.asum); return -2; }
+    if (!A.aq || !A.sa || !A.asum) {
+        free(A.aq);
+        free(A.sa);
+        free(A.asum);
+        return -2;
+    }
     impl = resolve(impl);
     int simd_prep = impl != MIX_IMPL_PORTABLE && mix_cpu_has(MIX_IMPL_AVX2);
     int MB;
     tile_fn tile = pick(impl, &MB);
     int64_t nb[8], nb_total = 0;
-    for (int p = 0; p < nparts; p++) { nb[p] = (parts[p].N + MIX_RB - 1) / MIX_RB; nb_total += nb[p]; }
+    for (int p = 0; p < nparts; p++) {
+        nb[p] = (parts[p].N + MIX_RB - 1) / MIX_RB;
+        nb_total += nb[p];
+    }
     /* Small layers run on fewer threads: waking a thread (worse: waiting for a descheduled one on a
      * loaded machine) costs more than it saves. */
     double macs = (double)M * (double)n_out * (double)K;
@@ -502,7 +522,10 @@ int mix_cpu_qlinear(const void *x, int x_dtype, int64_t M, int64_t K, int64_t g,
                 for (int64_t b = item * per; b < (item + 1) * per && b < nb_total; b++) {
                     int p = 0;
                     int64_t rb = b;
-                    while (rb >= nb[p]) { rb -= nb[p]; p++; }
+                    while (rb >= nb[p]) {
+                        rb -= nb[p];
+                        p++;
+                    }
                     kctx c = {&parts[p], &A};
                     for (int64_t m0 = 0; m0 < M; m0 += MB) {
                         int mb = (int)(M - m0 < MB ? M - m0 : MB);

@@ -7,10 +7,10 @@
 typedef enum { MIX_IMPL_AUTO = 0, MIX_IMPL_PORTABLE = 1, MIX_IMPL_AVX2 = 2, MIX_IMPL_AVX512VNNI = 3 } mix_impl;
 
 typedef struct {
-    int bits;          /* 4 (packed nibbles, asymmetric) or 8 (int8, symmetric) */
-    int64_t N, K, g;   /* output features, input features, group size */
-    int64_t G, Lp;     /* groups, padded group length (multiple of MIX_K_ALIGN) */
-    int64_t section;   /* bytes per (row block, group): codes + mix_cpu_tail */
+    int bits;        /* 4 (packed nibbles, asymmetric) or 8 (int8, symmetric) */
+    int64_t N, K, g; /* output features, input features, group size */
+    int64_t G, Lp;   /* groups, padded group length (multiple of MIX_K_ALIGN) */
+    int64_t section; /* bytes per (row block, group): codes + mix_cpu_tail */
     const uint8_t *blob;
     const int64_t *out_index; /* [N] output column of each row, or NULL for identity */
 } mix_cpu_weight;

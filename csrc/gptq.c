@@ -16,35 +16,42 @@
 
 /* Choose scale/zero for one row's group (values v[0..len), weights d or NULL), with an
  * optional search over shrunken ranges minimising sum d_k (deq(q(v_k)) - v_k)^2. */
-static void group_params(const double *v, const double *d, int64_t len, int bits, int sym, int grid,
-                         float *scale, uint8_t *zero) {
+static void group_params(const double *v, const double *d, int64_t len, int bits, int sym, int grid, float *scale,
+                         uint8_t *zero) {
     float lo = INFINITY, hi = -INFINITY, amax = 0.f;
     for (int64_t k = 0; k < len; k++) {
         float x = (float)v[k];
-        lo = fminf(lo, x); hi = fmaxf(hi, x); amax = fmaxf(amax, fabsf(x));
+        lo = fminf(lo, x);
+        hi = fmaxf(hi, x);
+        amax = fmaxf(amax, fabsf(x));
     }
     double best = INFINITY;
     for (int i = 0; i <= grid; i++) {
         float p = 1.f - (float)i / 100.f, s;
         uint8_t z = 0;
-        if (sym) s = mix_sym_scale(amax * p, bits);
-        else mix_asym_params(lo * p, hi * p, bits, &s, &z);
+        if (sym)
+            s = mix_sym_scale(amax * p, bits);
+        else
+            mix_asym_params(lo * p, hi * p, bits, &s, &z);
         double err = 0;
         if (grid > 0)
             for (int64_t k = 0; k < len; k++) {
                 float x = (float)v[k];
-                double dq = sym ? (double)mix_sym_code(x, s, bits) * s
-                                : ((double)mix_asym_code(x, s, z, bits) - z) * s;
+                double dq = sym ? (double)mix_sym_code(x, s, bits) * s : ((double)mix_asym_code(x, s, z, bits) - z) * s;
                 err += (d ? d[k] : 1.0) * (dq - v[k]) * (dq - v[k]);
             }
-        if (i == 0 || err < best) { best = err; *scale = s; *zero = z; }
+        if (i == 0 || err < best) {
+            best = err;
+            *scale = s;
+            *zero = z;
+        }
     }
 }
 
 /* The O(K^3) factorizations spend their time in dot products: several accumulators (simd
  * reduction) and per-ISA clones let them vectorize without -ffast-math. */
-__attribute__((target_clones("avx512f", "avx2", "default")))
-static double dot(const double *a, const double *b, int64_t n) {
+__attribute__((target_clones("avx512f", "avx2", "default"))) static double dot(const double *a, const double *b,
+                                                                               int64_t n) {
     double t = 0;
 #pragma omp simd reduction(+ : t)
     for (int64_t k = 0; k < n; k++) t += a[k] * b[k];
@@ -58,9 +65,7 @@ static int cholesky_lower(double *A, int64_t n) { /* in place, lower triangle; u
         double djj = sqrt(s);
         A[j * n + j] = djj;
 #pragma omp parallel for schedule(static)
-        for (int64_t i = j + 1; i < n; i++) {
-            A[i * n + j] = (A[i * n + j] - dot(A + i * n, A + j * n, j)) / djj;
-        }
+        for (int64_t i = j + 1; i < n; i++) { A[i * n + j] = (A[i * n + j] - dot(A + i * n, A + j * n, j)) / djj; }
     }
     for (int64_t i = 0; i < n; i++)
         for (int64_t j = i + 1; j < n; j++) A[i * n + j] = 0.0;
@@ -75,9 +80,7 @@ static int inverse_upper_factor(double *L, int64_t n, double *U) {
     for (int64_t c = 0; c < n; c++) { /* column c of L^-1: solve L x = e_c */
         double *x = Li + c * n;
         x[c] = 1.0 / L[c * n + c];
-        for (int64_t i = c + 1; i < n; i++) {
-            x[i] = -dot(L + i * n + c, x + c, i - c) / L[i * n + i];
-        }
+        for (int64_t i = c + 1; i < n; i++) { x[i] = -dot(L + i * n + c, x + c, i - c) / L[i * n + i]; }
     }
     /* Hinv[a,b] = sum_k Linv[k,a] Linv[k,b] = dot(column a, column b) over k >= max(a,b) */
 #pragma omp parallel for schedule(dynamic, 8)
@@ -91,29 +94,41 @@ static int inverse_upper_factor(double *L, int64_t n, double *U) {
     free(Li);
     if (cholesky_lower(U, n) < 0) return -3;
     for (int64_t i = 0; i < n; i++) /* transpose the lower factor into the upper one */
-        for (int64_t j = 0; j < i; j++) { U[j * n + i] = U[i * n + j]; U[i * n + j] = 0.0; }
+        for (int64_t j = 0; j < i; j++) {
+            U[j * n + i] = U[i * n + j];
+            U[i * n + j] = 0.0;
+        }
     return 0;
 }
 
-int mix_gptq(const float *w, int64_t N, int64_t K, const double *H, const mix_gptq_opts *o,
-             void *codes, float *scale, uint8_t *zero) {
+int mix_gptq(const float *w, int64_t N, int64_t K, const double *H, const mix_gptq_opts *o, void *codes, float *scale,
+             uint8_t *zero) {
     int64_t g = o->group_size, G = mix_ngroups(K, g);
     int rc = 0;
-    for (int64_t i = 0; i < N * K; i++) if (!isfinite(w[i])) return -1;
-    if (H) for (int64_t i = 0; i < K * K; i++) if (!isfinite(H[i])) return -1;
+    for (int64_t i = 0; i < N * K; i++)
+        if (!isfinite(w[i])) return -1;
+    if (H)
+        for (int64_t i = 0; i < K * K; i++)
+            if (!isfinite(H[i])) return -1;
 
-    int64_t *perm = malloc((size_t)K * sizeof(int64_t));    /* permuted position -> original column */
-    int64_t *gorder = malloc((size_t)G * sizeof(int64_t));  /* processing order of groups */
+    int64_t *perm = malloc((size_t)K * sizeof(int64_t));   /* permuted position -> original column */
+    int64_t *gorder = malloc((size_t)G * sizeof(int64_t)); /* processing order of groups */
     double *diag = malloc((size_t)K * sizeof(double));
     double *U = H ? malloc((size_t)(K * K) * sizeof(double)) : NULL;
     double *Hp = H ? malloc((size_t)(K * K) * sizeof(double)) : NULL;
-    if (!perm || !gorder || !diag || (H && (!U || !Hp))) { rc = -2; goto done; }
+    if (!perm || !gorder || !diag || (H && (!U || !Hp))) {
+        rc = -2;
+        goto done;
+    }
 
     for (int64_t k = 0; k < K; k++) diag[k] = H ? H[k * K + k] : 1.0;
     for (int64_t j = 0; j < G; j++) gorder[j] = j;
     if (o->group_order && H) { /* insertion sort by group diag mass, descending (stable) */
         double *mass = malloc((size_t)G * sizeof(double));
-        if (!mass) { rc = -2; goto done; }
+        if (!mass) {
+            rc = -2;
+            goto done;
+        }
         for (int64_t j = 0; j < G; j++) {
             mass[j] = 0;
             for (int64_t k = j * g; k < K && k < (j + 1) * g; k++) mass[j] += diag[k];
@@ -121,7 +136,10 @@ int mix_gptq(const float *w, int64_t N, int64_t K, const double *H, const mix_gp
         for (int64_t a = 1; a < G; a++) {
             int64_t v = gorder[a];
             int64_t b = a - 1;
-            while (b >= 0 && mass[gorder[b]] < mass[v]) { gorder[b + 1] = gorder[b]; b--; }
+            while (b >= 0 && mass[gorder[b]] < mass[v]) {
+                gorder[b + 1] = gorder[b];
+                b--;
+            }
             gorder[b + 1] = v;
         }
         free(mass);
@@ -143,7 +161,10 @@ int mix_gptq(const float *w, int64_t N, int64_t K, const double *H, const mix_gp
             if (Hp[a * K + a] <= 0) Hp[a * K + a] = 1.0; /* dead input: its weights are zeroed below */
             Hp[a * K + a] += o->damp * mean;
         }
-        if (cholesky_lower(Hp, K) < 0) { rc = -3; goto done; }
+        if (cholesky_lower(Hp, K) < 0) {
+            rc = -3;
+            goto done;
+        }
         rc = inverse_upper_factor(Hp, K, U);
         if (rc) goto done;
     }
@@ -154,7 +175,10 @@ int mix_gptq(const float *w, int64_t N, int64_t K, const double *H, const mix_gp
         double *W = malloc((size_t)(R * K) * sizeof(double)), *E = malloc((size_t)(R * COL_BLOCK) * sizeof(double));
         double *dg = malloc((size_t)K * sizeof(double)), *ud = malloc((size_t)(g < K ? g : K) * sizeof(double));
         if (!W || !E || !dg || !ud) { /* report it: codes of these rows would be left unwritten */
-            free(W); free(E); free(dg); free(ud);
+            free(W);
+            free(E);
+            free(dg);
+            free(ud);
 #pragma omp atomic write
             rc = -2;
             continue;
@@ -224,9 +248,16 @@ int mix_gptq(const float *w, int64_t N, int64_t K, const double *H, const mix_gp
                 }
             }
         }
-        free(W); free(E); free(dg); free(ud);
+        free(W);
+        free(E);
+        free(dg);
+        free(ud);
     }
 done:
-    free(perm); free(gorder); free(diag); free(U); free(Hp);
+    free(perm);
+    free(gorder);
+    free(diag);
+    free(U);
+    free(Hp);
     return rc;
 }

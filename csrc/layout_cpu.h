@@ -23,11 +23,11 @@
 #define MIXLLM_LAYOUT_CPU_H
 #include <stdint.h>
 
-#define MIX_RB 16             /* rows per block: 16 int32 lanes of one 512-bit vector */
-#define MIX_K_ALIGN 8         /* a group's k is padded to a multiple of this (one 4-bit step) */
-#define MIX_STEP_BYTES 64     /* bytes per step: MIX_RB rows x 4 bytes */
+#define MIX_RB               16 /* rows per block: 16 int32 lanes of one 512-bit vector */
+#define MIX_K_ALIGN          8  /* a group's k is padded to a multiple of this (one 4-bit step) */
+#define MIX_STEP_BYTES       64 /* bytes per step: MIX_RB rows x 4 bytes */
 #define MIX_K_PER_STEP(bits) ((bits) == 4 ? 8 : 4)
-#define MIX_CACHE_LINE 64
+#define MIX_CACHE_LINE       64
 
 typedef struct {
     int32_t izero[MIX_RB]; /* 4-bit: zero point; 8-bit: 128 * sum_k w */
@@ -40,7 +40,5 @@ _Static_assert(sizeof(mix_cpu_tail) % MIX_CACHE_LINE == 0, "sections must stay w
 _Static_assert(MIX_STEP_BYTES == MIX_RB * 4, "a step holds 4 bytes of each row");
 
 /* Bytes of the codes of one section (Lp: padded group length, a multiple of MIX_K_ALIGN). */
-static inline int64_t mix_cpu_code_bytes(int bits, int64_t Lp) {
-    return Lp / MIX_K_PER_STEP(bits) * MIX_STEP_BYTES;
-}
+static inline int64_t mix_cpu_code_bytes(int bits, int64_t Lp) { return Lp / MIX_K_PER_STEP(bits) * MIX_STEP_BYTES; }
 #endif

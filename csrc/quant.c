@@ -9,7 +9,11 @@ void mix_asym_params(float lo, float hi, int bits, float *scale, uint8_t *zero) 
     if (hi < 0.f) hi = 0.f;
     float qmax = (float)((1 << bits) - 1);
     float s = (hi - lo) / qmax;
-    if (!(s > 0.f)) { *scale = 1.f; *zero = 0; return; }
+    if (!(s > 0.f)) {
+        *scale = 1.f;
+        *zero = 0;
+        return;
+    }
     float z = rintf(-lo / s);
     z = z >= 0.f ? (z > qmax ? qmax : z) : 0.f; /* NaN (lo = -Inf) -> 0 before the uint8 cast */
     *scale = s;
@@ -21,8 +25,8 @@ float mix_sym_scale(float absmax, int bits) {
     return s > 0.f ? s : 1.f;
 }
 
-int mix_quantize_asym(const float *w, int64_t N, int64_t K, int64_t g, int bits,
-                      uint8_t *q, float *scale, uint8_t *zero) {
+int mix_quantize_asym(const float *w, int64_t N, int64_t K, int64_t g, int bits, uint8_t *q, float *scale,
+                      uint8_t *zero) {
     int64_t G = mix_ngroups(K, g);
     int bad = 0;
 #pragma omp parallel for schedule(static) reduction(| : bad)
@@ -36,7 +40,8 @@ int mix_quantize_asym(const float *w, int64_t N, int64_t K, int64_t g, int bits,
                 lo = fminf(lo, row[k]);
                 hi = fmaxf(hi, row[k]);
             }
-            float s; uint8_t z;
+            float s;
+            uint8_t z;
             mix_asym_params(lo, hi, bits, &s, &z);
             scale[n * G + j] = s;
             zero[n * G + j] = z;
@@ -67,8 +72,8 @@ int mix_quantize_sym(const float *w, int64_t N, int64_t K, int64_t g, int bits, 
     return bad ? -1 : 0;
 }
 
-void mix_dequantize(const void *q, int is_signed, const float *scale, const uint8_t *zero,
-                    int64_t N, int64_t K, int64_t g, float *out) {
+void mix_dequantize(const void *q, int is_signed, const float *scale, const uint8_t *zero, int64_t N, int64_t K,
+                    int64_t g, float *out) {
     int64_t G = mix_ngroups(K, g);
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++)

@@ -28,11 +28,11 @@ static inline int8_t mix_sym_code(float w, float scale, int bits) {
 }
 
 /* Row-wise group quantizers over W[N,K] (float32). Return 0, or -1 if W holds NaN/Inf. */
-int mix_quantize_asym(const float *w, int64_t N, int64_t K, int64_t g, int bits,
-                      uint8_t *q, float *scale, uint8_t *zero);
+int mix_quantize_asym(const float *w, int64_t N, int64_t K, int64_t g, int bits, uint8_t *q, float *scale,
+                      uint8_t *zero);
 int mix_quantize_sym(const float *w, int64_t N, int64_t K, int64_t g, int bits, int8_t *q, float *scale);
-void mix_dequantize(const void *q, int is_signed, const float *scale, const uint8_t *zero,
-                    int64_t N, int64_t K, int64_t g, float *out);
+void mix_dequantize(const void *q, int is_signed, const float *scale, const uint8_t *zero, int64_t N, int64_t K,
+                    int64_t g, float *out);
 
 /* Activations: x[M,K] of dtype (mix_dtype) -> int8 codes and scales [M, G]. -1 on NaN/Inf. */
 int mix_quantize_activation(const void *x, int dtype, int64_t M, int64_t K, int64_t g, int8_t *q, float *scale);

@@ -8,8 +8,8 @@
 #include "slim.h"
 #include <math.h>
 
-static double group_loss(const double *v, const double *u, int64_t len, double thr, const mix_slim_ctx *c,
-                         float s, float off, float qmax) {
+static double group_loss(const double *v, const double *u, int64_t len, double thr, const mix_slim_ctx *c, float s,
+                         float off, float qmax) {
     double err = 0;
     for (int64_t k = 0; k < len; k++) {
         float x = (float)v[k], q = rintf((x - off) / s);
@@ -22,21 +22,35 @@ static double group_loss(const double *v, const double *u, int64_t len, double t
     return err;
 }
 
-void mix_slim_fit(const void *ctx, const double *v, const double *u, int64_t len, int bits, int64_t group,
-                  float *scale, float *offset) {
+void mix_slim_fit(const void *ctx, const double *v, const double *u, int64_t len, int bits, int64_t group, float *scale,
+                  float *offset) {
     const mix_slim_ctx *c = ctx;
     if (bits == 1) { /* binarization: levels mean +- mean|v| */
         double m = 0, a = 0;
-        for (int64_t k = 0; k < len; k++) { m += v[k]; a += fabs(v[k]); }
-        m /= (double)len; a /= (double)len;
-        if (!(a > 0)) { *scale = 1.f; *offset = (float)m; return; }
+        for (int64_t k = 0; k < len; k++) {
+            m += v[k];
+            a += fabs(v[k]);
+        }
+        m /= (double)len;
+        a /= (double)len;
+        if (!(a > 0)) {
+            *scale = 1.f;
+            *offset = (float)m;
+            return;
+        }
         *scale = (float)(2 * a);
         *offset = (float)(m - a);
         return;
     }
     float lo = 0.f, hi = 0.f, qmax = (float)((1 << bits) - 1);
-    for (int64_t k = 0; k < len; k++) { lo = fminf(lo, (float)v[k]); hi = fmaxf(hi, (float)v[k]); }
-    if (lo == 0.f && hi == 0.f) { lo = -1.f; hi = 1.f; }
+    for (int64_t k = 0; k < len; k++) {
+        lo = fminf(lo, (float)v[k]);
+        hi = fmaxf(hi, (float)v[k]);
+    }
+    if (lo == 0.f && hi == 0.f) {
+        lo = -1.f;
+        hi = 1.f;
+    }
     double thr = c->threshold ? c->threshold[group] : 0, best = INFINITY;
     int n = c->tau_n;
     for (int i = 0; i <= 2 * n; i++) {
@@ -46,7 +60,14 @@ void mix_slim_fit(const void *ctx, const double *v, const double *u, int64_t len
         if (!(s > 0)) continue;
         float z = rintf(-l / s), off = -z * s;
         double err = group_loss(v, u, len, thr, c, s, off, qmax);
-        if (err < best) { best = err; *scale = s; *offset = off; }
+        if (err < best) {
+            best = err;
+            *scale = s;
+            *offset = off;
+        }
     }
-    if (best == INFINITY) { *scale = 1.f; *offset = 0.f; }
+    if (best == INFINITY) {
+        *scale = 1.f;
+        *offset = 0.f;
+    }
 }

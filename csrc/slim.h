@@ -15,6 +15,6 @@ typedef struct {
 /* Fit one row's group: v[len] values, u[len] diagonal of the upper Cholesky factor of H^-1 (salience
  * w^2/u^2), bits 1..8. Result as dequant = code * scale + offset (bits == 1: binarization around the
  * mean, as in the reference implementation). Matches mix_gptq_opts.fit. */
-void mix_slim_fit(const void *ctx, const double *v, const double *u, int64_t len, int bits, int64_t group,
-                  float *scale, float *offset);
+void mix_slim_fit(const void *ctx, const double *v, const double *u, int64_t len, int bits, int64_t group, float *scale,
+                  float *offset);
 #endif

@@ -32,10 +32,18 @@ int mix_woq_linear(const void *x, int xdt, int64_t M, const mix_woq_weight *w, c
     int64_t K = w->K, N = w->N;
     float *xf = malloc((size_t)(M * K + 1) * sizeof(float));
     float *yf = malloc((size_t)(M * N + 1) * sizeof(float));
-    if (!xf || !yf) { free(xf); free(yf); return -2; }
+    if (!xf || !yf) {
+        free(xf);
+        free(yf);
+        return -2;
+    }
     for (int64_t i = 0; i < M * K; i++) {
         xf[i] = mix_load_float(x, (mix_dtype)xdt, i);
-        if (!isfinite(xf[i])) { free(xf); free(yf); return -1; }
+        if (!isfinite(xf[i])) {
+            free(xf);
+            free(yf);
+            return -1;
+        }
     }
     int rc = 0;
 #pragma omp parallel
@@ -62,6 +70,7 @@ int mix_woq_linear(const void *x, int xdt, int64_t M, const mix_woq_weight *w, c
     }
     if (rc == 0)
         for (int64_t i = 0; i < M * N; i++) mix_store_float(y, (mix_dtype)ydt, i, yf[i]);
-    free(xf); free(yf);
+    free(xf);
+    free(yf);
     return rc;
 }

@@ -11,9 +11,9 @@ typedef struct {
     int kind; /* 0 group, 1 codebook */
     int64_t N, K, g, L;
     const uint8_t *codes;
-    const float *scale, *offset;      /* group */
-    const float *codebook;            /* codebook [K, L] */
-    const int64_t *rowptr, *cols;     /* sparse (NULL: none) */
+    const float *scale, *offset;  /* group */
+    const float *codebook;        /* codebook [K, L] */
+    const int64_t *rowptr, *cols; /* sparse (NULL: none) */
     const float *vals;
 } mix_woq_weight;
 

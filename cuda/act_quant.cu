@@ -2,11 +2,10 @@
  * bit-identical to the CPU reference (csrc/quant.c): scale = max|x| / 127 in float32
  * (1 for an all-zero group), code = clamp(rint(x / scale), -127, 127) with IEEE division
  * and round-half-to-even. One warp per (token, group); two passes over the group (the
- * second hits L1); 8/16-byte loads when g is a multiple of 128 (the default), scalar otherwise. Writes either the plain [M, K] / [M, G] format or the GEMM's padded
- * layout (cuda/w4a8.cu): groups padded with zeros to gp columns, the scale repeated for
- * each of the group's stages.
- * Non-finite inputs (docs/readme_reliability.md, "NaN and Inf on the GPU"): a group holding a NaN
- * or +-Inf gets scale NaN and all-zero codes, so the GEMM's product with that scale makes the
+ * second hits L1); 8/16-byte loads when g is a multiple of 128 (the default), scalar otherwise. Writes either the plain
+ * [M, K] / [M, G] format or the GEMM's padded layout (cuda/w4a8.cu): groups padded with zeros to gp columns, the scale
+ * repeated for each of the group's stages. Non-finite inputs (docs/readme_reliability.md, "NaN and Inf on the GPU"): a
+ * group holding a NaN or +-Inf gets scale NaN and all-zero codes, so the GEMM's product with that scale makes the
  * token's whole output row NaN, as F.linear would. The CPU op raises instead; a GPU op cannot
  * without a host synchronisation. (fmaxf alone would drop a NaN and give finite garbage.) */
 #include "mixllm_cuda.h"
@@ -82,7 +81,10 @@ __global__ void act_quant_kernel(const T *__restrict__ x, int64_t M, int64_t K, 
 /* Four consecutive elements as float (the caller guarantees 4-element alignment). */
 __device__ __forceinline__ void load4(const float *p, float (&v)[4]) {
     const float4 t = *(const float4 *)p;
-    v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w;
+    v[0] = t.x;
+    v[1] = t.y;
+    v[2] = t.z;
+    v[3] = t.w;
 }
 template <typename T> __device__ __forceinline__ void load4(const T *p, float (&v)[4]) {
     const uint2 t = *(const uint2 *)p;
@@ -163,21 +165,25 @@ extern "C" int mixc_act_quant(int device, const void *x, int dtype, int64_t M, i
         int sms = 132, dev = 0;
         if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
         const int64_t vblocks = blocks < (int64_t)sms * 16 ? blocks : (int64_t)sms * 16;
-        const bool vec = g % 128 == 0 && K % 4 == 0 && qpitch % 4 == 0 && gp % 4 == 0 &&
-                         ((uintptr_t)x % 16) == 0 && ((uintptr_t)q % 4) == 0;
-#define MIXC_AQ(T)                                                                                                  \
-    do {                                                                                                            \
-        if (vec)                                                                                                    \
-            act_quant_vec_kernel<T><<<(unsigned)vblocks, threads, 0, stream>>>((const T *)x, M, K, g, G, gp, q,       \
-                                                                               qpitch, spg, sa, sapitch);          \
-        else                                                                                                        \
-            act_quant_kernel<T><<<(unsigned)blocks, threads, 0, stream>>>((const T *)x, M, K, g, G, gp, q, qpitch,  \
-                                                                          spg, sa, sapitch);                       \
+        const bool vec = g % 128 == 0 && K % 4 == 0 && qpitch % 4 == 0 && gp % 4 == 0 && ((uintptr_t)x % 16) == 0 &&
+                         ((uintptr_t)q % 4) == 0;
+#define MIXC_AQ(T)                                                                                                     \
+    do {                                                                                                               \
+        if (vec)                                                                                                       \
+            act_quant_vec_kernel<T><<<(unsigned)vblocks, threads, 0, stream>>>((const T *)x, M, K, g, G, gp, q,        \
+                                                                               qpitch, spg, sa, sapitch);              \
+        else                                                                                                           \
+            act_quant_kernel<T>                                                                                        \
+                <<<(unsigned)blocks, threads, 0, stream>>>((const T *)x, M, K, g, G, gp, q, qpitch, spg, sa, sapitch); \
     } while (0)
-        if (blocks > 0x7fffffffLL) err = cudaErrorInvalidValue;
-        else if (dtype == 0) MIXC_AQ(float);
-        else if (dtype == 1) MIXC_AQ(__half);
-        else MIXC_AQ(__nv_bfloat16);
+        if (blocks > 0x7fffffffLL)
+            err = cudaErrorInvalidValue;
+        else if (dtype == 0)
+            MIXC_AQ(float);
+        else if (dtype == 1)
+            MIXC_AQ(__half);
+        else
+            MIXC_AQ(__nv_bfloat16);
 #undef MIXC_AQ
         if (err == cudaSuccess) err = cudaGetLastError();
     }

@@ -20,14 +20,15 @@ __device__ __forceinline__ uint4 ld_stream(const void *p) {
 }
 
 /* Four 4-bit codes (one per byte, 0..15) minus their zero point, as four int8. */
-__device__ __forceinline__ uint32_t sub_zero(uint32_t q, uint32_t zz) {
-    return ((q | 0x80808080u) - zz) ^ 0x80808080u;
-}
+__device__ __forceinline__ uint32_t sub_zero(uint32_t q, uint32_t zz) { return ((q | 0x80808080u) - zz) ^ 0x80808080u; }
 
 __device__ __forceinline__ void store_out(void *y, int dt, int64_t i, float v) {
-    if (dt == 0) ((float *)y)[i] = v;
-    else if (dt == 1) ((__half *)y)[i] = __float2half_rn(v);
-    else ((__nv_bfloat16 *)y)[i] = __float2bfloat16_rn(v);
+    if (dt == 0)
+        ((float *)y)[i] = v;
+    else if (dt == 1)
+        ((__half *)y)[i] = __float2half_rn(v);
+    else
+        ((__nv_bfloat16 *)y)[i] = __float2bfloat16_rn(v);
 }
 
 /* Split-K reduction in a fixed order (deterministic), plus bias, in y's dtype. */
@@ -68,7 +69,12 @@ template <typename P> int order_parts(const mixc_gemm *g, int64_t rows_per_block
             p.bits = q.bits;
             p.nblk = (int)((q.N + rows_per_block - 1) / rows_per_block);
         } else {
-            p.w = nullptr; p.meta = nullptr; p.idx = nullptr; p.N = 0; p.bits = 4; p.nblk = 0;
+            p.w = nullptr;
+            p.meta = nullptr;
+            p.idx = nullptr;
+            p.N = 0;
+            p.bits = 4;
+            p.nblk = 0;
         }
         nblk += p.nblk;
     }

@@ -16,12 +16,14 @@
 extern "C" {
 #endif
 
-#define MIXC_KSTAGE 128 /* padded K per pipeline stage */
-#define MIXC_NCFG 12     /* tile configurations, see mixc_cfg_name */
-#define MIXC_CFG_SM90 10 /* the sm_90a wgmma + TMA prefill kernel (cuda/w4a8_sm90.cu) */
-#define MIXC_CFG_DECODE 11 /* the few-token kernel (cuda/w4a8_decode.cu); its "splits" = warps per row tile */
-#define MIXC_DECODE_MAX_M 16 /* the planner picks it up to this many tokens (measured: slower than the mma.sync tiles from 32 on) */
-#define MIXC_SM90_MIN_M 256 /* the planner picks it on 9.x devices from this many tokens on (measured faster at 256) */
+#define MIXC_KSTAGE     128 /* padded K per pipeline stage */
+#define MIXC_NCFG       12  /* tile configurations, see mixc_cfg_name */
+#define MIXC_CFG_SM90   10  /* the sm_90a wgmma + TMA prefill kernel (cuda/w4a8_sm90.cu) */
+#define MIXC_CFG_DECODE 11  /* the few-token kernel (cuda/w4a8_decode.cu); its "splits" = warps per row tile */
+#define MIXC_DECODE_MAX_M \
+    16 /* the planner picks it up to this many tokens (measured: slower than the mma.sync tiles from 32 on) */
+#define MIXC_SM90_MIN_M 256 /* the planner picks it on 9.x devices from this many tokens on (measured faster at 256) \
+                             */
 #define MIXC_MAX_PARTS 2
 
 typedef struct {
@@ -33,19 +35,19 @@ typedef struct {
 } mixc_part;
 
 typedef struct {
-    const int8_t *xq;  /* [M, Kp] activation codes, padded layout */
-    const float *sa;   /* [M, Kp/128] activation scale of each stage */
+    const int8_t *xq; /* [M, Kp] activation codes, padded layout */
+    const float *sa;  /* [M, Kp/128] activation scale of each stage */
     int64_t M, Kp;
-    int G, spg;        /* groups, stages per group (gp / 128) */
+    int G, spg; /* groups, stages per group (gp / 128) */
     mixc_part parts[MIXC_MAX_PARTS];
     int nparts;
     const float *bias; /* [n_out] or NULL */
     void *y;           /* [M, n_out], dtype ydtype (0 f32, 1 f16, 2 bf16) */
     int ydtype;
     int64_t n_out;
-    float *ws;         /* [splits, M, n_out] when splits > 1 */
+    float *ws; /* [splits, M, n_out] when splits > 1 */
     int cfg, splits;
-    int pdl;           /* launch the GEMM with programmatic dependent launch where the GPU has it */
+    int pdl; /* launch the GEMM with programmatic dependent launch where the GPU has it */
 } mixc_gemm;
 
 int64_t mixc_gp(int64_t g);
@@ -59,18 +61,18 @@ int64_t mixc_meta_bytes(int64_t N, int64_t K, int64_t g);
  * (and, in the padded layout, columns G*gp .. qpitch-1); its scale goes to sa[j*spg .. j*spg+spg-1]
  * (and to the trailing sa columns). gp = g, spg = 1 gives the plain [M, K] / [M, G] format;
  * gp = mixc_gp(g), spg = gp/128, qpitch = Kp, sapitch = Kp/128 the GEMM's padded one. */
-int mixc_act_quant(int device, const void *x, int dtype, int64_t M, int64_t K, int64_t g, int64_t gp,
-                   int8_t *q, int64_t qpitch, int spg, float *sa, int64_t sapitch, void *stream);
+int mixc_act_quant(int device, const void *x, int dtype, int64_t M, int64_t K, int64_t g, int64_t gp, int8_t *q,
+                   int64_t qpitch, int spg, float *sa, int64_t sapitch, void *stream);
 
 /* Canonical weight (4-bit: packed nibbles uint8 [N, ceil(K/2)] + zero uint8 [N, G];
  * 8-bit: int8 [N, K]; scale float32 [N, G]) -> the GEMM layout. */
-int mixc_pack_weight(int device, int bits, const void *qweight, const float *scale, const uint8_t *zero,
-                     int64_t N, int64_t K, int64_t g, void *wpack, void *meta, void *stream);
+int mixc_pack_weight(int device, int bits, const void *qweight, const float *scale, const uint8_t *zero, int64_t N,
+                     int64_t K, int64_t g, void *wpack, void *meta, void *stream);
 
 /* Tile configuration and split-K factor for M tokens over the parts' rows (forced when
  * cfg >= 0 / splits > 0). Returns 0, or -1 for an invalid forced value. */
-int mixc_plan(int device, int64_t M, const int64_t *Ns, int nparts, int64_t Kp, int cfg, int splits,
-              int *cfg_out, int *splits_out);
+int mixc_plan(int device, int64_t M, const int64_t *Ns, int nparts, int64_t Kp, int cfg, int splits, int *cfg_out,
+              int *splits_out);
 const char *mixc_cfg_name(int cfg);
 
 int mixc_qlinear(int device, mixc_gemm *g, void *stream);

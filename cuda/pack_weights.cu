@@ -16,8 +16,7 @@ struct Geo {
 
 /* Code of row n at padded column kc, as the kernel will subtract the zero point from it. */
 template <int BITS>
-__device__ __forceinline__ int code_at(const uint8_t *qw, const uint8_t *zero, const Geo &geo, int64_t n,
-                                       int64_t kc) {
+__device__ __forceinline__ int code_at(const uint8_t *qw, const uint8_t *zero, const Geo &geo, int64_t n, int64_t kc) {
     if (n >= geo.N) return 0;
     int64_t j = kc / geo.gp, e = kc % geo.gp;
     const bool past = j >= geo.G;
@@ -94,7 +93,12 @@ extern "C" int mixc_pack_weight(int device, int bits, const void *qweight, const
     if (guard.err != cudaSuccess) return (int)guard.err;
     cudaStream_t stream = (cudaStream_t)stream_;
     Geo geo;
-    geo.N = N; geo.K = K; geo.g = g; geo.G = mix_ngroups(K, g); geo.gp = mixc_gp(g); geo.Kp = mixc_kp(K, g);
+    geo.N = N;
+    geo.K = K;
+    geo.g = g;
+    geo.G = mix_ngroups(K, g);
+    geo.gp = mixc_gp(g);
+    geo.Kp = mixc_kp(K, g);
     geo.qpitch = bits == 4 ? (K + 1) / 2 : K;
     const int64_t NT = (N + 15) / 16;
     const int64_t total = mixc_wpack_bytes(bits, N, K, g) / 16, mtotal = NT * geo.G;
@@ -102,13 +106,15 @@ extern "C" int mixc_pack_weight(int device, int bits, const void *qweight, const
     if (total > 0) {
         const int64_t blocks = (total + 255) / 256, mblocks = (mtotal + 255) / 256;
         if (bits == 4)
-            pack_kernel<4><<<(unsigned)blocks, 256, 0, stream>>>((const uint8_t *)qweight, zero, geo, (uint4 *)wpack, total);
+            pack_kernel<4>
+                <<<(unsigned)blocks, 256, 0, stream>>>((const uint8_t *)qweight, zero, geo, (uint4 *)wpack, total);
         else
-            pack_kernel<8><<<(unsigned)blocks, 256, 0, stream>>>((const uint8_t *)qweight, nullptr, geo, (uint4 *)wpack, total);
+            pack_kernel<8>
+                <<<(unsigned)blocks, 256, 0, stream>>>((const uint8_t *)qweight, nullptr, geo, (uint4 *)wpack, total);
         err = cudaGetLastError();
         if (err == cudaSuccess) {
             meta_kernel<<<(unsigned)mblocks, 256, 0, stream>>>(scale, bits == 4 ? zero : nullptr, geo,
-                                                              (mixc_layout::MetaRecord *)meta, mtotal);
+                                                               (mixc_layout::MetaRecord *)meta, mtotal);
             err = cudaGetLastError();
         }
     }

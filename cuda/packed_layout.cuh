@@ -17,11 +17,11 @@
 
 namespace mixc_layout {
 
-constexpr int TILE_ROWS = 16;                   /* weight rows per tile (the MMA's M) */
-constexpr int KSTEP = 32;                       /* columns per m16n8k32 k-step */
-constexpr int KSTAGE = MIXC_KSTAGE;             /* padded columns per stage: one scale per stage */
+constexpr int TILE_ROWS = 16;       /* weight rows per tile (the MMA's M) */
+constexpr int KSTEP = 32;           /* columns per m16n8k32 k-step */
+constexpr int KSTAGE = MIXC_KSTAGE; /* padded columns per stage: one scale per stage */
 constexpr int KSTEPS_PER_STAGE = KSTAGE / KSTEP;
-constexpr int WORD_BYTES = 16;                  /* one uint4 per lane */
+constexpr int WORD_BYTES = 16; /* one uint4 per lane */
 constexpr int WARP_WORD_BYTES = 32 * WORD_BYTES;
 
 /* uint4 words per lane per stage of one 16-row tile: 2 at 4 bits, 4 at 8 bits. */
@@ -29,8 +29,8 @@ constexpr int words_per_stage(int bits) { return bits / 2; }
 
 /* Scales and zero points of one 16-row tile in one group. */
 struct MetaRecord {
-    float scale[TILE_ROWS];   /* float32 scale of each row (0 for rows >= N) */
-    uint8_t zero[TILE_ROWS];  /* zero point of each row (0 for 8-bit rows) */
+    float scale[TILE_ROWS];  /* float32 scale of each row (0 for rows >= N) */
+    uint8_t zero[TILE_ROWS]; /* zero point of each row (0 for 8-bit rows) */
 };
 static_assert(sizeof(MetaRecord) == 80, "the meta record is 80 bytes: 16 float scales + 16 zeros");
 static_assert(sizeof(MetaRecord) % 16 == 0, "meta records are copied in 16-byte pieces");

@@ -56,7 +56,6 @@ __device__ __forceinline__ void grid_dep_launch_dependents() {
 #endif
 }
 
-
 __device__ __forceinline__ void mma_s8(int (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
@@ -73,9 +72,7 @@ __device__ __forceinline__ void cp_async4(void *smem, const void *gmem) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(gmem));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 /* int32 -> float, exact for |x| < 2^22: one integer add and one float subtract instead of
  * the conversion instruction, which issues at a quarter of the rate. */
@@ -84,8 +81,7 @@ __device__ __forceinline__ float i2f(int x) { return __int_as_float(x + 0x4B4000
 /* Shared memory of one pipeline stage: activations [BM][AROW], their scales [BM], and per warp
  * its weight fragments [TN][WPS][32 lanes] uint4 and meta records [TN] (80 bytes each). The
  * weight part is sized for 8-bit rows (the 4-bit ones use half). */
-template <int NW, int TN, int BM, int BITS>
-struct StageLayout {
+template <int NW, int TN, int BM, int BITS> struct StageLayout {
     static constexpr int ACT = BM * AROW;
     static constexpr int SA = ACT;
     static constexpr int W = (SA + BM * 4 + 15) / 16 * 16;
@@ -96,7 +92,9 @@ struct StageLayout {
 /* Stages in flight per bit-width. Giving the 4-bit rows of decode tiles 2*ST-1 stages in the same
  * shared memory was measured slower on the H100 at M = 1 (fewer resident blocks; 62 -> 71 us on
  * 8192x28672), so both widths use ST; the 4-bit rows fill half of each stage's weight buffer. */
-template <int BITS, int BM, int ST> struct Depth { static constexpr int value = ST; };
+template <int BITS, int BM, int ST> struct Depth {
+    static constexpr int value = ST;
+};
 template <int NW, int TN, int BM, int ST> constexpr size_t smem_bytes() {
     return (size_t)Depth<4, BM, ST>::value * StageLayout<NW, TN, BM, 4>::BYTES >
                    (size_t)ST * StageLayout<NW, TN, BM, 8>::BYTES
@@ -109,9 +107,9 @@ template <int BITS, int NW, int TN, int BM, int ST_>
 __device__ __forceinline__ void gemm_tile(const Args &a, const Part &p, int rb, int mb, int split, uint8_t *smem) {
     using L = StageLayout<NW, TN, BM, BITS>;
     constexpr int ST = Depth<BITS, BM, ST_>::value;
-    constexpr int VEC = BITS / 4;  /* uint4 per lane per k-pair */
-    constexpr int WPS = 2 * VEC;   /* uint4 per lane per stage per row tile */
-    constexpr int NT8 = BM / 8;    /* n8 token tiles */
+    constexpr int VEC = BITS / 4; /* uint4 per lane per k-pair */
+    constexpr int WPS = 2 * VEC;  /* uint4 per lane per stage per row tile */
+    constexpr int NT8 = BM / 8;   /* n8 token tiles */
     constexpr int NTH = NW * 32;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
     const int64_t M = a.M, Kp = a.Kp, KP2 = Kp / 64;
@@ -134,8 +132,7 @@ __device__ __forceinline__ void gemm_tile(const Args &a, const Part &p, int rb, 
             const int64_t m = min(m0 + r, M - 1); /* rows past M: any valid data, never stored */
             cp_async16(st + r * AROW + q * 16, a.xq + m * Kp + (int64_t)s * KS + q * 16);
         }
-        for (int r = threadIdx.x; r < BM; r += NTH)
-            cp_async4(st + L::SA + r * 4, a.sa + min(m0 + r, M - 1) * nst + s);
+        for (int r = threadIdx.x; r < BM; r += NTH) cp_async4(st + L::SA + r * 4, a.sa + min(m0 + r, M - 1) * nst + s);
         const int j = min(s / spg, G - 1);
 #pragma unroll
         for (int i = 0; i < TN; i++) {
@@ -203,7 +200,10 @@ __device__ __forceinline__ void gemm_tile(const Args &a, const Part &p, int rb, 
                     af[i][3] = sub_zero((w1 >> 4) & 0x0F0F0F0Fu, zz[i][1]);
                 } else {
                     const uint4 wv = wsm[(i * WPS + k) * 32];
-                    af[i][0] = wv.x; af[i][1] = wv.y; af[i][2] = wv.z; af[i][3] = wv.w;
+                    af[i][0] = wv.x;
+                    af[i][1] = wv.y;
+                    af[i][2] = wv.z;
+                    af[i][3] = wv.w;
                 }
             }
 #pragma unroll
@@ -251,8 +251,10 @@ __device__ __forceinline__ void gemm_tile(const Args &a, const Part &p, int rb, 
                     const int64_t m = m0 + t * 8 + tig * 2 + c;
                     if (m >= M) continue;
                     const float v = facc[i][t][h * 2 + c];
-                    if (a.splits == 1) store_out(a.y, a.ydt, m * a.n_out + col, v + b);
-                    else a.ws[((int64_t)split * M + m) * a.n_out + col] = v;
+                    if (a.splits == 1)
+                        store_out(a.y, a.ydt, m * a.n_out + col, v + b);
+                    else
+                        a.ws[((int64_t)split * M + m) * a.n_out + col] = v;
                 }
         }
     }
@@ -267,12 +269,16 @@ __global__ void __launch_bounds__(NW * 32) qgemm_kernel(const __grid_constant__ 
     grid_dep_launch_dependents();
     int bx = blockIdx.x;
     if (bx < a.p0.nblk) {
-        if (a.p0.bits == 4) gemm_tile<4, NW, TN, BM, ST>(a, a.p0, bx, blockIdx.y, blockIdx.z, smem);
-        else gemm_tile<8, NW, TN, BM, ST>(a, a.p0, bx, blockIdx.y, blockIdx.z, smem);
+        if (a.p0.bits == 4)
+            gemm_tile<4, NW, TN, BM, ST>(a, a.p0, bx, blockIdx.y, blockIdx.z, smem);
+        else
+            gemm_tile<8, NW, TN, BM, ST>(a, a.p0, bx, blockIdx.y, blockIdx.z, smem);
     } else {
         bx -= a.p0.nblk;
-        if (a.p1.bits == 4) gemm_tile<4, NW, TN, BM, ST>(a, a.p1, bx, blockIdx.y, blockIdx.z, smem);
-        else gemm_tile<8, NW, TN, BM, ST>(a, a.p1, bx, blockIdx.y, blockIdx.z, smem);
+        if (a.p1.bits == 4)
+            gemm_tile<4, NW, TN, BM, ST>(a, a.p1, bx, blockIdx.y, blockIdx.z, smem);
+        else
+            gemm_tile<8, NW, TN, BM, ST>(a, a.p1, bx, blockIdx.y, blockIdx.z, smem);
     }
 }
 
@@ -289,7 +295,8 @@ const DeviceInfo &device_info(int device) {
         int n = 0, major = 0, smem = 0;
         if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) n = 132;
         if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) major = 8;
-        if (cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) smem = 48 * 1024;
+        if (cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess)
+            smem = 48 * 1024;
         cudaGetLastError();
         d.major = major;
         d.smem_optin = smem;
@@ -312,11 +319,12 @@ template <typename K> cudaError_t allow_smem(K kern, size_t smem, size_t (&allow
     return e;
 }
 
-template <int NW, int TN, int BM, int ST> struct SmemAllowed { static size_t bytes[64]; };
+template <int NW, int TN, int BM, int ST> struct SmemAllowed {
+    static size_t bytes[64];
+};
 template <int NW, int TN, int BM, int ST> size_t SmemAllowed<NW, TN, BM, ST>::bytes[64];
 
-template <int NW, int TN, int BM, int ST>
-cudaError_t prepare_cfg(int *blocks_per_sm) {
+template <int NW, int TN, int BM, int ST> cudaError_t prepare_cfg(int *blocks_per_sm) {
     const size_t smem = smem_bytes<NW, TN, BM, ST>();
     auto kern = qgemm_kernel<NW, TN, BM, ST>;
     cudaError_t e = allow_smem(kern, smem, SmemAllowed<NW, TN, BM, ST>::bytes);
@@ -370,7 +378,7 @@ const CfgInfo CFGS[MIXC_NCFG] = {
     MIXC_CFG(8, 1, 32, 4, "w8x1_m32"),
     MIXC_CFG(8, 1, 64, 4, "w8x1_m64"),
     {8, 1, 128, 8, "sm90_wgmma_m128", nullptr, prepare_cfg<8, 1, 128, 4>}, /* MIXC_CFG_SM90, cuda/w4a8_sm90.cu */
-    {1, 1, 8, 4, "decode_gemv", nullptr, nullptr},                        /* MIXC_CFG_DECODE, cuda/w4a8_decode.cu */
+    {1, 1, 8, 4, "decode_gemv", nullptr, nullptr},                         /* MIXC_CFG_DECODE, cuda/w4a8_decode.cu */
 };
 #undef MIXC_CFG
 
@@ -382,7 +390,10 @@ int cfg_occupancy(int device, int cfg) {
         int n = 0;
         DeviceGuard guard(device);
         cudaError_t e = guard.err != cudaSuccess ? guard.err : CFGS[cfg].prepare ? CFGS[cfg].prepare(&n) : cudaSuccess;
-        if (e != cudaSuccess || n <= 0) { cudaGetLastError(); n = 1; }
+        if (e != cudaSuccess || n <= 0) {
+            cudaGetLastError();
+            n = 1;
+        }
         cache[device][cfg] = n;
     }
     return cache[device][cfg];
@@ -427,7 +438,8 @@ extern "C" int mixc_plan(int device, int64_t M, const int64_t *Ns, int nparts, i
     if (cfg == MIXC_CFG_DECODE) {
         const int kmax = mixc_decode_max_warps(M);
         *cfg_out = cfg;
-        *splits_out = splits > 0 ? (splits < kmax ? splits : kmax) : mixc_decode_warps(M, Ns, nparts, Kp, sm_count(device));
+        *splits_out =
+            splits > 0 ? (splits < kmax ? splits : kmax) : mixc_decode_warps(M, Ns, nparts, Kp, sm_count(device));
         return 0;
     }
     int64_t rows_all = 0;
@@ -474,7 +486,10 @@ extern "C" int mixc_plan(int device, int64_t M, const int64_t *Ns, int nparts, i
             const double stages = ceil((double)nst / s);
             const double t = waves * occ * stages * (double)bn * KS * 0.5 /* bytes a block streams */
                              + (s > 1 ? 3.0 * 4.0 * s * (double)M * rows / sms : 0.0);
-            if (s == 1 || t < best * 0.98) { best = t; splits = s; }
+            if (s == 1 || t < best * 0.98) {
+                best = t;
+                splits = s;
+            }
         }
     }
     if (splits > nst) splits = nst;
@@ -492,15 +507,26 @@ extern "C" int mixc_qlinear(int device, mixc_gemm *g, void *stream_) {
     if (g->cfg < 0 || g->cfg >= MIXC_NCFG || g->splits < 1 || g->nparts < 1 || g->nparts > 2)
         return (int)cudaErrorInvalidValue;
     if (g->cfg == MIXC_CFG_SM90) return mixc_qlinear_sm90(device, g, stream_);
-    if (g->cfg == MIXC_CFG_DECODE) return mixc_qlinear_decode(device, g, g->pdl && device_info(device).major >= 9, stream_);
+    if (g->cfg == MIXC_CFG_DECODE)
+        return mixc_qlinear_decode(device, g, g->pdl && device_info(device).major >= 9, stream_);
     const CfgInfo &c = CFGS[g->cfg];
     const int64_t bn = (int64_t)c.nw * c.tn * 16;
     const int nst = (int)(g->Kp / KS);
     Args a;
-    a.xq = g->xq; a.sa = g->sa; a.M = g->M; a.Kp = g->Kp; a.n_out = g->n_out;
-    a.G = g->G; a.spg = g->spg; a.nparts = g->nparts; a.ydt = g->ydtype; a.splits = g->splits;
+    a.xq = g->xq;
+    a.sa = g->sa;
+    a.M = g->M;
+    a.Kp = g->Kp;
+    a.n_out = g->n_out;
+    a.G = g->G;
+    a.spg = g->spg;
+    a.nparts = g->nparts;
+    a.ydt = g->ydtype;
+    a.splits = g->splits;
     a.sps = (nst + g->splits - 1) / g->splits;
-    a.bias = g->bias; a.y = g->y; a.ws = g->ws;
+    a.bias = g->bias;
+    a.y = g->y;
+    a.ws = g->ws;
     const int nblk = order_parts(g, bn, a.p0, a.p1);
     if (g->M <= 0 || nblk == 0) return 0;
     const bool pdl = g->pdl && device_info(device).major >= 9;

@@ -41,9 +41,9 @@ struct DArgs {
 __device__ __forceinline__ void dec_mma(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
                                         uint32_t b1) {
     asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};\n"
-                 : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+        "{%0,%1,%2,%3};\n"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
 /* 8 activation bytes (L1-cached: every warp of the SM reads the same few rows). volatile: keeps
@@ -144,7 +144,10 @@ __device__ __forceinline__ void decode_range(const DArgs &a, const DPart &p, int
                     af[k][3] = sub_zero((w1 >> 4) & 0x0F0F0F0Fu, zz[d][1]);
                 } else {
                     const uint4 wv = w[d][k];
-                    af[k][0] = wv.x; af[k][1] = wv.y; af[k][2] = wv.z; af[k][3] = wv.w;
+                    af[k][0] = wv.x;
+                    af[k][1] = wv.y;
+                    af[k][2] = wv.z;
+                    af[k][3] = wv.w;
                 }
             }
 #pragma unroll
@@ -190,8 +193,10 @@ __global__ void __launch_bounds__(MAX_KW * 32, NT8 <= 2 ? 2 : 1) decode_kernel(c
 #pragma unroll
     for (int t = 0; t < NT8; t++) facc[t][0] = facc[t][1] = facc[t][2] = facc[t][3] = 0.f;
     if (s0 < s1) {
-        if (p.bits == 4) decode_range<4, NT8>(a, p, tile, m0, s0, s1, facc);
-        else decode_range<8, NT8>(a, p, tile, m0, s0, s1, facc);
+        if (p.bits == 4)
+            decode_range<4, NT8>(a, p, tile, m0, s0, s1, facc);
+        else
+            decode_range<8, NT8>(a, p, tile, m0, s0, s1, facc);
     } else {
         dec_grid_dep_wait();
     }
@@ -252,9 +257,18 @@ extern "C" int mixc_decode_warps(int64_t M, const int64_t *Ns, int nparts, int64
 extern "C" int mixc_qlinear_decode(int device, const mixc_gemm *g, int pdl, void *stream) {
     if (g->splits < 1 || g->splits > mixc_decode_max_warps(g->M)) return (int)cudaErrorInvalidValue;
     DArgs a;
-    a.xq = g->xq; a.sa = g->sa; a.M = g->M; a.Kp = g->Kp; a.n_out = g->n_out;
-    a.G = g->G; a.spg = g->spg; a.nst = (int)(g->Kp / KSTAGE); a.ydt = g->ydtype; a.kw = g->splits;
-    a.bias = g->bias; a.y = g->y;
+    a.xq = g->xq;
+    a.sa = g->sa;
+    a.M = g->M;
+    a.Kp = g->Kp;
+    a.n_out = g->n_out;
+    a.G = g->G;
+    a.spg = g->spg;
+    a.nst = (int)(g->Kp / KSTAGE);
+    a.ydt = g->ydtype;
+    a.kw = g->splits;
+    a.bias = g->bias;
+    a.y = g->y;
     const int nblk = order_parts(g, TILE_ROWS, a.p0, a.p1);
     if (g->M <= 0 || nblk == 0) return 0;
     (void)device;

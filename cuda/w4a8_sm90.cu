@@ -19,13 +19,13 @@
 
 namespace {
 
-constexpr int KS = MIXC_KSTAGE; /* padded columns per stage */
-constexpr int BM = 128;         /* tokens per CTA (wgmma N) */
-constexpr int BN = 128;         /* weight rows per CTA: 2 consumer warpgroups x 64 */
-constexpr int ST = 8;           /* pipeline stages of activations in shared memory */
-constexpr int NTH = 384;        /* producer warpgroup + 2 consumer warpgroups */
-constexpr int ACT_BYTES = BM * KS;          /* one stage of activation codes (16 KB) */
-constexpr int SA_OFF = ST * ACT_BYTES;      /* then ST x BM float scales */
+constexpr int KS = MIXC_KSTAGE;        /* padded columns per stage */
+constexpr int BM = 128;                /* tokens per CTA (wgmma N) */
+constexpr int BN = 128;                /* weight rows per CTA: 2 consumer warpgroups x 64 */
+constexpr int ST = 8;                  /* pipeline stages of activations in shared memory */
+constexpr int NTH = 384;               /* producer warpgroup + 2 consumer warpgroups */
+constexpr int ACT_BYTES = BM * KS;     /* one stage of activation codes (16 KB) */
+constexpr int SA_OFF = ST * ACT_BYTES; /* then ST x BM float scales */
 constexpr int BAR_OFF = SA_OFF + ST * BM * 4;
 constexpr int SMEM_BYTES = BAR_OFF + 2 * ST * 8 + 1024; /* + alignment slack (128B swizzle wants 1024) */
 
@@ -46,7 +46,6 @@ struct Args90 {
     float *ws;
 };
 
-
 #ifdef MIXC_SM90_DEVICE
 __device__ __forceinline__ uint32_t smem_u32(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
 
@@ -62,17 +61,18 @@ __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
     uint32_t ok;
     do {
-        asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-                     : "=r"(ok)
-                     : "r"(bar), "r"(parity)
-                     : "memory");
+        asm volatile(
+            "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(ok)
+            : "r"(bar), "r"(parity)
+            : "memory");
     } while (!ok);
 }
 __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap *map, int c0, int c1, uint32_t bar) {
-    asm volatile(
-        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
-        "l"((uint64_t)map), "r"(c0), "r"(c1), "r"(bar)
-        : "memory");
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, "
+                 "%3}], [%4];\n" ::"r"(dst),
+                 "l"((uint64_t)map), "r"(c0), "r"(c1), "r"(bar)
+                 : "memory");
 }
 
 __device__ __forceinline__ void cp_async4_zfill(uint32_t dst, const void *src, int bytes) {
@@ -85,7 +85,8 @@ __device__ __forceinline__ float i2f(int x) { return __int2float_rn(x); }
 
 /* K-major operand, 128-byte swizzle, 8-row core-matrix groups 1024 bytes apart. */
 __device__ __forceinline__ uint64_t desc_sw128(uint32_t addr) {
-    return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
+    return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) |
+           ((uint64_t)1 << 62);
 }
 
 __device__ __forceinline__ void fence_acc(int (&d)[32]) {
@@ -95,12 +96,16 @@ __device__ __forceinline__ void fence_acc(int (&d)[32]) {
 
 /* D[64 x 64] (+)= A[64 x 32] (registers, s8) * B[64 x 32]^T (shared, s8) */
 __device__ __forceinline__ void wgmma_64(int (&d)[32], const uint32_t (&a)[4], uint64_t desc, int accumulate) {
-    asm volatile(
-        "{\n .reg .pred p;\n setp.ne.b32 p, %37, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8 "
-        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p;\n}\n"
-        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]), "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]), "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]), "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
+    asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %37, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8 "
+                 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%"
+                 "27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p;\n}\n"
+                 : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+                   "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+                   "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]),
+                   "+r"(d[23]), "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]),
+                   "+r"(d[30]), "+r"(d[31])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
 }
 
 /* Per-thread register state of one prefetched stage: the weight words and the two rows' meta. */
@@ -113,8 +118,8 @@ template <int BITS> struct StageRegs {
 };
 
 template <int BITS>
-__device__ __forceinline__ void load_regs(StageRegs<BITS> &r, const Part90 &p, int64_t rt, bool live, int64_t KP2, int G,
-                                          int spg, int s, int lane, int gid) {
+__device__ __forceinline__ void load_regs(StageRegs<BITS> &r, const Part90 &p, int64_t rt, bool live, int64_t KP2,
+                                          int G, int spg, int s, int lane, int gid) {
     constexpr int VEC = BITS / 4;
     if (!live) {
 #pragma unroll
@@ -127,7 +132,8 @@ __device__ __forceinline__ void load_regs(StageRegs<BITS> &r, const Part90 &p, i
 #pragma unroll
     for (int v = 0; v < BITS / 2; v++) r.w[v] = ld_stream(src + v * 512);
     const int j = min(s / spg, G - 1);
-    const mixc_layout::MetaRecord *m = (const mixc_layout::MetaRecord *)(p.meta + (rt * G + j) * mixc_layout::META_BYTES);
+    const mixc_layout::MetaRecord *m =
+        (const mixc_layout::MetaRecord *)(p.meta + (rt * G + j) * mixc_layout::META_BYTES);
     r.sw0 = __ldg(&m->scale[gid]);
     r.sw1 = __ldg(&m->scale[gid + 8]);
     if (BITS == 4) {
@@ -225,13 +231,14 @@ __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb
     auto stage = [&](int s, StageRegs<BITS> &r) {
         const int i = s - s0, buf = i % ST;
         make_frags<BITS>(r.af, r, lane);
-        r.esw0 = r.sw0; r.esw1 = r.sw1;
+        r.esw0 = r.sw0;
+        r.esw1 = r.sw1;
         if (s + 2 < s1) load_regs<BITS>(r, p, rt, live, KP2, a.G, a.spg, s + 2, lane, gid);
         mbar_wait(sbase + BAR_OFF + buf * 8, (i / ST) & 1);
         const uint32_t tile = sbase + buf * ACT_BYTES;
-        issue(ia, r.af, tile);                       /* tokens 0..63: rows 0..63 of the tile */
-        issue(ib, r.af, tile + 64 * KS);             /* tokens 64..127 */
-        wait_acc<1>(ia);                             /* A(s) done, B(s) still running */
+        issue(ia, r.af, tile);           /* tokens 0..63: rows 0..63 of the tile */
+        issue(ib, r.af, tile + 64 * KS); /* tokens 64..127 */
+        wait_acc<1>(ia);                 /* A(s) done, B(s) still running */
         rescale(facc, ia, sas + buf * BM, r.esw0, r.esw1);
         wait_acc<0>(ib);
         rescale(facc + 32, ib, sas + buf * BM + 64, r.esw0, r.esw1);
@@ -258,15 +265,17 @@ __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb
                 const int64_t m = m0 + 8 * q + 2 * tig + c;
                 if (m >= a.M) continue;
                 const float v = facc[4 * q + 2 * h + c];
-                if (a.splits == 1) store_out(a.y, a.ydt, m * a.n_out + col, v + b);
-                else a.ws[((int64_t)split * a.M + m) * a.n_out + col] = v;
+                if (a.splits == 1)
+                    store_out(a.y, a.ydt, m * a.n_out + col, v + b);
+                else
+                    a.ws[((int64_t)split * a.M + m) * a.n_out + col] = v;
             }
     }
 }
 #endif /* MIXC_SM90_DEVICE */
 
-__global__ void __launch_bounds__(NTH, 1) qgemm_sm90_kernel(const __grid_constant__ Args90 a,
-                                                            const __grid_constant__ CUtensorMap act_map) {
+__global__ void __launch_bounds__(NTH, 1)
+    qgemm_sm90_kernel(const __grid_constant__ Args90 a, const __grid_constant__ CUtensorMap act_map) {
 #ifdef MIXC_SM90_DEVICE
     extern __shared__ uint8_t smem_raw[];
     const uint32_t raw = smem_u32(smem_raw);
@@ -280,8 +289,8 @@ __global__ void __launch_bounds__(NTH, 1) qgemm_sm90_kernel(const __grid_constan
 
     if (threadIdx.x == 0) {
         for (int b = 0; b < ST; b++) {
-            mbar_init(sbase + BAR_OFF + b * 8, 33);            /* full: expect_tx + 32 lanes' scale copies */
-            mbar_init(sbase + BAR_OFF + (ST + b) * 8, 8);      /* empty: the 8 consumer warps */
+            mbar_init(sbase + BAR_OFF + b * 8, 33);       /* full: expect_tx + 32 lanes' scale copies */
+            mbar_init(sbase + BAR_OFF + (ST + b) * 8, 8); /* empty: the 8 consumer warps */
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
@@ -315,13 +324,17 @@ __global__ void __launch_bounds__(NTH, 1) qgemm_sm90_kernel(const __grid_constan
         asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
         int rb = blockIdx.y;
         const Part90 *p = &a.p0;
-        if (rb >= a.p0.nblk) { rb -= a.p0.nblk; p = &a.p1; }
-        if (p->bits == 4) consume<4>(a, *p, rb, m0, s0, s1, split, smem, sbase);
-        else consume<8>(a, *p, rb, m0, s0, s1, split, smem, sbase);
+        if (rb >= a.p0.nblk) {
+            rb -= a.p0.nblk;
+            p = &a.p1;
+        }
+        if (p->bits == 4)
+            consume<4>(a, *p, rb, m0, s0, s1, split, smem, sbase);
+        else
+            consume<8>(a, *p, rb, m0, s0, s1, split, smem, sbase);
     }
 #endif
 }
-
 
 typedef CUresult (*EncodeTiled)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *, const cuuint64_t *,
                                 const cuuint64_t *, const cuuint32_t *, const cuuint32_t *, CUtensorMapInterleave,
@@ -333,7 +346,8 @@ EncodeTiled encode_fn() {
     if (!tried) {
         void *p = nullptr;
         cudaDriverEntryPointQueryResult q;
-        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q) == cudaSuccess &&
+        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q) ==
+                cudaSuccess &&
             q == cudaDriverEntryPointSuccess)
             fn = (EncodeTiled)p;
         tried = true;
@@ -349,8 +363,8 @@ extern "C" int mixc_sm90_ok(int device) {
     if (!cache[device]) {
         int ok = 0, major = 0;
         DeviceGuard guard(device);
-        if (guard.err == cudaSuccess && cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
-            major == 9) {
+        if (guard.err == cudaSuccess &&
+            cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major == 9) {
             cudaFuncAttributes fa;
             if (cudaFuncGetAttributes(&fa, qgemm_sm90_kernel) == cudaSuccess && fa.binaryVersion >= 90 && encode_fn())
                 ok = 1;
@@ -369,10 +383,18 @@ extern "C" int mixc_qlinear_sm90(int device, const mixc_gemm *g, void *stream_) 
     if (g->splits < 1 || g->nparts < 1 || g->nparts > 2 || g->Kp % KS) return (int)cudaErrorInvalidValue;
     const int nst = (int)(g->Kp / KS);
     Args90 a;
-    a.sa = g->sa; a.M = g->M; a.Kp = g->Kp; a.n_out = g->n_out;
-    a.G = g->G; a.spg = g->spg; a.ydt = g->ydtype; a.splits = g->splits;
+    a.sa = g->sa;
+    a.M = g->M;
+    a.Kp = g->Kp;
+    a.n_out = g->n_out;
+    a.G = g->G;
+    a.spg = g->spg;
+    a.ydt = g->ydtype;
+    a.splits = g->splits;
     a.sps = (nst + g->splits - 1) / g->splits;
-    a.bias = g->bias; a.y = g->y; a.ws = g->ws;
+    a.bias = g->bias;
+    a.y = g->y;
+    a.ws = g->ws;
     const int nblk = order_parts(g, BN, a.p0, a.p1);
     if (g->M <= 0 || nblk == 0) return 0;
     if (g->M > 0x7FFFFFFF || nblk > 65535) return (int)cudaErrorInvalidValue;
@@ -388,7 +410,8 @@ extern "C" int mixc_qlinear_sm90(int device, const mixc_gemm *g, void *stream_) 
 
     static bool attr_set[64];
     if (device >= 0 && device < 64 && !attr_set[device]) {
-        cudaError_t e = cudaFuncSetAttribute(qgemm_sm90_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES);
+        cudaError_t e =
+            cudaFuncSetAttribute(qgemm_sm90_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES);
         if (e != cudaSuccess) return (int)e;
         attr_set[device] = true;
     }
