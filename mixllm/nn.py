@@ -8,7 +8,9 @@ output positions, so the layer computes the same function, in the same feature o
 or left in float (``weight_only=True``: the weights are dequantized once and cached).
 
 All state lives in registered buffers, so ``state_dict`` / ``load_state_dict`` / ``.to(device)``
-behave as for any module. The kernels' prepacked layouts are rebuilt lazily per device.
+behave as for any module. The kernels' prepacked layouts, and the layer prepared for them (its
+constant arrays checked and converted once, so that a call passes only ``x`` and ``y`` into C), are
+rebuilt lazily per device after ``.to()`` / ``load_state_dict``.
 """
 from __future__ import annotations
 
@@ -175,8 +177,20 @@ class MixedLinear(nn.Module):
             if not ops.cuda_available():
                 return self._forward_emulated(x)
             return self._prepared(x.device)(x)
-        w4, w8, i4, i8 = self._parts()
-        return ops.mixed_linear(x, w4, w8, i4, i8, self.bias)
+        if self.perm.is_cuda:  # CPU input to a layer kept on the GPU: the functional op copies per call
+            w4, w8, i4, i8 = self._parts()
+            return ops.mixed_linear(x, w4, w8, i4, i8, self.bias)
+        return self._prepared_cpu()(x)
+
+    def _prepared_cpu(self):
+        """The layer checked and converted once for the CPU kernels (mixllm.ops.PreparedCPULinear):
+        per call only x and y cross into C; bit-identical to ops.mixed_linear."""
+        lin = self._cache.get("cpu")
+        if lin is None:
+            w4, w8, i4, i8 = self._parts()
+            parts = [(w, i) for w, i in ((w4, i4), (w8, i8)) if w is not None]
+            lin = self._cache["cpu"] = ops.PreparedCPULinear(parts, self.out_features, self.bias)
+        return lin
 
     def _prepared(self, device):
         """The layer validated once for ``device`` (mixllm.cuda_ops.PreparedLinear): per call only

@@ -25,7 +25,7 @@ from . import _C
 __all__ = [
     "quantize_weight", "dequantize_weight", "quantize_activation", "pack_int4", "unpack_int4",
     "salience_accumulate", "salience_accumulate_io", "gptq_quantize", "QuantizedWeight", "w4a8_linear", "w8a8_linear",
-    "mixed_linear", "cpu_impls", "cuda_available",
+    "mixed_linear", "PreparedCPULinear", "cpu_impls", "cuda_available",
 ]
 
 _IMPLS = {"auto": 0, "portable": 1, "avx2": 2, "avx512vnni": 3}
@@ -399,6 +399,87 @@ def _linear(x, parts, n_out, K, g, bias, impl):
                for w, idx in parts]
     _C.cpu_qlinear(x2, c_parts, g, _bias32(bias, n_out), out, _IMPLS[impl])
     return out.reshape(*lead, n_out)
+
+
+class PreparedCPULinear:
+    """A quantized layer (1 or 2 parts) checked and converted once for the CPU kernels: the CPU
+    counterpart of ``mixllm.cuda_ops.PreparedLinear`` and the fast path of ``MixedLinear`` on the CPU.
+
+    ``parts``: ``[(QuantizedWeight, out_index or None), ...]`` as for :func:`mixed_linear`. The
+    constant arrays (prepacked blobs, output indices, bias) become NumPy arrays here, once: a torch
+    tensor crosses into C through its ``__dlpack__`` method, which costs several times the C kernel
+    itself on small layers at one token. A call passes only ``x`` and ``y``, as raw DLPack capsules
+    (``torch.utils.dlpack.to_dlpack``), and gives the same bits as :func:`mixed_linear`.
+
+    The output indices are private int64 copies, checked here to be a permutation (the C op checks
+    them again each call, at O(N)). The bias is read where it lies (a NumPy view when it is a float32
+    CPU tensor), so in-place edits of it take effect, as in :func:`mixed_linear`; a prepared layer
+    does not see later changes of the weights: build a new one (``MixedLinear`` drops its own on
+    ``.to()`` / ``load_state_dict``).
+    """
+
+    def __init__(self, parts, n_out, bias=None, impl: str = "auto"):
+        import torch
+        from torch.utils.dlpack import to_dlpack
+        if impl not in _IMPLS:
+            raise ValueError(f"impl: expected one of {sorted(_IMPLS)}, got {impl!r}")
+        if not parts:
+            raise ValueError("parts: at least one part is required")
+        for w, _ in parts:
+            if not isinstance(w, QuantizedWeight):
+                raise TypeError(f"parts: expected mixllm.ops.QuantizedWeight parts, got {type(w).__name__}")
+        K = parts[0][0].shape[1]
+        g = min(parts[0][0].group_size, K)
+        for w, _ in parts:
+            if w.shape[1] != K or min(w.group_size, K) != g:
+                raise ValueError("parts: every part needs the same K and group_size")
+        if sum(w.shape[0] for w, _ in parts) != n_out:
+            raise ValueError(f"parts: their rows must add up to n_out={n_out}")
+        c_parts, idxs = [], []
+        for w, idx in parts:
+            blob = _to_np_cpu(w.cpu_blob(), "blob", np.uint8)
+            oi = None
+            if idx is not None:
+                oi = np.array(_to_np_cpu(_index(idx, "out_index"), "out_index", np.int64), copy=True)
+                if oi.shape != (w.shape[0],):
+                    raise ValueError(f"out_index: expected shape ({w.shape[0]},), got {oi.shape}")
+                idxs.append(oi)
+            c_parts.append((blob, w.bits, w.shape[0], oi))
+        if idxs:
+            if len(idxs) != len(parts):
+                raise ValueError("parts: give out_index for every part or for none")
+            allidx = np.concatenate(idxs)
+            if (allidx.min(initial=0) < 0 or allidx.max(initial=0) >= n_out
+                    or np.bincount(allidx, minlength=n_out).max(initial=1) != 1):
+                raise ValueError("out_index: must be a permutation of the output columns")
+        elif len(parts) != 1:
+            raise ValueError("parts: out_index is required unless one part covers all outputs")
+        b = _bias32(bias, n_out)
+        if b is not None:
+            b = _to_np_cpu(b, "bias", np.float32)  # a view of a float32 CPU tensor, not a copy
+        self._c_parts, self._bias, self._impl = c_parts, b, _IMPLS[impl]
+        self.K, self.g, self.n_out = K, g, n_out
+        self._torch, self._to_capsule = torch, to_dlpack
+        self._floats = (torch.float32, torch.float16, torch.bfloat16)
+
+    def __call__(self, x):
+        """``y = x W^T + b`` for a CPU torch tensor ``x`` [..., K] (float32/16/bf16), in ``x``'s dtype."""
+        torch = self._torch
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in self._floats:
+            raise TypeError(f"x: expected dtype float32, float16 or bfloat16, got {_dtype_name(x)}")
+        if x.device.type != "cpu":
+            raise ValueError(f"x: expected a CPU tensor, got one on {x.device}")
+        lead = x.shape[:-1]
+        if x.dim() < 1 or x.shape[-1] != self.K:
+            raise ValueError(f"x: expected last dimension {self.K}, got shape {tuple(x.shape)}")
+        x2 = x.detach().reshape(-1, self.K)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        out = torch.empty((x2.shape[0], self.n_out), dtype=x2.dtype)
+        _C.cpu_qlinear(self._to_capsule(x2), self._c_parts, self.g, self._bias, self._to_capsule(out), self._impl)
+        return out.reshape(*lead, self.n_out)
 
 
 def _check_weight(w, bits, name):

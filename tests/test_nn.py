@@ -112,3 +112,67 @@ def test_errors():
         m(torch.zeros(2, 575))
     with pytest.raises(TypeError):
         m(np.zeros((2, 576), np.float32))
+
+
+def _random_mixed(seed, N=200, K=300, frac=0.1, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(K, N, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(N, K, generator=g))
+        if bias:
+            lin.bias.copy_(torch.randn(N, generator=g))
+    rows8 = torch.randperm(N, generator=g)[:int(frac * N)].numpy()
+    return MixedLinear.from_linear(lin, rows8)
+
+
+@pytest.mark.parametrize("frac", [0.0, 0.1, 1.0])
+def test_prepared_cpu_path_is_bit_identical_to_the_functional_op(frac):
+    m = _random_mixed(1, frac=frac, bias=frac != 1.0)  # K = 300: a tail group of 44
+    w4, w8, i4, i8 = m._parts()
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(1, 300, generator=g), torch.randn(300, generator=g), torch.randn(2, 5, 300, generator=g),
+          torch.randn(300, 7, generator=g).T, torch.randn(0, 300, generator=g), torch.randn(33, 300, generator=g)]
+    for x in xs:
+        for dt in (torch.float32, torch.float16, torch.bfloat16):
+            xd = x.to(dt)
+            y = m(xd)
+            ref = ops.mixed_linear(xd, w4, w8, i4, i8, m.bias)
+            assert y.dtype == dt and y.shape == (*x.shape[:-1], 200) and torch.equal(y, ref), (tuple(x.shape), dt)
+    assert "cpu" in m._cache  # the calls above went through the prepared layer
+    with torch.no_grad():  # the bias is read where it lies, as by the functional op
+        if m.bias is not None:
+            m.bias.add_(1.0)
+    x = xs[2]
+    assert torch.equal(m(x), ops.mixed_linear(x, w4, w8, i4, i8, m.bias))
+
+
+def test_prepared_cpu_path_is_rebuilt_after_load_state_dict_and_to():
+    m, other = _random_mixed(3), _random_mixed(4)
+    x = torch.randn(3, 300)
+    y_old = m(x)
+    m.load_state_dict(other.state_dict())
+    assert torch.equal(m(x), other(x)) and not torch.equal(m(x), y_old)
+    prepared = m._cache["cpu"]
+    m.to(torch.float32)  # a (no-op) move drops it too
+    assert "cpu" not in m._cache
+    assert torch.equal(m(x), other(x)) and m._cache["cpu"] is not prepared
+    # a bad permutation loaded into the layer is refused when the layer is prepared
+    sd = other.state_dict()
+    sd["perm"] = sd["perm"].clone()
+    sd["perm"][0] = sd["perm"][1]
+    m.load_state_dict(sd)
+    with pytest.raises(ValueError, match="permutation"):
+        m(x)
+
+
+def test_prepared_cpu_errors():
+    m = _random_mixed(5)
+    with pytest.raises(TypeError, match="x: expected dtype"):
+        m(torch.zeros(2, 300, dtype=torch.float64))
+    with pytest.raises(ValueError, match="last dimension"):
+        m(torch.zeros(2, 301))
+    p = m._prepared_cpu()
+    with pytest.raises(TypeError, match="x: expected a torch.Tensor"):
+        p(np.zeros((2, 300), np.float32))
+    with pytest.raises(ValueError, match="x: contains NaN or Inf"):
+        p(torch.full((1, 300), float("nan")))
