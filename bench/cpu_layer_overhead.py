@@ -9,7 +9,8 @@ process, repeated, minimum per call:
   * ``prepared``: ``MixedLinear.forward`` (``ops.PreparedCPULinear``: constants converted once);
   * ``c_numpy``: ``_C.cpu_qlinear`` on NumPy arrays prepared beforehand (the kernel with the cheapest
     boundary: a floor for the Python side);
-  * ``fp32``: torch ``F.linear`` with the float32 weight.
+  * ``fp32``: the float32 ``nn.Linear`` the layer replaces, called as a module like ``prepared`` (both
+    pay ``nn.Module.__call__``).
 "one block" sums the seven layers of a transformer block. Outputs of ``prepared`` and ``functional`` are
 checked bit-identical first.
 
@@ -26,7 +27,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from mixllm import _C, ops
 from mixllm.nn import MixedLinear
@@ -59,7 +59,7 @@ def _variants(lin, m, x):
         "functional": lambda: ops.mixed_linear(x, w4, w8, i4, i8, m.bias),
         "prepared": lambda: m(x),
         "c_numpy": lambda: _C.cpu_qlinear(xn, c_parts, g, None, yn, 0),
-        "fp32": lambda: F.linear(x, lin.weight),
+        "fp32": lambda: lin(x),
     }
 
 

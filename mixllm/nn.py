@@ -14,7 +14,7 @@ rebuilt lazily per device after ``.to()`` / ``load_state_dict``.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -166,6 +166,9 @@ class MixedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+        lin = self._cache.get("cpu")
+        if lin is not None and not x.is_cuda:  # the common CPU call: the prepared layer checks x itself
+            return lin(x)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected last dimension {self.in_features}, got shape {tuple(x.shape)}")
         if self.weight_only:

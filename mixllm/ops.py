@@ -14,9 +14,8 @@ Formats (docs/spec.md §1), for a weight ``W[N, K]`` with group size ``g`` and `
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
@@ -469,17 +468,16 @@ class PreparedCPULinear:
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
         if x.dtype not in self._floats:
             raise TypeError(f"x: expected dtype float32, float16 or bfloat16, got {_dtype_name(x)}")
-        if x.device.type != "cpu":
+        if not x.is_cpu:
             raise ValueError(f"x: expected a CPU tensor, got one on {x.device}")
-        lead = x.shape[:-1]
-        if x.dim() < 1 or x.shape[-1] != self.K:
-            raise ValueError(f"x: expected last dimension {self.K}, got shape {tuple(x.shape)}")
-        x2 = x.detach().reshape(-1, self.K)
-        if not x2.is_contiguous():
-            x2 = x2.contiguous()
+        shape = x.shape
+        if not shape or shape[-1] != self.K:
+            raise ValueError(f"x: expected last dimension {self.K}, got shape {tuple(shape)}")
+        x2 = x.detach()
+        x2 = x2.view(-1, self.K) if x2.is_contiguous() else x2.reshape(-1, self.K).contiguous()
         out = torch.empty((x2.shape[0], self.n_out), dtype=x2.dtype)
         _C.cpu_qlinear(self._to_capsule(x2), self._c_parts, self.g, self._bias, self._to_capsule(out), self._impl)
-        return out.reshape(*lead, self.n_out)
+        return out.view(*shape[:-1], self.n_out)
 
 
 def _check_weight(w, bits, name):
