@@ -7,7 +7,9 @@ User surface (torchao style)::
     mixllm.save(model, "out/", tokenizer=tok)
     model = mixllm.load("out/")     # or transformers.AutoModelForCausalLM.from_pretrained("out/")
 
-The torch-facing names are imported lazily, so ``mixllm.ops`` works with NumPy alone.
+The torch-facing names are imported lazily, so ``mixllm.ops`` works with NumPy alone; where torch and
+transformers are installed, ``import mixllm`` also registers the ``mixllm`` quantization method with
+transformers (mixllm/hf.py), which imports both.
 """
 from . import ops  # noqa: F401
 
