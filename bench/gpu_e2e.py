@@ -13,6 +13,7 @@ prompt, ``generate(do_sample=False, max_new_tokens=min_new_tokens=N)`` in eager 
 after one warm-up, timed with ``torch.cuda.synchronize``; the median of ``--reps`` runs; the prompt's
 prefill is included in the time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,15 +59,18 @@ def decode_tps(model, prompt, new_tokens, reps):
         sync(dev)
         times.append(time.perf_counter() - t0)
     t = statistics.median(times)
-    return new_tokens / t, out[0, x.shape[1]:].tolist()
+    return new_tokens / t, out[0, x.shape[1] :].tolist()
 
 
 def _static_cache(model, max_len, dtype, device, batch=1):
     """A transformers StaticCache, across the constructor signatures of 4.4x and 5.x."""
     from transformers import StaticCache
+
     cfg = model.config
-    tries = [dict(config=cfg, max_cache_len=max_len),
-             dict(config=cfg, max_batch_size=batch, max_cache_len=max_len, device=device, dtype=dtype)]
+    tries = [
+        dict(config=cfg, max_cache_len=max_len),
+        dict(config=cfg, max_batch_size=batch, max_cache_len=max_len, device=device, dtype=dtype),
+    ]
     err = None
     for kw in tries:
         try:
@@ -98,12 +102,14 @@ def decode_graph_tps(model, prompt, new_tokens, reps):
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        logits = model(input_ids=static_ids, past_key_values=cache, cache_position=static_pos,
-                       use_cache=True).logits
+        logits = model(input_ids=static_ids, past_key_values=cache, cache_position=static_pos, use_cache=True).logits
     # transformers 5.x StaticCache layers count the tokens written in a tensor (advanced inside
     # the graph by each replay); every run restarts it right after the prompt
-    counters = [l.cumulative_length for l in getattr(cache, "layers", [])
-                if torch.is_tensor(getattr(l, "cumulative_length", None))]
+    counters = [
+        l.cumulative_length
+        for l in getattr(cache, "layers", [])
+        if torch.is_tensor(getattr(l, "cumulative_length", None))
+    ]
     times, toks = [], None
     for _ in range(reps + 1):
         for c in counters:
@@ -129,6 +135,7 @@ def decode_graph_tps(model, prompt, new_tokens, reps):
 def layer_times(model, reps=300):
     """us per call of each distinct linear shape at M = 1: eager and as one CUDA-graph replay."""
     from mixllm.nn import MixedLinear
+
     dev = next(model.parameters()).device
     seen, rows = set(), []
     for name, m in model.named_modules():
@@ -161,8 +168,16 @@ def layer_times(model, reps=300):
             g.replay()
         torch.cuda.synchronize()
         graph = (time.perf_counter() - t0) / (reps // 20 * 20) * 1e6
-        rows.append({"layer": name, "K": m.in_features, "N": m.out_features, "type": type(m).__name__,
-                     "eager_us": eager, "graph_us": graph})
+        rows.append(
+            {
+                "layer": name,
+                "K": m.in_features,
+                "N": m.out_features,
+                "type": type(m).__name__,
+                "eager_us": eager,
+                "graph_us": graph,
+            }
+        )
     return rows
 
 
@@ -170,8 +185,12 @@ def graph_decode_and_layers(res, name, model, prompt, args):
     """CUDA-graph decode (kept going on failure: the error goes into the report) and per-layer times."""
     try:
         res[f"tps_graph_{name}"], res[f"tok_graph_{name}"] = decode_graph_tps(model, prompt, args.new_tokens, args.reps)
-        log(f"{name} decode tok/s (CUDA graph)", res[f"tps_graph_{name}"],
-            "same tokens as eager:", res[f"tok_graph_{name}"] == res.get(f"tok_{name}"))
+        log(
+            f"{name} decode tok/s (CUDA graph)",
+            res[f"tps_graph_{name}"],
+            "same tokens as eager:",
+            res[f"tok_graph_{name}"] == res.get(f"tok_{name}"),
+        )
     except Exception as e:
         res[f"graph_{name}_error"] = repr(e)
         log(f"{name} graph decode failed:", repr(e))
@@ -180,8 +199,9 @@ def graph_decode_and_layers(res, name, model, prompt, args):
 
 def to_dtype_outside_mixed(model, dtype):
     """Cast every parameter/buffer outside MixedLinear layers (embeddings, norms, head) to ``dtype``."""
-    mixed = {id(t) for m in model.modules() if isinstance(m, MixedLinear)
-             for t in list(m.parameters()) + list(m.buffers())}
+    mixed = {
+        id(t) for m in model.modules() if isinstance(m, MixedLinear) for t in list(m.parameters()) + list(m.buffers())
+    }
     for m in model.modules():
         if isinstance(m, MixedLinear):
             continue
@@ -200,9 +220,19 @@ def _save(res, out):
 
 
 # Llama-3-8B's shapes (its config.json), typed in: the synthetic model has random weights.
-LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                 num_hidden_layers=32, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
-                 rms_norm_eps=1e-5, tie_word_embeddings=False, hidden_act="silu")
+LLAMA3_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    num_hidden_layers=32,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    hidden_act="silu",
+)
 
 
 @torch.no_grad()
@@ -257,13 +287,19 @@ def synthetic(args):
     """Speed of a Llama-3-8B-shaped model with random weights: bf16 vs W4.4A8 (RTN, a random 10%
     of the rows 8-bit; embeddings, norms and the head stay bf16)."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
     dev = torch.device("cuda")
     cfg = LlamaConfig(**dict(LLAMA3_8B, num_hidden_layers=args.layers))
-    res = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
-           "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "model": f"synthetic Llama-3-8B shapes, {args.layers} blocks, RANDOM weights (speed only)",
-           "config": dict(LLAMA3_8B, num_hidden_layers=args.layers), "new_tokens": args.new_tokens,
-           "prompt_tokens": 32, "prefill_tokens": args.prefill}
+    res = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "model": f"synthetic Llama-3-8B shapes, {args.layers} blocks, RANDOM weights (speed only)",
+        "config": dict(LLAMA3_8B, num_hidden_layers=args.layers),
+        "new_tokens": args.new_tokens,
+        "prompt_tokens": 32,
+        "prefill_tokens": args.prefill,
+    }
     log(res["model"])
     torch.manual_seed(0)
     gen = torch.Generator(device=dev)
@@ -312,8 +348,11 @@ def synthetic(args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--synthetic", action="store_true",
-                    help="Llama-3-8B shapes with random weights: speed of bf16 vs W4.4A8 only (no --ids)")
+    ap.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="Llama-3-8B shapes with random weights: speed of bf16 vs W4.4A8 only (no --ids)",
+    )
     ap.add_argument("--layers", type=int, default=32, help="--synthetic: decoder blocks")
     ap.add_argument("--prefill", type=int, default=2048, help="--synthetic: prefill tokens")
     ap.add_argument("--ids")
@@ -337,15 +376,21 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     t_all = time.time()
     ids = torch.load(args.ids)
-    ev = ids["eval"][:args.eval_tokens].long()
-    calib = ids["calib"][:args.n_calib].long()
+    ev = ids["eval"][: args.eval_tokens].long()
+    calib = ids["calib"][: args.n_calib].long()
     prompt = ev[:32]
     cuda = torch.cuda.is_available()
     gpu = torch.device("cuda") if cuda else None
-    res = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
-           "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
-           "torch": torch.__version__, "threads": args.threads, "eval_tokens": int(ev.numel()),
-           "n_calib": int(calib.shape[0]), "bits": args.bits, "new_tokens": args.new_tokens}
+    res = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
+        "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "eval_tokens": int(ev.numel()),
+        "n_calib": int(calib.shape[0]),
+        "bits": args.bits,
+        "new_tokens": args.new_tokens,
+    }
     log("load")
     model, tok = data.load_model()
     if cuda:
@@ -366,8 +411,9 @@ def main(argv=None):
         torch.cuda.empty_cache()
     log("quantize")
     t0 = time.time()
-    cfg = MixLLMConfig(bits=args.bits, n_calib=int(calib.shape[0]), only=args.only, progress=False,
-                       cache_dir=args.cache_dir)
+    cfg = MixLLMConfig(
+        bits=args.bits, n_calib=int(calib.shape[0]), only=args.only, progress=False, cache_dir=args.cache_dir
+    )
     rep = cfg.apply(model, calib)
     res["quantize_s"] = time.time() - t0
     res["avg_bits"] = rep.get("avg_bits")
@@ -380,6 +426,7 @@ def main(argv=None):
     _save(res, args.out)
     if cuda:
         from mixllm import ops
+
         res["cuda_kernels"] = bool(ops.cuda_available())
         model.to(gpu)
         t0 = time.time()
@@ -448,12 +495,17 @@ def write_md(r, path):
     lb = {(d["K"], d["N"]): d for d in r.get("layers_bf16", [])}
     lm = {(d["K"], d["N"]): d for d in r.get("layers_mixed", [])}
     if lb and lm:
-        lines += ["Per layer at M = 1 (bf16 activations), us per call: eager, and inside a CUDA graph:", "",
-                  "| K x N | bf16 eager | MixedLinear eager | bf16 graph | MixedLinear graph |",
-                  "|---|---:|---:|---:|---:|"]
+        lines += [
+            "Per layer at M = 1 (bf16 activations), us per call: eager, and inside a CUDA graph:",
+            "",
+            "| K x N | bf16 eager | MixedLinear eager | bf16 graph | MixedLinear graph |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for k in sorted(set(lb) & set(lm)):
-            lines.append(f"| {k[0]} x {k[1]} | {lb[k]['eager_us']:.1f} | {lm[k]['eager_us']:.1f} | "
-                         f"{lb[k]['graph_us']:.1f} | {lm[k]['graph_us']:.1f} |")
+            lines.append(
+                f"| {k[0]} x {k[1]} | {lb[k]['eager_us']:.1f} | {lm[k]['eager_us']:.1f} | "
+                f"{lb[k]['graph_us']:.1f} | {lm[k]['graph_us']:.1f} |"
+            )
         lines.append("")
     for k in ("graph_bf16_error", "graph_mixed_error"):
         if k in r:

@@ -25,6 +25,7 @@ is padded to 17 rows (cuBLASLt's int8 path needs M > 16 there).
   python bench/gpu_linear.py [--quick] [--out DIR]
 Prints a table; writes JSON (device, date, all times) to $OUT (if set) and bench/results/.
 """
+
 import argparse
 import datetime
 import json
@@ -109,7 +110,7 @@ def measure_rates(dev):
     a = torch.randint(-127, 128, (8192, 8192), dtype=torch.int8, device=dev)
     b = torch.randint(-127, 128, (8192, 8192), dtype=torch.int8, device=dev)
     t = time_graph([lambda: torch._int_mm(a, b.t())], reps=10)
-    return read_bw, 2 * 8192 ** 3 / (t * 1e-3), copy_bw
+    return read_bw, 2 * 8192**3 / (t * 1e-3), copy_bw
 
 
 def int_mm_q(x, wq_t, sw):
@@ -135,19 +136,23 @@ def bench_shape(N, K, ms, dev, gen, rates, quick):
     bw, i8 = rates[0], rates[1]
     rows = []
     n8 = N // 10
-    w_bf16 = [torch.randn((N, K), device=dev, dtype=torch.bfloat16, generator=gen) * 0.02
-              for _ in range(copies(2 * N * K))]
-    w_i8 = [torch.randint(-127, 128, (N, K), device=dev, dtype=torch.int8, generator=gen)
-            for _ in range(copies(N * K))]
+    w_bf16 = [
+        torch.randn((N, K), device=dev, dtype=torch.bfloat16, generator=gen) * 0.02 for _ in range(copies(2 * N * K))
+    ]
+    w_i8 = [torch.randint(-127, 128, (N, K), device=dev, dtype=torch.int8, generator=gen) for _ in range(copies(N * K))]
     sw = torch.rand((1, N), device=dev, generator=gen) * 1e-2
-    w_f8 = [(torch.randn((N, K), device=dev, dtype=torch.bfloat16, generator=gen) * 0.02).to(torch.float8_e4m3fn)
-            for _ in range(copies(N * K))]
+    w_f8 = [
+        (torch.randn((N, K), device=dev, dtype=torch.bfloat16, generator=gen) * 0.02).to(torch.float8_e4m3fn)
+        for _ in range(copies(N * K))
+    ]
     sw8 = torch.rand((1, N), device=dev, generator=gen) * 1e-2 + 1e-3
     w8 = [rand_qweight(N, K, 8, dev, gen) for _ in range(copies(N * K))]
     w4 = [rand_qweight(N, K, 4, dev, gen) for _ in range(copies(N * K // 2))]
     i4, i8x = split_rows(N, n8, dev, gen)
-    mixed = [(rand_qweight(N - n8, K, 4, dev, gen), rand_qweight(n8, K, 8, dev, gen))
-             for _ in range(copies((N - n8) * K // 2 + n8 * K))]
+    mixed = [
+        (rand_qweight(N - n8, K, 4, dev, gen), rand_qweight(n8, K, 8, dev, gen))
+        for _ in range(copies((N - n8) * K // 2 + n8 * K))
+    ]
     p8 = [cuda_ops.PreparedLinear([(w, None)], N, None, dev) for w in w8]
     p4 = [cuda_ops.PreparedLinear([(w, None)], N, None, dev) for w in w4]
     pmix = [cuda_ops.PreparedLinear([(p[0], i4), (p[1], i8x)], N, None, dev) for p in mixed]
@@ -155,16 +160,21 @@ def bench_shape(N, K, ms, dev, gen, rates, quick):
         nx = max(len(w_bf16), len(w4), len(mixed))
         xs = [torch.randn((M, K), device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(nx)]
         xs17 = [torch.randn((max(M, 17), K), device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(len(w_i8))]
-        xq17 = [torch.randint(-127, 128, (max(M, 17), K), device=dev, dtype=torch.int8, generator=gen)
-                for _ in range(len(w_i8))]
+        xq17 = [
+            torch.randint(-127, 128, (max(M, 17), K), device=dev, dtype=torch.int8, generator=gen)
+            for _ in range(len(w_i8))
+        ]
         r = {"N": N, "K": K, "M": M}
         r["bf16"] = time_graph([(lambda x=xs[i], w=w: F.linear(x, w)) for i, w in enumerate(w_bf16)])
         M16 = max(M, 16)
         x8 = [torch.randn((M16, K), device=dev, generator=gen).to(torch.float8_e4m3fn) for _ in w_f8]
         sx8 = torch.rand((M16, 1), device=dev, generator=gen) + 0.5
-        r["fp8"] = time_graph([(lambda a=x8[i], w=w: torch._scaled_mm(a, w.t(), scale_a=sx8, scale_b=sw8,
-                                                                      out_dtype=torch.bfloat16))
-                               for i, w in enumerate(w_f8)])
+        r["fp8"] = time_graph(
+            [
+                (lambda a=x8[i], w=w: torch._scaled_mm(a, w.t(), scale_a=sx8, scale_b=sw8, out_dtype=torch.bfloat16))
+                for i, w in enumerate(w_f8)
+            ]
+        )
         r["int_mm"] = time_graph([(lambda a=xq17[i], w=w: torch._int_mm(a, w.t())) for i, w in enumerate(w_i8)])
         r["int_mm+q"] = time_graph([(lambda x=xs17[i], w=w: int_mm_q(x, w.t(), sw)) for i, w in enumerate(w_i8)])
         # layers prepared once (as MixedLinear does): the graphs hold only the kernels
@@ -189,25 +199,33 @@ def bench_shape(N, K, ms, dev, gen, rates, quick):
     return rows
 
 
-HEAD = (f"{'N':>6} {'K':>6} {'M':>5} | {'bf16':>8} {'fp8':>8} {'int_mm':>8} {'imm+q':>8} {'w8a8':>8} {'w4a8':>8} "
-        f"{'w4.4a8':>8} {'aq':>6} {'floor':>7} | {'x bf16':>6} {'x fp8':>6} {'x imm':>6} {'x imm+q':>7} {'%floor':>6} "
-        f"{'TB/s':>5} {'TOPS':>5} plan")
+HEAD = (
+    f"{'N':>6} {'K':>6} {'M':>5} | {'bf16':>8} {'fp8':>8} {'int_mm':>8} {'imm+q':>8} {'w8a8':>8} {'w4a8':>8} "
+    f"{'w4.4a8':>8} {'aq':>6} {'floor':>7} | {'x bf16':>6} {'x fp8':>6} {'x imm':>6} {'x imm+q':>7} {'%floor':>6} "
+    f"{'TB/s':>5} {'TOPS':>5} plan"
+)
 
 
 def fmt_row(r):
     us = lambda k: f"{r[k] * 1e3:8.1f}"  # noqa: E731
-    return (f"{r['N']:>6} {r['K']:>6} {r['M']:>5} | {us('bf16')} {us('fp8')} {us('int_mm')} {us('int_mm+q')} "
-            f"{us('w8a8')} {us('w4a8')} {us('w4.4a8')} {r['aq'] * 1e3:6.1f} {r['floor'] * 1e3:7.1f} | "
-            f"{r['x_bf16']:6.2f} {r['x_fp8']:6.2f} {r['x_int_mm']:6.2f} {r['x_int_mm+q']:7.2f} "
-            f"{100 * r['frac_floor']:5.0f}% {r['w4.4_TBps']:5.2f} {r['w4.4_TOPS']:5.0f} {r['plan']}")
+    return (
+        f"{r['N']:>6} {r['K']:>6} {r['M']:>5} | {us('bf16')} {us('fp8')} {us('int_mm')} {us('int_mm+q')} "
+        f"{us('w8a8')} {us('w4a8')} {us('w4.4a8')} {r['aq'] * 1e3:6.1f} {r['floor'] * 1e3:7.1f} | "
+        f"{r['x_bf16']:6.2f} {r['x_fp8']:6.2f} {r['x_int_mm']:6.2f} {r['x_int_mm+q']:7.2f} "
+        f"{100 * r['frac_floor']:5.0f}% {r['w4.4_TBps']:5.2f} {r['w4.4_TOPS']:5.0f} {r['plan']}"
+    )
 
 
 def tune(dev, gen):
     """W4.4A8 time of every tile configuration (auto split-K) on the 70B shapes."""
     from mixllm import _cuda
+
     print("# tune: W4.4A8 us per tile configuration (auto split-K)")
-    print(f"{'N':>6} {'K':>6} {'M':>5} | " + " ".join(f"{_cuda.plan(0, 1, (16,), 128, c, 1)[2]:>10}"
-                                                  for c in range(_cuda.NCFG)) + " | auto")
+    print(
+        f"{'N':>6} {'K':>6} {'M':>5} | "
+        + " ".join(f"{_cuda.plan(0, 1, (16,), 128, c, 1)[2]:>10}" for c in range(_cuda.NCFG))
+        + " | auto"
+    )
     for N, K in SHAPES[4:6]:
         n8 = N // 10
         i4, i8 = split_rows(N, n8, dev, gen)
@@ -218,8 +236,10 @@ def tune(dev, gen):
             pl = [cuda_ops.PreparedLinear([(p[0], i4), (p[1], i8)], N, None, dev) for p in mixed]
             for c in list(range(_cuda.NCFG)) + [-1]:
                 ts.append(time_graph([(lambda x=xs[i], l=l: l(x, cfg=c)) for i, l in enumerate(pl)], reps=7))
-            print(f"{N:>6} {K:>6} {M:>5} | " + " ".join(f"{t * 1e3:10.1f}" for t in ts[:-1]) + f" | {ts[-1] * 1e3:.1f}",
-                  flush=True)
+            print(
+                f"{N:>6} {K:>6} {M:>5} | " + " ".join(f"{t * 1e3:10.1f}" for t in ts[:-1]) + f" | {ts[-1] * 1e3:.1f}",
+                flush=True,
+            )
         del mixed
         torch.cuda.empty_cache()
 
@@ -262,10 +282,12 @@ def main():
     rates = measure_rates(dev)
     name = torch.cuda.get_device_name(dev)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
-    print(f"# {name}, {date}, torch {torch.__version__}; read-only stream {rates[0] / 1e12:.2f} TB/s, "
-          f"copy {rates[2] / 1e12:.2f} TB/s, _int_mm 8192^3 {rates[1] / 1e12:.0f} TOPS; times in us "
-          "(median of CUDA-graph replays); floor here from the read-only rate, final table below from the "
-          "best streaming rate")
+    print(
+        f"# {name}, {date}, torch {torch.__version__}; read-only stream {rates[0] / 1e12:.2f} TB/s, "
+        f"copy {rates[2] / 1e12:.2f} TB/s, _int_mm 8192^3 {rates[1] / 1e12:.0f} TOPS; times in us "
+        "(median of CUDA-graph replays); floor here from the read-only rate, final table below from the "
+        "best streaming rate"
+    )
     print(HEAD)
     shapes = SHAPES[4:6] if args.quick else SHAPES
     ms = [1, 64, 4096] if args.quick else MS
@@ -278,12 +300,23 @@ def main():
     stream_bw = max(rates[0], gemv_bw)
     for r in rows:
         set_floor(r, stream_bw, rates[1])
-    res = {"device": name, "date": date, "torch": torch.__version__, "read_Bps": rates[0], "copy_Bps": rates[2],
-           "bf16_gemv_Bps": gemv_bw, "stream_Bps": stream_bw, "int8_ops": rates[1],
-           "units": "ms per call", "rows": rows}
+    res = {
+        "device": name,
+        "date": date,
+        "torch": torch.__version__,
+        "read_Bps": rates[0],
+        "copy_Bps": rates[2],
+        "bf16_gemv_Bps": gemv_bw,
+        "stream_Bps": stream_bw,
+        "int8_ops": rates[1],
+        "units": "ms per call",
+        "rows": rows,
+    }
     write_json(res, "gpu_linear", date, args.out)
-    print(f"\n# streaming floor: {stream_bw / 1e12:.2f} TB/s (read-only sum {rates[0] / 1e12:.2f}, "
-          f"bf16 GEMV {gemv_bw / 1e12:.2f}; copy {rates[2] / 1e12:.2f})")
+    print(
+        f"\n# streaming floor: {stream_bw / 1e12:.2f} TB/s (read-only sum {rates[0] / 1e12:.2f}, "
+        f"bf16 GEMV {gemv_bw / 1e12:.2f}; copy {rates[2] / 1e12:.2f})"
+    )
     print_goals(rows)
     print("\n" + HEAD)
     for r in rows:
@@ -303,11 +336,12 @@ def write_json(res, stem, date, out):
 
 def print_goals(rows):
     """The goals of issue 11 (W4.4A8 mixed layer), met or not, with the measured ratios."""
+
     def line(what, rs, key, goal):
         if rs:
             v = min(r[key] for r in rs)
-            print(f"{'MET ' if v >= goal else 'not '} {what}: min {v:.2f}x (goal {goal}x) over "
-                  f"{len(rs)} rows")
+            print(f"{'MET ' if v >= goal else 'not '} {what}: min {v:.2f}x (goal {goal}x) over {len(rs)} rows")
+
     big = [r for r in rows if (r["N"], r["K"]) in ((28672, 8192), (8192, 28672))]
     small = [r for r in rows if r["K"] == 4096 or r["N"] == 4096]
     small = [r for r in small if (r["N"], r["K"]) not in ((28672, 8192), (8192, 28672))]
@@ -320,25 +354,33 @@ def print_goals(rows):
     line("prefill 70B shapes M=4096 vs bf16", [r for r in big if r["M"] == 4096], "x_bf16", 1.6)
     dec = [r for r in rows if r["M"] <= 64]
     if dec:
-        print(f"      decode M<=64: fraction of the streaming floor {min(r['frac_floor'] for r in dec):.2f} .. "
-              f"{max(r['frac_floor'] for r in dec):.2f} (goal 0.85)")
+        print(
+            f"      decode M<=64: fraction of the streaming floor {min(r['frac_floor'] for r in dec):.2f} .. "
+            f"{max(r['frac_floor'] for r in dec):.2f} (goal 0.85)"
+        )
     pre = [r for r in rows if r["M"] >= 1024]
     if pre:
-        print(f"      prefill M>=1024 vs FP8 _scaled_mm: {min(r['x_fp8'] for r in pre):.2f} .. "
-              f"{max(r['x_fp8'] for r in pre):.2f}x")
+        print(
+            f"      prefill M>=1024 vs FP8 _scaled_mm: {min(r['x_fp8'] for r in pre):.2f} .. "
+            f"{max(r['x_fp8'] for r in pre):.2f}x"
+        )
 
 
 def decode_sweep(dev, gen, out):
     """The decode kernel (auto and every warp count) against the best mma.sync tile (auto split-K)
     and bf16, M = 1..64, on every shape plus two small (Llama-3-8B k/v, SmolLM-sized) ones."""
     from mixllm import _cuda
+
     decode = next(c for c in range(_cuda.NCFG) if _cuda.plan(0, 1, (16,), 128, c, 1)[2] == "decode_gemv")
     mma = [c for c in range(_cuda.NCFG) if _cuda.plan(0, 1, (16,), 128, c, 1)[2].startswith("w")]
     name = torch.cuda.get_device_name(dev)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
     print(f"# decode sweep, {name}, {date}: W4.4A8 us; 'mma' = best mma.sync tile (auto split-K)")
-    print(f"{'N':>6} {'K':>6} {'M':>3} | {'bf16':>7} {'mma':>7} {'cfg':>11} | {'dec':>7} {'kw':>3} | "
-          + " ".join(f"{'kw' + str(k):>7}" for k in (1, 2, 4, 8)) + " | x bf16  x mma")
+    print(
+        f"{'N':>6} {'K':>6} {'M':>3} | {'bf16':>7} {'mma':>7} {'cfg':>11} | {'dec':>7} {'kw':>3} | "
+        + " ".join(f"{'kw' + str(k):>7}" for k in (1, 2, 4, 8))
+        + " | x bf16  x mma"
+    )
     rows = []
     for N, K in [(1024, 4096)] + SHAPES:
         n8 = N // 10
@@ -349,12 +391,23 @@ def decode_sweep(dev, gen, out):
         wb = [torch.randn((N, K), device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(copies(2 * N * K))]
         for M in (1, 4, 16, 32, 64):
             xs = [torch.randn((M, K), device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(max(nc, len(wb)))]
-            t = lambda c, sp=0: time_graph([(lambda x=xs[i], l=l: l(x, cfg=c, splits=sp))  # noqa: E731
-                                            for i, l in enumerate(pl)], reps=9)
+            t = lambda c, sp=0: time_graph(
+                [
+                    (lambda x=xs[i], l=l: l(x, cfg=c, splits=sp))  # noqa: E731
+                    for i, l in enumerate(pl)
+                ],
+                reps=9,
+            )
             r = {"N": N, "K": K, "M": M}
             r["bf16"] = time_graph([(lambda x=xs[i], w=w: F.linear(x, w)) for i, w in enumerate(wb)], reps=9)
-            tm = {c: t(c) for c in mma if (c in (0, 6) and M <= 8) or (c in (1, 7) and M <= 16)
-                  or (c in (2, 8) and 8 < M <= 32) or (c in (3, 9) and M > 16)}
+            tm = {
+                c: t(c)
+                for c in mma
+                if (c in (0, 6) and M <= 8)
+                or (c in (1, 7) and M <= 16)
+                or (c in (2, 8) and 8 < M <= 32)
+                or (c in (3, 9) and M > 16)
+            }
             r["mma_cfg"] = min(tm, key=tm.get)
             r["mma"] = tm[r["mma_cfg"]]
             r["decode"] = t(decode)
@@ -362,10 +415,14 @@ def decode_sweep(dev, gen, out):
             for k in (1, 2, 4, 8):
                 r[f"kw{k}"] = t(decode, k)
             rows.append(r)
-            print(f"{N:>6} {K:>6} {M:>3} | {r['bf16'] * 1e3:7.1f} {r['mma'] * 1e3:7.1f} "
-                  f"{_cuda.plan(0, 1, (16,), 128, r['mma_cfg'], 1)[2]:>11} | {r['decode'] * 1e3:7.1f} "
-                  f"{r['decode_kw']:>3} | " + " ".join(f"{r[f'kw{k}'] * 1e3:7.1f}" for k in (1, 2, 4, 8))
-                  + f" | {r['bf16'] / r['decode']:6.2f} {r['mma'] / r['decode']:6.2f}", flush=True)
+            print(
+                f"{N:>6} {K:>6} {M:>3} | {r['bf16'] * 1e3:7.1f} {r['mma'] * 1e3:7.1f} "
+                f"{_cuda.plan(0, 1, (16,), 128, r['mma_cfg'], 1)[2]:>11} | {r['decode'] * 1e3:7.1f} "
+                f"{r['decode_kw']:>3} | "
+                + " ".join(f"{r[f'kw{k}'] * 1e3:7.1f}" for k in (1, 2, 4, 8))
+                + f" | {r['bf16'] / r['decode']:6.2f} {r['mma'] / r['decode']:6.2f}",
+                flush=True,
+            )
             del xs
         del mixed, pl, wb
         torch.cuda.empty_cache()

@@ -10,6 +10,7 @@ wgmma layer's max difference from the mma.sync one (both without split-K), relat
 
   python bench/gpu_sm90.py [--ms 1024,4096] [--out DIR]
 """
+
 import argparse
 import datetime
 import json
@@ -42,8 +43,10 @@ def main():
     name = torch.cuda.get_device_name(dev)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
     print(f"# {name}, {date}, torch {torch.__version__}; us per call")
-    head = (f"{'N':>6} {'K':>6} {'M':>5} | {'bf16':>8} {'int_mm':>8} {'imm+q':>8} | {'w4.4 wg':>8} {'w4.4 mma':>8} "
-            f"{'w4 wg':>8} | {'x bf16':>6} {'x imm':>6} {'x imm+q':>7} {'TOPS':>5} {'vs mma':>6} {'rel.diff':>8}")
+    head = (
+        f"{'N':>6} {'K':>6} {'M':>5} | {'bf16':>8} {'int_mm':>8} {'imm+q':>8} | {'w4.4 wg':>8} {'w4.4 mma':>8} "
+        f"{'w4 wg':>8} | {'x bf16':>6} {'x imm':>6} {'x imm+q':>7} {'TOPS':>5} {'vs mma':>6} {'rel.diff':>8}"
+    )
     print(head, flush=True)
     rows = []
     for N, K in shapes:
@@ -52,10 +55,13 @@ def main():
         nm = copies((N - n8) * K // 2 + n8 * K)
         mixed = [(rand_qweight(N - n8, K, 4, dev, gen), rand_qweight(n8, K, 8, dev, gen)) for _ in range(nm)]
         w4 = [rand_qweight(N, K, 4, dev, gen) for _ in range(copies(N * K // 2))]
-        w_bf16 = [torch.randn((N, K), device=dev, dtype=torch.bfloat16, generator=gen) * 0.02
-                  for _ in range(copies(2 * N * K))]
-        w_i8 = [torch.randint(-127, 128, (N, K), device=dev, dtype=torch.int8, generator=gen)
-                for _ in range(copies(N * K))]
+        w_bf16 = [
+            torch.randn((N, K), device=dev, dtype=torch.bfloat16, generator=gen) * 0.02
+            for _ in range(copies(2 * N * K))
+        ]
+        w_i8 = [
+            torch.randint(-127, 128, (N, K), device=dev, dtype=torch.int8, generator=gen) for _ in range(copies(N * K))
+        ]
         sw = torch.rand((1, N), device=dev, generator=gen) * 1e-2
         for M in ms:
             nx = max(len(mixed), len(w4), len(w_bf16), len(w_i8))
@@ -67,27 +73,39 @@ def main():
             r["int_mm+q"] = time_graph([(lambda x=xs[i], w=w: int_mm_q(x, w.t(), sw)) for i, w in enumerate(w_i8)])
 
             def mixed_fn(c):
-                return [(lambda x=xs[i], p=p: cuda_ops.qlinear(x, [(p[0], i4), (p[1], i8)], N, None, (M,), cfg=c))
-                        for i, p in enumerate(mixed)]
+                return [
+                    (lambda x=xs[i], p=p: cuda_ops.qlinear(x, [(p[0], i4), (p[1], i8)], N, None, (M,), cfg=c))
+                    for i, p in enumerate(mixed)
+                ]
+
             r["w4.4_wgmma"] = time_graph(mixed_fn(SM90))
             r["w4.4_mma"] = time_graph(mixed_fn(MMA))
             if M <= 512:  # below the prefill sizes the planner's mma.sync choice may be the 128-token tile
                 r["w4.4_mma"] = min(r["w4.4_mma"], time_graph(mixed_fn(4)))
-            r["w4_wgmma"] = time_graph([(lambda x=xs[i], w=w: cuda_ops.qlinear(x, [(w, None)], N, None, (M,), cfg=SM90))
-                                        for i, w in enumerate(w4)])
+            r["w4_wgmma"] = time_graph(
+                [
+                    (lambda x=xs[i], w=w: cuda_ops.qlinear(x, [(w, None)], N, None, (M,), cfg=SM90))
+                    for i, w in enumerate(w4)
+                ]
+            )
             r["plan"] = cuda_ops.plan(M, (N - n8, n8), K)[2]
             ya = cuda_ops.qlinear(xs[0], [(mixed[0][0], i4), (mixed[0][1], i8)], N, None, (M,), cfg=SM90).float()
-            yb = cuda_ops.qlinear(xs[0], [(mixed[0][0], i4), (mixed[0][1], i8)], N, None, (M,), cfg=MMA, splits=1).float()
+            yb = cuda_ops.qlinear(
+                xs[0], [(mixed[0][0], i4), (mixed[0][1], i8)], N, None, (M,), cfg=MMA, splits=1
+            ).float()
             r["rel_diff"] = ((ya - yb).abs().max() / yb.abs().max()).item()
             t = r["w4.4_wgmma"]
             r["x_bf16"], r["x_int_mm"], r["x_int_mm+q"] = r["bf16"] / t, r["int_mm"] / t, r["int_mm+q"] / t
             r["x_mma"] = r["w4.4_mma"] / t
             r["TOPS"] = 2 * M * N * K / (t * 1e-3) / 1e12
             rows.append(r)
-            print(f"{N:>6} {K:>6} {M:>5} | {r['bf16'] * 1e3:8.1f} {r['int_mm'] * 1e3:8.1f} {r['int_mm+q'] * 1e3:8.1f} | "
-                  f"{t * 1e3:8.1f} {r['w4.4_mma'] * 1e3:8.1f} {r['w4_wgmma'] * 1e3:8.1f} | {r['x_bf16']:6.2f} "
-                  f"{r['x_int_mm']:6.2f} {r['x_int_mm+q']:7.2f} {r['TOPS']:5.0f} {r['x_mma']:6.2f} {r['rel_diff']:8.1e} "
-                  f"{r['plan']}", flush=True)
+            print(
+                f"{N:>6} {K:>6} {M:>5} | {r['bf16'] * 1e3:8.1f} {r['int_mm'] * 1e3:8.1f} {r['int_mm+q'] * 1e3:8.1f} | "
+                f"{t * 1e3:8.1f} {r['w4.4_mma'] * 1e3:8.1f} {r['w4_wgmma'] * 1e3:8.1f} | {r['x_bf16']:6.2f} "
+                f"{r['x_int_mm']:6.2f} {r['x_int_mm+q']:7.2f} {r['TOPS']:5.0f} {r['x_mma']:6.2f} {r['rel_diff']:8.1e} "
+                f"{r['plan']}",
+                flush=True,
+            )
             del xs, xq
         del mixed, w4, w_bf16, w_i8
         torch.cuda.empty_cache()

@@ -4,6 +4,7 @@ W4.4A8 mixed layer timed as CUDA-graph replays with and without programmatic dep
 
     python3 bench/gpu_variants.py [--out DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,6 +49,7 @@ def profile(dev, gen):
 def tune(dev, gen, ms):
     """W4.4A8 us of every mma.sync tile configuration (auto split-K, and split-K off) at small M."""
     from mixllm import _cuda
+
     names = [_cuda.plan(0, 1, (16,), 128, c, 1)[2] for c in range(_cuda.NCFG)]
     print(f"{'N':>6} {'K':>6} {'M':>3} split | " + " ".join(f"{n:>11}" for n in names) + " | auto")
     rows = []
@@ -55,16 +57,27 @@ def tune(dev, gen, ms):
         n8 = N // 10
         i4, i8 = split_rows(N, n8, dev, gen)
         nc = copies((N - n8) * K // 2 + n8 * K)
-        ls = [cuda_ops.PreparedLinear([(rand_qweight(N - n8, K, 4, dev, gen), i4), (rand_qweight(n8, K, 8, dev, gen), i8)],
-                                      N, None, dev) for _ in range(nc)]
+        ls = [
+            cuda_ops.PreparedLinear(
+                [(rand_qweight(N - n8, K, 4, dev, gen), i4), (rand_qweight(n8, K, 8, dev, gen), i8)], N, None, dev
+            )
+            for _ in range(nc)
+        ]
         for M in ms:
             xs = [torch.randn((M, K), device=dev, dtype=torch.bfloat16, generator=gen) for _ in ls]
             for sp in (0, 1):
-                ts = [time_graph([(lambda x=xs[i], l=l, c=c: l(x, cfg=c, splits=sp)) for i, l in enumerate(ls)],
-                                 reps=7) * 1e3 for c in list(range(_cuda.NCFG)) + [-1]]
+                ts = [
+                    time_graph([(lambda x=xs[i], l=l, c=c: l(x, cfg=c, splits=sp)) for i, l in enumerate(ls)], reps=7)
+                    * 1e3
+                    for c in list(range(_cuda.NCFG)) + [-1]
+                ]
                 rows.append({"N": N, "K": K, "M": M, "splits": "auto" if sp == 0 else 1, "us": ts})
-                print(f"{N:>6} {K:>6} {M:>3} {'auto' if sp == 0 else '1':>5} | "
-                      + " ".join(f"{t:11.1f}" for t in ts[:-1]) + f" | {ts[-1]:.1f}", flush=True)
+                print(
+                    f"{N:>6} {K:>6} {M:>3} {'auto' if sp == 0 else '1':>5} | "
+                    + " ".join(f"{t:11.1f}" for t in ts[:-1])
+                    + f" | {ts[-1]:.1f}",
+                    flush=True,
+                )
         del ls
         torch.cuda.empty_cache()
     return rows
@@ -95,11 +108,15 @@ def main():
         nc = copies((N - n8) * K // 2 + n8 * K)
         mixed = [(rand_qweight(N - n8, K, 4, dev, gen), rand_qweight(n8, K, 8, dev, gen)) for _ in range(nc)]
         wb = [torch.randn((N, K), device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(copies(2 * N * K))]
-        layers = {v: [cuda_ops.PreparedLinear([(p[0], i4), (p[1], i8)], N, None, dev, **kw) for p in mixed]
-                  for v, (kw, _) in VARIANTS.items()}
+        layers = {
+            v: [cuda_ops.PreparedLinear([(p[0], i4), (p[1], i8)], N, None, dev, **kw) for p in mixed]
+            for v, (kw, _) in VARIANTS.items()
+        }
         for M in [int(m) for m in args.ms.split(",")]:
-            xs = [torch.randn((M, K), device=dev, dtype=torch.bfloat16, generator=gen)
-                  for _ in range(max(len(mixed), len(wb)))]
+            xs = [
+                torch.randn((M, K), device=dev, dtype=torch.bfloat16, generator=gen)
+                for _ in range(max(len(mixed), len(wb)))
+            ]
             r = {"N": N, "K": K, "M": M}
             r["bf16"] = time_graph([(lambda x=xs[i], w=w: F.linear(x, w)) for i, w in enumerate(wb)]) * 1e3
             for v, (_, ckw) in VARIANTS.items():
@@ -107,8 +124,12 @@ def main():
             p = layers["pdl"][0].plan(M)
             r["plan"] = f"{p[3]}/s{p[1]}"
             rows.append(r)
-            print(f"{N:>6} {K:>6} {M:>3} | {r['bf16']:7.1f} | " + " ".join(f"{r[v]:20.1f}" for v in VARIANTS)
-                  + f" | {r['plan']}", flush=True)
+            print(
+                f"{N:>6} {K:>6} {M:>3} | {r['bf16']:7.1f} | "
+                + " ".join(f"{r[v]:20.1f}" for v in VARIANTS)
+                + f" | {r['plan']}",
+                flush=True,
+            )
         del mixed, wb, layers
         torch.cuda.empty_cache()
     if args.out:

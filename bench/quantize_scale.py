@@ -21,6 +21,7 @@ on the host (C GPTQ) and on the GPU (PyTorch GPTQ), and evaluates both quantized
 Writes ``$OUT/quantize_scale_<model>.json`` (or ``--out``): times per phase in total and per block, peak
 GPU memory (in total and of the block-by-block pass), peak host memory (max RSS), device and date.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,17 +37,34 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 CONFIGS = {  # from the published config.json files of meta-llama/Meta-Llama-3-8B and -70B
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-               num_hidden_layers=32, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
-               rms_norm_eps=1e-5),
-    "70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
-                num_hidden_layers=80, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
-                rms_norm_eps=1e-5),
+    "8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        num_hidden_layers=32,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+    ),
+    "70b": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        num_hidden_layers=80,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+    ),
 }
 
 
 def build(name: str, layers: int, device: str):
     from transformers import LlamaConfig, LlamaForCausalLM
+
     kw = dict(CONFIGS[name], num_hidden_layers=layers)
     cfg = LlamaConfig(**kw)
     torch.manual_seed(0)
@@ -61,15 +79,23 @@ def build(name: str, layers: int, device: str):
 
 
 def host_peak_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def run(model, ids, offload: bool, progress: bool):
     from mixllm.methods.mixllm import MixLLMConfig
     from mixllm.pipeline import PhaseTimer
+
     timer = PhaseTimer()
-    cfg = MixLLMConfig(bits=4.4, n_calib=ids.shape[0], seq_len=ids.shape[1], device="cuda", offload=offload,
-                       progress=progress, cache_dir=None)
+    cfg = MixLLMConfig(
+        bits=4.4,
+        n_calib=ids.shape[0],
+        seq_len=ids.shape[1],
+        device="cuda",
+        offload=offload,
+        progress=progress,
+        cache_dir=None,
+    )
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     rep = cfg.apply(model, ids, timer=timer)
@@ -84,21 +110,28 @@ def compare_default(a, res):
     from mixllm.methods.mixllm import MixLLMConfig
     from mixllm.nn import MixedLinear
     from mixllm.pipeline import PhaseTimer
+
     torch.set_num_threads(os.cpu_count())
     base, tok = data.load_model()
     ids = data.calibration_samples(tok, a.n_calib, a.seq_len, 0)
     ev = tok(data.evaluation_text(), return_tensors="pt").input_ids[0][:16384]
-    res.update(model="SmolLM2-135M-Instruct (default real model), float32", n_calib=a.n_calib, seq_len=a.seq_len,
-               eval_tokens=int(ev.numel()))
+    res.update(
+        model="SmolLM2-135M-Instruct (default real model), float32",
+        n_calib=a.n_calib,
+        seq_len=a.seq_len,
+        eval_tokens=int(ev.numel()),
+    )
     res["fp32_ppl"] = perplexity(base, ev, 512, progress=False)
     models = {}
     import copy
+
     for dev in ("cpu", "cuda"):
         m = copy.deepcopy(base)
         t = PhaseTimer()
         t0 = time.perf_counter()
-        MixLLMConfig(bits=4.4, n_calib=a.n_calib, seq_len=a.seq_len, device=dev, progress=False,
-                     cache_dir=None).apply(m, ids, timer=t)
+        MixLLMConfig(bits=4.4, n_calib=a.n_calib, seq_len=a.seq_len, device=dev, progress=False, cache_dir=None).apply(
+            m, ids, timer=t
+        )
         res[f"{dev}_pipeline_s"] = time.perf_counter() - t0
         res[f"{dev}_phases_s"] = dict(t.total)
         m.to("cpu")
@@ -106,9 +139,11 @@ def compare_default(a, res):
         models[dev] = m
         print(dev, res[f"{dev}_pipeline_s"], res[f"{dev}_ppl"], flush=True)
     same = tot = 0
-    for (n, a8), (_, b8) in zip(((n, x) for n, x in models["cpu"].named_modules() if isinstance(x, MixedLinear)),
-                                ((n, x) for n, x in models["cuda"].named_modules() if isinstance(x, MixedLinear))):
-        ra, rb = set(a8.perm[:a8.n8].tolist()), set(b8.perm[:b8.n8].tolist())
+    for (n, a8), (_, b8) in zip(
+        ((n, x) for n, x in models["cpu"].named_modules() if isinstance(x, MixedLinear)),
+        ((n, x) for n, x in models["cuda"].named_modules() if isinstance(x, MixedLinear)),
+    ):
+        ra, rb = set(a8.perm[: a8.n8].tolist()), set(b8.perm[: b8.n8].tolist())
         same += len(ra & rb)
         tot += max(len(ra), len(rb))
     res["rows8_agreement"] = same / max(tot, 1)
@@ -125,8 +160,12 @@ def main():
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args()
     if a.model == "default":
-        res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "host_cpus": os.cpu_count(),
-               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")}
+        res = {
+            "device": torch.cuda.get_device_name(0),
+            "torch": torch.__version__,
+            "host_cpus": os.cpu_count(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
+        }
         compare_default(a, res)
         print(json.dumps(res, indent=1), flush=True)
         with open(a.out or os.path.join(os.environ.get("OUT", "."), "quantize_scale_default.json"), "w") as f:
@@ -134,13 +173,21 @@ def main():
         return
     L = a.layers or CONFIGS[a.model]["num_hidden_layers"]
     L_full = CONFIGS[a.model]["num_hidden_layers"]
-    ids = torch.randint(0, CONFIGS[a.model]["vocab_size"], (a.n_calib, a.seq_len),
-                        generator=torch.Generator().manual_seed(0))
-    res = {"model": f"Llama-3-{a.model.upper()}-shaped, random bf16 weights", "config": CONFIGS[a.model],
-           "layers_run": L, "n_calib": a.n_calib, "seq_len": a.seq_len, "budget": "W4.4A8, GPTQ + clip, global",
-           "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
-           "host_cpus": os.cpu_count()}
+    ids = torch.randint(
+        0, CONFIGS[a.model]["vocab_size"], (a.n_calib, a.seq_len), generator=torch.Generator().manual_seed(0)
+    )
+    res = {
+        "model": f"Llama-3-{a.model.upper()}-shaped, random bf16 weights",
+        "config": CONFIGS[a.model],
+        "layers_run": L,
+        "n_calib": a.n_calib,
+        "seq_len": a.seq_len,
+        "budget": "W4.4A8, GPTQ + clip, global",
+        "device": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
+        "host_cpus": os.cpu_count(),
+    }
     print(json.dumps({k: v for k, v in res.items() if k != "config"}), flush=True)
 
     if a.model == "8b":
@@ -158,9 +205,11 @@ def main():
             model, cfg = build(a.model, depth, "cuda")
             from mixllm.methods.mixllm import MixLLMConfig
             from mixllm.pipeline import PhaseTimer
+
             c = MixLLMConfig(bits=4.4, device="cuda", progress=not a.quiet, cache_dir=None)
             t = PhaseTimer()
             from mixllm.calib import target_linears
+
             c._salience(model, target_linears(model), ids, "", t)
             sal[depth] = t.total["salience"]
             del model

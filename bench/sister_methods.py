@@ -13,6 +13,7 @@ sequences of 512 tokens (seed 0) from the calibration split, 4096 evaluation tok
 GPTQ and SliM-LLM calibrate sequentially (block by block on the quantized prefix, as the GPTQ paper);
 CMPQ uses one pass of the full-precision model (its statistics are shared by a sweep); RTN needs none.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,6 +35,7 @@ def make_config(method: str, bits: float, group_size: int):
     from mixllm.methods.baselines import GPTQConfig, RTNConfig
     from mixllm.methods.cmpq import CMPQConfig
     from mixllm.methods.slim import SliMConfig
+
     if method == "rtn":
         return RTNConfig(bits=int(bits), group_size=group_size)
     if method == "gptq":
@@ -44,6 +46,7 @@ def make_config(method: str, bits: float, group_size: int):
         return CMPQConfig(bits=float(bits))
     if method == "mixllm":
         from mixllm.methods.mixllm import MixLLMConfig
+
         return MixLLMConfig(bits=float(bits), weight_only=True, group_size=group_size)
     raise ValueError(f"unknown method {method!r}")
 
@@ -64,6 +67,7 @@ def run_one(base, tok, method, bits, args, stats=None, calib_ids=None):
     from mixllm.eval import perplexity
     from mixllm import data
     from mixllm.methods import quantize
+
     model = copy.deepcopy(base)
     t0 = time.time()
     if method == "fp16":
@@ -82,19 +86,32 @@ def run_one(base, tok, method, bits, args, stats=None, calib_ids=None):
             qbytes = int(report.get("quantized_linear_bytes", 0)) or None
     tq = time.time() - t0
     t0 = time.time()
-    ppl = perplexity(model, data.evaluation_text(), seq_len=args.seq_len, tokenizer=tok,
-                     max_tokens=args.eval_tokens, progress=False)
+    ppl = perplexity(
+        model, data.evaluation_text(), seq_len=args.seq_len, tokenizer=tok, max_tokens=args.eval_tokens, progress=False
+    )
     te = time.time() - t0
-    lin_params = sum(m.in_features * m.out_features for n, m in base.named_modules()
-                     if isinstance(m, torch.nn.Linear) and ".layers." in n)
+    lin_params = sum(
+        m.in_features * m.out_features
+        for n, m in base.named_modules()
+        if isinstance(m, torch.nn.Linear) and ".layers." in n
+    )
     rest = fp16_bytes_of_rest(model, qnames)
-    row = dict(method=method, bits=bits, ppl=round(ppl, 3), avg_bits=round(float(report.get("avg_bits", 16)), 4),
-               linear_MB=round((qbytes if qbytes else lin_params * 2) / 1e6, 3),
-               model_MB=round(((qbytes if qbytes else lin_params * 2) + rest) / 1e6, 3),
-               quant_s=round(tq, 1), eval_s=round(te, 1), n_calib=args.n_calib, seq_len=args.seq_len,
-               eval_tokens=args.eval_tokens, group_size=args.group_size,
-               calibration=report.get("calibration", "none" if method in ("fp16", "rtn") else "one-pass"),
-               command=f"python bench/sister_methods.py --method {method} --bits {bits}")
+    row = dict(
+        method=method,
+        bits=bits,
+        ppl=round(ppl, 3),
+        avg_bits=round(float(report.get("avg_bits", 16)), 4),
+        linear_MB=round((qbytes if qbytes else lin_params * 2) / 1e6, 3),
+        model_MB=round(((qbytes if qbytes else lin_params * 2) + rest) / 1e6, 3),
+        quant_s=round(tq, 1),
+        eval_s=round(te, 1),
+        n_calib=args.n_calib,
+        seq_len=args.seq_len,
+        eval_tokens=args.eval_tokens,
+        group_size=args.group_size,
+        calibration=report.get("calibration", "none" if method in ("fp16", "rtn") else "one-pass"),
+        command=f"python bench/sister_methods.py --method {method} --bits {bits}",
+    )
     print(json.dumps(row), flush=True)
     if not args.no_save:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -109,23 +126,36 @@ def render_table():
         r = json.loads(line)
         rows[(r["method"], float(r["bits"]))] = r  # the latest run of a configuration wins
     order = {"fp16": 0, "rtn": 1, "gptq": 2, "slim": 3, "cmpq": 4, "mixllm": 5}
-    names = {"fp16": "fp32 model (16-bit size)", "rtn": "RTN", "gptq": "GPTQ", "slim": "SliM-LLM",
-             "cmpq": "CMPQ", "mixllm": "MixLLM weight-only"}
+    names = {
+        "fp16": "fp32 model (16-bit size)",
+        "rtn": "RTN",
+        "gptq": "GPTQ",
+        "slim": "SliM-LLM",
+        "cmpq": "CMPQ",
+        "mixllm": "MixLLM weight-only",
+    }
     any_r = next(iter(rows.values()))
-    out = ["# Weight-only methods side by side (SmolLM2-135M-Instruct)", "",
-           f"Perplexity on the held-out Wikipedia split ({any_r['eval_tokens']} tokens, windows of "
-           f"{any_r['seq_len']}); calibration {any_r['n_calib']} x {any_r['seq_len']} tokens (seed 0); "
-           f"group size {any_r['group_size']} for RTN/GPTQ/SliM-LLM. `bits`: the budget; `avg bits`: code "
-           "bits per quantized weight achieved; sizes include scales/offsets/codebooks/outliers (fp16) and "
-           "the unquantized embeddings and norms at 16 bits.", "",
-           "`calibration`: sequential (block by block on the quantized prefix, GPTQ paper) or one pass of the "
-           "full-precision model.", "",
-           "| method | bits | avg bits | ppl | linear MB | model MB | calibration | command |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = [
+        "# Weight-only methods side by side (SmolLM2-135M-Instruct)",
+        "",
+        f"Perplexity on the held-out Wikipedia split ({any_r['eval_tokens']} tokens, windows of "
+        f"{any_r['seq_len']}); calibration {any_r['n_calib']} x {any_r['seq_len']} tokens (seed 0); "
+        f"group size {any_r['group_size']} for RTN/GPTQ/SliM-LLM. `bits`: the budget; `avg bits`: code "
+        "bits per quantized weight achieved; sizes include scales/offsets/codebooks/outliers (fp16) and "
+        "the unquantized embeddings and norms at 16 bits.",
+        "",
+        "`calibration`: sequential (block by block on the quantized prefix, GPTQ paper) or one pass of the "
+        "full-precision model.",
+        "",
+        "| method | bits | avg bits | ppl | linear MB | model MB | calibration | command |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for (m, b), r in sorted(rows.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][1])):
         how = r.get("calibration", "none" if m in ("fp16", "rtn") else "one-pass")
-        out.append(f"| {names.get(m, m)} | {b:g} | {r['avg_bits']:.3f} | {r['ppl']:.2f} | {r['linear_MB']:.2f} | "
-                   f"{r['model_MB']:.2f} | {how} | `{r['command']}` |")
+        out.append(
+            f"| {names.get(m, m)} | {b:g} | {r['avg_bits']:.3f} | {r['ppl']:.2f} | {r['linear_MB']:.2f} | "
+            f"{r['model_MB']:.2f} | {how} | `{r['command']}` |"
+        )
     TABLE.write_text("\n".join(out) + "\n")
     print("\n".join(out))
 
@@ -141,8 +171,12 @@ def main(argv=None):
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-save", action="store_true")
-    ap.add_argument("--stats-cache", default="", help="pickle file to keep / reuse the calibration statistics "
-                    "(they depend only on the model and the calibration settings)")
+    ap.add_argument(
+        "--stats-cache",
+        default="",
+        help="pickle file to keep / reuse the calibration statistics "
+        "(they depend only on the model and the calibration settings)",
+    )
     ap.add_argument("--table", action="store_true")
     args = ap.parse_args(argv)
     if args.table:
@@ -150,6 +184,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     from mixllm import data
     from mixllm.methods.baselines import collect_stats
+
     base, tok = data.load_model()
     base.eval()
     calib_ids = data.calibration_samples(tok, args.n_calib, args.seq_len, 0)
@@ -170,11 +205,13 @@ def main(argv=None):
         cache = pathlib.Path(args.stats_cache) if args.stats_cache else None
         if cache is not None and cache.exists():
             import pickle
+
             stats = pickle.loads(cache.read_bytes())
         else:
             stats = collect_stats(base, calib_ids, keep_tokens=1024, seed=0)
             if cache is not None:
                 import pickle
+
                 tmp = cache.with_suffix(".tmp")
                 tmp.write_bytes(pickle.dumps(stats, protocol=4))
                 os.replace(tmp, cache)

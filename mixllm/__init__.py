@@ -11,6 +11,7 @@ The torch-facing names are imported lazily, so ``mixllm.ops`` works with NumPy a
 transformers are installed, ``import mixllm`` also registers the ``mixllm`` quantization method with
 transformers (mixllm/hf.py), which imports both.
 """
+
 from . import ops  # noqa: F401
 
 __version__ = "0.1.0"
@@ -36,6 +37,7 @@ def _register_with_transformers():
     """Make ``transformers.AutoModelForCausalLM.from_pretrained`` load mixllm checkpoints
     (``quant_method: "mixllm"``, mixllm/hf.py); skipped where transformers is not installed."""
     import importlib.util
+
     if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("torch") is None:
         return
     from . import hf  # noqa: F401  (registers on import)
@@ -47,6 +49,7 @@ _register_with_transformers()
 def __getattr__(name):
     if name in _LAZY:
         import importlib
+
         mod, attr = _LAZY[name]
         return getattr(importlib.import_module(mod), attr)
     raise AttributeError(f"module 'mixllm' has no attribute {name!r}")

@@ -7,6 +7,7 @@ the settings passed in). Every file is written to a temporary name in the same d
 (atomic on POSIX), so a reader sees a whole file or none; temporaries left by a killed writer are
 removed when the entry is opened. A damaged file is ignored (recomputed), never trusted.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -59,6 +60,7 @@ class DiskCache:
 
     def read(self, fname: str) -> Dict[str, torch.Tensor]:
         from safetensors.torch import load_file
+
         f = self.dir / fname
         if not f.exists():
             return {}
@@ -69,6 +71,7 @@ class DiskCache:
 
     def write(self, fname: str, tensors: Dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
+
         self.dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{fname}.tmp", dir=self.dir)
         os.close(fd)

@@ -11,6 +11,7 @@ One pass over the calibration sequences, one sequence at a time:
     ``G = g^T X``, which is never formed. Everything stays on the layer's device; parameters get no
     ``.grad``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -32,8 +33,7 @@ def target_linears(model: nn.Module, include_lm_head: bool = False) -> List[Tupl
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    out = [(n, m) for n, m in model.named_modules()
-           if isinstance(m, nn.Linear) and (include_lm_head or m is not head)]
+    out = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and (include_lm_head or m is not head)]
     if not out:
         raise ValueError("model has no nn.Linear layers to quantize")
     return out
@@ -56,12 +56,12 @@ def _rtn_dequant_torch(W: torch.Tensor, bits: int, group_size: int) -> torch.Ten
     pad = (-K) % g
     Wp = torch.nn.functional.pad(W, (0, pad)).reshape(N, -1, g)
     if pad:  # padding must not widen the last group's range
-        last = W[:, (K // g) * g:]
+        last = W[:, (K // g) * g :]
         lo = torch.cat([Wp[:, :-1].amin(-1), last.amin(-1, keepdim=True)], 1)
         hi = torch.cat([Wp[:, :-1].amax(-1), last.amax(-1, keepdim=True)], 1)
     else:
         lo, hi = Wp.amin(-1), Wp.amax(-1)
-    qmax = float(2 ** bits - 1)
+    qmax = float(2**bits - 1)
     lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
     s = (hi - lo) / torch.full_like(hi, qmax)  # a tensor divisor: CUDA divides by a scalar via its reciprocal
     ok = s > 0
@@ -79,6 +79,7 @@ class Calibration:
     input); ``salience[name]``: float64 [N] summed over sequences, or absent; ``quant_cache``:
     quantizer results memoised by the methods (full-matrix GPTQ codes per bit-width).
     """
+
     names: List[str]
     hessians: Dict[str, torch.Tensor] = field(default_factory=dict)
     salience: Dict[str, np.ndarray] = field(default_factory=dict)
@@ -96,10 +97,18 @@ class Calibration:
         return list(out.values())
 
 
-def calibrate(model: nn.Module, samples: torch.Tensor, layers: Optional[Sequence[Tuple[str, nn.Linear]]] = None,
-              hessian: bool = True, salience: bool = True, salience_bits: int = 4, group_size: int = 128,
-              delta_fn: Optional[Callable[[str, nn.Linear], torch.Tensor]] = None,
-              progress: bool = True, cache_deltas: Optional[bool] = None) -> Calibration:
+def calibrate(
+    model: nn.Module,
+    samples: torch.Tensor,
+    layers: Optional[Sequence[Tuple[str, nn.Linear]]] = None,
+    hessian: bool = True,
+    salience: bool = True,
+    salience_bits: int = 4,
+    group_size: int = 128,
+    delta_fn: Optional[Callable[[str, nn.Linear], torch.Tensor]] = None,
+    progress: bool = True,
+    cache_deltas: Optional[bool] = None,
+) -> Calibration:
     """Run the calibration pass over ``samples`` (LongTensor [n, seq_len] of token ids).
 
     ``delta_fn(name, layer)`` gives the quantization error used for salience (default: round-to-
@@ -138,7 +147,7 @@ def calibrate(model: nn.Module, samples: torch.Tensor, layers: Optional[Sequence
             acc[name] = torch.zeros(m.out_features, dtype=torch.float64, device=m.weight.device)
 
     H: Dict[str, HessianAccumulator] = {}
-    share: Dict[str, str] = {}      # layer -> the layer whose Hessian it uses (same input tensor)
+    share: Dict[str, str] = {}  # layer -> the layer whose Hessian it uses (same input tensor)
     first_inputs: Dict[str, torch.Tensor] = {}
     state = {"sample": 0}
 
@@ -155,12 +164,15 @@ def calibrate(model: nn.Module, samples: torch.Tensor, layers: Optional[Sequence
                 if name not in share:
                     H.setdefault(name, HessianAccumulator(x.shape[-1], device=x.device)).add(x)
             if salience and out.requires_grad:
+
                 def grad_hook(g, x=x, mod=mod):
                     x2 = x.reshape(-1, x.shape[-1])
                     # the GEMM x @ delta^T in the activations' precision on GPUs (bf16 / fp16), else float32
                     dt = x2.dtype if (x2.is_cuda and x2.dtype in (torch.bfloat16, torch.float16)) else torch.float32
                     ops.salience_accumulate_io(acc[name], x2, g.reshape(-1, g.shape[-1]), delta_of(name, mod, dt))
+
                 out.register_hook(grad_hook)
+
         return hook
 
     handles = [m.register_forward_hook(fwd_hook(n)) for n, m in layers]
@@ -172,7 +184,7 @@ def calibrate(model: nn.Module, samples: torch.Tensor, layers: Optional[Sequence
     try:
         for i in tqdm(range(samples.shape[0]), desc="calibration", disable=not progress):
             state["sample"] = i
-            ids = samples[i:i + 1].to(device)
+            ids = samples[i : i + 1].to(device)
             if salience:
                 e = emb(ids).detach().requires_grad_(True)
                 with torch.enable_grad():

@@ -11,6 +11,7 @@ used; ``--model`` also takes a Hugging Face checkpoint directory or a directory 
 ``mixllm quantize``. The flags after ``--method NAME`` are that method's config fields
 (``mixllm quantize --method mixllm --help`` lists them), generated from its dataclass.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,53 +59,92 @@ def _add_config_flags(p: argparse.ArgumentParser, cls) -> None:
         flag = "--" + f.name.replace("_", "-")
         tp = hints.get(f.name, f.type)
         if tp is bool:
-            g.add_argument(flag, dest=f"cfg_{f.name}", action=argparse.BooleanOptionalAction, default=None,
-                           help=f"default {f.default}")
+            g.add_argument(
+                flag,
+                dest=f"cfg_{f.name}",
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"default {f.default}",
+            )
         elif f.name == "bits":
-            g.add_argument(flag, dest="cfg_bits", type=_parse_bits, default=None,
-                           help=f"average bits (e.g. 4.4) or percentages '8:10,4:90'; default {f.default}")
+            g.add_argument(
+                flag,
+                dest="cfg_bits",
+                type=_parse_bits,
+                default=None,
+                help=f"average bits (e.g. 4.4) or percentages '8:10,4:90'; default {f.default}",
+            )
         else:
-            g.add_argument(flag, dest=f"cfg_{f.name}", type=_field_parser(tp), default=None,
-                           help=f"default {f.default if f.default is not dataclasses.MISSING else ''}")
+            g.add_argument(
+                flag,
+                dest=f"cfg_{f.name}",
+                type=_field_parser(tp),
+                default=None,
+                help=f"default {f.default if f.default is not dataclasses.MISSING else ''}",
+            )
 
 
 def _load(model_arg: Optional[str], dtype: Optional[str] = None):
     import torch
     from . import data
+
     torch.set_num_threads(max(1, int(os.environ.get("MIXLLM_THREADS", os.cpu_count() or 1))))
     return data.load_model(model_arg, dtype=None if dtype is None else getattr(torch, dtype))
 
 
 def _eval_ids(tok, args):
     from . import data
+
     if args.text in data.TEXTS and not os.path.isfile(args.text):  # a bundled text by name
         text = data.evaluation_text(args.text)
     else:
         text = open(args.text, encoding="utf-8").read() if args.text else data.evaluation_text()
     ids = tok(text, return_tensors="pt").input_ids[0]
-    return ids[:args.max_tokens] if args.max_tokens else ids
+    return ids[: args.max_tokens] if args.max_tokens else ids
 
 
 def _run_eval(model, tok, args) -> float:
     from .eval import perplexity
+
     ids = _eval_ids(tok, args)
     t0 = time.time()
     ppl = perplexity(model, ids, seq_len=args.seq_len, stride=args.stride, progress=not args.quiet)
-    print(json.dumps({"perplexity": round(ppl, 4), "tokens": int(ids.numel()), "seq_len": args.seq_len,
-                      "seconds": round(time.time() - t0, 1)}))
+    print(
+        json.dumps(
+            {
+                "perplexity": round(ppl, 4),
+                "tokens": int(ids.numel()),
+                "seq_len": args.seq_len,
+                "seconds": round(time.time() - t0, 1),
+            }
+        )
+    )
     return ppl
 
 
 def _add_eval_flags(p, prefix=""):
-    p.add_argument(f"--{prefix}seq-len", dest="seq_len", type=int, default=512,
-                   help="evaluation window (default 512)")
-    p.add_argument(f"--{prefix}stride", dest="stride", type=int, default=None,
-                   help="window stride (default: the window, disjoint windows)")
-    p.add_argument(f"--{prefix}max-tokens", dest="max_tokens", type=int, default=_EVAL_TOKENS,
-                   help=f"evaluate the first N tokens of the text (default {_EVAL_TOKENS}; 0: all)")
-    p.add_argument(f"--{prefix}text", dest="text", default=None,
-                   help="UTF-8 text file, or a bundled text: 'wiki' (default: the evaluation articles), "
-                        "'news' (gensim's Lee news corpus)")
+    p.add_argument(f"--{prefix}seq-len", dest="seq_len", type=int, default=512, help="evaluation window (default 512)")
+    p.add_argument(
+        f"--{prefix}stride",
+        dest="stride",
+        type=int,
+        default=None,
+        help="window stride (default: the window, disjoint windows)",
+    )
+    p.add_argument(
+        f"--{prefix}max-tokens",
+        dest="max_tokens",
+        type=int,
+        default=_EVAL_TOKENS,
+        help=f"evaluate the first N tokens of the text (default {_EVAL_TOKENS}; 0: all)",
+    )
+    p.add_argument(
+        f"--{prefix}text",
+        dest="text",
+        default=None,
+        help="UTF-8 text file, or a bundled text: 'wiki' (default: the evaluation articles), "
+        "'news' (gensim's Lee news corpus)",
+    )
 
 
 def cmd_quantize(args, cfg_cls) -> int:
@@ -112,12 +152,16 @@ def cmd_quantize(args, cfg_cls) -> int:
     from .methods import quantize
     from .plotting import plot_fractions
 
-    kw = {f.name: getattr(args, f"cfg_{f.name}") for f in dataclasses.fields(cfg_cls)
-          if getattr(args, f"cfg_{f.name}", None) is not None}
+    kw = {
+        f.name: getattr(args, f"cfg_{f.name}")
+        for f in dataclasses.fields(cfg_cls)
+        if getattr(args, f"cfg_{f.name}", None) is not None
+    }
     if args.quiet:
         kw.setdefault("progress", False)
     if any(f.name == "cache_dir" for f in dataclasses.fields(cfg_cls)):
         from .data import cache_dir
+
         kw.setdefault("cache_dir", str(cache_dir() / "calib"))
         if str(kw["cache_dir"]).lower() in ("", "none", "off"):
             kw["cache_dir"] = None
@@ -147,12 +191,21 @@ def cmd_eval(args) -> int:
 def cmd_report(args) -> int:
     from .io import read_meta
     from .plotting import plot_fractions
+
     meta = read_meta(args.dir)
     rep = meta.get("report") or {}
     layers = rep.get("layers", {})
     print(f"method: {meta.get('method')}  config: {json.dumps(meta.get('config'))}")
-    for k in ("avg_bits", "frac8_weights", "frac8_features", "quantized_params", "quantized_linear_bytes",
-              "quantized_linear_bits_incl_scales", "fp16_linear_bytes", "model_bytes"):
+    for k in (
+        "avg_bits",
+        "frac8_weights",
+        "frac8_features",
+        "quantized_params",
+        "quantized_linear_bytes",
+        "quantized_linear_bits_incl_scales",
+        "fp16_linear_bytes",
+        "model_bytes",
+    ):
         if k in rep:
             v = rep[k]
             print(f"  {k:36s} {v:.4f}" if isinstance(v, float) else f"  {k:36s} {v}")
@@ -164,6 +217,7 @@ def cmd_report(args) -> int:
     if layers:
         from .plotting import plot_budget
         from .report import format_breakdown
+
         print("where the 8-bit budget went:")
         print(format_breakdown(rep))
         out = args.plot or os.path.join(args.dir, "bits_per_layer.png")
@@ -177,20 +231,28 @@ def cmd_report(args) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     from .methods import METHODS, get_method
+
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="mixllm", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
 
     q = sub.add_parser("quantize", help="quantize a model and save it")
-    q.add_argument("--model", default=None, help="HF checkpoint directory or a bundled model name "
-                   "('smollm2-135m', the default; 'gemma3-270m')")
+    q.add_argument(
+        "--model",
+        default=None,
+        help="HF checkpoint directory or a bundled model name ('smollm2-135m', the default; 'gemma3-270m')",
+    )
     q.add_argument("--method", default="mixllm", help=f"one of {sorted(METHODS)} (default mixllm)")
     q.add_argument("--out", default=None, help="output directory (written atomically)")
     q.add_argument("--eval", action="store_true", help="also report perplexity after quantizing")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
-    q.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                   help="load the model in this dtype (default float32; bfloat16 halves the memory of "
-                        "large models on a GPU, e.g. with --device cuda)")
+    q.add_argument(
+        "--dtype",
+        default=None,
+        choices=("float32", "bfloat16", "float16"),
+        help="load the model in this dtype (default float32; bfloat16 halves the memory of "
+        "large models on a GPU, e.g. with --device cuda)",
+    )
     _add_eval_flags(q, "eval-")
 
     e = sub.add_parser("eval", help="perplexity of a model on the evaluation text")

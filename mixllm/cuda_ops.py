@@ -14,6 +14,7 @@ allowed, the check runs on the device instead and a bad index set gives an all-N
 The kernels also skip any store whose column lies outside ``y`` (cuda/w4a8.cu), whatever index
 reaches them. Non-finite inputs: docs/readme_reliability.md, "NaN and Inf on the GPU".
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -69,8 +70,9 @@ def _pack(weight, device):
     wpack = torch.empty(wbytes, dtype=torch.uint8, device=device)
     meta = torch.empty(mbytes, dtype=torch.uint8, device=device)
     if N:
-        _cuda.pack_weight(q, scale, zero, bits=weight.bits, K=K, g=g, wpack_out=wpack, meta_out=meta,
-                          stream=_stream(device))
+        _cuda.pack_weight(
+            q, scale, zero, bits=weight.bits, K=K, g=g, wpack_out=wpack, meta_out=meta, stream=_stream(device)
+        )
     return {"wpack": wpack, "meta": meta, "g": g, "Kp": Kp}
 
 
@@ -81,8 +83,10 @@ def _capturing(device) -> bool:
 
 def _refuse_capture(device, what):
     if _capturing(device):
-        raise RuntimeError(f"{what}: make one call outside CUDA graph capture first (it builds state "
-                           "that a captured call would only fill when the graph is replayed)")
+        raise RuntimeError(
+            f"{what}: make one call outside CUDA graph capture first (it builds state "
+            "that a captured call would only fill when the graph is replayed)"
+        )
 
 
 def _out_index(idx, N, device):
@@ -207,8 +211,9 @@ class PreparedLinear:
             c, sp, nbytes, _ = self.plan(M, cfg, splits)
             scratch = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
             # positional: the per-call path (keywords would cost a name lookup per argument)
-            _cuda.run(self.handle, _to_capsule(x2), _to_capsule(y), _to_capsule(scratch), c, sp,
-                      _raw_stream(self.index))
+            _cuda.run(
+                self.handle, _to_capsule(x2), _to_capsule(y), _to_capsule(scratch), c, sp, _raw_stream(self.index)
+            )
             if self._bad is not None:
                 y.masked_fill_(self._bad, float("nan"))
         return y.reshape(*x.shape[:-1], self.n_out)

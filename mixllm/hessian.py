@@ -5,6 +5,7 @@ Each call's ``X^T X`` is formed in float32 on the input's device (a GEMM) and su
 so nothing crosses to the host until :meth:`HessianAccumulator.hessian` is asked for it on the host.
 Optionally a random sample of input rows is kept (SliM-LLM's allocation search reads layer outputs).
 """
+
 from __future__ import annotations
 
 from typing import Optional

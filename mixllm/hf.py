@@ -16,6 +16,7 @@
 Supported transformers: >= 5.17 (tested: 5.17.0 and 5.24.0); older versions load weights through
 other hooks, and ``import mixllm`` then does not register the method (:func:`mixllm.load` says why).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,9 +26,17 @@ from typing import Any, Dict, Iterable, List, Optional
 import torch
 from torch import nn
 
-__all__ = ["MixllmQuantizationConfig", "MixllmHfQuantizer", "MIN_TRANSFORMERS", "FORMAT_VERSION",
-           "quantization_config_for", "attach_quantization_config", "check_checkpoint_tensors",
-           "registered", "quantized_modules"]
+__all__ = [
+    "MixllmQuantizationConfig",
+    "MixllmHfQuantizer",
+    "MIN_TRANSFORMERS",
+    "FORMAT_VERSION",
+    "quantization_config_for",
+    "attach_quantization_config",
+    "check_checkpoint_tensors",
+    "registered",
+    "quantized_modules",
+]
 
 QUANT_METHOD = "mixllm"
 FORMAT_VERSION = 2  # sharded safetensors + quantization_config in config.json (version 1: one file, mixllm.json)
@@ -42,6 +51,7 @@ def _version_tuple(v: str):
 def _module_classes() -> Dict[str, type]:
     from .io import MODULES
     from . import nn_weight_only  # noqa: F401  (registers WeightOnlyLinear)
+
     return MODULES
 
 
@@ -67,6 +77,7 @@ try:
     import transformers as _tf
     from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
     from transformers.utils.quantization_config import QuantizationConfigMixin
+
     _TF_VERSION = _tf.__version__
     _TF_OK = _version_tuple(_TF_VERSION) >= MIN_TRANSFORMERS
 except ImportError:  # transformers missing or too old to have the extension points
@@ -83,8 +94,10 @@ def require_transformers() -> None:
     if not _TF_OK:
         need = ".".join(map(str, MIN_TRANSFORMERS))
         have = _TF_VERSION or "not installed"
-        raise ImportError(f"mixllm checkpoints load through transformers >= {need} (installed: {have}); "
-                          f"pip install 'transformers>={need}'")
+        raise ImportError(
+            f"mixllm checkpoints load through transformers >= {need} (installed: {have}); "
+            f"pip install 'transformers>={need}'"
+        )
 
 
 class MixllmQuantizationConfig(QuantizationConfigMixin):
@@ -104,34 +117,58 @@ class MixllmQuantizationConfig(QuantizationConfigMixin):
         method_config: the method's configuration (provenance; not needed to load).
     """
 
-    _FIELDS = ("quant_method", "format_version", "method", "group_size", "act_bits", "weight_bits",
-               "modules", "method_config")
+    _FIELDS = (
+        "quant_method",
+        "format_version",
+        "method",
+        "group_size",
+        "act_bits",
+        "weight_bits",
+        "modules",
+        "method_config",
+    )
 
-    def __init__(self, modules: Optional[Dict[str, Any]] = None, format_version: int = FORMAT_VERSION,
-                 method: Optional[str] = None, group_size: Optional[int] = None, act_bits: Optional[int] = None,
-                 weight_bits: Optional[float] = None, method_config: Optional[Dict[str, Any]] = None,
-                 quant_method: str = QUANT_METHOD, **unknown):
+    def __init__(
+        self,
+        modules: Optional[Dict[str, Any]] = None,
+        format_version: int = FORMAT_VERSION,
+        method: Optional[str] = None,
+        group_size: Optional[int] = None,
+        act_bits: Optional[int] = None,
+        weight_bits: Optional[float] = None,
+        method_config: Optional[Dict[str, Any]] = None,
+        quant_method: str = QUANT_METHOD,
+        **unknown,
+    ):
         if unknown:
-            raise ValueError(f"{_WHERE}: unknown field(s) {sorted(unknown)} (this mixllm reads format "
-                             f"version {FORMAT_VERSION}: fields {list(self._FIELDS)})")
+            raise ValueError(
+                f"{_WHERE}: unknown field(s) {sorted(unknown)} (this mixllm reads format "
+                f"version {FORMAT_VERSION}: fields {list(self._FIELDS)})"
+            )
         if quant_method != QUANT_METHOD:
             raise ValueError(f"{_WHERE}.quant_method: expected {QUANT_METHOD!r}, got {quant_method!r}")
         if isinstance(format_version, bool) or format_version != FORMAT_VERSION:
-            raise ValueError(f"{_WHERE}.format_version: {format_version!r} is not supported "
-                             f"(this mixllm reads version {FORMAT_VERSION})")
+            raise ValueError(
+                f"{_WHERE}.format_version: {format_version!r} is not supported "
+                f"(this mixllm reads version {FORMAT_VERSION})"
+            )
         if not isinstance(modules, dict) or not modules:
-            raise ValueError(f"{_WHERE}.modules: expected a non-empty object "
-                             f"{{module name: {{'class', 'args'}}}}, got {type(modules).__name__}")
+            raise ValueError(
+                f"{_WHERE}.modules: expected a non-empty object "
+                f"{{module name: {{'class', 'args'}}}}, got {type(modules).__name__}"
+            )
         classes = _module_classes()
         for name, spec in modules.items():
             if not isinstance(name, str) or not name:
                 raise ValueError(f"{_WHERE}.modules: module names must be non-empty strings, got {name!r}")
             if not isinstance(spec, dict) or not isinstance(spec.get("args"), dict):
-                raise ValueError(f"{_WHERE}.modules[{name!r}]: expected {{'class': ..., 'args': {{...}}}}, "
-                                 f"got {spec!r}"[:300])
+                raise ValueError(
+                    f"{_WHERE}.modules[{name!r}]: expected {{'class': ..., 'args': {{...}}}}, got {spec!r}"[:300]
+                )
             if spec.get("class") not in classes:
-                raise ValueError(f"{_WHERE}.modules[{name!r}].class: unknown class {spec.get('class')!r} "
-                                 f"(known: {sorted(classes)})")
+                raise ValueError(
+                    f"{_WHERE}.modules[{name!r}].class: unknown class {spec.get('class')!r} (known: {sorted(classes)})"
+                )
         for field, v in (("group_size", group_size), ("act_bits", act_bits)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
                 raise ValueError(f"{_WHERE}.{field}: expected a positive integer or null, got {v!r}")
@@ -148,6 +185,7 @@ class MixllmQuantizationConfig(QuantizationConfigMixin):
 
     def to_dict(self) -> Dict[str, Any]:
         import copy
+
         return {k: copy.deepcopy(getattr(self, k)) for k in self._FIELDS}
 
 
@@ -155,15 +193,16 @@ def quantization_config_for(model: nn.Module) -> "MixllmQuantizationConfig":
     """The :class:`MixllmQuantizationConfig` describing ``model``'s quantized modules as they are now."""
     mods = quantized_modules(model)
     if not mods:
-        raise ValueError("model: no quantized modules (MixedLinear / WeightOnlyLinear) found; "
-                         "quantize it with mixllm.quantize first")
+        raise ValueError(
+            "model: no quantized modules (MixedLinear / WeightOnlyLinear) found; quantize it with mixllm.quantize first"
+        )
     from .nn import MixedLinear
+
     info = dict(getattr(model, "mixllm_info", None) or {})
     report = info.get("report") or {}
     groups = {m.group_size for _, m in mods if m.group_size}  # codebook layers have no group (0)
     act = {8 if isinstance(m, MixedLinear) and not m.weight_only else None for _, m in mods}
-    kinds = {"mixllm" if isinstance(m, MixedLinear) else (getattr(m, "method", "") or "weight-only")
-             for _, m in mods}
+    kinds = {"mixllm" if isinstance(m, MixedLinear) else (getattr(m, "method", "") or "weight-only") for _, m in mods}
     method = info.get("method") or (kinds.pop() if len(kinds) == 1 else "mixed")
     return MixllmQuantizationConfig(
         modules={n: {"class": type(m).__name__, "args": m.get_config()} for n, m in mods},
@@ -210,11 +249,14 @@ def _build_modules(model: nn.Module, qc: "MixllmQuantizationConfig") -> None:
         try:
             old = model.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"{_WHERE}.modules: module {name!r} does not exist in this architecture "
-                             f"({type(model).__name__})") from None
+            raise ValueError(
+                f"{_WHERE}.modules: module {name!r} does not exist in this architecture ({type(model).__name__})"
+            ) from None
         if head is not None and old is head and getattr(model.config.get_text_config(), "tie_word_embeddings", False):
-            raise ValueError(f"{_WHERE}.modules: {name!r} (the output head) is quantized, but config.json "
-                             f"ties it to the input embeddings (tie_word_embeddings: true)")
+            raise ValueError(
+                f"{_WHERE}.modules: {name!r} (the output head) is quantized, but config.json "
+                f"ties it to the input embeddings (tie_word_embeddings: true)"
+            )
         try:
             with _default_dtype(torch.float32):
                 module = classes[spec["class"]].from_config(dict(spec["args"]))
@@ -225,9 +267,18 @@ def _build_modules(model: nn.Module, qc: "MixllmQuantizationConfig") -> None:
 
 
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
-_DTYPE_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
-                torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
-                torch.bool: "BOOL"}
+_DTYPE_NAMES = {
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.int16: "I16",
+    torch.int32: "I32",
+    torch.int64: "I64",
+    torch.bool: "BOOL",
+}
 
 
 def check_checkpoint_tensors(model: nn.Module, files: Iterable[str], qc: "MixllmQuantizationConfig") -> None:
@@ -258,25 +309,32 @@ def check_checkpoint_tensors(model: nn.Module, files: Iterable[str], qc: "Mixllm
             e = expected.get(k)
             if e is None:
                 mod = next((n for n in qc.modules if k.startswith(n + ".")), None)
-                what = (f"not a tensor of {qc.modules[mod]['class']} {mod!r} as {_WHERE} describes it"
-                        if mod else "not a tensor of this architecture")
-                raise ValueError(f"{f}: unexpected tensor {k!r} ({what}; a checkpoint of another "
-                                 f"method or architecture?)")
+                what = (
+                    f"not a tensor of {qc.modules[mod]['class']} {mod!r} as {_WHERE} describes it"
+                    if mod
+                    else "not a tensor of this architecture"
+                )
+                raise ValueError(
+                    f"{f}: unexpected tensor {k!r} ({what}; a checkpoint of another method or architecture?)"
+                )
             want_dt = _DTYPE_NAMES.get(e.dtype, str(e.dtype))
             dtype_ok = dt == want_dt if (k in owner or want_dt not in _FLOAT_DTYPES) else dt in _FLOAT_DTYPES
             if shape != tuple(e.shape) or not dtype_ok:
                 src = f"{qc.modules[owner[k]]['class']} {owner[k]!r} of {_WHERE}" if k in owner else "config.json"
-                raise ValueError(f"{f}: tensor {k!r} has shape {list(shape)} dtype {dt}, but {src} "
-                                 f"expects shape {list(e.shape)} dtype {want_dt}")
+                raise ValueError(
+                    f"{f}: tensor {k!r} has shape {list(shape)} dtype {dt}, but {src} "
+                    f"expects shape {list(e.shape)} dtype {want_dt}"
+                )
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     missing = sorted(k for k in expected if k not in where and k not in tied)
     if missing:
         first = missing[0]
-        src = (f"{qc.modules[owner[first]]['class']} {owner[first]!r} of {_WHERE}" if first in owner
-               else "config.json")
-        raise ValueError(f"checkpoint files {sorted(set(where.values())) or list(files)}: {len(missing)} "
-                         f"tensor(s) missing that {src} needs, e.g. {first!r} (a missing shard, or a "
-                         f"checkpoint of another method?)")
+        src = f"{qc.modules[owner[first]]['class']} {owner[first]!r} of {_WHERE}" if first in owner else "config.json"
+        raise ValueError(
+            f"checkpoint files {sorted(set(where.values())) or list(files)}: {len(missing)} "
+            f"tensor(s) missing that {src} needs, e.g. {first!r} (a missing shard, or a "
+            f"checkpoint of another method?)"
+        )
 
 
 class MixllmHfQuantizer(HfQuantizer):
@@ -287,8 +345,10 @@ class MixllmHfQuantizer(HfQuantizer):
 
     def validate_environment(self, device_map=None, **kwargs):
         if isinstance(device_map, dict) and "disk" in device_map.values():
-            raise ValueError("device_map: disk offload is not supported for mixllm checkpoints "
-                             "(the quantized modules keep their tensors as buffers)")
+            raise ValueError(
+                "device_map: disk offload is not supported for mixllm checkpoints "
+                "(the quantized modules keep their tensors as buffers)"
+            )
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         _build_modules(model, self.quantization_config)
@@ -304,8 +364,11 @@ class MixllmHfQuantizer(HfQuantizer):
             for p in m.parameters(recurse=False):
                 p.requires_grad_(False)
         qc = self.quantization_config
-        model.mixllm_info = {"method": qc.method, "config": qc.method_config,
-                             "report": {"avg_bits": qc.weight_bits} if qc.weight_bits is not None else None}
+        model.mixllm_info = {
+            "method": qc.method,
+            "config": qc.method_config,
+            "report": {"avg_bits": qc.weight_bits} if qc.weight_bits is not None else None,
+        }
         return model
 
     def is_serializable(self, *args, **kwargs):
@@ -324,4 +387,5 @@ if _TF_OK:
         _REGISTERED = True
     except ValueError:  # already registered (e.g. this module was reloaded): keep the first registration
         from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+
         _REGISTERED = AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD, type).__name__ == "MixllmHfQuantizer"

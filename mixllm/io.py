@@ -22,6 +22,7 @@ give the same model. Format version 1 (one ``model.safetensors``, the modules li
 Module classes other methods add are registered with :func:`register_module`; they provide
 ``get_config() -> dict`` and ``classmethod from_config(dict)``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -73,8 +74,14 @@ def _quantized_modules(model: nn.Module):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, classes)]
 
 
-def save(model: nn.Module, path: Union[str, os.PathLike], tokenizer=None, overwrite: bool = True,
-         max_shard_size: Union[int, str] = "2GB", evaluation: Optional[Dict[str, Any]] = None) -> str:
+def save(
+    model: nn.Module,
+    path: Union[str, os.PathLike],
+    tokenizer=None,
+    overwrite: bool = True,
+    max_shard_size: Union[int, str] = "2GB",
+    evaluation: Optional[Dict[str, Any]] = None,
+) -> str:
     """Write ``model`` (a quantized Hugging Face model) to directory ``path`` atomically.
 
     ``max_shard_size``: largest weight file (bytes or ``"20MB"``-style, as ``save_pretrained``);
@@ -86,8 +93,9 @@ def save(model: nn.Module, path: Union[str, os.PathLike], tokenizer=None, overwr
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if not hasattr(model, "config") or not hasattr(model, "save_pretrained"):
-        raise TypeError("model: expected a Hugging Face model (with .config and .save_pretrained) "
-                        "to record its architecture")
+        raise TypeError(
+            "model: expected a Hugging Face model (with .config and .save_pretrained) to record its architecture"
+        )
     if evaluation is not None and not isinstance(evaluation, dict):
         raise TypeError(f"evaluation: expected a dict or None, got {type(evaluation).__name__}")
     path = pathlib.Path(path)
@@ -133,30 +141,60 @@ def _model_card(model, qc, meta, folder: pathlib.Path) -> str:
     n_mod = len(qc.modules)
     weights = sum((folder / f).stat().st_size for f in meta["files"])
     name = getattr(model.config, "_name_or_path", "") or type(model).__name__
-    label = {"mixllm": "MixLLM (arXiv 2412.14590)", "slim": "SliM-LLM", "cmpq": "CMPQ", "gptq": "GPTQ",
-             "rtn": "round-to-nearest"}.get(qc.method, str(qc.method))
-    act = f"int8 activations per token and group of {qc.group_size}" if qc.act_bits == 8 else "weight-only (float activations)"
-    lines = ["---", "library_name: transformers", f"tags: [mixllm, quantized, {qc.method}]", "---", "",
-             f"# {pathlib.PurePath(str(name)).name} quantized with mixllm ({label})", "",
-             f"- **Method**: {label}; {act}; group size {qc.group_size if qc.group_size else 'per layer'}.",
-             f"- **Budget**: {qc.weight_bits:.3f} average weight bits over {n_mod} quantized linear layers"
-             if qc.weight_bits is not None else f"- **Budget**: {n_mod} quantized linear layers (average bits not recorded)"]
+    label = {
+        "mixllm": "MixLLM (arXiv 2412.14590)",
+        "slim": "SliM-LLM",
+        "cmpq": "CMPQ",
+        "gptq": "GPTQ",
+        "rtn": "round-to-nearest",
+    }.get(qc.method, str(qc.method))
+    act = (
+        f"int8 activations per token and group of {qc.group_size}"
+        if qc.act_bits == 8
+        else "weight-only (float activations)"
+    )
+    lines = [
+        "---",
+        "library_name: transformers",
+        f"tags: [mixllm, quantized, {qc.method}]",
+        "---",
+        "",
+        f"# {pathlib.PurePath(str(name)).name} quantized with mixllm ({label})",
+        "",
+        f"- **Method**: {label}; {act}; group size {qc.group_size if qc.group_size else 'per layer'}.",
+        f"- **Budget**: {qc.weight_bits:.3f} average weight bits over {n_mod} quantized linear layers"
+        if qc.weight_bits is not None
+        else f"- **Budget**: {n_mod} quantized linear layers (average bits not recorded)",
+    ]
     if "frac8_weights" in report:
-        lines.append(f"- **8-bit share**: {100 * report['frac8_weights']:.1f}% of the quantized weights "
-                     f"(the output features with the highest global salience).")
+        lines.append(
+            f"- **8-bit share**: {100 * report['frac8_weights']:.1f}% of the quantized weights "
+            f"(the output features with the highest global salience)."
+        )
     ev = meta.get("evaluation") or {}
     if isinstance(ev.get("perplexity"), (int, float)):
         detail = ", ".join(f"{k} {v}" for k, v in ev.items() if k != "perplexity")
         lines.append(f"- **Perplexity**: {ev['perplexity']:.3f}" + (f" ({detail})" if detail else "") + ".")
     else:
         lines.append("- **Perplexity**: not measured when this folder was saved (`mixllm eval --model DIR`).")
-    lines.append(f"- **Weights**: {weights / 2 ** 20:.1f} MiB in {len(meta['files'])} safetensors file(s); "
-                 f"format version {FORMAT_VERSION}.")
-    lines += ["", "## Load", "", "```python", "import mixllm  # registers quant_method \"mixllm\" with transformers",
-              "from transformers import AutoModelForCausalLM",
-              "model = AutoModelForCausalLM.from_pretrained(\"DIR\")   # or mixllm.load(\"DIR\")", "```", "",
-              "`config.json` → `quantization_config` lists every quantized module and its part sizes; "
-              "`mixllm.json` holds the method's report and the SHA-256 of each weight file.", ""]
+    lines.append(
+        f"- **Weights**: {weights / 2**20:.1f} MiB in {len(meta['files'])} safetensors file(s); "
+        f"format version {FORMAT_VERSION}."
+    )
+    lines += [
+        "",
+        "## Load",
+        "",
+        "```python",
+        'import mixllm  # registers quant_method "mixllm" with transformers',
+        "from transformers import AutoModelForCausalLM",
+        'model = AutoModelForCausalLM.from_pretrained("DIR")   # or mixllm.load("DIR")',
+        "```",
+        "",
+        "`config.json` → `quantization_config` lists every quantized module and its part sizes; "
+        "`mixllm.json` holds the method's report and the SHA-256 of each weight file.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -184,15 +222,20 @@ def read_meta(path: Union[str, os.PathLike]) -> Dict[str, Any]:
         raise ValueError(f"{f} is not a mixllm metadata file (missing keys: format_version)")
     v = meta["format_version"]
     if isinstance(v, bool) or v not in _READS:
-        raise ValueError(f"{f}: format_version {v!r} is not supported (this mixllm reads versions "
-                         f"{list(_READS)}; a newer mixllm wrote it?)")
+        raise ValueError(
+            f"{f}: format_version {v!r} is not supported (this mixllm reads versions "
+            f"{list(_READS)}; a newer mixllm wrote it?)"
+        )
     need = "modules" if v == 1 else "files"
     if need not in meta:
         raise ValueError(f"{f} is not a mixllm metadata file (missing keys: {need})")
     if v == 2:
         files = meta["files"]
-        if (not isinstance(files, dict) or not files
-                or not all(isinstance(k, str) and isinstance(h, str) for k, h in files.items())):
+        if (
+            not isinstance(files, dict)
+            or not files
+            or not all(isinstance(k, str) and isinstance(h, str) for k, h in files.items())
+        ):
             raise ValueError(f"{f}: field 'files' must map each weight file to its SHA-256")
         for name in files:
             if pathlib.PurePath(name).name != name or not name.endswith(".safetensors"):
@@ -200,8 +243,13 @@ def read_meta(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     return meta
 
 
-def load(path: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None,
-         verify: bool = True, dtype: Optional[torch.dtype] = None, device_map=None) -> nn.Module:
+def load(
+    path: Union[str, os.PathLike],
+    device: Optional[Union[str, torch.device]] = None,
+    verify: bool = True,
+    dtype: Optional[torch.dtype] = None,
+    device_map=None,
+) -> nn.Module:
     """Load a model written by :func:`save` (or ``save_pretrained`` + ``mixllm.json``).
 
     ``verify`` checks every weight file's SHA-256 against ``mixllm.json`` first. ``dtype`` applies
@@ -217,17 +265,26 @@ def load(path: Union[str, os.PathLike], device: Optional[Union[str, torch.device
     elif _names_mixllm(path / "config.json"):  # written by save_pretrained alone: no checksums to verify
         meta = {"format_version": FORMAT_VERSION, "files": None}
     else:
-        raise ValueError(f"{path} is not a mixllm model directory (no {_META}, and config.json has no "
-                         f"quantization_config with quant_method 'mixllm')")
+        raise ValueError(
+            f"{path} is not a mixllm model directory (no {_META}, and config.json has no "
+            f"quantization_config with quant_method 'mixllm')"
+        )
     if meta["format_version"] == 1:
         if dtype is not None or device_map is not None:
-            raise ValueError(f"{path / _META}: format version 1 loads without dtype= / device_map= "
-                             f"(save it again with mixllm.save to get version 2)")
+            raise ValueError(
+                f"{path / _META}: format version 1 loads without dtype= / device_map= "
+                f"(save it again with mixllm.save to get version 2)"
+            )
         return _load_v1(path, meta, device, verify)
     if device is not None and device_map is not None:
         raise ValueError("device, device_map: give one of them")
-    return _load_v2(path, meta, verify, dtype, device_map if device_map is not None else
-                    (str(device) if device is not None else None))
+    return _load_v2(
+        path,
+        meta,
+        verify,
+        dtype,
+        device_map if device_map is not None else (str(device) if device is not None else None),
+    )
 
 
 def _names_mixllm(cfile: pathlib.Path) -> bool:
@@ -240,6 +297,7 @@ def _names_mixllm(cfile: pathlib.Path) -> bool:
 
 def _load_v2(path: pathlib.Path, meta: Dict[str, Any], verify: bool, dtype, device_map) -> nn.Module:
     from . import hf
+
     hf.require_transformers()
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -254,11 +312,15 @@ def _load_v2(path: pathlib.Path, meta: Dict[str, Any], verify: bool, dtype, devi
         raise ValueError(f"{cfile}: expected a JSON object")
     qraw = raw.get("quantization_config")
     if not isinstance(qraw, dict) or qraw.get("quant_method") != hf.QUANT_METHOD:
-        raise ValueError(f"{cfile}: field quantization_config.quant_method must be {hf.QUANT_METHOD!r} "
-                         f"(got {qraw.get('quant_method') if isinstance(qraw, dict) else qraw!r})")
+        raise ValueError(
+            f"{cfile}: field quantization_config.quant_method must be {hf.QUANT_METHOD!r} "
+            f"(got {qraw.get('quant_method') if isinstance(qraw, dict) else qraw!r})"
+        )
     if qraw.get("format_version") != meta["format_version"]:
-        raise ValueError(f"{cfile}: quantization_config.format_version {qraw.get('format_version')!r} "
-                         f"disagrees with {_META}'s {meta['format_version']!r}")
+        raise ValueError(
+            f"{cfile}: quantization_config.format_version {qraw.get('format_version')!r} "
+            f"disagrees with {_META}'s {meta['format_version']!r}"
+        )
     files = meta["files"]  # None: a folder save_pretrained wrote (no mixllm.json)
     index = path / _INDEX
     if index.exists():
@@ -277,8 +339,7 @@ def _load_v2(path: pathlib.Path, meta: Dict[str, Any], verify: bool, dtype, devi
     for name in listed:
         f = path / name
         if not f.is_file():
-            raise ValueError(f"{f} is missing (a weight file listed in "
-                             f"{_INDEX if index.exists() else _META})")
+            raise ValueError(f"{f} is missing (a weight file listed in {_INDEX if index.exists() else _META})")
         if verify and files is not None and _sha256(f) != files[name]:
             raise ValueError(f"{f} is corrupted: its SHA-256 does not match the one in {_META} 'files'")
     try:
@@ -319,9 +380,11 @@ def _build(auto_cls, cfg, dtype, meta: Dict[str, Any], on_meta: bool = False) ->
         for name, spec in meta["modules"].items():
             cls = MODULES.get(spec.get("class")) if isinstance(spec, dict) else None
             if cls is None:
-                raise ValueError(f"{_META}: module {name!r} has unknown class "
-                                 f"{spec.get('class') if isinstance(spec, dict) else spec!r} "
-                                 f"(registered: {sorted(MODULES)}); import the method that defines it")
+                raise ValueError(
+                    f"{_META}: module {name!r} has unknown class "
+                    f"{spec.get('class') if isinstance(spec, dict) else spec!r} "
+                    f"(registered: {sorted(MODULES)}); import the method that defines it"
+                )
             try:
                 if not name:
                     raise AttributeError
@@ -346,8 +409,9 @@ def _check_sizes(model: nn.Module, state: Dict[str, torch.Tensor], wfile: pathli
             raise ValueError(f"{wfile} does not match {_META}/config.json: unexpected tensor {k!r}")
         e = expected[k]
         if tuple(v.shape) != tuple(e.shape) or v.dtype != e.dtype:
-            raise ValueError(f"{wfile}: tensor {k!r} has shape {tuple(v.shape)} {v.dtype}, "
-                             f"expected {tuple(e.shape)} {e.dtype}")
+            raise ValueError(
+                f"{wfile}: tensor {k!r} has shape {tuple(v.shape)} {v.dtype}, expected {tuple(e.shape)} {e.dtype}"
+            )
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
         if id(t) not in seen:
@@ -355,8 +419,10 @@ def _check_sizes(model: nn.Module, state: Dict[str, torch.Tensor], wfile: pathli
             total += t.numel() * t.element_size()
     have = os.path.getsize(wfile)
     if total > 2 * have + (64 << 20):
-        raise ValueError(f"config.json / {_META} describe {total / 2**30:.2f} GiB of tensors but {wfile} "
-                         f"holds {have / 2**30:.2f} GiB")
+        raise ValueError(
+            f"config.json / {_META} describe {total / 2**30:.2f} GiB of tensors but {wfile} "
+            f"holds {have / 2**30:.2f} GiB"
+        )
 
 
 def _load_v1(path: pathlib.Path, meta: Dict[str, Any], device, verify: bool) -> nn.Module:
@@ -400,13 +466,17 @@ def _load_v1(path: pathlib.Path, meta: Dict[str, Any], device, verify: bool) -> 
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{wfile} does not match {_META}/config.json: missing {missing[:5]}"
-                         f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                         f"{'...' if len(unexpected) > 5 else ''}")
+        raise ValueError(
+            f"{wfile} does not match {_META}/config.json: missing {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{'...' if len(unexpected) > 5 else ''}"
+        )
     for k, v in expected.items():
         if tuple(v.shape) != tuple(state[k].shape) or v.dtype != state[k].dtype:
-            raise ValueError(f"{wfile}: tensor {k!r} has shape {tuple(state[k].shape)} {state[k].dtype}, "
-                             f"expected {tuple(v.shape)} {v.dtype}")
+            raise ValueError(
+                f"{wfile}: tensor {k!r} has shape {tuple(state[k].shape)} {state[k].dtype}, "
+                f"expected {tuple(v.shape)} {v.dtype}"
+            )
     model.load_state_dict(state, strict=True)
     if getattr(cfg, "tie_word_embeddings", False):
         model.tie_weights()

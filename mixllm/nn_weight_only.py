@@ -18,6 +18,7 @@ Forward on the CPU: the C op ``woq_linear`` (dequantize one row on the fly, dot 
 short inputs (decode), and for longer ones the float32 weight dequantized once by ``woq_dequantize``
 and cached, then the BLAS GEMM. On CUDA: dequantize with torch ops, then one GEMM in ``x``'s dtype.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,17 @@ class WeightOnlyLinear(nn.Module):
     """Weight-only quantized ``nn.Linear`` replacement; build it with :meth:`from_group` /
     :meth:`from_codebook` (or :meth:`from_linear` for plain round-to-nearest)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, kind: str = "group",
-                 group_size: int = 128, levels: int = 16, nnz: int = 0, method: str = ""):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        kind: str = "group",
+        group_size: int = 128,
+        levels: int = 16,
+        nnz: int = 0,
+        method: str = "",
+    ):
         super().__init__()
         if kind not in ("group", "codebook"):
             raise ValueError(f"kind: expected 'group' or 'codebook', got {kind!r}")
@@ -132,8 +142,14 @@ class WeightOnlyLinear(nn.Module):
     def _spec_args(self):
         sp = dict(rowptr=self.rowptr, cols=self.cols, vals=self.vals.float()) if self.cols.numel() else {}
         if self.kind == "group":
-            return dict(kind="group", codes=self.codes, group_size=self.group_size, scale=self.scale.float(),
-                        offset=self.offset.float(), **sp)
+            return dict(
+                kind="group",
+                codes=self.codes,
+                group_size=self.group_size,
+                scale=self.scale.float(),
+                offset=self.offset.float(),
+                **sp,
+            )
         return dict(kind="codebook", codes=self.codes, codebook=self.codebook.float(), **sp)
 
     def dequantize(self) -> torch.Tensor:
@@ -158,7 +174,9 @@ class WeightOnlyLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected last dimension {self.in_features}, got {tuple(x.shape)}")
         if x.is_cuda:
-            return F.linear(x, self._dequantize_torch().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            return F.linear(
+                x, self._dequantize_torch().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype)
+            )
         tokens = x.numel() // self.in_features
         if tokens <= _FUSED_MAX_TOKENS and self._wcache is None:
             return ops.woq_linear(x, bias=self.bias, **self._spec_args())
@@ -216,18 +234,26 @@ class WeightOnlyLinear(nn.Module):
     # ------------------------------------------------------------------ mixllm.io contract
     def get_config(self) -> dict:
         """Constructor arguments (mixllm.io saves them in mixllm.json)."""
-        return dict(in_features=self.in_features, out_features=self.out_features, bias=self.bias is not None,
-                    kind=self.kind, group_size=self.group_size if self.kind == "group" else 128,
-                    levels=int(self.codebook.shape[1]) if self.kind == "codebook" else 16,
-                    nnz=int(self.cols.numel()), method=self.method)
+        return dict(
+            in_features=self.in_features,
+            out_features=self.out_features,
+            bias=self.bias is not None,
+            kind=self.kind,
+            group_size=self.group_size if self.kind == "group" else 128,
+            levels=int(self.codebook.shape[1]) if self.kind == "codebook" else 16,
+            nnz=int(self.cols.numel()),
+            method=self.method,
+        )
 
     @classmethod
     def from_config(cls, cfg: dict) -> "WeightOnlyLinear":
         return cls(**cfg)
 
     def extra_repr(self) -> str:
-        s = (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-             f"kind={self.kind}, avg_bits={self.average_bits():.3f}")
+        s = (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"kind={self.kind}, avg_bits={self.average_bits():.3f}"
+        )
         if self.kind == "group":
             s += f", group_size={self.group_size}"
         if self.cols.numel():

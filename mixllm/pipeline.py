@@ -11,6 +11,7 @@ what that returns in; a last pass gives the block's outputs, the next block's in
 ``finish_block`` runs (e.g. writes the block's results to the cache) and an offloaded block goes back
 to the host. A ``restore(block)`` hook lets a resumed run skip the blocks it already finished.
 """
+
 from __future__ import annotations
 
 import time
@@ -106,12 +107,22 @@ def _device_of(mod: nn.Module, default):
 
 
 @torch.no_grad()
-def run_blockwise(model: nn.Module, samples: List[torch.Tensor], names: List[str],
-                  quantize_group: Callable[[int, List[str], object], Optional[Dict[str, nn.Module]]],
-                  device=None, offload: bool = False, true_sequential: bool = True, keep_tokens: int = 0,
-                  seed: int = 0, restore: Optional[Callable[[int, List[str]], bool]] = None,
-                  finish_block: Optional[Callable[[int, List[str]], None]] = None, timer: Optional[PhaseTimer] = None,
-                  progress: bool = True, desc: str = "quantize") -> Optional[List[str]]:
+def run_blockwise(
+    model: nn.Module,
+    samples: List[torch.Tensor],
+    names: List[str],
+    quantize_group: Callable[[int, List[str], object], Optional[Dict[str, nn.Module]]],
+    device=None,
+    offload: bool = False,
+    true_sequential: bool = True,
+    keep_tokens: int = 0,
+    seed: int = 0,
+    restore: Optional[Callable[[int, List[str]], bool]] = None,
+    finish_block: Optional[Callable[[int, List[str]], None]] = None,
+    timer: Optional[PhaseTimer] = None,
+    progress: bool = True,
+    desc: str = "quantize",
+) -> Optional[List[str]]:
     """Quantize the linears ``names`` block by block (see the module docstring).
 
     ``samples``: token-id tensors [1, seq_len]. ``quantize_group(block, names, acc)`` gets the group's
@@ -126,6 +137,7 @@ def run_blockwise(model: nn.Module, samples: List[torch.Tensor], names: List[str
     every selected linear (the caller falls back to a one-pass calibration).
     """
     from tqdm.auto import tqdm
+
     timer = timer or PhaseTimer()
     found = find_blocks(model, names)
     if found is None:
@@ -177,10 +189,11 @@ def run_blockwise(model: nn.Module, samples: List[torch.Tensor], names: List[str
         bdev = _device_of(block, b0_dev)
         inputs = [_to(a, bdev) for a in inputs]
         bpre = f"{prefix}.{bi}."
-        lin = {n[len(bpre):]: model.get_submodule(n) for n in names if n.startswith(bpre)}
+        lin = {n[len(bpre) :]: model.get_submodule(n) for n in names if n.startswith(bpre)}
         if lin and not (restore is not None and restore(bi, [bpre + r for r in lin])):
-            _calibrate_block(block, bi, bpre, lin, inputs, quantize_group, model, true_sequential, keep_p, gen,
-                             bdev, timer, bar)
+            _calibrate_block(
+                block, bi, bpre, lin, inputs, quantize_group, model, true_sequential, keep_p, gen, bdev, timer, bar
+            )
         with timer("forward"):  # the quantized block's outputs feed the next block
             new_inputs = []
             for args, kwargs in inputs:
@@ -199,9 +212,11 @@ def run_blockwise(model: nn.Module, samples: List[torch.Tensor], names: List[str
     return done
 
 
-def _calibrate_block(block, bi, bpre, lin, inputs, quantize_group, model, true_sequential, keep_p, gen, bdev,
-                     timer, bar):
+def _calibrate_block(
+    block, bi, bpre, lin, inputs, quantize_group, model, true_sequential, keep_p, gen, bdev, timer, bar
+):
     from .hessian import HessianAccumulator
+
     # group the block's linears by the tensor they read, in first-use order (one call)
     seen, order = [], []
 
@@ -214,6 +229,7 @@ def _calibrate_block(block, bi, bpre, lin, inputs, quantize_group, model, true_s
                     return
             seen.append(x)  # keeps the tensor alive so identity checks cannot alias
             order.append([rel])
+
         return f
 
     hs = [m.register_forward_pre_hook(rec(r)) for r, m in lin.items()]
@@ -243,5 +259,5 @@ def _calibrate_block(block, bi, bpre, lin, inputs, quantize_group, model, true_s
             acc.free()
             for name, mod in (new or {}).items():
                 set_module(model, name, mod)
-                lin[name[len(bpre):]] = mod
+                lin[name[len(bpre) :]] = mod
             bar.set_postfix_str("+".join(r.rsplit(".", 1)[-1] for r in g))

@@ -1,4 +1,5 @@
 """Plots of quantization reports (matplotlib, imported on use)."""
+
 from __future__ import annotations
 
 import os
@@ -11,6 +12,7 @@ __all__ = ["plot_fractions", "plot_budget"]
 def plot_fractions(report: Dict[str, Any], path: Union[str, os.PathLike], title: str = "") -> str:
     """PNG of the per-layer share of 8-bit output features (cf. the paper's Figure 2)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -38,6 +40,7 @@ def plot_fractions(report: Dict[str, Any], path: Union[str, os.PathLike], title:
 def plot_budget(report: Dict[str, Any], path: Union[str, os.PathLike], title: str = "") -> str:
     """PNG: share of the 8-bit budget per layer type and per block (:func:`budget_breakdown`)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

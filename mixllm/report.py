@@ -1,4 +1,5 @@
 """The report of a MixLLM quantization: achieved bits, per-layer 8-bit shares, sizes."""
+
 from __future__ import annotations
 
 import re

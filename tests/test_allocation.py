@@ -1,5 +1,6 @@
 """MixLLM's bit allocation: the per-bit (knapsack) ranking against a float64 reference, the budget
 counted in bits, and the per-type / per-block breakdown of where the budget went."""
+
 import numpy as np
 import pytest
 from torch import nn
@@ -13,8 +14,12 @@ def _layers(shapes):
     return [(n, nn.Linear(k, o, bias=False)) for n, k, o in shapes]
 
 
-SHAPES = [("model.layers.0.self_attn.q_proj", 48, 40), ("model.layers.0.mlp.down_proj", 150, 37),
-          ("model.layers.1.self_attn.q_proj", 48, 40), ("model.layers.1.mlp.down_proj", 150, 37)]
+SHAPES = [
+    ("model.layers.0.self_attn.q_proj", 48, 40),
+    ("model.layers.0.mlp.down_proj", 150, 37),
+    ("model.layers.1.self_attn.q_proj", 48, 40),
+    ("model.layers.1.mlp.down_proj", 150, 37),
+]
 
 
 def _greedy_reference(layers, sal, fraction, per_bit):

@@ -1,4 +1,5 @@
 """Weight-only ops (csrc/woq.c), WeightOnlyLinear, and the RTN / GPTQ baseline configs."""
+
 import numpy as np
 import pytest
 import torch
@@ -51,8 +52,15 @@ def test_woq_codebook_linear_dtypes(rng, dtype):
     W = cb[np.arange(K)[None, :], codes].astype(np.float64)
     W[rows, cols] = vals
     x = torch.from_numpy(rng.standard_normal((2, 3, K)).astype(np.float32)).to(dtype)
-    y = ops.woq_linear(x, "codebook", torch.from_numpy(codes), codebook=torch.from_numpy(cb),
-                       rowptr=torch.from_numpy(rowptr), cols=torch.from_numpy(cols), vals=torch.from_numpy(vals))
+    y = ops.woq_linear(
+        x,
+        "codebook",
+        torch.from_numpy(codes),
+        codebook=torch.from_numpy(cb),
+        rowptr=torch.from_numpy(rowptr),
+        cols=torch.from_numpy(cols),
+        vals=torch.from_numpy(vals),
+    )
     assert y.dtype == dtype and y.shape == (2, 3, N)
     want = x.double().numpy() @ W.T
     tol = 1e-4 if dtype == torch.float32 else 3e-2
@@ -69,11 +77,13 @@ def test_woq_errors(rng):
     with pytest.raises(ValueError, match="codes"):
         ops.woq_dequantize("codebook", np.full((4, 8), 4, np.uint8), codebook=np.zeros((8, 4), np.float32))
     with pytest.raises(ValueError, match="rowptr"):
-        ops.woq_dequantize("group", codes, 8, s, o, rowptr=np.array([0, 1, 0, 1, 1]), cols=np.array([0]),
-                           vals=np.ones(1))
+        ops.woq_dequantize(
+            "group", codes, 8, s, o, rowptr=np.array([0, 1, 0, 1, 1]), cols=np.array([0]), vals=np.ones(1)
+        )
     with pytest.raises(ValueError, match="cols"):
-        ops.woq_dequantize("group", codes, 8, s, o, rowptr=np.array([0, 1, 1, 1, 1]), cols=np.array([8]),
-                           vals=np.ones(1))
+        ops.woq_dequantize(
+            "group", codes, 8, s, o, rowptr=np.array([0, 1, 1, 1, 1]), cols=np.array([8]), vals=np.ones(1)
+        )
     with pytest.raises(ValueError, match="all three"):
         ops.woq_dequantize("group", codes, 8, s, o, rowptr=np.array([0, 0, 0, 0, 0]))
     with pytest.raises(ValueError, match="x"):
@@ -125,8 +135,13 @@ def test_weight_only_linear_torch_dequant_matches_c(rng):
     m = WeightOnlyLinear.from_linear(lin, bits=3, group_size=32)
     torch.testing.assert_close(m._dequantize_torch(), m.dequantize(), rtol=0, atol=0)
     cb = np.sort(rng.standard_normal((70, 8)), 1).astype(np.float32)
-    m2 = WeightOnlyLinear.from_codebook(lin, rng.integers(0, 8, (9, 70)), cb, np.full(70, 3),
-                                        outliers=(np.array([1, 8]), np.array([0, 69]), np.array([3.0, 4.0])))
+    m2 = WeightOnlyLinear.from_codebook(
+        lin,
+        rng.integers(0, 8, (9, 70)),
+        cb,
+        np.full(70, 3),
+        outliers=(np.array([1, 8]), np.array([0, 69]), np.array([3.0, 4.0])),
+    )
     torch.testing.assert_close(m2._dequantize_torch(), m2.dequantize(), rtol=0, atol=0)
 
 
@@ -160,8 +175,9 @@ def test_gptq_config_beats_rtn_on_output_error(rng):
     with torch.no_grad():
         ref_y = lin(torch.from_numpy(X))
         err = lambda m: float(((m(torch.from_numpy(X)) - ref_y) ** 2).mean())
-        assert err(GPTQConfig(bits=3, group_size=32).quantize_linear(lin, st)) < \
-            0.9 * err(RTNConfig(bits=3, group_size=32).quantize_linear(lin))
+        assert err(GPTQConfig(bits=3, group_size=32).quantize_linear(lin, st)) < 0.9 * err(
+            RTNConfig(bits=3, group_size=32).quantize_linear(lin)
+        )
     with pytest.raises(ValueError, match="bits"):
         GPTQConfig(bits=1)
     with pytest.raises(ValueError, match="group_size"):
@@ -176,8 +192,9 @@ class Tiny(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.emb = torch.nn.Embedding(50, 32)
-        self.layers = torch.nn.ModuleList([torch.nn.ModuleDict({"up": torch.nn.Linear(32, 64),
-                                                                "down": torch.nn.Linear(64, 32)}) for _ in range(2)])
+        self.layers = torch.nn.ModuleList(
+            [torch.nn.ModuleDict({"up": torch.nn.Linear(32, 64), "down": torch.nn.Linear(64, 32)}) for _ in range(2)]
+        )
         self.lm_head = torch.nn.Linear(32, 50)
 
     def forward(self, ids):
@@ -191,21 +208,26 @@ class Tiny(torch.nn.Module):
 def test_model_level_apply(method):
     from mixllm.methods.cmpq import CMPQConfig
     from mixllm.methods.slim import SliMConfig
+
     torch.manual_seed(0)
     model = Tiny()
     calib = torch.randint(0, 50, (4, 16))
     ids = torch.randint(0, 50, (1, 16))
     with torch.no_grad():
         ref_out = model(ids)
-    cfg = {"rtn": RTNConfig(4, 32), "gptq": GPTQConfig(4, 32), "slim": SliMConfig(3, group_size=16),
-           "cmpq": CMPQConfig(3.5)}[method]
+    cfg = {
+        "rtn": RTNConfig(4, 32),
+        "gptq": GPTQConfig(4, 32),
+        "slim": SliMConfig(3, group_size=16),
+        "cmpq": CMPQConfig(3.5),
+    }[method]
     report = cfg.apply(model, calib)
     qs = [m for m in model.modules() if isinstance(m, WeightOnlyLinear)]
     assert len(qs) == 4 and isinstance(model.lm_head, torch.nn.Linear)
     assert abs(report["avg_bits"] - float(cfg.bits)) < 1e-9 and report["n_layers"] == 4
     with torch.no_grad():
         out = model(ids)
-    assert ((out - ref_out) ** 2).mean() < 0.05 * (ref_out ** 2).mean()
+    assert ((out - ref_out) ** 2).mean() < 0.05 * (ref_out**2).mean()
     stats = collect_stats(Tiny(), calib, keep_tokens=8)
     assert set(stats) == {f"layers.{i}.{n}" for i in range(2) for n in ("up", "down")}
     st = stats["layers.0.up"]
@@ -220,13 +242,24 @@ def test_quantize_save_load_roundtrip_tiny_llama(tmp_path, method):
     io = pytest.importorskip("mixllm.io")
     transformers = pytest.importorskip("transformers")
     from mixllm.methods import METHODS, quantize
+
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = transformers.LlamaForCausalLM(cfg).eval()
     calib = torch.randint(0, 64, (4, 16))
-    conf = {"rtn": METHODS["rtn"](bits=3, group_size=32), "slim": METHODS["slim"](bits=3, group_size=16),
-            "cmpq": METHODS["cmpq"](bits=2.5)}[method]
+    conf = {
+        "rtn": METHODS["rtn"](bits=3, group_size=32),
+        "slim": METHODS["slim"](bits=3, group_size=16),
+        "cmpq": METHODS["cmpq"](bits=2.5),
+    }[method]
     report = quantize(model, conf, calib)
     assert abs(report["avg_bits"] - float(conf.bits)) < 1e-9
     assert sum(isinstance(m, WeightOnlyLinear) for m in model.modules()) == 14  # 7 linears x 2 layers
@@ -243,8 +276,15 @@ def test_quantize_save_load_roundtrip_tiny_llama(tmp_path, method):
 def _tiny_llama(layers=3):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
@@ -257,11 +297,14 @@ def test_sequential_calibration_sees_the_quantized_prefix(method):
     from the quantized model's own inputs reproduces its codes, and the one-pass codes differ."""
     import copy
     from mixllm.methods.slim import SliMConfig
+
     model = _tiny_llama()
     orig = copy.deepcopy(model)
     calib = torch.randint(0, 64, (4, 24), generator=torch.Generator().manual_seed(1))
-    mk = {"gptq": lambda **kw: GPTQConfig(bits=3, group_size=32, **kw),
-          "slim": lambda **kw: SliMConfig(bits=3, group_size=16, tau_n=5, keep_tokens=64, **kw)}[method]
+    mk = {
+        "gptq": lambda **kw: GPTQConfig(bits=3, group_size=32, **kw),
+        "slim": lambda **kw: SliMConfig(bits=3, group_size=16, tau_n=5, keep_tokens=64, **kw),
+    }[method]
     rep = mk().apply(model, calib)
     assert rep["calibration"] == "sequential" and rep["n_layers"] == 21
     onepass = copy.deepcopy(orig)
@@ -275,8 +318,11 @@ def test_sequential_calibration_sees_the_quantized_prefix(method):
             assert (again.codes != q.codes).float().mean() < 1e-3, n
         differs += bool((onepass.get_submodule(n).codes != q.codes).any())
     # the first group (block 0 q/k/v) sees the same inputs either way; later ones must not
-    assert all(not (onepass.get_submodule(n).codes != qs[n].codes).any()
-               for n in qs if n.startswith("model.layers.0.self_attn.") and n[-6:] in ("q_proj", "k_proj", "v_proj"))
+    assert all(
+        not (onepass.get_submodule(n).codes != qs[n].codes).any()
+        for n in qs
+        if n.startswith("model.layers.0.self_attn.") and n[-6:] in ("q_proj", "k_proj", "v_proj")
+    )
     assert differs >= 15
 
 
@@ -293,6 +339,7 @@ def test_real_model_gptq_beats_rtn_on_held_out_text():
     16 x 256 calibration tokens gives a smaller error of the block outputs on held-out evaluation text
     than RTN (the one-pass setup of issue 5 made the full model worse than RTN)."""
     from _e2e import calib_ids, eval_ids, model_and_tokenizer
+
     nb = 2
     ev = eval_ids(1024).reshape(4, 256)
     cal = calib_ids(16, 256)

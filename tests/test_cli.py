@@ -1,4 +1,5 @@
 """The `mixllm` command on the default real model (a few layers, short calibration and text)."""
+
 import json
 import subprocess
 import sys
@@ -14,8 +15,27 @@ def _json_lines(out):
 
 def test_quantize_report_eval_round_trip(tmp_path, capsys):
     out = tmp_path / "q"
-    rc = main(["quantize", "--bits", "4.4", "--only", r"layers\.(0|1)\.self_attn", "--n-calib", "2", "--seq-len", "64",
-               "--out", str(out), "--eval", "--eval-max-tokens", "600", "--quiet", "--cache-dir", "none"])
+    rc = main(
+        [
+            "quantize",
+            "--bits",
+            "4.4",
+            "--only",
+            r"layers\.(0|1)\.self_attn",
+            "--n-calib",
+            "2",
+            "--seq-len",
+            "64",
+            "--out",
+            str(out),
+            "--eval",
+            "--eval-max-tokens",
+            "600",
+            "--quiet",
+            "--cache-dir",
+            "none",
+        ]
+    )
     assert rc == 0
     lines = _json_lines(capsys.readouterr().out)
     assert abs(lines[0]["avg_bits"] - 4.4) < 0.01

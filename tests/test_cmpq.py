@@ -1,4 +1,5 @@
 """CMPQ: the weighted 1-D k-means op, channel bit allocation, outliers, the codebook layer."""
+
 import numpy as np
 import pytest
 import torch
@@ -123,10 +124,11 @@ def test_cmpq_layer(rng):
     assert m.cols.numel() == N + n_quant  # one channel of N plus the quantization outliers
     with torch.no_grad():
         y, ref = m(torch.from_numpy(X)), lin(torch.from_numpy(X))
-    e_cmpq = ((y - ref) ** 2).mean() / (ref ** 2).mean()
+    e_cmpq = ((y - ref) ** 2).mean() / (ref**2).mean()
     from mixllm.methods.baselines import RTNConfig
+
     with torch.no_grad():
-        e_rtn2 = ((RTNConfig(2, 64).quantize_linear(lin)(torch.from_numpy(X)) - ref) ** 2).mean() / (ref ** 2).mean()
+        e_rtn2 = ((RTNConfig(2, 64).quantize_linear(lin)(torch.from_numpy(X)) - ref) ** 2).mean() / (ref**2).mean()
     assert e_cmpq < e_rtn2
     for bad in (1.5, 4.5, "3"):
         with pytest.raises(ValueError, match="bits"):

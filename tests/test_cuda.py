@@ -5,6 +5,7 @@ configuration, forced split-K, tails (N, K, M not multiples of the tiles, K not 
 the group), float32/float16/bfloat16, the mixed layer's column scatter, outputs poisoned with
 NaN before the kernels write them, streams and graph capture, and the errors a user can trigger.
 """
+
 import numpy as np
 import pytest
 
@@ -21,8 +22,16 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 RTOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 CFGS = list(range(_cuda.NCFG))
 # (M, N, K, g): tails in every dimension, K not a multiple of g, g not a multiple of 128
-SHAPES = [(1, 16, 128, 128), (3, 37, 300, 128), (8, 130, 1000, 128), (17, 64, 256, 64),
-          (33, 200, 520, 128), (70, 48, 384, 100), (130, 300, 129, 128), (5, 24, 1200, 300)]
+SHAPES = [
+    (1, 16, 128, 128),
+    (3, 37, 300, 128),
+    (8, 130, 1000, 128),
+    (17, 64, 256, 64),
+    (33, 200, 520, 128),
+    (70, 48, 384, 100),
+    (130, 300, 129, 128),
+    (5, 24, 1200, 300),
+]
 SMALL = SHAPES[:3]
 
 
@@ -77,8 +86,8 @@ def test_act_quant_padded_layout(rng):
     q_ref, s_ref = ref.act_quant(x32, g)
     qn = q.cpu().numpy()
     for j in range(G):
-        np.testing.assert_array_equal(qn[:, j * gp: j * gp + g], q_ref[:, j * g:(j + 1) * g])
-        assert (qn[:, j * gp + g:(j + 1) * gp] == 0).all()
+        np.testing.assert_array_equal(qn[:, j * gp : j * gp + g], q_ref[:, j * g : (j + 1) * g])
+        assert (qn[:, j * gp + g : (j + 1) * gp] == 0).all()
     np.testing.assert_array_equal(sa.cpu().numpy(), s_ref)
 
 
@@ -105,8 +114,9 @@ def test_linear_matches_reference(rng, M, N, K, g, bits):
 
 @pytest.mark.parametrize("cfg", CFGS)
 @pytest.mark.parametrize("splits", [1, 3, 0])
-@pytest.mark.parametrize("M,N,K,g", [(1, 16, 128, 128), (13, 300, 1000, 128), (70, 150, 640, 128),
-                                     (129, 40, 520, 100), (5, 70, 1300, 256)])
+@pytest.mark.parametrize(
+    "M,N,K,g", [(1, 16, 128, 128), (13, 300, 1000, 128), (70, 150, 640, 128), (129, 40, 520, 100), (5, 70, 1300, 256)]
+)
 def test_every_tile_config(rng, cfg, splits, M, N, K, g):
     """Mixed layer (4-bit + 8-bit rows, shuffled columns) under each forced configuration."""
     n8 = max(1, N // 10)
@@ -114,14 +124,14 @@ def test_every_tile_config(rng, cfg, splits, M, N, K, g):
     W4, c4, s4, z4 = make_weight(rng, N - n8, K, 4, g)
     W8, c8, s8, _ = make_weight(rng, n8, K, 8, g)
     i4 = torch.from_numpy(perm[: N - n8].copy()).to(DEV)
-    i8 = torch.from_numpy(perm[N - n8:].copy()).to(DEV)
+    i8 = torch.from_numpy(perm[N - n8 :].copy()).to(DEV)
     dtype = DTYPES[cfg % 3]
     xt, x32 = make_x(rng, M, K, dtype)
     bias = rng.standard_normal(N).astype(np.float32)
     y = _run(xt, [(W4, i4), (W8, i8)], N, torch.from_numpy(bias).to(DEV), cfg, splits)
     y_ref = np.zeros((M, N))
     y_ref[:, perm[: N - n8]] = ref.qlinear(x32, c4, s4, z4, g)
-    y_ref[:, perm[N - n8:]] = ref.qlinear(x32, c8, s8, None, g)
+    y_ref[:, perm[N - n8 :]] = ref.qlinear(x32, c8, s8, None, g)
     assert_close(y, y_ref + bias, dtype)
 
 
@@ -139,8 +149,9 @@ def test_mixed_matches_cpu_op(rng):
 
 def _prepared(W, N, bias=None, pdl=True):
     pw = cuda_ops.packed_weight(W, DEV)
-    return _cuda.prepare([(pw["wpack"], pw["meta"], W.bits, N, None)], bias, W.shape[1],
-                         min(W.group_size, W.shape[1]), 0, pdl)
+    return _cuda.prepare(
+        [(pw["wpack"], pw["meta"], W.bits, N, None)], bias, W.shape[1], min(W.group_size, W.shape[1]), 0, pdl
+    )
 
 
 @pytest.mark.parametrize("cfg", CFGS)
@@ -330,6 +341,7 @@ def test_mixed_linear_module_graph_and_cache(rng):
     """MixedLinear on CUDA: the prepared handle is built once per device, gives the CPU
     module's output, replays under a CUDA graph, and is rebuilt after load_state_dict."""
     from mixllm.nn import MixedLinear
+
     lin = torch.nn.Linear(300, 130)
     m = MixedLinear.from_linear(lin, rows8=list(range(0, 130, 9)))
     xt, x32 = make_x(rng, 3, 300, torch.float32)
@@ -355,8 +367,7 @@ def test_mixed_linear_module_graph_and_cache(rng):
 
 
 # ----------------------------------------------------------------------------- sm_90a wgmma path
-SM90 = next(c for c in CFGS if _cuda.plan(DEV.index, 1, (16,), 128, c, 1)[2].startswith("sm90") or
-            c == CFGS[-1])
+SM90 = next(c for c in CFGS if _cuda.plan(DEV.index, 1, (16,), 128, c, 1)[2].startswith("sm90") or c == CFGS[-1])
 _HAS_SM90 = _cuda.plan(DEV.index, 1, (16,), 128, SM90, 1)[0] == SM90  # forced elsewhere: falls back
 
 
@@ -365,19 +376,24 @@ def _mixed(rng, M, N, K, g, dtype, frac8=0.1):
     perm = rng.permutation(N)
     W4, c4, s4, z4 = make_weight(rng, N - n8, K, 4, g)
     W8, c8, s8, _ = make_weight(rng, n8, K, 8, g)
-    parts = [(W4, torch.from_numpy(perm[: N - n8].copy()).to(DEV)), (W8, torch.from_numpy(perm[N - n8:].copy()).to(DEV))]
+    parts = [
+        (W4, torch.from_numpy(perm[: N - n8].copy()).to(DEV)),
+        (W8, torch.from_numpy(perm[N - n8 :].copy()).to(DEV)),
+    ]
     xt, x32 = make_x(rng, M, K, dtype)
     y_ref = np.zeros((M, N))
     y_ref[:, perm[: N - n8]] = ref.qlinear(x32, c4, s4, z4, g)
-    y_ref[:, perm[N - n8:]] = ref.qlinear(x32, c8, s8, None, g)
+    y_ref[:, perm[N - n8 :]] = ref.qlinear(x32, c8, s8, None, g)
     return xt, parts, y_ref
 
 
 @pytest.mark.skipif(not _HAS_SM90, reason="no sm_90a device")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("splits", [1, 3])
-@pytest.mark.parametrize("M,N,K,g", [(1, 16, 128, 128), (130, 300, 1000, 128), (257, 1000, 520, 100),
-                                     (128, 256, 384, 128), (300, 136, 640, 256)])
+@pytest.mark.parametrize(
+    "M,N,K,g",
+    [(1, 16, 128, 128), (130, 300, 1000, 128), (257, 1000, 520, 100), (128, 256, 384, 128), (300, 136, 640, 256)],
+)
 def test_sm90_mixed_matches_reference(rng, dtype, splits, M, N, K, g):
     """The wgmma kernel, forced: mixed parts with shuffled columns, bias, M/N tails, split-K."""
     xt, parts, y_ref = _mixed(rng, M, N, K, g, dtype)
@@ -422,7 +438,7 @@ def test_planner_picks_sm90_for_large_m():
 def _mixed_layer(rng, N=256, n8=32, K=512, g=128):
     w = rng.standard_normal((N, K)).astype(np.float32) * 0.02
     W4 = ops.QuantizedWeight.quantize(w[: N - n8], bits=4, group_size=g)
-    W8 = ops.QuantizedWeight.quantize(w[N - n8:], bits=8, group_size=g)
+    W8 = ops.QuantizedWeight.quantize(w[N - n8 :], bits=8, group_size=g)
     return W4, W8, torch.arange(N - n8), torch.arange(N - n8, N)
 
 
@@ -431,8 +447,13 @@ def _bad_index_sets(i4, i8):
     N = i4.numel() + i8.numel()
     dup = i4.clone()
     dup[1] = dup[0]
-    return [("shifted", i4, i8 + 1), ("duplicate", dup, i8), ("out of range", i4, torch.full_like(i8, N)),
-            ("negative", i4, i8 - N), ("all the same", torch.zeros_like(i4), torch.zeros_like(i8))]
+    return [
+        ("shifted", i4, i8 + 1),
+        ("duplicate", dup, i8),
+        ("out of range", i4, torch.full_like(i8, N)),
+        ("negative", i4, i8 - N),
+        ("all the same", torch.zeros_like(i4), torch.zeros_like(i8)),
+    ]
 
 
 @pytest.mark.parametrize("where", ["cpu", "cuda"])
@@ -457,8 +478,12 @@ def test_index_dtypes_shapes_and_devices(rng):
     W4, W8, i4, i8 = _mixed_layer(rng)
     x = torch.randn(3, 512, device=DEV)
     y = ops.mixed_linear(x, W4, W8, i4.to(DEV), i8.to(DEV))
-    for f4, f8 in ((i4, i8), (i4.numpy(), i8.numpy()), (i4.int().to(DEV), i8.int().to(DEV)),
-                   (i4.to(torch.int16), i8.to(torch.int16))):  # any integer dtype, on the CPU or the GPU
+    for f4, f8 in (
+        (i4, i8),
+        (i4.numpy(), i8.numpy()),
+        (i4.int().to(DEV), i8.int().to(DEV)),
+        (i4.to(torch.int16), i8.to(torch.int16)),
+    ):  # any integer dtype, on the CPU or the GPU
         assert torch.equal(ops.mixed_linear(x, W4, W8, f4, f8), y)
     for bad in (i8.float(), i8.double().to(DEV), i8.bool(), i8.numpy().astype(np.float32)):
         with pytest.raises(TypeError, match="out_index: expected an integer dtype"):
@@ -497,6 +522,7 @@ def test_prepared_layer_owns_its_indices(rng):
 
 def test_mixed_linear_module_index_ownership(rng):
     from mixllm.nn import MixedLinear
+
     lin = torch.nn.Linear(300, 130)
     m = MixedLinear.from_linear(lin, rows8=list(range(0, 130, 9))).to(DEV)
     x = torch.randn(4, 300, device=DEV)
@@ -563,8 +589,8 @@ def test_quantize_activation_nonfinite_group(rng, dtype, M, N, K, g):
     clean = np.where(np.isfinite(x32), x32, 0)
     q_cpu, s_cpu = ops.quantize_activation(clean, g)
     for r, j in zip(*np.nonzero(bad)):
-        assert (qn[r, j * g:(j + 1) * g] == 0).all()
-        q_cpu[r, j * g:(j + 1) * g] = 0
+        assert (qn[r, j * g : (j + 1) * g] == 0).all()
+        q_cpu[r, j * g : (j + 1) * g] = 0
     np.testing.assert_array_equal(qn, q_cpu)
     np.testing.assert_array_equal(sn[~bad], s_cpu[~bad])
 
@@ -573,29 +599,42 @@ def _apis(rng, N, K, g):
     """(name, public(x), forced(x, cfg, splits), reference(x32) float64 [M, N] or None) for each
     public GPU entry: ops.w4a8_linear, ops.w8a8_linear, ops.mixed_linear, MixedLinear."""
     from mixllm.nn import MixedLinear
+
     W4, c4, s4, z4 = make_weight(rng, N, K, 4, g)
     W8, c8, s8, _ = make_weight(rng, N, K, 8, g)
     n8 = max(1, N // 8)
     perm = rng.permutation(N)
     Wm4, cm4, sm4, zm4 = make_weight(rng, N - n8, K, 4, g)
     Wm8, cm8, sm8, _ = make_weight(rng, n8, K, 8, g)
-    i4, i8 = torch.from_numpy(perm[: N - n8].copy()).to(DEV), torch.from_numpy(perm[N - n8:].copy()).to(DEV)
+    i4, i8 = torch.from_numpy(perm[: N - n8].copy()).to(DEV), torch.from_numpy(perm[N - n8 :].copy()).to(DEV)
 
     def mixed_ref(x32):
         y = np.zeros((x32.shape[0], N))
         y[:, perm[: N - n8]] = ref.qlinear(x32, cm4, sm4, zm4, g)
-        y[:, perm[N - n8:]] = ref.qlinear(x32, cm8, sm8, None, g)
+        y[:, perm[N - n8 :]] = ref.qlinear(x32, cm8, sm8, None, g)
         return y
 
     mod = MixedLinear.from_linear(torch.nn.Linear(K, N, bias=False), rows8=list(range(0, N, 7)), group_size=g)
     mod = mod.to(DEV)
     return [
-        ("w4a8", lambda x: ops.w4a8_linear(x, W4), lambda x, c, s: _run(x, [(W4, None)], N, None, c, s),
-         lambda x32: ref.qlinear(x32, c4, s4, z4, g)),
-        ("w8a8", lambda x: ops.w8a8_linear(x, W8), lambda x, c, s: _run(x, [(W8, None)], N, None, c, s),
-         lambda x32: ref.qlinear(x32, c8, s8, None, g)),
-        ("mixed", lambda x: ops.mixed_linear(x, Wm4, Wm8, i4, i8),
-         lambda x, c, s: _run(x, [(Wm4, i4), (Wm8, i8)], N, None, c, s), mixed_ref),
+        (
+            "w4a8",
+            lambda x: ops.w4a8_linear(x, W4),
+            lambda x, c, s: _run(x, [(W4, None)], N, None, c, s),
+            lambda x32: ref.qlinear(x32, c4, s4, z4, g),
+        ),
+        (
+            "w8a8",
+            lambda x: ops.w8a8_linear(x, W8),
+            lambda x, c, s: _run(x, [(W8, None)], N, None, c, s),
+            lambda x32: ref.qlinear(x32, c8, s8, None, g),
+        ),
+        (
+            "mixed",
+            lambda x: ops.mixed_linear(x, Wm4, Wm8, i4, i8),
+            lambda x, c, s: _run(x, [(Wm4, i4), (Wm8, i8)], N, None, c, s),
+            mixed_ref,
+        ),
         ("module", mod, None, None),
     ]
 

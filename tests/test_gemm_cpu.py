@@ -1,4 +1,5 @@
 """CPU quantized linear layers (docs/spec.md §2, §5) against the float64 two-step reference."""
+
 import numpy as np
 import pytest
 import torch
@@ -8,8 +9,14 @@ from mixllm import _C, ops
 
 IMPLS = ops.cpu_impls()
 SHAPES = [  # (M, N, K, g): tiles are 16 rows x 8 tokens; K tails, odd sizes, M = 1
-    (1, 16, 128, 128), (1, 37, 300, 128), (3, 5, 7, 128), (9, 64, 256, 64),
-    (17, 33, 1000, 128), (8, 16, 136, 40), (2, 300, 129, 128), (0, 16, 128, 128),
+    (1, 16, 128, 128),
+    (1, 37, 300, 128),
+    (3, 5, 7, 128),
+    (9, 64, 256, 64),
+    (17, 33, 1000, 128),
+    (8, 16, 136, 40),
+    (2, 300, 129, 128),
+    (0, 16, 128, 128),
 ]
 
 
@@ -149,11 +156,23 @@ class TestBadArguments:
 
     def test_quantized_weight_validation(self):
         with pytest.raises(ValueError, match="qweight: expected shape"):
-            ops.QuantizedWeight(4, 64, (16, 128), np.zeros((16, 63), np.uint8), np.zeros((16, 2), np.float32),
-                                np.zeros((16, 2), np.uint8))
+            ops.QuantizedWeight(
+                4,
+                64,
+                (16, 128),
+                np.zeros((16, 63), np.uint8),
+                np.zeros((16, 2), np.float32),
+                np.zeros((16, 2), np.uint8),
+            )
         with pytest.raises(ValueError, match="bits"):
-            ops.QuantizedWeight(3, 64, (16, 128), np.zeros((16, 64), np.uint8), np.zeros((16, 2), np.float32),
-                                np.zeros((16, 2), np.uint8))
+            ops.QuantizedWeight(
+                3,
+                64,
+                (16, 128),
+                np.zeros((16, 64), np.uint8),
+                np.zeros((16, 2), np.float32),
+                np.zeros((16, 2), np.uint8),
+            )
 
     def test_wrong_blob_size_at_c_level(self):
         with pytest.raises(ValueError, match="blob"):

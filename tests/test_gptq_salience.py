@@ -1,4 +1,5 @@
 """GPTQ (shared C implementation) and the MixLLM salience reduction (docs/spec.md §2b, §3)."""
+
 import numpy as np
 import pytest
 import torch
@@ -75,8 +76,8 @@ def test_bits_per_group(rng):
     for n in range(4):
         for j in range(2):
             b = int(bpg[n, j])
-            rq, rs, rz = ref.asym_quant(w[n:n + 1, 32 * j:32 * (j + 1)], b, 32)
-            np.testing.assert_array_equal(q[n:n + 1, 32 * j:32 * (j + 1)], rq)
+            rq, rs, rz = ref.asym_quant(w[n : n + 1, 32 * j : 32 * (j + 1)], b, 32)
+            np.testing.assert_array_equal(q[n : n + 1, 32 * j : 32 * (j + 1)], rq)
 
 
 def test_gptq_dead_inputs_and_errors(rng):

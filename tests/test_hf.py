@@ -6,6 +6,7 @@ loading streams shards (peak host memory measured in a subprocess); ``dtype`` / 
 On the default real model (a few layers quantized, tiny calibration) and on small random models
 built from its config with and without ``tie_word_embeddings`` (CUDA device maps: code path only,
 this test machine has no GPU)."""
+
 import json
 import os
 import subprocess
@@ -41,14 +42,20 @@ def default(tmp_path_factory):
     mixllm.quantize(model, cfg, calib_ids())
     ppl = mixllm.perplexity(model, eval_ids(), seq_len=256)
     d = tmp_path_factory.mktemp("hf") / "w44"
-    mixllm.save(model, d, tokenizer=tok, max_shard_size=SHARD,
-                evaluation={"perplexity": ppl, "tokens": int(eval_ids().numel()), "seq_len": 256})
+    mixllm.save(
+        model,
+        d,
+        tokenizer=tok,
+        max_shard_size=SHARD,
+        evaluation={"perplexity": ppl, "tokens": int(eval_ids().numel()), "seq_len": 256},
+    )
     return model, d, _logits(model), ppl
 
 
 def test_transformers_version_is_supported():
     assert hf.registered(), f"transformers {transformers.__version__} < {hf.MIN_TRANSFORMERS}"
     from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
     assert AUTO_QUANTIZATION_CONFIG_MAPPING["mixllm"] is hf.MixllmQuantizationConfig
     assert AUTO_QUANTIZER_MAPPING["mixllm"] is hf.MixllmHfQuantizer
 
@@ -74,8 +81,15 @@ def test_from_pretrained_bit_identical_to_saved_and_to_mixllm_load(default):
 def test_folder_is_a_hf_model_folder(default):
     model, d, _, ppl = default
     names = set(os.listdir(d))
-    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md",
-            "mixllm.json", "model.safetensors.index.json"} <= names
+    assert {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "README.md",
+        "mixllm.json",
+        "model.safetensors.index.json",
+    } <= names
     shards = sorted(n for n in names if n.endswith(".safetensors"))
     assert len(shards) >= 3
     index = json.loads((d / "model.safetensors.index.json").read_text())
@@ -89,8 +103,17 @@ def test_folder_is_a_hf_model_folder(default):
     assert len(qc["modules"]) == 14  # 7 linears in each of 2 blocks
     spec = qc["modules"]["model.layers.0.mlp.down_proj"]
     m = model.model.layers[0].mlp.down_proj
-    assert spec == {"class": "MixedLinear", "args": {"in_features": 1536, "out_features": 576, "n8": m.n8,
-                                                     "bias": False, "group_size": 128, "weight_only": False}}
+    assert spec == {
+        "class": "MixedLinear",
+        "args": {
+            "in_features": 1536,
+            "out_features": 576,
+            "n8": m.n8,
+            "bias": False,
+            "group_size": 128,
+            "weight_only": False,
+        },
+    }
     card = (d / "README.md").read_text()
     assert "MixLLM" in card and "4.4" in card and f"{ppl:.3f}" in card and "from_pretrained" in card
     meta = io.read_meta(d)
@@ -167,23 +190,52 @@ def test_peak_host_memory_while_loading(default):
             m(torch.arange(8)[None])
         print(json.dumps({{"before": before, "loaded": loaded, "forward": status("VmHWM:")}}))
     """)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
-    MiB = 2 ** 20
-    print(f"\npeak RSS growth: {(got['loaded'] - got['before']) / MiB:.0f} MiB after loading, "
-          f"{(got['forward'] - got['before']) / MiB:.0f} MiB after a forward pass; checkpoint {ckpt / MiB:.0f} MiB "
-          f"in {len(shards)} files; bound (checkpoint + 2 largest shards) {bound / MiB:.0f} MiB")
+    MiB = 2**20
+    print(
+        f"\npeak RSS growth: {(got['loaded'] - got['before']) / MiB:.0f} MiB after loading, "
+        f"{(got['forward'] - got['before']) / MiB:.0f} MiB after a forward pass; checkpoint {ckpt / MiB:.0f} MiB "
+        f"in {len(shards)} files; bound (checkpoint + 2 largest shards) {bound / MiB:.0f} MiB"
+    )
     assert got["loaded"] - got["before"] <= bound
     assert got["forward"] - got["before"] <= bound
 
 
 def test_cli_output_loads_both_ways(tmp_path, capsys):
     from mixllm.cli import main
+
     out = tmp_path / "q"
-    assert main(["quantize", "--bits", "4.4", "--only", r"layers\.1\.self_attn", "--n-calib", "2", "--seq-len", "64",
-                 "--no-gptq", "--no-clip", "--out", str(out), "--quiet", "--cache-dir", "none"]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                "--bits",
+                "4.4",
+                "--only",
+                r"layers\.1\.self_attn",
+                "--n-calib",
+                "2",
+                "--seq-len",
+                "64",
+                "--no-gptq",
+                "--no-clip",
+                "--out",
+                str(out),
+                "--quiet",
+                "--cache-dir",
+                "none",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     a, b = AutoModel.from_pretrained(out), mixllm.load(out)
     assert isinstance(a.model.layers[1].self_attn.k_proj, MixedLinear)
@@ -195,16 +247,25 @@ def _small(tie: bool, head: bool, weight_only_kind=None, plain=False):
     """A 2-block model with the default model's config (scaled down), tied or untied embeddings;
     ``head``: quantize the output head too; ``weight_only_kind``: WeightOnlyLinear layers instead."""
     base = json.loads((data.default_model_dir() / "config.json").read_text())
-    base.update(vocab_size=256, hidden_size=128, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=32, tie_word_embeddings=tie)
+    base.update(
+        vocab_size=256,
+        hidden_size=128,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        tie_word_embeddings=tie,
+    )
     base.pop("quantization_config", None)
     cfg = transformers.LlamaConfig(**{k: v for k, v in base.items() if k not in ("architectures", "model_type")})
     torch.manual_seed(1 + tie + 2 * head)
     model = AutoModel.from_config(cfg).eval()
     if plain:
         return model
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-               and (head or "lm_head" not in n)]
+    targets = [
+        (n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and (head or "lm_head" not in n)
+    ]
     for i, (n, lin) in enumerate(targets):
         if weight_only_kind is None:
             q = MixedLinear.from_linear(lin, rows8=range(0, lin.out_features, 7), group_size=64)
@@ -212,19 +273,30 @@ def _small(tie: bool, head: bool, weight_only_kind=None, plain=False):
             q = WeightOnlyLinear.from_linear(lin, bits=3 + i % 2, group_size=64)
         else:  # codebook with outliers (CMPQ's layout)
             import numpy as np
+
             K = lin.in_features
             cb = np.sort(np.random.default_rng(i).normal(0, 0.05, (K, 8)), 1)
             codes = np.random.default_rng(i + 1).integers(0, 8, (lin.out_features, K))
-            q = WeightOnlyLinear.from_codebook(lin, codes, cb, np.full(K, 3), outliers=([0, 3], [5, 7], [0.5, -0.25]),
-                                               method="cmpq")
+            q = WeightOnlyLinear.from_codebook(
+                lin, codes, cb, np.full(K, 3), outliers=([0, 3], [5, 7], [0.5, -0.25]), method="cmpq"
+            )
         parent, _, attr = n.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, q)
     model.mixllm_info = {"method": "mixllm" if weight_only_kind is None else "test", "config": None, "report": None}
     return model
 
 
-@pytest.mark.parametrize("tie,head,kind", [(True, False, None), (False, False, None), (False, True, None),
-                                           (True, True, None), (True, False, "group"), (False, True, "codebook")])
+@pytest.mark.parametrize(
+    "tie,head,kind",
+    [
+        (True, False, None),
+        (False, False, None),
+        (False, True, None),
+        (True, True, None),
+        (True, False, "group"),
+        (False, True, "codebook"),
+    ],
+)
 def test_tied_and_untied_structures(tmp_path, tie, head, kind):
     model = _small(tie, head, kind)
     ids = torch.arange(40)[None] % 256
@@ -243,8 +315,12 @@ def test_tied_and_untied_structures(tmp_path, tie, head, kind):
                 assert not json.loads((tmp_path / d / "config.json").read_text())["tie_word_embeddings"]
             else:
                 assert (out.weight.data_ptr() == emb.weight.data_ptr()) == tie
-            assert not any(p.requires_grad for m in loaded.modules()
-                           if isinstance(m, (MixedLinear, WeightOnlyLinear)) for p in m.parameters())
+            assert not any(
+                p.requires_grad
+                for m in loaded.modules()
+                if isinstance(m, (MixedLinear, WeightOnlyLinear))
+                for p in m.parameters()
+            )
 
 
 def test_from_pretrained_refuses_to_quantize_on_the_fly(tmp_path):

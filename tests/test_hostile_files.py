@@ -6,6 +6,7 @@ half-built model -- through ``mixllm.load`` and through ``AutoModelForCausalLM.f
 The model is a tiny Llama built from a config (no download); two of its linears are MixedLinear. It is
 saved in format version 2 with small shards (several safetensors files + index).
 """
+
 import json
 import resource
 import shutil
@@ -28,9 +29,16 @@ COUNT = {"files": 0}  # hostile files tried (docs/readme_reliability.md)
 
 def _tiny_model():
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=True)
+    cfg = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     mlp = model.model.layers[0].mlp
     mlp.down_proj = MixedLinear.from_linear(mlp.down_proj, rows8=[1, 5, 9], group_size=32)
@@ -109,8 +117,9 @@ def test_truncated(saved, tmp_path, verify):
     f = _shard(d, K + "qweight4")
     data = f.read_bytes()
     header_len = struct.unpack("<Q", data[:8])[0]
-    for cut in sorted({0, 1, 7, 8, 9, 8 + header_len // 2, 8 + header_len, 8 + header_len + 1,
-                       len(data) // 2, len(data) - 1}):
+    for cut in sorted(
+        {0, 1, 7, 8, 9, 8 + header_len // 2, 8 + header_len, 8 + header_len + 1, len(data) // 2, len(data) - 1}
+    ):
         f.write_bytes(data[:cut])
         _load_fails(d, "corrupted|safetensors|match|shape", verify=verify)
 
@@ -170,6 +179,7 @@ def _rewrite_tensors(d, edit, key=K + "qweight4"):
     """Apply edit(state) to the tensors of the shard holding `key` and rewrite it (with a matching
     checksum in mixllm.json; the index is left as it was, as a tamperer would)."""
     from safetensors.torch import load_file, save_file
+
     f = _shard(d, key)
     state = load_file(str(f))
     edit(state)
@@ -179,19 +189,24 @@ def _rewrite_tensors(d, edit, key=K + "qweight4"):
     _write_meta(d, meta)
 
 
-@pytest.mark.parametrize("edit,match", [
-    (lambda s: s.__setitem__(K + "qweight4", s[K + "qweight4"][:, :-1].contiguous()), "shape"),
-    (lambda s: s.__setitem__(K + "scale8", s[K + "scale8"].repeat(2, 1)), "shape"),
-    (lambda s: s.__setitem__(K + "qweight4", s[K + "qweight4"].to(torch.int16)), "shape|dtype"),
-    (lambda s: s.__setitem__(K + "scale4", s[K + "scale4"].double()), "shape|dtype"),
-    (lambda s: s.__setitem__(K + "perm", s[K + "perm"].int()), "shape|dtype"),
-    (lambda s: s.pop(K + "zero4"), "missing"),
-    (lambda s: s.__setitem__("model.layers.0.mlp.down_proj.extra", torch.zeros(3)), "unexpected"),
-    (lambda s: s.__setitem__("model.layers.1.mlp.down_proj.weight", torch.zeros(64, 96, dtype=torch.float16)),
-     "shape|dtype|also stored"),
-    (lambda s: s.__setitem__("model.embed_tokens.weight", torch.zeros(10 ** 5, 64)), "shape|GiB|also stored"),
-    (lambda s: s.__setitem__(K + "qweight8", s[K + "qweight8"].to(torch.uint8)), "dtype I8"),
-])
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda s: s.__setitem__(K + "qweight4", s[K + "qweight4"][:, :-1].contiguous()), "shape"),
+        (lambda s: s.__setitem__(K + "scale8", s[K + "scale8"].repeat(2, 1)), "shape"),
+        (lambda s: s.__setitem__(K + "qweight4", s[K + "qweight4"].to(torch.int16)), "shape|dtype"),
+        (lambda s: s.__setitem__(K + "scale4", s[K + "scale4"].double()), "shape|dtype"),
+        (lambda s: s.__setitem__(K + "perm", s[K + "perm"].int()), "shape|dtype"),
+        (lambda s: s.pop(K + "zero4"), "missing"),
+        (lambda s: s.__setitem__("model.layers.0.mlp.down_proj.extra", torch.zeros(3)), "unexpected"),
+        (
+            lambda s: s.__setitem__("model.layers.1.mlp.down_proj.weight", torch.zeros(64, 96, dtype=torch.float16)),
+            "shape|dtype|also stored",
+        ),
+        (lambda s: s.__setitem__("model.embed_tokens.weight", torch.zeros(10**5, 64)), "shape|GiB|also stored"),
+        (lambda s: s.__setitem__(K + "qweight8", s[K + "qweight8"].to(torch.uint8)), "dtype I8"),
+    ],
+)
 @pytest.mark.parametrize("loader", [io.load, _from_pretrained])
 def test_mismatched_tensors(saved, tmp_path, edit, match, loader):
     d = _copy(saved, tmp_path)
@@ -199,21 +214,24 @@ def test_mismatched_tensors(saved, tmp_path, edit, match, loader):
     _load_fails(d, match, loader)
 
 
-@pytest.mark.parametrize("args,match", [
-    ({"n8": 4}, "shape"),  # config not matching the tensors
-    ({"in_features": 128}, "shape"),
-    ({"group_size": 64}, "shape"),
-    ({"bias": True}, "unexpected|missing"),  # the file has no bias for it
-    ({"out_features": 2 ** 28}, "shape|GiB"),  # would be GiBs of buffers
-    ({"out_features": 10 ** 15, "n8": 0}, "shape|GiB"),
-    ({"in_features": 2 ** 40}, "shape|GiB"),
-    ({"in_features": -1}, "bad arguments"),
-    ({"group_size": 0}, "bad arguments"),
-    ({"n8": 10 ** 6}, "bad arguments"),
-    ({"n8": 1.5}, "bad arguments"),
-    ({"in_features": "64"}, "bad arguments"),
-    ({"surprise": 1}, "bad arguments"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        ({"n8": 4}, "shape"),  # config not matching the tensors
+        ({"in_features": 128}, "shape"),
+        ({"group_size": 64}, "shape"),
+        ({"bias": True}, "unexpected|missing"),  # the file has no bias for it
+        ({"out_features": 2**28}, "shape|GiB"),  # would be GiBs of buffers
+        ({"out_features": 10**15, "n8": 0}, "shape|GiB"),
+        ({"in_features": 2**40}, "shape|GiB"),
+        ({"in_features": -1}, "bad arguments"),
+        ({"group_size": 0}, "bad arguments"),
+        ({"n8": 10**6}, "bad arguments"),
+        ({"n8": 1.5}, "bad arguments"),
+        ({"in_features": "64"}, "bad arguments"),
+        ({"surprise": 1}, "bad arguments"),
+    ],
+)
 @pytest.mark.parametrize("loader", [io.load, _from_pretrained])
 def test_module_config_mismatch_or_absurd(saved, tmp_path, args, match, loader):
     """Tampered part sizes in config.json's quantization_config: the error names the file, the module
@@ -225,14 +243,17 @@ def test_module_config_mismatch_or_absurd(saved, tmp_path, args, match, loader):
     _load_fails(d, match, loader)
 
 
-@pytest.mark.parametrize("change,match", [
-    ({"vocab_size": 10 ** 9}, "GiB|shape"),
-    ({"hidden_size": 2 ** 20, "intermediate_size": 2 ** 22}, "GiB|shape|cannot be built"),
-    ({"num_hidden_layers": 10 ** 6}, "num_hidden_layers"),
-    ({"num_hidden_layers": 3}, "missing|shape"),
-    ({"intermediate_size": 128}, "shape"),
-    ({"model_type": "no-such-model"}, "could not be read"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"vocab_size": 10**9}, "GiB|shape"),
+        ({"hidden_size": 2**20, "intermediate_size": 2**22}, "GiB|shape|cannot be built"),
+        ({"num_hidden_layers": 10**6}, "num_hidden_layers"),
+        ({"num_hidden_layers": 3}, "missing|shape"),
+        ({"intermediate_size": 128}, "shape"),
+        ({"model_type": "no-such-model"}, "could not be read"),
+    ],
+)
 def test_hf_config_mismatch_or_absurd(saved, tmp_path, change, match):
     d = _copy(saved, tmp_path)
     cfg = json.loads((d / "config.json").read_text())
@@ -244,26 +265,31 @@ def test_hf_config_mismatch_or_absurd(saved, tmp_path, change, match):
 QM = "model.layers.0.mlp.down_proj"
 
 
-@pytest.mark.parametrize("mutate,match", [
-    (lambda q: q.update(modules=[]), "modules"),
-    (lambda q: q.update(modules={}), "modules"),
-    (lambda q: q["modules"].update({QM: 7}), "modules.*expected"),
-    (lambda q: q["modules"][QM].update({"class": "os.system"}), "unknown class"),
-    (lambda q: q["modules"][QM].update({"class": "Linear"}), "unknown class"),
-    (lambda q: q["modules"][QM].update({"args": [1, 2]}), "modules.*expected"),
-    (lambda q: q["modules"][QM].pop("args"), "modules.*expected"),
-    (lambda q: q["modules"].update({"": q["modules"]["model.layers.0.mlp.up_proj"]}), "non-empty"),
-    (lambda q: q["modules"].update({"model.layers.9.mlp.up_proj": q["modules"]["model.layers.0.mlp.up_proj"]}),
-     "does not exist"),
-    (lambda q: q["modules"].update({"lm_head": q["modules"]["model.layers.0.mlp.up_proj"]}), "ties|shape"),
-    (lambda q: q.update(format_version=3), "format_version"),
-    (lambda q: q.update(format_version=True), "format_version"),
-    (lambda q: q.update(surprise=1), "unknown field"),
-    (lambda q: q.update(group_size=-1), "group_size"),
-    (lambda q: q.update(act_bits="8"), "act_bits"),
-    (lambda q: q.update(weight_bits="4.4"), "weight_bits"),
-    (lambda q: q.pop("modules"), "modules"),
-])
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda q: q.update(modules=[]), "modules"),
+        (lambda q: q.update(modules={}), "modules"),
+        (lambda q: q["modules"].update({QM: 7}), "modules.*expected"),
+        (lambda q: q["modules"][QM].update({"class": "os.system"}), "unknown class"),
+        (lambda q: q["modules"][QM].update({"class": "Linear"}), "unknown class"),
+        (lambda q: q["modules"][QM].update({"args": [1, 2]}), "modules.*expected"),
+        (lambda q: q["modules"][QM].pop("args"), "modules.*expected"),
+        (lambda q: q["modules"].update({"": q["modules"]["model.layers.0.mlp.up_proj"]}), "non-empty"),
+        (
+            lambda q: q["modules"].update({"model.layers.9.mlp.up_proj": q["modules"]["model.layers.0.mlp.up_proj"]}),
+            "does not exist",
+        ),
+        (lambda q: q["modules"].update({"lm_head": q["modules"]["model.layers.0.mlp.up_proj"]}), "ties|shape"),
+        (lambda q: q.update(format_version=3), "format_version"),
+        (lambda q: q.update(format_version=True), "format_version"),
+        (lambda q: q.update(surprise=1), "unknown field"),
+        (lambda q: q.update(group_size=-1), "group_size"),
+        (lambda q: q.update(act_bits="8"), "act_bits"),
+        (lambda q: q.update(weight_bits="4.4"), "weight_bits"),
+        (lambda q: q.pop("modules"), "modules"),
+    ],
+)
 @pytest.mark.parametrize("loader", [io.load, _from_pretrained])
 def test_bad_quantization_config(saved, tmp_path, mutate, match, loader):
     d = _copy(saved, tmp_path)
@@ -273,16 +299,19 @@ def test_bad_quantization_config(saved, tmp_path, mutate, match, loader):
     _load_fails(d, match, loader)
 
 
-@pytest.mark.parametrize("mutate,match", [
-    (lambda m: m.update(format_version=3), "format_version 3"),
-    (lambda m: m.update(format_version="2"), "format_version"),
-    (lambda m: m.pop("format_version"), "missing keys"),
-    (lambda m: m.pop("files"), "missing keys: files"),
-    (lambda m: m.update(files=[]), "files"),
-    (lambda m: m["files"].update({"../../etc/passwd.safetensors": "0" * 64}), "files"),
-    (lambda m: m["files"].update({"extra.safetensors": "0" * 64}), "weight_map|files"),
-    (lambda m: m["files"].pop(sorted(m["files"])[0]), "weight_map|files"),
-])
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda m: m.update(format_version=3), "format_version 3"),
+        (lambda m: m.update(format_version="2"), "format_version"),
+        (lambda m: m.pop("format_version"), "missing keys"),
+        (lambda m: m.pop("files"), "missing keys: files"),
+        (lambda m: m.update(files=[]), "files"),
+        (lambda m: m["files"].update({"../../etc/passwd.safetensors": "0" * 64}), "files"),
+        (lambda m: m["files"].update({"extra.safetensors": "0" * 64}), "weight_map|files"),
+        (lambda m: m["files"].pop(sorted(m["files"])[0]), "weight_map|files"),
+    ],
+)
 def test_bad_mixllm_json(saved, tmp_path, mutate, match):
     d = _copy(saved, tmp_path)
     meta = _meta(d)
@@ -291,8 +320,10 @@ def test_bad_mixllm_json(saved, tmp_path, mutate, match):
     _load_fails(d, match)
 
 
-@pytest.mark.parametrize("content", [b"", b"{", b"\xff\xfe\x00garbage", b"[1, 2]", b"null", b'"modules"',
-                                     b'{"modules": {}, "format_version": 1e999}'])
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"{", b"\xff\xfe\x00garbage", b"[1, 2]", b"null", b'"modules"', b'{"modules": {}, "format_version": 1e999}'],
+)
 def test_garbage_metadata_file(saved, tmp_path, content):
     d = _copy(saved, tmp_path)
     (d / "mixllm.json").write_bytes(content)
@@ -317,19 +348,27 @@ def test_safetensors_header_lies(saved, tmp_path):
     f = _shard(d, K + "qweight8")
     data = f.read_bytes()
     n = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8:8 + n])
-    body = data[8 + n:]
+    header = json.loads(data[8 : 8 + n])
+    body = data[8 + n :]
     name = K + "qweight8"
     variants = []
-    h = json.loads(json.dumps(header)); h[name]["shape"] = [2 ** 40, 2 ** 20]; variants.append(h)
-    h = json.loads(json.dumps(header)); h[name]["data_offsets"] = [0, 2 ** 62]; variants.append(h)
-    h = json.loads(json.dumps(header)); h[name]["data_offsets"] = [len(body) - 4, len(body) + 100]; variants.append(h)
-    h = json.loads(json.dumps(header)); h[name]["dtype"] = "F64"; variants.append(h)
+    h = json.loads(json.dumps(header))
+    h[name]["shape"] = [2**40, 2**20]
+    variants.append(h)
+    h = json.loads(json.dumps(header))
+    h[name]["data_offsets"] = [0, 2**62]
+    variants.append(h)
+    h = json.loads(json.dumps(header))
+    h[name]["data_offsets"] = [len(body) - 4, len(body) + 100]
+    variants.append(h)
+    h = json.loads(json.dumps(header))
+    h[name]["dtype"] = "F64"
+    variants.append(h)
     for h in variants:
         hb = json.dumps(h).encode()
         f.write_bytes(struct.pack("<Q", len(hb)) + hb + body)
         _load_fails(d, "safetensors|shape|corrupted", verify=False)
-    f.write_bytes(struct.pack("<Q", 2 ** 60) + data[8:])  # header length beyond the file
+    f.write_bytes(struct.pack("<Q", 2**60) + data[8:])  # header length beyond the file
     _load_fails(d, "safetensors", verify=False)
 
 
@@ -369,6 +408,7 @@ def test_index_lies(saved, tmp_path):
 def _other_method_checkpoint(tmp_path):
     """The tiny model with WeightOnlyLinear (another method's tensors) where the config will claim MixedLinear."""
     from mixllm.nn_weight_only import WeightOnlyLinear
+
     model = _tiny_model()
     mlp = model.model.layers[0].mlp
     lin = torch.nn.Linear(96, 64, bias=False)
@@ -384,8 +424,12 @@ def test_config_names_mixllm_over_another_methods_tensors(saved, tmp_path, loade
     cfg = _config(d)
     cfg["quantization_config"]["modules"][QM] = _config(saved[0])["quantization_config"]["modules"][QM]
     _write_config(d, cfg)
-    _load_fails(d, r"safetensors: unexpected tensor 'model\.layers\.0\.mlp\.down_proj\.(codes|scale|offset|"
-                   r"group_bits|rowptr|cols|vals)'.*MixedLinear", loader)
+    _load_fails(
+        d,
+        r"safetensors: unexpected tensor 'model\.layers\.0\.mlp\.down_proj\.(codes|scale|offset|"
+        r"group_bits|rowptr|cols|vals)'.*MixedLinear",
+        loader,
+    )
 
 
 @pytest.mark.parametrize("loader", [io.load, _from_pretrained])
@@ -395,8 +439,11 @@ def test_float_checkpoint_with_a_mixllm_config(saved, tmp_path, loader):
     cfg = _config(d)
     for f in list(d.glob("*.safetensors")) + [d / "model.safetensors.index.json"]:
         f.unlink()
-    plain = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
-        **{k: v for k, v in cfg.items() if k not in ("quantization_config", "architectures", "model_type")}))
+    plain = transformers.AutoModelForCausalLM.from_config(
+        transformers.LlamaConfig(
+            **{k: v for k, v in cfg.items() if k not in ("quantization_config", "architectures", "model_type")}
+        )
+    )
     plain.save_pretrained(d, max_shard_size="64KB")
     _write_config(d, cfg)  # save_pretrained rewrote it without the quantization_config
     meta = _meta(d)

@@ -1,4 +1,5 @@
 """mixllm.save / mixllm.load on the default real model: bit-identical logits, atomic writes, clear errors."""
+
 import json
 import os
 
@@ -48,6 +49,7 @@ def test_overwrite_is_atomic_and_leaves_no_temp(saved, tmp_path):
 
 def _copy(src, dst):
     import shutil
+
     shutil.copytree(src, dst)
     return dst
 
@@ -101,14 +103,21 @@ def test_bad_metadata(saved, tmp_path):
 def _write_v1(model, d):
     """A folder in format version 1 (mixllm <= 0.1.0): one model.safetensors, modules in mixllm.json."""
     from safetensors.torch import save_model
+
     d.mkdir()
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
     (d / "config.json").write_text(json.dumps(cfg))
     save_model(model, str(d / "model.safetensors"))
-    meta = {"format_version": 1, "method": "mixllm", "config": None, "report": None, "dtype": "float32",
-            "modules": {n: {"class": type(m).__name__, "args": m.get_config()} for n, m in io._quantized_modules(model)},
-            "sha256": io._sha256(d / "model.safetensors")}
+    meta = {
+        "format_version": 1,
+        "method": "mixllm",
+        "config": None,
+        "report": None,
+        "dtype": "float32",
+        "modules": {n: {"class": type(m).__name__, "args": m.get_config()} for n, m in io._quantized_modules(model)},
+        "sha256": io._sha256(d / "model.safetensors"),
+    }
     (d / "mixllm.json").write_text(json.dumps(meta))
 
 

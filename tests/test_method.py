@@ -1,5 +1,6 @@
 """MixLLM on the default real model: salience and Hessians against autograd, global allocation, the
 budget, reuse of a Calibration, and quality ordering on real text."""
+
 import numpy as np
 import pytest
 import torch
@@ -21,9 +22,14 @@ def test_config_budget_and_validation():
     for bad in (3.9, 8.5, "4.4", {8: 10, 4: 80}, {2: 10, 4: 90}, True):
         with pytest.raises(ValueError, match="bits"):
             MixLLMConfig(bits=bad)
-    for kw, msg in ((dict(selection="best"), "selection"), (dict(act_bits=4), "act_bits"),
-                    (dict(group_size=0), "group_size"), (dict(fraction=1.5), "fraction"),
-                    (dict(n_calib=0), "n_calib"), (dict(damp=-1.0), "damp")):
+    for kw, msg in (
+        (dict(selection="best"), "selection"),
+        (dict(act_bits=4), "act_bits"),
+        (dict(group_size=0), "group_size"),
+        (dict(fraction=1.5), "fraction"),
+        (dict(n_calib=0), "n_calib"),
+        (dict(damp=-1.0), "damp"),
+    ):
         with pytest.raises(ValueError, match=msg):
             MixLLMConfig(**kw)
     assert get_method("mixllm") is MixLLMConfig and METHODS["mixllm"] is MixLLMConfig
@@ -50,7 +56,7 @@ def test_salience_matches_autograd(two_blocks):
     ref = {n: torch.zeros(model.get_submodule(n).out_features, dtype=torch.float64) for n in names}
     for i in range(ids.shape[0]):
         model.zero_grad()
-        model(input_ids=ids[i:i + 1], labels=ids[i:i + 1]).loss.backward()
+        model(input_ids=ids[i : i + 1], labels=ids[i : i + 1]).loss.backward()
         for n in names:
             m = model.get_submodule(n)
             t = (m.weight.grad.double() * C.rtn_delta(m.weight).double()).sum(1)
@@ -66,10 +72,11 @@ def test_hessians_and_sharing(two_blocks):
     ids = calib_ids(2, 64)
     xs = []
     h = model.get_submodule("model.layers.1.mlp.down_proj").register_forward_hook(
-        lambda m, i, o: xs.append(i[0].detach().reshape(-1, i[0].shape[-1])) and None)
+        lambda m, i, o: xs.append(i[0].detach().reshape(-1, i[0].shape[-1])) and None
+    )
     with torch.no_grad():
         for i in range(ids.shape[0]):
-            model(input_ids=ids[i:i + 1])
+            model(input_ids=ids[i : i + 1])
     h.remove()
     X = torch.cat(xs).double()
     H = cal.hessians["model.layers.1.mlp.down_proj"]
@@ -97,7 +104,10 @@ def test_allocation(two_blocks):
     for n in N:
         assert len(p[n]) == round(0.1 * N[n])
         assert cal.salience[n][p[n]].min() >= np.delete(cal.salience[n], p[n]).max()
-    r1, r2 = allocate(layers, cal.salience, 0.1, "random", seed=3), allocate(layers, cal.salience, 0.1, "random", seed=3)
+    r1, r2 = (
+        allocate(layers, cal.salience, 0.1, "random", seed=3),
+        allocate(layers, cal.salience, 0.1, "random", seed=3),
+    )
     assert all(np.array_equal(r1[n], r2[n]) for n in N)
     m8 = allocate(layers, cal.salience, 0.1, "global", row_multiple=8)
     assert all(len(m8[n]) % 8 == 0 for n in N)
@@ -118,9 +128,13 @@ def test_quantize_reuses_calibration_and_orders_quality(tmp_path):
         model, _ = model_and_tokenizer()
         cfg = MixLLMConfig(bits=bits, only=only, gptq=False, clip=False, progress=False)
         if cal is None:  # first run: calibrate on ids, keep the statistics for the others
-            cal = C.calibrate(model, calib_ids(4, 64), [(n, m) for n, m in C.target_linears(model)
-                                                         if int(n.split(".")[2]) < 6],
-                              hessian=False, progress=False)
+            cal = C.calibrate(
+                model,
+                calib_ids(4, 64),
+                [(n, m) for n, m in C.target_linears(model) if int(n.split(".")[2]) < 6],
+                hessian=False,
+                progress=False,
+            )
         rep = mixllm.quantize(model, cfg, cal)
         assert abs(rep["avg_bits"] - bits) < 0.02
         ppl[bits] = perplexity(model, ids, 512, progress=False)
@@ -129,7 +143,7 @@ def test_quantize_reuses_calibration_and_orders_quality(tmp_path):
     assert ppl[8] < ppl[4.4] < ppl[4]
     a = models[4.4].model.layers[2].self_attn.o_proj
     b = models[4].model.layers[2].self_attn.o_proj
-    rows4 = a.perm[a.n8:]
+    rows4 = a.perm[a.n8 :]
     assert torch.equal(a.dequantized_weight()[rows4], b.dequantized_weight()[rows4])
     rep = models[4.4].mixllm_info["report"]
     png = plot_fractions(rep, tmp_path / "f.png")
@@ -145,13 +159,15 @@ def test_disk_cache_and_errors(tmp_path):
     assert files == ["block_00005.safetensors", "salience.safetensors"]  # block-by-block: finished blocks
     # the salience does not depend on the quantizer: an RTN run reuses it (no new calibration)
     import mixllm.methods.mixllm as M
+
     calls = []
     orig = M.calibrate
     M.calibrate = lambda *a, **k: calls.append(1) or orig(*a, **k)
     try:
         rtn, _ = model_and_tokenizer()
-        mixllm.quantize(rtn, MixLLMConfig(bits=4.4, gptq=False, only=cfg.only, cache_dir=str(tmp_path),
-                                          progress=False), calib_ids())
+        mixllm.quantize(
+            rtn, MixLLMConfig(bits=4.4, gptq=False, only=cfg.only, cache_dir=str(tmp_path), progress=False), calib_ids()
+        )
     finally:
         M.calibrate = orig
     assert calls == [] and len(list(tmp_path.iterdir())) == 3  # + the one-pass RTN results

@@ -1,5 +1,6 @@
 """notebooks/bit_budget.ipynb: committed with the outputs of a real run (plots inline, no Agg), and it
 executes headless (fast mode: two blocks, tiny calibration) with the from_pretrained round trip."""
+
 import json
 import pathlib
 
@@ -9,8 +10,13 @@ NB = pathlib.Path(__file__).resolve().parents[1] / "notebooks" / "bit_budget.ipy
 
 
 def _images(nb):
-    return [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])
-            if "image/png" in o.get("data", {})]
+    return [
+        o
+        for c in nb["cells"]
+        if c["cell_type"] == "code"
+        for o in c.get("outputs", [])
+        if "image/png" in o.get("data", {})
+    ]
 
 
 def _text(nb):
@@ -49,8 +55,9 @@ def test_bit_budget_notebook_executes(tmp_path, monkeypatch):
     monkeypatch.setenv("MIXLLM_NB_FAST", "1")
     monkeypatch.setenv("MIXLLM_NB_OUT", str(tmp_path))
     nb = nbformat.read(NB, as_version=4)
-    nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    nbclient.NotebookClient(
+        nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
     assert len(_images(nb)) >= 3  # inline figures, not only files
     _check_sweep(_text(nb))
     png = tmp_path / "bit_budget.png"

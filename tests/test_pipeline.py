@@ -1,5 +1,6 @@
 """The scalable MixLLM pipeline: salience without weight gradients, GPTQ in PyTorch against the C GPTQ,
 the one Hessian accumulator, block-by-block quantization with resume after a kill, GPU memory bound."""
+
 import os
 import signal
 import subprocess
@@ -86,11 +87,11 @@ def test_hessian_accumulator_matches_float64(rng, device):
 
 # ----------------------------------------------------------------------------- GPTQ
 CASES = [  # N, K, g, bits, symmetric, group_order, clip_grid, dead inputs
-    (6, 160, 64, 4, False, True, 20, ()),     # groups straddle the 128-column blocks
-    (5, 150, 64, 8, True, True, 20, (5,)),    # short last group, reordered into the middle; a dead input
+    (6, 160, 64, 4, False, True, 20, ()),  # groups straddle the 128-column blocks
+    (5, 150, 64, 8, True, True, 20, (5,)),  # short last group, reordered into the middle; a dead input
     (4, 96, 32, 3, False, True, 5, ()),
     (5, 130, 32, 4, False, False, 0, (0, 129)),
-    (3, 40, 128, 2, False, True, 20, ()),     # group wider than K
+    (3, 40, 128, 2, False, True, 20, ()),  # group wider than K
 ]
 
 
@@ -180,6 +181,7 @@ def _tiny():
 
 def _cfg(cache_dir, **kw):
     from mixllm.methods.mixllm import MixLLMConfig
+
     return MixLLMConfig(bits=4.4, group_size=32, progress=False, cache_dir=cache_dir, **kw)
 
 
@@ -187,6 +189,7 @@ def test_blockwise_resume_after_kill_gives_the_same_model(tmp_path):
     """A run killed (SIGKILL) right after its second block reached the cache resumes from there and
     gives the model of an uninterrupted run; the killed run leaves no partial file behind."""
     from mixllm.pipeline import PhaseTimer
+
     tiny, ids = _tiny()
     cache = tmp_path / "cache"
     script = _TINY + textwrap.dedent(f"""
@@ -215,6 +218,7 @@ def test_blockwise_resume_after_kill_gives_the_same_model(tmp_path):
     with torch.no_grad():
         assert torch.equal(resumed(x).logits, ref(x).logits)
     from mixllm.nn import MixedLinear
+
     assert all(isinstance(m, MixedLinear) for n, m in resumed.named_modules() if n.endswith("_proj"))
 
 
@@ -230,6 +234,7 @@ def test_blockwise_cache_key_tracks_settings_and_budget(tmp_path):
     b = tiny()
     _cfg(None, sequential=False).apply(b, ids)
     from mixllm.nn import MixedLinear
+
     assert all(isinstance(m, MixedLinear) for n, m in b.named_modules() if n.endswith("_proj"))
 
 
@@ -239,6 +244,7 @@ def test_offloaded_blockwise_peak_gpu_memory_is_one_block(tmp_path):
     block-by-block pass stays near one block + its Hessians + the calibration hidden states."""
     from _e2e import calib_ids, model_and_tokenizer
     from mixllm.methods.mixllm import MixLLMConfig
+
     model, _ = model_and_tokenizer()
     ids = calib_ids(4, 128)
     blk = model.model.layers[0]
@@ -248,6 +254,7 @@ def test_offloaded_blockwise_peak_gpu_memory_is_one_block(tmp_path):
     hess_bytes = 8 * (K[0] ** 2 + 3 * K[1] ** 2)
     hidden_bytes = ids.numel() * model.config.hidden_size * 4
     from mixllm.pipeline import PhaseTimer
+
     torch.cuda.reset_peak_memory_stats()
     timer = PhaseTimer()  # peaks per block (it resets the peak statistics at block edges)
     MixLLMConfig(bits=4.4, device="cuda", offload=True, progress=False).apply(model, ids, timer=timer)

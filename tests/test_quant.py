@@ -1,4 +1,5 @@
 """Number formats (docs/spec.md §1): codes equal the NumPy oracle exactly; errors are clear."""
+
 import numpy as np
 import pytest
 import torch
@@ -19,7 +20,7 @@ def test_asym_matches_reference(rng, bits, N, K, g):
     np.testing.assert_array_equal(q, rq)
     np.testing.assert_array_equal(s, rs)
     np.testing.assert_array_equal(z, rz)
-    assert q.max() <= 2 ** bits - 1
+    assert q.max() <= 2**bits - 1
     # rounding error: at most one step (a clamped edge value), half a step on average
     err = np.abs(ops.dequantize_weight(q, s, z, g) - w)
     step = s[:, np.arange(K) // g]
@@ -52,14 +53,15 @@ def test_torch_inputs_give_torch_outputs_equal_to_numpy(rng):
 
 def test_non_contiguous_inputs_are_copied_not_misread(rng):
     w = rng.standard_normal((200, 9)).astype(np.float32)
-    q1, s1, z1 = ops.quantize_weight(w.T, 4, 64)             # transposed view
+    q1, s1, z1 = ops.quantize_weight(w.T, 4, 64)  # transposed view
     q2, s2, z2 = ops.quantize_weight(np.ascontiguousarray(w.T), 4, 64)
     np.testing.assert_array_equal(q1, q2)
     qt, _, _ = ops.quantize_weight(torch.from_numpy(w).t(), 4, 64)
     np.testing.assert_array_equal(qt.numpy(), q2)
     big = rng.standard_normal((10, 400)).astype(np.float32)
-    np.testing.assert_array_equal(ops.quantize_weight(big[::2, ::2], 4, 64)[0],
-                                  ops.quantize_weight(big[::2, ::2].copy(), 4, 64)[0])
+    np.testing.assert_array_equal(
+        ops.quantize_weight(big[::2, ::2], 4, 64)[0], ops.quantize_weight(big[::2, ::2].copy(), 4, 64)[0]
+    )
 
 
 def test_c_core_rejects_strided_arrays():
@@ -71,8 +73,8 @@ def test_c_core_rejects_strided_arrays():
 
 def test_constant_and_zero_groups_are_exact():
     w = np.zeros((4, 256), np.float32)
-    w[1] = 0.7            # constant positive group
-    w[2, :128] = -3.0     # constant negative group, zero group after it
+    w[1] = 0.7  # constant positive group
+    w[2, :128] = -3.0  # constant negative group, zero group after it
     for bits in (2, 3, 4):
         q, s, z = ops.quantize_weight(w, bits, 128)
         assert np.all(np.isfinite(s)) and np.all(s > 0)
@@ -156,8 +158,15 @@ class TestBadArguments:
 
     def test_wrong_output_shape_at_c_level(self):
         with pytest.raises(ValueError, match="scale_out: expected size 2 in dimension 1"):
-            _C.quantize_weight(self.w, 4, 8, False, np.zeros((4, 16), np.uint8), np.zeros((4, 3), np.float32),
-                               np.zeros((4, 2), np.uint8))
+            _C.quantize_weight(
+                self.w,
+                4,
+                8,
+                False,
+                np.zeros((4, 16), np.uint8),
+                np.zeros((4, 3), np.float32),
+                np.zeros((4, 2), np.uint8),
+            )
 
     def test_readonly_output_rejected(self):
         q = np.zeros((4, 16), np.uint8)

@@ -1,12 +1,20 @@
 """SliM-LLM: the salience-weighted calibration op, GPTQ with that group quantizer, the bit allocation."""
+
 import numpy as np
 import pytest
 import torch
 
 from mixllm import ops
 from mixllm.methods.baselines import LayerStats
-from mixllm.methods.slim import (SliMConfig, allocation, group_salience, hinv_diag, rtn_blocks, sba_search,
-                                 sqc_thresholds)
+from mixllm.methods.slim import (
+    SliMConfig,
+    allocation,
+    group_salience,
+    hinv_diag,
+    rtn_blocks,
+    sba_search,
+    sqc_thresholds,
+)
 
 
 def slim_fit_ref(v, u, bits, thr, lam, norm, tau_range, tau_n):
@@ -19,9 +27,12 @@ def slim_fit_ref(v, u, bits, thr, lam, norm, tau_range, tau_n):
     lo, hi = f(min(v.astype(f).min(), 0)), f(max(v.astype(f).max(), 0))
     if lo == 0 and hi == 0:
         lo, hi = f(-1), f(1)
-    qmax = f(2 ** bits - 1)
-    ps = [1.0] + [1 + tau_range * i / tau_n for i in range(1, tau_n + 1)] + \
-         [1 - tau_range * i / tau_n for i in range(1, tau_n + 1)]
+    qmax = f(2**bits - 1)
+    ps = (
+        [1.0]
+        + [1 + tau_range * i / tau_n for i in range(1, tau_n + 1)]
+        + [1 - tau_range * i / tau_n for i in range(1, tau_n + 1)]
+    )
     best, res = np.inf, (f(1), f(0))
     sal = v * v / (np.asarray(u, np.float64) ** 2)
     for p in ps:
@@ -33,7 +44,7 @@ def slim_fit_ref(v, u, bits, thr, lam, norm, tau_range, tau_n):
         off = f(-z * s)
         q = np.clip(np.rint((v.astype(f) - off) / s), 0, qmax).astype(f)
         d = np.abs(q * s + off - v.astype(f)).astype(np.float64)
-        e = d ** norm
+        e = d**norm
         if thr is not None:
             e = np.where(sal >= thr, lam * e, e)
         err = e.sum()
@@ -47,7 +58,7 @@ def test_slim_calibrate_matches_reference(rng, bits, lam, thr_q):
     R, L = 6, 64
     w = (rng.standard_normal((R, L)) * rng.uniform(0.1, 2, (R, 1))).astype(np.float32)
     u = rng.uniform(0.2, 2.0, L)
-    thr = None if thr_q is None else float(np.quantile(w.astype(np.float64) ** 2 / u ** 2, thr_q))
+    thr = None if thr_q is None else float(np.quantile(w.astype(np.float64) ** 2 / u**2, thr_q))
     s, o = ops.slim_calibrate(w, u, bits, thr, lam=lam, norm=2.4, tau_range=0.1, tau_n=10)
     for r in range(R):
         rs, ro = slim_fit_ref(w[r], u, bits, thr, lam, 2.4, 0.1, 10)
@@ -60,7 +71,7 @@ def test_slim_calibrate_search_never_worse_than_minmax(rng):
     u = np.ones(128)
 
     def loss(s, o, bits):
-        q = np.clip(np.rint((w - o[:, None]) / s[:, None]), 0, 2 ** bits - 1)
+        q = np.clip(np.rint((w - o[:, None]) / s[:, None]), 0, 2**bits - 1)
         return (np.abs(q * s[:, None] + o[:, None] - w) ** 2.4).sum(1)
 
     s0, o0 = ops.slim_calibrate(w, u, 2, tau_range=0.0, tau_n=1)
@@ -114,13 +125,21 @@ def slim_gptq_ref(w, H, bits_cols, g, thr, lam, norm, tau_range, tau_n, damp=0.0
         b = bits_cols[j]
         if i % g == 0:
             for n in range(N):
-                S[n, j], O[n, j] = slim_fit_ref(W[n, i:i + g], np.diag(U)[i:i + g], b,
-                                                None if thr is None else thr[j], lam, norm, tau_range, tau_n)
+                S[n, j], O[n, j] = slim_fit_ref(
+                    W[n, i : i + g],
+                    np.diag(U)[i : i + g],
+                    b,
+                    None if thr is None else thr[j],
+                    lam,
+                    norm,
+                    tau_range,
+                    tau_n,
+                )
         s, o = S[:, j], O[:, j]
-        c = np.clip(np.rint((W[:, i].astype(np.float32) - o) / s), 0, 2 ** b - 1)
+        c = np.clip(np.rint((W[:, i].astype(np.float32) - o) / s), 0, 2**b - 1)
         q[:, i] = c
         err = (W[:, i] - (c.astype(np.float64) * s + o)) / U[i, i]
-        W[:, i + 1:] -= np.outer(err, U[i, i + 1:])
+        W[:, i + 1 :] -= np.outer(err, U[i, i + 1 :])
     return q, S, O
 
 
@@ -141,7 +160,7 @@ def test_slim_gptq_matches_textbook_reference(rng, N, K, g, bits):
     assert (q == rq).mean() > 0.99  # float64 vs blocked summation order: ties may differ
     np.testing.assert_allclose(s, rs, rtol=1e-3)
     for j, b in enumerate(bits):  # codes stay in each group's range
-        assert q[:, j * g:(j + 1) * g].max() <= 2 ** b - 1
+        assert q[:, j * g : (j + 1) * g].max() <= 2**b - 1
 
 
 def test_slim_gptq_lowers_output_error_and_no_hessian_is_rtn(rng):
@@ -185,8 +204,8 @@ def test_salience_and_allocation(rng):
     U = np.linalg.cholesky(np.linalg.inv(H + 0.01 * np.diag(H).mean() * np.eye(K))).T
     np.testing.assert_allclose(u, np.diag(U), rtol=1e-8)
     sal = group_salience(w, u, g)
-    e = w ** 2 / u ** 2
-    np.testing.assert_allclose(sal, [e[:, j:j + g].sum() for j in range(0, K, g)], rtol=1e-12)
+    e = w**2 / u**2
+    np.testing.assert_allclose(sal, [e[:, j : j + g].sum() for j in range(0, K, g)], rtol=1e-12)
     cb = allocation(np.array([5.0, 1.0, 3.0, 9.0, 2.0]), 1, 2)
     assert cb.tolist() == [2, 1, 2, 3, 2]  # least salient -> 1 bit, most -> 3 bits, average kept
     cb, i, errs = sba_search(w.astype(np.float32), X.astype(np.float32), np.arange(8.0), 3, 12)
@@ -215,7 +234,7 @@ def test_slim_config_layer(rng):
     assert set(np.unique(m.group_bits.numpy())) <= {1, 2, 3}
     with torch.no_grad():
         ref = lin(torch.from_numpy(X))
-        err = ((m(torch.from_numpy(X)) - ref) ** 2).mean() / (ref ** 2).mean()
+        err = ((m(torch.from_numpy(X)) - ref) ** 2).mean() / (ref**2).mean()
     assert err < 0.5
     with pytest.raises(ValueError, match="bits"):
         SliMConfig(bits=2.5)

@@ -81,6 +81,7 @@ def quantize(model, config, calib: Any = None, tokenizer=None) -> Dict[str, Any]
     model.mixllm_info = {"method": method_name(config), "config": config_dict(config), "report": report}
     if hasattr(getattr(model, "config", None), "to_json_file"):  # so model.save_pretrained writes a loadable folder
         from ..hf import attach_quantization_config
+
         attach_quantization_config(model)
     return report
 

@@ -18,6 +18,7 @@ beside them. Every weight-only config here has the same shape:
 ``calib`` is a list of 1-D/2-D token-id tensors (one sequence each), or an object with a ``samples``
 attribute holding such a list.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,14 +38,22 @@ from ..nn_weight_only import WeightOnlyLinear
 from . import validate
 from .base import WeightOnlyConfig, register
 
-__all__ = ["RTNConfig", "GPTQConfig", "LayerStats", "collect_stats", "default_filter",
-           "quantize_weight_only", "sequential_quantize"]
+__all__ = [
+    "RTNConfig",
+    "GPTQConfig",
+    "LayerStats",
+    "collect_stats",
+    "default_filter",
+    "quantize_weight_only",
+    "sequential_quantize",
+]
 
 
 @dataclass
 class LayerStats:
     """Calibration statistics of one linear layer's input: ``H = 2 X^T X / n`` (float64 [K, K]) and up
     to ``keep_tokens`` input rows drawn at random (float32 [T, K], for output-error searches)."""
+
     H: np.ndarray
     X: Optional[np.ndarray]
     n: int
@@ -70,8 +79,9 @@ def _samples(calib) -> List[torch.Tensor]:
 
 
 @torch.no_grad()
-def collect_stats(model: nn.Module, calib, filter_fn: Callable = default_filter, keep_tokens: int = 1024,
-                  seed: int = 0) -> Dict[str, LayerStats]:
+def collect_stats(
+    model: nn.Module, calib, filter_fn: Callable = default_filter, keep_tokens: int = 1024, seed: int = 0
+) -> Dict[str, LayerStats]:
     """One forward pass per calibration sample with hooks on the selected linears."""
     samples = _samples(calib)
     mods = {n: m for n, m in model.named_modules() if filter_fn(n, m)}
@@ -97,8 +107,9 @@ def _layer_stats(acc: HessianAccumulator) -> LayerStats:
     return LayerStats(H=acc.hessian("cpu").numpy(), X=None if X is None else X.numpy(), n=acc.n)
 
 
-def sequential_quantize(model: nn.Module, config, calib, filter_fn: Callable = default_filter,
-                        progress: bool = True) -> Optional[Dict[str, nn.Module]]:
+def sequential_quantize(
+    model: nn.Module, config, calib, filter_fn: Callable = default_filter, progress: bool = True
+) -> Optional[Dict[str, nn.Module]]:
     """GPTQ-style sequential calibration (GPTQ paper §4 and its ``--true-sequential`` option) through
     :func:`mixllm.pipeline.run_blockwise`: block by block, inside a block one group of linears at a time
     (the linears that read the same input), each group's ``H`` (and rows for SliM-LLM's search) from
@@ -120,9 +131,16 @@ def sequential_quantize(model: nn.Module, config, calib, filter_fn: Callable = d
         out_new.update(new)
         return new
 
-    done = run_blockwise(model, samples, names, quantize_group, keep_tokens=getattr(config, "keep_tokens", 0),
-                         seed=getattr(config, "seed", 0), progress=progress,
-                         desc=f"{getattr(config, 'name', 'quantize')} (sequential)")
+    done = run_blockwise(
+        model,
+        samples,
+        names,
+        quantize_group,
+        keep_tokens=getattr(config, "keep_tokens", 0),
+        seed=getattr(config, "seed", 0),
+        progress=progress,
+        desc=f"{getattr(config, 'name', 'quantize')} (sequential)",
+    )
     return None if done is None else out_new
 
 
@@ -139,8 +157,9 @@ def _stats_from_calibration(cal, model, filter_fn):
     return out
 
 
-def quantize_weight_only(model: nn.Module, config, calib=None, filter_fn: Callable = default_filter,
-                         verbose: bool = False) -> dict:
+def quantize_weight_only(
+    model: nn.Module, config, calib=None, filter_fn: Callable = default_filter, verbose: bool = False
+) -> dict:
     """Quantize every selected linear of ``model`` in place with ``config.quantize_linear``; returns
     the report (``avg_bits``: code bits per quantized weight; ``quantized_bytes``: packed size of the
     quantized layers; ``n_layers``; ``calibration``: "sequential" or "one-pass").
@@ -149,8 +168,12 @@ def quantize_weight_only(model: nn.Module, config, calib=None, filter_fn: Callab
     (:func:`sequential_quantize`); precomputed ``LayerStats`` / a ``Calibration`` / no ``sequential``:
     every layer from the full-precision model's inputs."""
     is_stats = isinstance(calib, dict) and calib and all(isinstance(v, LayerStats) for v in calib.values())
-    if (getattr(config, "sequential", False) and config.needs_calibration() and not is_stats
-            and not isinstance(calib, Calibration)):
+    if (
+        getattr(config, "sequential", False)
+        and config.needs_calibration()
+        and not is_stats
+        and not isinstance(calib, Calibration)
+    ):
         new = sequential_quantize(model, config, calib, filter_fn, progress=getattr(config, "progress", True))
         if new is not None:
             return _report(new, "sequential")
@@ -161,8 +184,9 @@ def quantize_weight_only(model: nn.Module, config, calib=None, filter_fn: Callab
     elif isinstance(calib, Calibration):
         stats = _stats_from_calibration(calib, model, filter_fn)
     else:
-        stats = collect_stats(model, calib, filter_fn, keep_tokens=getattr(config, "keep_tokens", 1024),
-                              seed=getattr(config, "seed", 0))
+        stats = collect_stats(
+            model, calib, filter_fn, keep_tokens=getattr(config, "keep_tokens", 1024), seed=getattr(config, "seed", 0)
+        )
     new = {}
     for name in list(stats):
         lin = model.get_submodule(name)
@@ -175,9 +199,13 @@ def quantize_weight_only(model: nn.Module, config, calib=None, filter_fn: Callab
 
 def _report(new, how):
     n_w = sum(m.codes.numel() for m in new.values())
-    return {"avg_bits": sum(m.code_bits() for m in new.values()) / max(n_w, 1),
-            "quantized_bytes": sum(m.nbytes() for m in new.values()),
-            "quantized_params": n_w, "n_layers": len(new), "calibration": how}
+    return {
+        "avg_bits": sum(m.code_bits() for m in new.values()) / max(n_w, 1),
+        "quantized_bytes": sum(m.nbytes() for m in new.values()),
+        "quantized_params": n_w,
+        "n_layers": len(new),
+        "calibration": how,
+    }
 
 
 def _weight(linear):
@@ -191,6 +219,7 @@ def _weight(linear):
 class RTNConfig(WeightOnlyConfig):
     """Round-to-nearest weight-only quantization: asymmetric ``bits``-bit, groups of ``group_size``
     along the input features (docs/spec.md §1 format, min/max range)."""
+
     bits: int = 4
     group_size: int = 128
 
@@ -201,8 +230,9 @@ class RTNConfig(WeightOnlyConfig):
     def quantize_linear(self, linear: nn.Linear, stats: Optional[LayerStats] = None) -> WeightOnlyLinear:
         w = _weight(linear)
         q, s, z = ops.quantize_weight(w, self.bits, self.group_size, symmetric=False)
-        return WeightOnlyLinear.from_group(linear, q, s, -z.astype(np.float32) * s, self.bits, self.group_size,
-                                           method=self.name)
+        return WeightOnlyLinear.from_group(
+            linear, q, s, -z.astype(np.float32) * s, self.bits, self.group_size, method=self.name
+        )
 
 
 @register("gptq")
@@ -214,6 +244,7 @@ class GPTQConfig(WeightOnlyConfig):
     ``sequential``: calibrate block by block on the quantized prefix as the GPTQ paper does (default;
     False: every layer from the full-precision model's inputs in one pass, which overfits small
     calibration sets: see docs/method.md)."""
+
     bits: int = 4
     group_size: int = 128
     damp: float = 0.01
@@ -232,12 +263,21 @@ class GPTQConfig(WeightOnlyConfig):
         if not isinstance(stats, LayerStats):
             raise TypeError("stats: GPTQ needs the layer's calibration statistics (LayerStats)")
         if linear.weight.is_cuda:  # the PyTorch GPTQ on the layer's GPU (same codes as the C GPTQ, mixllm/gptq.py)
-            q, s, z = gptq(linear.weight.detach().float(), torch.as_tensor(stats.H, device=linear.weight.device),
-                           self.bits, self.group_size, symmetric=False, damp=self.damp,
-                           group_order=self.group_order, clip_grid=20 if self.clip else 0, impl="torch")
+            q, s, z = gptq(
+                linear.weight.detach().float(),
+                torch.as_tensor(stats.H, device=linear.weight.device),
+                self.bits,
+                self.group_size,
+                symmetric=False,
+                damp=self.damp,
+                group_order=self.group_order,
+                clip_grid=20 if self.clip else 0,
+                impl="torch",
+            )
             q, s, z = q.cpu().numpy(), s.cpu().numpy(), z.cpu().numpy()
-            return WeightOnlyLinear.from_group(linear, q, s, -z.astype(np.float32) * s, self.bits, self.group_size,
-                                               method=self.name)
+            return WeightOnlyLinear.from_group(
+                linear, q, s, -z.astype(np.float32) * s, self.bits, self.group_size, method=self.name
+            )
         w = _weight(linear)
         if not self.group_order and not self.clip:
             # the same GPTQ (csrc/gptq.c) with the H^-1 factor from LAPACK and min/max groups:
@@ -245,10 +285,20 @@ class GPTQConfig(WeightOnlyConfig):
             U = ops.gptq_hinv_factor(stats.H, self.damp)
             G = -(-w.shape[1] // self.group_size)
             bpg = np.full((w.shape[0], G), self.bits, np.float32)
-            q, s, off = ops.slim_gptq_quantize(w, stats.H, bpg, self.group_size, damp=self.damp, norm=2.0,
-                                               tau_range=0.0, tau_n=1, U=U)
+            q, s, off = ops.slim_gptq_quantize(
+                w, stats.H, bpg, self.group_size, damp=self.damp, norm=2.0, tau_range=0.0, tau_n=1, U=U
+            )
             return WeightOnlyLinear.from_group(linear, q, s, off, self.bits, self.group_size, method=self.name)
-        q, s, z = ops.gptq_quantize(w, stats.H, self.bits, self.group_size, symmetric=False, damp=self.damp,
-                                    group_order=self.group_order, clip=self.clip)
-        return WeightOnlyLinear.from_group(linear, q, s, -z.astype(np.float32) * s, self.bits, self.group_size,
-                                           method=self.name)
+        q, s, z = ops.gptq_quantize(
+            w,
+            stats.H,
+            self.bits,
+            self.group_size,
+            symmetric=False,
+            damp=self.damp,
+            group_order=self.group_order,
+            clip=self.clip,
+        )
+        return WeightOnlyLinear.from_group(
+            linear, q, s, -z.astype(np.float32) * s, self.bits, self.group_size, method=self.name
+        )

@@ -16,6 +16,7 @@ that is where activation outliers live):
    and their channels are re-clustered without them.
 Outliers are excluded from the clustering (weight 0) and stored as a sparse fp16 part.
 """
+
 from __future__ import annotations
 
 import math
@@ -55,6 +56,7 @@ class CMPQConfig(WeightOnlyConfig):
     ``quant_outlier_ratio``: fraction of weights with the largest activation-weighted k-means error kept
     in 16-bit. ``iters``: k-means iterations.
     """
+
     bits: float = 2.5
     act_outlier_ratio: float = 0.002
     quant_outlier_ratio: float = 0.003
@@ -83,7 +85,7 @@ class CMPQConfig(WeightOnlyConfig):
         if self.act_outlier_ratio > 0:
             n_ch = max(1, int(round(self.act_outlier_ratio * K)))
             mask[np.argsort(-act, kind="stable")[:n_ch], :] = 0
-        levels = (2 ** cb).astype(np.int32)
+        levels = (2**cb).astype(np.int32)
         cent, codes = ops.kmeans1d(wt, kmax, weight=mask, levels=levels, iters=self.iters)
         if self.quant_outlier_ratio > 0:
             deq = np.take_along_axis(cent, codes.astype(np.int64), axis=1)

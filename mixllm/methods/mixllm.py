@@ -19,6 +19,7 @@ With a :class:`mixllm.calib.Calibration` (or ``sequential=False`` / ``gptq=False
 one pass of the full-precision model and both bit-widths are quantized for all rows (kept in
 ``calib.quant_cache``, so a budget sweep only picks rows).
 """
+
 from __future__ import annotations
 
 import re
@@ -101,6 +102,7 @@ class MixLLMConfig(QuantConfig):
         true_sequential: inside a block, one calibration pass per group of linears (q/k/v, o, gate/up,
             down), each on the outputs of the groups already quantized; False: one pass per block.
     """
+
     bits: Union[float, Dict[int, float]] = 4.4
     fraction: Optional[float] = None
     group_size: int = 128
@@ -134,8 +136,9 @@ class MixLLMConfig(QuantConfig):
         if self.seq_len < 2:
             raise ValueError("seq_len: expected at least 2 tokens")
         if self.act_bits != 8:
-            raise ValueError(f"act_bits: only 8-bit activations are implemented (or weight_only=True), "
-                             f"got {self.act_bits!r}")
+            raise ValueError(
+                f"act_bits: only 8-bit activations are implemented (or weight_only=True), got {self.act_bits!r}"
+            )
         validate.one_of("selection", self.selection, _SELECTIONS)
         validate.one_of("salience_bits", self.salience_bits, (2, 3, 4))
         validate.non_negative("damp", self.damp)
@@ -204,14 +207,25 @@ class MixLLMConfig(QuantConfig):
     def _salience(self, model, layers, ids, base_key, timer) -> Dict[str, np.ndarray]:
         """Salience of ``layers`` (read from ``cache_dir`` when there)."""
         dev = model.get_input_embeddings().weight.device
-        disk = DiskCache(self.cache_dir, derive_key(base_key, "salience", self.group_size, self.salience_bits,
-                                                      dev.type)) if self.cache_dir else None
+        disk = (
+            DiskCache(self.cache_dir, derive_key(base_key, "salience", self.group_size, self.salience_bits, dev.type))
+            if self.cache_dir
+            else None
+        )
         sal = {k: v.numpy() for k, v in disk.read("salience.safetensors").items()} if disk else {}
         if all(n in sal for n, _ in layers):
             return sal
         with timer("salience"):
-            cal = calibrate(model, ids, layers, hessian=False, salience=True, salience_bits=self.salience_bits,
-                            group_size=self.group_size, progress=self.progress)
+            cal = calibrate(
+                model,
+                ids,
+                layers,
+                hessian=False,
+                salience=True,
+                salience_bits=self.salience_bits,
+                group_size=self.group_size,
+                progress=self.progress,
+            )
         sal.update(cal.salience)
         if disk is not None:
             disk.write("salience.safetensors", {k: torch.as_tensor(np.asarray(v)) for k, v in sal.items()})
@@ -231,10 +245,26 @@ class MixLLMConfig(QuantConfig):
         disk = None
         if self.cache_dir:
             dev_type = (run_dev or mods[names[0]].weight.device).type
-            disk = DiskCache(self.cache_dir, derive_key(
-                base, "blocks", frac, self.selection, self.seed, self.row_multiple, self.group_size, self.clip,
-                float(self.damp), self.salience_bits, self.true_sequential, self._impl(dev_type), self.gptq_dtype,
-                dev_type, self.weight_only))
+            disk = DiskCache(
+                self.cache_dir,
+                derive_key(
+                    base,
+                    "blocks",
+                    frac,
+                    self.selection,
+                    self.seed,
+                    self.row_multiple,
+                    self.group_size,
+                    self.clip,
+                    float(self.damp),
+                    self.salience_bits,
+                    self.true_sequential,
+                    self._impl(dev_type),
+                    self.gptq_dtype,
+                    dev_type,
+                    self.weight_only,
+                ),
+            )
         built: Dict[str, MixedLinear] = {}
         gdtype = torch.float64 if self.gptq_dtype == "float64" else torch.float32
 
@@ -246,8 +276,7 @@ class MixLLMConfig(QuantConfig):
                 W = torch.cat([m.weight.detach().to(torch.float32) for m in lins])
                 off = np.cumsum([0] + [m.out_features for m in lins])
                 r8 = np.concatenate([rows8[n] + off[i] for i, n in enumerate(group)]).astype(np.int64)
-                parts = _gptq_rows(W, H, r8, self.group_size, float(self.damp), self.clip, self._impl(dev.type),
-                                   gdtype)
+                parts = _gptq_rows(W, H, r8, self.group_size, float(self.damp), self.clip, self._impl(dev.type), gdtype)
                 del H, W
             with timer("swap"):
                 is8 = parts["is8"]
@@ -257,9 +286,9 @@ class MixLLMConfig(QuantConfig):
                     a, b = off[i], off[i + 1]
                     part = {"is8": is8[a:b]}
                     for k in ("codes4", "scale4", "zero4"):
-                        part[k] = parts[k][c4[a]:c4[b]]
+                        part[k] = parts[k][c4[a] : c4[b]]
                     for k in ("codes8", "scale8"):
-                        part[k] = parts[k][c8[a]:c8[b]]
+                        part[k] = parts[k][c8[a] : c8[b]]
                     q = _mixed_from_rows(m, part, self.group_size, self.weight_only)
                     _use_as_prefix(m, q)
                     built[n] = q
@@ -273,9 +302,15 @@ class MixLLMConfig(QuantConfig):
             with timer("swap"):
                 for n in todo:
                     m = model.get_submodule(n)
-                    q = MixedLinear(m.in_features, m.out_features, n8=int(t[f"{n}.qweight8"].shape[0]),
-                                    bias=m.bias is not None, group_size=self.group_size, weight_only=self.weight_only)
-                    q.load_state_dict({k[len(n) + 1:]: v for k, v in t.items() if k.startswith(n + ".")})
+                    q = MixedLinear(
+                        m.in_features,
+                        m.out_features,
+                        n8=int(t[f"{n}.qweight8"].shape[0]),
+                        bias=m.bias is not None,
+                        group_size=self.group_size,
+                        weight_only=self.weight_only,
+                    )
+                    q.load_state_dict({k[len(n) + 1 :]: v for k, v in t.items() if k.startswith(n + ".")})
                     _use_as_prefix(m, q)
                     built[n] = q
             return True
@@ -283,17 +318,29 @@ class MixLLMConfig(QuantConfig):
         def finish_block(bi, todo):
             todo = [n for n in todo if n in built]
             if disk is not None and todo:
-                disk.write(f"block_{bi:05d}.safetensors",
-                           {f"{n}.{k}": v for n in todo for k, v in built[n].state_dict().items()})
+                disk.write(
+                    f"block_{bi:05d}.safetensors",
+                    {f"{n}.{k}": v for n in todo for k, v in built[n].state_dict().items()},
+                )
             for n in todo:
                 old = model.get_submodule(n)
                 set_module(model, n, built.pop(n).to(old.weight.device))
                 old.to("meta")  # the caller's layer list still refers to it: free its weights now
 
-        done = run_blockwise(model, [ids[i:i + 1] for i in range(ids.shape[0])], names, quantize_group,
-                             device=run_dev, offload=self.offload, true_sequential=self.true_sequential,
-                             restore=restore, finish_block=finish_block, timer=timer, progress=self.progress,
-                             desc="MixLLM blocks")
+        done = run_blockwise(
+            model,
+            [ids[i : i + 1] for i in range(ids.shape[0])],
+            names,
+            quantize_group,
+            device=run_dev,
+            offload=self.offload,
+            true_sequential=self.true_sequential,
+            restore=restore,
+            finish_block=finish_block,
+            timer=timer,
+            progress=self.progress,
+            desc="MixLLM blocks",
+        )
         if done is None:
             return None
         per_layer = {n: {"in": m.in_features, "out": m.out_features, "n8": int(len(rows8[n]))} for n, m in layers}
@@ -319,8 +366,9 @@ class MixLLMConfig(QuantConfig):
         disk = base = None
         if self.cache_dir and ids is not None:
             base = fingerprint(layers, ids)
-            disk = DiskCache(self.cache_dir, derive_key(base, "one-pass", self.group_size, self.gptq, self.clip,
-                                                        float(self.damp)))
+            disk = DiskCache(
+                self.cache_dir, derive_key(base, "one-pass", self.group_size, self.gptq, self.clip, float(self.damp))
+            )
             if need_sal:
                 sal.update(self._salience(model, layers, ids, base, timer))
             for b in need:
@@ -330,12 +378,21 @@ class MixLLMConfig(QuantConfig):
         need_h = self.gptq and any(miss_q.values()) and not (cal is not None and all(n in cal.hessians for n in names))
         if miss_sal or need_h:
             if ids is None:
-                raise ValueError("calib: this configuration needs calibration data (token ids), or a "
-                                 "Calibration with salience and Hessians")
+                raise ValueError(
+                    "calib: this configuration needs calibration data (token ids), or a "
+                    "Calibration with salience and Hessians"
+                )
             with timer("salience" if miss_sal else "hessian"):
-                new = calibrate(model, ids, layers, hessian=need_h, salience=miss_sal,
-                                salience_bits=self.salience_bits, group_size=self.group_size,
-                                progress=self.progress)
+                new = calibrate(
+                    model,
+                    ids,
+                    layers,
+                    hessian=need_h,
+                    salience=miss_sal,
+                    salience_bits=self.salience_bits,
+                    group_size=self.group_size,
+                    progress=self.progress,
+                )
             if cal is None:
                 cal = new
                 cal.quant_cache = store
@@ -350,14 +407,25 @@ class MixLLMConfig(QuantConfig):
             H = cal.hessians[g[0]] if self.gptq else None
             W = torch.cat([mods[n].weight.detach().float() for n in g]).contiguous()
             with timer("gptq"):
-                q, sc, z = gptq_any(W, H, b, self.group_size, damp=self.damp, clip_grid=20 if self.clip else 0,
-                                    impl=self._impl(W.device.type),
-                                    dtype=torch.float64 if self.gptq_dtype == "float64" else torch.float32)
+                q, sc, z = gptq_any(
+                    W,
+                    H,
+                    b,
+                    self.group_size,
+                    damp=self.damp,
+                    clip_grid=20 if self.clip else 0,
+                    impl=self._impl(W.device.type),
+                    dtype=torch.float64 if self.gptq_dtype == "float64" else torch.float32,
+                )
                 q, sc, z = q.cpu(), sc.cpu(), None if z is None else z.cpu()
             r0 = 0
             for n in g:
                 r1 = r0 + mods[n].out_features
-                store[("q", b, n) + qkey] = (q[r0:r1].clone(), sc[r0:r1].clone(), None if z is None else z[r0:r1].clone())
+                store[("q", b, n) + qkey] = (
+                    q[r0:r1].clone(),
+                    sc[r0:r1].clone(),
+                    None if z is None else z[r0:r1].clone(),
+                )
                 r0 = r1
         if disk is not None and todo:
             for b in need:
@@ -368,8 +436,9 @@ class MixLLMConfig(QuantConfig):
         for name, m in layers:
             q4 = store.get(("q", 4, name) + qkey)
             q8 = store.get(("q", 8, name) + qkey)
-            new_mod = MixedLinear.from_linear(m, rows8[name], self.group_size, q4=q4, q8=q8,
-                                              weight_only=self.weight_only)
+            new_mod = MixedLinear.from_linear(
+                m, rows8[name], self.group_size, q4=q4, q8=q8, weight_only=self.weight_only
+            )
             set_module(model, name, new_mod)
             per_layer[name] = {"in": m.in_features, "out": m.out_features, "n8": int(len(rows8[name]))}
         return make_report(model, per_layer, self)
@@ -377,8 +446,11 @@ class MixLLMConfig(QuantConfig):
 
 def _load_quant(disk, bits, names, qkey):
     t = disk.read(f"q{bits}.safetensors")
-    return {("q", bits, n) + qkey: (t[f"{n}.codes"], t[f"{n}.scale"], t.get(f"{n}.zero"))
-            for n in names if f"{n}.codes" in t}
+    return {
+        ("q", bits, n) + qkey: (t[f"{n}.codes"], t[f"{n}.scale"], t.get(f"{n}.zero"))
+        for n in names
+        if f"{n}.codes" in t
+    }
 
 
 def _save_quant(disk, bits, results):
@@ -403,8 +475,14 @@ def _gptq_rows(W, H, rows8, group_size, damp, clip, impl, dtype):
         bits = torch.where(is8, 8, 4).to(W.device)
         c, s, z = gptq_torch(W, H, bits, group_size, None, damp, True, grid, dtype)
         c, s, z = c.cpu(), s.cpu(), z.cpu()
-        return {"codes4": c[r4].to(torch.uint8), "scale4": s[r4], "zero4": z[r4],
-                "codes8": c[r8].to(torch.int8), "scale8": s[r8], "is8": is8}
+        return {
+            "codes4": c[r4].to(torch.uint8),
+            "scale4": s[r4],
+            "zero4": z[r4],
+            "codes8": c[r8].to(torch.int8),
+            "scale8": s[r8],
+            "is8": is8,
+        }
     out = {"is8": is8}
     Wc, Hc = W.cpu(), None if H is None else H.cpu()
     for rows, bits, tag in ((r4, 4, "4"), (r8, 8, "8")):
@@ -447,8 +525,14 @@ def _use_as_prefix(linear: nn.Linear, q: MixedLinear) -> None:
         linear.weight.copy_(q.dequantized_weight().to(linear.weight.device, linear.weight.dtype))
 
 
-def allocate(layers, salience: Dict[str, np.ndarray], fraction: float, selection: str = "global",
-             seed: int = 0, row_multiple: int = 1) -> Dict[str, np.ndarray]:
+def allocate(
+    layers,
+    salience: Dict[str, np.ndarray],
+    fraction: float,
+    selection: str = "global",
+    seed: int = 0,
+    row_multiple: int = 1,
+) -> Dict[str, np.ndarray]:
     """8-bit rows per layer: sorted int64 indices.
 
     The budget counts weights, not features: features are taken in order of decreasing salience
@@ -485,7 +569,7 @@ def allocate(layers, salience: Dict[str, np.ndarray], fraction: float, selection
         else:
             order = np.random.default_rng(seed).permutation(len(row))
         cost = np.array([K[names[i]] for i in layer_id[order]], dtype=np.float64)
-        take = order[:int(np.searchsorted(np.cumsum(cost), budget, side="right"))]
+        take = order[: int(np.searchsorted(np.cumsum(cost), budget, side="right"))]
         out = {n: np.zeros(0, np.int64) for n in names}
         for i, n in enumerate(names):
             out[n] = np.sort(row[take[layer_id[take] == i]]).astype(np.int64)

@@ -14,6 +14,7 @@ Per linear layer (weight ``W`` [N, K], groups of ``group_size`` input columns sp
    (``|z-score| > 2`` of the group's element salience) weighted by ``lam``. C op: csrc/slim.c.
 4. GPTQ with those per-group bit-widths (the project's C GPTQ through a group-quantizer hook).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ def group_salience(w: np.ndarray, u: np.ndarray, group_size: int) -> np.ndarray:
     """Sum of ``w^2 / u^2`` over each group of columns (all rows)."""
     e = (w.astype(np.float64) ** 2) / (u[None, :] ** 2)
     K = w.shape[1]
-    return np.array([e[:, j:j + group_size].sum() for j in range(0, K, group_size)])
+    return np.array([e[:, j : j + group_size].sum() for j in range(0, K, group_size)])
 
 
 def sqc_thresholds(w: np.ndarray, u: np.ndarray, group_size: int, z: float = 2.0) -> np.ndarray:
@@ -59,7 +60,7 @@ def sqc_thresholds(w: np.ndarray, u: np.ndarray, group_size: int, z: float = 2.0
     e = (w.astype(np.float64) ** 2) / (u[None, :] ** 2)
     out = []
     for j in range(0, w.shape[1], group_size):
-        b = e[:, j:j + group_size]
+        b = e[:, j : j + group_size]
         sd = b.std(ddof=1) if b.size > 1 else 0.0
         out_mask = np.abs(b - b.mean()) > z * sd if sd > 0 else np.zeros(b.shape, bool)
         if not out_mask.any():
@@ -78,11 +79,13 @@ def rtn_blocks(w: np.ndarray, col_bits: np.ndarray, group_size: int) -> np.ndarr
     (per row min/max asymmetric; 1-bit: ``sign(w - mean) * mean|w| + mean``)."""
     out = np.empty_like(w, dtype=np.float32)
     for j, b in enumerate(col_bits):
-        blk = w[:, j * group_size:(j + 1) * group_size].astype(np.float32)
+        blk = w[:, j * group_size : (j + 1) * group_size].astype(np.float32)
         if b == 1:
             m = blk.mean(1, keepdims=True)
             a = np.abs(blk).mean(1, keepdims=True)
-            out[:, j * group_size:(j + 1) * group_size] = np.where(blk - m > 0, m + a, np.where(blk - m < 0, m - a, m))
+            out[:, j * group_size : (j + 1) * group_size] = np.where(
+                blk - m > 0, m + a, np.where(blk - m < 0, m - a, m)
+            )
             continue
         qmax = 2 ** int(b) - 1
         lo = np.minimum(blk.min(1, keepdims=True), 0)
@@ -91,7 +94,7 @@ def rtn_blocks(w: np.ndarray, col_bits: np.ndarray, group_size: int) -> np.ndarr
         lo, hi = np.where(both0, -1, lo), np.where(both0, 1, hi)
         s = (hi - lo) / qmax
         z = np.round(-lo / s)
-        out[:, j * group_size:(j + 1) * group_size] = (np.clip(np.round(blk / s) + z, 0, qmax) - z) * s
+        out[:, j * group_size : (j + 1) * group_size] = (np.clip(np.round(blk / s) + z, 0, qmax) - z) * s
     return out
 
 
@@ -112,8 +115,9 @@ def allocation(sal: np.ndarray, i: int, bits: int) -> np.ndarray:
     return cb
 
 
-def sba_search(w: np.ndarray, X: Optional[np.ndarray], sal: np.ndarray, bits: int, group_size: int,
-               H: Optional[np.ndarray] = None):
+def sba_search(
+    w: np.ndarray, X: Optional[np.ndarray], sal: np.ndarray, bits: int, group_size: int, H: Optional[np.ndarray] = None
+):
     """SliM-LLM's bit-allocation search; returns ``(column-group bits, chosen i, error per candidate)``.
 
     With calibration rows ``X``: the reference's KL divergence of the layer outputs. Without them (a
@@ -154,6 +158,7 @@ class SliMConfig(WeightOnlyConfig):
     ``sequential``: calibrate block by block on the quantized prefix (GPTQ paper; the SliM-LLM code runs
     its GPTQ the same way); False: every layer from the full-precision model's inputs in one pass.
     """
+
     bits: int = 2
     group_size: int = 128
     sba: bool = True
@@ -191,7 +196,19 @@ class SliMConfig(WeightOnlyConfig):
         bpg = np.broadcast_to(col_bits.astype(np.float32), (N, len(col_bits)))
         thr = sqc_thresholds(w, u, g) if self.sqc else None
         tau_range, tau_n = (self.tau_range, self.tau_n) if self.sqc else (0.0, 1)
-        q, s, off = ops.slim_gptq_quantize(w, stats.H, bpg, g, damp=self.damp, thresholds=thr, lam=self.lam,
-                                           norm=self.norm, tau_range=tau_range, tau_n=tau_n, U=U)
-        return WeightOnlyLinear.from_group(linear, q, s, off, np.ascontiguousarray(bpg).astype(np.uint8), g,
-                                           method=self.name)
+        q, s, off = ops.slim_gptq_quantize(
+            w,
+            stats.H,
+            bpg,
+            g,
+            damp=self.damp,
+            thresholds=thr,
+            lam=self.lam,
+            norm=self.norm,
+            tau_range=tau_range,
+            tau_n=tau_n,
+            U=U,
+        )
+        return WeightOnlyLinear.from_group(
+            linear, q, s, off, np.ascontiguousarray(bpg).astype(np.uint8), g, method=self.name
+        )
