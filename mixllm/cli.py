@@ -21,7 +21,7 @@ import os
 import sys
 import time
 import typing
-from typing import Any, Dict, List, Optional
+from typing import List, Optional
 
 __all__ = ["main"]
 

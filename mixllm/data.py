@@ -32,7 +32,7 @@ import re
 import shutil
 import tempfile
 from functools import lru_cache
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 __all__ = [
     "DEFAULT_MODEL",

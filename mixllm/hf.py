@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, Optional
 
 import torch
 from torch import nn

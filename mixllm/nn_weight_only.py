@@ -22,7 +22,6 @@ and cached, then the BLAS GEMM. On CUDA: dequantize with torch ops, then one GEM
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import numpy as np
 import torch

@@ -6,7 +6,7 @@ import torch
 
 import reference as ref
 from mixllm import ops
-from mixllm.methods.baselines import GPTQConfig, LayerStats, RTNConfig, collect_stats, quantize_weight_only
+from mixllm.methods.baselines import GPTQConfig, LayerStats, RTNConfig, collect_stats
 from mixllm.nn_weight_only import WeightOnlyLinear
 
 

@@ -7,7 +7,6 @@ import torch
 from mixllm import ops
 from mixllm.methods.baselines import LayerStats
 from mixllm.methods.cmpq import CMPQConfig, channel_bits
-from mixllm.nn_weight_only import WeightOnlyLinear
 
 
 def kmeans_ref(x, k, w=None, iters=50):

@@ -1,7 +1,6 @@
 """The scalable MixLLM pipeline: salience without weight gradients, GPTQ in PyTorch against the C GPTQ,
 the one Hessian accumulator, block-by-block quantization with resume after a kill, GPU memory bound."""
 
-import os
 import signal
 import subprocess
 import sys
