@@ -16,6 +16,7 @@ checked bit-identical first.
 
     OMP_NUM_THREADS=1 python3 bench/cpu_layer_overhead.py --json bench/results/cpu_layer_overhead_2026-11-30.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,15 @@ import torch
 from mixllm import _C, ops
 from mixllm.nn import MixedLinear
 
-BLOCK = [("q_proj", 576, 576), ("k_proj", 192, 576), ("v_proj", 192, 576), ("o_proj", 576, 576),
-         ("gate_proj", 1536, 576), ("up_proj", 1536, 576), ("down_proj", 576, 1536)]
+BLOCK = [
+    ("q_proj", 576, 576),
+    ("k_proj", 192, 576),
+    ("v_proj", 192, 576),
+    ("o_proj", 576, 576),
+    ("gate_proj", 1536, 576),
+    ("up_proj", 1536, 576),
+    ("down_proj", 576, 1536),
+]
 SHAPES = {"576x576": (576, 576), "192x576": (192, 576), "1536x576": (1536, 576), "576x1536": (576, 1536)}
 
 
@@ -41,7 +49,7 @@ def _layer(N, K, seed):
     lin = torch.nn.Linear(K, N, bias=False)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(N, K, generator=g) * 0.02)
-    rows8 = torch.randperm(N, generator=g)[:N // 10].numpy()
+    rows8 = torch.randperm(N, generator=g)[: N // 10].numpy()
     return lin, MixedLinear.from_linear(lin, rows8)
 
 
@@ -90,21 +98,35 @@ def main():
         per = {s: {v: best[(s, v)] * 1e6 for v in fns[s]} for s in fns}
         block = {v: sum(per[f"{N}x{K}"][v] for _, N, K in BLOCK) for v in next(iter(per.values()))}
         for s, d in list(per.items()) + [("one block (7 layers)", block)]:
-            row = {"shape": s, "M": M, **{f"{v}_us": round(t, 2) for v, t in d.items()},
-                   "prepared_speedup": round(d["functional"] / d["prepared"], 2),
-                   "prepared_vs_fp32": round(d["fp32"] / d["prepared"], 2),
-                   "functional_vs_fp32": round(d["fp32"] / d["functional"], 2)}
+            row = {
+                "shape": s,
+                "M": M,
+                **{f"{v}_us": round(t, 2) for v, t in d.items()},
+                "prepared_speedup": round(d["functional"] / d["prepared"], 2),
+                "prepared_vs_fp32": round(d["fp32"] / d["prepared"], 2),
+                "functional_vs_fp32": round(d["fp32"] / d["functional"], 2),
+            }
             rows.append(row)
-            print(f"{s:>22} M={M:<4} functional {d['functional']:9.1f} us  prepared {d['prepared']:9.1f} us  "
-                  f"C+NumPy {d['c_numpy']:9.1f} us  fp32 {d['fp32']:9.1f} us  speedup {row['prepared_speedup']:.2f}x  "
-                  f"vs fp32 {row['functional_vs_fp32']:.2f}x -> {row['prepared_vs_fp32']:.2f}x", flush=True)
+            print(
+                f"{s:>22} M={M:<4} functional {d['functional']:9.1f} us  prepared {d['prepared']:9.1f} us  "
+                f"C+NumPy {d['c_numpy']:9.1f} us  fp32 {d['fp32']:9.1f} us  speedup {row['prepared_speedup']:.2f}x  "
+                f"vs fp32 {row['functional_vs_fp32']:.2f}x -> {row['prepared_vs_fp32']:.2f}x",
+                flush=True,
+            )
     if args.json:
-        out = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
-               "cpus": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-               "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-               "load_average": os.getloadavg(), "reps": args.reps,
-               "stat": "minimum per call over interleaved repetitions",
-               "note": "shared machine (other agents running); times are minima", "rows": rows}
+        out = {
+            "date": datetime.date.today().isoformat(),
+            "machine": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "load_average": os.getloadavg(),
+            "reps": args.reps,
+            "stat": "minimum per call over interleaved repetitions",
+            "note": "shared machine (other agents running); times are minima",
+            "rows": rows,
+        }
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:
             json.dump(out, f, indent=1)

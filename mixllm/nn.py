@@ -12,6 +12,7 @@ behave as for any module. The kernels' prepacked layouts, and the layer prepared
 constant arrays checked and converted once, so that a call passes only ``x`` and ``y`` into C), are
 rebuilt lazily per device after ``.to()`` / ``load_state_dict``.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -34,11 +35,18 @@ class MixedLinear(nn.Module):
     [n8, K], ``scale8`` float32 [n8, G], ``bias`` float32 [N] (optional). ``G = ceil(K / group_size)``.
     """
 
-    def __init__(self, in_features: int, out_features: int, n8: int = 0, bias: bool = True,
-                 group_size: int = 128, weight_only: bool = False, device=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        n8: int = 0,
+        bias: bool = True,
+        group_size: int = 128,
+        weight_only: bool = False,
+        device=None,
+    ):
         super().__init__()
-        for name, v in (("in_features", in_features), ("out_features", out_features),
-                        ("group_size", group_size)):
+        for name, v in (("in_features", in_features), ("out_features", out_features), ("group_size", group_size)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
                 raise ValueError(f"{name}: expected a positive integer, got {v!r}")
         if isinstance(n8, bool) or not isinstance(n8, (int, np.integer)) or not 0 <= n8 <= out_features:
@@ -62,8 +70,15 @@ class MixedLinear(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rows8: Sequence[int] = (), group_size: int = 128,
-                    q4=None, q8=None, weight_only: bool = False) -> "MixedLinear":
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        rows8: Sequence[int] = (),
+        group_size: int = 128,
+        q4=None,
+        q8=None,
+        weight_only: bool = False,
+    ) -> "MixedLinear":
         """Quantize ``linear``: rows ``rows8`` in 8-bit, the others in 4-bit.
 
         ``q4`` / ``q8``: optional ``(codes, scale, zero)`` for *all* N rows, as returned by
@@ -83,8 +98,9 @@ class MixedLinear(nn.Module):
         mask = torch.ones(N, dtype=torch.bool)
         mask[rows8] = False
         rows4 = torch.nonzero(mask).flatten()
-        m = cls(K, N, n8=int(rows8.numel()), bias=linear.bias is not None, group_size=group_size,
-                weight_only=weight_only)
+        m = cls(
+            K, N, n8=int(rows8.numel()), bias=linear.bias is not None, group_size=group_size, weight_only=weight_only
+        )
         m.perm.copy_(torch.cat([rows8, rows4]))
         if rows4.numel():
             codes, s, z = q4 if q4 is not None else ops.quantize_weight(W[rows4], 4, group_size)
@@ -106,8 +122,14 @@ class MixedLinear(nn.Module):
     # ------------------------------------------------------------------ state
     def get_config(self) -> dict:
         """Constructor arguments (what ``mixllm.save`` records to rebuild the layer)."""
-        return {"in_features": self.in_features, "out_features": self.out_features, "n8": self.n8,
-                "bias": self.bias is not None, "group_size": self.group_size, "weight_only": self.weight_only}
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "n8": self.n8,
+            "bias": self.bias is not None,
+            "group_size": self.group_size,
+            "weight_only": self.weight_only,
+        }
 
     @classmethod
     def from_config(cls, config: dict) -> "MixedLinear":
@@ -133,15 +155,17 @@ class MixedLinear(nn.Module):
         if parts is None:
             w4 = w8 = None
             if self.n4:
-                w4 = ops.QuantizedWeight(4, self.group_size, (self.n4, self.in_features),
-                                         self.qweight4, self.scale4, self.zero4)
+                w4 = ops.QuantizedWeight(
+                    4, self.group_size, (self.n4, self.in_features), self.qweight4, self.scale4, self.zero4
+                )
             if self.n8:
-                w8 = ops.QuantizedWeight(8, self.group_size, (self.n8, self.in_features),
-                                         self.qweight8, self.scale8, None)
+                w8 = ops.QuantizedWeight(
+                    8, self.group_size, (self.n8, self.in_features), self.qweight8, self.scale8, None
+                )
             # private copies of the output indices (not views of ``perm``): the prepared GPU layer
             # checks them once, so no one else may hold them; in-place edits of ``perm`` take
             # effect after load_state_dict / .to(), which drop this cache
-            parts = (w4, w8, self.perm[self.n8:].clone(), self.perm[:self.n8].clone())
+            parts = (w4, w8, self.perm[self.n8 :].clone(), self.perm[: self.n8].clone())
             self._cache["parts"] = parts
         return parts
 
@@ -202,6 +226,7 @@ class MixedLinear(nn.Module):
         lin = self._cache.get(key)
         if lin is None:
             from .cuda_ops import PreparedLinear
+
             w4, w8, i4, i8 = self._parts()
             parts = [(w, i) for w, i in ((w4, i4), (w8, i8)) if w is not None]
             lin = self._cache[key] = PreparedLinear(parts, self.out_features, self.bias, device)
@@ -224,6 +249,8 @@ class MixedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         mode = "weight_only" if self.weight_only else "act_bits=8"
-        return (f"in_features={self.in_features}, out_features={self.out_features}, n8={self.n8} "
-                f"({100 * self.n8 / self.out_features:.1f}% 8-bit, {self.avg_bits:.2f} bits), "
-                f"group_size={self.group_size}, bias={self.bias is not None}, {mode}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, n8={self.n8} "
+            f"({100 * self.n8 / self.out_features:.1f}% 8-bit, {self.avg_bits:.2f} bits), "
+            f"group_size={self.group_size}, bias={self.bias is not None}, {mode}"
+        )

@@ -12,6 +12,7 @@ Formats (docs/spec.md §1), for a weight ``W[N, K]`` with group size ``g`` and `
   * activations: int8 [M, K] and float32 scales [M, G], per token and group (symmetric)
   * packed 4-bit: uint8 [N, ceil(K/2)], low nibble = even k, high nibble = odd k
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -22,9 +23,21 @@ import numpy as np
 from . import _C
 
 __all__ = [
-    "quantize_weight", "dequantize_weight", "quantize_activation", "pack_int4", "unpack_int4",
-    "salience_accumulate", "salience_accumulate_io", "gptq_quantize", "QuantizedWeight", "w4a8_linear", "w8a8_linear",
-    "mixed_linear", "PreparedCPULinear", "cpu_impls", "cuda_available",
+    "quantize_weight",
+    "dequantize_weight",
+    "quantize_activation",
+    "pack_int4",
+    "unpack_int4",
+    "salience_accumulate",
+    "salience_accumulate_io",
+    "gptq_quantize",
+    "QuantizedWeight",
+    "w4a8_linear",
+    "w8a8_linear",
+    "mixed_linear",
+    "PreparedCPULinear",
+    "cpu_impls",
+    "cuda_available",
 ]
 
 _IMPLS = {"auto": 0, "portable": 1, "avx2": 2, "avx512vnni": 3}
@@ -52,14 +65,21 @@ def _on_cuda(a) -> bool:
 
 
 def _np_dtype(name):
-    return {"float32": np.float32, "float64": np.float64, "int8": np.int8, "uint8": np.uint8,
-            "int64": np.int64, "float16": np.float16}[name]
+    return {
+        "float32": np.float32,
+        "float64": np.float64,
+        "int8": np.int8,
+        "uint8": np.uint8,
+        "int64": np.int64,
+        "float16": np.float16,
+    }[name]
 
 
 def _empty(ref, shape, dtype: str):
     """Uninitialised array of the caller's library, on the caller's device."""
     if _is_torch(ref):
         import torch
+
         return torch.empty(tuple(shape), dtype=getattr(torch, dtype), device=ref.device)
     return np.empty(tuple(shape), dtype=_np_dtype(dtype))
 
@@ -67,6 +87,7 @@ def _empty(ref, shape, dtype: str):
 def _zeros(ref, shape, dtype: str):
     if _is_torch(ref):
         import torch
+
         return torch.zeros(tuple(shape), dtype=getattr(torch, dtype), device=ref.device)
     return np.zeros(tuple(shape), dtype=_np_dtype(dtype))
 
@@ -101,6 +122,7 @@ def cuda_available() -> bool:
     """True when the CUDA extension was built (it may still find no GPU at run time)."""
     try:
         from . import _cuda  # noqa: F401
+
         return True
     except ImportError:
         return False
@@ -110,8 +132,9 @@ def _cuda_ops():
     try:
         from . import cuda_ops
     except ImportError as e:  # pragma: no cover - depends on the build
-        raise RuntimeError("mixllm was built without CUDA kernels; reinstall where nvcc is available "
-                           "(MIXLLM_CUDA=1 pip install .)") from e
+        raise RuntimeError(
+            "mixllm was built without CUDA kernels; reinstall where nvcc is available (MIXLLM_CUDA=1 pip install .)"
+        ) from e
     return cuda_ops
 
 
@@ -139,8 +162,9 @@ def quantize_weight(w, bits: int = 4, group_size: int = 128, symmetric: Optional
     q = _empty(w, (N, K), "int8" if symmetric else "uint8")
     scale = _empty(w, (N, G), "float32")
     zero = _zeros(w, (N, G), "uint8")
-    _C.quantize_weight(w, bits=int(bits), group_size=group_size, symmetric=symmetric, q_out=q, scale_out=scale,
-                       zero_out=zero)
+    _C.quantize_weight(
+        w, bits=int(bits), group_size=group_size, symmetric=symmetric, q_out=q, scale_out=scale, zero_out=zero
+    )
     return q, scale, (None if symmetric else zero)
 
 
@@ -150,8 +174,9 @@ def dequantize_weight(codes, scale, zero, group_size: int = 128):
     codes = _contig(codes, "q")
     _check_2d(codes, "q")
     out = _empty(codes, codes.shape, "float32")
-    _C.dequantize_weight(codes, _contig(scale, "scale"), None if zero is None else _contig(zero, "zero"),
-                         group_size, out)
+    _C.dequantize_weight(
+        codes, _contig(scale, "scale"), None if zero is None else _contig(zero, "zero"), group_size, out
+    )
     return out
 
 
@@ -217,6 +242,7 @@ def salience_accumulate_io(acc, x, grad_out, delta):
     Returns ``acc``.
     """
     import torch
+
     for a, name in ((acc, "acc"), (x, "x"), (grad_out, "grad_out"), (delta, "delta")):
         if not isinstance(a, torch.Tensor):
             raise TypeError(f"{name}: expected a torch tensor, got {type(a).__name__}")
@@ -226,8 +252,10 @@ def salience_accumulate_io(acc, x, grad_out, delta):
         raise ValueError("x, grad_out, delta: expected 2-D tensors [S, K], [S, N], [N, K]")
     N, K = delta.shape
     if acc.shape[0] != N or x.shape[1] != K or grad_out.shape != (x.shape[0], N):
-        raise ValueError(f"shapes: acc {tuple(acc.shape)}, x {tuple(x.shape)}, grad_out {tuple(grad_out.shape)}, "
-                         f"delta {tuple(delta.shape)} do not fit acc [N], x [S, K], grad_out [S, N], delta [N, K]")
+        raise ValueError(
+            f"shapes: acc {tuple(acc.shape)}, x {tuple(x.shape)}, grad_out {tuple(grad_out.shape)}, "
+            f"delta {tuple(delta.shape)} do not fit acc [N], x [S, K], grad_out [S, N], delta [N, K]"
+        )
     if len({acc.device, x.device, grad_out.device, delta.device}) != 1:
         raise ValueError("acc, x, grad_out, delta: expected tensors on one device")
     xd = x.to(delta.dtype) @ delta.T
@@ -236,9 +264,18 @@ def salience_accumulate_io(acc, x, grad_out, delta):
     return acc
 
 
-def gptq_quantize(w, H=None, bits: int = 4, group_size: int = 128, symmetric: Optional[bool] = None,
-                  damp: float = 0.01, group_order: bool = True, clip: bool = True, clip_grid: int = 20,
-                  bits_per_group=None):
+def gptq_quantize(
+    w,
+    H=None,
+    bits: int = 4,
+    group_size: int = 128,
+    symmetric: Optional[bool] = None,
+    damp: float = 0.01,
+    group_order: bool = True,
+    clip: bool = True,
+    clip_grid: int = 20,
+    bits_per_group=None,
+):
     """GPTQ quantization of ``w`` [N, K] with Hessian ``H`` [K, K] (``2 X^T X`` of calibration inputs).
 
     Column-by-column error compensation through the Cholesky factor of ``H^-1`` (damped by
@@ -266,9 +303,20 @@ def gptq_quantize(w, H=None, bits: int = 4, group_size: int = 128, symmetric: Op
     q = _empty(w, (N, K), "int8" if symmetric else "uint8")
     scale = _empty(w, (N, G), "float32")
     zero = _zeros(w, (N, G), "uint8")
-    _C.gptq_quantize(w, H, bits=int(bits), group_size=group_size, symmetric=symmetric, damp=float(damp),
-                     group_order=bool(group_order), clip_grid=int(clip_grid) if clip else 0,
-                     bits_per_group=bits_per_group, q_out=q, scale_out=scale, zero_out=zero)
+    _C.gptq_quantize(
+        w,
+        H,
+        bits=int(bits),
+        group_size=group_size,
+        symmetric=symmetric,
+        damp=float(damp),
+        group_order=bool(group_order),
+        clip_grid=int(clip_grid) if clip else 0,
+        bits_per_group=bits_per_group,
+        q_out=q,
+        scale_out=scale,
+        zero_out=zero,
+    )
     return q, scale, (None if symmetric else zero)
 
 
@@ -281,6 +329,7 @@ class QuantizedWeight:
     ``scale`` float32 [N, G]; ``zero`` uint8 [N, G] (bits=4) or None (bits=8).
     Kernel-specific layouts are derived from it on first use per device and cached.
     """
+
     bits: int
     group_size: int
     shape: tuple
@@ -310,8 +359,14 @@ class QuantizedWeight:
     def from_codes(cls, codes, scale, zero, bits: int, group_size: int):
         """From unpacked codes (uint8 for 4-bit, int8 for 8-bit) as returned by the quantizers."""
         qweight = pack_int4(codes) if bits == 4 else _contig(codes, "codes")
-        return cls(bits, group_size, tuple(codes.shape), qweight, _contig(scale, "scale"),
-                   None if bits == 8 else _contig(zero, "zero"))
+        return cls(
+            bits,
+            group_size,
+            tuple(codes.shape),
+            qweight,
+            _contig(scale, "scale"),
+            None if bits == 8 else _contig(zero, "zero"),
+        )
 
     @classmethod
     def quantize(cls, w, bits: int = 4, group_size: int = 128):
@@ -328,8 +383,11 @@ class QuantizedWeight:
 
     def nbytes(self) -> int:
         """Bytes of the canonical format (codes + scales + zero points)."""
-        return sum(int(np.prod(a.shape)) * (a.element_size() if _is_torch(a) else a.itemsize)
-                   for a in (self.qweight, self.scale, self.zero) if a is not None)
+        return sum(
+            int(np.prod(a.shape)) * (a.element_size() if _is_torch(a) else a.itemsize)
+            for a in (self.qweight, self.scale, self.zero)
+            if a is not None
+        )
 
     def kernel_layout(self, key: str, build):
         """The kernel layout cached under ``key`` (``"cpu"``, ``"cuda:<i>"``), made by ``build()`` on
@@ -352,8 +410,14 @@ class QuantizedWeight:
             blob = _empty(ref, (_C.cpu_blob_bytes(self.bits, N, K, g),), "uint8")
             scale = self.scale.cpu() if _on_cuda(self.scale) else self.scale
             zero = None if self.zero is None else (self.zero.cpu() if _on_cuda(self.zero) else self.zero)
-            _C.cpu_prepack(_contig(codes, "codes"), _contig(scale, "scale"),
-                           None if zero is None else _contig(zero, "zero"), self.bits, g, blob)
+            _C.cpu_prepack(
+                _contig(codes, "codes"),
+                _contig(scale, "scale"),
+                None if zero is None else _contig(zero, "zero"),
+                self.bits,
+                g,
+                blob,
+            )
             self._packed["cpu"] = blob
         return blob
 
@@ -394,8 +458,9 @@ def _linear(x, parts, n_out, K, g, bias, impl):
     if _on_cuda(x2):
         return _cuda_ops().qlinear(x2, parts, n_out, bias, lead)
     out = _empty(x2, (x2.shape[0], n_out), _dtype_name(x2))
-    c_parts = [(w.cpu_blob(), w.bits, w.shape[0], None if idx is None else _index(idx, "out_index"))
-               for w, idx in parts]
+    c_parts = [
+        (w.cpu_blob(), w.bits, w.shape[0], None if idx is None else _index(idx, "out_index")) for w, idx in parts
+    ]
     _C.cpu_qlinear(x2, c_parts, g, _bias32(bias, n_out), out, _IMPLS[impl])
     return out.reshape(*lead, n_out)
 
@@ -420,6 +485,7 @@ class PreparedCPULinear:
     def __init__(self, parts, n_out, bias=None, impl: str = "auto"):
         import torch
         from torch.utils.dlpack import to_dlpack
+
         if impl not in _IMPLS:
             raise ValueError(f"impl: expected one of {sorted(_IMPLS)}, got {impl!r}")
         if not parts:
@@ -448,8 +514,11 @@ class PreparedCPULinear:
             if len(idxs) != len(parts):
                 raise ValueError("parts: give out_index for every part or for none")
             allidx = np.concatenate(idxs)
-            if (allidx.min(initial=0) < 0 or allidx.max(initial=0) >= n_out
-                    or np.bincount(allidx, minlength=n_out).max(initial=1) != 1):
+            if (
+                allidx.min(initial=0) < 0
+                or allidx.max(initial=0) >= n_out
+                or np.bincount(allidx, minlength=n_out).max(initial=1) != 1
+            ):
                 raise ValueError("out_index: must be a permutation of the output columns")
         elif len(parts) != 1:
             raise ValueError("parts: out_index is required unless one part covers all outputs")
@@ -505,8 +574,9 @@ def w8a8_linear(x, weight: QuantizedWeight, bias=None, impl: str = "auto"):
     return _linear(x, [(weight, None)], N, K, min(weight.group_size, K), bias, impl)
 
 
-def mixed_linear(x, w4: Optional[QuantizedWeight], w8: Optional[QuantizedWeight], index4, index8,
-                 bias=None, impl: str = "auto"):
+def mixed_linear(
+    x, w4: Optional[QuantizedWeight], w8: Optional[QuantizedWeight], index4, index8, bias=None, impl: str = "auto"
+):
     """The MixLLM layer (docs/spec.md §5): 4-bit rows ``w4`` and 8-bit rows ``w8`` of one weight.
 
     ``index4`` / ``index8`` (int64) give each part's rows' output columns; together they are a
@@ -586,8 +656,9 @@ def _slim_args(lam, norm, tau_range, tau_n):
     return dict(lam=float(lam), norm=float(norm), tau_range=float(tau_range), tau_n=_check_int(tau_n, "tau_n", 1, 1000))
 
 
-def slim_calibrate(w, u, bits: int, threshold=None, lam: float = 1.0, norm: float = 2.4,
-                   tau_range: float = 0.1, tau_n: int = 50):
+def slim_calibrate(
+    w, u, bits: int, threshold=None, lam: float = 1.0, norm: float = 2.4, tau_range: float = 0.1, tau_n: int = 50
+):
     """SliM-LLM's salience-weighted quantizer calibration for one group ``w`` [R, len] (one row each).
 
     ``u`` [len] (positive) is the matching diagonal of the upper Cholesky factor of ``H^-1``; element
@@ -603,14 +674,32 @@ def slim_calibrate(w, u, bits: int, threshold=None, lam: float = 1.0, norm: floa
     R = w.shape[0]
     scale = np.empty(R, np.float32)
     offset = np.empty(R, np.float32)
-    _C.slim_calibrate(w, u, bits=bits, threshold=None if threshold is None else float(threshold),
-                      **_slim_args(lam, norm, tau_range, tau_n), scale_out=scale, offset_out=offset)
+    _C.slim_calibrate(
+        w,
+        u,
+        bits=bits,
+        threshold=None if threshold is None else float(threshold),
+        **_slim_args(lam, norm, tau_range, tau_n),
+        scale_out=scale,
+        offset_out=offset,
+    )
     return scale, offset
 
 
-def slim_gptq_quantize(w, H, bits_per_group, group_size: int = 128, damp: float = 0.01,
-                       group_order: bool = False, thresholds=None, lam: float = 1.0, norm: float = 2.4,
-                       tau_range: float = 0.1, tau_n: int = 50, U=None):
+def slim_gptq_quantize(
+    w,
+    H,
+    bits_per_group,
+    group_size: int = 128,
+    damp: float = 0.01,
+    group_order: bool = False,
+    thresholds=None,
+    lam: float = 1.0,
+    norm: float = 2.4,
+    tau_range: float = 0.1,
+    tau_n: int = 50,
+    U=None,
+):
     """GPTQ (the shared C implementation) with per-group bit-widths and SliM-LLM's calibration per group.
 
     ``w`` [N, K], ``H`` [K, K] float64 or None (no error compensation), ``bits_per_group`` [N, G]
@@ -634,9 +723,20 @@ def slim_gptq_quantize(w, H, bits_per_group, group_size: int = 128, damp: float 
     offset = np.empty((N, G), np.float32)
     if U is not None:
         U = _to_np_cpu(U, "U", np.float64)
-    _C.slim_gptq(w, H, bits_per_group=bpg, group_size=group_size, damp=float(damp), group_order=bool(group_order),
-                 thresholds=thr, **_slim_args(lam, norm, tau_range, tau_n), q_out=q, scale_out=scale,
-                 offset_out=offset, U=U)
+    _C.slim_gptq(
+        w,
+        H,
+        bits_per_group=bpg,
+        group_size=group_size,
+        damp=float(damp),
+        group_order=bool(group_order),
+        thresholds=thr,
+        **_slim_args(lam, norm, tau_range, tau_n),
+        q_out=q,
+        scale_out=scale,
+        offset_out=offset,
+        U=U,
+    )
     return q, scale, offset
 
 
@@ -645,6 +745,7 @@ def gptq_hinv_factor(H, damp: float = 0.01):
     inputs (``diag <= 0``) get 1 on the diagonal — what the C GPTQ computes — via LAPACK (torch).
     float64 NumPy [K, K]."""
     import torch
+
     H = np.array(_to_np_cpu(H, "H", np.float64), copy=True)
     if H.ndim != 2 or H.shape[0] != H.shape[1]:
         raise ValueError(f"H: expected a square 2-D array, got shape {H.shape}")
@@ -665,20 +766,30 @@ def _woq_spec(kind, codes, group_size=0, scale=None, offset=None, codebook=None,
     codes = _contig(codes, "codes")
     if (rowptr is None) != (cols is None) or (cols is None) != (vals is None):
         raise ValueError("rowptr, cols, vals: give all three (sparse part) or none")
-    sp = (None, None, None) if rowptr is None else (_index(rowptr, "rowptr"), _index(cols, "cols"),
-                                                     _as_float32(vals, "vals"))
+    sp = (
+        (None, None, None)
+        if rowptr is None
+        else (_index(rowptr, "rowptr"), _index(cols, "cols"), _as_float32(vals, "vals"))
+    )
     if kind == "group":
         if scale is None or offset is None:
             raise ValueError("scale, offset: required for kind='group'")
-        return ("group", _check_group(group_size), codes, _as_float32(scale, "scale"),
-                _as_float32(offset, "offset"), *sp)
+        return (
+            "group",
+            _check_group(group_size),
+            codes,
+            _as_float32(scale, "scale"),
+            _as_float32(offset, "offset"),
+            *sp,
+        )
     if codebook is None:
         raise ValueError("codebook: required for kind='codebook'")
     return ("codebook", 0, codes, _as_float32(codebook, "codebook"), None, *sp)
 
 
-def woq_dequantize(kind: str, codes, group_size: int = 0, scale=None, offset=None, codebook=None,
-                   rowptr=None, cols=None, vals=None):
+def woq_dequantize(
+    kind: str, codes, group_size: int = 0, scale=None, offset=None, codebook=None, rowptr=None, cols=None, vals=None
+):
     """Float32 [N, K] weight of a weight-only format (CPU).
 
     ``kind='group'``: ``W[n,k] = codes[n,k] * scale[n,k//g] + offset[n,k//g]`` (per-group bits are just
@@ -696,8 +807,19 @@ def woq_dequantize(kind: str, codes, group_size: int = 0, scale=None, offset=Non
     return out
 
 
-def woq_linear(x, kind: str, codes, group_size: int = 0, scale=None, offset=None, codebook=None,
-               rowptr=None, cols=None, vals=None, bias=None):
+def woq_linear(
+    x,
+    kind: str,
+    codes,
+    group_size: int = 0,
+    scale=None,
+    offset=None,
+    codebook=None,
+    rowptr=None,
+    cols=None,
+    vals=None,
+    bias=None,
+):
     """``y = x W^T + b`` dequantizing ``W`` (see :func:`woq_dequantize`) on the fly, one output row at a
     time (CPU). ``x`` [..., K] float32/float16/bfloat16; ``y`` has ``x``'s dtype, shape [..., N]."""
     spec = _woq_spec(kind, codes, group_size, scale, offset, codebook, rowptr, cols, vals)

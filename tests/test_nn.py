@@ -1,4 +1,5 @@
 """MixedLinear on real layers of the default model with real activations (docs/spec.md §5)."""
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +9,7 @@ from mixllm import ops
 from mixllm.nn import MixedLinear
 from _e2e import _base, layer_inputs
 
-DOWN = "model.layers.0.mlp.down_proj"   # K = 1536
+DOWN = "model.layers.0.mlp.down_proj"  # K = 1536
 QPROJ = "model.layers.3.self_attn.q_proj"  # K = 576
 
 
@@ -18,10 +19,10 @@ def _fake_quant_act(x, g):
     xd = x.double()
     out = torch.empty_like(xd)
     for j in range(0, K, g):
-        blk = xd[:, j:j + g]
+        blk = xd[:, j : j + g]
         s = blk.abs().amax(1, keepdim=True).float().double() / 127
         s = torch.where(s == 0, torch.ones_like(s), s)
-        out[:, j:j + g] = torch.round(blk / s).clamp(-127, 127) * s
+        out[:, j : j + g] = torch.round(blk / s).clamp(-127, 127) * s
     return out
 
 
@@ -33,7 +34,7 @@ def test_matches_dequantized_reference(name, frac):
     N = lin.out_features
     rows8 = np.random.default_rng(0).choice(N, int(frac * N), replace=False)
     m = MixedLinear.from_linear(lin, rows8)
-    assert m.n8 == len(rows8) and m.perm[:m.n8].tolist() == sorted(rows8.tolist())
+    assert m.n8 == len(rows8) and m.perm[: m.n8].tolist() == sorted(rows8.tolist())
     y = m(x)
     ref = (_fake_quant_act(x, 128) @ m.dequantized_weight().double().T).float()
     # int32 accumulation is exact; only the float32 per-group scaling differs from float64
@@ -121,7 +122,7 @@ def _random_mixed(seed, N=200, K=300, frac=0.1, bias=True):
         lin.weight.copy_(torch.randn(N, K, generator=g))
         if bias:
             lin.bias.copy_(torch.randn(N, generator=g))
-    rows8 = torch.randperm(N, generator=g)[:int(frac * N)].numpy()
+    rows8 = torch.randperm(N, generator=g)[: int(frac * N)].numpy()
     return MixedLinear.from_linear(lin, rows8)
 
 
@@ -130,8 +131,14 @@ def test_prepared_cpu_path_is_bit_identical_to_the_functional_op(frac):
     m = _random_mixed(1, frac=frac, bias=frac != 1.0)  # K = 300: a tail group of 44
     w4, w8, i4, i8 = m._parts()
     g = torch.Generator().manual_seed(2)
-    xs = [torch.randn(1, 300, generator=g), torch.randn(300, generator=g), torch.randn(2, 5, 300, generator=g),
-          torch.randn(300, 7, generator=g).T, torch.randn(0, 300, generator=g), torch.randn(33, 300, generator=g)]
+    xs = [
+        torch.randn(1, 300, generator=g),
+        torch.randn(300, generator=g),
+        torch.randn(2, 5, 300, generator=g),
+        torch.randn(300, 7, generator=g).T,
+        torch.randn(0, 300, generator=g),
+        torch.randn(33, 300, generator=g),
+    ]
     for x in xs:
         for dt in (torch.float32, torch.float16, torch.bfloat16):
             xd = x.to(dt)
