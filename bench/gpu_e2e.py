@@ -34,6 +34,9 @@ from mixllm.eval import perplexity  # noqa: E402
 from mixllm.methods.mixllm import MixLLMConfig  # noqa: E402
 from mixllm.nn import MixedLinear  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from llama_shapes import LLAMA3  # noqa: E402
+
 
 def log(*a):
     print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
@@ -219,20 +222,7 @@ def _save(res, out):
         json.dump(res, f, indent=1)
 
 
-# Llama-3-8B's shapes (its config.json), typed in: the synthetic model has random weights.
-LLAMA3_8B = dict(
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    num_hidden_layers=32,
-    vocab_size=128256,
-    max_position_embeddings=8192,
-    rope_theta=500000.0,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-    hidden_act="silu",
-)
+LLAMA3_8B = LLAMA3["8b"]  # bench/llama_shapes.py: typed-in config, random weights
 
 
 @torch.no_grad()

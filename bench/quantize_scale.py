@@ -35,31 +35,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from llama_shapes import LLAMA3  # noqa: E402
 
-CONFIGS = {  # from the published config.json files of meta-llama/Meta-Llama-3-8B and -70B
-    "8b": dict(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        num_hidden_layers=32,
-        vocab_size=128256,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-        rms_norm_eps=1e-5,
-    ),
-    "70b": dict(
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        num_hidden_layers=80,
-        vocab_size=128256,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-        rms_norm_eps=1e-5,
-    ),
-}
+CONFIGS = LLAMA3  # bench/llama_shapes.py: typed-in Llama-3 configs, random weights
 
 
 def build(name: str, layers: int, device: str):
