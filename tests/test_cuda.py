@@ -16,10 +16,8 @@ if not torch.cuda.is_available():
 
 import reference as ref  # noqa: E402
 from mixllm import cuda_ops, ops  # noqa: E402
+from _cuda_common import DEV, DTYPES, RTOL, assert_close, make_weight, make_x  # noqa: E402,F401
 
-DEV = torch.device("cuda", torch.cuda.current_device())
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-RTOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 CFGS = list(range(_cuda.NCFG))
 # (M, N, K, g): tails in every dimension, K not a multiple of g, g not a multiple of 128
 SHAPES = [
@@ -33,26 +31,6 @@ SHAPES = [
     (5, 24, 1200, 300),
 ]
 SMALL = SHAPES[:3]
-
-
-def make_weight(rng, N, K, bits, g):
-    w = rng.standard_normal((N, K)).astype(np.float32) * 0.05
-    codes, scale, zero = ops.quantize_weight(w, bits, g)
-    return ops.QuantizedWeight.from_codes(codes, scale, zero, bits, g), codes, scale, zero
-
-
-def make_x(rng, M, K, dtype):
-    x = rng.standard_normal((M, K)).astype(np.float32)
-    x[:, ::7] *= 8.0  # outlier channels, as in real activations
-    xt = torch.from_numpy(x).to(DEV, dtype)
-    return xt, xt.float().cpu().numpy()
-
-
-def assert_close(y, y_ref, dtype):
-    y = y.float().cpu().numpy().astype(np.float64)
-    assert np.isfinite(y).all()
-    atol = 2e-5 * (np.abs(y_ref).max() + 1e-3)
-    np.testing.assert_allclose(y, y_ref, atol=atol, rtol=RTOL[dtype])
 
 
 # ----------------------------------------------------------------------------- activations

@@ -14,31 +14,9 @@ if not torch.cuda.is_available():
 
 import reference as ref  # noqa: E402
 from mixllm import cuda_ops, ops  # noqa: E402
+from _cuda_common import DEV, DTYPES, RTOL, assert_close, make_weight, make_x  # noqa: E402,F401
 
-DEV = torch.device("cuda", torch.cuda.current_device())
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-RTOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 DECODE = next(c for c in range(_cuda.NCFG) if _cuda.plan(DEV.index, 1, (16,), 128, c, 1)[2] == "decode_gemv")
-
-
-def make_weight(rng, N, K, bits, g):
-    w = rng.standard_normal((N, K)).astype(np.float32) * 0.05
-    codes, scale, zero = ops.quantize_weight(w, bits, g)
-    return ops.QuantizedWeight.from_codes(codes, scale, zero, bits, g), codes, scale, zero
-
-
-def make_x(rng, M, K, dtype):
-    x = rng.standard_normal((M, K)).astype(np.float32)
-    x[:, ::7] *= 8.0  # outlier channels
-    xt = torch.from_numpy(x).to(DEV, dtype)
-    return xt, xt.float().cpu().numpy()
-
-
-def assert_close(y, y_ref, dtype):
-    y = y.float().cpu().numpy().astype(np.float64)
-    assert np.isfinite(y).all()
-    atol = 2e-5 * (np.abs(y_ref).max() + 1e-3)
-    np.testing.assert_allclose(y, y_ref, atol=atol, rtol=RTOL[dtype])
 
 
 def mixed_layer(rng, N, K, g, n8=None, bias=True):
