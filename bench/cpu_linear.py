@@ -1,20 +1,22 @@
 """CPU benchmark: mixllm's quantized linear layers against PyTorch's own CPU paths, in one process.
 
     python3 bench/cpu_linear.py [--reps 15] [--impl auto] [--shapes llama|small|all] [--ms 1,16,128]
-                                [--json bench/results/cpu_linear.json]
+                                [--stat median|min] [--clock wall|thread] [--json bench/results/cpu_linear.json]
 
 Columns (all without bias, float32 activations in and out):
   fp32    torch ``F.linear`` (oneDNN / MKL sgemm)
   int8    PyTorch dynamic int8: ``torch.ao.quantization.quantize_dynamic`` of an ``nn.Linear`` on the
           fbgemm engine (int8 weights per tensor, activations quantized to uint8 per call)
-  W4.4A8  ``ops.mixed_linear``: 10% of the rows 8-bit, 90% 4-bit, g128, int8 activations per token
-          and group, quantized inside the call
-  W8A8    ``ops.w8a8_linear`` over all N rows (the 8-bit part alone, at the full layer size)
+  W4.4A8  mixllm's layer: 10% of the rows 8-bit, 90% 4-bit, g128, int8 activations per token and
+          group, quantized inside the call; timed through ``ops.PreparedCPULinear``, the path that
+          ``MixedLinear`` takes on the CPU (``ops.mixed_linear`` gives the same bits, plus per-call
+          Python checks and conversions: bench/cpu_layer_overhead.py measures those)
+  W8A8    the same over all N rows at 8 bits (the 8-bit part alone, at the full layer size)
 
 The contenders run interleaved: every repetition times each of them once, in turn, so that load
 from other processes on a shared machine hits all of them alike; the tables report medians (or with
---stat min the minima) over repetitions (after a warm-up) and their ratios (``x int8`` = int8 time / mixllm time: > 1 means
-mixllm is faster). Weights are random: this measures speed, not accuracy.
+--stat min the minima) over repetitions (after a warm-up) and their ratios (``x int8`` = int8 time /
+mixllm time: > 1 means mixllm is faster). Weights are random: this measures speed, not accuracy.
 
 Shapes: ``llama`` = 4096x4096, 11008x4096, 4096x11008 (N x K); ``small`` = the linear layers of the
 default model (hidden 576, MLP 1536, 3 KV heads of 64: q/o 576x576, k/v 192x576, gate/up 1536x576,
@@ -64,16 +66,16 @@ def block_totals(rows):
     return out
 
 
-def interleaved_times(fns, reps, stat="median"):
+def interleaved_times(fns, reps, stat="median", clock=time.perf_counter):
     """Median (or minimum) seconds of each callable, timed round-robin (one call of each per repetition)."""
     for f in fns.values():  # warm-up (packing, first-touch, thread pools)
         f()
     ts = {k: [] for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             f()
-            ts[k].append(time.perf_counter() - t0)
+            ts[k].append(clock() - t0)
     return {k: (min(v) if stat == "min" else statistics.median(v)) for k, v in ts.items()}
 
 
@@ -119,9 +121,21 @@ def main():
         choices=["median", "min"],
         help="min: the fastest repetition, the robust figure on a loaded, shared machine",
     )
+    ap.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "thread"],
+        help="thread: CPU time of the calling thread, which leaves out the time it is descheduled on a "
+        "shared machine; only with one thread on both sides (OMP_NUM_THREADS=1), where all work runs on it",
+    )
     ap.add_argument("--note", default="", help="free text stored with the results (e.g. 'machine shared')")
     args = ap.parse_args()
+    if args.clock == "thread":
+        if os.environ.get("OMP_NUM_THREADS") != "1":
+            ap.error("--clock thread needs OMP_NUM_THREADS=1 (every kernel then runs on the calling thread)")
+        torch.set_num_threads(1)
     torch.backends.quantized.engine = "fbgemm"
+    load_before = os.getloadavg()
     shapes = SHAPES["llama"] + SHAPES["small"] if args.shapes == "all" else SHAPES[args.shapes]
     rng = np.random.default_rng(0)
     rows = []
@@ -134,18 +148,21 @@ def main():
         W8 = ops.QuantizedWeight.from_codes(*ops.quantize_weight(w[idx8], 8, 128), 8, 128)
         W4 = ops.QuantizedWeight.from_codes(*ops.quantize_weight(w[idx4], 4, 128), 4, 128)
         W8all = ops.QuantizedWeight.from_codes(*ops.quantize_weight(w, 8, 128), 8, 128)
+        mixed = ops.PreparedCPULinear([(W4, idx4), (W8, idx8)], N, impl=args.impl)
+        w8a8 = ops.PreparedCPULinear([(W8all, None)], N, impl=args.impl)
         q8 = int8_linear(w)
         for M in ms:
             x = torch.randn(M, K)
             t = interleaved_times(
                 {
-                    "fp32": lambda: F.linear(x, w),
-                    "int8": lambda: q8(x),
-                    "mixed": lambda: ops.mixed_linear(x, W4, W8, idx4, idx8, impl=args.impl),
-                    "w8a8": lambda: ops.w8a8_linear(x, W8all, impl=args.impl),
+                    "fp32": lambda x=x, w=w: F.linear(x, w),
+                    "int8": lambda x=x, q8=q8: q8(x),
+                    "mixed": lambda x=x, f=mixed: f(x),
+                    "w8a8": lambda x=x, f=w8a8: f(x),
                 },
                 args.reps,
                 args.stat,
+                time.thread_time if args.clock == "thread" else time.perf_counter,
             )
             r = dict(
                 N=N,
@@ -179,7 +196,11 @@ def main():
         impl=args.impl,
         impls_available=ops.cpu_impls(),
         reps=args.reps,
-        timing=f"interleaved, {args.stat} of {args.reps} repetitions",
+        timing=f"interleaved, {args.stat} of {args.reps} repetitions, "
+        + ("CPU time of the calling thread" if args.clock == "thread" else "wall clock"),
+        mixllm_path="ops.PreparedCPULinear (MixedLinear's CPU path)",
+        load_average_before=list(load_before),
+        load_average_after=list(os.getloadavg()),
         note=args.note,
     )
     print(
@@ -198,7 +219,8 @@ def main():
         for b in blocks:
             print(
                 f"| block | {b['M']} | {b['fp32_ms']:.3f} | {b['int8_ms']:.3f} | {b['mixed_ms']:.3f} | "
-                f"{b['mixed_vs_fp32']:.2f}x | {b['mixed_vs_int8']:.2f}x | {b['w8a8_ms']:.3f} | {b['w8a8_vs_int8']:.2f}x |"
+                f"{b['mixed_vs_fp32']:.2f}x | {b['mixed_vs_int8']:.2f}x | {b['w8a8_ms']:.3f} | "
+                f"{b['w8a8_vs_int8']:.2f}x |"
             )
     print(f"\n{meta}")
     if args.json:

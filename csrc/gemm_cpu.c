@@ -11,8 +11,12 @@
  *
  * Three implementations read the layout: portable C (the oracle for the SIMD ones), AVX2 (maddubs)
  * and AVX-512 VNNI (vpdpbusd); chosen at run time with __builtin_cpu_supports (see resolve(): "auto"
- * does not pick VNNI until that path has run on a VNNI machine).
- * Threads split the output rows (row blocks), never K: each output is written by one thread. */
+ * does not pick VNNI, measured slower than AVX2 on a VNNI machine).
+ * Threads split the output rows (row blocks), never K: each output is written by one thread.
+ * Blocking (rb_all_tokens): per row block, one K block of weights at a time stays in L1 while tiles
+ * of MB tokens sweep over it. AVX2 4-bit at M >= 2 instead keeps a tile's expanded activations in L1
+ * and sweeps the row blocks of a work item over them (see the driver); every path keeps each output's
+ * float steps in group order. */
 #include "dlpack_bridge.h" /* first: it includes Python.h */
 #include "gemm_cpu.h"
 #include "quant.h"
@@ -24,10 +28,17 @@
 #include <immintrin.h>
 #endif
 
-#define MB_MAX          8         /* tokens per register tile (AVX-512); AVX2 uses MB_AVX2 */
-#define MB_AVX2         4         /* AVX2 has 16 vector registers: 4 tokens x 2 half-blocks of int32 sums */
-#define CHUNK           1024      /* activation values converted to float32 at a time */
-#define PREFETCH_BYTES  1024      /* software prefetch distance in the weight stream (M = 1 is bandwidth-bound) */
+#define MB_AVX512          8 /* tokens per register tile: AVX-512 (32 registers) */
+#define MB_AVX2_W8         4 /* AVX2 (16 registers), 8-bit: 4 tokens x int32 sums of 16 rows */
+#define MB_AVX2_X          4 /* AVX2, 4-bit at M >= 2: 4 tokens x (int32 + int16 sums) of 8 rows */
+#define MB_PORTABLE        8
+#define MC                 256       /* tokens per pass over a row block: out[MC][16] floats (16 KB) per thread */
+#define MC_X               64        /* AVX2 at M >= 2: tokens per pass over an item (float sums in L2) */
+#define XK_BYTES           16384     /* AVX2 at M >= 2: expanded activation bytes of one tile's K block (L1) */
+#define KC_BYTES           12288     /* weight bytes per K block: the block stays in L1 across the token tiles */
+#define CHUNK              1024      /* activation values converted to float32 at a time */
+#define PREFETCH_BYTES     2048      /* software prefetch distance in the weight stream (M = 1 is bandwidth-bound) */
+#define PREP_SERIAL_VALUES (1 << 15) /* activations up to this many: quantized by the calling thread alone */
 #define MACS_PER_THREAD (1 << 20) /* below this many multiply-adds per thread, fewer threads: waking one costs more */
 
 void mix_cpu_weight_geometry(int bits, int64_t N, int64_t K, int64_t g, mix_cpu_weight *w) {
@@ -195,19 +206,27 @@ static int prepare_group(const void *x, int dt, int64_t K, int64_t g, int64_t m,
     return bad;
 }
 
-/* ---- kernels: one row block x MB tokens -> out[MB][16] float ---- */
+/* ---- kernels: one row block x MB tokens x groups j0 .. j1-1, accumulated into out[MB][16] float ----
+ * The driver zeroes out[] and then calls a tile on consecutive group ranges (K blocking: one range's
+ * weights stay in L1 while every token tile reads them), so each output still takes its groups' float
+ * steps in order, as the portable path does. */
 typedef struct {
     const mix_cpu_weight *w;
     const acts *A;
+    /* AVX2 at M >= 2 only: the tile's activations of one K block (groups from xj0), expanded so that
+     * each broadcast operand is one 32-byte load (a broadcast from memory costs a shuffle-port uop
+     * per use; a plain load, or a memory operand, costs none): the 4 int8 codes of 4 k repeated 8
+     * times (32 bytes), as [k / 4 from group xj0][token of the tile][32 B]: one sequential stream
+     * at fixed offsets. expand_tile_avx2 writes it. */
+    const uint8_t *x4;
+    int64_t xj0;
 } kctx;
 
-static void rb_portable(const kctx *c, int64_t rb, int64_t m0, int MB, float *out) {
+static void rb_portable(const kctx *c, int64_t rb, int64_t m0, int MB, int64_t j0, int64_t j1, float *out) {
     const mix_cpu_weight *w = c->w;
     const acts *A = c->A;
     int64_t G = w->G, Lp = w->Lp;
-    for (int t = 0; t < MB; t++)
-        for (int r = 0; r < MIX_RB; r++) out[t * MIX_RB + r] = 0.f;
-    for (int64_t j = 0; j < G; j++) {
+    for (int64_t j = j0; j < j1; j++) {
         const uint8_t *sec = w->blob + (rb * G + j) * w->section;
         mix_cpu_tail tail;
         memcpy(&tail, section_tail(w, sec), sizeof tail);
@@ -238,23 +257,24 @@ static void rb_portable(const kctx *c, int64_t rb, int64_t m0, int MB, float *ou
 #define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) inline
 /* vpdpbusd takes u8 x s8: 4-bit: codes (u8) x activations (s8); 8-bit: activations shifted to u8
  * (a + 128) x weights (s8), minus the tail's 128 * sum_k w. */
-static AVX512_TARGET void rb_avx512_tile(const kctx *c, int64_t rb, int64_t m0, const int MB, float *out) {
+static AVX512_TARGET void rb_avx512_tile(const kctx *c, int64_t rb, int64_t m0, const int MB, int64_t j0, int64_t j1,
+                                         float *out) {
     const mix_cpu_weight *w = c->w;
     const acts *A = c->A;
     int64_t G = w->G, Lp = w->Lp;
     const __m512i low4 = _mm512_set1_epi8(15);
-    __m512 accf[MB_MAX];
-    for (int t = 0; t < MB; t++) accf[t] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < G; j++) {
+    __m512 accf[MB_AVX512];
+    for (int t = 0; t < MB; t++) accf[t] = _mm512_loadu_ps(out + t * MIX_RB);
+    for (int64_t j = j0; j < j1; j++) {
         const uint8_t *sec = w->blob + (rb * G + j) * w->section;
         const mix_cpu_tail *tail = section_tail(w, sec);
-        __m512i acc[MB_MAX];
+        __m512i acc[MB_AVX512];
         for (int t = 0; t < MB; t++) acc[t] = _mm512_setzero_si512();
         const int8_t *a0 = A->aq + (m0 * G + j) * Lp;
         const int64_t astride = G * Lp;
         if (w->bits == 4) {
             for (int64_t s = 0; s < Lp / 8; s++) {
-                _mm_prefetch((const char *)sec + MIX_STEP_BYTES * s + PREFETCH_BYTES, _MM_HINT_T0);
+                if (MB == 1) _mm_prefetch((const char *)sec + MIX_STEP_BYTES * s + PREFETCH_BYTES, _MM_HINT_T0);
                 __m512i v = _mm512_loadu_si512(sec + MIX_STEP_BYTES * s);
                 __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
                 for (int t = 0; t < MB; t++) {
@@ -272,7 +292,7 @@ static AVX512_TARGET void rb_avx512_tile(const kctx *c, int64_t rb, int64_t m0, 
         } else {
             const __m512i flip = _mm512_set1_epi8((char)0x80);
             for (int64_t s = 0; s < Lp / 4; s++) {
-                _mm_prefetch((const char *)sec + MIX_STEP_BYTES * s + PREFETCH_BYTES, _MM_HINT_T0);
+                if (MB == 1) _mm_prefetch((const char *)sec + MIX_STEP_BYTES * s + PREFETCH_BYTES, _MM_HINT_T0);
                 __m512i v = _mm512_loadu_si512(sec + MIX_STEP_BYTES * s);
                 for (int t = 0; t < MB; t++) {
                     int32_t a4;
@@ -293,107 +313,242 @@ static AVX512_TARGET void rb_avx512_tile(const kctx *c, int64_t rb, int64_t m0, 
 }
 
 #define AVX2_TARGET __attribute__((target("avx2,fma"), always_inline)) inline
-/* AVX2 has no u8 x s8 -> int32 dot: maddubs (to saturating int16) then madd with ones; both
- * 32-byte halves of a step (rows 0-7, 8-15) in one pass, so each broadcast serves 16 rows.
- * 4-bit: code (u8, <= 15) x activation (s8, |a| <= 127): pair sums <= 3810, lo + hi <= 7620: exact.
- * 8-bit: |w| (u8) x sign(a, w) (s8): pair sums <= 2 * 128 * 127 = 32512: exact. The float sums
- * live in out[] (L1) between groups, which leaves the 16 registers to the integer sums. */
-static AVX2_TARGET void rb_avx2_tile(const kctx *c, int64_t rb, int64_t m0, const int MB, float *out) {
+/* AVX2 has no u8 x s8 -> int32 dot: maddubs (u8 x s8 -> pair sums in int16, saturating) then madd
+ * with ones (-> int32). A tile runs HH of the row block's two 8-row halves at a time (one 32-byte
+ * half of each step) for MB tokens, with every sum in a register. The multiply ports (maddubs,
+ * madd; vpsignb shares them in part) bound these loops, and each broadcast from memory costs a
+ * shuffle-port uop: hence int16 sums over several 4-bit steps, and at M >= 2 the 4-bit tiles read
+ * pre-broadcast activations (w4x_avx2_tile). */
+
+/* An empty asm that takes v in a register: the compiler may not reassociate the int16 sums across it
+ * (it would compute every product first and spill them all). */
+#define in_register(v) __asm__("" : "+x"(v))
+
+static inline __attribute__((target("avx2"), always_inline)) __m256i bcast4(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+
+/* 4-bit: code (u8, <= 15) x activation (s8, |a| <= 127) pairs are <= 3810, so up to 8 maddubs
+ * (4 steps) add up exactly in int16 (<= 30480) before one widening madd. Runs the decode shape
+ * (MB = 1, HH = 2: each broadcast serves 16 rows); M >= 2 goes through w4x_avx2_tile. */
+static AVX2_TARGET void w4_avx2_tile(const kctx *c, int64_t rb, int64_t m0, const int MB, const int HH, int64_t j0,
+                                     int64_t j1, float *out) {
     const mix_cpu_weight *w = c->w;
     const acts *A = c->A;
-    int64_t G = w->G, Lp = w->Lp;
+    const int64_t G = w->G, Lp = w->Lp, S = Lp / 8, astride = G * Lp;
     const __m256i low4 = _mm256_set1_epi8(15), ones16 = _mm256_set1_epi16(1);
-    for (int i = 0; i < MB * MIX_RB; i++) out[i] = 0.f;
-    for (int64_t j = 0; j < G; j++) {
+    for (int64_t j = j0; j < j1; j++) {
         const uint8_t *sec = w->blob + (rb * G + j) * w->section;
         const mix_cpu_tail *tail = section_tail(w, sec);
-        __m256i acc[MB_AVX2][2];
-        for (int t = 0; t < MB; t++) acc[t][0] = acc[t][1] = _mm256_setzero_si256();
         const int8_t *a0 = A->aq + (m0 * G + j) * Lp;
-        const int64_t astride = G * Lp;
-        if (w->bits == 4) {
-            /* Pairs of steps summed in int16 (4 products of <= 3810) before one widening madd; an
-             * odd last step pairs with a zero vector (lo = hi = 0 adds 0), its activations not read. */
-            const int64_t S = Lp / 8;
-            for (int64_t s = 0; s < S; s += 2) {
-                const int64_t s1 = s + 1 < S ? s + 1 : s; /* the zero vector's activations: any in bounds */
-                _mm_prefetch((const char *)sec + MIX_STEP_BYTES * s + PREFETCH_BYTES, _MM_HINT_T0);
-                _mm_prefetch((const char *)sec + MIX_STEP_BYTES * s + PREFETCH_BYTES + 64, _MM_HINT_T0);
-                for (int h = 0; h < 2; h++) {
-                    __m256i v0 = _mm256_loadu_si256((const __m256i *)(sec + MIX_STEP_BYTES * s + 32 * h));
-                    __m256i v1 = s + 1 < S
-                                     ? _mm256_loadu_si256((const __m256i *)(sec + MIX_STEP_BYTES * (s + 1) + 32 * h))
-                                     : _mm256_setzero_si256();
-                    __m256i lo0 = _mm256_and_si256(v0, low4), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low4);
-                    __m256i lo1 = _mm256_and_si256(v1, low4), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low4);
-                    for (int t = 0; t < MB; t++) {
-                        const int8_t *a = a0 + t * astride;
-                        int32_t x0, x1, x2, x3;
-                        memcpy(&x0, a + 8 * s, 4);
-                        memcpy(&x1, a + 8 * s + 4, 4);
-                        memcpy(&x2, a + 8 * s1, 4);
-                        memcpy(&x3, a + 8 * s1 + 4, 4);
-                        __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo0, _mm256_set1_epi32(x0)),
-                                                     _mm256_maddubs_epi16(hi0, _mm256_set1_epi32(x1)));
-                        p = _mm256_add_epi16(p, _mm256_add_epi16(_mm256_maddubs_epi16(lo1, _mm256_set1_epi32(x2)),
-                                                                 _mm256_maddubs_epi16(hi1, _mm256_set1_epi32(x3))));
-                        acc[t][h] = _mm256_add_epi32(acc[t][h], _mm256_madd_epi16(p, ones16));
-                    }
-                }
-            }
-            for (int h = 0; h < 2; h++) {
-                const __m256i z = _mm256_loadu_si256((const __m256i *)(tail->izero + 8 * h));
+        for (int h0 = 0; h0 < 2; h0 += HH) {
+            __m256i acc[MB_AVX2_X][2];
+            for (int t = 0; t < MB; t++)
+                for (int hh = 0; hh < HH; hh++) acc[t][hh] = _mm256_setzero_si256();
+            for (int64_t s0 = 0; s0 < S; s0 += 4) {
+                __m256i p[MB_AVX2_X][2];
                 for (int t = 0; t < MB; t++)
-                    acc[t][h] = _mm256_sub_epi32(acc[t][h],
-                                                 _mm256_mullo_epi32(z, _mm256_set1_epi32(A->asum[(m0 + t) * G + j])));
-            }
-        } else {
-            for (int64_t s = 0; s < Lp / 4; s++) {
-                _mm_prefetch((const char *)sec + MIX_STEP_BYTES * s + PREFETCH_BYTES, _MM_HINT_T0);
-                for (int h = 0; h < 2; h++) {
-                    __m256i v = _mm256_loadu_si256((const __m256i *)(sec + MIX_STEP_BYTES * s + 32 * h));
-                    __m256i av = _mm256_abs_epi8(v);
-                    for (int t = 0; t < MB; t++) {
-                        int32_t a4;
-                        memcpy(&a4, a0 + t * astride + 4 * s, 4);
-                        __m256i p = _mm256_maddubs_epi16(av, _mm256_sign_epi8(_mm256_set1_epi32(a4), v));
-                        acc[t][h] = _mm256_add_epi32(acc[t][h], _mm256_madd_epi16(p, ones16));
-                    }
+                    for (int hh = 0; hh < HH; hh++) p[t][hh] = _mm256_setzero_si256();
+#define W4_STEP(s)                                                                                                   \
+    do {                                                                                                             \
+        const uint8_t *st = sec + MIX_STEP_BYTES * (s);                                                              \
+        if (MB == 1) _mm_prefetch((const char *)st + PREFETCH_BYTES, _MM_HINT_T0);                                   \
+        __m256i lo[2], hi[2];                                                                                        \
+        for (int hh = 0; hh < HH; hh++) {                                                                            \
+            __m256i v = _mm256_loadu_si256((const __m256i *)(st + 32 * (h0 + hh)));                                  \
+            lo[hh] = _mm256_and_si256(v, low4);                                                                      \
+            hi[hh] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);                                                \
+        }                                                                                                            \
+        for (int t = 0; t < MB; t++) {                                                                               \
+            const int8_t *a = a0 + t * astride + 8 * (s);                                                            \
+            const __m256i x0 = bcast4(a), x1 = bcast4(a + 4);                                                        \
+            for (int hh = 0; hh < HH; hh++)                                                                          \
+                p[t][hh] = _mm256_add_epi16(                                                                         \
+                    p[t][hh], _mm256_add_epi16(_mm256_maddubs_epi16(lo[hh], x0), _mm256_maddubs_epi16(hi[hh], x1))); \
+        }                                                                                                            \
+        for (int t = 0; t < MB; t++)                                                                                 \
+            for (int hh = 0; hh < HH; hh++) in_register(p[t][hh]);                                                   \
+    } while (0)
+                if (s0 + 4 <= S) {
+                    W4_STEP(s0);
+                    W4_STEP(s0 + 1);
+                    W4_STEP(s0 + 2);
+                    W4_STEP(s0 + 3);
+                } else {
+                    for (int64_t s = s0; s < S; s++) W4_STEP(s);
                 }
+#undef W4_STEP
+                for (int t = 0; t < MB; t++)
+                    for (int hh = 0; hh < HH; hh++)
+                        acc[t][hh] = _mm256_add_epi32(acc[t][hh], _mm256_madd_epi16(p[t][hh], ones16));
             }
-        }
-        for (int h = 0; h < 2; h++) {
-            const __m256 sw = _mm256_loadu_ps(tail->scale + 8 * h);
-            for (int t = 0; t < MB; t++) {
-                float *o = out + t * MIX_RB + 8 * h;
-                __m256 scale = _mm256_mul_ps(sw, _mm256_set1_ps(A->sa[(m0 + t) * G + j]));
-                _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t][h]), scale, _mm256_loadu_ps(o)));
+            for (int hh = 0; hh < HH; hh++) {
+                const int h = h0 + hh;
+                const __m256i z = _mm256_loadu_si256((const __m256i *)(tail->izero + 8 * h));
+                const __m256 sw = _mm256_loadu_ps(tail->scale + 8 * h);
+                for (int t = 0; t < MB; t++) {
+                    __m256i d = _mm256_sub_epi32(acc[t][hh],
+                                                 _mm256_mullo_epi32(z, _mm256_set1_epi32(A->asum[(m0 + t) * G + j])));
+                    float *o = out + t * MIX_RB + 8 * h;
+                    __m256 scale = _mm256_mul_ps(sw, _mm256_set1_ps(A->sa[(m0 + t) * G + j]));
+                    _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), scale, _mm256_loadu_ps(o)));
+                }
             }
         }
     }
 }
 
-/* Instantiate each tile with a compile-time token count so the accumulators stay in registers. */
-#define TILE_VARIANTS8(NAME, TILE, TARGET)                                                                        \
-    static __attribute__((target(TARGET))) void NAME(const kctx *c, int64_t rb, int64_t m0, int MB, float *out) { \
-        switch (MB) {                                                                                             \
-        case 8: TILE(c, rb, m0, 8, out); break;                                                                   \
-        case 7: TILE(c, rb, m0, 7, out); break;                                                                   \
-        case 6: TILE(c, rb, m0, 6, out); break;                                                                   \
-        case 5: TILE(c, rb, m0, 5, out); break;                                                                   \
-        case 4: TILE(c, rb, m0, 4, out); break;                                                                   \
-        case 3: TILE(c, rb, m0, 3, out); break;                                                                   \
-        case 2: TILE(c, rb, m0, 2, out); break;                                                                   \
-        default: TILE(c, rb, m0, 1, out); break;                                                                  \
-        }                                                                                                         \
+/* 8-bit: |w| (u8) x sign(a, w) (s8) pairs are <= 2 * 127 * 127 = 32258: exact in int16, but two of
+ * them are not, so every maddubs is widened at once. */
+static AVX2_TARGET void w8_avx2_tile(const kctx *c, int64_t rb, int64_t m0, const int MB, const int HH, int64_t j0,
+                                     int64_t j1, float *out) {
+    const mix_cpu_weight *w = c->w;
+    const acts *A = c->A;
+    const int64_t G = w->G, Lp = w->Lp, S = Lp / 4, astride = G * Lp;
+    const __m256i ones16 = _mm256_set1_epi16(1);
+    for (int64_t j = j0; j < j1; j++) {
+        const uint8_t *sec = w->blob + (rb * G + j) * w->section;
+        const mix_cpu_tail *tail = section_tail(w, sec);
+        const int8_t *a0 = A->aq + (m0 * G + j) * Lp;
+        for (int h0 = 0; h0 < 2; h0 += HH) {
+            __m256i acc[MB_AVX2_W8][2];
+            for (int t = 0; t < MB; t++)
+                for (int hh = 0; hh < HH; hh++) acc[t][hh] = _mm256_setzero_si256();
+            for (int64_t s = 0; s < S; s++) {
+                const uint8_t *st = sec + MIX_STEP_BYTES * s;
+                if (MB == 1) _mm_prefetch((const char *)st + PREFETCH_BYTES, _MM_HINT_T0);
+                __m256i v[2], av[2];
+                for (int hh = 0; hh < HH; hh++) {
+                    v[hh] = _mm256_loadu_si256((const __m256i *)(st + 32 * (h0 + hh)));
+                    av[hh] = _mm256_abs_epi8(v[hh]);
+                }
+                for (int t = 0; t < MB; t++) {
+                    const __m256i x = bcast4(a0 + t * astride + 4 * s);
+                    for (int hh = 0; hh < HH; hh++)
+                        acc[t][hh] = _mm256_add_epi32(
+                            acc[t][hh],
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(av[hh], _mm256_sign_epi8(x, v[hh])), ones16));
+                }
+            }
+            for (int hh = 0; hh < HH; hh++) {
+                const int h = h0 + hh;
+                const __m256 sw = _mm256_loadu_ps(tail->scale + 8 * h);
+                for (int t = 0; t < MB; t++) {
+                    float *o = out + t * MIX_RB + 8 * h;
+                    __m256 scale = _mm256_mul_ps(sw, _mm256_set1_ps(A->sa[(m0 + t) * G + j]));
+                    _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t][hh]), scale, _mm256_loadu_ps(o)));
+                }
+            }
+        }
     }
-TILE_VARIANTS8(rb_avx512, rb_avx512_tile, "avx512f,avx512bw,avx512vnni")
-static __attribute__((target("avx2,fma"))) void rb_avx2(const kctx *c, int64_t rb, int64_t m0, int MB, float *out) {
+}
+
+/* 4-bit at M >= 2: as w4_avx2_tile (one 8-row half at a time for MB tokens), with each activation
+ * operand a plain load from the expanded activations (kctx.x4): a memory operand of maddubs. (8-bit
+ * row blocks measured faster with w8_avx2_tile, their weights in L1 and broadcast activations.) */
+static AVX2_TARGET void w4x_avx2_tile(const kctx *c, int64_t rb, int64_t m0, const int MB, int64_t j0, int64_t j1,
+                                      float *out) {
+    const mix_cpu_weight *w = c->w;
+    const acts *A = c->A;
+    const int64_t G = w->G, Lp = w->Lp, S = Lp / 8;
+    const __m256i low4 = _mm256_set1_epi8(15), ones16 = _mm256_set1_epi16(1);
+    for (int64_t j = j0; j < j1; j++) {
+        const uint8_t *sec = w->blob + (rb * G + j) * w->section;
+        const mix_cpu_tail *tail = section_tail(w, sec);
+        const uint8_t *x0 = c->x4 + (j - c->xj0) * Lp / 4 * (32 * MB_AVX2_X);
+        for (int h = 0; h < 2; h++) {
+            __m256i acc[MB_AVX2_X];
+            for (int t = 0; t < MB; t++) acc[t] = _mm256_setzero_si256();
+            for (int64_t s0 = 0; s0 < S; s0 += 4) {
+                __m256i p[MB_AVX2_X];
+                for (int t = 0; t < MB; t++) p[t] = _mm256_setzero_si256();
+#define W4X_STEP(s)                                                                                                    \
+    do {                                                                                                               \
+        __m256i v = _mm256_loadu_si256((const __m256i *)(sec + MIX_STEP_BYTES * (s) + 32 * h));                        \
+        __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);                  \
+        for (int t = 0; t < MB; t++) {                                                                                 \
+            const __m256i *xa = (const __m256i *)(x0 + 64 * MB_AVX2_X * (s)) + t;                                      \
+            p[t] =                                                                                                     \
+                _mm256_add_epi16(p[t], _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_load_si256(xa)),               \
+                                                        _mm256_maddubs_epi16(hi, _mm256_load_si256(xa + MB_AVX2_X)))); \
+        }                                                                                                              \
+        for (int t = 0; t < MB; t++) in_register(p[t]);                                                                \
+    } while (0)
+                if (s0 + 4 <= S) {
+                    W4X_STEP(s0);
+                    W4X_STEP(s0 + 1);
+                    W4X_STEP(s0 + 2);
+                    W4X_STEP(s0 + 3);
+                } else {
+                    for (int64_t s = s0; s < S; s++) W4X_STEP(s);
+                }
+#undef W4X_STEP
+                for (int t = 0; t < MB; t++) acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(p[t], ones16));
+            }
+            const __m256i z = _mm256_loadu_si256((const __m256i *)(tail->izero + 8 * h));
+            const __m256 sw = _mm256_loadu_ps(tail->scale + 8 * h);
+            for (int t = 0; t < MB; t++) {
+                __m256i d =
+                    _mm256_sub_epi32(acc[t], _mm256_mullo_epi32(z, _mm256_set1_epi32(A->asum[(m0 + t) * G + j])));
+                float *o = out + t * MIX_RB + 8 * h;
+                __m256 scale = _mm256_mul_ps(sw, _mm256_set1_ps(A->sa[(m0 + t) * G + j]));
+                _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), scale, _mm256_loadu_ps(o)));
+            }
+        }
+    }
+}
+
+/* Expand tokens m0 .. m0+mb-1, groups j0 .. j1-1, into a tile's K block buffer (see kctx.x4). */
+static AVX2_FN void expand_tile_avx2(const acts *A, int64_t m0, int mb, int64_t j0, int64_t j1, uint8_t *x4) {
+    const int64_t Lp = A->Lp;
+    for (int t = 0; t < mb; t++) {
+        const int8_t *a = A->aq + ((m0 + t) * A->G + j0) * Lp; /* groups j0 .. j1-1 lie back to back */
+        uint8_t *dst = x4 + 32 * t;
+        for (int64_t q = 0; q < (j1 - j0) * Lp / 4; q++) {
+            int32_t v;
+            memcpy(&v, a + 4 * q, 4);
+            _mm256_store_si256((__m256i *)(dst + 32 * MB_AVX2_X * q), _mm256_set1_epi32(v));
+        }
+    }
+}
+
+/* Instantiate each tile with compile-time token / half counts so the sums stay in registers. */
+static __attribute__((target("avx512f,avx512bw,avx512vnni"))) void
+rb_avx512(const kctx *c, int64_t rb, int64_t m0, int MB, int64_t j0, int64_t j1, float *out) {
     switch (MB) {
-    case 4: rb_avx2_tile(c, rb, m0, 4, out); break;
-    case 3: rb_avx2_tile(c, rb, m0, 3, out); break;
-    case 2: rb_avx2_tile(c, rb, m0, 2, out); break;
-    default: rb_avx2_tile(c, rb, m0, 1, out); break;
+    case 8: rb_avx512_tile(c, rb, m0, 8, j0, j1, out); break;
+    case 7: rb_avx512_tile(c, rb, m0, 7, j0, j1, out); break;
+    case 6: rb_avx512_tile(c, rb, m0, 6, j0, j1, out); break;
+    case 5: rb_avx512_tile(c, rb, m0, 5, j0, j1, out); break;
+    case 4: rb_avx512_tile(c, rb, m0, 4, j0, j1, out); break;
+    case 3: rb_avx512_tile(c, rb, m0, 3, j0, j1, out); break;
+    case 2: rb_avx512_tile(c, rb, m0, 2, j0, j1, out); break;
+    default: rb_avx512_tile(c, rb, m0, 1, j0, j1, out); break;
+    }
+}
+/* AVX2 through rb_all_tokens: 4-bit only at M = 1 (M >= 2 goes through w4x_avx2_tile), 8-bit at any M. */
+static __attribute__((target("avx2,fma"))) void rb_avx2(const kctx *c, int64_t rb, int64_t m0, int MB, int64_t j0,
+                                                        int64_t j1, float *out) {
+    if (c->w->bits == 4) {
+        w4_avx2_tile(c, rb, m0, 1, 2, j0, j1, out); /* MB == 1 */
+        return;
+    }
+    switch (MB) {
+    case 4: w8_avx2_tile(c, rb, m0, 4, 2, j0, j1, out); break;
+    case 3: w8_avx2_tile(c, rb, m0, 3, 2, j0, j1, out); break;
+    case 2: w8_avx2_tile(c, rb, m0, 2, 2, j0, j1, out); break;
+    default: w8_avx2_tile(c, rb, m0, 1, 2, j0, j1, out); break;
+    }
+}
+static __attribute__((target("avx2,fma"))) void rbx4_avx2(const kctx *c, int64_t rb, int64_t m0, int MB, int64_t j0,
+                                                          int64_t j1, float *out) {
+    switch (MB) {
+    case 4: w4x_avx2_tile(c, rb, m0, 4, j0, j1, out); break;
+    case 3: w4x_avx2_tile(c, rb, m0, 3, j0, j1, out); break;
+    case 2: w4x_avx2_tile(c, rb, m0, 2, j0, j1, out); break;
+    default: w4x_avx2_tile(c, rb, m0, 1, j0, j1, out); break;
     }
 }
 
@@ -413,28 +568,31 @@ int mix_cpu_has(mix_impl impl) {
     }
 }
 
-typedef void (*tile_fn)(const kctx *, int64_t, int64_t, int, float *);
-
-/* "auto" never picks the AVX-512 VNNI path: it was rewritten for the current layout and compiled, but
- * has not yet run on a VNNI machine (its bit-identity test runs wherever the CPU has it). Until it
- * has, users get it only by asking for impl="avx512vnni"; "auto" takes AVX2, else portable C. */
+/* "auto" does not pick the AVX-512 VNNI path: on a VNNI machine (an Intel Xeon, 2026-12-01,
+ * bench/results/cpu_linear_device_xeon_vnni_vs_avx2_2026-12-01.json) it was bit-identical to the
+ * portable path but slower than the AVX2 path at every M (4096x4096: 0.71 vs 0.47 ms at M = 1, 24.8 vs
+ * 11.0 ms at M = 128). impl="avx512vnni" still runs it; "auto" takes AVX2, else portable C. */
 static mix_impl resolve(mix_impl impl) {
     if (impl != MIX_IMPL_AUTO) return impl;
     return mix_cpu_has(MIX_IMPL_AVX2) ? MIX_IMPL_AVX2 : MIX_IMPL_PORTABLE;
 }
 
-static tile_fn pick(mix_impl impl, int *mb) {
+typedef void (*tile_fn)(const kctx *, int64_t rb, int64_t m0, int MB, int64_t j0, int64_t j1, float *out);
+
+/* The tile of an implementation and its token count per tile for a part of `bits`. */
+static tile_fn pick(mix_impl impl, int bits, int *mb) {
 #ifdef __x86_64__
     if (impl == MIX_IMPL_AVX512VNNI) {
-        *mb = MB_MAX;
+        *mb = MB_AVX512;
         return rb_avx512;
     }
     if (impl == MIX_IMPL_AVX2) {
-        *mb = MB_AVX2;
+        *mb = bits == 4 ? 1 : MB_AVX2_W8;
         return rb_avx2;
     }
 #endif
-    *mb = MB_MAX;
+    (void)bits;
+    *mb = MB_PORTABLE;
     return rb_portable;
 }
 
@@ -470,6 +628,26 @@ static void store_rows(const mix_cpu_weight *w, int64_t rb, int64_t m0, int64_t 
         }
 }
 
+/* Row block rb of part w for all M tokens: one K block of its weights (KC_BYTES) at a time stays in
+ * L1 while the token tiles sweep over it. out: MC * 16 floats of scratch. */
+static void rb_all_tokens(const mix_cpu_weight *w, const acts *A, int64_t rb, int64_t M, mix_impl impl, float *out,
+                          const float *bias, void *y, int y_dtype, int64_t n_out) {
+    int MB;
+    tile_fn tile = pick(impl, w->bits, &MB);
+    kctx c = {w, A, NULL, 0};
+    const int64_t G = w->G, kc = KC_BYTES / w->section > 1 ? KC_BYTES / w->section : 1;
+    for (int64_t mc0 = 0; mc0 < M; mc0 += MC) {
+        const int64_t mcn = M - mc0 < MC ? M - mc0 : MC;
+        memset(out, 0, (size_t)mcn * MIX_RB * sizeof(float));
+        for (int64_t j0 = 0; j0 < G; j0 += kc) /* K blocks in order: the float steps stay ordered */
+            for (int64_t m0 = mc0; m0 < mc0 + mcn; m0 += MB) {
+                int mb = (int)(mc0 + mcn - m0 < MB ? mc0 + mcn - m0 : MB);
+                tile(&c, rb, m0, mb, j0, j0 + kc < G ? j0 + kc : G, out + (m0 - mc0) * MIX_RB);
+            }
+        store_rows(w, rb, mc0, mcn, out, bias, y, y_dtype, n_out);
+    }
+}
+
 int mix_cpu_qlinear(const void *x, int x_dtype, int64_t M, int64_t K, int64_t g, const mix_cpu_weight *parts,
                     int nparts, const float *bias, void *y, int y_dtype, int64_t n_out, mix_impl impl) {
     if (M == 0 || n_out == 0) return 0;
@@ -484,8 +662,6 @@ int mix_cpu_qlinear(const void *x, int x_dtype, int64_t M, int64_t K, int64_t g,
     }
     impl = resolve(impl);
     int simd_prep = impl != MIX_IMPL_PORTABLE && mix_cpu_has(MIX_IMPL_AVX2);
-    int MB;
-    tile_fn tile = pick(impl, &MB);
     int64_t nb[8], nb_total = 0;
     for (int p = 0; p < nparts; p++) {
         nb[p] = (parts[p].N + MIX_RB - 1) / MIX_RB;
@@ -499,26 +675,120 @@ int mix_cpu_qlinear(const void *x, int x_dtype, int64_t M, int64_t K, int64_t g,
     if (nthreads > nb_total) nthreads = (int)nb_total;
     if (nthreads < 1) nthreads = 1;
     int64_t per = rows_per_item(nb_total, nthreads), items = (nb_total + per - 1) / per;
+    /* AVX2 at M >= 2: K blocks of expanded activations (kctx.x4), per thread; float sums of MC_X tokens.
+     * An item's expansion serves its row blocks: items of up to 16 row blocks, 2 or more per thread. */
+    const int expanded = impl == MIX_IMPL_AVX2 && M >= 2;
+    if (expanded && nb_total / (2 * nthreads) > per) {
+        per = nb_total / (2 * nthreads) < 16 ? nb_total / (2 * nthreads) : 16;
+        items = (nb_total + per - 1) / per;
+    }
+    const int64_t mcx = M < MC_X ? M : MC_X;
+    float *xout = NULL; /* per thread: float sums [row block of the item][token of the pass][16] */
+    if (expanded && !(xout = malloc((size_t)nthreads * 16 * (size_t)mcx * MIX_RB * sizeof(float)))) {
+        free(A.aq);
+        free(A.sa);
+        free(A.asum);
+        return -2;
+    }
     int bad = 0;
+    /* Few activations (decode): quantized here, before the team starts, so that no thread waits at a
+     * barrier for another's wake-up (on a busy machine, a descheduled thread's share took ms). */
+    const int serial_prep = (double)M * (double)K <= PREP_SERIAL_VALUES;
+    for (int64_t mj = 0; serial_prep && mj < M * G; mj++)
+        bad |= prepare_group(x, x_dtype, K, g, mj / G, mj % G, &A, simd_prep);
 #pragma omp parallel num_threads(nthreads)
     {
-        int my_bad = 0;
+        if (!serial_prep) {
+            int my_bad = 0;
 #pragma omp for schedule(static)
-        for (int64_t mj = 0; mj < M * G; mj++) /* by (token, group): at M = 1 every thread helps */
-            my_bad |= prepare_group(x, x_dtype, K, g, mj / G, mj % G, &A, simd_prep);
-        if (my_bad) {
+            for (int64_t mj = 0; mj < M * G; mj++) /* by (token, group) */
+                my_bad |= prepare_group(x, x_dtype, K, g, mj / G, mj % G, &A, simd_prep);
+            if (my_bad) {
 #pragma omp atomic write
-            bad = 1;
-        }
+                bad = 1;
+            }
 #pragma omp barrier
+        }
         int stop;
 #pragma omp atomic read
         stop = bad;
-        if (!stop) {
+#ifdef __x86_64__
+        if (!stop && expanded) {
+            /* Per item, pass of MC_X tokens and K block, each token tile's activations are expanded once
+             * into x4 (L1) and serve every row block of the item (<= 16), whose weights of the K block
+             * stay in L2 across the tiles. */
+            _Alignas(64) uint8_t x4[XK_BYTES];
+            float out8[MC * MIX_RB];
+            const int64_t kcg = XK_BYTES / (MB_AVX2_X * Lp * 8) > 1 ? XK_BYTES / (MB_AVX2_X * Lp * 8) : 1;
+            float *out = xout + (size_t)omp_get_thread_num() * 16 * (size_t)mcx * MIX_RB;
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t item = 0; item < items; item++) {
+                const int64_t b0 = item * per;
+                int64_t b1 = (item + 1) * per < nb_total ? (item + 1) * per : nb_total;
+                int pb[16];
+                int64_t rbb[16], n4 = 0;
+                for (int64_t b = b0; b < b1; b++) {
+                    int p = 0;
+                    int64_t rb = b;
+                    while (rb >= nb[p]) {
+                        rb -= nb[p];
+                        p++;
+                    }
+                    if (parts[p].bits == 8) { /* measured faster with its weights in L1 and broadcasts */
+                        rb_all_tokens(&parts[p], &A, rb, M, impl, out8, bias, y, y_dtype, n_out);
+                        continue;
+                    }
+                    pb[n4] = p;
+                    rbb[n4++] = rb;
+                }
+                b1 = b0 + n4; /* the 4-bit row blocks, renumbered from b0 */
+                for (int64_t mc0 = 0; mc0 < M && n4; mc0 += mcx) {
+                    const int64_t mcn = M - mc0 < mcx ? M - mc0 : mcx;
+                    memset(out, 0, (size_t)(b1 - b0) * (size_t)mcn * MIX_RB * sizeof(float));
+                    for (int64_t j0 = 0; j0 < G; j0 += kcg) { /* K blocks in order: the float steps stay ordered */
+                        const int64_t j1 = j0 + kcg < G ? j0 + kcg : G;
+                        for (int64_t m0 = mc0; m0 < mc0 + mcn; m0 += MB_AVX2_X) {
+                            const int mb = (int)(mc0 + mcn - m0 < MB_AVX2_X ? mc0 + mcn - m0 : MB_AVX2_X);
+                            expand_tile_avx2(&A, m0, mb, j0, j1, x4);
+                            for (int64_t b = b0; b < b1; b++) {
+                                /* Prefetch into L2 the weights the next K block will read, a slice per
+                                 * tile, so the memory stream overlaps all tiles' work (the first K block:
+                                 * the next row block's, during the first tile). */
+                                const mix_cpu_weight *wp = &parts[pb[b - b0]];
+                                const int64_t ntl = (mcn + MB_AVX2_X - 1) / MB_AVX2_X, tl = (m0 - mc0) / MB_AVX2_X;
+                                const char *nx = NULL;
+                                int64_t lo = 0, hi = 0;
+                                if (j1 < G) {
+                                    const int64_t bytes = ((j1 + kcg < G ? j1 + kcg : G) - j1) * wp->section;
+                                    nx = (const char *)wp->blob + (rbb[b - b0] * G + j1) * wp->section;
+                                    lo = bytes * tl / ntl;
+                                    hi = bytes * (tl + 1) / ntl;
+                                }
+                                if (j0 == 0 && m0 == mc0 && b + 1 < b1) {
+                                    const mix_cpu_weight *wn = &parts[pb[b + 1 - b0]];
+                                    for (int64_t o = 0; o < j1 * wn->section; o += MIX_CACHE_LINE)
+                                        _mm_prefetch((const char *)wn->blob + rbb[b + 1 - b0] * G * wn->section + o,
+                                                     _MM_HINT_T1);
+                                }
+                                for (int64_t o = lo; o < hi; o += MIX_CACHE_LINE) _mm_prefetch(nx + o, _MM_HINT_T1);
+                                kctx c = {wp, &A, x4, j0};
+                                rbx4_avx2(&c, rbb[b - b0], m0, mb, j0, j1,
+                                          out + ((b - b0) * mcn + (m0 - mc0)) * MIX_RB);
+                            }
+                        }
+                    }
+                    for (int64_t b = b0; b < b1; b++)
+                        store_rows(&parts[pb[b - b0]], rbb[b - b0], mc0, mcn, out + (b - b0) * mcn * MIX_RB, bias, y,
+                                   y_dtype, n_out);
+                }
+            }
+        } else
+#endif
+            if (!stop) {
             /* Every output column belongs to exactly one part's row: rows write, nobody accumulates. */
 #pragma omp for schedule(dynamic, 1)
             for (int64_t item = 0; item < items; item++) {
-                float out[MB_MAX * MIX_RB];
+                float out[MC * MIX_RB];
                 for (int64_t b = item * per; b < (item + 1) * per && b < nb_total; b++) {
                     int p = 0;
                     int64_t rb = b;
@@ -526,16 +796,12 @@ int mix_cpu_qlinear(const void *x, int x_dtype, int64_t M, int64_t K, int64_t g,
                         rb -= nb[p];
                         p++;
                     }
-                    kctx c = {&parts[p], &A};
-                    for (int64_t m0 = 0; m0 < M; m0 += MB) {
-                        int mb = (int)(M - m0 < MB ? M - m0 : MB);
-                        tile(&c, rb, m0, mb, out);
-                        store_rows(&parts[p], rb, m0, mb, out, bias, y, y_dtype, n_out);
-                    }
+                    rb_all_tokens(&parts[p], &A, rb, M, impl, out, bias, y, y_dtype, n_out);
                 }
             }
         }
     }
+    free(xout);
     free(A.aq);
     free(A.sa);
     free(A.asum);

@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
+import reference as ref
 import torch
 
-import reference as ref
 from mixllm import _C, ops
 
 IMPLS = ops.cpu_impls()
@@ -45,9 +45,9 @@ def test_linear_matches_reference(rng, impl, M, N, K, g, bits):
         assert_close(y, ref.qlinear(x, codes, scale, zero, g, bias))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("M,N,K,g", SHAPES[:7])
-def test_mixed_linear_original_order(rng, impl, M, N, K, g):
+def _mixed_layer(rng, N, K, g):
+    """A random layer with a random 10% (at least one) of its rows in 8-bit: the two parts, their row
+    indices, and a float64 reference ``ref_fn(x, bias)`` of the whole layer in the original row order."""
     n8 = max(1, N // 10)
     perm = rng.permutation(N)
     idx8, idx4 = perm[:n8], perm[n8:]
@@ -56,14 +56,25 @@ def test_mixed_linear_original_order(rng, impl, M, N, K, g):
     q4, s4, z4 = ops.quantize_weight(w[idx4], 4, g)
     W8 = ops.QuantizedWeight.from_codes(q8, s8, None, 8, g)
     W4 = ops.QuantizedWeight.from_codes(q4, s4, z4, 4, g) if len(idx4) else None
+
+    def ref_fn(x, bias):
+        y = np.zeros((x.shape[0], N))
+        y[:, idx8] = ref.qlinear(x, q8, s8, None, g, bias[idx8])
+        if W4:
+            y[:, idx4] = ref.qlinear(x, q4, s4, z4, g, bias[idx4])
+        return y
+
+    return W4, W8, (idx4 if W4 else None), idx8, ref_fn
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("M,N,K,g", SHAPES[:7])
+def test_mixed_linear_original_order(rng, impl, M, N, K, g):
+    W4, W8, idx4, idx8, ref_fn = _mixed_layer(rng, N, K, g)
     x = rng.standard_normal((M, K)).astype(np.float32)
     bias = rng.standard_normal(N).astype(np.float32)
-    y = ops.mixed_linear(x, W4, W8, idx4 if W4 else None, idx8, bias, impl=impl)
-    y_ref = np.zeros((M, N))
-    y_ref[:, idx8] = ref.qlinear(x, q8, s8, None, g, bias[idx8])
-    if W4:
-        y_ref[:, idx4] = ref.qlinear(x, q4, s4, z4, g, bias[idx4])
-    assert_close(y, y_ref)
+    y = ops.mixed_linear(x, W4, W8, idx4, idx8, bias, impl=impl)
+    assert_close(y, ref_fn(x, bias))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -93,12 +104,16 @@ def test_poisoned_output_fully_written(rng):
     assert np.all(np.isfinite(out))
 
 
-def test_nan_activation_raises(rng):
+@pytest.mark.parametrize("M", [2, 300])  # few activations are quantized before the threads start, many by them
+def test_nan_activation_raises(rng, M):
     W, *_ = make_weight(rng, 16, 128, 8, 128)
-    x = np.zeros((2, 128), np.float32)
-    x[1, 5] = np.nan
+    x = np.zeros((M, 128), np.float32)
+    x[M - 1, 5] = np.nan
     with pytest.raises(ValueError, match="x: contains NaN or Inf"):
         ops.w8a8_linear(x, W)
+    x[M - 1, 5] = np.inf
+    with pytest.raises(ValueError, match="x: contains NaN or Inf"):
+        ops.mixed_linear(x, None, W, None, np.arange(16))
 
 
 class TestBadArguments:
@@ -200,3 +215,54 @@ def test_impls_bit_identical(rng, M, N, K, g):
     ys = {impl: ops.mixed_linear(x, W4, W8, idx4, idx8, bias, impl=impl) for impl in IMPLS}
     for impl, y in ys.items():
         np.testing.assert_array_equal(y.view(np.uint32), ys["portable"].view(np.uint32), err_msg=impl)
+
+
+# Shapes that reach every blocking path of the SIMD kernels (csrc/gemm_cpu.c): K blocks with a partial
+# last block (G = 11 groups; blocks of 4, 5 or 10 groups, by path and width), token passes and tiles
+# with remainders (M = 70: a pass of 64 + 6, tiles of 4 + 2; M = 263 > 256), an odd number of 8-k steps
+# per group (g = 40: 5 steps, one past a block of 4), a K tail inside the last group, and work items
+# holding both 4- and 8-bit row blocks (N = 300).
+BLOCKING_SHAPES = [
+    (70, 40, 11 * 128 - 5, 128),
+    (6, 300, 700, 128),
+    (5, 37, 200, 40),
+    (2, 16, 128, 128),
+    (263, 20, 256, 128),
+]
+
+
+@pytest.mark.parametrize("M,N,K,g", BLOCKING_SHAPES)
+def test_blocking_paths_bit_identical_and_accurate(rng, M, N, K, g):
+    W4, W8, idx4, idx8, ref_fn = _mixed_layer(rng, N, K, g)
+    x = (rng.standard_normal((M, K)) * 2).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32)
+    ys = {impl: ops.mixed_linear(x, W4, W8, idx4, idx8, bias, impl=impl) for impl in IMPLS}
+    for impl, y in ys.items():
+        np.testing.assert_array_equal(y.view(np.uint32), ys["portable"].view(np.uint32), err_msg=impl)
+    assert_close(ys["portable"], ref_fn(x, bias))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_non_contiguous_activation_several_tokens(rng, impl):
+    """Strided x through the token-tiled paths (M >= 2), for both weight widths."""
+    for bits in (4, 8):
+        W, *_ = make_weight(rng, 40, 384, bits, 128)
+        x = torch.from_numpy(rng.standard_normal((384, 2 * 11)).astype(np.float32)).t()[::2]  # [11, 384], strided
+        assert not x.is_contiguous()
+        fn = ops.w4a8_linear if bits == 4 else ops.w8a8_linear
+        np.testing.assert_array_equal(fn(x, W, impl=impl).numpy(), fn(x.contiguous(), W, impl=impl).numpy())
+
+
+def test_prepared_layer_refuses_bad_parts(rng):
+    """ops.check_parts (shared by the CPU and CUDA prepared layers): clear errors naming `parts`."""
+    W, *_ = make_weight(rng, 16, 256, 4, 128)
+    W2, *_ = make_weight(rng, 16, 384, 4, 128)
+    with pytest.raises(ValueError, match="parts: at least one"):
+        ops.PreparedCPULinear([], 16)
+    with pytest.raises(TypeError, match="parts: expected mixllm.ops.QuantizedWeight"):
+        ops.PreparedCPULinear([(np.zeros((16, 256)), None)], 16)
+    with pytest.raises(ValueError, match="parts: every part needs the same K"):
+        ops.PreparedCPULinear([(W, np.arange(16)), (W2, np.arange(16, 32))], 32)
+    with pytest.raises(ValueError, match="n_out=20"):
+        ops.PreparedCPULinear([(W, None)], 20)
+    assert ops.check_parts([(W, None)], 16) == (256, 128)
