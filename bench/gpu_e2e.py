@@ -208,10 +208,10 @@ def to_dtype_outside_mixed(model, dtype):
     for m in model.modules():
         if isinstance(m, MixedLinear):
             continue
-        for n, p in list(m.named_parameters(recurse=False)):
+        for _, p in list(m.named_parameters(recurse=False)):
             if id(p) not in mixed and p.is_floating_point():
                 p.data = p.data.to(dtype)
-        for n, b in list(m.named_buffers(recurse=False)):
+        for _, b in list(m.named_buffers(recurse=False)):
             if id(b) not in mixed and b is not None and b.is_floating_point():
                 b.data = b.data.to(dtype)
     return model

@@ -99,12 +99,12 @@ def measure_rates(dev):
     _int_mm at 8192^3, a 1 GiB device-to-device copy counting read + write."""
     big = torch.rand(1 << 30, device=dev)  # 4 GiB of float32, not zeros
     acc = torch.empty((), device=dev)
-    t = time_graph([lambda: torch.sum(big, dim=(0,), out=acc)], reps=10)
+    t = time_graph([lambda big=big, acc=acc: torch.sum(big, dim=(0,), out=acc)], reps=10)
     read_bw = big.numel() * 4 / (t * 1e-3)
     del big
     buf = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(buf)
-    t = time_graph([lambda: dst.copy_(buf)], reps=10)
+    t = time_graph([lambda dst=dst, buf=buf: dst.copy_(buf)], reps=10)
     copy_bw = 2 * buf.numel() / (t * 1e-3)
     del buf, dst
     a = torch.randint(-127, 128, (8192, 8192), dtype=torch.int8, device=dev)
@@ -171,7 +171,11 @@ def bench_shape(N, K, ms, dev, gen, rates, quick):
         sx8 = torch.rand((M16, 1), device=dev, generator=gen) + 0.5
         r["fp8"] = time_graph(
             [
-                (lambda a=x8[i], w=w: torch._scaled_mm(a, w.t(), scale_a=sx8, scale_b=sw8, out_dtype=torch.bfloat16))
+                (
+                    lambda a=x8[i], w=w, s=sx8: torch._scaled_mm(
+                        a, w.t(), scale_a=s, scale_b=sw8, out_dtype=torch.bfloat16
+                    )
+                )
                 for i, w in enumerate(w_f8)
             ]
         )
@@ -235,13 +239,37 @@ def tune(dev, gen):
             ts = []
             pl = [cuda_ops.PreparedLinear([(p[0], i4), (p[1], i8)], N, None, dev) for p in mixed]
             for c in list(range(_cuda.NCFG)) + [-1]:
-                ts.append(time_graph([(lambda x=xs[i], l=l: l(x, cfg=c)) for i, l in enumerate(pl)], reps=7))
+                ts.append(time_graph([(lambda x=xs[i], l=l, c=c: l(x, cfg=c)) for i, l in enumerate(pl)], reps=7))
             print(
                 f"{N:>6} {K:>6} {M:>5} | " + " ".join(f"{t * 1e3:10.1f}" for t in ts[:-1]) + f" | {ts[-1] * 1e3:.1f}",
                 flush=True,
             )
         del mixed
         torch.cuda.empty_cache()
+
+
+def profile_decode(dev, gen):
+    """One W4.4A8 call of the decode kernel and one of the planner's choice per 70B shape at M = 1,
+    between cudaProfilerStart/Stop (for ncu)."""
+    from mixllm import _cuda
+
+    decode = next(c for c in range(_cuda.NCFG) if _cuda.plan(0, 1, (16,), 128, c, 1)[2] == "decode_gemv")
+    calls = []
+    for N, K in SHAPES[4:6]:
+        n8 = N // 10
+        i4, i8 = split_rows(N, n8, dev, gen)
+        p = (rand_qweight(N - n8, K, 4, dev, gen), rand_qweight(n8, K, 8, dev, gen))
+        lin = cuda_ops.PreparedLinear([(p[0], i4), (p[1], i8)], N, None, dev)
+        x = torch.randn((1, K), device=dev, dtype=torch.bfloat16, generator=gen)
+        calls += [(lambda lin=lin, x=x: lin(x, cfg=decode)), (lambda lin=lin, x=x: lin(x))]
+    for f in calls:
+        f()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    for f in calls:
+        f()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
 
 
 def profile(dev, gen):
@@ -267,6 +295,9 @@ def main():
     ap.add_argument("--tune", action="store_true", help="time every tile configuration, then exit")
     ap.add_argument("--profile", action="store_true", help="one W4.4A8 call per M for ncu, then exit")
     ap.add_argument("--decode", action="store_true", help="decode kernel vs the mma.sync tiles, M <= 64, then exit")
+    ap.add_argument("--profile-decode", action="store_true", help="decode kernel and planner's choice, 70B, M=1 (ncu)")
+    ap.add_argument("--shapes", help="N x K list to run, e.g. 28672x8192,8192x28672 (default: all)")
+    ap.add_argument("--ms", help="token counts to run, e.g. 1,16,64 (default: %s)" % ",".join(map(str, MS)))
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -276,8 +307,12 @@ def main():
         return tune(dev, gen)
     if args.profile:
         return profile(dev, gen)
+    if args.profile_decode:
+        return profile_decode(dev, gen)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else None
+    ms = [int(v) for v in args.ms.split(",")] if args.ms else None
     if args.decode:
-        return decode_sweep(dev, gen, args.out)
+        return decode_sweep(dev, gen, args.out, shapes, ms)
     torch.backends.cuda.matmul.allow_tf32 = False
     rates = measure_rates(dev)
     name = torch.cuda.get_device_name(dev)
@@ -289,8 +324,8 @@ def main():
         "best streaming rate"
     )
     print(HEAD)
-    shapes = SHAPES[4:6] if args.quick else SHAPES
-    ms = [1, 64, 4096] if args.quick else MS
+    shapes = shapes or (SHAPES[4:6] if args.quick else SHAPES)
+    ms = ms or ([1, 64, 4096] if args.quick else MS)
     rows = []
     for N, K in shapes:
         rows += bench_shape(N, K, ms, dev, gen, rates, args.quick)
@@ -366,32 +401,35 @@ def print_goals(rows):
         )
 
 
-def decode_sweep(dev, gen, out):
-    """The decode kernel (auto and every warp count) against the best mma.sync tile (auto split-K)
-    and bf16, M = 1..64, on every shape plus two small (Llama-3-8B k/v, SmolLM-sized) ones."""
+DECODE_FORCED = (2, 4, 8, 16, 33, 34, 36, 38, 40)  # warps per tile; 32 + w: two 4-bit tiles of w warps per block
+
+
+def decode_sweep(dev, gen, out, shapes=None, ms=None):
+    """The decode kernel (planner's choice and forced block layouts, M <= 16) against the best
+    mma.sync tile (auto split-K) and bf16, M = 1..64, on every shape plus a small one."""
     from mixllm import _cuda
 
     decode = next(c for c in range(_cuda.NCFG) if _cuda.plan(0, 1, (16,), 128, c, 1)[2] == "decode_gemv")
     mma = [c for c in range(_cuda.NCFG) if _cuda.plan(0, 1, (16,), 128, c, 1)[2].startswith("w")]
     name = torch.cuda.get_device_name(dev)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
-    print(f"# decode sweep, {name}, {date}: W4.4A8 us; 'mma' = best mma.sync tile (auto split-K)")
+    print(f"# decode sweep, {name}, {date}: W4.4A8 us; 'mma' = best mma.sync tile (auto split-K); s<n> = forced splits")
     print(
-        f"{'N':>6} {'K':>6} {'M':>3} | {'bf16':>7} {'mma':>7} {'cfg':>11} | {'dec':>7} {'kw':>3} | "
-        + " ".join(f"{'kw' + str(k):>7}" for k in (1, 2, 4, 8))
+        f"{'N':>6} {'K':>6} {'M':>3} | {'bf16':>7} {'mma':>7} {'cfg':>11} | {'dec':>7} {'s':>3} | "
+        + " ".join(f"{'s' + str(k):>6}" for k in DECODE_FORCED)
         + " | x bf16  x mma"
     )
     rows = []
-    for N, K in [(1024, 4096)] + SHAPES:
+    for N, K in shapes or [(1024, 4096)] + SHAPES:
         n8 = N // 10
         i4, i8 = split_rows(N, n8, dev, gen)
         nc = copies((N - n8) * K // 2 + n8 * K)
         mixed = [(rand_qweight(N - n8, K, 4, dev, gen), rand_qweight(n8, K, 8, dev, gen)) for _ in range(nc)]
         pl = [cuda_ops.PreparedLinear([(p[0], i4), (p[1], i8)], N, None, dev) for p in mixed]
         wb = [torch.randn((N, K), device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(copies(2 * N * K))]
-        for M in (1, 4, 16, 32, 64):
+        for M in ms or (1, 4, 16, 32, 64):
             xs = [torch.randn((M, K), device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(max(nc, len(wb)))]
-            t = lambda c, sp=0: time_graph(
+            t = lambda c, sp=0, xs=xs, pl=pl: time_graph(
                 [
                     (lambda x=xs[i], l=l: l(x, cfg=c, splits=sp))  # noqa: E731
                     for i, l in enumerate(pl)
@@ -411,15 +449,16 @@ def decode_sweep(dev, gen, out):
             r["mma_cfg"] = min(tm, key=tm.get)
             r["mma"] = tm[r["mma_cfg"]]
             r["decode"] = t(decode)
-            r["decode_kw"] = pl[0].plan(M, decode)[1]
-            for k in (1, 2, 4, 8):
-                r[f"kw{k}"] = t(decode, k)
+            r["decode_splits"] = pl[0].plan(M, decode)[1]
+            forced = DECODE_FORCED if M <= 16 else ()
+            for k in forced:
+                r[f"s{k}"] = t(decode, k)
             rows.append(r)
             print(
                 f"{N:>6} {K:>6} {M:>3} | {r['bf16'] * 1e3:7.1f} {r['mma'] * 1e3:7.1f} "
                 f"{_cuda.plan(0, 1, (16,), 128, r['mma_cfg'], 1)[2]:>11} | {r['decode'] * 1e3:7.1f} "
-                f"{r['decode_kw']:>3} | "
-                + " ".join(f"{r[f'kw{k}'] * 1e3:7.1f}" for k in (1, 2, 4, 8))
+                f"{r['decode_splits']:>3} | "
+                + " ".join(f"{r[f's{k}'] * 1e3:6.1f}" if f"s{k}" in r else f"{'':>6}" for k in DECODE_FORCED)
                 + f" | {r['bf16'] / r['decode']:6.2f} {r['mma'] / r['decode']:6.2f}",
                 flush=True,
             )

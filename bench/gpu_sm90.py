@@ -23,10 +23,19 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from gpu_linear import SHAPES, copies, int_mm_q, rand_qweight, split_rows, time_graph  # noqa: E402
+
 from mixllm import _cuda, cuda_ops  # noqa: E402
 
 SM90 = next(c for c in range(_cuda.NCFG) if _cuda.plan(0, 1, (16,), 128, c, 1)[2].startswith("sm90"))
 MMA = 3  # w4x2_m64, the mma.sync prefill tile
+
+
+def mixed_calls(xs, mixed, i4, i8, N, M, cfg):
+    """One W4.4 call per weight copy (4-bit part, 8-bit part), each on its own input, with tile config ``cfg``."""
+    return [
+        (lambda x=x, p=p: cuda_ops.qlinear(x, [(p[0], i4), (p[1], i8)], N, None, (M,), cfg=cfg))
+        for x, p in zip(xs, mixed)
+    ]
 
 
 def main():
@@ -70,21 +79,16 @@ def main():
             r = {"N": N, "K": K, "M": M}
             r["bf16"] = time_graph([(lambda x=xs[i], w=w: F.linear(x, w)) for i, w in enumerate(w_bf16)])
             r["int_mm"] = time_graph([(lambda a=xq[i], w=w: torch._int_mm(a, w.t())) for i, w in enumerate(w_i8)])
-            r["int_mm+q"] = time_graph([(lambda x=xs[i], w=w: int_mm_q(x, w.t(), sw)) for i, w in enumerate(w_i8)])
-
-            def mixed_fn(c):
-                return [
-                    (lambda x=xs[i], p=p: cuda_ops.qlinear(x, [(p[0], i4), (p[1], i8)], N, None, (M,), cfg=c))
-                    for i, p in enumerate(mixed)
-                ]
-
-            r["w4.4_wgmma"] = time_graph(mixed_fn(SM90))
-            r["w4.4_mma"] = time_graph(mixed_fn(MMA))
+            r["int_mm+q"] = time_graph(
+                [(lambda x=xs[i], w=w, sw=sw: int_mm_q(x, w.t(), sw)) for i, w in enumerate(w_i8)]
+            )
+            r["w4.4_wgmma"] = time_graph(mixed_calls(xs, mixed, i4, i8, N, M, SM90))
+            r["w4.4_mma"] = time_graph(mixed_calls(xs, mixed, i4, i8, N, M, MMA))
             if M <= 512:  # below the prefill sizes the planner's mma.sync choice may be the 128-token tile
-                r["w4.4_mma"] = min(r["w4.4_mma"], time_graph(mixed_fn(4)))
+                r["w4.4_mma"] = min(r["w4.4_mma"], time_graph(mixed_calls(xs, mixed, i4, i8, N, M, 4)))
             r["w4_wgmma"] = time_graph(
                 [
-                    (lambda x=xs[i], w=w: cuda_ops.qlinear(x, [(w, None)], N, None, (M,), cfg=SM90))
+                    (lambda x=xs[i], w=w, N=N, M=M: cuda_ops.qlinear(x, [(w, None)], N, None, (M,), cfg=SM90))
                     for i, w in enumerate(w4)
                 ]
             )

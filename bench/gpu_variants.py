@@ -67,7 +67,9 @@ def tune(dev, gen, ms):
             xs = [torch.randn((M, K), device=dev, dtype=torch.bfloat16, generator=gen) for _ in ls]
             for sp in (0, 1):
                 ts = [
-                    time_graph([(lambda x=xs[i], l=l, c=c: l(x, cfg=c, splits=sp)) for i, l in enumerate(ls)], reps=7)
+                    time_graph(
+                        [(lambda x=xs[i], l=l, c=c, sp=sp: l(x, cfg=c, splits=sp)) for i, l in enumerate(ls)], reps=7
+                    )
                     * 1e3
                     for c in list(range(_cuda.NCFG)) + [-1]
                 ]

@@ -364,6 +364,8 @@ static int64_t align16(int64_t v) { return (v + 15) / 16 * 16; }
 /* The one scratch buffer of a call: activation codes [M, Kp] | their scales [M, Kp/128] |
  * split-K partials [splits, M, n_out] (when splits > 1), each 16-byte aligned. Returns its
  * bytes; *sa_off / *ws_off: where the scales / partials start. */
+/* The split-K factor the workspace is sized for: the decode kernel reduces its splits in its blocks. */
+static int ws_splits(int cfg, int splits) { return cfg == MIXC_CFG_DECODE ? 1 : splits; }
 static int64_t scratch_layout(const qhandle *h, int64_t M, int splits, int64_t *sa_off, int64_t *ws_off) {
     const int64_t Kp = h->tmpl.Kp;
     int64_t codes, scales, partials = 0;
@@ -403,7 +405,7 @@ ENTRY(plan_call) {
     mix_call_release(&c); /* nothing held; the caller holds the handle */
     if (!h || resolve_plan(h, M, &cfg, &splits) < 0) return NULL;
     int64_t sa_off, ws_off;
-    const int64_t nbytes = scratch_layout(h, M, splits, &sa_off, &ws_off);
+    const int64_t nbytes = scratch_layout(h, M, ws_splits(cfg, splits), &sa_off, &ws_off);
     if (nbytes < 0) return PyErr_Format(PyExc_ValueError, "M: %lld tokens need more scratch than can be addressed", M);
     return Py_BuildValue("iiLs", cfg, splits, (long long)nbytes, mixc_cfg_name(cfg));
 }
@@ -436,7 +438,7 @@ ENTRY(run) {
         resolve_plan(h, M, &cfg, &splits) < 0)
         return mix_call_fail(&c);
     int64_t sa_off, ws_off;
-    const int64_t need = scratch_layout(h, M, splits, &sa_off, &ws_off);
+    const int64_t need = scratch_layout(h, M, ws_splits(cfg, splits), &sa_off, &ws_off);
     if (need < 0) return mix_raise(&c, PyExc_ValueError, "x: too many tokens for one call");
     uint8_t *base = NULL;
     if (need > 0) {
@@ -461,7 +463,7 @@ ENTRY(run) {
     G.splits = splits;
     G.xq = (const int8_t *)base;
     G.sa = (const float *)(base + sa_off);
-    G.ws = splits > 1 ? (float *)(base + ws_off) : NULL;
+    G.ws = ws_splits(cfg, splits) > 1 ? (float *)(base + ws_off) : NULL;
     int err = mixc_act_quant(h->device, x->data, dtype_code(x->dtype), M, h->K, h->g, mixc_gp(h->g), (int8_t *)G.xq, Kp,
                              G.spg, (float *)G.sa, Kp / MIXC_KSTAGE, stream);
     if (!err) err = mixc_qlinear(h->device, &G, stream);

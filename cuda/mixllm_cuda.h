@@ -20,11 +20,12 @@ extern "C" {
 #define MIXC_NCFG       12  /* tile configurations, see mixc_cfg_name */
 #define MIXC_CFG_SM90   10  /* the sm_90a wgmma + TMA prefill kernel (cuda/w4a8_sm90.cu) */
 #define MIXC_CFG_DECODE 11  /* the few-token kernel (cuda/w4a8_decode.cu); its "splits" = warps per row tile */
-#define MIXC_DECODE_MAX_M \
-    16 /* the planner picks it up to this many tokens (measured: slower than the mma.sync tiles from 32 on) */
-#define MIXC_SM90_MIN_M 256 /* the planner picks it on 9.x devices from this many tokens on (measured faster at 256) \
-                             */
-#define MIXC_MAX_PARTS 2
+/* the planner picks the decode kernel up to this many tokens (measured: slower than the mma.sync tiles
+   from 32 on) */
+#define MIXC_DECODE_MAX_M 16
+/* the planner picks the wgmma kernel on 9.x devices from this many tokens on (measured faster at 256) */
+#define MIXC_SM90_MIN_M 256
+#define MIXC_MAX_PARTS  2
 
 typedef struct {
     const void *wpack;        /* packed codes (mixc_pack_weight) */
@@ -81,10 +82,14 @@ int mixc_qlinear(int device, mixc_gemm *g, void *stream);
 int mixc_sm90_ok(int device);
 int mixc_qlinear_sm90(int device, const mixc_gemm *g, void *stream);
 
-/* The decode path (cuda/w4a8_decode.cu): tokens per block for M, the most and the planned
- * number of warps sharing one 16-row tile's K (reduced in the block, no workspace), launcher. */
+/* The decode path (cuda/w4a8_decode.cu): tokens per block for M, the most warps per block, a
+ * forced "splits" clamped to what M allows, the planned one (warps sharing one 16-row tile's K,
+ * reduced in the block, no workspace; MIXC_DECODE_PAIRED + w: two 4-bit tiles per block, w warps
+ * each), launcher. */
+#define MIXC_DECODE_PAIRED 32
 int mixc_decode_tokens_per_block(int64_t M);
 int mixc_decode_max_warps(int64_t M);
+int mixc_decode_clamp_splits(int64_t M, int splits);
 int mixc_decode_warps(int64_t M, const int64_t *Ns, int nparts, int64_t Kp, int sms);
 int mixc_qlinear_decode(int device, const mixc_gemm *g, int pdl, void *stream);
 

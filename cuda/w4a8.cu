@@ -422,7 +422,8 @@ extern "C" const char *mixc_error_string(int err) { return cudaGetErrorString((c
 
 /* Codes (rows x padded K) up to which a layer counts as small for the planner (<= 4 MB at 8 bits). */
 constexpr int64_t SMALL_LAYER_CODES = 4LL << 20;
-/* Codes (rows x padded K) up to which the planner sends M <= MIXC_DECODE_MAX_M to the decode kernel. */
+/* Codes (rows x padded K) up to which the planner sends 8 < M <= MIXC_DECODE_MAX_M to the decode
+ * kernel (M <= 8: every layer). */
 constexpr int64_t DECODE_MAX_CODES = 64LL << 20;
 
 extern "C" int mixc_plan(int device, int64_t M, const int64_t *Ns, int nparts, int64_t Kp, int cfg, int splits,
@@ -432,14 +433,14 @@ extern "C" int mixc_plan(int device, int64_t M, const int64_t *Ns, int nparts, i
     if (cfg < 0 && M >= MIXC_SM90_MIN_M && mixc_sm90_ok(device)) cfg = MIXC_CFG_SM90;
     int64_t codes_all = 0;
     for (int i = 0; i < nparts; i++) codes_all += Ns[i] * Kp;
-    /* The decode kernel: measured faster than the mma.sync tiles up to 16 tokens on layers up to
-     * 14336 x 4096, even or slower on the 70B-sized ones (H200, bench/results/gpu_decode_sweep_2026-11-30.log). */
-    if (cfg < 0 && M <= MIXC_DECODE_MAX_M && codes_all <= DECODE_MAX_CODES) cfg = MIXC_CFG_DECODE;
+    /* The decode kernel up to 8 tokens on every layer, up to 16 on layers up to 14336 x 4096: measured
+     * faster than the mma.sync tiles there, slower on the 70B-sized ones at 16 tokens (86 vs 71 us on
+     * 28672 x 8192; H200, bench/results/gpu_decode_sweep_2026-12-01.log). */
+    if (cfg < 0 && M <= MIXC_DECODE_MAX_M && (M <= 8 || codes_all <= DECODE_MAX_CODES)) cfg = MIXC_CFG_DECODE;
     if (cfg == MIXC_CFG_DECODE) {
-        const int kmax = mixc_decode_max_warps(M);
         *cfg_out = cfg;
         *splits_out =
-            splits > 0 ? (splits < kmax ? splits : kmax) : mixc_decode_warps(M, Ns, nparts, Kp, sm_count(device));
+            splits > 0 ? mixc_decode_clamp_splits(M, splits) : mixc_decode_warps(M, Ns, nparts, Kp, sm_count(device));
         return 0;
     }
     int64_t rows_all = 0;

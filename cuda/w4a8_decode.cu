@@ -1,12 +1,13 @@
 // Decode GEMM (few tokens, M <= 64): configuration MIXC_CFG_DECODE of mixc_qlinear.
 //
 // Same function, inputs and packed layout as the other GEMM paths (cuda/packed_layout.cuh,
-// docs/kernels.md). One block owns one 16-row weight tile and 8*NT8 tokens; its `kw` warps split
-// the tile's K into contiguous stage ranges, each warp streams its range straight from global
-// memory into registers (a ring of DEPTH stages in flight, no shared memory, no block barrier),
-// and the warps' float partial sums are added in a fixed order through shared memory at the end:
-// split-K without a workspace or a second launch, deterministic. Both parts of a mixed layer
-// (8-bit row tiles first) go in the same launch.
+// docs/kernels.md). One block owns one 16-row weight tile (or, in the "paired" layouts, two 4-bit
+// tiles) and 8*NT8 tokens; the warps of a tile split its K into contiguous stage ranges. Each warp
+// streams its range global -> shared memory with cp.async into its own ring (8 KB of codes in
+// flight, each stage with its meta record; no block barrier in the main loop), and the warps'
+// float partial sums are added in a fixed order through shared memory at the end: split-K without
+// a workspace or a second launch, deterministic. Both parts of a mixed layer (8-bit row tiles
+// first) go in the same launch.
 #include "mixllm_cuda.h"
 #include "device_guard.cuh"
 #include "gemm_common.cuh"
@@ -18,7 +19,10 @@ namespace {
 
 using namespace mixc_layout;
 
-constexpr int MAX_KW = 8; /* warps per block: 2 blocks of 8 warps fit an SM's registers */
+/* The most warps per block (a block of 16 warps x at most 128 registers fills an SM's register file). */
+constexpr int MAX_WARPS = 16;
+/* splits >= PAIRED: two 4-bit row tiles per block, splits - PAIRED warps each (see mixc_qlinear_decode). */
+constexpr int PAIRED = MIXC_DECODE_PAIRED;
 
 struct DPart {
     const uint4 *w;
@@ -32,7 +36,10 @@ struct DArgs {
     const int8_t *xq;
     const float *sa;
     int64_t M, Kp, n_out;
-    int G, spg, nst, ydt, kw;
+    int G, spg, nst, ydt;
+    int nw;   /* warps per block */
+    int tpb4; /* 4-bit row tiles per block (1 or 2); an 8-bit part has one tile per block */
+    int nb0;  /* blocks of part 0 */
     DPart p0, p1;
     const float *bias;
     void *y;
@@ -54,6 +61,41 @@ __device__ __forceinline__ uint2 ld_act8(const void *p) {
     asm volatile("ld.global.nc.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
     return v;
 }
+__device__ __forceinline__ float ld_scale(const float *p) {
+    float v;
+    asm volatile("ld.global.nc.f32 %0, [%1];\n" : "=f"(v) : "l"(p));
+    return v;
+}
+
+/* The weight ring: each warp copies its coming stages (codes and the stage's meta record) global ->
+ * shared memory with cp.async, 16 bytes per lane, and waits for the oldest with cp.async.wait_group.
+ * (Measured, first two versions: a ring of registers filled by plain loads reached half the
+ * streaming rate; the compiler gives every load of the loop one scoreboard, so that waiting for
+ * the activations, one stage ahead, also waited for every weight stage in flight.) */
+__device__ __forceinline__ void cp16(void *smem, const void *gmem) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"((uint32_t)__cvta_generic_to_shared(smem)),
+                 "l"(gmem)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+/* Ring of one warp: 8 KB of codes in flight (8 stages at 4 bits, 4 at 8 bits), each stage's slot
+ * followed by its meta record. */
+constexpr int RING_CODE_BYTES = 8 * 1024;
+__host__ __device__ constexpr int slot_words(int bits) { return words_per_stage(bits) * 32 + META_WORDS; }
+__host__ __device__ constexpr int ring_depth(int bits) {
+    return RING_CODE_BYTES / (words_per_stage(bits) * WARP_WORD_BYTES);
+}
+constexpr int RING_WORDS = ring_depth(4) * slot_words(4) > ring_depth(8) * slot_words(8)
+                               ? ring_depth(4) * slot_words(4)
+                               : ring_depth(8) * slot_words(8);
+/* Dynamic shared memory of a block of nw warps: their rings, then their partial sums. */
+__host__ __device__ constexpr size_t decode_smem(int nw, int nt8) {
+    return (size_t)nw * RING_WORDS * 16 + (size_t)nw * nt8 * 4 * 32 * sizeof(float);
+}
 
 /* int32 -> float, exact for |x| < 2^22 (a stage's sums stay under 2^21). */
 __device__ __forceinline__ float dec_i2f(int x) { return __int_as_float(x + 0x4B400000) - 12582912.0f; }
@@ -70,52 +112,78 @@ __device__ __forceinline__ void dec_launch_dependents() {
 }
 
 /* One warp's share of one tile: stages [s0, s1) of row tile rt, tokens m0 .. m0 + 8*NT8 - 1;
- * float sums in facc (C-fragment order: rows gid / gid+8, tokens 2*tig, 2*tig+1 of each n8 tile). */
+ * float sums in facc (C-fragment order: rows gid / gid+8, tokens 2*tig, 2*tig+1 of each n8 tile).
+ * The loop body is kept lean (measured, first version: ~200 instructions per 1 KB stage, the warps
+ * issue-latency bound at half the streaming rate): every address advances by a constant per
+ * stage, the group index by a counter, no division and no 64-bit multiply inside the loop. */
 template <int BITS, int NT8>
 __device__ __forceinline__ void decode_range(const DArgs &a, const DPart &p, int64_t rt, int64_t m0, int s0, int s1,
-                                             float (&facc)[NT8][4]) {
+                                             float (&facc)[NT8][4], uint4 *ring) {
     constexpr int WPS = words_per_stage(BITS);
-    constexpr int DEPTH = 8 / WPS; /* stages in flight: 4 KB of codes per warp */
+    constexpr int DEPTH = ring_depth(BITS); /* stages in flight: 8 KB of codes per warp */
+    constexpr int SLOT = slot_words(BITS);
     const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
     const int64_t KP2 = a.Kp / 64;
-    const uint4 *wbase = p.w + rt * KP2 * (BITS / 4) * 32 + lane;
-    const MetaRecord *mbase = p.meta + rt * a.G;
+    /* next stage to fetch: its codes and its group's meta record (spg stages per group) */
+    const uint4 *wnext = p.w + (rt * KP2 * (BITS / 4) + (int64_t)s0 * WPS) * 32 + lane;
+    const MetaRecord *mnext = p.meta + rt * a.G + s0 / a.spg;
+    int mleft = a.spg - s0 % a.spg; /* stages left in mnext's group */
 
-    uint4 w[DEPTH][WPS];
-    float sw[DEPTH][2];
-    uint32_t zz[DEPTH][2];
-    auto load = [&](int d, int s) {
+    /* Every lane copies its own code words (and reads back only those); lanes 0..4 copy the meta
+     * record, which all lanes read (hence the __syncwarp around its use). One commit group per
+     * stage, empty past s1, so that "all but the DEPTH-1 newest groups" is always the oldest stage. */
+    auto load = [&](int d) {
+        uint4 *slot = ring + d * SLOT;
 #pragma unroll
-        for (int v = 0; v < WPS; v++) w[d][v] = ld_stream(wbase + (s * WPS + v) * 32);
-        const MetaRecord *mr = mbase + min(s / a.spg, a.G - 1);
-        sw[d][0] = __ldg(&mr->scale[gid]);
-        sw[d][1] = __ldg(&mr->scale[gid + 8]);
-        if (BITS == 4) {
-            zz[d][0] = (uint32_t)__ldg(&mr->zero[gid]) * 0x01010101u;
-            zz[d][1] = (uint32_t)__ldg(&mr->zero[gid + 8]) * 0x01010101u;
-        } else {
-            zz[d][0] = zz[d][1] = 0;
+        for (int v = 0; v < WPS; v++) cp16(slot + v * 32 + lane, wnext + v * 32);
+        if (lane < META_WORDS) cp16(slot + WPS * 32 + lane, (const uint4 *)mnext + lane);
+        wnext += WPS * 32;
+        if (--mleft == 0) {
+            mleft = a.spg;
+            mnext++;
         }
     };
 
     /* The weights do not depend on the previous kernel: fetch the first stages, then wait (PDL)
      * for the activation codes. */
 #pragma unroll
-    for (int d = 0; d < DEPTH; d++)
-        if (s0 + d < s1) load(d, s0 + d);
+    for (int d = 0; d < DEPTH; d++) {
+        if (s0 + d < s1) load(d);
+        cp_commit();
+    }
     dec_grid_dep_wait();
 
-    /* Activations one stage ahead (measured: a warp that loads them at the start of each stage
-     * waits on them and on a 4-long MMA chain in turn, and runs at half the streaming rate). */
+    /* Per token tile: its activation row (rows past M read row 0 and are zeroed) and the rows of
+     * the two tokens whose scales this lane applies. */
+    const int8_t *xrow[NT8];
+    const float *sarow[NT8]; /* token mc's scales; token mc + 1's follow a.nst floats later */
+    bool xok[NT8], sok[NT8][2];
+#pragma unroll
+    for (int t = 0; t < NT8; t++) {
+        const int64_t mb = m0 + t * 8 + gid, mc = m0 + t * 8 + 2 * tig;
+        xok[t] = mb < a.M;
+        xrow[t] = a.xq + (xok[t] ? mb : 0) * a.Kp + tig * 8;
+        sok[t][0] = mc < a.M;
+        sok[t][1] = mc + 1 < a.M;
+        sarow[t] = a.sa + (sok[t][0] ? mc : 0) * a.nst;
+    }
+    /* Activations and their scales one stage ahead (measured: a warp that loads them at the start
+     * of each stage waits on them and on a 4-long MMA chain in turn, at half the streaming rate);
+     * from 16 tokens on, after the stage's MMAs (two sets of them would not fit the registers). */
+    constexpr bool ACT_AHEAD = NT8 == 1;
     uint2 bx[NT8][KSTEPS_PER_STAGE];
+    float sx[NT8][2];
     auto load_act = [&](int s) {
 #pragma unroll
         for (int t = 0; t < NT8; t++) {
-            const int64_t mb = m0 + t * 8 + gid;
-            const int8_t *xr = a.xq + mb * a.Kp + (int64_t)s * KSTAGE + tig * 8;
+            const int8_t *xr = xrow[t] + s * KSTAGE;
 #pragma unroll
-            for (int k = 0; k < KSTEPS_PER_STAGE; k++)
-                bx[t][k] = (mb < a.M && s < s1) ? ld_act8(xr + k * KSTEP) : make_uint2(0, 0);
+            for (int k = 0; k < KSTEPS_PER_STAGE; k++) {
+                const uint2 v = ld_act8(xr + k * KSTEP);
+                bx[t][k] = xok[t] ? v : make_uint2(0, 0);
+            }
+            sx[t][0] = sok[t][0] ? ld_scale(sarow[t] + s) : 0.f;
+            sx[t][1] = sok[t][1] ? ld_scale(sarow[t] + a.nst + s) : 0.f;
         }
     };
     load_act(s0);
@@ -126,24 +194,43 @@ __device__ __forceinline__ void decode_range(const DArgs &a, const DPart &p, int
             const int s = sb + d;
             if (s >= s1) break;
             uint2 b[NT8][KSTEPS_PER_STAGE];
+            float sa[NT8][2];
 #pragma unroll
-            for (int t = 0; t < NT8; t++)
+            for (int t = 0; t < NT8; t++) {
+                sa[t][0] = sx[t][0];
+                sa[t][1] = sx[t][1];
 #pragma unroll
                 for (int k = 0; k < KSTEPS_PER_STAGE; k++) b[t][k] = bx[t][k];
-            load_act(s + 1);
+            }
+            /* (the last stage reloads itself: never past the row) */
+            if (ACT_AHEAD) load_act(min(s + 1, s1 - 1));
+            /* stage s has landed in slot d */
+            cp_wait<DEPTH - 1>();
+            __syncwarp();
+            const uint4 *slot = ring + d * SLOT;
+            uint4 w[WPS];
+#pragma unroll
+            for (int v = 0; v < WPS; v++) w[v] = slot[v * 32 + lane];
+            const MetaRecord *mr = (const MetaRecord *)(slot + WPS * 32);
+            const float sw0 = mr->scale[gid], sw1 = mr->scale[gid + 8];
+            const uint32_t zz0 = BITS == 4 ? (uint32_t)mr->zero[gid] * 0x01010101u : 0u;
+            const uint32_t zz1 = BITS == 4 ? (uint32_t)mr->zero[gid + 8] * 0x01010101u : 0u;
+            __syncwarp(); /* every lane has read the slot's meta record: it may be refilled */
+            if (s + DEPTH < s1) load(d);
+            cp_commit();
             /* (q - z) as int8 A fragments of the stage's four k-steps, shared by all token tiles */
             uint32_t af[KSTEPS_PER_STAGE][4];
 #pragma unroll
             for (int k = 0; k < KSTEPS_PER_STAGE; k++) {
                 if (BITS == 4) {
-                    const uint4 wv = w[d][k >> 1];
+                    const uint4 wv = w[k >> 1];
                     const uint32_t w0 = (k & 1) ? wv.z : wv.x, w1 = (k & 1) ? wv.w : wv.y;
-                    af[k][0] = sub_zero(w0 & 0x0F0F0F0Fu, zz[d][0]);
-                    af[k][2] = sub_zero((w0 >> 4) & 0x0F0F0F0Fu, zz[d][0]);
-                    af[k][1] = sub_zero(w1 & 0x0F0F0F0Fu, zz[d][1]);
-                    af[k][3] = sub_zero((w1 >> 4) & 0x0F0F0F0Fu, zz[d][1]);
+                    af[k][0] = sub_zero(w0 & 0x0F0F0F0Fu, zz0);
+                    af[k][2] = sub_zero((w0 >> 4) & 0x0F0F0F0Fu, zz0);
+                    af[k][1] = sub_zero(w1 & 0x0F0F0F0Fu, zz1);
+                    af[k][3] = sub_zero((w1 >> 4) & 0x0F0F0F0Fu, zz1);
                 } else {
-                    const uint4 wv = w[d][k];
+                    const uint4 wv = w[k];
                     af[k][0] = wv.x;
                     af[k][1] = wv.y;
                     af[k][2] = wv.z;
@@ -153,7 +240,6 @@ __device__ __forceinline__ void decode_range(const DArgs &a, const DPart &p, int
 #pragma unroll
             for (int t = 0; t < NT8; t++) {
                 if (m0 + t * 8 >= a.M) break; /* token tiles past M: nothing to compute */
-                const int64_t mc = m0 + t * 8 + 2 * tig;
                 /* two independent accumulators: MMA chains of 2 instead of 4 */
                 int i0[4] = {0, 0, 0, 0}, i1[4] = {0, 0, 0, 0};
                 dec_mma(i0, af[0][0], af[0][1], af[0][2], af[0][3], b[t][0].x, b[t][0].y);
@@ -161,42 +247,46 @@ __device__ __forceinline__ void decode_range(const DArgs &a, const DPart &p, int
                 dec_mma(i0, af[2][0], af[2][1], af[2][2], af[2][3], b[t][2].x, b[t][2].y);
                 dec_mma(i1, af[3][0], af[3][1], af[3][2], af[3][3], b[t][3].x, b[t][3].y);
                 /* second step of the dequantization: a stage lies in one group */
-                const float sa0 = mc < a.M ? __ldg(a.sa + mc * a.nst + s) : 0.f;
-                const float sa1 = mc + 1 < a.M ? __ldg(a.sa + (mc + 1) * a.nst + s) : 0.f;
-                facc[t][0] = __fmaf_rn(dec_i2f(i0[0] + i1[0]), sw[d][0] * sa0, facc[t][0]);
-                facc[t][1] = __fmaf_rn(dec_i2f(i0[1] + i1[1]), sw[d][0] * sa1, facc[t][1]);
-                facc[t][2] = __fmaf_rn(dec_i2f(i0[2] + i1[2]), sw[d][1] * sa0, facc[t][2]);
-                facc[t][3] = __fmaf_rn(dec_i2f(i0[3] + i1[3]), sw[d][1] * sa1, facc[t][3]);
+                facc[t][0] = __fmaf_rn(dec_i2f(i0[0] + i1[0]), sw0 * sa[t][0], facc[t][0]);
+                facc[t][1] = __fmaf_rn(dec_i2f(i0[1] + i1[1]), sw0 * sa[t][1], facc[t][1]);
+                facc[t][2] = __fmaf_rn(dec_i2f(i0[2] + i1[2]), sw1 * sa[t][0], facc[t][2]);
+                facc[t][3] = __fmaf_rn(dec_i2f(i0[3] + i1[3]), sw1 * sa[t][1], facc[t][3]);
             }
-            if (s + DEPTH < s1) load(d, s + DEPTH); /* refill the ring slot just consumed */
+            if (!ACT_AHEAD) load_act(min(s + 1, s1 - 1));
         }
     }
 }
 
-/* Most warps per block at NT8 token tiles. */
-__host__ __device__ constexpr int max_kw(int nt8) { return nt8 <= 8 ? MAX_KW : 1; }
+/* Most warps per block at NT8 token tiles (more token tiles: more registers per thread). */
+__host__ __device__ constexpr int max_warps(int nt8) { return nt8 <= 2 ? MAX_WARPS : 8; }
 
+/* Block b of a part: `tpb` row tiles of `nw / tpb` warps each; warp w works on tile
+ * b * tpb + w / (nw / tpb), stages [i * nst / wpt, (i + 1) * nst / wpt) for i = w % wpt. The
+ * warps' float sums meet in shared memory and are added in warp order (deterministic). */
 template <int NT8>
-__global__ void __launch_bounds__(MAX_KW * 32, NT8 <= 2 ? 2 : 1) decode_kernel(const __grid_constant__ DArgs a) {
-    extern __shared__ float red[]; /* [kw][NT8 * 4][32] partial sums */
+__global__ void __launch_bounds__(max_warps(NT8) * 32, 1) decode_kernel(const __grid_constant__ DArgs a) {
+    extern __shared__ uint4 dsmem[]; /* [nw][RING_WORDS] weight rings, then [nw][NT8 * 4][32] partial sums */
+    float *red = (float *)(dsmem + (size_t)a.nw * RING_WORDS);
     dec_launch_dependents();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    int64_t tile = blockIdx.x;
-    const bool first = tile < a.p0.nblk;
+    uint4 *ring = dsmem + (size_t)warp * RING_WORDS;
+    const bool first = (int)blockIdx.x < a.nb0;
     const DPart &p = first ? a.p0 : a.p1;
-    if (!first) tile -= a.p0.nblk;
+    const int64_t blk = first ? blockIdx.x : blockIdx.x - a.nb0;
+    const int tpb = p.bits == 4 ? a.tpb4 : 1, wpt = a.nw / tpb;
     const int64_t m0 = (int64_t)blockIdx.y * 8 * NT8;
-    const int sps = (a.nst + a.kw - 1) / a.kw;
-    const int s0 = warp * sps, s1 = min(a.nst, s0 + sps);
+    const int64_t tile = blk * tpb + warp / wpt;
+    const int wi = warp % wpt;
+    const int s0 = (int)((int64_t)wi * a.nst / wpt), s1 = (int)((int64_t)(wi + 1) * a.nst / wpt);
 
     float facc[NT8][4];
 #pragma unroll
     for (int t = 0; t < NT8; t++) facc[t][0] = facc[t][1] = facc[t][2] = facc[t][3] = 0.f;
-    if (s0 < s1) {
+    if (warp < tpb * wpt && tile < p.nblk && s0 < s1) {
         if (p.bits == 4)
-            decode_range<4, NT8>(a, p, tile, m0, s0, s1, facc);
+            decode_range<4, NT8>(a, p, tile, m0, s0, s1, facc, ring);
         else
-            decode_range<8, NT8>(a, p, tile, m0, s0, s1, facc);
+            decode_range<8, NT8>(a, p, tile, m0, s0, s1, facc, ring);
     } else {
         dec_grid_dep_wait();
     }
@@ -206,12 +296,17 @@ __global__ void __launch_bounds__(MAX_KW * 32, NT8 <= 2 ? 2 : 1) decode_kernel(c
         for (int c = 0; c < 4; c++) red[((warp * NT8 + t) * 4 + c) * 32 + lane] = facc[t][c];
     __syncthreads();
 
-    /* Element e = (t*4 + c)*32 + lane of the tile: warps' partials in warp order, bias, store. */
-    for (int e = threadIdx.x; e < NT8 * 4 * 32; e += blockDim.x) {
+    /* Element e = (ti * NT8 * 4 + t * 4 + c) * 32 + lane: tile ti's warps' partials in warp order,
+     * bias, store. */
+    constexpr int PER_TILE = NT8 * 4 * 32;
+    for (int e = threadIdx.x; e < tpb * PER_TILE; e += blockDim.x) {
+        const int ti = e / PER_TILE, et = e % PER_TILE;
+        const int64_t tl = blk * tpb + ti;
+        if (tl >= p.nblk) break;
         float v = 0.f;
-        for (int w = 0; w < a.kw; w++) v += red[w * NT8 * 4 * 32 + e];
-        const int l = e & 31, tc = e >> 5, t = tc >> 2, c = tc & 3;
-        const int64_t n = tile * TILE_ROWS + (l >> 2) + (c >> 1) * 8;
+        for (int w = ti * wpt; w < (ti + 1) * wpt; w++) v += red[w * PER_TILE + et];
+        const int l = et & 31, tc = et >> 5, t = tc >> 2, c = tc & 3;
+        const int64_t n = tl * TILE_ROWS + (l >> 2) + (c >> 1) * 8;
         const int64_t m = m0 + t * 8 + 2 * (l & 3) + (c & 1);
         if (n >= p.N || m >= a.M) continue;
         const int64_t col = p.idx ? p.idx[n] : n;
@@ -221,11 +316,28 @@ __global__ void __launch_bounds__(MAX_KW * 32, NT8 <= 2 ? 2 : 1) decode_kernel(c
     }
 }
 
+/* Opt decode_kernel<NT8> into `bytes` of dynamic shared memory on the current device (above 48 KB;
+ * raised only when a launch needs more than asked so far, so that a GPU with a smaller opt-in limit
+ * runs the layouts that fit it). */
+template <int NT8> cudaError_t allow_decode_smem(size_t bytes) {
+    static size_t allowed[64];
+    if (bytes <= 48 * 1024) return cudaSuccess;
+    int dev = 0;
+    cudaError_t e = cudaGetDevice(&dev);
+    if (e != cudaSuccess) return e;
+    if (dev >= 0 && dev < 64 && allowed[dev] >= bytes) return cudaSuccess;
+    e = cudaFuncSetAttribute(decode_kernel<NT8>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+    if (e == cudaSuccess && dev >= 0 && dev < 64) allowed[dev] = bytes;
+    return e;
+}
+
 template <int NT8> cudaError_t launch_decode(const DArgs &a, int nblk, bool pdl, cudaStream_t stream) {
+    cudaError_t e0 = allow_decode_smem<NT8>(decode_smem(a.nw, NT8));
+    if (e0 != cudaSuccess) return e0;
     cudaLaunchConfig_t lc = {};
     lc.gridDim = dim3((unsigned)nblk, (unsigned)((a.M + 8 * NT8 - 1) / (8 * NT8)), 1);
-    lc.blockDim = dim3(a.kw * 32);
-    lc.dynamicSmemBytes = (size_t)a.kw * NT8 * 4 * 32 * sizeof(float);
+    lc.blockDim = dim3(a.nw * 32);
+    lc.dynamicSmemBytes = decode_smem(a.nw, NT8);
     lc.stream = stream;
     cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -240,22 +352,39 @@ template <int NT8> cudaError_t launch_decode(const DArgs &a, int nblk, bool pdl,
 
 extern "C" int mixc_decode_tokens_per_block(int64_t M) { return M <= 8 ? 8 : M <= 16 ? 16 : M <= 32 ? 32 : 64; }
 
-extern "C" int mixc_decode_max_warps(int64_t M) { return max_kw(mixc_decode_tokens_per_block(M) / 8); }
+extern "C" int mixc_decode_max_warps(int64_t M) { return max_warps(mixc_decode_tokens_per_block(M) / 8); }
+
+/* splits = warps per 8-bit tile and per 4-bit tile (1 .. max warps), or PAIRED + warps per 4-bit
+ * tile: two 4-bit tiles per block (then an 8-bit tile gets twice as many warps, each warp of the
+ * layer streams about the same bytes). Returns the value clamped to what M allows. */
+extern "C" int mixc_decode_clamp_splits(int64_t M, int splits) {
+    const int kmax = mixc_decode_max_warps(M);
+    if (splits >= PAIRED) {
+        int w = splits - PAIRED;
+        w = w < 1 ? 1 : w > kmax / 2 ? kmax / 2 : w;
+        return PAIRED + w;
+    }
+    return splits < 1 ? 1 : splits > kmax ? kmax : splits;
+}
 
 extern "C" int mixc_decode_warps(int64_t M, const int64_t *Ns, int nparts, int64_t Kp, int sms) {
-    /* Enough warps in flight to cover the memory latency (about 24 per SM), but at least four
-     * stages per warp so that each keeps its ring of loads full. */
+    /* Warps per tile (one tile per block): double them while the layer has fewer than 32 warps per
+     * SM and each warp keeps at least 8 stages (4 while there are fewer than 12 warps per SM).
+     * Measured against every forced layout (H200, bench/results/gpu_decode_sweep_2026-12-01.log):
+     * this picks the fastest or within 4% of it at M = 1 and 4 on the Llama-3 8B/70B shapes, except
+     * 14336 x 4096 (20.3 vs 19.6 us). A model of waves and bytes per warp picked worse layouts
+     * (up to 1.3x slower) and the paired layouts win nowhere by more than 1 us, so neither is used. */
     int64_t tiles = 0;
     for (int i = 0; i < nparts; i++) tiles += (Ns[i] + TILE_ROWS - 1) / TILE_ROWS;
     tiles *= (M + mixc_decode_tokens_per_block(M) - 1) / mixc_decode_tokens_per_block(M);
-    const int64_t nst = Kp / KSTAGE, want = 24LL * sms;
+    const int64_t nst = Kp / KSTAGE, want = 32LL * sms, few = 12LL * sms;
     int kw = 1;
-    while (kw < MAX_KW && tiles * kw < want && nst / (2 * kw) >= 4) kw *= 2;
+    while (kw < 8 && tiles * kw < want && nst / (2 * kw) >= 4 && (nst / (2 * kw) >= 8 || tiles * kw < few)) kw *= 2;
     return kw < mixc_decode_max_warps(M) ? kw : mixc_decode_max_warps(M);
 }
 
 extern "C" int mixc_qlinear_decode(int device, const mixc_gemm *g, int pdl, void *stream) {
-    if (g->splits < 1 || g->splits > mixc_decode_max_warps(g->M)) return (int)cudaErrorInvalidValue;
+    if (g->splits != mixc_decode_clamp_splits(g->M, g->splits)) return (int)cudaErrorInvalidValue;
     DArgs a;
     a.xq = g->xq;
     a.sa = g->sa;
@@ -266,10 +395,14 @@ extern "C" int mixc_qlinear_decode(int device, const mixc_gemm *g, int pdl, void
     a.spg = g->spg;
     a.nst = (int)(g->Kp / KSTAGE);
     a.ydt = g->ydtype;
-    a.kw = g->splits;
+    a.tpb4 = g->splits >= PAIRED ? 2 : 1;
+    a.nw = g->splits >= PAIRED ? 2 * (g->splits - PAIRED) : g->splits;
     a.bias = g->bias;
     a.y = g->y;
-    const int nblk = order_parts(g, TILE_ROWS, a.p0, a.p1);
+    order_parts(g, TILE_ROWS, a.p0, a.p1);
+    const int tpb0 = a.p0.bits == 4 ? a.tpb4 : 1, tpb1 = a.p1.bits == 4 ? a.tpb4 : 1;
+    a.nb0 = (a.p0.nblk + tpb0 - 1) / tpb0;
+    const int nblk = a.nb0 + (a.p1.nblk + tpb1 - 1) / tpb1;
     if (g->M <= 0 || nblk == 0) return 0;
     (void)device;
     cudaStream_t s = (cudaStream_t)stream;

@@ -149,13 +149,9 @@ class PreparedLinear:
         capturing = _capturing(device)
         if capturing and not _per_call:
             _refuse_capture(device, "PreparedLinear / MixedLinear: the layer is prepared on its first call")
-        K = parts[0][0].shape[1]
-        g = min(parts[0][0].group_size, K)
-        for w, _ in parts:
-            if w.shape[1] != K or min(w.group_size, K) != g:
-                raise ValueError("parts: every part needs the input's K and the same group_size")
-        if sum(w.shape[0] for w, _ in parts) != n_out:
-            raise ValueError(f"parts: their rows must add up to n_out={n_out}")
+        from .ops import check_parts  # the CPU layer's rules (mixllm/ops.py imports this module lazily)
+
+        K, g = check_parts(parts, n_out)
         c_parts, idxs = [], []
         for w, idx in parts:
             pw = packed_weight(w, device)

@@ -15,8 +15,9 @@ if not torch.cuda.is_available():
     pytest.skip("no CUDA device", allow_module_level=True)
 
 import reference as ref  # noqa: E402
-from mixllm import cuda_ops, ops  # noqa: E402
 from _cuda_common import DEV, DTYPES, RTOL, assert_close, make_weight, make_x  # noqa: E402,F401
+
+from mixllm import cuda_ops, ops  # noqa: E402
 
 CFGS = list(range(_cuda.NCFG))
 # (M, N, K, g): tails in every dimension, K not a multiple of g, g not a multiple of 128
@@ -179,7 +180,7 @@ def test_back_to_back_calls_of_one_layer(rng):
     xs = [make_x(rng, M, K, torch.bfloat16) for _ in range(40)]
     ys = [lin(xt) for xt, _ in xs]
     torch.cuda.synchronize()
-    for (xt, x32), y in zip(xs, ys):
+    for (_, x32), y in zip(xs, ys):
         assert_close(y, ref.qlinear(x32, codes, scale, zero, g), torch.bfloat16)
 
 
@@ -629,7 +630,7 @@ def test_nonfinite_activations_give_nan_rows(rng, cfg):
     clean = torch.where(torch.isfinite(xbad), xbad, torch.zeros_like(xbad))
     rows = torch.tensor([r not in (0, 4, 8) for r in range(M)], device=DEV)
     for name, public, forced, reference in _apis(rng, N, K, g):
-        calls = [public] if forced is None else [lambda x, sp=sp: forced(x, cfg, sp) for sp in (1, 3)]
+        calls = [public] if forced is None else [lambda x, sp=sp, forced=forced: forced(x, cfg, sp) for sp in (1, 3)]
         for f in calls:
             y, y_clean = f(xbad), f(clean)
             assert torch.isnan(y[~rows]).all(), name

@@ -13,8 +13,9 @@ if not torch.cuda.is_available():
     pytest.skip("no CUDA device", allow_module_level=True)
 
 import reference as ref  # noqa: E402
-from mixllm import cuda_ops, ops  # noqa: E402
 from _cuda_common import DEV, DTYPES, RTOL, assert_close, make_weight, make_x  # noqa: E402,F401
+
+from mixllm import cuda_ops, ops  # noqa: E402
 
 DECODE = next(c for c in range(_cuda.NCFG) if _cuda.plan(DEV.index, 1, (16,), 128, c, 1)[2] == "decode_gemv")
 
@@ -63,10 +64,11 @@ def test_decode_mixed_matches_reference(rng, M, N, K, g):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("kw", [1, 2, 3, 8])
+@pytest.mark.parametrize("kw", [1, 2, 3, 8, 16, 33, 35, 40])
 def test_decode_every_warp_count(rng, bits, kw):
-    """Forced warps per row tile (the 'splits' of this configuration), one part, no out_index;
-    more warps than stages leaves some warps without work."""
+    """Forced warps per row tile (the 'splits' of this configuration; from 33 on two 4-bit tiles
+    per block, kw - 32 warps each), one part, no out_index; more warps than stages leaves some
+    warps without work, an odd tile count half of the last paired block."""
     M, N, K, g = 5, 50, 1000, 128
     W, codes, scale, zero = make_weight(rng, N, K, bits, g)
     xt, x32 = make_x(rng, M, K, torch.float32)
@@ -91,6 +93,20 @@ def test_decode_poisoned_outputs_fully_written(rng, M):
     assert_close(y, reference(x32), torch.bfloat16)
 
 
+@pytest.mark.parametrize("M", [1, 16])
+@pytest.mark.parametrize("kw", [2, 5, 34, 37])
+def test_decode_mixed_forced_layouts(rng, M, kw):
+    """A mixed layer with an odd number of 4-bit tiles (7) and one 8-bit tile, each block layout."""
+    N, K, g = 110, 1300, 128
+    parts, bias, reference = mixed_layer(rng, N, K, g, n8=11)
+    xt, x32 = make_x(rng, M, K, torch.float16)
+    lin = cuda_ops.PreparedLinear(parts, N, bias, DEV)
+    c, sp, nbytes, _ = lin.plan(M, DECODE, kw)
+    assert (c, sp) == (DECODE, kw)
+    assert nbytes < M * 1408 + M * 11 * 4 + 64  # codes and scales only: no split-K workspace
+    assert_close(lin(xt, DECODE, kw), reference(x32), torch.float16)
+
+
 def test_decode_deterministic_and_agrees_with_mma_path(rng):
     M, N, K, g = 4, 260, 2048, 128
     parts, bias, reference = mixed_layer(rng, N, K, g)
@@ -105,14 +121,20 @@ def test_decode_deterministic_and_agrees_with_mma_path(rng):
 
 def test_planner_picks_decode_for_few_tokens():
     for M in (1, 8, 16):
-        assert _cuda.plan(DEV.index, M, (12903, 1433), 4096, -1, 0)[0] == DECODE
-    c, kw, _ = _cuda.plan(DEV.index, 1, (12903, 1433), 4096, -1, 0)
-    assert 1 <= kw <= 8
-    assert _cuda.plan(DEV.index, 1, (25805, 2867), 8192, -1, 0)[0] != DECODE  # 70B-sized: mma.sync tiles
+        c, kw, _ = _cuda.plan(DEV.index, M, (12903, 1433), 4096, -1, 0)
+        assert c == DECODE and 1 <= kw <= 8
+    for Ns, Kp in (((25805, 2867), 8192), ((7373, 819), 28672)):  # 70B-sized: decode up to 8 tokens
+        for M in (1, 8):
+            c, kw, _ = _cuda.plan(DEV.index, M, Ns, Kp, -1, 0)
+            assert c == DECODE and 1 <= kw <= 8
+        assert _cuda.plan(DEV.index, 16, Ns, Kp, -1, 0)[0] != DECODE
     assert _cuda.plan(DEV.index, 32, (4096,), 4096, -1, 0)[0] != DECODE
     assert _cuda.plan(DEV.index, 4096, (14336,), 4096, -1, 0)[0] != DECODE
-    c, kw, _ = _cuda.plan(DEV.index, 1, (4096,), 4096, DECODE, 99)  # forced: clamped to the most warps
-    assert c == DECODE and kw == 8
+    # forced: clamped to the most warps per block (16 from 1 to 16 tokens, 8 above)
+    assert _cuda.plan(DEV.index, 1, (4096,), 4096, DECODE, 20)[:2] == (DECODE, 16)
+    assert _cuda.plan(DEV.index, 1, (4096,), 4096, DECODE, 99)[:2] == (DECODE, 40)
+    assert _cuda.plan(DEV.index, 64, (4096,), 4096, DECODE, 99)[:2] == (DECODE, 36)
+    assert _cuda.plan(DEV.index, 64, (4096,), 4096, DECODE, 12)[:2] == (DECODE, 8)
 
 
 def test_decode_graph_capture(rng):

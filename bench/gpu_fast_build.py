@@ -1,0 +1,59 @@
+"""Build mixllm's extensions in place on a GPU machine, reusing CUDA objects compiled beforehand.
+
+Device time is what a GPU session is short of, and compiling cuda/*.cu there takes most of a minute.
+`bench/gpu_prebuild.sh DIR` compiles them here (sm_90a) into DIR with the nvcc version and the
+-gencode flags beside them; carry DIR to the GPU machine and run `python3 bench/gpu_fast_build.py DIR`
+there (with MIXLLM_CUDA_ARCH="-gencode=arch=compute_90a,code=sm_90a", as bench/gpu_check.sh sets on
+Hopper): setup.py's build runs as usual, except that an nvcc step whose object is in DIR copies it
+instead, only when the machine's nvcc reports the same version and the step asks for the same
+-gencode flags (else it compiles). Then run with PYTHONPATH set to the repository root (an in-place
+build, not an install).
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+
+def nvcc_version():
+    try:
+        return subprocess.run(["nvcc", "--version"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def main():
+    if len(sys.argv) != 2:
+        sys.exit("usage: python3 bench/gpu_fast_build.py DIR  (DIR from bench/gpu_prebuild.sh)")
+    pre = os.path.abspath(sys.argv[1])
+    stamp, arch_file = os.path.join(pre, "nvcc_version.txt"), os.path.join(pre, "gencode.txt")
+    have = nvcc_version()
+    reuse = os.path.exists(stamp) and have is not None and open(stamp).read().strip() == have
+    gencode = open(arch_file).read().split() if os.path.exists(arch_file) else None
+    print(f"gpu_fast_build: {'reusing' if reuse else 'not reusing (nvcc differs or no stamp)'} objects from {pre}")
+    os.environ.setdefault("MIXLLM_CUDA", "1")
+    check_call = subprocess.check_call
+
+    def build_step(cmd, *args, **kw):
+        if reuse and cmd and os.path.basename(str(cmd[0])) == "nvcc" and [a for a in cmd if "-gencode" in a] == gencode:
+            obj = cmd[cmd.index("-o") + 1]
+            src = os.path.join(pre, os.path.basename(obj))
+            if os.path.exists(src):
+                dst = obj if os.path.isabs(obj) else os.path.join(kw.get("cwd") or ROOT, obj)
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                shutil.copyfile(src, dst)
+                return 0
+        return check_call(cmd, *args, **kw)
+
+    subprocess.check_call = build_step
+    os.chdir(ROOT)
+    setup = os.path.abspath("setup.py")
+    sys.argv = [setup, "build_ext", "--inplace", "-j", "2"]
+    exec(compile(open(setup).read(), setup, "exec"), {"__file__": setup, "__name__": "__main__"})
+
+
+if __name__ == "__main__":
+    main()
