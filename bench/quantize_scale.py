@@ -13,6 +13,14 @@ global salience, ``MixLLMConfig`` defaults otherwise.
   python bench/quantize_scale.py --model 8b [--layers 32] [--n-calib 128] [--seq-len 2048]
   python bench/quantize_scale.py --model 70b --layers 4
   python bench/quantize_scale.py --model default   # the default real model: GPU vs CPU pipeline
+  python bench/quantize_scale.py --model 70b --split-gpus 2 --n-calib 16   # salience pass, model over 2 GPUs
+
+``--split-gpus G`` builds the whole model (all blocks) directly on G GPUs, contiguous runs of blocks per
+GPU, dispatched with accelerate's ``dispatch_model`` (a ``device_map``: each block runs on the GPU that
+holds it, activations move between GPUs), and times the salience pass only (forward + backward per
+sequence, ``t = (g * (x @ delta^T)).sum(0)`` accumulated on each layer's own GPU); the total for 128
+sequences is extrapolated linearly from the time per sequence after the first (the first pays one-off
+CUDA set-up).
 
 ``--model default`` quantizes the default real model (SmolLM2-135M, float32) with the same config twice,
 on the host (C GPTQ) and on the GPU (PyTorch GPTQ), and evaluates both quantized models on the host
@@ -55,6 +63,93 @@ def build(name: str, layers: int, device: str):
     finally:
         torch.set_default_dtype(old)
     return model.eval(), cfg
+
+
+def build_split(name: str, layers: int, devices):
+    """The model with its blocks spread over ``devices`` (contiguous runs), each part constructed on its
+    device (never whole on one), and accelerate's hooks that move activations between them."""
+    from accelerate import dispatch_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
+
+    cfg = LlamaConfig(**dict(CONFIGS[name], num_hidden_layers=layers))
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(cfg)
+        per = -(-layers // len(devices))
+        dmap = {"model.embed_tokens": devices[0], "model.rotary_emb": devices[0]}
+        with torch.device(devices[0]):
+            model.model.embed_tokens = torch.nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+            model.model.rotary_emb = LlamaRotaryEmbedding(config=cfg)
+        for i in range(layers):
+            d = devices[i // per]
+            with torch.device(d):
+                model.model.layers[i] = LlamaDecoderLayer(cfg, i)
+            dmap[f"model.layers.{i}"] = d
+        with torch.device(devices[-1]):
+            model.model.norm = LlamaRMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+            model.lm_head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        dmap["model.norm"] = dmap["lm_head"] = devices[-1]
+    finally:
+        torch.set_default_dtype(old)
+    return dispatch_model(model.eval(), device_map=dmap), cfg, dmap
+
+
+def split_salience(a, res):
+    """The salience pass of the whole model split over ``a.split_gpus`` GPUs (see the module docstring)."""
+    from mixllm.calib import target_linears
+    from mixllm.methods.mixllm import MixLLMConfig
+    from mixllm.pipeline import PhaseTimer
+
+    G = a.split_gpus
+    if torch.cuda.device_count() < G:
+        raise SystemExit(f"--split-gpus {G}: only {torch.cuda.device_count()} GPUs visible")
+    devices = [f"cuda:{i}" for i in range(G)]
+    L = a.layers or CONFIGS[a.model]["num_hidden_layers"]
+    t0 = time.perf_counter()
+    model, cfg, dmap = build_split(a.model, L, devices)
+    res["build_s"] = time.perf_counter() - t0
+    res["gpus"] = [torch.cuda.get_device_name(i) for i in range(G)]
+    res["blocks_per_gpu"] = [
+        sum(1 for k, v in dmap.items() if k.startswith("model.layers.") and v == d) for d in devices
+    ]
+    res["weights_gb_per_gpu"] = [torch.cuda.memory_allocated(i) / 1e9 for i in range(G)]
+    layers = target_linears(model)
+    ids = torch.randint(0, cfg.vocab_size, (a.n_calib, a.seq_len), generator=torch.Generator().manual_seed(0))
+    c = MixLLMConfig(bits=4.4, progress=not a.quiet, cache_dir=None)
+    per_seq = []
+    for i in range(a.n_calib):  # one sequence at a time: the time per sequence, and a check of the result
+        for d in range(G):
+            torch.cuda.synchronize(d)
+        t = PhaseTimer()
+        t1 = time.perf_counter()
+        sal = c._salience(model, layers, ids[i : i + 1], "", t)
+        for d in range(G):
+            torch.cuda.synchronize(d)
+        per_seq.append(time.perf_counter() - t1)
+        print(f"sequence {i}: {per_seq[-1]:.2f} s", flush=True)
+    import numpy as np
+
+    finite = all(np.isfinite(v).all() for v in sal.values())
+    by_dev = {}
+    for _, m in layers:
+        by_dev[str(m.weight.device)] = by_dev.get(str(m.weight.device), 0) + 1
+    steady = per_seq[1:] or per_seq
+    res.update(
+        layers_run=L,
+        n_calib_run=a.n_calib,
+        seq_len=a.seq_len,
+        per_sequence_s=per_seq,
+        salience_s_per_sequence=sum(steady) / len(steady),
+        salience_s_extrapolated_128=sum(steady) / len(steady) * 128,
+        salience_finite=bool(finite),
+        linears_per_gpu=by_dev,
+        peak_gpu_gb_per_gpu=[torch.cuda.max_memory_allocated(i) / 1e9 for i in range(G)],
+        peak_host_rss_gb=host_peak_gb(),
+    )
 
 
 def host_peak_gb() -> float:
@@ -118,10 +213,12 @@ def compare_default(a, res):
         models[dev] = m
         print(dev, res[f"{dev}_pipeline_s"], res[f"{dev}_ppl"], flush=True)
     same = tot = 0
-    for (n, a8), (_, b8) in zip(
+    for (na, a8), (nb, b8) in zip(
         ((n, x) for n, x in models["cpu"].named_modules() if isinstance(x, MixedLinear)),
         ((n, x) for n, x in models["cuda"].named_modules() if isinstance(x, MixedLinear)),
     ):
+        if na != nb:
+            raise RuntimeError(f"layer lists differ: {na} vs {nb}")
         ra, rb = set(a8.perm[: a8.n8].tolist()), set(b8.perm[: b8.n8].tolist())
         same += len(ra & rb)
         tot += max(len(ra), len(rb))
@@ -137,7 +234,22 @@ def main():
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--out", default=None)
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--split-gpus", type=int, default=0, help="salience pass only, the model split over G GPUs")
     a = ap.parse_args()
+    if a.split_gpus:
+        res = {
+            "model": f"Llama-3-{a.model.upper()}-shaped, random bf16 weights, split over {a.split_gpus} GPUs",
+            "what": "salience pass only (MixLLM W4.4A8 salience, RTN 4-bit delta), accelerate dispatch_model",
+            "torch": torch.__version__,
+            "host_cpus": os.cpu_count(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
+        }
+        split_salience(a, res)
+        print(json.dumps(res, indent=1), flush=True)
+        out = a.out or os.path.join(os.environ.get("OUT", "."), f"quantize_scale_{a.model}_split{a.split_gpus}.json")
+        with open(out, "w") as f:
+            json.dump(res, f, indent=1)
+        return
     if a.model == "default":
         res = {
             "device": torch.cuda.get_device_name(0),

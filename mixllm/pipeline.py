@@ -22,6 +22,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
+from .calib import _input_device, _no_cache_kwargs  # the calibration pass's own rules, shared
 from .modules import set_module
 
 __all__ = ["find_blocks", "run_blockwise", "PhaseTimer"]
@@ -143,9 +144,8 @@ def run_blockwise(
     if found is None:
         return None
     prefix, blocks = found
-    emb_dev = _device_of(model, torch.device("cpu"))
-    if hasattr(model, "get_input_embeddings") and model.get_input_embeddings() is not None:
-        emb_dev = model.get_input_embeddings().weight.device
+    emb_dev = _input_device(model)
+    fwd_kwargs = _no_cache_kwargs(model)  # no KV cache (Hugging Face models)
     dev = torch.device(device) if device is not None else None
     if offload and dev is None:
         raise ValueError("device: offload=True needs the compute device")
@@ -163,10 +163,7 @@ def run_blockwise(
         with timer("forward"):  # everything before block 0 runs where it is (an offloaded model: the host)
             for s in samples:
                 try:
-                    try:
-                        model(s.to(emb_dev), use_cache=False)  # no KV cache (Hugging Face models)
-                    except TypeError:  # a model without that keyword
-                        model(s.to(emb_dev))
+                    model(s.to(emb_dev), **fwd_kwargs)
                 except _Stop:
                     pass
     finally:

@@ -242,6 +242,7 @@ def test_offloaded_blockwise_peak_gpu_memory_is_one_block(tmp_path):
     """Default real model kept on the host, one block at a time on the GPU: the peak GPU memory of the
     block-by-block pass stays near one block + its Hessians + the calibration hidden states."""
     from _e2e import calib_ids, model_and_tokenizer
+
     from mixllm.methods.mixllm import MixLLMConfig
 
     model, _ = model_and_tokenizer()
@@ -259,7 +260,17 @@ def test_offloaded_blockwise_peak_gpu_memory_is_one_block(tmp_path):
     MixLLMConfig(bits=4.4, device="cuda", offload=True, progress=False).apply(model, ids, timer=timer)
     peak = timer.peak_gpu_gb() * 1e9
     assert len(timer.blocks) == model.config.num_hidden_layers
-    assert torch.cuda.memory_allocated() < hidden_bytes + (8 << 20)  # nothing of the model left on the GPU
+    # nothing of the model left on the GPU; cuBLAS / cuBLASLt keep their workspaces (32 MiB each on Hopper)
+    # in PyTorch's allocator until cleared: they are not ours
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
+    left = torch.cuda.memory_allocated()
+    if left >= hidden_bytes + (8 << 20):
+        import gc
+
+        on_gpu = [tuple(t.shape) for t in gc.get_objects() if isinstance(t, torch.Tensor) and t.is_cuda]
+        raise AssertionError(f"{left / 2**20:.1f} MiB left on the GPU; live CUDA tensors: {on_gpu[:20]}")
     bound = 2 * block_bytes + hess_bytes + 3 * hidden_bytes + (64 << 20)
     print(f"peak GPU {peak / 2**20:.1f} MiB; bound {bound / 2**20:.1f} MiB; model {model_bytes / 2**20:.1f} MiB")
     assert peak < bound and peak < model_bytes / 2
