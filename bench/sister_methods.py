@@ -64,9 +64,11 @@ def fp16_bytes_of_rest(model, quantized_names):
 
 
 def run_one(base, tok, method, bits, args, stats=None, calib_ids=None):
-    from mixllm.eval import perplexity
     from mixllm import data
+    from mixllm.eval import perplexity
     from mixllm.methods import quantize
+    from mixllm.nn import MixedLinear
+    from mixllm.nn_weight_only import WeightOnlyLinear
 
     model = copy.deepcopy(base)
     t0 = time.time()
@@ -80,7 +82,7 @@ def run_one(base, tok, method, bits, args, stats=None, calib_ids=None):
             report = quantize(model, cfg, calib_ids)
         else:
             report = cfg.apply(model, stats if stats is not None else calib_ids)
-        qnames = {n for n, m in model.named_modules() if type(m).__name__ in ("WeightOnlyLinear", "MixedLinear")}
+        qnames = {n for n, m in model.named_modules() if isinstance(m, (WeightOnlyLinear, MixedLinear))}
         qbytes = report.get("quantized_bytes")
         if qbytes is None:  # MixLLM: packed codes + fp16 scales of its parts
             qbytes = int(report.get("quantized_linear_bytes", 0)) or None

@@ -86,6 +86,7 @@ def _add_config_flags(p: argparse.ArgumentParser, cls) -> None:
 
 def _load(model_arg: Optional[str], dtype: Optional[str] = None):
     import torch
+
     from . import data
 
     torch.set_num_threads(max(1, int(os.environ.get("MIXLLM_THREADS", os.cpu_count() or 1))))

@@ -49,8 +49,8 @@ def _version_tuple(v: str):
 
 
 def _module_classes() -> Dict[str, type]:
-    from .io import MODULES
     from . import nn_weight_only  # noqa: F401  (registers WeightOnlyLinear)
+    from .io import MODULES
 
     return MODULES
 

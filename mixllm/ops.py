@@ -231,18 +231,29 @@ def salience_accumulate(acc, grad, delta):
     return acc
 
 
-def salience_accumulate_io(acc, x, grad_out, delta):
-    """In place, for one calibration sequence: ``acc[c] += |t_c + t_c^2/2|`` with
-    ``t = (grad_out * (x @ delta^T)).sum(0)`` — the same ``t_c = G_c . delta_c`` as
-    :func:`salience_accumulate` without forming the weight gradient ``G = grad_out^T x`` (mixllm/calib.py).
+SALIENCE_KINDS = ("taylor", "fisher")
+
+
+def salience_accumulate_io(acc, x, grad_out, delta, kind: str = "taylor"):
+    """In place, for one calibration sequence, with ``u = x @ delta^T`` [S, N] (each token's output
+    change when row ``c`` is quantized) and ``t = (grad_out * u).sum(0)``:
+
+    * ``kind="taylor"`` (MixLLM's, the default): ``acc[c] += |t_c + t_c^2/2|`` — the same ``t_c = G_c .
+      delta_c`` as :func:`salience_accumulate` without forming the weight gradient ``G = grad_out^T x``
+      (mixllm/calib.py);
+    * ``kind="fisher"``: ``acc[c] += sum_tokens (grad_out[s, c] * u[s, c])^2 / 2`` — the second-order
+      term with a per-token empirical Fisher instead of the per-sequence one: no cancellation of signs
+      across the tokens of a sequence (docs/method.md "Allocation ablations").
 
     torch tensors on one device (CPU or CUDA): ``acc`` float64 [N], ``x`` [S, K] (the layer's input),
     ``grad_out`` [S, N] (the gradient of the loss w.r.t. the layer's output), ``delta`` [N, K]. The GEMM
-    runs in ``delta``'s dtype (float32; bfloat16 halves its cost on GPUs), ``t`` is summed in float64.
-    Returns ``acc``.
+    runs in ``delta``'s dtype (float32; bfloat16 halves its cost on GPUs), the products are summed in
+    float64. Returns ``acc``.
     """
     import torch
 
+    if kind not in SALIENCE_KINDS:
+        raise ValueError(f"kind: expected one of {SALIENCE_KINDS}, got {kind!r}")
     for a, name in ((acc, "acc"), (x, "x"), (grad_out, "grad_out"), (delta, "delta")):
         if not isinstance(a, torch.Tensor):
             raise TypeError(f"{name}: expected a torch tensor, got {type(a).__name__}")
@@ -259,7 +270,11 @@ def salience_accumulate_io(acc, x, grad_out, delta):
     if len({acc.device, x.device, grad_out.device, delta.device}) != 1:
         raise ValueError("acc, x, grad_out, delta: expected tensors on one device")
     xd = x.to(delta.dtype) @ delta.T
-    t = (grad_out.to(torch.float64) * xd.to(torch.float64)).sum(0)
+    gu = grad_out.to(torch.float64) * xd.to(torch.float64)
+    if kind == "fisher":
+        acc.add_(gu.square().sum(0), alpha=0.5)
+        return acc
+    t = gu.sum(0)
     acc.add_((t + 0.5 * t * t).abs_())
     return acc
 
@@ -465,6 +480,24 @@ def _linear(x, parts, n_out, K, g, bias, impl):
     return out.reshape(*lead, n_out)
 
 
+def check_parts(parts, n_out: int):
+    """The parts of a prepared layer (CPU and CUDA): ``[(QuantizedWeight, out_index or None), ...]``, one K
+    and group size, rows adding up to ``n_out``. Returns ``(K, group_size)``."""
+    if not parts:
+        raise ValueError("parts: at least one part is required")
+    for w, _ in parts:
+        if not isinstance(w, QuantizedWeight):
+            raise TypeError(f"parts: expected mixllm.ops.QuantizedWeight parts, got {type(w).__name__}")
+    K = parts[0][0].shape[1]
+    g = min(parts[0][0].group_size, K)
+    for w, _ in parts:
+        if w.shape[1] != K or min(w.group_size, K) != g:
+            raise ValueError("parts: every part needs the same K and group_size")
+    if sum(w.shape[0] for w, _ in parts) != n_out:
+        raise ValueError(f"parts: their rows must add up to n_out={n_out}")
+    return K, g
+
+
 class PreparedCPULinear:
     """A quantized layer (1 or 2 parts) checked and converted once for the CPU kernels: the CPU
     counterpart of ``mixllm.cuda_ops.PreparedLinear`` and the fast path of ``MixedLinear`` on the CPU.
@@ -488,18 +521,7 @@ class PreparedCPULinear:
 
         if impl not in _IMPLS:
             raise ValueError(f"impl: expected one of {sorted(_IMPLS)}, got {impl!r}")
-        if not parts:
-            raise ValueError("parts: at least one part is required")
-        for w, _ in parts:
-            if not isinstance(w, QuantizedWeight):
-                raise TypeError(f"parts: expected mixllm.ops.QuantizedWeight parts, got {type(w).__name__}")
-        K = parts[0][0].shape[1]
-        g = min(parts[0][0].group_size, K)
-        for w, _ in parts:
-            if w.shape[1] != K or min(w.group_size, K) != g:
-                raise ValueError("parts: every part needs the same K and group_size")
-        if sum(w.shape[0] for w, _ in parts) != n_out:
-            raise ValueError(f"parts: their rows must add up to n_out={n_out}")
+        K, g = check_parts(parts, n_out)
         c_parts, idxs = [], []
         for w, idx in parts:
             blob = _to_np_cpu(w.cpu_blob(), "blob", np.uint8)

@@ -1,12 +1,20 @@
 """MixLLM's bit allocation: the per-bit (knapsack) ranking against a float64 reference, the budget
-counted in bits, and the per-type / per-block breakdown of where the budget went."""
+counted in bits, the per-type / per-block breakdown of where the budget went, and the salience
+estimators (the per-token Fisher term against float64 references, a precomputed salience)."""
+
+import copy
 
 import numpy as np
 import pytest
+import torch
 from torch import nn
 
+from mixllm import ops
+from mixllm.calib import Calibration, calibrate, rtn_delta, target_linears
 from mixllm.methods.mixllm import MixLLMConfig, allocate
 from mixllm.report import budget_breakdown
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def _layers(shapes):
@@ -77,3 +85,124 @@ def test_budget_breakdown_per_type_and_block():
     assert b["block"]["0"]["weights8"] == 48 * 4 + 150 * 10 and b["block"]["1"]["rows8"] == 2
     for axis in b.values():
         assert sum(d["budget_pct"] for d in axis.values()) == pytest.approx(100)
+
+
+# ----------------------------------------------------------------------------- salience estimators
+def _fisher_ref(x, g, delta):
+    """float64, token by token: sum_s (g[s, c] * (x[s] . delta_c))^2 / 2."""
+    x, g, delta = x.double(), g.double(), delta.double()
+    out = torch.zeros(delta.shape[0], dtype=torch.float64)
+    for s in range(x.shape[0]):
+        out += (g[s] * (delta @ x[s])) ** 2 / 2
+    return out
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_fisher_salience_matches_float64_reference(rng, device):
+    S, K, N = 23, 70, 19  # odd sizes
+    acc = torch.zeros(N, dtype=torch.float64, device=device)
+    ref = torch.zeros(N, dtype=torch.float64)
+    delta = torch.from_numpy(rng.standard_normal((K, N)).astype(np.float32)).T  # non-contiguous [N, K]
+    for _ in range(3):
+        x = torch.from_numpy(rng.standard_normal((S, K)).astype(np.float32))
+        g = torch.from_numpy(rng.standard_normal((N, S)).astype(np.float32)).T  # non-contiguous [S, N]
+        ops.salience_accumulate_io(acc, x.to(device), g.to(device), delta.to(device), kind="fisher")
+        ref += _fisher_ref(x, g, delta)
+    np.testing.assert_allclose(acc.cpu().numpy(), ref.numpy(), rtol=1e-4)
+    # no cancellation across tokens: opposite contributions of two tokens add up instead of cancelling
+    x2 = torch.ones(2, 1)
+    g2 = torch.tensor([[1.0], [-1.0]])
+    d2 = torch.ones(1, 1)
+    assert ops.salience_accumulate_io(torch.zeros(1, dtype=torch.float64), x2, g2, d2).item() == 0.0
+    assert ops.salience_accumulate_io(torch.zeros(1, dtype=torch.float64), x2, g2, d2, kind="fisher").item() == 1.0
+    with pytest.raises(ValueError, match="kind"):
+        ops.salience_accumulate_io(acc, x.to(device), g.to(device), delta.to(device), kind="fischer")
+
+
+def _tiny_llama(seed=0):
+    from _models import tiny_llama
+
+    return tiny_llama(seed, vocab_size=61, hidden_size=48, intermediate_size=80)
+
+
+def test_calibrate_fisher_kind_matches_autograd_reference():
+    """calibrate(salience_kind="fisher") against per-token products of autograd's output gradients and
+    the layers' inputs, in float64."""
+    model = _tiny_llama()
+    layers = [(n, m) for n, m in target_linears(model) if n.endswith(("v_proj", "down_proj"))]
+    ids = torch.randint(0, 61, (2, 13), generator=torch.Generator().manual_seed(1))
+    cal = calibrate(model, ids, layers, hessian=False, salience=True, progress=False, salience_kind="fisher")
+    ref = {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in layers}
+    for i in range(ids.shape[0]):
+        seen = {}
+        hs = [
+            m.register_forward_hook(lambda mod, a, o, n=n, seen=seen: seen.__setitem__(n, (a[0], o))) for n, m in layers
+        ]
+        try:
+            loss = model(input_ids=ids[i : i + 1], labels=ids[i : i + 1], use_cache=False).loss
+            outs = {n: seen[n][1] for n, _ in layers}
+            grads = torch.autograd.grad(loss, list(outs.values()))
+        finally:
+            for h in hs:
+                h.remove()
+        for (n, m), g in zip(layers, grads):
+            d = rtn_delta(m.weight, 4, 128)
+            ref[n] += _fisher_ref(seen[n][0].detach()[0], g[0], d)
+    for n, _ in layers:
+        np.testing.assert_allclose(cal.salience[n], ref[n].numpy(), rtol=1e-4, atol=1e-12)
+    with pytest.raises(ValueError, match="salience_kind"):
+        calibrate(model, ids, layers, hessian=False, progress=False, salience_kind="fischer")
+    with pytest.raises(ValueError, match="salience_kind"):
+        MixLLMConfig(salience_kind="fischer")
+
+
+def test_apply_with_given_salience_equals_calibration_salience(rng):
+    """apply(salience=...) allocates from the given values, as a Calibration holding them does."""
+    model = _tiny_llama()
+    layers = target_linears(model)
+    sal = {n: rng.gamma(0.5, size=m.out_features) for n, m in layers}
+    cfg = MixLLMConfig(bits=4.8, gptq=False, clip=False, progress=False)
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    rep_a = cfg.apply(a, None, salience=sal)
+    rep_b = cfg.apply(b, Calibration(names=[n for n, _ in layers], salience=sal))
+    rows = allocate(layers, sal, 0.2)
+    assert sum(len(r) for r in rows.values()) > 0
+    for n, _ in layers:
+        qa = a.get_submodule(n)
+        assert torch.equal(qa.perm, b.get_submodule(n).perm)
+        n8 = qa.qweight8.shape[0]
+        assert n8 == len(rows[n]) and sorted(qa.perm[:n8].tolist()) == rows[n].tolist()
+    assert rep_a["avg_bits"] == rep_b["avg_bits"]
+    bad = dict(sal)
+    bad[layers[0][0]] = np.full(layers[0][1].out_features, np.nan)
+    with pytest.raises(ValueError, match="salience"):
+        cfg.apply(copy.deepcopy(model), None, salience=bad)
+    with pytest.raises(ValueError, match="no entry"):
+        cfg.apply(copy.deepcopy(model), None, salience={layers[0][0]: sal[layers[0][0]]})
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.25])
+def test_global_floor_matches_reference(rng, fraction):
+    """Every layer's fraction / 2 most salient rows, then the global greedy ranking of the other rows
+    for the rest of the budget (float64 reference)."""
+    layers = _layers(SHAPES)
+    sal = {n: rng.gamma(0.5, size=m.out_features) * (30 if "layers.0." in n else 1) for n, m in layers}
+    got = allocate(layers, sal, fraction, "global_floor")
+    floor = {n: set(np.argsort(-sal[n], kind="stable")[: int(fraction / 2 * m.out_features)]) for n, m in layers}
+    budget = fraction * sum(m.in_features * m.out_features for _, m in layers)
+    used = sum(len(floor[n]) * m.in_features for n, m in layers)
+    items = sorted(
+        (-float(sal[n][c]), n, c, m.in_features) for n, m in layers for c in range(m.out_features) if c not in floor[n]
+    )
+    ref = {n: set(floor[n]) for n, _ in layers}
+    for _, n, c, k in items:
+        if used + k > budget:
+            break
+        used += k
+        ref[n].add(c)
+    assert {n: v.tolist() for n, v in got.items()} == {n: sorted(v) for n, v in ref.items()}
+    # the floor holds where the global ranking alone leaves a layer without 8-bit rows
+    glob = allocate(layers, sal, fraction, "global")
+    for n, m in layers:
+        assert len(got[n]) >= int(fraction / 2 * m.out_features)
+    assert any(len(glob[n]) < int(fraction / 2 * m.out_features) for n, m in layers)

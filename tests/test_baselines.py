@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
+import reference as ref
 import torch
 
-import reference as ref
 from mixllm import ops
 from mixllm.methods.baselines import GPTQConfig, LayerStats, RTNConfig, collect_stats
 from mixllm.nn_weight_only import WeightOnlyLinear
@@ -240,20 +240,10 @@ def test_model_level_apply(method):
 def test_quantize_save_load_roundtrip_tiny_llama(tmp_path, method):
     """One API for every method: mixllm.quantize, then mixllm.save / mixllm.load give identical logits."""
     io = pytest.importorskip("mixllm.io")
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from mixllm.methods import METHODS, quantize
 
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = _tiny_llama(layers=2)
     calib = torch.randint(0, 64, (4, 16))
     conf = {
         "rtn": METHODS["rtn"](bits=3, group_size=32),
@@ -274,18 +264,10 @@ def test_quantize_save_load_roundtrip_tiny_llama(tmp_path, method):
 
 
 def _tiny_llama(layers=3):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
+    pytest.importorskip("transformers")
+    from _models import tiny_llama
+
+    return tiny_llama(intermediate_size=128, num_hidden_layers=layers)
 
 
 @pytest.mark.parametrize("method", ["gptq", "slim"])
@@ -296,6 +278,7 @@ def test_sequential_calibration_sees_the_quantized_prefix(method):
     each layer exactly the inputs it has in the final quantized model: re-quantizing the original layer
     from the quantized model's own inputs reproduces its codes, and the one-pass codes differ."""
     import copy
+
     from mixllm.methods.slim import SliMConfig
 
     model = _tiny_llama()

@@ -1,7 +1,7 @@
 """The bundled models and texts of mixllm.data: names, errors, and the second (news) text.
 
 Loading the models themselves is exercised by the end-to-end tests (the default model) and by
-bench/e2e_cpu.py (both); here only what is cheap: the texts and the error paths.
+bench/e2e.py (both); here only what is cheap: the texts and the error paths.
 """
 
 import importlib.util

@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
+import reference as ref
 import torch
 
-import reference as ref
 from mixllm import ops
 
 

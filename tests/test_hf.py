@@ -18,11 +18,12 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from _e2e import calib_ids, eval_ids, model_and_tokenizer  # noqa: E402
+
 import mixllm  # noqa: E402  (registers quant_method "mixllm")
 from mixllm import data, hf, io  # noqa: E402
 from mixllm.nn import MixedLinear  # noqa: E402
 from mixllm.nn_weight_only import WeightOnlyLinear  # noqa: E402
-from _e2e import calib_ids, eval_ids, model_and_tokenizer  # noqa: E402
 
 AutoModel = transformers.AutoModelForCausalLM
 SHARD = "20MB"

@@ -20,6 +20,7 @@ from mixllm import io
 from mixllm.nn import MixedLinear
 
 transformers = pytest.importorskip("transformers")
+from _models import tiny_llama  # noqa: E402  (needs transformers)
 
 # Peak RSS may grow by this much during one hostile load at most (the tiny model is ~0.5 MiB;
 # an absurd config would ask for gigabytes).
@@ -28,18 +29,7 @@ COUNT = {"files": 0}  # hostile files tried (docs/readme_reliability.md)
 
 
 def _tiny_model():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    model = tiny_llama(vocab_size=96, tie_word_embeddings=True)
     mlp = model.model.layers[0].mlp
     mlp.down_proj = MixedLinear.from_linear(mlp.down_proj, rows8=[1, 5, 9], group_size=32)
     mlp.up_proj = MixedLinear.from_linear(mlp.up_proj, rows8=[], group_size=32)
@@ -457,7 +447,7 @@ def test_hostile_codes_fail_at_forward(saved, tmp_path):
     first forward raises ValueError from the C validation (no out-of-range arithmetic)."""
     for key, value in ((K + "zero4", 200), (K + "qweight8", -128)):
         d = _copy(saved, tmp_path, key)
-        _rewrite_tensors(d, lambda s: s[key].view(-1)[0].fill_(value), key)
+        _rewrite_tensors(d, lambda s, key=key, value=value: s[key].view(-1)[0].fill_(value), key)
         COUNT["files"] += 1
         model = io.load(d)
         with pytest.raises(ValueError, match="codes|zero"):

@@ -5,10 +5,10 @@ import os
 
 import pytest
 import torch
+from _e2e import calib_ids, eval_ids, model_and_tokenizer
 
 import mixllm
 from mixllm import io
-from _e2e import calib_ids, eval_ids, model_and_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,13 @@ budget, reuse of a Calibration, and quality ordering on real text."""
 import numpy as np
 import pytest
 import torch
+from _e2e import calib_ids, eval_ids, model_and_tokenizer
 
 import mixllm
 from mixllm import calib as C
 from mixllm.eval import perplexity
 from mixllm.methods import METHODS, get_method
 from mixllm.methods.mixllm import MixLLMConfig, allocate, plot_fractions
-from _e2e import calib_ids, eval_ids, model_and_tokenizer
 
 
 def test_config_budget_and_validation():

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _e2e import _base, layer_inputs
 
 from mixllm import ops
 from mixllm.nn import MixedLinear
-from _e2e import _base, layer_inputs
 
 DOWN = "model.layers.0.mlp.down_proj"  # K = 1536
 QPROJ = "model.layers.3.self_attn.q_proj"  # K = 576

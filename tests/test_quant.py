@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
+import reference as ref
 import torch
 
-import reference as ref
 from mixllm import _C, ops
 
 SHAPES = [(1, 1), (3, 128), (7, 300), (16, 257), (33, 1000)]

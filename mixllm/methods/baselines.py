@@ -13,28 +13,29 @@ beside them. Every weight-only config here has the same shape:
   one group of linears at a time (the linears that read the same input: q/k/v, o, gate/up, down),
   each on inputs produced by the already-quantized linears before it (:func:`sequential_quantize`).
   Otherwise (RTN, CMPQ, or ``sequential=False``) the statistics of every layer are collected in one
-  pass of the full-precision model (:func:`collect_stats`).
+  pass of the full-precision model (:func:`collect_stats`, an entry to the one calibration pass
+  :func:`mixllm.calib.collect`).
 
-``calib`` is a list of 1-D/2-D token-id tensors (one sequence each), or an object with a ``samples``
-attribute holding such a list.
+``calib``: token ids [n, L], a list of 1-D/2-D token-id tensors (one sequence each), or an object with
+a ``samples`` attribute holding either (:func:`mixllm.calib.calibration_windows`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from .. import ops
-from ..calib import Calibration
+from ..calib import Calibration, calibration_windows, collect
 from ..gptq import gptq
 from ..hessian import HessianAccumulator
-from ..pipeline import run_blockwise
 from ..modules import replace_modules
 from ..nn_weight_only import WeightOnlyLinear
+from ..pipeline import run_blockwise
 from . import validate
 from .base import WeightOnlyConfig, register
 
@@ -64,41 +65,19 @@ def default_filter(name: str, module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and ".layers." in f".{name}" and "lm_head" not in name
 
 
-def _samples(calib) -> List[torch.Tensor]:
-    if calib is None:
-        raise ValueError("calib: these methods need calibration samples (a list of token-id tensors)")
-    for attr in ("samples", "input_ids"):
-        if hasattr(calib, attr) and not isinstance(calib, torch.Tensor):
-            calib = getattr(calib, attr)
-    if isinstance(calib, torch.Tensor):
-        calib = [calib[i] for i in range(calib.shape[0])] if calib.dim() == 2 else [calib]
-    out = [torch.as_tensor(s).reshape(1, -1).long() for s in calib]
-    if not out:
-        raise ValueError("calib: got no samples")
-    return out
-
-
-@torch.no_grad()
 def collect_stats(
     model: nn.Module, calib, filter_fn: Callable = default_filter, keep_tokens: int = 1024, seed: int = 0
 ) -> Dict[str, LayerStats]:
-    """One forward pass per calibration sample with hooks on the selected linears."""
-    samples = _samples(calib)
-    mods = {n: m for n, m in model.named_modules() if filter_fn(n, m)}
-    if not mods:
+    """Per selected linear, its :class:`LayerStats` from one pass of the full-precision model over the
+    calibration windows (:func:`mixllm.calib.collect`): the Hessian and up to about ``keep_tokens``
+    input rows drawn at random (one generator seeded with ``seed``)."""
+    windows = calibration_windows(calib)
+    layers = [(n, m) for n, m in model.named_modules() if filter_fn(n, m)]
+    if not layers:
         raise ValueError("model: no nn.Linear layers matched the filter")
-    total_tokens = sum(s.numel() for s in samples)
+    total_tokens = sum(w.numel() for w in windows)
     keep_p = min(1.0, keep_tokens / max(total_tokens, 1))
-    gen = torch.Generator().manual_seed(seed)
-    acc = {n: HessianAccumulator(m.in_features, keep_p=keep_p, generator=gen) for n, m in mods.items()}
-    handles = [m.register_forward_hook(lambda mod, inp, out, a=acc[n]: a.add(inp[0])) for n, m in mods.items()]
-    try:
-        dev = next(model.parameters()).device
-        for s in samples:
-            model(s.to(dev))
-    finally:
-        for h in handles:
-            h.remove()
+    acc, _ = collect(model, windows, layers, keep_p=keep_p, seed=seed)
     return {n: _layer_stats(a) for n, a in acc.items()}
 
 
@@ -119,7 +98,7 @@ def sequential_quantize(
     Returns the quantized modules by name (already swapped in), or None when the model has no
     ``nn.ModuleList`` of blocks holding every selected linear (the caller falls back to one pass).
     """
-    samples = _samples(calib)
+    samples = calibration_windows(calib)
     names = [n for n, m in model.named_modules() if filter_fn(n, m)]
     if not names:
         raise ValueError("model: no nn.Linear layers matched the filter")

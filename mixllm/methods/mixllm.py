@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 from .. import ops
 from ..cache import DiskCache, derive_key, fingerprint
 from ..calib import Calibration, calibrate, target_linears
-from ..gptq import gptq as gptq_any, gptq_torch
+from ..gptq import gptq as gptq_any
+from ..gptq import gptq_torch
 from ..modules import set_module
 from ..nn import MixedLinear
 from ..pipeline import PhaseTimer, run_blockwise
@@ -45,7 +46,7 @@ from .base import QuantConfig, register
 
 __all__ = ["MixLLMConfig", "allocate", "plot_fractions", "budget_breakdown", "format_breakdown", "plot_budget"]
 
-_SELECTIONS = ("global", "per_bit", "per_layer", "random")
+_SELECTIONS = ("global", "per_bit", "global_floor", "per_layer", "random")
 
 
 @register("mixllm")
@@ -74,10 +75,16 @@ class MixLLMConfig(QuantConfig):
         selection: ``"global"`` (MixLLM: one ranking over all layers by salience), ``"per_bit"`` (one
             ranking over all layers by salience per weight bit spent, ``S_c / in_features``: a greedy
             knapsack, since an 8-bit row of a layer of input width K costs 4 K extra bits),
+            ``"global_floor"`` (half the budget as the same share of every layer's rows, top
+            salience inside each, the other half by the global ranking over the remaining rows),
             ``"per_layer"`` (the same share in every layer, top salience inside each) or ``"random"``
             (ablations; docs/method.md "Allocation ablations").
         salience_bits: bit-width of the quantizer whose error ``delta`` enters the salience
             (the low bit-width, 4).
+        salience_kind: the salience estimator (:func:`mixllm.ops.salience_accumulate_io`): ``"taylor"``
+            (MixLLM's ``|t + t^2/2|`` per sequence, ``t_c = G_c . delta_c``) or ``"fisher"`` (the
+            second-order term with a per-token empirical Fisher, ``sum_tokens (g_c (x . delta_c))^2 / 2``;
+            an ablation, docs/method.md "Allocation ablations").
         include_lm_head: quantize the output head too (default: it stays in float, docs/spec.md §4).
         only: regular expression: quantize only the target layers whose name it matches
             (``re.search``; e.g. ``r"layers\.(0|1)\."``); ``None``: all of them.
@@ -116,6 +123,7 @@ class MixLLMConfig(QuantConfig):
     seed: int = 0
     selection: str = "global"
     salience_bits: int = 4
+    salience_kind: str = "taylor"
     include_lm_head: bool = False
     only: Optional[str] = None
     row_multiple: int = 1
@@ -141,6 +149,7 @@ class MixLLMConfig(QuantConfig):
             )
         validate.one_of("selection", self.selection, _SELECTIONS)
         validate.one_of("salience_bits", self.salience_bits, (2, 3, 4))
+        validate.one_of("salience_kind", self.salience_kind, ops.SALIENCE_KINDS)
         validate.non_negative("damp", self.damp)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed: expected an integer, got {self.seed!r}")
@@ -180,24 +189,34 @@ class MixLLMConfig(QuantConfig):
         return self.gptq or 0 < f < 1
 
     # ------------------------------------------------------------------ apply
-    def apply(self, model: nn.Module, calib=None, timer: Optional[PhaseTimer] = None) -> Dict[str, Any]:
+    def apply(
+        self,
+        model: nn.Module,
+        calib=None,
+        timer: Optional[PhaseTimer] = None,
+        salience: Optional[Dict[str, np.ndarray]] = None,
+    ) -> Dict[str, Any]:
         """Quantize ``model`` in place; ``calib``: token ids [n, seq_len] or a :class:`Calibration`.
-        ``timer`` (optional :class:`mixllm.pipeline.PhaseTimer`) collects the time of each phase."""
+        ``timer`` (optional :class:`mixllm.pipeline.PhaseTimer`) collects the time of each phase.
+        ``salience``: a precomputed salience per layer name (float [out_features]) used instead of the
+        salience pass (e.g. one pass reused for several budgets, or an estimator of your own)."""
         layers = target_linears(model, self.include_lm_head)
         if self.only:
             layers = [(n, m) for n, m in layers if re.search(self.only, n)]
             if not layers:
                 raise ValueError(f"only: no layer name matches {self.only!r}")
+        if salience is not None:
+            salience = _check_salience(salience, layers)
         if calib is not None and not isinstance(calib, (Calibration, torch.Tensor)):
             raise TypeError(f"calib: expected token ids or a Calibration, got {type(calib).__name__}")
         if self.device is not None and not self.offload:
             model.to(self.device)
         timer = timer if timer is not None else PhaseTimer()
         if isinstance(calib, torch.Tensor) and self.sequential and self.gptq:
-            rep = self._apply_blockwise(model, layers, calib, timer)
+            rep = self._apply_blockwise(model, layers, calib, timer, salience)
             if rep is not None:
                 return rep
-        return self._apply_one_pass(model, layers, calib, timer)
+        return self._apply_one_pass(model, layers, calib, timer, salience)
 
     def _impl(self, device) -> str:
         if self.gptq_impl != "auto":
@@ -207,8 +226,11 @@ class MixLLMConfig(QuantConfig):
     def _salience(self, model, layers, ids, base_key, timer) -> Dict[str, np.ndarray]:
         """Salience of ``layers`` (read from ``cache_dir`` when there)."""
         dev = model.get_input_embeddings().weight.device
+        kind = () if self.salience_kind == "taylor" else (self.salience_kind,)  # keeps the older keys valid
         disk = (
-            DiskCache(self.cache_dir, derive_key(base_key, "salience", self.group_size, self.salience_bits, dev.type))
+            DiskCache(
+                self.cache_dir, derive_key(base_key, "salience", self.group_size, self.salience_bits, dev.type, *kind)
+            )
             if self.cache_dir
             else None
         )
@@ -225,19 +247,23 @@ class MixLLMConfig(QuantConfig):
                 salience_bits=self.salience_bits,
                 group_size=self.group_size,
                 progress=self.progress,
+                salience_kind=self.salience_kind,
             )
         sal.update(cal.salience)
         if disk is not None:
             disk.write("salience.safetensors", {k: torch.as_tensor(np.asarray(v)) for k, v in sal.items()})
         return sal
 
-    def _apply_blockwise(self, model, layers, ids, timer) -> Optional[Dict[str, Any]]:
+    def _apply_blockwise(self, model, layers, ids, timer, given=None) -> Optional[Dict[str, Any]]:
         names = [n for n, _ in layers]
         mods = dict(layers)
         frac = self.fraction_8bit()
         need_sal = 0 < frac < 1 and self.selection != "random"
         base = fingerprint(layers, ids) if self.cache_dir else ""
-        sal = self._salience(model, layers, ids, base, timer) if need_sal else {}
+        if given is not None:
+            sal = given
+        else:
+            sal = self._salience(model, layers, ids, base, timer) if need_sal else {}
         rows8 = allocate(layers, sal, frac, self.selection, self.seed, self.row_multiple)
         run_dev = torch.device(self.device) if self.device is not None else None
         if self.offload:  # the salience pass ran where the model was; blocks now come from the host
@@ -346,7 +372,7 @@ class MixLLMConfig(QuantConfig):
         per_layer = {n: {"in": m.in_features, "out": m.out_features, "n8": int(len(rows8[n]))} for n, m in layers}
         return make_report(model, per_layer, self)
 
-    def _apply_one_pass(self, model, layers, calib, timer) -> Dict[str, Any]:
+    def _apply_one_pass(self, model, layers, calib, timer, given=None) -> Dict[str, Any]:
         """Hessians from one pass of the full-precision model. Both bit-widths are quantized for *all*
         rows of a layer (GPTQ treats rows independently given the Hessian, so this equals quantizing
         each part on its own) and kept in ``calib.quant_cache`` (and in ``cache_dir``): any other budget
@@ -363,6 +389,8 @@ class MixLLMConfig(QuantConfig):
             raise TypeError(f"calib: expected token ids or a Calibration, got {type(ids).__name__}")
         store = cal.quant_cache if cal is not None else {}
         sal = dict(cal.salience) if cal is not None else {}
+        if given is not None:
+            sal.update(given)
         disk = base = None
         if self.cache_dir and ids is not None:
             base = fingerprint(layers, ids)
@@ -392,6 +420,7 @@ class MixLLMConfig(QuantConfig):
                     salience_bits=self.salience_bits,
                     group_size=self.group_size,
                     progress=self.progress,
+                    salience_kind=self.salience_kind,
                 )
             if cal is None:
                 cal = new
@@ -442,6 +471,22 @@ class MixLLMConfig(QuantConfig):
             set_module(model, name, new_mod)
             per_layer[name] = {"in": m.in_features, "out": m.out_features, "n8": int(len(rows8[name]))}
         return make_report(model, per_layer, self)
+
+
+def _check_salience(salience, layers) -> Dict[str, np.ndarray]:
+    """``salience`` as float64 arrays, one per target layer, each [out_features] and finite."""
+    if not isinstance(salience, dict):
+        raise TypeError(f"salience: expected a dict of layer name -> array, got {type(salience).__name__}")
+    out = {}
+    for n, m in layers:
+        if n not in salience:
+            raise ValueError(f"salience: no entry for layer {n!r}")
+        a = salience[n]
+        a = (a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)).astype(np.float64)
+        if a.shape != (m.out_features,) or not np.all(np.isfinite(a)):
+            raise ValueError(f"salience[{n!r}]: expected {m.out_features} finite values, got shape {a.shape}")
+        out[n] = a
+    return out
 
 
 def _load_quant(disk, bits, names, qkey):
@@ -539,6 +584,8 @@ def allocate(
     (over the whole model for ``"global"``) while their weights fit in ``fraction`` of all weights,
     so the average is ``4 + 4 * fraction`` bits even though layers have different input widths.
     ``"per_bit"`` ranks by ``S_c / in_features`` instead (salience per extra bit of an 8-bit row).
+    ``"global_floor"`` first gives every layer its ``fraction / 2`` most salient rows (a floor), then
+    ranks the other rows globally for what is left of the budget.
     """
     if selection not in _SELECTIONS:
         raise ValueError(f"selection: expected one of {_SELECTIONS}, got {selection!r}")
@@ -559,12 +606,16 @@ def allocate(
     else:
         layer_id = np.concatenate([np.full(N[n], i) for i, n in enumerate(names)])
         row = np.concatenate([np.arange(N[n]) for n in names])
-        if selection in ("global", "per_bit"):
+        if selection in ("global", "per_bit", "global_floor"):
             s = np.concatenate([np.asarray(salience[n], dtype=np.float64) for n in names])
             if not np.all(np.isfinite(s)):
                 raise ValueError("salience: non-finite values (check the calibration data / model)")
             if selection == "per_bit":  # greedy knapsack: value per unit of cost (K weights per row)
                 s = s / np.array([K[names[i]] for i in layer_id], dtype=np.float64)
+            if selection == "global_floor":  # the floor's rows first (their weights fit in half the budget)
+                off = np.cumsum([0] + [N[n] for n in names])
+                for i, n in enumerate(names):
+                    s[off[i] + np.argsort(-salience[n], kind="stable")[: int(fraction / 2 * N[n])]] = np.inf
             order = np.argsort(-s, kind="stable")
         else:
             order = np.random.default_rng(seed).permutation(len(row))
