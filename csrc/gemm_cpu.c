@@ -10,8 +10,8 @@
  * So the portable C, AVX2 and AVX-512 VNNI paths give bit-identical outputs (tested).
  *
  * Three implementations read the layout: portable C (the oracle for the SIMD ones), AVX2 (maddubs)
- * and AVX-512 VNNI (vpdpbusd); chosen at run time with __builtin_cpu_supports (see resolve(): "auto"
- * does not pick VNNI, measured slower than AVX2 on a VNNI machine).
+ * and AVX-512 VNNI (vpdpbusd); chosen at run time with __builtin_cpu_supports (resolve(): "auto" takes
+ * the fastest the CPU has: VNNI, else AVX2, else portable).
  * Threads split the output rows (row blocks), never K: each output is written by one thread.
  * Blocking (rb_all_tokens): per row block, one K block of weights at a time stays in L1 while tiles
  * of MB tokens sweep over it. AVX2 4-bit at M >= 2 instead keeps a tile's expanded activations in L1
@@ -568,12 +568,13 @@ int mix_cpu_has(mix_impl impl) {
     }
 }
 
-/* "auto" does not pick the AVX-512 VNNI path: on a VNNI machine (an Intel Xeon, 2026-12-01,
- * bench/results/cpu_linear_device_xeon_vnni_vs_avx2_2026-12-01.json) it was bit-identical to the
- * portable path but slower than the AVX2 path at every M (4096x4096: 0.71 vs 0.47 ms at M = 1, 24.8 vs
- * 11.0 ms at M = 128). impl="avx512vnni" still runs it; "auto" takes AVX2, else portable C. */
+/* "auto" takes the AVX-512 VNNI path where the CPU has it, else AVX2, else portable C. Measured with
+ * both paths forced on two VNNI CPUs, 2 threads (bench/results/cpu_linear_vnni_vs_avx2_2026-12-01.md):
+ * on an Intel Xeon VNNI was faster at every M (4096x4096: 0.47 vs 0.71 ms at M = 1, 11.0 vs 24.8 ms at
+ * M = 128); on an AMD Zen 4 equal within noise at M = 1 and 1.2-1.7x faster at M >= 4. */
 static mix_impl resolve(mix_impl impl) {
     if (impl != MIX_IMPL_AUTO) return impl;
+    if (mix_cpu_has(MIX_IMPL_AVX512VNNI)) return MIX_IMPL_AVX512VNNI;
     return mix_cpu_has(MIX_IMPL_AVX2) ? MIX_IMPL_AVX2 : MIX_IMPL_PORTABLE;
 }
 
