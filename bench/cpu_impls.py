@@ -72,7 +72,8 @@ def main():
                     times[k].append(time.perf_counter() - t0)
             r = dict(N=N, K=K, M=M, **{f"{a}_{i}_ms": float(np.median(v)) * 1e3 for (a, i), v in times.items()})
             rows.append(r)
-            print(f"{N}x{K} M={M}: " + "  ".join(f"{k[0]} {k[1]} {r[f'{k[0]}_{k[1]}_ms']:.3f}" for k in fns), flush=True)
+            cells = "  ".join(f"{a} {i} {r[f'{a}_{i}_ms']:.3f}" for a, i in fns)
+            print(f"{N}x{K} M={M}: {cells}", flush=True)
     if args.json:
         meta = dict(
             date=datetime.date.today().isoformat(),

@@ -200,7 +200,10 @@ class TestBadArguments:
             ops.w4a8_linear(torch.ones(2, 128, device="cuda"), self.W4)
 
 
-@pytest.mark.parametrize("M,N,K,g", [(1, 37, 300, 128), (9, 64, 256, 64), (6, 33, 1000, 128), (5, 20, 136, 40)])
+@pytest.mark.parametrize(
+    "M,N,K,g",
+    [(1, 37, 300, 128), (9, 64, 256, 64), (6, 33, 1000, 128), (5, 20, 136, 40), (3, 33, 768, 256), (4, 40, 1100, 512)],
+)
 def test_impls_bit_identical(rng, M, N, K, g):
     """Every implementation computes the same integer group sums and the same float steps in the same
     order (csrc/gemm_cpu.c), so outputs agree bit for bit, not just within a tolerance."""
@@ -215,6 +218,22 @@ def test_impls_bit_identical(rng, M, N, K, g):
     ys = {impl: ops.mixed_linear(x, W4, W8, idx4, idx8, bias, impl=impl) for impl in IMPLS}
     for impl, y in ys.items():
         np.testing.assert_array_equal(y.view(np.uint32), ys["portable"].view(np.uint32), err_msg=impl)
+
+
+@pytest.mark.parametrize("g", [256, 512])
+def test_extreme_activation_sums_bit_identical(rng, g):
+    """Groups of equal activations quantize to codes of +-127 everywhere, so every group's code sum is at
+    its extreme (+-127 * g): the 4-bit zero-point product z * sum takes the int16 multiply-add of the
+    VNNI path up to g = 256 and the int32 multiply above (csrc/gemm_cpu.c); both must stay exact."""
+    M, N, K = 4, 40, 2 * g
+    W4, W8, idx4, idx8, ref_fn = _mixed_layer(rng, N, K, g)
+    sign = np.where(rng.random((M, K // g)) < 0.5, -1.0, 1.0).astype(np.float32)
+    x = np.repeat(sign * 3.0, g, axis=1)
+    bias = rng.standard_normal(N).astype(np.float32)
+    ys = {impl: ops.mixed_linear(x, W4, W8, idx4, idx8, bias, impl=impl) for impl in IMPLS}
+    for impl, y in ys.items():
+        np.testing.assert_array_equal(y.view(np.uint32), ys["portable"].view(np.uint32), err_msg=impl)
+    assert_close(ys["portable"], ref_fn(x, bias))
 
 
 # Shapes that reach every blocking path of the SIMD kernels (csrc/gemm_cpu.c): K blocks with a partial
