@@ -15,25 +15,15 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import time
 
 import numpy as np
 import torch
+from cpu_linear import cpu_name  # bench/ is on sys.path when this script runs
 
 from mixllm import ops
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (1536, 576), (576, 576)]
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main():
