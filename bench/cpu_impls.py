@@ -43,7 +43,7 @@ def main():
     for N, K in SHAPES:
         w = torch.randn(N, K) * 0.02
         perm = torch.randperm(N)
-        i8, i4 = perm[: N // 10], perm[N // 10 :]
+        i8, i4 = torch.sort(perm[: N // 10]).values, torch.sort(perm[N // 10 :]).values  # as MixedLinear stores them
         W4 = ops.QuantizedWeight.from_codes(*ops.quantize_weight(w[i4], 4, 128), 4, 128)
         W8 = ops.QuantizedWeight.from_codes(*ops.quantize_weight(w[i8], 8, 128), 8, 128)
         W8all = ops.QuantizedWeight.from_codes(*ops.quantize_weight(w, 8, 128), 8, 128)

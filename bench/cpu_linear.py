@@ -144,7 +144,8 @@ def main():
         w = torch.from_numpy(rng.standard_normal((N, K), dtype=np.float32) * 0.02)
         n8 = N // 10
         perm = torch.from_numpy(rng.permutation(N))
-        idx8, idx4 = perm[:n8], perm[n8:]
+        # each part's rows in ascending output order, as MixedLinear.from_linear stores them
+        idx8, idx4 = torch.sort(perm[:n8]).values, torch.sort(perm[n8:]).values
         W8 = ops.QuantizedWeight.from_codes(*ops.quantize_weight(w[idx8], 8, 128), 8, 128)
         W4 = ops.QuantizedWeight.from_codes(*ops.quantize_weight(w[idx4], 4, 128), 4, 128)
         W8all = ops.QuantizedWeight.from_codes(*ops.quantize_weight(w, 8, 128), 8, 128)

@@ -262,6 +262,15 @@ static void rb_portable(const kctx *c, int64_t rb, int64_t m0, int MB, int64_t j
 #define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) inline
 /* vpdpbusd takes u8 x s8: 4-bit: codes (u8) x activations (s8); 8-bit: activations shifted to u8
  * (a + 128) x weights (s8), minus the tail's 128 * sum_k w. */
+/* acc += u8 x (4 s8 at p, broadcast): the activations as vpdpbusd's embedded-broadcast memory operand.
+ * Written out because GCC emits a separate vpbroadcastd per use for _mm512_set1_epi32 (plus register
+ * copies around them): 16 extra vector instructions per 16 dot products in the 4-bit tile. */
+static inline __attribute__((target("avx512f,avx512vnni"), always_inline)) __m512i dpbusd_bcast(__m512i acc, __m512i u8,
+                                                                                                const int8_t *p) {
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(u8), "m"(*(const int32_t *)p));
+    return acc;
+}
+
 static AVX512_TARGET void rb_avx512_tile(const kctx *c, int64_t rb, int64_t m0, const int MB, int64_t j0, int64_t j1,
                                          float *out) {
     const mix_cpu_weight *w = c->w;
@@ -284,11 +293,8 @@ static AVX512_TARGET void rb_avx512_tile(const kctx *c, int64_t rb, int64_t m0, 
                 __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
                 for (int t = 0; t < MB; t++) {
                     const int8_t *a = a0 + t * astride + 8 * s;
-                    int32_t a_lo, a_hi;
-                    memcpy(&a_lo, a, 4);
-                    memcpy(&a_hi, a + 4, 4);
-                    acc[t] = _mm512_dpbusd_epi32(acc[t], lo, _mm512_set1_epi32(a_lo));
-                    acc[t] = _mm512_dpbusd_epi32(acc[t], hi, _mm512_set1_epi32(a_hi));
+                    acc[t] = dpbusd_bcast(acc[t], lo, a);
+                    acc[t] = dpbusd_bcast(acc[t], hi, a + 4);
                 }
             }
             const __m512i z = _mm512_loadu_si512(tail->izero);
