@@ -244,6 +244,7 @@ def run(args):
         "n_calib": args.n_calib,
         "calib_seq_len": args.seq_len,
         "n_calib_small": args.n_calib_small,
+        "own_salience": bool(args.own_salience),
         "date": time.strftime("%Y-%m-%d"),
         "machine": _machine(device),
         "torch": torch.__version__,
@@ -352,8 +353,10 @@ def run(args):
             cal = calibration()
             given = saliences()[sal_name] if sal_name else None
             rep = cfg.apply(model, cal, salience=given)
-        else:
-            given = saliences()[sal_name] if sal_name else None
+        else:  # --own-salience: the pipeline's own salience pass (as `mixllm quantize`), not step 2's
+            given = saliences()[sal_name] if sal_name and not args.own_salience else None
+            if given is None and sal_name not in (None, "taylor"):
+                raise SystemExit(f"{key}: --own-salience computes the default (taylor) salience only")
             rep = cfg.apply(model, calib_ids, salience=given)
         model.to(device)
         extra = {
@@ -491,6 +494,12 @@ def main(argv=None):
     p.add_argument("--n-calib-small", type=int, default=32, help="windows of the less-calibration ablation")
     p.add_argument("--rows", default="", help="comma-separated row keys (default: all)")
     p.add_argument("--only", default=None, help="regex of layer names (quick checks)")
+    p.add_argument(
+        "--own-salience",
+        action="store_true",
+        help="seq rows: salience from the pipeline's own pass (as mixllm quantize) instead of step 2's "
+        "(skips step 2's one-pass GPTQ when only seq rows run)",
+    )
     p.add_argument("--max-seconds", type=float, default=0, help="start no row after this many seconds")
     p.add_argument("--fp32-ref", default=None, help="JSON of first-window float NLLs to check the model against")
     p.add_argument("--write-fp32-ref", default=None, help="add this model's first-window float NLL to this JSON")
