@@ -235,7 +235,7 @@ def run(args):
     base.to(device)
     calib_text, eval_texts = _texts(args)
     eval_ids = {t: tok(s, return_tensors="pt").input_ids[0][: args.eval_tokens] for t, s in eval_texts.items()}
-    calib_ids = data.calibration_samples(tok, args.n_calib, args.seq_len, seed=0, text=calib_text)
+    calib_ids = data.calibration_samples(tok, args.n_calib, args.seq_len, seed=args.calib_seed, text=calib_text)
     res = {
         "model": args.model,
         "texts": list(eval_ids),
@@ -243,6 +243,7 @@ def run(args):
         "eval_seq_len": args.eval_seq_len,
         "n_calib": args.n_calib,
         "calib_seq_len": args.seq_len,
+        "calib_seed": args.calib_seed,
         "n_calib_small": args.n_calib_small,
         "own_salience": bool(args.own_salience),
         "date": time.strftime("%Y-%m-%d"),
@@ -251,8 +252,8 @@ def run(args):
         "rows": {},
     }
     if pathlib.Path(args.out).exists() and args.resume:
-        old = json.loads(pathlib.Path(args.out).read_text())
-        same = ("eval_tokens", "n_calib", "calib_seq_len", "machine")
+        old = {"calib_seed": 0, **json.loads(pathlib.Path(args.out).read_text())}  # older files: seed 0
+        same = ("eval_tokens", "n_calib", "calib_seq_len", "calib_seed", "machine")
         if all(old.get(k) == res[k] for k in same):
             res["rows"] = old["rows"]
             res.update({k: v for k, v in old.items() if k.startswith(("salience_", "hessian_", "gptq_"))})
@@ -491,6 +492,7 @@ def main(argv=None):
     p.add_argument("--eval-seq-len", type=int, default=512)
     p.add_argument("--n-calib", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration windows (default 0)")
     p.add_argument("--n-calib-small", type=int, default=32, help="windows of the less-calibration ablation")
     p.add_argument("--rows", default="", help="comma-separated row keys (default: all)")
     p.add_argument("--only", default=None, help="regex of layer names (quick checks)")
