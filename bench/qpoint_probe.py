@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 import torch
+from e2e import window_nll  # bench/ is on sys.path when this script runs
 
 from mixllm import data
 from mixllm.calib import calibrate, rtn_delta, target_linears
@@ -29,14 +30,8 @@ from mixllm.nn import MixedLinear
 
 
 def window_nlls(model, ids: torch.Tensor, seq_len: int = 512) -> np.ndarray:
-    out = []
-    with torch.no_grad():
-        for s in range(0, ids.numel() - 1, seq_len):
-            x = ids[s : s + seq_len][None]
-            logits = model(input_ids=x, use_cache=False).logits[0].float()
-            nll = -torch.log_softmax(logits[:-1], -1).gather(1, x[0, 1:, None])[:, 0]
-            out.append(float(nll.double().mean()))
-    return np.array(out)
+    """Mean token NLL per disjoint window (bench/e2e.py's scoring)."""
+    return np.array([total / n for total, n in window_nll(model, ids, seq_len, "cpu")])
 
 
 def quantized_point_gain(base, calib: torch.Tensor) -> dict:

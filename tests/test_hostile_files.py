@@ -56,7 +56,7 @@ def _from_pretrained(d, verify=True):
     return transformers.AutoModelForCausalLM.from_pretrained(d)
 
 
-def _load_fails(d, match=None, loader=None, **kw):
+def _assert_load_fails(d, match=None, loader=None, **kw):
     """load(d) must raise ValueError (matching `match`) without growing the peak RSS."""
     COUNT["files"] += 1
     before = _maxrss_mb()
@@ -111,7 +111,7 @@ def test_truncated(saved, tmp_path, verify):
         {0, 1, 7, 8, 9, 8 + header_len // 2, 8 + header_len, 8 + header_len + 1, len(data) // 2, len(data) - 1}
     ):
         f.write_bytes(data[:cut])
-        _load_fails(d, "corrupted|safetensors|match|shape", verify=verify)
+        _assert_load_fails(d, "corrupted|safetensors|match|shape", verify=verify)
 
 
 def test_bit_flips_are_caught_by_the_checksum(saved, tmp_path):
@@ -123,7 +123,7 @@ def test_bit_flips_are_caught_by_the_checksum(saved, tmp_path):
         b = bytearray(data)
         b[pos] ^= 1 << int(rng.integers(0, 8))
         f.write_bytes(bytes(b))
-        _load_fails(d, "corrupted")
+        _assert_load_fails(d, "corrupted")
 
 
 def test_bit_flips_without_checksum(saved, tmp_path):
@@ -139,7 +139,7 @@ def test_bit_flips_without_checksum(saved, tmp_path):
         b = bytearray(data)
         b[pos] ^= 0xFF
         f.write_bytes(bytes(b))
-        _load_fails(d, verify=False)
+        _assert_load_fails(d, verify=False)
     outcomes = {"load refused": 0, "forward refused": 0, "ran": 0}
     for pos in rng.integers(8 + header_len, len(data), 12):  # tensor data: caught later, or harmless
         b = bytearray(data)
@@ -201,7 +201,7 @@ def _rewrite_tensors(d, edit, key=K + "qweight4"):
 def test_mismatched_tensors(saved, tmp_path, edit, match, loader):
     d = _copy(saved, tmp_path)
     _rewrite_tensors(d, edit)
-    _load_fails(d, match, loader)
+    _assert_load_fails(d, match, loader)
 
 
 @pytest.mark.parametrize(
@@ -230,7 +230,7 @@ def test_module_config_mismatch_or_absurd(saved, tmp_path, args, match, loader):
     cfg = _config(d)
     cfg["quantization_config"]["modules"]["model.layers.0.mlp.down_proj"]["args"].update(args)
     _write_config(d, cfg)
-    _load_fails(d, match, loader)
+    _assert_load_fails(d, match, loader)
 
 
 @pytest.mark.parametrize(
@@ -249,7 +249,7 @@ def test_hf_config_mismatch_or_absurd(saved, tmp_path, change, match):
     cfg = json.loads((d / "config.json").read_text())
     cfg.update(change)
     (d / "config.json").write_text(json.dumps(cfg))
-    _load_fails(d, match)
+    _assert_load_fails(d, match)
 
 
 QM = "model.layers.0.mlp.down_proj"
@@ -286,7 +286,7 @@ def test_bad_quantization_config(saved, tmp_path, mutate, match, loader):
     cfg = _config(d)
     mutate(cfg["quantization_config"])
     _write_config(d, cfg)
-    _load_fails(d, match, loader)
+    _assert_load_fails(d, match, loader)
 
 
 @pytest.mark.parametrize(
@@ -307,7 +307,7 @@ def test_bad_mixllm_json(saved, tmp_path, mutate, match):
     meta = _meta(d)
     mutate(meta)
     _write_meta(d, meta)
-    _load_fails(d, match)
+    _assert_load_fails(d, match)
 
 
 @pytest.mark.parametrize(
@@ -317,7 +317,7 @@ def test_bad_mixllm_json(saved, tmp_path, mutate, match):
 def test_garbage_metadata_file(saved, tmp_path, content):
     d = _copy(saved, tmp_path)
     (d / "mixllm.json").write_bytes(content)
-    _load_fails(d)
+    _assert_load_fails(d)
 
 
 @pytest.mark.parametrize("content", [b"", b"{", b"\x00" * 64, b'{"model_type": "llama", "vocab_size": -5}'])
@@ -357,9 +357,9 @@ def test_safetensors_header_lies(saved, tmp_path):
     for h in variants:
         hb = json.dumps(h).encode()
         f.write_bytes(struct.pack("<Q", len(hb)) + hb + body)
-        _load_fails(d, "safetensors|shape|corrupted", verify=False)
+        _assert_load_fails(d, "safetensors|shape|corrupted", verify=False)
     f.write_bytes(struct.pack("<Q", 2**60) + data[8:])  # header length beyond the file
-    _load_fails(d, "safetensors", verify=False)
+    _assert_load_fails(d, "safetensors", verify=False)
 
 
 @pytest.mark.parametrize("loader", [io.load, _from_pretrained])
@@ -376,7 +376,7 @@ def test_missing_files(saved, tmp_path):
     for victim in ("model.safetensors.index.json", "config.json"):
         d = _copy(saved, tmp_path, victim)
         (d / victim).unlink()
-        _load_fails(d, victim.split(".")[0])
+        _assert_load_fails(d, victim.split(".")[0])
     # without mixllm.json (a folder save_pretrained wrote) it loads, only without checksums
     d = _copy(saved, tmp_path, "nometa")
     (d / "mixllm.json").unlink()
@@ -390,9 +390,9 @@ def test_index_lies(saved, tmp_path):
     idx = json.loads(f.read_text())
     idx["weight_map"][K + "qweight4"] = "model-99999-of-99999.safetensors"
     f.write_text(json.dumps(idx))
-    _load_fails(d, "weight_map")
+    _assert_load_fails(d, "weight_map")
     f.write_text("[1, 2")
-    _load_fails(d, "index.json is corrupted")
+    _assert_load_fails(d, "index.json is corrupted")
 
 
 def _other_method_checkpoint(tmp_path):
@@ -414,7 +414,7 @@ def test_config_names_mixllm_over_another_methods_tensors(saved, tmp_path, loade
     cfg = _config(d)
     cfg["quantization_config"]["modules"][QM] = _config(saved[0])["quantization_config"]["modules"][QM]
     _write_config(d, cfg)
-    _load_fails(
+    _assert_load_fails(
         d,
         r"safetensors: unexpected tensor 'model\.layers\.0\.mlp\.down_proj\.(codes|scale|offset|"
         r"group_bits|rowptr|cols|vals)'.*MixedLinear",
@@ -439,7 +439,7 @@ def test_float_checkpoint_with_a_mixllm_config(saved, tmp_path, loader):
     meta = _meta(d)
     meta["files"] = {f.name: io._sha256(f) for f in d.glob("*.safetensors")}
     _write_meta(d, meta)
-    _load_fails(d, r"unexpected tensor .*\.weight'.*MixedLinear", loader)
+    _assert_load_fails(d, r"unexpected tensor .*\.weight'.*MixedLinear", loader)
 
 
 def test_hostile_codes_fail_at_forward(saved, tmp_path):
