@@ -52,6 +52,18 @@ __device__ __forceinline__ void dec_mma(int (&d)[4], uint32_t a0, uint32_t a1, u
         : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
+/* The same with unsigned A: the raw 4-bit codes, without subtracting the zero point first. */
+__device__ __forceinline__ void dec_mma_u8(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                           uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+/* -z in every byte (two's complement), z = 0..255: the A operand whose product with a k-step's
+ * activations is -z * (their sum) in every row of the tile. */
+__device__ __forceinline__ uint32_t neg_zero_bytes(uint32_t z) { return __byte_perm(0u - z, 0u, 0x0000); }
 
 /* 8 activation bytes (L1-cached: every warp of the SM reads the same few rows). volatile: keeps
  * the loads of a stage after the previous stage's ring refill, so that the compiler does not
@@ -96,9 +108,6 @@ constexpr int RING_WORDS = ring_depth(4) * slot_words(4) > ring_depth(8) * slot_
 __host__ __device__ constexpr size_t decode_smem(int nw, int nt8) {
     return (size_t)nw * RING_WORDS * 16 + (size_t)nw * nt8 * 4 * 32 * sizeof(float);
 }
-
-/* int32 -> float, exact for |x| < 2^22 (a stage's sums stay under 2^21). */
-__device__ __forceinline__ float dec_i2f(int x) { return __int_as_float(x + 0x4B400000) - 12582912.0f; }
 
 __device__ __forceinline__ void dec_grid_dep_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -153,106 +162,127 @@ __device__ __forceinline__ void decode_range(const DArgs &a, const DPart &p, int
     }
     dec_grid_dep_wait();
 
-    /* Per token tile: its activation row (rows past M read row 0 and are zeroed) and the rows of
-     * the two tokens whose scales this lane applies. */
-    const int8_t *xrow[NT8];
-    const float *sarow[NT8]; /* token mc's scales; token mc + 1's follow a.nst floats later */
-    bool xok[NT8], sok[NT8][2];
+    /* Per token tile: its activation row and the scale rows of the two tokens whose sums this lane
+     * rescales. Tokens past M read token 0's (no select per load: their output columns are computed
+     * but never stored). The pointers advance one stage per load_act. */
+    const int8_t *xp[NT8];
+    const float *sp[NT8][2];
 #pragma unroll
     for (int t = 0; t < NT8; t++) {
         const int64_t mb = m0 + t * 8 + gid, mc = m0 + t * 8 + 2 * tig;
-        xok[t] = mb < a.M;
-        xrow[t] = a.xq + (xok[t] ? mb : 0) * a.Kp + tig * 8;
-        sok[t][0] = mc < a.M;
-        sok[t][1] = mc + 1 < a.M;
-        sarow[t] = a.sa + (sok[t][0] ? mc : 0) * a.nst;
+        xp[t] = a.xq + (mb < a.M ? mb : 0) * a.Kp + tig * 8 + (int64_t)s0 * KSTAGE;
+        sp[t][0] = a.sa + (mc < a.M ? mc : 0) * a.nst + s0;
+        sp[t][1] = a.sa + (mc + 1 < a.M ? mc + 1 : 0) * a.nst + s0;
     }
     /* Activations and their scales one stage ahead (measured: a warp that loads them at the start
      * of each stage waits on them and on a 4-long MMA chain in turn, at half the streaming rate);
      * from 16 tokens on, after the stage's MMAs (two sets of them would not fit the registers). */
     constexpr bool ACT_AHEAD = NT8 == 1;
-    uint2 bx[NT8][KSTEPS_PER_STAGE];
-    float sx[NT8][2];
-    auto load_act = [&](int s) {
+    /* two activation buffers at one token tile (the stage's and the next one's, swapped by
+     * unrolling two stages: no register copies), one from 16 tokens on (reloaded after the MMAs) */
+    uint2 bxa[NT8][KSTEPS_PER_STAGE], bxb[NT8][KSTEPS_PER_STAGE];
+    float sxa[NT8][2], sxb[NT8][2];
+    /* Loads are unconditional (a predicated load makes the compiler copy every register it may
+     * keep); `more` = 0 parks the pointers on the warp's last stage, never past the row. */
+    auto load_act = [&](uint2(&bx)[NT8][KSTEPS_PER_STAGE], float (&sx)[NT8][2], bool more) {
+        const int step = more ? KSTAGE : 0, sstep = more ? 1 : 0;
 #pragma unroll
         for (int t = 0; t < NT8; t++) {
-            const int8_t *xr = xrow[t] + s * KSTAGE;
 #pragma unroll
-            for (int k = 0; k < KSTEPS_PER_STAGE; k++) {
-                const uint2 v = ld_act8(xr + k * KSTEP);
-                bx[t][k] = xok[t] ? v : make_uint2(0, 0);
-            }
-            sx[t][0] = sok[t][0] ? ld_scale(sarow[t] + s) : 0.f;
-            sx[t][1] = sok[t][1] ? ld_scale(sarow[t] + a.nst + s) : 0.f;
+            for (int k = 0; k < KSTEPS_PER_STAGE; k++) bx[t][k] = ld_act8(xp[t] + k * KSTEP);
+            sx[t][0] = ld_scale(sp[t][0]);
+            sx[t][1] = ld_scale(sp[t][1]);
+            xp[t] += step;
+            sp[t][0] += sstep;
+            sp[t][1] += sstep;
         }
     };
-    load_act(s0);
+    load_act(bxa, sxa, s0 + 1 < s1);
 
-    for (int sb = s0; sb < s1; sb += DEPTH) {
+    /* Stage s = sb + d from ring slot d, activations in (b, sa); the next stage's go to (bn, sn). */
+    auto stage = [&](int sb, int d, uint2(&b)[NT8][KSTEPS_PER_STAGE], float (&sa)[NT8][2],
+                     uint2(&bn)[NT8][KSTEPS_PER_STAGE], float (&sn)[NT8][2]) {
+        const int s = sb + d;
+        if (ACT_AHEAD) load_act(bn, sn, s + 2 < s1);
+        /* stage s has landed in slot d */
+        cp_wait<DEPTH - 1>();
+        __syncwarp();
+        const uint4 *slot = ring + d * SLOT;
+        uint4 w[WPS];
 #pragma unroll
-        for (int d = 0; d < DEPTH; d++) {
-            const int s = sb + d;
-            if (s >= s1) break;
-            uint2 b[NT8][KSTEPS_PER_STAGE];
-            float sa[NT8][2];
+        for (int v = 0; v < WPS; v++) w[v] = slot[v * 32 + lane];
+        const MetaRecord *mr = (const MetaRecord *)(slot + WPS * 32);
+        const float sw0 = mr->scale[gid], sw1 = mr->scale[gid + 8];
+        /* 4 bits: -z of rows gid and gid + 8 in every byte (see below) */
+        const uint32_t nz0 = BITS == 4 ? neg_zero_bytes(mr->zero[gid]) : 0u;
+        const uint32_t nz1 = BITS == 4 ? neg_zero_bytes(mr->zero[gid + 8]) : 0u;
+        __syncwarp(); /* every lane has read the slot's meta record: it may be refilled */
+        if (s + DEPTH < s1) load(d);
+        cp_commit();
+        /* A fragments of the stage's four k-steps, shared by all token tiles. 4 bits: the raw
+         * codes q (u8 operand); the zero point is subtracted as one more MMA per k-step, of
+         * -z (in every byte) with the same activations: sum (q - z) a = sum q a + sum (-z) a,
+         * exact in int32. That takes 2 instructions per code word instead of 5 (the loop is
+         * issue-bound, docs/kernels.md). */
+        uint32_t af[KSTEPS_PER_STAGE][4];
 #pragma unroll
-            for (int t = 0; t < NT8; t++) {
-                sa[t][0] = sx[t][0];
-                sa[t][1] = sx[t][1];
-#pragma unroll
-                for (int k = 0; k < KSTEPS_PER_STAGE; k++) b[t][k] = bx[t][k];
+        for (int k = 0; k < KSTEPS_PER_STAGE; k++) {
+            if (BITS == 4) {
+                const uint4 wv = w[k >> 1];
+                const uint32_t w0 = (k & 1) ? wv.z : wv.x, w1 = (k & 1) ? wv.w : wv.y;
+                af[k][0] = w0 & 0x0F0F0F0Fu;
+                af[k][2] = (w0 >> 4) & 0x0F0F0F0Fu;
+                af[k][1] = w1 & 0x0F0F0F0Fu;
+                af[k][3] = (w1 >> 4) & 0x0F0F0F0Fu;
+            } else {
+                const uint4 wv = w[k];
+                af[k][0] = wv.x;
+                af[k][1] = wv.y;
+                af[k][2] = wv.z;
+                af[k][3] = wv.w;
             }
-            /* (the last stage reloads itself: never past the row) */
-            if (ACT_AHEAD) load_act(min(s + 1, s1 - 1));
-            /* stage s has landed in slot d */
-            cp_wait<DEPTH - 1>();
-            __syncwarp();
-            const uint4 *slot = ring + d * SLOT;
-            uint4 w[WPS];
+        }
 #pragma unroll
-            for (int v = 0; v < WPS; v++) w[v] = slot[v * 32 + lane];
-            const MetaRecord *mr = (const MetaRecord *)(slot + WPS * 32);
-            const float sw0 = mr->scale[gid], sw1 = mr->scale[gid + 8];
-            const uint32_t zz0 = BITS == 4 ? (uint32_t)mr->zero[gid] * 0x01010101u : 0u;
-            const uint32_t zz1 = BITS == 4 ? (uint32_t)mr->zero[gid + 8] * 0x01010101u : 0u;
-            __syncwarp(); /* every lane has read the slot's meta record: it may be refilled */
-            if (s + DEPTH < s1) load(d);
-            cp_commit();
-            /* (q - z) as int8 A fragments of the stage's four k-steps, shared by all token tiles */
-            uint32_t af[KSTEPS_PER_STAGE][4];
-#pragma unroll
-            for (int k = 0; k < KSTEPS_PER_STAGE; k++) {
-                if (BITS == 4) {
-                    const uint4 wv = w[k >> 1];
-                    const uint32_t w0 = (k & 1) ? wv.z : wv.x, w1 = (k & 1) ? wv.w : wv.y;
-                    af[k][0] = sub_zero(w0 & 0x0F0F0F0Fu, zz0);
-                    af[k][2] = sub_zero((w0 >> 4) & 0x0F0F0F0Fu, zz0);
-                    af[k][1] = sub_zero(w1 & 0x0F0F0F0Fu, zz1);
-                    af[k][3] = sub_zero((w1 >> 4) & 0x0F0F0F0Fu, zz1);
-                } else {
-                    const uint4 wv = w[k];
-                    af[k][0] = wv.x;
-                    af[k][1] = wv.y;
-                    af[k][2] = wv.z;
-                    af[k][3] = wv.w;
-                }
-            }
-#pragma unroll
-            for (int t = 0; t < NT8; t++) {
-                if (m0 + t * 8 >= a.M) break; /* token tiles past M: nothing to compute */
-                /* two independent accumulators: MMA chains of 2 instead of 4 */
-                int i0[4] = {0, 0, 0, 0}, i1[4] = {0, 0, 0, 0};
+        for (int t = 0; t < NT8; t++) {
+            if (m0 + t * 8 >= a.M) break; /* token tiles past M: nothing to compute */
+            /* two independent accumulator chains (+ the zero-point chain at 4 bits) */
+            int i0[4] = {0, 0, 0, 0}, i1[4] = {0, 0, 0, 0}, iz[4] = {0, 0, 0, 0};
+            if (BITS == 4) {
+                dec_mma_u8(i0, af[0][0], af[0][1], af[0][2], af[0][3], b[t][0].x, b[t][0].y);
+                dec_mma_u8(i1, af[1][0], af[1][1], af[1][2], af[1][3], b[t][1].x, b[t][1].y);
+                dec_mma(iz, nz0, nz1, nz0, nz1, b[t][0].x, b[t][0].y);
+                dec_mma_u8(i0, af[2][0], af[2][1], af[2][2], af[2][3], b[t][2].x, b[t][2].y);
+                dec_mma_u8(i1, af[3][0], af[3][1], af[3][2], af[3][3], b[t][3].x, b[t][3].y);
+                dec_mma(iz, nz0, nz1, nz0, nz1, b[t][1].x, b[t][1].y);
+                dec_mma(iz, nz0, nz1, nz0, nz1, b[t][2].x, b[t][2].y);
+                dec_mma(iz, nz0, nz1, nz0, nz1, b[t][3].x, b[t][3].y);
+            } else {
                 dec_mma(i0, af[0][0], af[0][1], af[0][2], af[0][3], b[t][0].x, b[t][0].y);
                 dec_mma(i1, af[1][0], af[1][1], af[1][2], af[1][3], b[t][1].x, b[t][1].y);
                 dec_mma(i0, af[2][0], af[2][1], af[2][2], af[2][3], b[t][2].x, b[t][2].y);
                 dec_mma(i1, af[3][0], af[3][1], af[3][2], af[3][3], b[t][3].x, b[t][3].y);
-                /* second step of the dequantization: a stage lies in one group */
-                facc[t][0] = __fmaf_rn(dec_i2f(i0[0] + i1[0]), sw0 * sa[t][0], facc[t][0]);
-                facc[t][1] = __fmaf_rn(dec_i2f(i0[1] + i1[1]), sw0 * sa[t][1], facc[t][1]);
-                facc[t][2] = __fmaf_rn(dec_i2f(i0[2] + i1[2]), sw1 * sa[t][0], facc[t][2]);
-                facc[t][3] = __fmaf_rn(dec_i2f(i0[3] + i1[3]), sw1 * sa[t][1], facc[t][3]);
             }
-            if (!ACT_AHEAD) load_act(min(s + 1, s1 - 1));
+            /* second step of the dequantization: a stage lies in one group */
+            facc[t][0] = __fmaf_rn(__int2float_rn(i0[0] + i1[0] + iz[0]), sw0 * sa[t][0], facc[t][0]);
+            facc[t][1] = __fmaf_rn(__int2float_rn(i0[1] + i1[1] + iz[1]), sw0 * sa[t][1], facc[t][1]);
+            facc[t][2] = __fmaf_rn(__int2float_rn(i0[2] + i1[2] + iz[2]), sw1 * sa[t][0], facc[t][2]);
+            facc[t][3] = __fmaf_rn(__int2float_rn(i0[3] + i1[3] + iz[3]), sw1 * sa[t][1], facc[t][3]);
+        }
+        if (!ACT_AHEAD) load_act(bn, sn, s + 2 < s1);
+    };
+    for (int sb = s0; sb < s1; sb += DEPTH) {
+#pragma unroll
+        for (int d = 0; d < DEPTH; d += 2) { /* DEPTH is even */
+            if (sb + d >= s1) break;
+            if (ACT_AHEAD)
+                stage(sb, d, bxa, sxa, bxb, sxb);
+            else
+                stage(sb, d, bxa, sxa, bxa, sxa);
+            if (sb + d + 1 >= s1) break;
+            if (ACT_AHEAD)
+                stage(sb, d + 1, bxb, sxb, bxa, sxa);
+            else
+                stage(sb, d + 1, bxa, sxa, bxa, sxa);
         }
     }
 }

@@ -78,6 +78,32 @@ def test_decode_every_warp_count(rng, bits, kw):
     assert_close(y, np.asarray(fn(x32, W), np.float64), torch.float32)  # the CPU op: same function
 
 
+@pytest.mark.parametrize("M", [1, 7, 16, 40])
+@pytest.mark.parametrize("case", ["q15_z0", "q0_z15", "random_extremes"])
+def test_decode_extreme_codes_and_zero_points(rng, M, case):
+    """The 4-bit tiles multiply the raw codes (unsigned) and subtract z * sum(a) as a second MMA of
+    -z: the largest sums (codes 15, zero 0, activations at +-127) and every zero point 0..15,
+    against the float64 reference, with a partial last group."""
+    N, K, g = 48, 1000, 128
+    G = -(-K // g)
+    if case == "q15_z0":
+        codes, zero = np.full((N, K), 15, np.uint8), np.zeros((N, G), np.uint8)
+    elif case == "q0_z15":
+        codes, zero = np.zeros((N, K), np.uint8), np.full((N, G), 15, np.uint8)
+    else:
+        codes = rng.choice(np.array([0, 15], np.uint8), size=(N, K))
+        zero = rng.integers(0, 16, size=(N, G)).astype(np.uint8)
+    scale = (rng.random((N, G)).astype(np.float32) + 0.5) * 0.01
+    W = ops.QuantizedWeight.from_codes(codes, scale, zero, 4, g)
+    # every activation at +-max|x| of its group: codes +-127
+    x = np.where(rng.random((M, K)) < 0.5, -1.0, 1.0).astype(np.float32)
+    if case == "q15_z0":
+        x = np.abs(x)
+    xt = torch.from_numpy(x).to(DEV)
+    y = cuda_ops.qlinear(xt, [(W, None)], N, None, (M,), cfg=DECODE)
+    assert_close(y, ref.qlinear(x, codes, scale, zero, g), torch.float32)
+
+
 @pytest.mark.parametrize("M", [1, 9, 40])
 def test_decode_poisoned_outputs_fully_written(rng, M):
     N, K, g = 90, 700, 128
