@@ -42,6 +42,8 @@ _Static_assert(MC % MB_AVX512 == 0, "VNNI token tiles start at activation tiles 
 #define PREP_SERIAL_VALUES (1 << 15) /* activations up to this many: quantized by the calling thread alone */
 #define MACS_PER_THREAD (1 << 20) /* below this many multiply-adds per thread, fewer threads: waking one costs more */
 
+static int g_exp; /* EXPERIMENT: remove */
+
 void mix_cpu_weight_geometry(int bits, int64_t N, int64_t K, int64_t g, mix_cpu_weight *w) {
     memset(w, 0, sizeof(*w));
     w->bits = bits;
@@ -92,7 +94,7 @@ void mix_cpu_prepack(mix_cpu_weight *w, const void *codes, const float *scale, c
                         sec[(kk / 4) * MIX_STEP_BYTES + 4 * r + (kk % 4)] = (uint8_t)(int8_t)c;
                     }
                 }
-                tail.izero[r] = w->bits == 4 ? z : (int32_t)(128u * (uint32_t)wsum); /* mod 2^32, like the sums */
+                tail.izero[r] = w->bits == 4 ? z : (int32_t)(0u - 128u * (uint32_t)wsum); /* mod 2^32, like the sums */
                 tail.scale[r] = valid ? scale[n * G + j] : 0.f;
             }
             memcpy(sec + code_bytes, &tail, sizeof tail);
@@ -113,6 +115,9 @@ typedef struct {
     int8_t *ap;
     uint8_t *au;
     int64_t tw;
+    /* VNNI with a 4-bit part and Lp <= 256 only (else NULL), [M][G]: -asum as int16 in the low half,
+     * 0 in the high half: vpdpwssd's broadcast operand for the zero-point term (z is int16 z, 0). */
+    int32_t *zq;
 } acts;
 
 /* Offset of (token m, group j, k = 4 * q) in ap / au. */
@@ -224,6 +229,7 @@ static int prepare_group(const void *x, int dt, int64_t K, int64_t g, int64_t m,
     }
     A->sa[m * A->G + j] = s;
     A->asum[m * A->G + j] = sum;
+    if (A->zq) A->zq[m * A->G + j] = (int32_t)(uint16_t)(int16_t)-sum; /* |sum| <= 127 * 256 */
     return bad;
 }
 
@@ -294,6 +300,13 @@ static inline __attribute__((target("avx512f,avx512vnni"), always_inline)) __m51
     return acc;
 }
 
+/* acc += (int16 pairs of z) x (the int16 pair at p, broadcast): vpdpwssd, AVX512_VNNI like vpdpbusd. */
+static inline __attribute__((target("avx512f,avx512vnni"), always_inline)) __m512i dpwssd_bcast(__m512i acc, __m512i z,
+                                                                                                const int32_t *p) {
+    __asm__("vpdpwssd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(z), "m"(*p));
+    return acc;
+}
+
 static AVX512_TARGET void rb_avx512_tile(const kctx *c, int64_t rb, int64_t m0, const int MB, int64_t j0, int64_t j1,
                                          float *out) {
     const mix_cpu_weight *w = c->w;
@@ -306,7 +319,10 @@ static AVX512_TARGET void rb_avx512_tile(const kctx *c, int64_t rb, int64_t m0, 
         const uint8_t *sec = w->blob + (rb * G + j) * w->section;
         const mix_cpu_tail *tail = section_tail(w, sec);
         __m512i acc[MB_AVX512];
-        for (int t = 0; t < MB; t++) acc[t] = _mm512_setzero_si512();
+        if (w->bits == 8) /* the sums start at the tail's -128 * sum_k w: no subtraction per token */
+            for (int t = 0; t < MB; t++) acc[t] = _mm512_loadu_si512(tail->izero);
+        else
+            for (int t = 0; t < MB; t++) acc[t] = _mm512_setzero_si512();
         const int64_t tw = A->tw; /* m0 starts a tile (MB_AVX512 divides MC) */
         if (w->bits == 4) {
             const int8_t *a0 = A->ap + tile_index(A, m0, j, 0);
@@ -321,7 +337,9 @@ static AVX512_TARGET void rb_avx512_tile(const kctx *c, int64_t rb, int64_t m0, 
                 }
             }
             const __m512i z = _mm512_loadu_si512(tail->izero);
-            if (Lp <= 256) /* |asum| <= 127 * 256 fits int16 and z <= 15: one vpmaddwd (z * asum + 0 * 0)
+            if (A->zq) /* one vpdpwssd per token: z * -asum */
+                for (int t = 0; t < MB; t++) acc[t] = dpwssd_bcast(acc[t], z, A->zq + (m0 + t) * G + j);
+            else if (Lp <= 256) /* |asum| <= 127 * 256 fits int16 and z <= 15: one vpmaddwd (z * asum + 0 * 0)
                               gives the same int32 as vpmulld at a third of its cost */
                 for (int t = 0; t < MB; t++)
                     acc[t] = _mm512_sub_epi32(
@@ -341,8 +359,6 @@ static AVX512_TARGET void rb_avx512_tile(const kctx *c, int64_t rb, int64_t m0, 
                     acc[t] = dpbusd(acc[t], _mm512_set1_epi32(a4), v);
                 }
             }
-            const __m512i corr = _mm512_loadu_si512(tail->izero);
-            for (int t = 0; t < MB; t++) acc[t] = _mm512_sub_epi32(acc[t], corr);
         }
         const __m512 sw = _mm512_loadu_ps(tail->scale);
         for (int t = 0; t < MB; t++) {
@@ -640,8 +656,10 @@ static tile_fn pick(mix_impl impl, int bits, int *mb) {
 
 /* Row blocks per work item: contiguous runs keep the weight stream sequential (prefetch-friendly);
  * about 8 items per thread balance the load when a thread is descheduled on a shared machine. */
-static int64_t rows_per_item(int64_t nb_total, int nthreads) {
-    int64_t per = nb_total / (8 * (int64_t)nthreads);
+static int64_t rows_per_item(int64_t nb_total, int nthreads, int64_t M) {
+    /* M >= 8 is compute-bound: smaller items, since the last one sets the finish (with 17 items of 16
+     * row blocks on 2 threads, one thread did 9). */
+    int64_t per = nb_total / ((M >= 8 ? 32 : 8) * (int64_t)nthreads);
     return per < 1 ? 1 : per > 16 ? 16 : per;
 }
 
@@ -670,6 +688,60 @@ static void store_rows(const mix_cpu_weight *w, int64_t rb, int64_t m0, int64_t 
         }
 }
 
+#ifdef __x86_64__
+/* store_rows for float32 y on AVX-512: one masked store per token where the block's columns are
+ * consecutive, else two 8-lane scatters (the scalar stores stalled: about 5% of a W4.4A8 call). */
+static __attribute__((target("avx512f"))) void store_rows_avx512(const mix_cpu_weight *w, int64_t rb, int64_t m0,
+                                                                 int64_t mb, const float *out, const float *bias,
+                                                                 float *y, int64_t n_out) {
+    int rows = w->N - rb * MIX_RB < MIX_RB ? (int)(w->N - rb * MIX_RB) : MIX_RB;
+    const __mmask16 mask = (__mmask16)((1u << rows) - 1);
+    int64_t c0 = w->out_index ? w->out_index[rb * MIX_RB] : rb * MIX_RB;
+    int contiguous = 1;
+    for (int r = 1; w->out_index && r < rows; r++) contiguous &= w->out_index[rb * MIX_RB + r] == c0 + r;
+    if (contiguous) {
+        const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + c0) : _mm512_setzero_ps();
+        for (int64_t t = 0; t < mb; t++)
+            _mm512_mask_storeu_ps(y + (m0 + t) * n_out + c0, mask, _mm512_add_ps(_mm512_loadu_ps(out + t * MIX_RB), b));
+        return;
+    }
+    const __m512i lo = _mm512_maskz_loadu_epi64((__mmask8)mask, w->out_index + rb * MIX_RB);
+    const __m512i hi = _mm512_maskz_loadu_epi64((__mmask8)(mask >> 8), w->out_index + rb * MIX_RB + 8);
+    __m512 b = _mm512_setzero_ps();
+    if (bias)
+        b = _mm512_castpd_ps(_mm512_insertf64x4(
+            _mm512_castps_pd(
+                _mm512_castps256_ps512(_mm512_mask_i64gather_ps(_mm256_setzero_ps(), (__mmask8)mask, lo, bias, 4))),
+            _mm256_castps_pd(_mm512_mask_i64gather_ps(_mm256_setzero_ps(), (__mmask8)(mask >> 8), hi, bias, 4)), 1));
+    for (int64_t t = 0; t < mb; t++) {
+        __m512 v = _mm512_add_ps(_mm512_loadu_ps(out + t * MIX_RB), b);
+        float *yrow = y + (m0 + t) * n_out;
+        _mm512_mask_i64scatter_ps(yrow, (__mmask8)mask, lo, _mm512_castps512_ps256(v), 4);
+        _mm512_mask_i64scatter_ps(yrow, (__mmask8)(mask >> 8), hi,
+                                  _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)), 4);
+    }
+}
+#endif
+
+/* Write-prefetch the lines of y that store_rows will write for tokens m0 .. m0+mb-1: y is larger than
+ * L2 and its lines come from memory (an RFO per line), which stalled the scalar stores. */
+static void prefetch_y(const mix_cpu_weight *w, int64_t rb, int64_t m0, int64_t mb, void *y, int y_dtype,
+                       int64_t n_out) {
+    int rows = w->N - rb * MIX_RB < MIX_RB ? (int)(w->N - rb * MIX_RB) : MIX_RB;
+    const int64_t *cols = w->out_index ? w->out_index + rb * MIX_RB : NULL;
+    const int64_t es = y_dtype == MIX_F32 ? 4 : 2;
+    for (int64_t t = 0; t < mb; t++) {
+        const char *yrow = (const char *)y + (m0 + t) * n_out * es;
+        uintptr_t last = 0;
+        for (int r = 0; r < rows; r++) {
+            const char *p = yrow + (cols ? cols[r] : rb * MIX_RB + r) * es;
+            if ((uintptr_t)p / MIX_CACHE_LINE == last) continue;
+            last = (uintptr_t)p / MIX_CACHE_LINE;
+            __builtin_prefetch(p, 1, 3);
+        }
+    }
+}
+
 /* Row block rb of part w for all M tokens: one K block of its weights (KC_BYTES) at a time stays in
  * L1 while the token tiles sweep over it. out: MC * 16 floats of scratch. */
 static void rb_all_tokens(const mix_cpu_weight *w, const acts *A, int64_t rb, int64_t M, mix_impl impl, float *out,
@@ -677,16 +749,34 @@ static void rb_all_tokens(const mix_cpu_weight *w, const acts *A, int64_t rb, in
     int MB;
     tile_fn tile = pick(impl, w->bits, &MB);
     kctx c = {w, A, NULL, 0};
-    const int64_t G = w->G, kc = KC_BYTES / w->section > 1 ? KC_BYTES / w->section : 1;
+    const int64_t kcb = (g_exp & 16) ? KC_BYTES * 2 : KC_BYTES;
+    const int64_t G = w->G, kc = kcb / w->section > 1 ? kcb / w->section : 1;
+    const int vnni = impl == MIX_IMPL_AVX512VNNI;
     for (int64_t mc0 = 0; mc0 < M; mc0 += MC) {
         const int64_t mcn = M - mc0 < MC ? M - mc0 : MC;
         memset(out, 0, (size_t)mcn * MIX_RB * sizeof(float));
         for (int64_t j0 = 0; j0 < G; j0 += kc) /* K blocks in order: the float steps stay ordered */
             for (int64_t m0 = mc0; m0 < mc0 + mcn; m0 += MB) {
                 int mb = (int)(mc0 + mcn - m0 < MB ? mc0 + mcn - m0 : MB);
+                if (vnni && mcn > MB) {
+                    /* Into L2, a slice per token tile: the weights of the next K block (or row block),
+                     * so that their memory latency overlaps this block's tiles. */
+                    const int64_t ntl = (mcn + MB - 1) / MB, tl = (m0 - mc0) / MB, bytes = kc * w->section;
+                    const char *nx = (const char *)w->blob + (rb * G + j0 + kc) * w->section;
+                    for (int64_t o = bytes * tl / ntl / 64 * 64; o < bytes * (tl + 1) / ntl; o += MIX_CACHE_LINE)
+                        _mm_prefetch(nx + o, _MM_HINT_T1);
+                }
+                /* VNNI: each tile's outputs are stored as soon as they are final, their lines of y
+                 * write-prefetched (y is larger than L2: an RFO per line stalled the stores). */
+                const int last = vnni && j0 + kc >= G;
+                if (last) prefetch_y(w, rb, m0, mb, y, y_dtype, n_out);
                 tile(&c, rb, m0, mb, j0, j0 + kc < G ? j0 + kc : G, out + (m0 - mc0) * MIX_RB);
+                if (last && y_dtype == MIX_F32)
+                    store_rows_avx512(w, rb, m0, mb, out + (m0 - mc0) * MIX_RB, bias, y, n_out);
+                else if (last)
+                    store_rows(w, rb, m0, mb, out + (m0 - mc0) * MIX_RB, bias, y, y_dtype, n_out);
             }
-        store_rows(w, rb, mc0, mcn, out, bias, y, y_dtype, n_out);
+        if (!vnni) store_rows(w, rb, mc0, mcn, out, bias, y, y_dtype, n_out);
     }
 }
 
@@ -695,6 +785,7 @@ int mix_cpu_qlinear(const void *x, int x_dtype, int64_t M, int64_t K, int64_t g,
     if (M == 0 || n_out == 0) return 0;
     int64_t G = mix_ngroups(K, g), Lp = (g + MIX_K_ALIGN - 1) / MIX_K_ALIGN * MIX_K_ALIGN;
     impl = resolve(impl);
+    g_exp = getenv("MIX_EXP") ? atoi(getenv("MIX_EXP")) : 0;
     int any8 = 0, any4 = 0;
     for (int p = 0; p < nparts; p++) {
         any8 |= parts[p].bits == 8;
@@ -709,13 +800,16 @@ int mix_cpu_qlinear(const void *x, int x_dtype, int64_t M, int64_t K, int64_t g,
               Lp,
               vnni && any4 ? malloc((size_t)(mpad * G * Lp)) : NULL,
               vnni && any8 ? malloc((size_t)(mpad * G * Lp)) : NULL,
-              tw};
-    if (!A.aq || !A.sa || !A.asum || (vnni && any4 && !A.ap) || (vnni && any8 && !A.au)) {
+              tw,
+              vnni && any4 && Lp <= 256 ? malloc((size_t)(M * G) * sizeof(int32_t)) : NULL};
+    if (!A.aq || !A.sa || !A.asum || (vnni && any4 && !A.ap) || (vnni && any8 && !A.au) ||
+        (vnni && any4 && Lp <= 256 && !A.zq)) {
         free(A.aq);
         free(A.sa);
         free(A.asum);
         free(A.ap);
         free(A.au);
+        free(A.zq);
         return -2;
     }
     int simd_prep = impl != MIX_IMPL_PORTABLE && mix_cpu_has(MIX_IMPL_AVX2);
@@ -731,7 +825,8 @@ int mix_cpu_qlinear(const void *x, int x_dtype, int64_t M, int64_t K, int64_t g,
     if (macs < (double)MACS_PER_THREAD * nthreads) nthreads = (int)(macs / MACS_PER_THREAD) + 1;
     if (nthreads > nb_total) nthreads = (int)nb_total;
     if (nthreads < 1) nthreads = 1;
-    int64_t per = rows_per_item(nb_total, nthreads), items = (nb_total + per - 1) / per;
+    int64_t per = rows_per_item(nb_total, nthreads, impl == MIX_IMPL_AVX512VNNI ? M : 1),
+            items = (nb_total + per - 1) / per;
     /* AVX2 at M >= 2: K blocks of expanded activations (kctx.x4), per thread; float sums of MC_X tokens.
      * An item's expansion serves its row blocks: items of up to 16 row blocks, 2 or more per thread. */
     const int expanded = impl == MIX_IMPL_AVX2 && M >= 2;
@@ -747,6 +842,7 @@ int mix_cpu_qlinear(const void *x, int x_dtype, int64_t M, int64_t K, int64_t g,
         free(A.asum);
         free(A.ap);
         free(A.au);
+        free(A.zq);
         return -2;
     }
     int bad = 0;
@@ -866,5 +962,6 @@ int mix_cpu_qlinear(const void *x, int x_dtype, int64_t M, int64_t K, int64_t g,
     free(A.asum);
     free(A.ap);
     free(A.au);
+    free(A.zq);
     return bad ? -1 : 0;
 }

@@ -14,8 +14,9 @@
  *          no horizontal reduction.
  *   tail   mix_cpu_tail: per row, an int32 that corrects the integer dot product, and the weight scale.
  *            4-bit: izero = the zero point z.  y = sw * sa * (sum_k code * a  -  z * sum_k a)
- *            8-bit: izero = 128 * sum_k w (what the u8-shifted activations a + 128 of the VNNI path
- *                   add: sum_k w * (a + 128) - izero = sum_k w * a); the other paths do not read it.
+ *            8-bit: izero = -128 * sum_k w (cancels what the u8-shifted activations a + 128 of the VNNI
+ *                   path add: izero + sum_k w * (a + 128) = sum_k w * a; the VNNI sums start from it);
+ *                   the other paths do not read it.
  * Padding (rows past N, k past the group's end) holds weight 0 (4-bit: code = zero point) and scale 0.
  * The layout is an in-memory cache rebuilt from the canonical codes (ops.QuantizedWeight.cpu_blob),
  * never saved, so it may change between versions. */
@@ -30,7 +31,7 @@
 #define MIX_CACHE_LINE       64
 
 typedef struct {
-    int32_t izero[MIX_RB]; /* 4-bit: zero point; 8-bit: 128 * sum_k w */
+    int32_t izero[MIX_RB]; /* 4-bit: zero point; 8-bit: -128 * sum_k w */
     float scale[MIX_RB];   /* weight scale of the row in this group; 0 for padding rows */
 } mix_cpu_tail;
 
