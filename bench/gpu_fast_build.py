@@ -51,7 +51,7 @@ def main():
     subprocess.check_call = build_step
     os.chdir(ROOT)
     setup = os.path.abspath("setup.py")
-    sys.argv = [setup, "build_ext", "--inplace", "-j", "2"]
+    sys.argv = [setup, "build_ext", "--inplace", "--force", "-j", "2"]
     exec(compile(open(setup).read(), setup, "exec"), {"__file__": setup, "__name__": "__main__"})
 
 
