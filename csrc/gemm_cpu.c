@@ -34,15 +34,16 @@
 #define MB_PORTABLE 8
 #define MC          256 /* tokens per pass over a row block: out[MC][16] floats (16 KB) per thread */
 _Static_assert(MC % MB_AVX512 == 0, "VNNI token tiles start at activation tiles (tile_index)");
-#define MC_X               64        /* AVX2 at M >= 2: tokens per pass over an item (float sums in L2) */
-#define XK_BYTES           16384     /* AVX2 at M >= 2: expanded activation bytes of one tile's K block (L1) */
-#define KC_BYTES           12288     /* weight bytes per K block: the block stays in L1 across the token tiles */
+#define MC_X     64    /* AVX2 at M >= 2: tokens per pass over an item (float sums in L2) */
+#define XK_BYTES 16384 /* AVX2 at M >= 2: expanded activation bytes of one tile's K block (L1) */
+#define KC_BYTES 12288 /* weight bytes per K block: the block stays in L1 across the token tiles */
+/* VNNI: weights from L2 (prefetched a line per step) keep pace, and longer K blocks load and store the
+ * float sums of each tile less often: 4x measured 3-5% faster at M = 128 than 12 KB (K = 4096, 11008). */
+#define KC_BYTES_VNNI      49152
 #define CHUNK              1024      /* activation values converted to float32 at a time */
 #define PREFETCH_BYTES     2048      /* software prefetch distance in the weight stream (M = 1 is bandwidth-bound) */
 #define PREP_SERIAL_VALUES (1 << 15) /* activations up to this many: quantized by the calling thread alone */
 #define MACS_PER_THREAD (1 << 20) /* below this many multiply-adds per thread, fewer threads: waking one costs more */
-
-static int g_exp; /* EXPERIMENT: remove */
 
 void mix_cpu_weight_geometry(int bits, int64_t N, int64_t K, int64_t g, mix_cpu_weight *w) {
     memset(w, 0, sizeof(*w));
@@ -107,20 +108,19 @@ typedef struct {
     float *sa;
     int32_t *asum;
     int64_t G, Lp;
-    /* VNNI only (else NULL), in tiles of tw tokens (tile_index): ap = aq (the 4-bit parts' broadcast
-     * operand), au = aq + 128 as u8 (the 8-bit parts' unsigned operand). Per tile and group, each 4 k
-     * hold the tile's tokens side by side, so a tile reads one sequential stream: rows of aq lie G * Lp
-     * bytes apart, often a multiple of 4 KB, and 8 tokens at one offset filled one L1 set (about 20%
-     * of the W8A8 time at K = 4096). */
+    /* VNNI only (else NULL): aq in tiles of tw tokens (tile_index), vpdpbusd's broadcast s8 operand.
+     * Per tile and group, each 4 k hold the tile's tokens side by side, so a tile reads one sequential
+     * stream: rows of aq lie G * Lp bytes apart, often a multiple of 4 KB, and 8 tokens at one offset
+     * filled one L1 set (about 20% of the W8A8 time at K = 4096). */
     int8_t *ap;
-    uint8_t *au;
     int64_t tw;
-    /* VNNI with a 4-bit part and Lp <= 256 only (else NULL), [M][G]: -asum as int16 in the low half,
-     * 0 in the high half: vpdpwssd's broadcast operand for the zero-point term (z is int16 z, 0). */
+    int ap_u8; /* layers of 8-bit parts only: ap holds aq + 128 as u8 (no xor per weight step) */
+    /* VNNI with Lp <= 256 only (else NULL), [M][G]: -asum as int16 in the low half, 0 in the high
+     * half: vpdpwssd's broadcast operand for the per-token terms (z * asum, 128 * asum). */
     int32_t *zq;
 } acts;
 
-/* Offset of (token m, group j, k = 4 * q) in ap / au. */
+/* Offset of (token m, group j, k = 4 * q) in ap. */
 static inline int64_t tile_index(const acts *A, int64_t m, int64_t j, int64_t q) {
     return (((m / A->tw) * A->G + j) * (A->Lp / 4) + q) * 4 * A->tw + (m % A->tw) * 4;
 }
@@ -220,12 +220,11 @@ static int prepare_group(const void *x, int dt, int64_t K, int64_t g, int64_t m,
             sum += codes_portable(v, n, s, dst + c);
     }
     memset(dst + len, 0, (size_t)(A->Lp - len));
-    for (int64_t q = 0; (A->ap || A->au) && q < A->Lp / 4; q++) {
+    for (int64_t q = 0; A->ap && q < A->Lp / 4; q++) {
         uint32_t v;
         memcpy(&v, dst + 4 * q, 4);
-        if (A->ap) memcpy(A->ap + tile_index(A, m, j, q), &v, 4);
-        v ^= 0x80808080u; /* a + 128, two's complement */
-        if (A->au) memcpy(A->au + tile_index(A, m, j, q), &v, 4);
+        if (A->ap_u8) v ^= 0x80808080u; /* a + 128, two's complement */
+        memcpy(A->ap + tile_index(A, m, j, q), &v, 4);
     }
     A->sa[m * A->G + j] = s;
     A->asum[m * A->G + j] = sum;
@@ -247,6 +246,9 @@ typedef struct {
      * at fixed offsets. expand_tile_avx2 writes it. */
     const uint8_t *x4;
     int64_t xj0;
+    /* VNNI with several token tiles: a cursor over the weights of the next K block, one line prefetched
+     * into L2 per step (a burst of prefetches stalled on the miss buffers: 9% of the time at M = 16). */
+    const char **pf, *pf_end;
 } kctx;
 
 static void rb_portable(const kctx *c, int64_t rb, int64_t m0, int MB, int64_t j0, int64_t j1, float *out) {
@@ -282,8 +284,10 @@ static void rb_portable(const kctx *c, int64_t rb, int64_t m0, int MB, int64_t j
 
 #ifdef __x86_64__
 #define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) inline
-/* vpdpbusd takes u8 x s8: 4-bit: codes (u8) x activations (s8); 8-bit: activations shifted to u8
- * (a + 128) x weights (s8), minus the tail's 128 * sum_k w. */
+/* vpdpbusd takes u8 x s8, the s8 operand broadcast from memory: 4-bit: codes (u8) x activations (s8),
+ * minus z * sum_k a; 8-bit: weights shifted to u8 (w + 128) x activations (s8), minus 128 * sum_k a.
+ * So both read one tiled activation copy (acts.ap); shifting the activations instead needed a second
+ * copy, and the two no longer fit L2 together at M = 128, K = 4096 (mixed layers 6% slower). */
 /* acc += u8 x (4 s8 at p, broadcast): the activations as vpdpbusd's embedded-broadcast memory operand.
  * Written out because GCC emits a separate vpbroadcastd per use for _mm512_set1_epi32 (plus register
  * copies around them): 16 extra vector instructions per 16 dot products in the 4-bit tile. */
@@ -313,21 +317,24 @@ static AVX512_TARGET void rb_avx512_tile(const kctx *c, int64_t rb, int64_t m0, 
     const acts *A = c->A;
     int64_t G = w->G, Lp = w->Lp;
     const __m512i low4 = _mm512_set1_epi8(15);
+    const char *pf = c->pf ? *c->pf : NULL, *pf_end = c->pf_end;
     __m512 accf[MB_AVX512];
     for (int t = 0; t < MB; t++) accf[t] = _mm512_loadu_ps(out + t * MIX_RB);
     for (int64_t j = j0; j < j1; j++) {
         const uint8_t *sec = w->blob + (rb * G + j) * w->section;
         const mix_cpu_tail *tail = section_tail(w, sec);
         __m512i acc[MB_AVX512];
-        if (w->bits == 8) /* the sums start at the tail's -128 * sum_k w: no subtraction per token */
-            for (int t = 0; t < MB; t++) acc[t] = _mm512_loadu_si512(tail->izero);
-        else
-            for (int t = 0; t < MB; t++) acc[t] = _mm512_setzero_si512();
+        for (int t = 0; t < MB; t++) acc[t] = _mm512_setzero_si512();
         const int64_t tw = A->tw; /* m0 starts a tile (MB_AVX512 divides MC) */
         if (w->bits == 4) {
             const int8_t *a0 = A->ap + tile_index(A, m0, j, 0);
             for (int64_t s = 0; s < Lp / 8; s++) {
-                if (MB == 1) _mm_prefetch((const char *)sec + MIX_STEP_BYTES * s + PREFETCH_BYTES, _MM_HINT_T0);
+                if (MB == 1)
+                    _mm_prefetch((const char *)sec + MIX_STEP_BYTES * s + PREFETCH_BYTES, _MM_HINT_T0);
+                else if (pf < pf_end) {
+                    _mm_prefetch(pf, _MM_HINT_T1);
+                    pf += MIX_CACHE_LINE;
+                }
                 __m512i v = _mm512_loadu_si512(sec + MIX_STEP_BYTES * s);
                 __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
                 for (int t = 0; t < MB; t++) {
@@ -339,26 +346,49 @@ static AVX512_TARGET void rb_avx512_tile(const kctx *c, int64_t rb, int64_t m0, 
             const __m512i z = _mm512_loadu_si512(tail->izero);
             if (A->zq) /* one vpdpwssd per token: z * -asum */
                 for (int t = 0; t < MB; t++) acc[t] = dpwssd_bcast(acc[t], z, A->zq + (m0 + t) * G + j);
-            else if (Lp <= 256) /* |asum| <= 127 * 256 fits int16 and z <= 15: one vpmaddwd (z * asum + 0 * 0)
-                              gives the same int32 as vpmulld at a third of its cost */
-                for (int t = 0; t < MB; t++)
-                    acc[t] = _mm512_sub_epi32(
-                        acc[t], _mm512_madd_epi16(z, _mm512_set1_epi32(A->asum[(m0 + t) * G + j] & 0xffff)));
             else
                 for (int t = 0; t < MB; t++)
                     acc[t] =
                         _mm512_sub_epi32(acc[t], _mm512_mullo_epi32(z, _mm512_set1_epi32(A->asum[(m0 + t) * G + j])));
-        } else {
-            const uint8_t *u0 = A->au + tile_index(A, m0, j, 0); /* a + 128, shifted once per call */
+        } else if (A->ap_u8) { /* 8-bit parts only: u8 activations (a + 128) x s8 weights, from the tail's
+                                  -128 * sum_k w */
+            const uint8_t *u0 = (const uint8_t *)A->ap + tile_index(A, m0, j, 0);
+            for (int t = 0; t < MB; t++) acc[t] = _mm512_loadu_si512(tail->izero);
             for (int64_t s = 0; s < Lp / 4; s++) {
-                if (MB == 1) _mm_prefetch((const char *)sec + MIX_STEP_BYTES * s + PREFETCH_BYTES, _MM_HINT_T0);
-                __m512i v = _mm512_loadu_si512(sec + MIX_STEP_BYTES * s);
+                if (MB == 1)
+                    _mm_prefetch((const char *)sec + MIX_STEP_BYTES * s + PREFETCH_BYTES, _MM_HINT_T0);
+                else if (pf < pf_end) {
+                    _mm_prefetch(pf, _MM_HINT_T1);
+                    pf += MIX_CACHE_LINE;
+                }
+                const __m512i v = _mm512_loadu_si512(sec + MIX_STEP_BYTES * s);
                 for (int t = 0; t < MB; t++) {
                     int32_t a4;
                     memcpy(&a4, u0 + 4 * (s * tw + t), 4);
                     acc[t] = dpbusd(acc[t], _mm512_set1_epi32(a4), v);
                 }
             }
+        } else { /* weights shifted to u8 (w + 128: one xor per step for MB tokens) x s8 activations,
+                    minus 128 * sum_k a per token */
+            const int8_t *a0 = A->ap + tile_index(A, m0, j, 0);
+            const __m512i x80 = _mm512_set1_epi8((char)0x80);
+            for (int64_t s = 0; s < Lp / 4; s++) {
+                if (MB == 1)
+                    _mm_prefetch((const char *)sec + MIX_STEP_BYTES * s + PREFETCH_BYTES, _MM_HINT_T0);
+                else if (pf < pf_end) {
+                    _mm_prefetch(pf, _MM_HINT_T1);
+                    pf += MIX_CACHE_LINE;
+                }
+                const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(sec + MIX_STEP_BYTES * s), x80); /* w + 128 */
+                for (int t = 0; t < MB; t++) acc[t] = dpbusd_bcast(acc[t], v, a0 + 4 * (s * tw + t));
+            }
+            if (A->zq) {
+                const __m512i c128 = _mm512_set1_epi32(128);
+                for (int t = 0; t < MB; t++) acc[t] = dpwssd_bcast(acc[t], c128, A->zq + (m0 + t) * G + j);
+            } else
+                for (int t = 0; t < MB; t++)
+                    acc[t] = _mm512_sub_epi32(acc[t],
+                                              _mm512_set1_epi32((int32_t)(128u * (uint32_t)A->asum[(m0 + t) * G + j])));
         }
         const __m512 sw = _mm512_loadu_ps(tail->scale);
         for (int t = 0; t < MB; t++) {
@@ -367,6 +397,7 @@ static AVX512_TARGET void rb_avx512_tile(const kctx *c, int64_t rb, int64_t m0, 
         }
     }
     for (int t = 0; t < MB; t++) _mm512_storeu_ps(out + t * MIX_RB, accf[t]);
+    if (c->pf) *c->pf = pf;
 }
 
 #define AVX2_TARGET __attribute__((target("avx2,fma"), always_inline)) inline
@@ -705,6 +736,29 @@ static __attribute__((target("avx512f"))) void store_rows_avx512(const mix_cpu_w
             _mm512_mask_storeu_ps(y + (m0 + t) * n_out + c0, mask, _mm512_add_ps(_mm512_loadu_ps(out + t * MIX_RB), b));
         return;
     }
+    const int64_t *cols = w->out_index + rb * MIX_RB;
+    int ascending = 1;
+    for (int r = 1; r < rows; r++) ascending &= cols[r] > cols[r - 1];
+    if (ascending && cols[rows - 1] - c0 < 32) {
+        /* Ascending columns within 32 of the first (a 4-bit block of a mixed layer: the 8-bit rows leave
+         * gaps): each half of that window takes its values in order by an expand, then a masked store. */
+        uint32_t win = 0;
+        for (int r = 0; r < rows; r++) win |= 1u << (cols[r] - c0);
+        const __mmask16 m_lo = (__mmask16)(win & 0xffff), m_hi = (__mmask16)(win >> 16);
+        const __m512i shift = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                               _mm512_set1_epi32(__builtin_popcount(win & 0xffff)));
+        const __m512 b_lo = bias ? _mm512_maskz_loadu_ps(m_lo, bias + c0) : _mm512_setzero_ps();
+        const __m512 b_hi = bias ? _mm512_maskz_loadu_ps(m_hi, bias + c0 + 16) : _mm512_setzero_ps();
+        for (int64_t t = 0; t < mb; t++) {
+            const __m512 v = _mm512_loadu_ps(out + t * MIX_RB);
+            float *yw = y + (m0 + t) * n_out + c0;
+            _mm512_mask_storeu_ps(yw, m_lo, _mm512_add_ps(_mm512_maskz_expand_ps(m_lo, v), b_lo));
+            if (m_hi)
+                _mm512_mask_storeu_ps(
+                    yw + 16, m_hi, _mm512_add_ps(_mm512_maskz_expand_ps(m_hi, _mm512_permutexvar_ps(shift, v)), b_hi));
+        }
+        return;
+    }
     const __m512i lo = _mm512_maskz_loadu_epi64((__mmask8)mask, w->out_index + rb * MIX_RB);
     const __m512i hi = _mm512_maskz_loadu_epi64((__mmask8)(mask >> 8), w->out_index + rb * MIX_RB + 8);
     __m512 b = _mm512_setzero_ps();
@@ -748,23 +802,20 @@ static void rb_all_tokens(const mix_cpu_weight *w, const acts *A, int64_t rb, in
                           const float *bias, void *y, int y_dtype, int64_t n_out) {
     int MB;
     tile_fn tile = pick(impl, w->bits, &MB);
-    kctx c = {w, A, NULL, 0};
-    const int64_t kcb = (g_exp & 16) ? KC_BYTES * 2 : KC_BYTES;
-    const int64_t G = w->G, kc = kcb / w->section > 1 ? kcb / w->section : 1;
+    const char *pf = NULL;
+    kctx c = {w, A, NULL, 0, &pf, NULL};
     const int vnni = impl == MIX_IMPL_AVX512VNNI;
+    const int64_t kcb = vnni ? KC_BYTES_VNNI : KC_BYTES;
+    const int64_t G = w->G, kc = kcb / w->section > 1 ? kcb / w->section : 1;
     for (int64_t mc0 = 0; mc0 < M; mc0 += MC) {
         const int64_t mcn = M - mc0 < MC ? M - mc0 : MC;
         memset(out, 0, (size_t)mcn * MIX_RB * sizeof(float));
         for (int64_t j0 = 0; j0 < G; j0 += kc) /* K blocks in order: the float steps stay ordered */
             for (int64_t m0 = mc0; m0 < mc0 + mcn; m0 += MB) {
                 int mb = (int)(mc0 + mcn - m0 < MB ? mc0 + mcn - m0 : MB);
-                if (vnni && mcn > MB) {
-                    /* Into L2, a slice per token tile: the weights of the next K block (or row block),
-                     * so that their memory latency overlaps this block's tiles. */
-                    const int64_t ntl = (mcn + MB - 1) / MB, tl = (m0 - mc0) / MB, bytes = kc * w->section;
-                    const char *nx = (const char *)w->blob + (rb * G + j0 + kc) * w->section;
-                    for (int64_t o = bytes * tl / ntl / 64 * 64; o < bytes * (tl + 1) / ntl; o += MIX_CACHE_LINE)
-                        _mm_prefetch(nx + o, _MM_HINT_T1);
+                if (vnni && mcn > MB && m0 == mc0) { /* the next K block (or row block) */
+                    pf = (const char *)w->blob + (rb * G + j0 + kc) * w->section;
+                    c.pf_end = pf + kc * w->section;
                 }
                 /* VNNI: each tile's outputs are stored as soon as they are final, their lines of y
                  * write-prefetched (y is larger than L2: an RFO per line stalled the stores). */
@@ -785,12 +836,6 @@ int mix_cpu_qlinear(const void *x, int x_dtype, int64_t M, int64_t K, int64_t g,
     if (M == 0 || n_out == 0) return 0;
     int64_t G = mix_ngroups(K, g), Lp = (g + MIX_K_ALIGN - 1) / MIX_K_ALIGN * MIX_K_ALIGN;
     impl = resolve(impl);
-    g_exp = getenv("MIX_EXP") ? atoi(getenv("MIX_EXP")) : 0;
-    int any8 = 0, any4 = 0;
-    for (int p = 0; p < nparts; p++) {
-        any8 |= parts[p].bits == 8;
-        any4 |= parts[p].bits == 4;
-    }
     const int vnni = impl == MIX_IMPL_AVX512VNNI;
     const int64_t tw = M < MB_AVX512 ? M : MB_AVX512, mpad = (M + tw - 1) / tw * tw;
     acts A = {malloc((size_t)(M * G * Lp)),
@@ -798,25 +843,43 @@ int mix_cpu_qlinear(const void *x, int x_dtype, int64_t M, int64_t K, int64_t g,
               malloc((size_t)(M * G) * sizeof(int32_t)),
               G,
               Lp,
-              vnni && any4 ? malloc((size_t)(mpad * G * Lp)) : NULL,
-              vnni && any8 ? malloc((size_t)(mpad * G * Lp)) : NULL,
+              vnni ? malloc((size_t)(mpad * G * Lp)) : NULL,
               tw,
-              vnni && any4 && Lp <= 256 ? malloc((size_t)(M * G) * sizeof(int32_t)) : NULL};
-    if (!A.aq || !A.sa || !A.asum || (vnni && any4 && !A.ap) || (vnni && any8 && !A.au) ||
-        (vnni && any4 && Lp <= 256 && !A.zq)) {
+              0,
+              vnni && Lp <= 256 ? malloc((size_t)(M * G) * sizeof(int32_t)) : NULL};
+    if (!A.aq || !A.sa || !A.asum || (vnni && !A.ap) || (vnni && Lp <= 256 && !A.zq)) {
         free(A.aq);
         free(A.sa);
         free(A.asum);
         free(A.ap);
-        free(A.au);
         free(A.zq);
         return -2;
     }
+    A.ap_u8 = 1;
+    for (int p = 0; p < nparts; p++) A.ap_u8 &= parts[p].bits == 8;
     int simd_prep = impl != MIX_IMPL_PORTABLE && mix_cpu_has(MIX_IMPL_AVX2);
     int64_t nb[8], nb_total = 0;
     for (int p = 0; p < nparts; p++) {
         nb[p] = (parts[p].N + MIX_RB - 1) / MIX_RB;
         nb_total += nb[p];
+    }
+    /* VNNI at M >= 8 with several parts: row blocks in order of their first output column (a merge of
+     * the parts), so that a block's lines of y are still cached from its neighbours' stores (the 8-bit
+     * part's blocks spread over ten times the columns of a 4-bit one). */
+    int32_t *order = NULL;
+    if (impl == MIX_IMPL_AVX512VNNI && M >= 8 && nparts > 1 && (order = malloc((size_t)nb_total * sizeof(int32_t)))) {
+        int64_t next[8] = {0}, base[8];
+        for (int p = 0, b = 0; p < nparts; b += (int)nb[p], p++) base[p] = b;
+        for (int64_t i = 0; i < nb_total; i++) {
+            int best = -1;
+            int64_t key = 0;
+            for (int p = 0; p < nparts; p++) {
+                if (next[p] >= nb[p]) continue;
+                int64_t k = parts[p].out_index ? parts[p].out_index[next[p] * MIX_RB] : next[p] * MIX_RB;
+                if (best < 0 || k < key) best = p, key = k;
+            }
+            order[i] = (int32_t)(base[best] + next[best]++);
+        }
     }
     /* Small layers run on fewer threads: waking a thread (worse: waiting for a descheduled one on a
      * loaded machine) costs more than it saves. */
@@ -837,11 +900,11 @@ int mix_cpu_qlinear(const void *x, int x_dtype, int64_t M, int64_t K, int64_t g,
     const int64_t mcx = M < MC_X ? M : MC_X;
     float *xout = NULL; /* per thread: float sums [row block of the item][token of the pass][16] */
     if (expanded && !(xout = malloc((size_t)nthreads * 16 * (size_t)mcx * MIX_RB * sizeof(float)))) {
+        free(order);
         free(A.aq);
         free(A.sa);
         free(A.asum);
         free(A.ap);
-        free(A.au);
         free(A.zq);
         return -2;
     }
@@ -926,7 +989,7 @@ int mix_cpu_qlinear(const void *x, int x_dtype, int64_t M, int64_t K, int64_t g,
                                                      _MM_HINT_T1);
                                 }
                                 for (int64_t o = lo; o < hi; o += MIX_CACHE_LINE) _mm_prefetch(nx + o, _MM_HINT_T1);
-                                kctx c = {wp, &A, x4, j0};
+                                kctx c = {wp, &A, x4, j0, NULL, NULL};
                                 rbx4_avx2(&c, rbb[b - b0], m0, mb, j0, j1,
                                           out + ((b - b0) * mcn + (m0 - mc0)) * MIX_RB);
                             }
@@ -946,7 +1009,7 @@ int mix_cpu_qlinear(const void *x, int x_dtype, int64_t M, int64_t K, int64_t g,
                 float out[MC * MIX_RB];
                 for (int64_t b = item * per; b < (item + 1) * per && b < nb_total; b++) {
                     int p = 0;
-                    int64_t rb = b;
+                    int64_t rb = order ? order[b] : b;
                     while (rb >= nb[p]) {
                         rb -= nb[p];
                         p++;
@@ -957,11 +1020,11 @@ int mix_cpu_qlinear(const void *x, int x_dtype, int64_t M, int64_t K, int64_t g,
         }
     }
     free(xout);
+    free(order);
     free(A.aq);
     free(A.sa);
     free(A.asum);
     free(A.ap);
-    free(A.au);
     free(A.zq);
     return bad ? -1 : 0;
 }

@@ -14,9 +14,9 @@
  *          no horizontal reduction.
  *   tail   mix_cpu_tail: per row, an int32 that corrects the integer dot product, and the weight scale.
  *            4-bit: izero = the zero point z.  y = sw * sa * (sum_k code * a  -  z * sum_k a)
- *            8-bit: izero = -128 * sum_k w (cancels what the u8-shifted activations a + 128 of the VNNI
- *                   path add: izero + sum_k w * (a + 128) = sum_k w * a; the VNNI sums start from it);
- *                   the other paths do not read it.
+ *            8-bit: izero = -128 * sum_k w (cancels what u8-shifted activations a + 128 add: izero +
+ *                   sum_k w * (a + 128) = sum_k w * a); read only by the VNNI path for layers of 8-bit
+ *                   parts only, whose sums start from it.
  * Padding (rows past N, k past the group's end) holds weight 0 (4-bit: code = zero point) and scale 0.
  * The layout is an in-memory cache rebuilt from the canonical codes (ops.QuantizedWeight.cpu_blob),
  * never saved, so it may change between versions. */

@@ -285,3 +285,86 @@ def test_prepared_layer_refuses_bad_parts(rng):
     with pytest.raises(ValueError, match="n_out=20"):
         ops.PreparedCPULinear([(W, None)], 20)
     assert ops.check_parts([(W, None)], 16) == (256, 128)
+
+
+def _sorted_mixed_layer(rng, N, K, g, n8, contiguous=False):
+    """Like _mixed_layer, with each part's rows in ascending output order as MixedLinear stores them
+    (the VNNI stores then take a masked store or an expand per block instead of a scatter); with
+    ``contiguous`` the 8-bit rows are the first n8 outputs, so every 4-bit block's columns are
+    consecutive."""
+    idx8 = np.arange(n8) if contiguous else np.sort(rng.permutation(N)[:n8])
+    idx4 = np.setdiff1d(np.arange(N), idx8)
+    w = rng.standard_normal((N, K)).astype(np.float32) * 0.05
+    q8, s8, _ = ops.quantize_weight(w[idx8], 8, g)
+    q4, s4, z4 = ops.quantize_weight(w[idx4], 4, g)
+    W8 = ops.QuantizedWeight.from_codes(q8, s8, None, 8, g)
+    W4 = ops.QuantizedWeight.from_codes(q4, s4, z4, 4, g)
+
+    def ref_fn(x, bias):
+        y = np.zeros((x.shape[0], N))
+        y[:, idx8] = ref.qlinear(x, q8, s8, None, g, bias[idx8])
+        y[:, idx4] = ref.qlinear(x, q4, s4, z4, g, bias[idx4])
+        return y
+
+    return W4, W8, idx4, idx8, ref_fn
+
+
+# The VNNI driver (csrc/gemm_cpu.c): K blocks of up to 42 (4-bit) / 22 (8-bit) groups of 128, so G = 46
+# has a partial last block on both; M = 19 gives token tiles of 8 + 8 + 3 (the weight prefetch cursor,
+# per-tile stores), M = 263 a second pass of 256 tokens, M = 1 and 5 a single narrow tile; N = 77 and 300
+# end in partial row blocks; K = 45 * 128 + 37 ends in a partial group.
+VNNI_SHAPES = [
+    (19, 77, 45 * 128 + 37, 128),
+    (263, 40, 300, 128),
+    (5, 300, 1000, 128),
+    (1, 77, 2000, 128),
+    (9, 50, 640, 64),
+]
+
+
+@pytest.mark.parametrize("M,N,K,g", VNNI_SHAPES)
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_sorted_mixed_layers_bit_identical_and_accurate(rng, M, N, K, g, contiguous):
+    W4, W8, idx4, idx8, ref_fn = _sorted_mixed_layer(rng, N, K, g, max(1, N // 10), contiguous)
+    x = (rng.standard_normal((M, K)) * 2).astype(np.float32)
+    for bias in (None, rng.standard_normal(N).astype(np.float32)):
+        ys = {impl: ops.mixed_linear(x, W4, W8, idx4, idx8, bias, impl=impl) for impl in IMPLS}
+        for impl, y in ys.items():
+            np.testing.assert_array_equal(y.view(np.uint32), ys["portable"].view(np.uint32), err_msg=impl)
+        assert_close(ys["portable"], ref_fn(x, np.zeros(N, np.float32) if bias is None else bias))
+
+
+@pytest.mark.parametrize("M,N,K,g", VNNI_SHAPES)
+def test_all_8bit_layer_bit_identical_and_accurate(rng, M, N, K, g):
+    """A layer of 8-bit parts only: the VNNI path shifts the activations to u8 there (acts.ap_u8),
+    in mixed layers the weights; both must give the portable path's bits."""
+    W, codes, scale, zero = make_weight(rng, N, K, 8, g)
+    x = (rng.standard_normal((M, K)) * 2).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32)
+    ys = {impl: ops.w8a8_linear(x, W, bias, impl=impl) for impl in IMPLS}
+    for impl, y in ys.items():
+        np.testing.assert_array_equal(y.view(np.uint32), ys["portable"].view(np.uint32), err_msg=impl)
+    assert_close(ys["portable"], ref.qlinear(x, codes, scale, zero, g, bias))
+    # two 8-bit parts with an output index: the same bits as one part
+    perm = rng.permutation(N)
+    a, b = np.sort(perm[: N // 2]), np.sort(perm[N // 2 :])
+    W8a = ops.QuantizedWeight.from_codes(codes[a], scale[a], None, 8, g)
+    W8b = ops.QuantizedWeight.from_codes(codes[b], scale[b], None, 8, g)
+    for impl in IMPLS:
+        f = ops.PreparedCPULinear([(W8a, torch.from_numpy(a)), (W8b, torch.from_numpy(b))], N, impl=impl)
+        y2 = f(torch.from_numpy(x)).numpy() + bias
+        np.testing.assert_allclose(y2, ys["portable"], rtol=1e-6, atol=1e-6 * np.abs(ys["portable"]).max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_output_several_tiles(rng, dtype):
+    """Non-float32 outputs through the per-tile stores of the VNNI path (M = 19: three token tiles)."""
+    W4, W8, idx4, idx8, _ = _sorted_mixed_layer(rng, 50, 640, 128, 5)
+    x = torch.from_numpy(rng.standard_normal((19, 640)).astype(np.float32)).to(dtype)
+    ys = {
+        impl: ops.PreparedCPULinear([(W4, torch.from_numpy(idx4)), (W8, torch.from_numpy(idx8))], 50, impl=impl)(x)
+        for impl in IMPLS
+    }
+    for impl, y in ys.items():
+        assert y.dtype == dtype
+        assert torch.equal(y.view(torch.int16), ys["portable"].view(torch.int16)), impl
