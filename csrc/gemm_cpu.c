@@ -120,6 +120,12 @@ typedef struct {
     int32_t *zq;
 } acts;
 
+/* Index of (token m, group j) in sa, asum, zq: VNNI (ap set) in tiles too, so that a tile's 8 scales
+ * lie side by side (8 pointers strided by G had GCC spill registers in the tile's epilogue). */
+static inline int64_t scal_index(const acts *A, int64_t m, int64_t j) {
+    return A->ap ? ((m / A->tw) * A->G + j) * A->tw + m % A->tw : m * A->G + j;
+}
+
 /* Offset of (token m, group j, k = 4 * q) in ap. */
 static inline int64_t tile_index(const acts *A, int64_t m, int64_t j, int64_t q) {
     return (((m / A->tw) * A->G + j) * (A->Lp / 4) + q) * 4 * A->tw + (m % A->tw) * 4;
@@ -226,9 +232,10 @@ static __attribute__((target("avx512f,avx512bw"))) int prepare_group_avx512(cons
         }
     }
     const int32_t asum = _mm512_reduce_add_epi32(sum);
-    A->sa[m * A->G + j] = s;
-    A->asum[m * A->G + j] = asum;
-    if (A->zq) A->zq[m * A->G + j] = (int32_t)(uint16_t)(int16_t)-asum; /* |asum| <= 127 * 256 */
+    const int64_t si = scal_index(A, m, j);
+    A->sa[si] = s;
+    A->asum[si] = asum;
+    if (A->zq) A->zq[si] = (int32_t)(uint16_t)(int16_t)-asum; /* |asum| <= 127 * 256 */
     return finite != 0xffff;
 }
 #endif
@@ -272,9 +279,10 @@ static int prepare_group(const void *x, int dt, int64_t K, int64_t g, int64_t m,
         if (A->ap_u8) v ^= 0x80808080u; /* a + 128, two's complement */
         memcpy(A->ap + tile_index(A, m, j, q), &v, 4);
     }
-    A->sa[m * A->G + j] = s;
-    A->asum[m * A->G + j] = sum;
-    if (A->zq) A->zq[m * A->G + j] = (int32_t)(uint16_t)(int16_t)-sum; /* |sum| <= 127 * 256 */
+    const int64_t si = scal_index(A, m, j);
+    A->sa[si] = s;
+    A->asum[si] = sum;
+    if (A->zq) A->zq[si] = (int32_t)(uint16_t)(int16_t)-sum; /* |sum| <= 127 * 256 */
     return bad;
 }
 
@@ -364,8 +372,6 @@ static AVX512_TARGET void rb_avx512_tile(const kctx *c, int64_t rb, int64_t m0, 
     int64_t G = w->G;
     const __m512i low4 = _mm512_set1_epi8(15);
     const char *pf = c->pf ? *c->pf : NULL, *pf_end = c->pf_end;
-    __m512 accf[MB_AVX512];
-    for (int t = 0; t < MB; t++) accf[t] = _mm512_loadu_ps(out + t * MIX_RB);
     for (int64_t j = j0; j < j1; j++) {
         const uint8_t *sec = w->blob + (rb * G + j) * w->section;
         const mix_cpu_tail *tail = section_tail(w, sec);
@@ -375,6 +381,7 @@ static AVX512_TARGET void rb_avx512_tile(const kctx *c, int64_t rb, int64_t m0, 
         /* Steps past the group's last k hold weight 0 x activation 0: skipped (K = 576 in groups of 128
          * ends in half a group, 10% of the work). */
         const int64_t len = w->K - j * w->g < w->g ? w->K - j * w->g : w->g;
+        const int64_t si = scal_index(A, m0, j); /* token m0 + t at si + t */
         if (w->bits == 4) {
             const int8_t *a0 = A->ap + tile_index(A, m0, j, 0);
             for (int64_t s = 0; s < (len + 7) / 8; s++) {
@@ -394,11 +401,10 @@ static AVX512_TARGET void rb_avx512_tile(const kctx *c, int64_t rb, int64_t m0, 
             }
             const __m512i z = _mm512_loadu_si512(tail->izero);
             if (A->zq) /* one vpdpwssd per token: z * -asum */
-                for (int t = 0; t < MB; t++) acc[t] = dpwssd_bcast(acc[t], z, A->zq + (m0 + t) * G + j);
+                for (int t = 0; t < MB; t++) acc[t] = dpwssd_bcast(acc[t], z, A->zq + si + t);
             else
                 for (int t = 0; t < MB; t++)
-                    acc[t] =
-                        _mm512_sub_epi32(acc[t], _mm512_mullo_epi32(z, _mm512_set1_epi32(A->asum[(m0 + t) * G + j])));
+                    acc[t] = _mm512_sub_epi32(acc[t], _mm512_mullo_epi32(z, _mm512_set1_epi32(A->asum[si + t])));
         } else if (A->ap_u8) { /* 8-bit parts only: u8 activations (a + 128) x s8 weights, from the tail's
                                   -128 * sum_k w */
             const uint8_t *u0 = (const uint8_t *)A->ap + tile_index(A, m0, j, 0);
@@ -433,19 +439,19 @@ static AVX512_TARGET void rb_avx512_tile(const kctx *c, int64_t rb, int64_t m0, 
             }
             if (A->zq) {
                 const __m512i c128 = _mm512_set1_epi32(128);
-                for (int t = 0; t < MB; t++) acc[t] = dpwssd_bcast(acc[t], c128, A->zq + (m0 + t) * G + j);
+                for (int t = 0; t < MB; t++) acc[t] = dpwssd_bcast(acc[t], c128, A->zq + si + t);
             } else
                 for (int t = 0; t < MB; t++)
-                    acc[t] = _mm512_sub_epi32(acc[t],
-                                              _mm512_set1_epi32((int32_t)(128u * (uint32_t)A->asum[(m0 + t) * G + j])));
+                    acc[t] = _mm512_sub_epi32(acc[t], _mm512_set1_epi32((int32_t)(128u * (uint32_t)A->asum[si + t])));
         }
         const __m512 sw = _mm512_loadu_ps(tail->scale);
         for (int t = 0; t < MB; t++) {
-            __m512 scale = _mm512_mul_ps(sw, _mm512_set1_ps(A->sa[(m0 + t) * G + j]));
-            accf[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t]), scale, accf[t]);
+            /* the float sums stay in out (L1): in registers GCC kept a stack copy of each anyway */
+            __m512 scale = _mm512_mul_ps(sw, _mm512_set1_ps(A->sa[si + t]));
+            _mm512_storeu_ps(out + t * MIX_RB,
+                             _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t]), scale, _mm512_loadu_ps(out + t * MIX_RB)));
         }
     }
-    for (int t = 0; t < MB; t++) _mm512_storeu_ps(out + t * MIX_RB, accf[t]);
     if (c->pf) *c->pf = pf;
 }
 
@@ -888,14 +894,14 @@ int mix_cpu_qlinear(const void *x, int x_dtype, int64_t M, int64_t K, int64_t g,
     const int vnni = impl == MIX_IMPL_AVX512VNNI;
     const int64_t tw = M < MB_AVX512 ? M : MB_AVX512, mpad = (M + tw - 1) / tw * tw;
     acts A = {malloc((size_t)(M * G * Lp)),
-              malloc((size_t)(M * G) * sizeof(float)),
-              malloc((size_t)(M * G) * sizeof(int32_t)),
+              malloc((size_t)(mpad * G) * sizeof(float)),
+              malloc((size_t)(mpad * G) * sizeof(int32_t)),
               G,
               Lp,
               vnni ? malloc((size_t)(mpad * G * Lp)) : NULL,
               tw,
               0,
-              vnni && Lp <= 256 ? malloc((size_t)(M * G) * sizeof(int32_t)) : NULL};
+              vnni && Lp <= 256 ? malloc((size_t)(mpad * G) * sizeof(int32_t)) : NULL};
     if (!A.aq || !A.sa || !A.asum || (vnni && !A.ap) || (vnni && Lp <= 256 && !A.zq)) {
         free(A.aq);
         free(A.sa);
