@@ -175,6 +175,17 @@ class MixedLinear(nn.Module):
         w4, w8, i4, i8 = self._parts()
         for w, idx in ((w4, i4), (w8, i8)):
             if w is not None:
+                # the C ops read host memory: a layer kept on a GPU (e.g. without the CUDA extension,
+                # where forward emulates the kernels) dequantizes from host copies
+                if torch.is_tensor(w.qweight) and w.qweight.device.type != "cpu":
+                    w = ops.QuantizedWeight(
+                        w.bits,
+                        w.group_size,
+                        w.shape,
+                        w.qweight.cpu(),
+                        w.scale.cpu(),
+                        None if w.zero is None else w.zero.cpu(),
+                    )
                 W[idx] = torch.as_tensor(w.dequantize()).to(W.device)
         return W
 

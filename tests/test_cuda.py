@@ -499,6 +499,22 @@ def test_prepared_layer_owns_its_indices(rng):
             cuda_ops.PreparedLinear([(W4, b4.to(DEV)), (W8, b8.to(DEV))], 256, None, DEV)
 
 
+def test_mixed_linear_emulated_on_cuda_without_kernels(rng, monkeypatch):
+    """A MixedLinear on the GPU when the CUDA kernels are not available (a build without nvcc) runs
+    its torch emulation; its weights are dequantized from host copies (the C ops read host memory)."""
+    from mixllm.nn import MixedLinear
+
+    lin = torch.nn.Linear(300, 130)
+    m_cpu = MixedLinear.from_linear(lin, rows8=list(range(0, 130, 9)))
+    xt, x32 = make_x(rng, 3, 300, torch.float32)
+    monkeypatch.setattr(ops, "cuda_available", lambda: False)
+    m = MixedLinear.from_linear(lin, rows8=list(range(0, 130, 9))).to(DEV)
+    y = m(xt)
+    assert y.is_cuda and "w" in m._cache
+    torch.testing.assert_close(m._cache["w"].cpu(), m_cpu.dequantized_weight())
+    assert_close(y, m_cpu(torch.from_numpy(x32)).double().numpy(), torch.float32)
+
+
 def test_mixed_linear_module_index_ownership(rng):
     from mixllm.nn import MixedLinear
 
