@@ -350,11 +350,13 @@ static inline __attribute__((target("avx512f,avx512vnni"), always_inline)) __m51
     __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(u8), "m"(*(const int32_t *)p));
     return acc;
 }
-/* acc += u8 x s8 in registers. The intrinsic's tied destination made GCC 12 copy every accumulator
- * twice per step (16 vmovdqa per 8 dot products in the 8-bit tile, seen with perf annotate). */
-static inline __attribute__((target("avx512f,avx512vnni"), always_inline)) __m512i dpbusd(__m512i acc, __m512i u8,
-                                                                                          __m512i s8) {
-    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+/* acc += (4 u8 at p, broadcast) x s8, the broadcast and the dot product in one asm: with the intrinsics
+ * GCC 12 copied accumulators around each vpdpbusd (vmovdqa64 per step, seen with objdump). */
+static inline __attribute__((target("avx512f,avx512vnni"), always_inline)) __m512i dpbusd_u8bcast(__m512i acc,
+                                                                                                  const uint8_t *p,
+                                                                                                  __m512i s8) {
+    __m512i b;
+    __asm__("vpbroadcastd %2, %1\n\tvpdpbusd %3, %1, %0" : "+v"(acc), "=&v"(b) : "m"(*(const int32_t *)p), "v"(s8));
     return acc;
 }
 
@@ -417,11 +419,7 @@ static AVX512_TARGET void rb_avx512_tile(const kctx *c, int64_t rb, int64_t m0, 
                     pf += MIX_CACHE_LINE;
                 }
                 const __m512i v = _mm512_loadu_si512(sec + MIX_STEP_BYTES * s);
-                for (int t = 0; t < MB; t++) {
-                    int32_t a4;
-                    memcpy(&a4, u0 + 4 * (s * tw + t), 4);
-                    acc[t] = dpbusd(acc[t], _mm512_set1_epi32(a4), v);
-                }
+                for (int t = 0; t < MB; t++) acc[t] = dpbusd_u8bcast(acc[t], u0 + 4 * (s * tw + t), v);
             }
         } else { /* weights shifted to u8 (w + 128: one xor per step for MB tokens) x s8 activations,
                     minus 128 * sum_k a per token */
