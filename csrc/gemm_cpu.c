@@ -13,10 +13,11 @@
  * and AVX-512 VNNI (vpdpbusd); chosen at run time with __builtin_cpu_supports (resolve(): "auto" takes
  * the fastest the CPU has: VNNI, else AVX2, else portable).
  * Threads split the output rows (row blocks), never K: each output is written by one thread.
- * Blocking (rb_all_tokens): per row block, one K block of weights at a time stays in L1 while tiles
- * of MB tokens sweep over it. AVX2 4-bit at M >= 2 instead keeps a tile's expanded activations in L1
- * and sweeps the row blocks of a work item over them (see the driver); every path keeps each output's
- * float steps in group order. */
+ * Blocking (rb_all_tokens): per row block, one K block of weights at a time (L1; VNNI: 48 KB in L2,
+ * the next block prefetched a line per step) while tiles of MB tokens sweep over it; VNNI reads the
+ * activations in tiles of 8 tokens (acts.ap) and stores each tile's outputs once final. AVX2 4-bit at
+ * M >= 2 instead keeps a tile's expanded activations in L1 and sweeps the row blocks of a work item
+ * over them (see the driver); every path keeps each output's float steps in group order. */
 #include "dlpack_bridge.h" /* first: it includes Python.h */
 #include "gemm_cpu.h"
 #include "quant.h"
@@ -866,9 +867,11 @@ static void rb_all_tokens(const mix_cpu_weight *w, const acts *A, int64_t rb, in
         for (int64_t j0 = 0; j0 < G; j0 += kc) /* K blocks in order: the float steps stay ordered */
             for (int64_t m0 = mc0; m0 < mc0 + mcn; m0 += MB) {
                 int mb = (int)(mc0 + mcn - m0 < MB ? mc0 + mcn - m0 : MB);
-                if (vnni && mcn > MB && m0 == mc0) { /* the next K block (or row block) */
-                    pf = (const char *)w->blob + (rb * G + j0 + kc) * w->section;
-                    c.pf_end = pf + kc * w->section;
+                if (vnni && mcn > MB && m0 == mc0) { /* the next K block (or row block), within the blob */
+                    const int64_t end = (w->N + MIX_RB - 1) / MIX_RB * G, s0 = rb * G + j0 + kc;
+                    const int64_t s1 = s0 + kc < end ? s0 + kc : end;
+                    pf = (const char *)w->blob + (s0 < end ? s0 : end) * w->section;
+                    c.pf_end = (const char *)w->blob + s1 * w->section;
                 }
                 /* VNNI: each tile's outputs are stored as soon as they are final, their lines of y
                  * write-prefetched (y is larger than L2: an RFO per line stalled the stores). */
