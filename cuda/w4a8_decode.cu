@@ -45,20 +45,19 @@ struct DArgs {
     void *y;
 };
 
+/* d += A B on the m16n8k32 int8 tensor-core shape; U8: A holds unsigned bytes (the raw 4-bit codes,
+ * without the zero point subtracted first), else signed. */
+template <bool U8 = false>
 __device__ __forceinline__ void dec_mma(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
                                         uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-/* The same with unsigned A: the raw 4-bit codes, without subtracting the zero point first. */
-__device__ __forceinline__ void dec_mma_u8(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                                           uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    if constexpr (U8)
+        asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+            : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    else
+        asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+            : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
 /* -z in every byte (two's complement), z = 0..255: the A operand whose product with a k-step's
@@ -248,11 +247,11 @@ __device__ __forceinline__ void decode_range(const DArgs &a, const DPart &p, int
             /* two independent accumulator chains (+ the zero-point chain at 4 bits) */
             int i0[4] = {0, 0, 0, 0}, i1[4] = {0, 0, 0, 0}, iz[4] = {0, 0, 0, 0};
             if (BITS == 4) {
-                dec_mma_u8(i0, af[0][0], af[0][1], af[0][2], af[0][3], b[t][0].x, b[t][0].y);
-                dec_mma_u8(i1, af[1][0], af[1][1], af[1][2], af[1][3], b[t][1].x, b[t][1].y);
+                dec_mma<true>(i0, af[0][0], af[0][1], af[0][2], af[0][3], b[t][0].x, b[t][0].y);
+                dec_mma<true>(i1, af[1][0], af[1][1], af[1][2], af[1][3], b[t][1].x, b[t][1].y);
                 dec_mma(iz, nz0, nz1, nz0, nz1, b[t][0].x, b[t][0].y);
-                dec_mma_u8(i0, af[2][0], af[2][1], af[2][2], af[2][3], b[t][2].x, b[t][2].y);
-                dec_mma_u8(i1, af[3][0], af[3][1], af[3][2], af[3][3], b[t][3].x, b[t][3].y);
+                dec_mma<true>(i0, af[2][0], af[2][1], af[2][2], af[2][3], b[t][2].x, b[t][2].y);
+                dec_mma<true>(i1, af[3][0], af[3][1], af[3][2], af[3][3], b[t][3].x, b[t][3].y);
                 dec_mma(iz, nz0, nz1, nz0, nz1, b[t][1].x, b[t][1].y);
                 dec_mma(iz, nz0, nz1, nz0, nz1, b[t][2].x, b[t][2].y);
                 dec_mma(iz, nz0, nz1, nz0, nz1, b[t][3].x, b[t][3].y);
