@@ -39,7 +39,7 @@ _Static_assert(MC % MB_AVX512 == 0, "VNNI token tiles start at activation tiles 
 #define XK_BYTES 16384 /* AVX2 at M >= 2: expanded activation bytes of one tile's K block (L1) */
 #define KC_BYTES 12288 /* weight bytes per K block: the block stays in L1 across the token tiles */
 /* VNNI: weights from L2 (prefetched a line per step) keep pace, and longer K blocks load and store the
- * float sums of each tile less often: 4x measured 3-5% faster at M = 128 than 12 KB (K = 4096, 11008). */
+ * float sums of each tile less often: 4x measured 2-5% faster at M = 128 than 12 KB (K = 4096, 11008). */
 #define KC_BYTES_VNNI      49152
 #define CHUNK              1024      /* activation values converted to float32 at a time */
 #define PREFETCH_BYTES     2048      /* software prefetch distance in the weight stream (M = 1 is bandwidth-bound) */
@@ -112,7 +112,7 @@ typedef struct {
     /* VNNI only (else NULL): aq in tiles of tw tokens (tile_index), vpdpbusd's broadcast s8 operand.
      * Per tile and group, each 4 k hold the tile's tokens side by side, so a tile reads one sequential
      * stream: rows of aq lie G * Lp bytes apart, often a multiple of 4 KB, and 8 tokens at one offset
-     * filled one L1 set (about 20% of the W8A8 time at K = 4096). */
+     * filled one L1 set (README "CPU kernel speed": W8A8 9-13% faster at K = 4096 with the asm fix). */
     int8_t *ap;
     int64_t tw;
     int ap_u8; /* layers of 8-bit parts only: ap holds aq + 128 as u8 (no xor per weight step) */
