@@ -368,6 +368,19 @@ static inline __attribute__((target("avx512f,avx512vnni"), always_inline)) __m51
     return acc;
 }
 
+/* Prefetch for step s of a section: one token (the weights stream from memory) a fixed distance ahead
+ * in this section; more tokens (each weight line serves MB of them) one line per step of the next K
+ * block, through the cursor *pf (a burst of prefetches measured 9% slower at M = 16). */
+static inline __attribute__((always_inline)) void prefetch_step(const uint8_t *sec, int64_t s, int MB, const char **pf,
+                                                                const char *pf_end) {
+    if (MB == 1)
+        _mm_prefetch((const char *)sec + MIX_STEP_BYTES * s + PREFETCH_BYTES, _MM_HINT_T0);
+    else if (*pf < pf_end) {
+        _mm_prefetch(*pf, _MM_HINT_T1);
+        *pf += MIX_CACHE_LINE;
+    }
+}
+
 static AVX512_TARGET void rb_avx512_tile(const kctx *c, int64_t rb, int64_t m0, const int MB, int64_t j0, int64_t j1,
                                          float *out) {
     const mix_cpu_weight *w = c->w;
@@ -388,12 +401,7 @@ static AVX512_TARGET void rb_avx512_tile(const kctx *c, int64_t rb, int64_t m0, 
         if (w->bits == 4) {
             const int8_t *a0 = A->ap + tile_index(A, m0, j, 0);
             for (int64_t s = 0; s < (len + 7) / 8; s++) {
-                if (MB == 1)
-                    _mm_prefetch((const char *)sec + MIX_STEP_BYTES * s + PREFETCH_BYTES, _MM_HINT_T0);
-                else if (pf < pf_end) {
-                    _mm_prefetch(pf, _MM_HINT_T1);
-                    pf += MIX_CACHE_LINE;
-                }
+                prefetch_step(sec, s, MB, &pf, pf_end);
                 __m512i v = _mm512_loadu_si512(sec + MIX_STEP_BYTES * s);
                 __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
                 for (int t = 0; t < MB; t++) {
@@ -413,12 +421,7 @@ static AVX512_TARGET void rb_avx512_tile(const kctx *c, int64_t rb, int64_t m0, 
             const uint8_t *u0 = (const uint8_t *)A->ap + tile_index(A, m0, j, 0);
             for (int t = 0; t < MB; t++) acc[t] = _mm512_loadu_si512(tail->izero);
             for (int64_t s = 0; s < (len + 3) / 4; s++) {
-                if (MB == 1)
-                    _mm_prefetch((const char *)sec + MIX_STEP_BYTES * s + PREFETCH_BYTES, _MM_HINT_T0);
-                else if (pf < pf_end) {
-                    _mm_prefetch(pf, _MM_HINT_T1);
-                    pf += MIX_CACHE_LINE;
-                }
+                prefetch_step(sec, s, MB, &pf, pf_end);
                 const __m512i v = _mm512_loadu_si512(sec + MIX_STEP_BYTES * s);
                 for (int t = 0; t < MB; t++) acc[t] = dpbusd_u8bcast(acc[t], u0 + 4 * (s * tw + t), v);
             }
@@ -427,12 +430,7 @@ static AVX512_TARGET void rb_avx512_tile(const kctx *c, int64_t rb, int64_t m0, 
             const int8_t *a0 = A->ap + tile_index(A, m0, j, 0);
             const __m512i x80 = _mm512_set1_epi8((char)0x80);
             for (int64_t s = 0; s < (len + 3) / 4; s++) {
-                if (MB == 1)
-                    _mm_prefetch((const char *)sec + MIX_STEP_BYTES * s + PREFETCH_BYTES, _MM_HINT_T0);
-                else if (pf < pf_end) {
-                    _mm_prefetch(pf, _MM_HINT_T1);
-                    pf += MIX_CACHE_LINE;
-                }
+                prefetch_step(sec, s, MB, &pf, pf_end);
                 const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(sec + MIX_STEP_BYTES * s), x80); /* w + 128 */
                 for (int t = 0; t < MB; t++) acc[t] = dpbusd_bcast(acc[t], v, a0 + 4 * (s * tw + t));
             }
