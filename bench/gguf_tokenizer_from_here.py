@@ -37,14 +37,7 @@ def convert(name: str, src: pathlib.Path) -> None:
         shutil.copyfileobj(f, g)
     shutil.copy(src / "tokenizer_config.json", tmp)
     tok = transformers.AutoTokenizer.from_pretrained(tmp)
-    # data._convert_gguf loads the tokenizer from the GGUF and checks it: hand it this one instead
-    orig = transformers.AutoTokenizer.from_pretrained
-    transformers.AutoTokenizer.from_pretrained = lambda *a, **k: tok if "gguf_file" in k else orig(*a, **k)
-    data.check_gguf_tokenizer = lambda *a, **k: None
-    try:
-        print("converted:", data.model_dir(name))
-    finally:
-        transformers.AutoTokenizer.from_pretrained = orig
+    print("converted:", data.model_dir(name, tokenizer=tok))
 
 
 if __name__ == "__main__":

