@@ -58,7 +58,7 @@ if [ "$MODE" = "--all-in-one" ]; then
     if command -v compute-sanitizer >/dev/null; then
         step "compute-sanitizer memcheck" 50 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
             $PY -m pytest tests/test_cuda_kernels.py tests/test_cuda.py -q -x -p no:cacheprovider \
-            -k "test_decode_poisoned or test_decode_every_warp_count or test_decode_mixed_matches_reference and (1-16-128 or 3-37-300) or test_poisoned_outputs_fully_written" \
+            -k "test_decode_poisoned or test_decode_every_warp_count or test_decode_mixed_matches_reference and (1-16-128 or 3-37-300) or test_poisoned_outputs_fully_written or test_sm90_single_part" \
             >"$OUT/sanitizer.log" 2>&1
         tail -3 "$OUT/sanitizer.log"
     fi

@@ -19,15 +19,23 @@
 
 namespace {
 
-constexpr int KS = MIXC_KSTAGE;        /* padded columns per stage */
-constexpr int BM = 128;                /* tokens per CTA (wgmma N) */
-constexpr int BN = 128;                /* weight rows per CTA: 2 consumer warpgroups x 64 */
-constexpr int ST = 8;                  /* pipeline stages of activations in shared memory */
-constexpr int NTH = 384;               /* producer warpgroup + 2 consumer warpgroups */
-constexpr int ACT_BYTES = BM * KS;     /* one stage of activation codes (16 KB) */
-constexpr int SA_OFF = ST * ACT_BYTES; /* then ST x BM float scales */
+constexpr int KS = MIXC_KSTAGE;    /* padded columns per stage */
+constexpr int BM = 128;            /* tokens per CTA (wgmma N) */
+constexpr int BN = 128;            /* weight rows per CTA: 2 consumer warpgroups x 64 */
+constexpr int TILES = BN / 16;     /* 16-row weight tiles per CTA */
+constexpr int ST = 6;              /* pipeline stages in shared memory */
+constexpr int NTH = 384;           /* producer warpgroup + 2 consumer warpgroups */
+constexpr int ACT_BYTES = BM * KS; /* one stage of activation codes (16 KB) */
+/* One stage of the CTA's codes: TILES tiles of 1 KB (4 bits) or 2 KB (8 bits) each, and their meta records. */
+constexpr int W_STAGE_BYTES = TILES * mixc_layout::words_per_stage(8) * mixc_layout::WARP_WORD_BYTES;
+constexpr int META_STAGE_BYTES = TILES * mixc_layout::META_BYTES;
+constexpr int W_OFF = ST * ACT_BYTES; /* then ST stages of codes */
+constexpr int META_OFF = W_OFF + ST * W_STAGE_BYTES;
+constexpr int SA_OFF = META_OFF + ST * META_STAGE_BYTES; /* then ST x BM float scales */
+static_assert(W_STAGE_BYTES % 128 == 0 && META_STAGE_BYTES % 128 == 0, "TMA destinations are 128-byte aligned");
 constexpr int BAR_OFF = SA_OFF + ST * BM * 4;
 constexpr int SMEM_BYTES = BAR_OFF + 2 * ST * 8 + 1024; /* + alignment slack (128B swizzle wants 1024) */
+static_assert(SMEM_BYTES <= 227 * 1024, "the stage ring must fit one SM's shared memory");
 
 struct Part90 {
     const uint8_t *w, *meta;
@@ -75,6 +83,14 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap *map
                  : "memory");
 }
 
+__device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap *map, int c0, int c1, int c2,
+                                            uint32_t bar) {
+    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, "
+                 "%3, %4}], [%5];\n" ::"r"(dst),
+                 "l"((uint64_t)map), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+                 : "memory");
+}
+
 __device__ __forceinline__ void cp_async4_zfill(uint32_t dst, const void *src, int bytes) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
 }
@@ -83,7 +99,8 @@ __device__ __forceinline__ void cp_async4_zfill(uint32_t dst, const void *src, i
  * trick of w4a8.cu measured 2-5% slower here (H100, 2026-11-23). */
 __device__ __forceinline__ float i2f(int x) { return __int2float_rn(x); }
 
-/* K-major operand, 128-byte swizzle, 8-row core-matrix groups 1024 bytes apart. */
+/* K-major operand, 128-byte swizzle, 8-row core-matrix groups 1024 bytes apart. The start address is
+ * in 16-byte units in the low bits: desc(addr + d) = desc(addr) + d / 16 inside shared memory. */
 __device__ __forceinline__ uint64_t desc_sw128(uint32_t addr) {
     return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) |
            ((uint64_t)1 << 62);
@@ -108,68 +125,57 @@ __device__ __forceinline__ void wgmma_64(int (&d)[32], const uint32_t (&a)[4], u
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
 }
 
-/* Per-thread register state of one prefetched stage: the weight words and the two rows' meta. */
-template <int BITS> struct StageRegs {
-    uint4 w[BITS / 2]; /* 4-bit: 2 k-pairs; 8-bit: 4 k-steps (prefetched two stages ahead) */
-    float sw0, sw1;
-    uint32_t z0, z1;
-    uint32_t af[4][4]; /* the A fragments of the stage being computed */
-    float esw0, esw1;  /* its row scales, for the rescale after the wgmma */
-};
-
-template <int BITS>
-__device__ __forceinline__ void load_regs(StageRegs<BITS> &r, const Part90 &p, int64_t rt, bool live, int64_t KP2,
-                                          int G, int spg, int s, int lane, int gid) {
-    constexpr int VEC = BITS / 4;
-    if (!live) {
-#pragma unroll
-        for (int v = 0; v < BITS / 2; v++) r.w[v] = make_uint4(0, 0, 0, 0);
-        r.sw0 = r.sw1 = 0.f;
-        r.z0 = r.z1 = 0;
-        return;
-    }
-    const uint8_t *src = p.w + (((rt * KP2 + 2 * (int64_t)s) * VEC) * 32 + lane) * 16;
-#pragma unroll
-    for (int v = 0; v < BITS / 2; v++) r.w[v] = ld_stream(src + v * 512);
-    const int j = min(s / spg, G - 1);
-    const mixc_layout::MetaRecord *m =
-        (const mixc_layout::MetaRecord *)(p.meta + (rt * G + j) * mixc_layout::META_BYTES);
-    r.sw0 = __ldg(&m->scale[gid]);
-    r.sw1 = __ldg(&m->scale[gid + 8]);
-    if (BITS == 4) {
-        r.z0 = (uint32_t)__ldg(&m->zero[gid]) * 0x01010101u;
-        r.z1 = (uint32_t)__ldg(&m->zero[gid + 8]) * 0x01010101u;
-    }
+/* (w & 0x0F0F0F0F) - z in every byte as int8: sub_zero (cuda/gemm_common.cuh) with the mask and its
+ * "| 0x80808080" in one LOP3 (ptxas emitted two). */
+__device__ __forceinline__ uint32_t nibbles_minus_zero(uint32_t w, uint32_t zz) {
+    uint32_t b;
+    asm("lop3.b32 %0, %1, 0x0F0F0F0F, 0x80808080, 0xEA;\n" : "=r"(b) : "r"(w)); /* (a & b) | c */
+    return (b - zz) ^ 0x80808080u;
 }
 
-/* The A fragments of the stage's 4 k-steps in the natural k order (see the header). */
+/* The A fragments of this warp's tile for the stage's 4 k-steps, in the natural k order, and its
+ * two rows' scales, from the shared-memory slots the producer filled (zeros for a tile past the
+ * part's last row: its rows are never stored). The packed layout (cuda/packed_layout.cuh) stores a
+ * k-step in the m16n8k32 order, permuted inside each step of 32: thread t of a quad needs columns
+ * 4t..4t+3 and 16+4t..16+4t+3, which quad lanes t/2 and 2+t/2 hold, so each thread reads its 8
+ * bytes straight from those lanes' words (no shuffles). */
 template <int BITS>
-__device__ __forceinline__ void make_frags(uint32_t (&af)[4][4], const StageRegs<BITS> &r, int lane) {
-    const int tig = lane & 3;
+__device__ __forceinline__ void load_frags(uint32_t (&af)[4][4], float &sw0, float &sw1, const uint8_t *wslot,
+                                           const uint8_t *mslot, bool live, int lane) {
+    const int gid = lane >> 2, tig = lane & 3;
+    if (!live) {
+#pragma unroll
+        for (int k = 0; k < 4; k++) af[k][0] = af[k][1] = af[k][2] = af[k][3] = 0u;
+        sw0 = sw1 = 0.f;
+        return;
+    }
     const int src0 = (lane & ~3) | (tig >> 1), src1 = src0 + 2;
-    const int sh = (tig & 1) * 4;
+    const mixc_layout::MetaRecord *m = (const mixc_layout::MetaRecord *)mslot;
+    sw0 = m->scale[gid];
+    sw1 = m->scale[gid + 8];
 #pragma unroll
     for (int k = 0; k < 4; k++) {
         if (BITS == 4) {
-            const uint4 wv = r.w[k >> 1];
-            const uint32_t w0 = (k & 1) ? wv.z : wv.x, w1 = (k & 1) ? wv.w : wv.y;
-            const uint32_t a0 = __shfl_sync(0xffffffffu, w0, src0), a2 = __shfl_sync(0xffffffffu, w0, src1);
-            const uint32_t a1 = __shfl_sync(0xffffffffu, w1, src0), a3 = __shfl_sync(0xffffffffu, w1, src1);
-            af[k][0] = sub_zero((a0 >> sh) & 0x0F0F0F0Fu, r.z0);
-            af[k][1] = sub_zero((a1 >> sh) & 0x0F0F0F0Fu, r.z1);
-            af[k][2] = sub_zero((a2 >> sh) & 0x0F0F0F0Fu, r.z0);
-            af[k][3] = sub_zero((a3 >> sh) & 0x0F0F0F0Fu, r.z1);
+            /* word k/2 of a lane: (x, y) = k-step 2(k/2), (z, w) = the next; low nibbles for tig
+             * even, high for odd */
+            const int off = (k >> 1) * 512 + (k & 1) * 8, sh = (tig & 1) * 4;
+            const uint2 a01 = *(const uint2 *)(wslot + off + src0 * 16);
+            const uint2 a23 = *(const uint2 *)(wslot + off + src1 * 16);
+            const uint32_t z0 = (uint32_t)m->zero[gid] * 0x01010101u, z1 = (uint32_t)m->zero[gid + 8] * 0x01010101u;
+            af[k][0] = nibbles_minus_zero(a01.x >> sh, z0);
+            af[k][1] = nibbles_minus_zero(a01.y >> sh, z1);
+            af[k][2] = nibbles_minus_zero(a23.x >> sh, z0);
+            af[k][3] = nibbles_minus_zero(a23.y >> sh, z1);
         } else {
-            /* stored: x = (row gid, cols 8t..8t+3), y = (row gid+8, same), z/w = cols 8t+4..8t+7 */
-            const uint4 wv = r.w[k];
-            const uint32_t x0 = __shfl_sync(0xffffffffu, wv.x, src0), z0 = __shfl_sync(0xffffffffu, wv.z, src0);
-            const uint32_t y0 = __shfl_sync(0xffffffffu, wv.y, src0), w0 = __shfl_sync(0xffffffffu, wv.w, src0);
-            const uint32_t x1 = __shfl_sync(0xffffffffu, wv.x, src1), z1 = __shfl_sync(0xffffffffu, wv.z, src1);
-            const uint32_t y1 = __shfl_sync(0xffffffffu, wv.y, src1), w1 = __shfl_sync(0xffffffffu, wv.w, src1);
-            af[k][0] = sh ? z0 : x0;
-            af[k][1] = sh ? w0 : y0;
-            af[k][2] = sh ? z1 : x1;
-            af[k][3] = sh ? w1 : y1;
+            /* word k of a lane: x = (row gid, cols 8t..8t+3), y = (row gid+8, same), z/w = cols
+             * 8t+4..8t+7 */
+            const int off = k * 512 + (tig & 1) * 8;
+            const uint2 a01 = *(const uint2 *)(wslot + off + src0 * 16);
+            const uint2 a23 = *(const uint2 *)(wslot + off + src1 * 16);
+            af[k][0] = a01.x;
+            af[k][1] = a01.y;
+            af[k][2] = a23.x;
+            af[k][3] = a23.y;
         }
     }
 }
@@ -204,10 +210,9 @@ __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb
                                         uint8_t *smem, uint32_t sbase) {
     const int wg = threadIdx.x / 128 - 1, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
     const int gid = lane >> 2, tig = lane & 3;
-    const int64_t rt = (int64_t)rb * (BN / 16) + wg * 4 + warp; /* this warp's 16-row tile */
-    const int64_t NTt = (p.N + 15) / 16;
-    const bool live = rt < NTt;
-    const int64_t KP2 = a.Kp / 64;
+    const int tl = wg * 4 + warp;                /* this warp's tile in the CTA */
+    const int64_t rt = (int64_t)rb * TILES + tl; /* ... in the part */
+    const bool live = rt < (p.N + 15) / 16;
     const float *sas = (const float *)(smem + SA_OFF) + 2 * tig;
 
     int ia[32], ib[32];
@@ -217,37 +222,48 @@ __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb
 #pragma unroll
     for (int i = 0; i < 32; i++) ia[i] = ib[i] = 0;
 
-    StageRegs<BITS> ra, rb_;
-    load_regs<BITS>(ra, p, rt, live, KP2, a.G, a.spg, s0, lane, gid);
-    if (s0 + 1 < s1) load_regs<BITS>(rb_, p, rt, live, KP2, a.G, a.spg, s0 + 1, lane, gid);
-
+    float rsw0 = 0.f, rsw1 = 0.f;  /* row scales of the stage fetched last */
+    uint32_t afa[4][4], afb[4][4]; /* A fragments of even / odd stages: a wgmma reads them until it completes */
     auto issue = [&](int (&acc)[32], const uint32_t (&af)[4][4], uint32_t tile) {
         fence_acc(acc);
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
-        for (int k = 0; k < 4; k++) wgmma_64(acc, af[k], desc_sw128(tile + k * 32), k);
+        for (int k = 0; k < 4; k++) wgmma_64(acc, af[k], desc_sw128(tile) + (uint64_t)(k * 32 / 16), k);
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
     };
-    auto stage = [&](int s, StageRegs<BITS> &r) {
+    /* Wait until stage s's copies (activations, scales, this CTA's codes and meta records) have
+     * landed; its A fragments into af, its row scales into r. The consumers issue no global load:
+     * the producer's copies bring the codes and meta records too (measured: with them loaded two
+     * stages ahead into registers, each stage waited about one memory latency, since a load's
+     * scoreboard also waits for the loads issued after it). */
+    auto fetch = [&](int s, uint32_t (&af)[4][4]) {
         const int i = s - s0, buf = i % ST;
-        make_frags<BITS>(r.af, r, lane);
-        r.esw0 = r.sw0;
-        r.esw1 = r.sw1;
-        if (s + 2 < s1) load_regs<BITS>(r, p, rt, live, KP2, a.G, a.spg, s + 2, lane, gid);
         mbar_wait(sbase + BAR_OFF + buf * 8, (i / ST) & 1);
+        load_frags<BITS>(af, rsw0, rsw1,
+                         smem + W_OFF + buf * W_STAGE_BYTES + tl * (BITS / 2) * mixc_layout::WARP_WORD_BYTES,
+                         smem + META_OFF + buf * META_STAGE_BYTES + tl * mixc_layout::META_BYTES, live, lane);
+    };
+    /* Stage s (fragments in af): issue both halves, form the next stage's fragments while they
+     * run, then rescale each half as it completes and release the stage. No wgmma group stays
+     * pending across stages: with one that did, ptxas serialized every wgmma (C7514/C7515). */
+    auto stage = [&](int s, const uint32_t (&af)[4][4], uint32_t (&af_next)[4][4]) {
+        const int buf = (s - s0) % ST;
+        const float sw0 = rsw0, sw1 = rsw1;
         const uint32_t tile = sbase + buf * ACT_BYTES;
-        issue(ia, r.af, tile);           /* tokens 0..63: rows 0..63 of the tile */
-        issue(ib, r.af, tile + 64 * KS); /* tokens 64..127 */
-        wait_acc<1>(ia);                 /* A(s) done, B(s) still running */
-        rescale(facc, ia, sas + buf * BM, r.esw0, r.esw1);
+        issue(ia, af, tile);           /* tokens 0..63: rows 0..63 of the tile */
+        issue(ib, af, tile + 64 * KS); /* tokens 64..127 */
+        if (s + 1 < s1) fetch(s + 1, af_next);
+        wait_acc<1>(ia); /* A(s) done, B(s) still running */
+        rescale(facc, ia, sas + buf * BM, sw0, sw1);
         wait_acc<0>(ib);
-        rescale(facc + 32, ib, sas + buf * BM + 64, r.esw0, r.esw1);
+        rescale(facc + 32, ib, sas + buf * BM + 64, sw0, sw1);
         __syncwarp();
         if (lane == 0) mbar_arrive(sbase + BAR_OFF + (ST + buf) * 8);
     };
+    fetch(s0, afa);
     for (int s = s0; s < s1; s += 2) {
-        stage(s, ra);
-        if (s + 1 < s1) stage(s + 1, rb_);
+        stage(s, afa, afb);
+        if (s + 1 < s1) stage(s + 1, afb, afa);
     }
 
     /* epilogue: rows 16*rt + gid (+8), tokens m0 + 64*half + 8q + 2tig + c */
@@ -275,7 +291,9 @@ __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb
 #endif /* MIXC_SM90_DEVICE */
 
 __global__ void __launch_bounds__(NTH, 1)
-    qgemm_sm90_kernel(const __grid_constant__ Args90 a, const __grid_constant__ CUtensorMap act_map) {
+    qgemm_sm90_kernel(const __grid_constant__ Args90 a, const __grid_constant__ CUtensorMap act_map,
+                      const __grid_constant__ CUtensorMap wmap0, const __grid_constant__ CUtensorMap wmap1,
+                      const __grid_constant__ CUtensorMap mmap0, const __grid_constant__ CUtensorMap mmap1) {
 #ifdef MIXC_SM90_DEVICE
     extern __shared__ uint8_t smem_raw[];
     const uint32_t raw = smem_u32(smem_raw);
@@ -302,13 +320,37 @@ __global__ void __launch_bounds__(NTH, 1)
         const int lane = threadIdx.x;
         if (lane == 0) asm volatile("prefetch.tensormap [%0];\n" ::"l"((uint64_t)&act_map) : "memory");
         float *sas = (float *)(smem + SA_OFF);
+        int rb = blockIdx.y;
+        bool second = false;
+        if (rb >= a.p0.nblk) {
+            rb -= a.p0.nblk;
+            second = true;
+        }
+        /* The CTA's codes and meta records, one TMA copy each per stage (measured: 16 per-tile bulk
+         * copies per stage kept the producer warp busy most of the time, and the consumers waited on
+         * it). Tiles past the part's last row arrive zero-filled and count in the bytes. */
+        const CUtensorMap *wmap = second ? &wmap1 : &wmap0, *mmap = second ? &mmap1 : &mmap0;
+        const uint32_t wbytes = (uint32_t)((second ? a.p1.bits : a.p0.bits) / 2) * mixc_layout::WARP_WORD_BYTES;
+        const uint32_t stage_bytes = ACT_BYTES + TILES * (wbytes + mixc_layout::META_BYTES);
+        const int rt0 = rb * TILES;
+        if (lane == 0) {
+            asm volatile("prefetch.tensormap [%0];\n" ::"l"((uint64_t)wmap) : "memory");
+            asm volatile("prefetch.tensormap [%0];\n" ::"l"((uint64_t)mmap) : "memory");
+        }
+        int j = s0 / a.spg, jleft = a.spg - s0 % a.spg; /* group of stage s, stages left in it */
         for (int s = s0; s < s1; s++) {
             const int i = s - s0, buf = i % ST;
             const uint32_t bar = sbase + BAR_OFF + buf * 8;
             mbar_wait(sbase + BAR_OFF + (ST + buf) * 8, ((i / ST) & 1) ^ 1);
             if (lane == 0) {
-                mbar_expect_tx(bar, ACT_BYTES);
+                mbar_expect_tx(bar, stage_bytes);
                 tma_load_2d(sbase + buf * ACT_BYTES, &act_map, s * KS, (int)m0, bar);
+                tma_load_3d(sbase + W_OFF + buf * W_STAGE_BYTES, wmap, 0, s * (int)(wbytes / 256), rt0, bar);
+                tma_load_3d(sbase + META_OFF + buf * META_STAGE_BYTES, mmap, 0, min(j, a.G - 1), rt0, bar);
+            }
+            if (--jleft == 0) {
+                jleft = a.spg;
+                j++;
             }
             /* the tokens' scales of this stage: 4-byte cp.async (zero-filled past M) that arrive
              * on the same barrier when they land, so the producer never waits on a load */
@@ -408,6 +450,28 @@ extern "C" int mixc_qlinear_sm90(int device, const mixc_gemm *g, void *stream_) 
                     CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
         return (int)cudaErrorInvalidValue;
 
+    /* Codes of part i as [tiles][stages * wbytes / 256][256] bytes (box: 8 tiles x one stage), meta
+     * records as [tiles][G][80] (box: 8 tiles x one group); a missing part reuses part 0's maps. */
+    CUtensorMap wmap[2], mmap[2];
+    const Part90 *parts[2] = {&a.p0, &a.p1};
+    for (int i = 0; i < 2; i++) {
+        const Part90 &p = parts[i]->nblk ? *parts[i] : a.p0;
+        const cuuint64_t wb = (cuuint64_t)(p.bits / 2) * mixc_layout::WARP_WORD_BYTES, tiles = (p.N + 15) / 16;
+        const cuuint64_t wdims[3] = {256, (cuuint64_t)nst * wb / 256, tiles};
+        const cuuint64_t wstr[2] = {256, (cuuint64_t)nst * wb};
+        const cuuint32_t wbox[3] = {256, (cuuint32_t)(wb / 256), TILES}, e3[3] = {1, 1, 1};
+        const cuuint64_t mdims[3] = {mixc_layout::META_BYTES, (cuuint64_t)g->G, tiles};
+        const cuuint64_t mstr[2] = {mixc_layout::META_BYTES, (cuuint64_t)g->G * mixc_layout::META_BYTES};
+        const cuuint32_t mbox[3] = {mixc_layout::META_BYTES, 1, TILES};
+        if (encode_fn()(&wmap[i], CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, (void *)p.w, wdims, wstr, wbox, e3,
+                        CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                        CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS ||
+            encode_fn()(&mmap[i], CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, (void *)p.meta, mdims, mstr, mbox, e3,
+                        CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                        CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
+            return (int)cudaErrorInvalidValue;
+    }
+
     static bool attr_set[64];
     if (device >= 0 && device < 64 && !attr_set[device]) {
         cudaError_t e =
@@ -416,7 +480,7 @@ extern "C" int mixc_qlinear_sm90(int device, const mixc_gemm *g, void *stream_) 
         attr_set[device] = true;
     }
     dim3 grid((unsigned)((g->M + BM - 1) / BM), (unsigned)nblk, (unsigned)((nst + a.sps - 1) / a.sps));
-    qgemm_sm90_kernel<<<grid, NTH, SMEM_BYTES, stream>>>(a, map);
+    qgemm_sm90_kernel<<<grid, NTH, SMEM_BYTES, stream>>>(a, map, wmap[0], wmap[1], mmap[0], mmap[1]);
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess || g->splits == 1) return (int)e;
     return (int)launch_splitk_finish(g, (int)grid.z, 1024, stream);

@@ -36,7 +36,13 @@ SMALL = SHAPES[:3]
 
 # ----------------------------------------------------------------------------- activations
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M,K,g", [(1, 128, 128), (5, 300, 128), (9, 1000, 64), (3, 77, 128), (2, 4096, 4096)])
+# K % 8 == 0 with g = 128 takes the half-warp-per-group kernel: tails of 104 and 8 columns, an odd
+# group count (the second half-warp idle), and 5000 tokens (more token x group pairs than the grid's warps)
+@pytest.mark.parametrize(
+    "M,K,g",
+    [(1, 128, 128), (5, 300, 128), (9, 1000, 64), (3, 77, 128), (2, 4096, 4096), (7, 1000, 128), (4, 136, 128)]
+    + [(3, 384, 128), (5000, 1024, 128)],
+)
 def test_act_quant_matches_cpu(rng, dtype, M, K, g):
     xt, x32 = make_x(rng, M, K, dtype)
     xt[0, : min(K, g)] = 0  # an all-zero group gets scale 1
@@ -569,7 +575,7 @@ def _poison(x, rows):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M,N,K,g", [(7, 40, 300, 128), (9, 64, 256, 64), (5, 24, 1200, 300)])
+@pytest.mark.parametrize("M,N,K,g", [(7, 40, 300, 128), (9, 64, 256, 64), (5, 24, 1200, 300), (6, 40, 392, 128)])
 def test_quantize_activation_nonfinite_group(rng, dtype, M, N, K, g):
     """A non-finite value makes its (token, group) scale NaN and its codes 0; other groups match
     the CPU op. At main the NaN was dropped (finite scale)."""
