@@ -19,13 +19,14 @@
 
 namespace {
 
-constexpr int KS = MIXC_KSTAGE;    /* padded columns per stage */
-constexpr int BM = 128;            /* tokens per CTA (wgmma N) */
+constexpr int KS = MIXC_KSTAGE; /* padded columns per stage */
+constexpr int BM = 256;         /* tokens per CTA: four quarters of 64 (wgmma N) */
+constexpr int QUARTERS = BM / 64;
 constexpr int BN = 128;            /* weight rows per CTA: 2 consumer warpgroups x 64 */
 constexpr int TILES = BN / 16;     /* 16-row weight tiles per CTA */
-constexpr int ST = 6;              /* pipeline stages in shared memory */
+constexpr int ST = 4;              /* pipeline stages in shared memory */
 constexpr int NTH = 384;           /* producer warpgroup + 2 consumer warpgroups */
-constexpr int ACT_BYTES = BM * KS; /* one stage of activation codes (16 KB) */
+constexpr int ACT_BYTES = BM * KS; /* one stage of activation codes (32 KB) */
 /* One stage of the CTA's codes: TILES tiles of 1 KB (4 bits) or 2 KB (8 bits) each, and their meta records. */
 constexpr int W_STAGE_BYTES = TILES * mixc_layout::words_per_stage(8) * mixc_layout::WARP_WORD_BYTES;
 constexpr int META_STAGE_BYTES = TILES * mixc_layout::META_BYTES;
@@ -216,15 +217,15 @@ __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb
     const float *sas = (const float *)(smem + SA_OFF) + 2 * tig;
 
     int ia[32], ib[32];
-    float facc[64];
+    float facc[32 * QUARTERS];
 #pragma unroll
-    for (int i = 0; i < 64; i++) facc[i] = 0.f;
+    for (int i = 0; i < 32 * QUARTERS; i++) facc[i] = 0.f;
 #pragma unroll
     for (int i = 0; i < 32; i++) ia[i] = ib[i] = 0;
 
-    float rsw0 = 0.f, rsw1 = 0.f;  /* row scales of the stage fetched last */
-    uint32_t afa[4][4], afb[4][4]; /* A fragments of even / odd stages: a wgmma reads them until it completes */
-    auto issue = [&](int (&acc)[32], const uint32_t (&af)[4][4], uint32_t tile) {
+    float rsw0 = 0.f, rsw1 = 0.f; /* row scales of the stage fetched last */
+    uint32_t af[4][4];            /* A fragments of the stage: a wgmma reads them until it completes */
+    auto issue = [&](int (&acc)[32], uint32_t tile) {
         fence_acc(acc);
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
@@ -232,41 +233,48 @@ __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
     };
     /* Wait until stage s's copies (activations, scales, this CTA's codes and meta records) have
-     * landed; its A fragments into af, its row scales into r. The consumers issue no global load:
-     * the producer's copies bring the codes and meta records too (measured: with them loaded two
-     * stages ahead into registers, each stage waited about one memory latency, since a load's
+     * landed; its A fragments into af, its row scales into rsw0/rsw1. The consumers issue no global
+     * load: the producer's copies bring the codes and meta records too (measured: with them loaded
+     * two stages ahead into registers, each stage waited about one memory latency, since a load's
      * scoreboard also waits for the loads issued after it). */
-    auto fetch = [&](int s, uint32_t (&af)[4][4]) {
+    auto fetch = [&](int s) {
         const int i = s - s0, buf = i % ST;
         mbar_wait(sbase + BAR_OFF + buf * 8, (i / ST) & 1);
         load_frags<BITS>(af, rsw0, rsw1,
                          smem + W_OFF + buf * W_STAGE_BYTES + tl * (BITS / 2) * mixc_layout::WARP_WORD_BYTES,
                          smem + META_OFF + buf * META_STAGE_BYTES + tl * mixc_layout::META_BYTES, live, lane);
     };
-    /* Stage s (fragments in af): issue both halves, form the next stage's fragments while they
-     * run, then rescale each half as it completes and release the stage. No wgmma group stays
-     * pending across stages: with one that did, ptxas serialized every wgmma (C7514/C7515). */
-    auto stage = [&](int s, const uint32_t (&af)[4][4], uint32_t (&af_next)[4][4]) {
+    /* Stage s: the four 64-token quarters go through two int32 accumulators, so that one quarter's
+     * wgmmas always run while the previous quarter is rescaled:
+     *   issue Q0, Q1 | wait Q0, rescale Q0, issue Q2 | wait Q1, rescale Q1, issue Q3 | wait Q2,
+     *   rescale Q2 | wait Q3, fetch stage s+1, rescale Q3, release s
+     * No wgmma group stays pending across stages: with one that did, ptxas serialized every wgmma
+     * (C7514/C7515). Per-warp costs (fragments, descriptors, barriers) are shared by 256 tokens. */
+    auto stage = [&](int s) {
         const int buf = (s - s0) % ST;
         const float sw0 = rsw0, sw1 = rsw1;
         const uint32_t tile = sbase + buf * ACT_BYTES;
-        issue(ia, af, tile);           /* tokens 0..63: rows 0..63 of the tile */
-        issue(ib, af, tile + 64 * KS); /* tokens 64..127 */
-        if (s + 1 < s1) fetch(s + 1, af_next);
-        wait_acc<1>(ia); /* A(s) done, B(s) still running */
-        rescale(facc, ia, sas + buf * BM, sw0, sw1);
-        wait_acc<0>(ib);
-        rescale(facc + 32, ib, sas + buf * BM + 64, sw0, sw1);
+        issue(ia, tile);
+        issue(ib, tile + 64 * KS);
+#pragma unroll
+        for (int qq = 0; qq < QUARTERS; qq++) {
+            int (&acc)[32] = (qq & 1) ? ib : ia;
+            if (qq == QUARTERS - 1) {
+                wait_acc<0>(acc);
+                if (s + 1 < s1) fetch(s + 1); /* every wgmma of the stage is done: af is free */
+            } else {
+                wait_acc<1>(acc);
+            }
+            rescale(facc + 32 * qq, acc, sas + buf * BM + 64 * qq, sw0, sw1);
+            if (qq + 2 < QUARTERS) issue(acc, tile + (qq + 2) * 64 * KS);
+        }
         __syncwarp();
         if (lane == 0) mbar_arrive(sbase + BAR_OFF + (ST + buf) * 8);
     };
-    fetch(s0, afa);
-    for (int s = s0; s < s1; s += 2) {
-        stage(s, afa, afb);
-        if (s + 1 < s1) stage(s + 1, afb, afa);
-    }
+    fetch(s0);
+    for (int s = s0; s < s1; s++) stage(s);
 
-    /* epilogue: rows 16*rt + gid (+8), tokens m0 + 64*half + 8q + 2tig + c */
+    /* epilogue: rows 16*rt + gid (+8), tokens m0 + 8q + 2tig + c */
 #pragma unroll
     for (int h = 0; h < 2; h++) {
         const int64_t n = rt * 16 + gid + h * 8;
@@ -275,7 +283,7 @@ __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb
         if (col < 0 || col >= a.n_out) continue; /* never write outside y */
         const float b = (a.splits == 1 && a.bias) ? a.bias[col] : 0.f;
 #pragma unroll
-        for (int q = 0; q < 16; q++)
+        for (int q = 0; q < BM / 8; q++)
 #pragma unroll
             for (int c = 0; c < 2; c++) {
                 const int64_t m = m0 + 8 * q + 2 * tig + c;
