@@ -377,8 +377,9 @@ const CfgInfo CFGS[MIXC_NCFG] = {
     MIXC_CFG(8, 1, 16, 6, "w8x1_m16_s6"),
     MIXC_CFG(8, 1, 32, 4, "w8x1_m32"),
     MIXC_CFG(8, 1, 64, 4, "w8x1_m64"),
-    {8, 1, 256, 4, "sm90_wgmma_m256", nullptr, prepare_cfg<8, 1, 128, 4>}, /* MIXC_CFG_SM90, cuda/w4a8_sm90.cu */
-    {1, 1, 8, 4, "decode_gemv", nullptr, nullptr},                         /* MIXC_CFG_DECODE, cuda/w4a8_decode.cu */
+    {8, 1, 256, 4, "sm90_wgmma", nullptr,
+     prepare_cfg<8, 1, 128, 4>},                   /* MIXC_CFG_SM90 (cuda/w4a8_sm90.cu: 128 or 256 tokens) */
+    {1, 1, 8, 4, "decode_gemv", nullptr, nullptr}, /* MIXC_CFG_DECODE, cuda/w4a8_decode.cu */
 };
 #undef MIXC_CFG
 

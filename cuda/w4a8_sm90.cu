@@ -20,23 +20,31 @@
 namespace {
 
 constexpr int KS = MIXC_KSTAGE; /* padded columns per stage */
-constexpr int BM = 256;         /* tokens per CTA: four quarters of 64 (wgmma N) */
-constexpr int QUARTERS = BM / 64;
-constexpr int BN = 128;            /* weight rows per CTA: 2 consumer warpgroups x 64 */
-constexpr int TILES = BN / 16;     /* 16-row weight tiles per CTA */
-constexpr int ST = 4;              /* pipeline stages in shared memory */
-constexpr int NTH = 384;           /* producer warpgroup + 2 consumer warpgroups */
-constexpr int ACT_BYTES = BM * KS; /* one stage of activation codes (32 KB) */
+constexpr int BN = 128;         /* weight rows per CTA: 2 consumer warpgroups x 64 */
+constexpr int TILES = BN / 16;  /* 16-row weight tiles per CTA */
+constexpr int NTH = 384;        /* producer warpgroup + 2 consumer warpgroups */
 /* One stage of the CTA's codes: TILES tiles of 1 KB (4 bits) or 2 KB (8 bits) each, and their meta records. */
 constexpr int W_STAGE_BYTES = TILES * mixc_layout::words_per_stage(8) * mixc_layout::WARP_WORD_BYTES;
 constexpr int META_STAGE_BYTES = TILES * mixc_layout::META_BYTES;
-constexpr int W_OFF = ST * ACT_BYTES; /* then ST stages of codes */
-constexpr int META_OFF = W_OFF + ST * W_STAGE_BYTES;
-constexpr int SA_OFF = META_OFF + ST * META_STAGE_BYTES; /* then ST x BM float scales */
 static_assert(W_STAGE_BYTES % 128 == 0 && META_STAGE_BYTES % 128 == 0, "TMA destinations are 128-byte aligned");
-constexpr int BAR_OFF = SA_OFF + ST * BM * 4;
-constexpr int SMEM_BYTES = BAR_OFF + 2 * ST * 8 + 1024; /* + alignment slack (128B swizzle wants 1024) */
-static_assert(SMEM_BYTES <= 227 * 1024, "the stage ring must fit one SM's shared memory");
+
+/* The stage ring of a CTA of BM tokens (128 or 256: quarters of 64, the wgmma N), in shared memory:
+ * ST stages of activation codes, then of codes, meta records, token scales, then the mbarriers. */
+template <int BM_> struct Ring {
+    static constexpr int BM = BM_, QUARTERS = BM / 64;
+    static constexpr int ST = BM == 256 ? 4 : 6;
+    static constexpr int ACT_BYTES = BM * KS;
+    static constexpr int W_OFF = ST * ACT_BYTES;
+    static constexpr int META_OFF = W_OFF + ST * W_STAGE_BYTES;
+    static constexpr int SA_OFF = META_OFF + ST * META_STAGE_BYTES;
+    static constexpr int BAR_OFF = SA_OFF + ST * BM * 4;
+    static constexpr int SMEM_BYTES = BAR_OFF + 2 * ST * 8 + 1024; /* + alignment slack (128B swizzle wants 1024) */
+    static_assert(SMEM_BYTES <= 227 * 1024, "the stage ring must fit one SM's shared memory");
+};
+#define MIXC_RING_NAMES(R)                                                                                    \
+    constexpr int BM = R::BM, QUARTERS = R::QUARTERS, ST = R::ST, ACT_BYTES = R::ACT_BYTES, W_OFF = R::W_OFF; \
+    constexpr int META_OFF = R::META_OFF, SA_OFF = R::SA_OFF, BAR_OFF = R::BAR_OFF;                           \
+    (void)QUARTERS, (void)W_OFF, (void)META_OFF
 
 struct Part90 {
     const uint8_t *w, *meta;
@@ -200,15 +208,12 @@ __device__ __forceinline__ void rescale(float *facc, const int (&iacc)[32], cons
     }
 }
 
-/* One consumer warpgroup's 64 rows x 128 tokens over the stages [s0, s1). The token tile is
- * computed as two halves of 64 (wgmma m64n64k32, separate int32 accumulators), so that the
- * rescale of the first half overlaps the second half's wgmma:
- *   issue A(s), B(s) | wait A | rescale A(s) | wait B | rescale B(s), release stage s
- * No wgmma group stays pending across stages: with one that did (rescale B(s-1) under A(s)),
- * ptxas serialized every wgmma (C7514), which cost more than the overlap gained. */
-template <int BITS>
+/* One consumer warpgroup's 64 rows x BM tokens over the stages [s0, s1) (the schedule of a stage:
+ * at `stage` below). */
+template <int BITS, int BM_>
 __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb, int64_t m0, int s0, int s1, int split,
                                         uint8_t *smem, uint32_t sbase) {
+    MIXC_RING_NAMES(Ring<BM_>);
     const int wg = threadIdx.x / 128 - 1, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
     const int gid = lane >> 2, tig = lane & 3;
     const int tl = wg * 4 + warp;                /* this warp's tile in the CTA */
@@ -244,12 +249,13 @@ __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb
                          smem + W_OFF + buf * W_STAGE_BYTES + tl * (BITS / 2) * mixc_layout::WARP_WORD_BYTES,
                          smem + META_OFF + buf * META_STAGE_BYTES + tl * mixc_layout::META_BYTES, live, lane);
     };
-    /* Stage s: the four 64-token quarters go through two int32 accumulators, so that one quarter's
-     * wgmmas always run while the previous quarter is rescaled:
+    /* Stage s: the 64-token quarters (2 or 4) go through two int32 accumulators, so that one
+     * quarter's wgmmas run while the previous quarter is rescaled; at 256 tokens:
      *   issue Q0, Q1 | wait Q0, rescale Q0, issue Q2 | wait Q1, rescale Q1, issue Q3 | wait Q2,
      *   rescale Q2 | wait Q3, fetch stage s+1, rescale Q3, release s
      * No wgmma group stays pending across stages: with one that did, ptxas serialized every wgmma
-     * (C7514/C7515). Per-warp costs (fragments, descriptors, barriers) are shared by 256 tokens. */
+     * (C7514/C7515). The per-warp costs of a stage (fragments, descriptors, barriers) are shared
+     * by all BM tokens. */
     auto stage = [&](int s) {
         const int buf = (s - s0) % ST;
         const float sw0 = rsw0, sw1 = rsw1;
@@ -298,11 +304,13 @@ __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb
 }
 #endif /* MIXC_SM90_DEVICE */
 
+template <int BM_>
 __global__ void __launch_bounds__(NTH, 1)
     qgemm_sm90_kernel(const __grid_constant__ Args90 a, const __grid_constant__ CUtensorMap act_map,
                       const __grid_constant__ CUtensorMap wmap0, const __grid_constant__ CUtensorMap wmap1,
                       const __grid_constant__ CUtensorMap mmap0, const __grid_constant__ CUtensorMap mmap1) {
 #ifdef MIXC_SM90_DEVICE
+    MIXC_RING_NAMES(Ring<BM_>);
     extern __shared__ uint8_t smem_raw[];
     const uint32_t raw = smem_u32(smem_raw);
     const uint32_t sbase = (raw + 1023) & ~1023u;
@@ -379,9 +387,9 @@ __global__ void __launch_bounds__(NTH, 1)
             p = &a.p1;
         }
         if (p->bits == 4)
-            consume<4>(a, *p, rb, m0, s0, s1, split, smem, sbase);
+            consume<4, BM_>(a, *p, rb, m0, s0, s1, split, smem, sbase);
         else
-            consume<8>(a, *p, rb, m0, s0, s1, split, smem, sbase);
+            consume<8, BM_>(a, *p, rb, m0, s0, s1, split, smem, sbase);
     }
 #endif
 }
@@ -416,13 +424,38 @@ extern "C" int mixc_sm90_ok(int device) {
         if (guard.err == cudaSuccess &&
             cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major == 9) {
             cudaFuncAttributes fa;
-            if (cudaFuncGetAttributes(&fa, qgemm_sm90_kernel) == cudaSuccess && fa.binaryVersion >= 90 && encode_fn())
+            if (cudaFuncGetAttributes(&fa, qgemm_sm90_kernel<256>) == cudaSuccess && fa.binaryVersion >= 90 &&
+                encode_fn())
                 ok = 1;
         }
         cudaGetLastError();
         cache[device] = ok ? 1 : 2;
     }
     return cache[device] == 1;
+}
+
+/* Encode the activation map (box: one stage x BM tokens) and launch the BM-token kernel. */
+template <int BM>
+cudaError_t launch90(int device, const mixc_gemm *g, const Args90 &a, int nblk, int nst, const CUtensorMap (&wmap)[2],
+                     const CUtensorMap (&mmap)[2], cudaStream_t stream) {
+    CUtensorMap map;
+    const cuuint64_t dims[2] = {(cuuint64_t)g->Kp, (cuuint64_t)g->M};
+    const cuuint64_t strides[1] = {(cuuint64_t)g->Kp};
+    const cuuint32_t box[2] = {KS, BM}, estr[2] = {1, 1};
+    if (encode_fn()(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, (void *)g->xq, dims, strides, box, estr,
+                    CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                    CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
+        return cudaErrorInvalidValue;
+    static bool attr_set[64];
+    if (device >= 0 && device < 64 && !attr_set[device]) {
+        cudaError_t e = cudaFuncSetAttribute(qgemm_sm90_kernel<BM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             Ring<BM>::SMEM_BYTES);
+        if (e != cudaSuccess) return e;
+        attr_set[device] = true;
+    }
+    dim3 grid((unsigned)((g->M + BM - 1) / BM), (unsigned)nblk, (unsigned)((nst + a.sps - 1) / a.sps));
+    qgemm_sm90_kernel<BM><<<grid, NTH, Ring<BM>::SMEM_BYTES, stream>>>(a, map, wmap[0], wmap[1], mmap[0], mmap[1]);
+    return cudaGetLastError();
 }
 
 extern "C" int mixc_qlinear_sm90(int device, const mixc_gemm *g, void *stream_) {
@@ -449,15 +482,6 @@ extern "C" int mixc_qlinear_sm90(int device, const mixc_gemm *g, void *stream_) 
     if (g->M <= 0 || nblk == 0) return 0;
     if (g->M > 0x7FFFFFFF || nblk > 65535) return (int)cudaErrorInvalidValue;
 
-    CUtensorMap map;
-    const cuuint64_t dims[2] = {(cuuint64_t)g->Kp, (cuuint64_t)g->M};
-    const cuuint64_t strides[1] = {(cuuint64_t)g->Kp};
-    const cuuint32_t box[2] = {KS, BM}, estr[2] = {1, 1};
-    if (encode_fn()(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, (void *)g->xq, dims, strides, box, estr,
-                    CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                    CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
-        return (int)cudaErrorInvalidValue;
-
     /* Codes of part i as [tiles][stages * wbytes / 256][256] bytes (box: 8 tiles x one stage), meta
      * records as [tiles][G][80] (box: 8 tiles x one group); a missing part reuses part 0's maps. */
     CUtensorMap wmap[2], mmap[2];
@@ -480,16 +504,19 @@ extern "C" int mixc_qlinear_sm90(int device, const mixc_gemm *g, void *stream_) 
             return (int)cudaErrorInvalidValue;
     }
 
-    static bool attr_set[64];
-    if (device >= 0 && device < 64 && !attr_set[device]) {
-        cudaError_t e =
-            cudaFuncSetAttribute(qgemm_sm90_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES);
-        if (e != cudaSuccess) return (int)e;
-        attr_set[device] = true;
-    }
-    dim3 grid((unsigned)((g->M + BM - 1) / BM), (unsigned)nblk, (unsigned)((nst + a.sps - 1) / a.sps));
-    qgemm_sm90_kernel<<<grid, NTH, SMEM_BYTES, stream>>>(a, map, wmap[0], wmap[1], mmap[0], mmap[1]);
-    cudaError_t e = cudaGetLastError();
-    if (e != cudaSuccess || g->splits == 1) return (int)e;
-    return (int)launch_splitk_finish(g, (int)grid.z, 1024, stream);
+    /* 256 tokens per CTA share the per-warp work of a stage (fragments, descriptors, barriers)
+     * among twice the tokens: measured 1.73x the time of a 128-token CTA per stage, for 2x the
+     * tokens. Take the tile whose whole waves cost less, 128 on a tie (H200, 2026-12-01: at
+     * M = 1024 on 6144 x 4096 the 256-token grid is 1.5 waves, 148 us against 117). */
+    int sms = 132;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    auto waves = [&](int bm) {
+        const int64_t ctas = (int64_t)nblk * ((g->M + bm - 1) / bm) * ((nst + a.sps - 1) / a.sps);
+        return (double)((ctas + sms - 1) / sms);
+    };
+    const cudaError_t e0 = waves(256) * 1.8 < waves(128) ? launch90<256>(device, g, a, nblk, nst, wmap, mmap, stream)
+                                                         : launch90<128>(device, g, a, nblk, nst, wmap, mmap, stream);
+    if (e0 != cudaSuccess) return (int)e0;
+    if (g->splits == 1) return 0;
+    return (int)launch_splitk_finish(g, (nst + a.sps - 1) / a.sps, 1024, stream);
 }
