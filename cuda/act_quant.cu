@@ -15,6 +15,7 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 #include <cfloat>
+#include <type_traits>
 
 namespace {
 
@@ -34,11 +35,16 @@ __device__ __forceinline__ void absmax(float v, float &amax, bool &bad) {
     bad |= !(a <= FLT_MAX);
 }
 
-/* The group's scale from its warp-reduced max: NaN for a non-finite group, 1 for an all-zero one. */
-__device__ __forceinline__ float group_scale(float amax, bool bad) {
-    if (__any_sync(0xffffffffu, bad)) return __int_as_float(0x7fffffff);
+/* A group's scale from its reduced max and whether any of its lanes saw a non-finite value: NaN for
+ * a non-finite group, 1 for an all-zero one. */
+__device__ __forceinline__ float scale_of(float amax, bool any_bad) {
+    if (any_bad) return __int_as_float(0x7fffffff);
     const float s = amax / 127.f;
     return s > 0.f ? s : 1.f;
+}
+/* ... of a group that is the whole warp */
+__device__ __forceinline__ float group_scale(float amax, bool bad) {
+    return scale_of(amax, __any_sync(0xffffffffu, bad));
 }
 
 template <typename T> __device__ __forceinline__ float to_f(T v);
@@ -78,19 +84,25 @@ __global__ void act_quant_kernel(const T *__restrict__ x, int64_t M, int64_t K, 
     for (int64_t t = j * spg + lane; t < s_end; t += 32) sr[t] = s;
 }
 
-/* Four consecutive elements as float (the caller guarantees 4-element alignment). */
-__device__ __forceinline__ void load4(const float *p, float (&v)[4]) {
-    const float4 t = *(const float4 *)p;
-    v[0] = t.x;
-    v[1] = t.y;
-    v[2] = t.z;
-    v[3] = t.w;
+/* N = 4 or 8 consecutive elements as float, in N-element vector loads (the caller guarantees the
+ * alignment: N elements, at most 16 bytes per load). */
+template <int N> __device__ __forceinline__ void load_n(const float *p, float (&v)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; i += 4) {
+        const float4 t = *(const float4 *)(p + i);
+        v[i] = t.x;
+        v[i + 1] = t.y;
+        v[i + 2] = t.z;
+        v[i + 3] = t.w;
+    }
 }
-template <typename T> __device__ __forceinline__ void load4(const T *p, float (&v)[4]) {
-    const uint2 t = *(const uint2 *)p;
+template <int N, typename T> __device__ __forceinline__ void load_n(const T *p, float (&v)[N]) {
+    static_assert(N == 4 || N == 8, "4 or 8 16-bit elements: one 8- or 16-byte load");
+    using Word = typename std::conditional<N == 4, uint2, uint4>::type;
+    const Word t = *(const Word *)p;
     const T *h = (const T *)&t;
 #pragma unroll
-    for (int i = 0; i < 4; i++) v[i] = to_f(h[i]);
+    for (int i = 0; i < N; i++) v[i] = to_f(h[i]);
 }
 
 /* Fast path for g a multiple of 128 and K a multiple of 4: each lane takes 4 consecutive
@@ -111,12 +123,12 @@ __global__ void act_quant_vec_kernel(const T *__restrict__ x, int64_t M, int64_t
         float v0[4] = {0.f, 0.f, 0.f, 0.f};
         float amax = 0.f;
         bool bad = false;
-        if (lane * 4 < len) load4(xr + lane * 4, v0);
+        if (lane * 4 < len) load_n<4>(xr + lane * 4, v0);
 #pragma unroll
         for (int i = 0; i < 4; i++) absmax(v0[i], amax, bad);
         for (int64_t e = 128 + lane * 4; e < len; e += 128) {
             float v[4];
-            load4(xr + e, v);
+            load_n<4>(xr + e, v);
 #pragma unroll
             for (int i = 0; i < 4; i++) absmax(v[i], amax, bad);
         }
@@ -131,7 +143,7 @@ __global__ void act_quant_vec_kernel(const T *__restrict__ x, int64_t M, int64_t
 #pragma unroll
                 for (int i = 0; i < 4; i++) v[i] = v0[i];
             } else {
-                load4(xr + e, v);
+                load_n<4>(xr + e, v);
             }
             uint32_t w = 0;
 #pragma unroll
@@ -147,18 +159,6 @@ __global__ void act_quant_vec_kernel(const T *__restrict__ x, int64_t M, int64_t
         const int64_t s_end = (j == G - 1) ? sapitch : (j + 1) * spg;
         for (int64_t t = j * spg + lane; t < s_end; t += 32) sr[t] = s;
     }
-}
-
-/* Eight consecutive elements as float (16-byte aligned: two float4 loads for float, one uint4 for 16-bit types). */
-__device__ __forceinline__ void load8(const float *p, float (&v)[8]) {
-    const float4 a = *(const float4 *)p, b = *(const float4 *)(p + 4);
-    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
-}
-template <typename T> __device__ __forceinline__ void load8(const T *p, float (&v)[8]) {
-    const uint4 t = *(const uint4 *)p;
-    const T *h = (const T *)&t;
-#pragma unroll
-    for (int i = 0; i < 8; i++) v[i] = to_f(h[i]);
 }
 
 /* The default geometry (g = 128, K and the code pitches multiples of 8): a half-warp per group, so
@@ -190,7 +190,7 @@ __global__ void act_quant_g128_kernel(const T *__restrict__ x, int64_t M, int64_
         const int64_t k0 = j * 128, len = grp ? min((int64_t)128, K - k0) : 0;
         const bool mine = hl * 8 < len; /* K % 8 == 0: a lane's 8 elements are all in the row or all past it */
         float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-        if (mine) load8(x + m * K + k0 + hl * 8, v);
+        if (mine) load_n<8>(x + m * K + k0 + hl * 8, v);
         float amax = 0.f;
         bool bad = false;
 #pragma unroll
@@ -198,8 +198,7 @@ __global__ void act_quant_g128_kernel(const T *__restrict__ x, int64_t M, int64_
 #pragma unroll
         for (int o = 8; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
         const bool half_bad = (__ballot_sync(0xffffffffu, bad) & half_mask) != 0;
-        float s = amax / 127.f;
-        s = half_bad ? __int_as_float(0x7fffffff) : s > 0.f ? s : 1.f;
+        const float s = scale_of(amax, half_bad);
         if (!grp) continue;
         int8_t *qr = q + m * qpitch + j * gp;
         if (mine) {

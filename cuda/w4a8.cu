@@ -377,8 +377,9 @@ const CfgInfo CFGS[MIXC_NCFG] = {
     MIXC_CFG(8, 1, 16, 6, "w8x1_m16_s6"),
     MIXC_CFG(8, 1, 32, 4, "w8x1_m32"),
     MIXC_CFG(8, 1, 64, 4, "w8x1_m64"),
-    {8, 1, 256, 4, "sm90_wgmma", nullptr,
-     prepare_cfg<8, 1, 128, 4>},                   /* MIXC_CFG_SM90 (cuda/w4a8_sm90.cu: 128 or 256 tokens) */
+    /* MIXC_CFG_SM90 (cuda/w4a8_sm90.cu: 128 or 256 tokens; no prepare: one CTA per SM, its stage
+     * ring takes most of the shared memory) */
+    {8, 1, 256, 4, "sm90_wgmma", nullptr, nullptr},
     {1, 1, 8, 4, "decode_gemv", nullptr, nullptr}, /* MIXC_CFG_DECODE, cuda/w4a8_decode.cu */
 };
 #undef MIXC_CFG
@@ -471,8 +472,7 @@ extern "C" int mixc_plan(int device, int64_t M, const int64_t *Ns, int nparts, i
          * wave as long as one block's share of its SM's bandwidth (8-bit row blocks count twice),
          * plus the workspace traffic of the split partial sums. Token blocks of a prefill shape
          * already fill the GPU: no split there unless the blocks are fewer than the SMs. */
-        /* one wgmma CTA per SM (its stage ring takes most of the shared memory) */
-        const int sms = sm_count(device), occ = cfg == MIXC_CFG_SM90 ? 1 : cfg_occupancy(device, cfg);
+        const int sms = sm_count(device), occ = cfg_occupancy(device, cfg);
         double blocks = 0, rows = 0;
         for (int i = 0; i < nparts; i++) {
             blocks += (double)((Ns[i] + bn - 1) / bn) * (i == 1 ? 2.0 : 1.0);
