@@ -278,7 +278,7 @@ def profile(dev, gen):
     n8 = N // 10
     i4, i8 = split_rows(N, n8, dev, gen)
     w4, w8 = rand_qweight(N - n8, K, 4, dev, gen), rand_qweight(n8, K, 8, dev, gen)
-    xs = {M: torch.randn((M, K), device=dev, dtype=torch.bfloat16, generator=gen) for M in (1, 64, 4096)}
+    xs = {M: torch.randn((M, K), device=dev, dtype=torch.bfloat16, generator=gen) for M in (1, 16, 64, 4096)}
     for x in xs.values():
         ops.mixed_linear(x, w4, w8, i4, i8)
     torch.cuda.synchronize()
@@ -295,6 +295,9 @@ def main():
     ap.add_argument("--tune", action="store_true", help="time every tile configuration, then exit")
     ap.add_argument("--profile", action="store_true", help="one W4.4A8 call per M for ncu, then exit")
     ap.add_argument("--decode", action="store_true", help="decode kernel vs the mma.sync tiles, M <= 64, then exit")
+    ap.add_argument(
+        "--sm90-sweep", action="store_true", help="wgmma kernel, forced splits, vs the planner and bf16, M <= 256"
+    )
     ap.add_argument("--profile-decode", action="store_true", help="decode kernel and planner's choice, 70B, M=1 (ncu)")
     ap.add_argument("--shapes", help="N x K list to run, e.g. 28672x8192,8192x28672 (default: all)")
     ap.add_argument("--ms", help="token counts to run, e.g. 1,16,64 (default: %s)" % ",".join(map(str, MS)))
@@ -313,6 +316,8 @@ def main():
     ms = [int(v) for v in args.ms.split(",")] if args.ms else None
     if args.decode:
         return decode_sweep(dev, gen, args.out, shapes, ms)
+    if args.sm90_sweep:
+        return sm90_sweep(dev, gen, args.out, shapes, ms)
     torch.backends.cuda.matmul.allow_tf32 = False
     rates = measure_rates(dev)
     name = torch.cuda.get_device_name(dev)
@@ -466,6 +471,58 @@ def decode_sweep(dev, gen, out, shapes=None, ms=None):
         del mixed, pl, wb
         torch.cuda.empty_cache()
     write_json({"device": name, "date": date, "units": "ms per call", "rows": rows}, "gpu_decode_sweep", date, out)
+
+
+SM90_FORCED = (1, 2, 3, 4, 6)  # split-K factors of the forced wgmma runs
+
+
+def sm90_sweep(dev, gen, out, shapes=None, ms=None):
+    """The wgmma kernel (its few-token tiles of 16, 32, 64 tokens below 65, forced, at each split-K
+    factor of SM90_FORCED) against the planner's choice and bf16, M = 1..256, every shape."""
+    from mixllm import _cuda
+
+    sm90 = next(c for c in range(_cuda.NCFG) if _cuda.plan(0, 1, (16,), 128, c, 1)[2] == "sm90_wgmma")
+    name = torch.cuda.get_device_name(dev)
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
+    print(f"# wgmma sweep, {name}, {date}: W4.4A8 us; 'auto' = the planner's choice; w<s> = wgmma, s splits")
+    print(
+        f"{'N':>6} {'K':>6} {'M':>3} | {'bf16':>7} {'auto':>7} {'cfg':>11} | "
+        + " ".join(f"{'w' + str(k):>6}" for k in SM90_FORCED)
+        + " | best  x bf16  x auto"
+    )
+    rows = []
+    for N, K in shapes or SHAPES:
+        n8 = N // 10
+        i4, i8 = split_rows(N, n8, dev, gen)
+        nc = copies((N - n8) * K // 2 + n8 * K)
+        mixed = [(rand_qweight(N - n8, K, 4, dev, gen), rand_qweight(n8, K, 8, dev, gen)) for _ in range(nc)]
+        pl = [cuda_ops.PreparedLinear([(p[0], i4), (p[1], i8)], N, None, dev) for p in mixed]
+        wb = [torch.randn((N, K), device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(copies(2 * N * K))]
+        for M in ms or (1, 8, 16, 32, 64, 128, 192, 256):
+            xs = [torch.randn((M, K), device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(max(nc, len(wb)))]
+            t = lambda c, sp=0, xs=xs, pl=pl: time_graph(  # noqa: E731
+                [(lambda x=xs[i], l=l: l(x, cfg=c, splits=sp)) for i, l in enumerate(pl)], reps=9
+            )
+            r = {"N": N, "K": K, "M": M}
+            r["bf16"] = time_graph([(lambda x=xs[i], w=w: F.linear(x, w)) for i, w in enumerate(wb)], reps=9)
+            r["auto"] = t(-1)
+            r["auto_plan"] = list(pl[0].plan(M, -1))
+            for k in SM90_FORCED:
+                r[f"w{k}"] = t(sm90, k)
+            best = min(SM90_FORCED, key=lambda k: r[f"w{k}"])
+            r["best_splits"] = best
+            rows.append(r)
+            print(
+                f"{N:>6} {K:>6} {M:>3} | {r['bf16'] * 1e3:7.1f} {r['auto'] * 1e3:7.1f} "
+                f"{r['auto_plan'][3]:>11} | "
+                + " ".join(f"{r[f'w{k}'] * 1e3:6.1f}" for k in SM90_FORCED)
+                + f" | {best:>4} {r['bf16'] / r[f'w{best}']:6.2f} {r['auto'] / r[f'w{best}']:6.2f}",
+                flush=True,
+            )
+            del xs
+        del mixed, pl, wb
+        torch.cuda.empty_cache()
+    write_json({"device": name, "date": date, "units": "ms per call", "rows": rows}, "gpu_sm90_sweep", date, out)
 
 
 if __name__ == "__main__":

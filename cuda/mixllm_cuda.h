@@ -23,8 +23,10 @@ extern "C" {
 /* the planner picks the decode kernel up to this many tokens (measured: slower than the mma.sync tiles
    from 32 on) */
 #define MIXC_DECODE_MAX_M 16
-/* the planner picks the wgmma kernel on 9.x devices from this many tokens on (measured faster at 256) */
-#define MIXC_SM90_MIN_M 256
+/* the planner picks the wgmma kernel on 9.x devices from this many tokens on (its 16-, 32- and
+   64-token tiles on layers of at least 4096 x 4096 codes, above 16 tokens from 4096 x 4096 on, from 9
+   on larger ones; from 256 tokens on every layer) */
+#define MIXC_SM90_MIN_M 9
 #define MIXC_MAX_PARTS  2
 
 typedef struct {
@@ -81,6 +83,8 @@ int mixc_qlinear(int device, mixc_gemm *g, void *stream);
  * kernel, else 0; its launcher, called by mixc_qlinear for cfg MIXC_CFG_SM90.  */
 int mixc_sm90_ok(int device);
 int mixc_qlinear_sm90(int device, const mixc_gemm *g, void *stream);
+/* CTAs of the wgmma kernel resident per SM at M tokens (its token tile depends on M) */
+int mixc_sm90_ctas_per_sm(int64_t M);
 
 /* The decode path (cuda/w4a8_decode.cu): tokens per block for M, the most warps per block, a
  * forced "splits" clamped to what M allows, the planned one (warps sharing one 16-row tile's K,

@@ -424,6 +424,8 @@ extern "C" const char *mixc_error_string(int err) { return cudaGetErrorString((c
 
 /* Codes (rows x padded K) up to which a layer counts as small for the planner (<= 4 MB at 8 bits). */
 constexpr int64_t SMALL_LAYER_CODES = 4LL << 20;
+/* Codes (rows x padded K) from which the planner takes the wgmma kernel at 16 < M < 256, and at 8 < M <= 16 */
+constexpr int64_t SM90_FEW_MIN_CODES = 16LL << 20, SM90_FEW9_MIN_CODES = 24LL << 20;
 /* Codes (rows x padded K) up to which the planner sends 8 < M <= MIXC_DECODE_MAX_M to the decode
  * kernel (M <= 8: every layer). */
 constexpr int64_t DECODE_MAX_CODES = 64LL << 20;
@@ -432,9 +434,14 @@ extern "C" int mixc_plan(int device, int64_t M, const int64_t *Ns, int nparts, i
                          int *cfg_out, int *splits_out) {
     if (cfg >= MIXC_NCFG) return -1;
     if (cfg == MIXC_CFG_SM90 && !mixc_sm90_ok(device)) cfg = 4; /* forced where no sm_90a kernel runs */
-    if (cfg < 0 && M >= MIXC_SM90_MIN_M && mixc_sm90_ok(device)) cfg = MIXC_CFG_SM90;
     int64_t codes_all = 0;
     for (int i = 0; i < nparts; i++) codes_all += Ns[i] * Kp;
+    /* The wgmma kernel's few-token tiles against the decode kernel / mma.sync tiles (H200, 2026-12-01,
+     * bench/results/gpu_sm90_sweep_2026-12-01.log): faster from 9 tokens on from 6144 x 4096 up
+     * (1.04-1.53x at 16 tokens), from 17 on 4096 x 4096 (0.94x at 16); smaller layers keep
+     * the mma.sync tiles (too few row blocks to fill the GPU). */
+    const bool sm90_few = M >= MIXC_SM90_MIN_M && codes_all >= (M > 16 ? SM90_FEW_MIN_CODES : SM90_FEW9_MIN_CODES);
+    if (cfg < 0 && (M >= 256 || sm90_few) && mixc_sm90_ok(device)) cfg = MIXC_CFG_SM90;
     /* The decode kernel up to 8 tokens on every layer, up to 16 on layers up to 14336 x 4096: measured
      * faster than the mma.sync tiles there, slower on the 70B-sized ones at 16 tokens (86 vs 71 us on
      * 28672 x 8192; H200, bench/results/gpu_decode_sweep_2026-12-01.log). */
@@ -472,23 +479,28 @@ extern "C" int mixc_plan(int device, int64_t M, const int64_t *Ns, int nparts, i
          * wave as long as one block's share of its SM's bandwidth (8-bit row blocks count twice),
          * plus the workspace traffic of the split partial sums. Token blocks of a prefill shape
          * already fill the GPU: no split there unless the blocks are fewer than the SMs. */
-        const int sms = sm_count(device), occ = cfg_occupancy(device, cfg);
+        /* The wgmma kernel's few-token tiles (M <= 64): every row block counted once, splits of at
+         * least 8 stages, the workspace at L2 cost (fits bench/results/gpu_sm90_sweep_2026-12-01.log's
+         * best forced splits on all six shapes at 16-64 tokens). */
+        const bool few90 = cfg == MIXC_CFG_SM90 && M <= 64;
+        const int sms = sm_count(device);
+        const int occ = cfg == MIXC_CFG_SM90 ? mixc_sm90_ctas_per_sm(M) : cfg_occupancy(device, cfg);
         double blocks = 0, rows = 0;
         for (int i = 0; i < nparts; i++) {
-            blocks += (double)((Ns[i] + bn - 1) / bn) * (i == 1 ? 2.0 : 1.0);
+            blocks += (double)((Ns[i] + bn - 1) / bn) * (i == 1 && !few90 ? 2.0 : 1.0);
             rows += (double)Ns[i];
         }
         blocks *= (double)mblocks;
-        int smax = nst / 4 > 1 ? nst / 4 : 1; /* at least 4 stages per split */
+        int smax = nst / (few90 ? 8 : 4) > 1 ? nst / (few90 ? 8 : 4) : 1; /* at least 4 (8) stages per split */
         if (smax > 32) smax = 32;
-        if (cfg == 4 || cfg == 5 || cfg == MIXC_CFG_SM90) smax = blocks < sms ? smax : 1;
+        if (cfg == 4 || cfg == 5 || (cfg == MIXC_CFG_SM90 && !few90)) smax = blocks < sms ? smax : 1;
         double best = 0;
         splits = 1;
         for (int s = 1; s <= smax; s++) {
             const double waves = ceil(blocks * s / ((double)sms * occ));
             const double stages = ceil((double)nst / s);
             const double t = waves * occ * stages * (double)bn * KS * 0.5 /* bytes a block streams */
-                             + (s > 1 ? 3.0 * 4.0 * s * (double)M * rows / sms : 0.0);
+                             + (s > 1 ? (few90 ? 1.0 : 3.0) * 4.0 * s * (double)M * rows / sms : 0.0);
             if (s == 1 || t < best * 0.98) {
                 best = t;
                 splits = s;

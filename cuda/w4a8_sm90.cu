@@ -28,23 +28,33 @@ constexpr int W_STAGE_BYTES = TILES * mixc_layout::words_per_stage(8) * mixc_lay
 constexpr int META_STAGE_BYTES = TILES * mixc_layout::META_BYTES;
 static_assert(W_STAGE_BYTES % 128 == 0 && META_STAGE_BYTES % 128 == 0, "TMA destinations are 128-byte aligned");
 
-/* The stage ring of a CTA of BM tokens (128 or 256: quarters of 64, the wgmma N), in shared memory:
- * ST stages of activation codes, then of codes, meta records, token scales, then the mbarriers. */
+/* The stage ring of a CTA of BM tokens, in shared memory: ST stages of activation codes, then of codes,
+ * meta records, token scales, then the mbarriers. Tokens go through wgmma in slices of QN (the wgmma N):
+ * 64-token quarters for the prefill tiles (128, 256), one slice of 16, 32 or 64 for the few-token ones,
+ * whose smaller activation tiles leave room for a deeper ring (the weight stream is what they wait on). */
 template <int BM_> struct Ring {
-    static constexpr int BM = BM_, QUARTERS = BM / 64;
-    static constexpr int ST = BM == 256 ? 4 : 6;
+    static constexpr int BM = BM_, QN = BM < 64 ? BM : 64, QUARTERS = BM / QN;
     static constexpr int ACT_BYTES = BM * KS;
+    static constexpr int STAGE_BYTES = ACT_BYTES + W_STAGE_BYTES + META_STAGE_BYTES + BM * 4 + 16;
+    /* CTAs per SM: two of the smallest tiles, so that one CTA's stage chain (wait, fragments,
+     * wgmma, rescale) runs while the other's waits; consumer registers per thread to match (the
+     * setmaxnreg pool is per CTA: 80 each at two CTAs, plus what the producer warpgroup gives back) */
+    static constexpr int CTAS = BM <= 32 ? 2 : 1, CONSUMER_REGS = CTAS == 2 ? 96 : 232;
+    static constexpr int ST = BM == 256 ? 4 : BM == 128 ? 6 : (210 * 1024 / CTAS) / STAGE_BYTES;
     static constexpr int W_OFF = ST * ACT_BYTES;
     static constexpr int META_OFF = W_OFF + ST * W_STAGE_BYTES;
     static constexpr int SA_OFF = META_OFF + ST * META_STAGE_BYTES;
     static constexpr int BAR_OFF = SA_OFF + ST * BM * 4;
     static constexpr int SMEM_BYTES = BAR_OFF + 2 * ST * 8 + 1024; /* + alignment slack (128B swizzle wants 1024) */
-    static_assert(SMEM_BYTES <= 227 * 1024, "the stage ring must fit one SM's shared memory");
+    static_assert(QUARTERS * QN == BM && (QN == 16 || QN == 32 || QN == 64), "token tiles: 16, 32, 64, 128 or 256");
+    static_assert(CONSUMER_REGS % 8 == 0 && 128 * 40 + 256 * CONSUMER_REGS <= 65536 / CTAS, "setmaxnreg budget");
+    static_assert(ACT_BYTES % 1024 == 0 && QN * KS % 1024 == 0, "128B-swizzled tiles start 1024-byte aligned");
+    static_assert(CTAS * (SMEM_BYTES + 1024) <= 228 * 1024, "the stage rings must fit one SM's shared memory");
 };
-#define MIXC_RING_NAMES(R)                                                                                    \
-    constexpr int BM = R::BM, QUARTERS = R::QUARTERS, ST = R::ST, ACT_BYTES = R::ACT_BYTES, W_OFF = R::W_OFF; \
-    constexpr int META_OFF = R::META_OFF, SA_OFF = R::SA_OFF, BAR_OFF = R::BAR_OFF;                           \
-    (void)QUARTERS, (void)W_OFF, (void)META_OFF
+#define MIXC_RING_NAMES(R)                                                                              \
+    constexpr int BM = R::BM, QN = R::QN, QUARTERS = R::QUARTERS, ST = R::ST, ACT_BYTES = R::ACT_BYTES; \
+    constexpr int W_OFF = R::W_OFF, META_OFF = R::META_OFF, SA_OFF = R::SA_OFF, BAR_OFF = R::BAR_OFF;   \
+    (void)QN, (void)QUARTERS, (void)W_OFF, (void)META_OFF
 
 struct Part90 {
     const uint8_t *w, *meta;
@@ -115,23 +125,42 @@ __device__ __forceinline__ uint64_t desc_sw128(uint32_t addr) {
            ((uint64_t)1 << 62);
 }
 
-__device__ __forceinline__ void fence_acc(int (&d)[32]) {
+template <int R> __device__ __forceinline__ void fence_acc(int (&d)[R]) {
 #pragma unroll
-    for (int i = 0; i < 32; i++) asm volatile("" : "+r"(d[i])::"memory");
+    for (int i = 0; i < R; i++) asm volatile("" : "+r"(d[i])::"memory");
 }
 
-/* D[64 x 64] (+)= A[64 x 32] (registers, s8) * B[64 x 32]^T (shared, s8) */
-__device__ __forceinline__ void wgmma_64(int (&d)[32], const uint32_t (&a)[4], uint64_t desc, int accumulate) {
-    asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %37, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8 "
-                 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%"
-                 "27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p;\n}\n"
-                 : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
-                   "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
-                   "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]),
-                   "+r"(d[23]), "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]),
-                   "+r"(d[30]), "+r"(d[31])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
+/* D[64 x QN] (+)= A[64 x 32] (registers, s8) * B[QN x 32]^T (shared, s8); QN/2 int32 accumulators
+ * per thread */
+template <int QN>
+__device__ __forceinline__ void wgmma_n(int (&d)[QN / 2], const uint32_t (&a)[4], uint64_t desc, int accumulate) {
+    if constexpr (QN == 64) {
+        asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %37, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8 "
+                     "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%"
+                     "25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p;\n}\n"
+                     : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+                       "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]),
+                       "+r"(d[15]), "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]),
+                       "+r"(d[22]), "+r"(d[23]), "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]),
+                       "+r"(d[29]), "+r"(d[30]), "+r"(d[31])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
+    } else if constexpr (QN == 32) {
+        asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %21, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n32k32.s32.s8.s8 "
+                     "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19}, %20, p;\n}\n"
+                     : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+                       "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]),
+                       "+r"(d[15])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
+    } else {
+        static_assert(QN == 16, "wgmma N: 16, 32 or 64");
+        asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %13, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n16k32.s32.s8.s8 "
+                     "{%0,%1,%2,%3,%4,%5,%6,%7}, {%8,%9,%10,%11}, %12, p;\n}\n"
+                     : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
+    }
 }
 
 /* (w & 0x0F0F0F0F) - z in every byte as int8: sub_zero (cuda/gemm_common.cuh) with the mask and its
@@ -190,16 +219,18 @@ __device__ __forceinline__ void load_frags(uint32_t (&af)[4][4], float &sw0, flo
 }
 
 /* Waits until at most N wgmma groups are pending (acc's group is then complete). */
-template <int N> __device__ __forceinline__ void wait_acc(int (&acc)[32]) {
+template <int N, int R> __device__ __forceinline__ void wait_acc(int (&acc)[R]) {
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
     fence_acc(acc);
 }
 
-/* Second step of the dequantization for one 64-token half: acc (+)= float(iacc) * Sw[row] * Sa[token].
+/* Second step of the dequantization for one slice of QN tokens: acc (+)= float(iacc) * Sw[row] * Sa[token].
  * Accumulator i: row gid + 8 * ((i >> 1) & 1), token 8 * (i >> 2) + 2 * tig + (i & 1). */
-__device__ __forceinline__ void rescale(float *facc, const int (&iacc)[32], const float *sab, float sw0, float sw1) {
+template <int QN>
+__device__ __forceinline__ void rescale(float *facc, const int (&iacc)[QN / 2], const float *sab, float sw0,
+                                        float sw1) {
 #pragma unroll
-    for (int q = 0; q < 8; q++) {
+    for (int q = 0; q < QN / 8; q++) {
         const float2 s2 = *(const float2 *)(sab + 8 * q);
         facc[4 * q + 0] = __fmaf_rn(i2f(iacc[4 * q + 0]), sw0 * s2.x, facc[4 * q + 0]);
         facc[4 * q + 1] = __fmaf_rn(i2f(iacc[4 * q + 1]), sw0 * s2.y, facc[4 * q + 1]);
@@ -221,20 +252,23 @@ __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb
     const bool live = rt < (p.N + 15) / 16;
     const float *sas = (const float *)(smem + SA_OFF) + 2 * tig;
 
-    int ia[32], ib[32];
-    float facc[32 * QUARTERS];
+    constexpr int R = QN / 2; /* int32 accumulators per thread of a QN-token slice */
+    int ia[R], ib[R];
+    float facc[R * QUARTERS];
 #pragma unroll
-    for (int i = 0; i < 32 * QUARTERS; i++) facc[i] = 0.f;
+    for (int i = 0; i < R * QUARTERS; i++) facc[i] = 0.f;
 #pragma unroll
-    for (int i = 0; i < 32; i++) ia[i] = ib[i] = 0;
+    for (int i = 0; i < R; i++) ia[i] = ib[i] = 0;
 
     float rsw0 = 0.f, rsw1 = 0.f; /* row scales of the stage fetched last */
-    uint32_t af[4][4];            /* A fragments of the stage: a wgmma reads them until it completes */
-    auto issue = [&](int (&acc)[32], uint32_t tile) {
+    /* A fragments of a stage: a wgmma reads them until it completes, so the few-token tiles, which
+     * form the next stage's fragments under the running wgmmas, alternate between two buffers */
+    uint32_t af0[4][4], af1[4][4];
+    auto issue = [&](int (&acc)[R], uint32_t tile, const uint32_t (&af)[4][4]) {
         fence_acc(acc);
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
-        for (int k = 0; k < 4; k++) wgmma_64(acc, af[k], desc_sw128(tile) + (uint64_t)(k * 32 / 16), k);
+        for (int k = 0; k < 4; k++) wgmma_n<QN>(acc, af[k], desc_sw128(tile) + (uint64_t)(k * 32 / 16), k);
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
     };
     /* Wait until stage s's copies (activations, scales, this CTA's codes and meta records) have
@@ -242,7 +276,7 @@ __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb
      * load: the producer's copies bring the codes and meta records too (measured: with them loaded
      * two stages ahead into registers, each stage waited about one memory latency, since a load's
      * scoreboard also waits for the loads issued after it). */
-    auto fetch = [&](int s) {
+    auto fetch = [&](int s, uint32_t (&af)[4][4]) {
         const int i = s - s0, buf = i % ST;
         mbar_wait(sbase + BAR_OFF + buf * 8, (i / ST) & 1);
         load_frags<BITS>(af, rsw0, rsw1,
@@ -253,32 +287,44 @@ __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb
      * quarter's wgmmas run while the previous quarter is rescaled; at 256 tokens:
      *   issue Q0, Q1 | wait Q0, rescale Q0, issue Q2 | wait Q1, rescale Q1, issue Q3 | wait Q2,
      *   rescale Q2 | wait Q3, fetch stage s+1, rescale Q3, release s
+     * A few-token tile (one slice of QN <= 64) is: issue | wait, fetch stage s+1, rescale, release s.
      * No wgmma group stays pending across stages: with one that did, ptxas serialized every wgmma
      * (C7514/C7515). The per-warp costs of a stage (fragments, descriptors, barriers) are shared
      * by all BM tokens. */
-    auto stage = [&](int s) {
+    auto stage = [&](int s, uint32_t (&cur)[4][4], uint32_t (&nxt)[4][4]) {
         const int buf = (s - s0) % ST;
         const float sw0 = rsw0, sw1 = rsw1;
         const uint32_t tile = sbase + buf * ACT_BYTES;
-        issue(ia, tile);
-        issue(ib, tile + 64 * KS);
+        issue(ia, tile, cur);
+        if constexpr (QUARTERS > 1) {
+            issue(ib, tile + QN * KS, cur);
+        } else {
+            if (s + 1 < s1) fetch(s + 1, nxt); /* under the running wgmmas, which read cur */
+        }
 #pragma unroll
         for (int qq = 0; qq < QUARTERS; qq++) {
-            int (&acc)[32] = (qq & 1) ? ib : ia;
+            int (&acc)[R] = (qq & 1) ? ib : ia;
             if (qq == QUARTERS - 1) {
                 wait_acc<0>(acc);
-                if (s + 1 < s1) fetch(s + 1); /* every wgmma of the stage is done: af is free */
+                if (QUARTERS > 1 && s + 1 < s1) fetch(s + 1, nxt); /* every wgmma of the stage is done */
             } else {
                 wait_acc<1>(acc);
             }
-            rescale(facc + 32 * qq, acc, sas + buf * BM + 64 * qq, sw0, sw1);
-            if (qq + 2 < QUARTERS) issue(acc, tile + (qq + 2) * 64 * KS);
+            rescale<QN>(facc + R * qq, acc, sas + buf * BM + QN * qq, sw0, sw1);
+            if (qq + 2 < QUARTERS) issue(acc, tile + (qq + 2) * QN * KS, cur);
         }
         __syncwarp();
         if (lane == 0) mbar_arrive(sbase + BAR_OFF + (ST + buf) * 8);
     };
-    fetch(s0);
-    for (int s = s0; s < s1; s++) stage(s);
+    fetch(s0, af0);
+    if constexpr (QUARTERS > 1) {
+        for (int s = s0; s < s1; s++) stage(s, af0, af0);
+    } else {
+        for (int s = s0; s < s1; s += 2) {
+            stage(s, af0, af1);
+            if (s + 1 < s1) stage(s + 1, af1, af0);
+        }
+    }
 
     /* epilogue: rows 16*rt + gid (+8), tokens m0 + 8q + 2tig + c */
 #pragma unroll
@@ -305,7 +351,7 @@ __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb
 #endif /* MIXC_SM90_DEVICE */
 
 template <int BM_>
-__global__ void __launch_bounds__(NTH, 1)
+__global__ void __launch_bounds__(NTH, Ring<BM_>::CTAS)
     qgemm_sm90_kernel(const __grid_constant__ Args90 a, const __grid_constant__ CUtensorMap act_map,
                       const __grid_constant__ CUtensorMap wmap0, const __grid_constant__ CUtensorMap wmap1,
                       const __grid_constant__ CUtensorMap mmap0, const __grid_constant__ CUtensorMap mmap1) {
@@ -379,7 +425,7 @@ __global__ void __launch_bounds__(NTH, 1)
         }
         asm volatile("cp.async.wait_all;\n" ::: "memory");
     } else {
-        asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Ring<BM_>::CONSUMER_REGS));
         int rb = blockIdx.y;
         const Part90 *p = &a.p0;
         if (rb >= a.p0.nblk) {
@@ -432,6 +478,10 @@ extern "C" int mixc_sm90_ok(int device) {
         cache[device] = ok ? 1 : 2;
     }
     return cache[device] == 1;
+}
+
+extern "C" int mixc_sm90_ctas_per_sm(int64_t M) {
+    return M <= 16 ? Ring<16>::CTAS : M <= 32 ? Ring<32>::CTAS : M <= 64 ? Ring<64>::CTAS : 1;
 }
 
 /* Encode the activation map (box: one stage x BM tokens) and launch the BM-token kernel. */
@@ -504,18 +554,28 @@ extern "C" int mixc_qlinear_sm90(int device, const mixc_gemm *g, void *stream_) 
             return (int)cudaErrorInvalidValue;
     }
 
-    /* 256 tokens per CTA share the per-warp work of a stage (fragments, descriptors, barriers)
-     * among twice the tokens: measured 1.73x the time of a 128-token CTA per stage, for 2x the
-     * tokens. Take the tile whose whole waves cost less, 128 on a tie (H200, 2026-12-01: at
-     * M = 1024 on 6144 x 4096 the 256-token grid is 1.5 waves, 148 us against 117). */
+    /* Few tokens: one CTA of 16, 32 or 64 tokens (the weight stream is the cost). More: 256 tokens
+     * per CTA share the per-warp work of a stage (fragments, descriptors, barriers) among twice the
+     * tokens of 128: measured 1.73x the time of a 128-token CTA per stage, for 2x the tokens. Take
+     * the tile whose whole waves cost less, 128 on a tie (H200, 2026-12-01: at M = 1024 on
+     * 6144 x 4096 the 256-token grid is 1.5 waves, 148 us against 117). */
     int sms = 132;
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
     auto waves = [&](int bm) {
         const int64_t ctas = (int64_t)nblk * ((g->M + bm - 1) / bm) * ((nst + a.sps - 1) / a.sps);
         return (double)((ctas + sms - 1) / sms);
     };
-    const cudaError_t e0 = waves(256) * 1.8 < waves(128) ? launch90<256>(device, g, a, nblk, nst, wmap, mmap, stream)
-                                                         : launch90<128>(device, g, a, nblk, nst, wmap, mmap, stream);
+    cudaError_t e0;
+    if (g->M <= 16)
+        e0 = launch90<16>(device, g, a, nblk, nst, wmap, mmap, stream);
+    else if (g->M <= 32)
+        e0 = launch90<32>(device, g, a, nblk, nst, wmap, mmap, stream);
+    else if (g->M <= 64)
+        e0 = launch90<64>(device, g, a, nblk, nst, wmap, mmap, stream);
+    else if (waves(256) * 1.8 < waves(128))
+        e0 = launch90<256>(device, g, a, nblk, nst, wmap, mmap, stream);
+    else
+        e0 = launch90<128>(device, g, a, nblk, nst, wmap, mmap, stream);
     if (e0 != cudaSuccess) return (int)e0;
     if (g->splits == 1) return 0;
     return (int)launch_splitk_finish(g, (nst + a.sps - 1) / a.sps, 1024, stream);

@@ -377,10 +377,22 @@ def _mixed(rng, M, N, K, g, dtype, frac8=0.1):
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize(
     "M,N,K,g",
-    [(1, 16, 128, 128), (130, 300, 1000, 128), (257, 1000, 520, 100), (128, 256, 384, 128), (300, 136, 640, 256)],
+    [
+        (1, 16, 128, 128),
+        (16, 200, 768, 128),
+        (20, 300, 1000, 128),
+        (33, 136, 640, 256),
+        (64, 256, 384, 128),
+        (65, 150, 520, 100),
+        (130, 300, 1000, 128),
+        (257, 1000, 520, 100),
+        (128, 256, 384, 128),
+        (300, 136, 640, 256),
+    ],
 )
 def test_sm90_mixed_matches_reference(rng, dtype, splits, M, N, K, g):
-    """The wgmma kernel, forced: mixed parts with shuffled columns, bias, M/N tails, split-K."""
+    """The wgmma kernel, forced: mixed parts with shuffled columns, bias, M/N tails, split-K; every
+    token tile (16, 32 and 64 up to 64 tokens, then 128 or 256)."""
     xt, parts, y_ref = _mixed(rng, M, N, K, g, dtype)
     bias = rng.standard_normal(N).astype(np.float32)
     y = _run(xt, parts, N, torch.from_numpy(bias).to(DEV), SM90, splits)
@@ -389,8 +401,9 @@ def test_sm90_mixed_matches_reference(rng, dtype, splits, M, N, K, g):
 
 @pytest.mark.skipif(not _HAS_SM90, reason="no sm_90a device")
 @pytest.mark.parametrize("bits", [4, 8])
-def test_sm90_single_part(rng, bits):
-    M, N, K, g = 200, 200, 768, 128
+@pytest.mark.parametrize("M", [200, 40, 9])
+def test_sm90_single_part(rng, bits, M):
+    N, K, g = 200, 768, 128
     W, codes, scale, zero = make_weight(rng, N, K, bits, g)
     xt, x32 = make_x(rng, M, K, torch.float32)
     y = _run(xt, [(W, None)], N, None, SM90, 1)
@@ -413,7 +426,19 @@ def test_sm90_large_matches_mma_sync(rng):
 def test_planner_picks_sm90_for_large_m():
     assert _cuda.plan(DEV.index, 4096, (14336,), 4096, -1, 0)[0] == SM90
     assert _cuda.plan(DEV.index, 4096, (12903, 1433), 4096, -1, 0)[0] == SM90
-    assert _cuda.plan(DEV.index, 16, (14336,), 4096, -1, 0)[0] != SM90
+    # its few-token tiles: from 9 tokens on layers above 4096 x 4096, from 17 on 4096 x 4096, not on
+    # smaller layers; the decode kernel up to 8 tokens
+    assert _cuda.plan(DEV.index, 8, (14336,), 4096, -1, 0)[0] != SM90
+    assert _cuda.plan(DEV.index, 9, (14336,), 4096, -1, 0)[0] == SM90
+    assert _cuda.plan(DEV.index, 64, (14336,), 4096, -1, 0)[0] == SM90
+    assert _cuda.plan(DEV.index, 16, (3687, 409), 4096, -1, 0)[0] != SM90
+    assert _cuda.plan(DEV.index, 17, (3687, 409), 4096, -1, 0)[0] == SM90
+    assert _cuda.plan(DEV.index, 64, (576,), 640, -1, 0)[0] != SM90
+    assert _cuda.plan(DEV.index, 64, (1024,), 4096, -1, 0)[0] != SM90
+    # split-K of the few-token tiles (bench/results/gpu_sm90_sweep_2026-12-01.log's best forced splits)
+    assert _cuda.plan(DEV.index, 32, (7373, 819), 28672, -1, 0)[:2] == (SM90, 4)
+    assert _cuda.plan(DEV.index, 64, (7373, 819), 28672, -1, 0)[:2] == (SM90, 2)
+    assert _cuda.plan(DEV.index, 64, (25805, 2867), 8192, -1, 0)[:2] == (SM90, 1)
 
 
 # ----------------------------------------------------------------------------- issue 14: the CPU path's promises
