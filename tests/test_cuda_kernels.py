@@ -18,6 +18,8 @@ from _cuda_common import DEV, DTYPES, RTOL, assert_close, make_weight, make_x  #
 from mixllm import cuda_ops, ops  # noqa: E402
 
 DECODE = next(c for c in range(_cuda.NCFG) if _cuda.plan(DEV.index, 1, (16,), 128, c, 1)[2] == "decode_gemv")
+# the wgmma kernel where it runs (a forced configuration falls back elsewhere), else None
+SM90 = next((c for c in range(_cuda.NCFG) if _cuda.plan(DEV.index, 1, (16,), 128, c, 1)[2] == "sm90_wgmma"), None)
 
 
 def mixed_layer(rng, N, K, g, n8=None, bias=True):
@@ -78,12 +80,17 @@ def test_decode_every_warp_count(rng, bits, kw):
     assert_close(y, np.asarray(fn(x32, W), np.float64), torch.float32)  # the CPU op: same function
 
 
-@pytest.mark.parametrize("M", [1, 7, 16, 40])
+@pytest.mark.parametrize("M", [1, 7, 16, 20, 40])
 @pytest.mark.parametrize("case", ["q15_z0", "q0_z15", "random_extremes"])
-def test_decode_extreme_codes_and_zero_points(rng, M, case):
-    """The 4-bit tiles multiply the raw codes (unsigned) and subtract z * sum(a) as a second MMA of
-    -z: the largest sums (codes 15, zero 0, activations at +-127) and every zero point 0..15,
-    against the float64 reference, with a partial last group."""
+@pytest.mark.parametrize("kernel", ["decode", "sm90"])
+def test_decode_extreme_codes_and_zero_points(rng, M, case, kernel):
+    """The decode kernel's 4-bit tiles multiply the raw codes (unsigned) and subtract z * sum(a) as a
+    second MMA of -z; the wgmma kernel's few-token tiles form (q - z) fragments: the largest sums
+    (codes 15, zero 0, activations at +-127) and every zero point 0..15, against the float64
+    reference, with a partial last group."""
+    cfg = DECODE if kernel == "decode" else SM90
+    if cfg is None:
+        pytest.skip("no sm_90a device")
     N, K, g = 48, 1000, 128
     G = -(-K // g)
     if case == "q15_z0":
@@ -100,7 +107,7 @@ def test_decode_extreme_codes_and_zero_points(rng, M, case):
     if case == "q15_z0":
         x = np.abs(x)
     xt = torch.from_numpy(x).to(DEV)
-    y = cuda_ops.qlinear(xt, [(W, None)], N, None, (M,), cfg=DECODE)
+    y = cuda_ops.qlinear(xt, [(W, None)], N, None, (M,), cfg=cfg)
     assert_close(y, ref.qlinear(x, codes, scale, zero, g), torch.float32)
 
 
