@@ -22,7 +22,8 @@ after every row; ``--max-seconds`` stops before a row that would start after tha
        gtaylor / gfisher     with the delta of the 4-bit GPTQ + clip codes actually used;
   3. rows of the default pipeline (``seq_*``, last: each costs a block-by-block pass;
      ``MixLLMConfig.apply`` with token ids, block by block on the quantized prefix, as ``mixllm
-     quantize`` does), given the salience of step 2 (the numbers the default salience pass computes).
+     quantize`` does), given the salience of step 2 (the numbers the default salience pass computes;
+     ``seq_gtaylor_*``: step 2's ``gtaylor``, the salience of the one-pass GPTQ + clip delta).
 ``--fp32-ref`` checks the float model on the first evaluation window against a reference made on
 another machine (bench/results/e2e_fp32_reference.json, written with ``--write-fp32-ref``) first.
 Each row is evaluated on the first ``--eval-tokens`` tokens of each text in disjoint windows of
@@ -104,6 +105,8 @@ ROWS = [
     ("seq_w4.8a8", "**MixLLM W4.8A8** (global)", "seq", dict(bits=4.8, salience="taylor")),
     ("seq_fisher_w4.4a8", "Fisher salience W4.4A8", "seq", dict(bits=4.4, salience="fisher")),
     ("seq_fisher_w4.8a8", "Fisher salience W4.8A8", "seq", dict(bits=4.8, salience="fisher")),
+    ("seq_gtaylor_w4.4a8", "GPTQ+clip delta W4.4A8", "seq", dict(bits=4.4, salience="gtaylor")),
+    ("seq_gtaylor_w4.8a8", "GPTQ+clip delta W4.8A8", "seq", dict(bits=4.8, salience="gtaylor")),
     ("seq_perlayer_w4.4a8", "W4.4A8, 10% per layer", "seq", dict(bits=4.4, salience="taylor", selection="per_layer")),
     ("seq_random_w4.4a8", "W4.4A8, random 10%", "seq", dict(bits=4.4, selection="random")),
 ]
@@ -395,6 +398,11 @@ COMPARE = [  # (challenger, baseline, question): is the challenger better?
     ("op_fisher_w4.8a8", "op_w4.8a8", "Fisher vs Taylor salience (global 4.8)"),
     ("seq_fisher_w4.4a8", "seq_w4.4a8", "Fisher vs Taylor salience (4.4, default pipeline)"),
     ("seq_fisher_w4.8a8", "seq_w4.8a8", "Fisher vs Taylor salience (4.8, default pipeline)"),
+    ("seq_gtaylor_w4.4a8", "seq_w4.4a8", "GPTQ+clip delta vs RTN delta (4.4, default pipeline)"),
+    ("seq_gtaylor_w4.8a8", "seq_w4.8a8", "GPTQ+clip delta vs RTN delta (4.8, default pipeline)"),
+    ("seq_gtaylor_w4.4a8", "seq_perlayer_w4.4a8", "GPTQ+clip delta global vs per-layer (4.4, default pipeline)"),
+    ("seq_random_w4.4a8", "seq_w4a8", "random 10% vs all 4-bit (default pipeline)"),
+    ("seq_w4.4a8", "seq_w4a8", "global 10% vs all 4-bit (default pipeline)"),
     ("op_fisher_w4.4a8", "op_fisher_perlayer_w4.4a8", "Fisher: global vs per-layer (4.4)"),
     ("op_perbit_w4.4a8", "op_w4.4a8", "per-bit vs global (Taylor, 4.4)"),
     ("op_perbit_w4.8a8", "op_w4.8a8", "per-bit vs global (Taylor, 4.8)"),
@@ -467,7 +475,7 @@ def table(paths):
                     cells += [f"{m:+.4f} ± {se:.4f}", f"{wins}/{n}"]
                 out.append("| " + " | ".join(cells) + " |")
         out.append("")
-        for key in ("seq_w4.4a8", "op_perbit_w4.4a8", "op_fisher_w4.4a8"):
+        for key in ("seq_w4.4a8", "seq_gtaylor_w4.4a8", "op_perbit_w4.4a8", "op_fisher_w4.4a8"):
             if key in rows and "budget" in rows[key]:
                 bt = rows[key]["budget"]["type"]
                 out.append(
