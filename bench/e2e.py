@@ -23,7 +23,8 @@ after every row; ``--max-seconds`` stops before a row that would start after tha
   3. rows of the default pipeline (``seq_*``, last: each costs a block-by-block pass;
      ``MixLLMConfig.apply`` with token ids, block by block on the quantized prefix, as ``mixllm
      quantize`` does), given the salience of step 2 (the numbers the default salience pass computes;
-     ``seq_gtaylor_*``: step 2's ``gtaylor``, the salience of the one-pass GPTQ + clip delta).
+     ``seq_gtaylor_*`` / ``seq_gfisher_*``: step 2's ``gtaylor`` / ``gfisher``, the salience of the
+     one-pass GPTQ + clip delta).
 ``--fp32-ref`` checks the float model on the first evaluation window against a reference made on
 another machine (bench/results/e2e_fp32_reference.json, written with ``--write-fp32-ref``) first.
 Each row is evaluated on the first ``--eval-tokens`` tokens of each text in disjoint windows of
@@ -107,6 +108,8 @@ ROWS = [
     ("seq_fisher_w4.8a8", "Fisher salience W4.8A8", "seq", dict(bits=4.8, salience="fisher")),
     ("seq_gtaylor_w4.4a8", "GPTQ+clip delta W4.4A8", "seq", dict(bits=4.4, salience="gtaylor")),
     ("seq_gtaylor_w4.8a8", "GPTQ+clip delta W4.8A8", "seq", dict(bits=4.8, salience="gtaylor")),
+    ("seq_gfisher_w4.4a8", "Fisher, GPTQ+clip delta W4.4A8", "seq", dict(bits=4.4, salience="gfisher")),
+    ("seq_gfisher_w4.8a8", "Fisher, GPTQ+clip delta W4.8A8", "seq", dict(bits=4.8, salience="gfisher")),
     ("seq_perlayer_w4.4a8", "W4.4A8, 10% per layer", "seq", dict(bits=4.4, salience="taylor", selection="per_layer")),
     ("seq_random_w4.4a8", "W4.4A8, random 10%", "seq", dict(bits=4.4, selection="random")),
 ]
@@ -401,6 +404,9 @@ COMPARE = [  # (challenger, baseline, question): is the challenger better?
     ("seq_gtaylor_w4.4a8", "seq_w4.4a8", "GPTQ+clip delta vs RTN delta (4.4, default pipeline)"),
     ("seq_gtaylor_w4.8a8", "seq_w4.8a8", "GPTQ+clip delta vs RTN delta (4.8, default pipeline)"),
     ("seq_gtaylor_w4.4a8", "seq_perlayer_w4.4a8", "GPTQ+clip delta global vs per-layer (4.4, default pipeline)"),
+    ("seq_gfisher_w4.4a8", "seq_w4.4a8", "Fisher with GPTQ+clip delta vs default (4.4, default pipeline)"),
+    ("seq_gfisher_w4.8a8", "seq_w4.8a8", "Fisher with GPTQ+clip delta vs default (4.8, default pipeline)"),
+    ("seq_gfisher_w4.4a8", "seq_perlayer_w4.4a8", "Fisher, GPTQ delta, global vs per-layer (4.4, default pipeline)"),
     ("seq_random_w4.4a8", "seq_w4a8", "random 10% vs all 4-bit (default pipeline)"),
     ("seq_w4.4a8", "seq_w4a8", "global 10% vs all 4-bit (default pipeline)"),
     ("op_fisher_w4.4a8", "op_fisher_perlayer_w4.4a8", "Fisher: global vs per-layer (4.4)"),
