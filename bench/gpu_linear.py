@@ -406,6 +406,39 @@ def print_goals(rows):
         )
 
 
+def sweep_start(dev, what, units, columns):
+    """Print a sweep's title and column header (N, K, M, bf16, then ``columns``); (device name, date)."""
+    name = torch.cuda.get_device_name(dev)
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
+    print(f"# {what}, {name}, {date}: {units}")
+    print(f"{'N':>6} {'K':>6} {'M':>3} | {'bf16':>7} " + columns)
+    return name, date
+
+
+def sweep_cells(N, K, ms, dev, gen):
+    """The sweeps' cells of one shape: a W4.4A8 layer (a random 10% of the rows 8-bit) and bf16
+    weights, each in enough copies to exceed L2; per M yields (M, a row holding the bf16 time,
+    t(cfg, splits=0) -> ms of the W4.4A8 layer, the layer's plan function)."""
+    n8 = N // 10
+    i4, i8 = split_rows(N, n8, dev, gen)
+    nc = copies((N - n8) * K // 2 + n8 * K)
+    mixed = [(rand_qweight(N - n8, K, 4, dev, gen), rand_qweight(n8, K, 8, dev, gen)) for _ in range(nc)]
+    pl = [cuda_ops.PreparedLinear([(p[0], i4), (p[1], i8)], N, None, dev) for p in mixed]
+    wb = [torch.randn((N, K), device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(copies(2 * N * K))]
+    for M in ms:
+        xs = [torch.randn((M, K), device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(max(nc, len(wb)))]
+
+        def t(c, sp=0, xs=xs, pl=pl):
+            return time_graph([(lambda x=xs[i], l=l: l(x, cfg=c, splits=sp)) for i, l in enumerate(pl)], reps=9)
+
+        r = {"N": N, "K": K, "M": M}
+        r["bf16"] = time_graph([(lambda x=xs[i], w=w: F.linear(x, w)) for i, w in enumerate(wb)], reps=9)
+        yield M, r, t, pl[0].plan
+        del xs
+    del mixed, pl, wb
+    torch.cuda.empty_cache()
+
+
 DECODE_FORCED = (2, 4, 8, 16, 33, 34, 36, 38, 40)  # warps per tile; 32 + w: two 4-bit tiles of w warps per block
 
 
@@ -416,33 +449,17 @@ def decode_sweep(dev, gen, out, shapes=None, ms=None):
 
     decode = next(c for c in range(_cuda.NCFG) if _cuda.plan(0, 1, (16,), 128, c, 1)[2] == "decode_gemv")
     mma = [c for c in range(_cuda.NCFG) if _cuda.plan(0, 1, (16,), 128, c, 1)[2].startswith("w")]
-    name = torch.cuda.get_device_name(dev)
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
-    print(f"# decode sweep, {name}, {date}: W4.4A8 us; 'mma' = best mma.sync tile (auto split-K); s<n> = forced splits")
-    print(
-        f"{'N':>6} {'K':>6} {'M':>3} | {'bf16':>7} {'mma':>7} {'cfg':>11} | {'dec':>7} {'s':>3} | "
+    name, date = sweep_start(
+        dev,
+        "decode sweep",
+        "W4.4A8 us; 'mma' = best mma.sync tile (auto split-K); s<n> = forced splits",
+        f"{'mma':>7} {'cfg':>11} | {'dec':>7} {'s':>3} | "
         + " ".join(f"{'s' + str(k):>6}" for k in DECODE_FORCED)
-        + " | x bf16  x mma"
+        + " | x bf16  x mma",
     )
     rows = []
     for N, K in shapes or [(1024, 4096)] + SHAPES:
-        n8 = N // 10
-        i4, i8 = split_rows(N, n8, dev, gen)
-        nc = copies((N - n8) * K // 2 + n8 * K)
-        mixed = [(rand_qweight(N - n8, K, 4, dev, gen), rand_qweight(n8, K, 8, dev, gen)) for _ in range(nc)]
-        pl = [cuda_ops.PreparedLinear([(p[0], i4), (p[1], i8)], N, None, dev) for p in mixed]
-        wb = [torch.randn((N, K), device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(copies(2 * N * K))]
-        for M in ms or (1, 4, 16, 32, 64):
-            xs = [torch.randn((M, K), device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(max(nc, len(wb)))]
-            t = lambda c, sp=0, xs=xs, pl=pl: time_graph(
-                [
-                    (lambda x=xs[i], l=l: l(x, cfg=c, splits=sp))  # noqa: E731
-                    for i, l in enumerate(pl)
-                ],
-                reps=9,
-            )
-            r = {"N": N, "K": K, "M": M}
-            r["bf16"] = time_graph([(lambda x=xs[i], w=w: F.linear(x, w)) for i, w in enumerate(wb)], reps=9)
+        for M, r, t, plan in sweep_cells(N, K, ms or (1, 4, 16, 32, 64), dev, gen):
             tm = {
                 c: t(c)
                 for c in mma
@@ -454,7 +471,7 @@ def decode_sweep(dev, gen, out, shapes=None, ms=None):
             r["mma_cfg"] = min(tm, key=tm.get)
             r["mma"] = tm[r["mma_cfg"]]
             r["decode"] = t(decode)
-            r["decode_splits"] = pl[0].plan(M, decode)[1]
+            r["decode_splits"] = plan(M, decode)[1]
             forced = DECODE_FORCED if M <= 16 else ()
             for k in forced:
                 r[f"s{k}"] = t(decode, k)
@@ -467,9 +484,6 @@ def decode_sweep(dev, gen, out, shapes=None, ms=None):
                 + f" | {r['bf16'] / r['decode']:6.2f} {r['mma'] / r['decode']:6.2f}",
                 flush=True,
             )
-            del xs
-        del mixed, pl, wb
-        torch.cuda.empty_cache()
     write_json({"device": name, "date": date, "units": "ms per call", "rows": rows}, "gpu_decode_sweep", date, out)
 
 
@@ -482,31 +496,17 @@ def sm90_sweep(dev, gen, out, shapes=None, ms=None):
     from mixllm import _cuda
 
     sm90 = next(c for c in range(_cuda.NCFG) if _cuda.plan(0, 1, (16,), 128, c, 1)[2] == "sm90_wgmma")
-    name = torch.cuda.get_device_name(dev)
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
-    print(f"# wgmma sweep, {name}, {date}: W4.4A8 us; 'auto' = the planner's choice; w<s> = wgmma, s splits")
-    print(
-        f"{'N':>6} {'K':>6} {'M':>3} | {'bf16':>7} {'auto':>7} {'cfg':>11} | "
-        + " ".join(f"{'w' + str(k):>6}" for k in SM90_FORCED)
-        + " | best  x bf16  x auto"
+    name, date = sweep_start(
+        dev,
+        "wgmma sweep",
+        "W4.4A8 us; 'auto' = the planner's choice; w<s> = wgmma, s splits",
+        f"{'auto':>7} {'cfg':>11} | " + " ".join(f"{'w' + str(k):>6}" for k in SM90_FORCED) + " | best  x bf16  x auto",
     )
     rows = []
     for N, K in shapes or SHAPES:
-        n8 = N // 10
-        i4, i8 = split_rows(N, n8, dev, gen)
-        nc = copies((N - n8) * K // 2 + n8 * K)
-        mixed = [(rand_qweight(N - n8, K, 4, dev, gen), rand_qweight(n8, K, 8, dev, gen)) for _ in range(nc)]
-        pl = [cuda_ops.PreparedLinear([(p[0], i4), (p[1], i8)], N, None, dev) for p in mixed]
-        wb = [torch.randn((N, K), device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(copies(2 * N * K))]
-        for M in ms or (1, 8, 16, 32, 64, 128, 192, 256):
-            xs = [torch.randn((M, K), device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(max(nc, len(wb)))]
-            t = lambda c, sp=0, xs=xs, pl=pl: time_graph(  # noqa: E731
-                [(lambda x=xs[i], l=l: l(x, cfg=c, splits=sp)) for i, l in enumerate(pl)], reps=9
-            )
-            r = {"N": N, "K": K, "M": M}
-            r["bf16"] = time_graph([(lambda x=xs[i], w=w: F.linear(x, w)) for i, w in enumerate(wb)], reps=9)
+        for M, r, t, plan in sweep_cells(N, K, ms or (1, 8, 16, 32, 64, 128, 192, 256), dev, gen):
             r["auto"] = t(-1)
-            r["auto_plan"] = list(pl[0].plan(M, -1))
+            r["auto_plan"] = list(plan(M, -1))
             for k in SM90_FORCED:
                 r[f"w{k}"] = t(sm90, k)
             best = min(SM90_FORCED, key=lambda k: r[f"w{k}"])
@@ -519,9 +519,6 @@ def sm90_sweep(dev, gen, out, shapes=None, ms=None):
                 + f" | {best:>4} {r['bf16'] / r[f'w{best}']:6.2f} {r['auto'] / r[f'w{best}']:6.2f}",
                 flush=True,
             )
-            del xs
-        del mixed, pl, wb
-        torch.cuda.empty_cache()
     write_json({"device": name, "date": date, "units": "ms per call", "rows": rows}, "gpu_sm90_sweep", date, out)
 
 
