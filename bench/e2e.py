@@ -112,6 +112,7 @@ ROWS = [
     ("seq_gfisher_w4.8a8", "Fisher, GPTQ+clip delta W4.8A8", "seq", dict(bits=4.8, salience="gfisher")),
     ("seq_perlayer_w4.4a8", "W4.4A8, 10% per layer", "seq", dict(bits=4.4, salience="taylor", selection="per_layer")),
     ("seq_random_w4.4a8", "W4.4A8, random 10%", "seq", dict(bits=4.4, selection="random")),
+    ("seq_random_s1_w4.4a8", "W4.4A8, another random 10%", "seq", dict(bits=4.4, selection="random", seed=1)),
 ]
 VARIANTS = ("taylor", "fisher", "first", "fisherseq", "taylor32", "fisher32", "gtaylor", "gfisher")
 
@@ -408,6 +409,7 @@ COMPARE = [  # (challenger, baseline, question): is the challenger better?
     ("seq_gfisher_w4.8a8", "seq_w4.8a8", "Fisher with GPTQ+clip delta vs default (4.8, default pipeline)"),
     ("seq_gfisher_w4.4a8", "seq_perlayer_w4.4a8", "Fisher, GPTQ delta, global vs per-layer (4.4, default pipeline)"),
     ("seq_random_w4.4a8", "seq_w4a8", "random 10% vs all 4-bit (default pipeline)"),
+    ("seq_random_s1_w4.4a8", "seq_w4a8", "another random 10% vs all 4-bit (default pipeline)"),
     ("seq_w4.4a8", "seq_w4a8", "global 10% vs all 4-bit (default pipeline)"),
     ("op_fisher_w4.4a8", "op_fisher_perlayer_w4.4a8", "Fisher: global vs per-layer (4.4)"),
     ("op_perbit_w4.4a8", "op_w4.4a8", "per-bit vs global (Taylor, 4.4)"),
