@@ -156,6 +156,71 @@ def test_calibrate_fisher_kind_matches_autograd_reference():
         MixLLMConfig(salience_kind="fischer")
 
 
+def _dequant64(codes, scale, zero, K, g):
+    c = codes.double()
+    s = scale.double().repeat_interleave(g, 1)[:, :K]
+    z = zero.double().repeat_interleave(g, 1)[:, :K]
+    return (c - z) * s
+
+
+def test_salience_delta_gptq_matches_float64_reference():
+    """MixLLMConfig(salience_delta="gptq"): MixLLM's salience |t + t^2/2| per window with the delta of
+    4-bit GPTQ + clip on the float model's Hessians, against float64 Hessians from hooks, the float64
+    PyTorch GPTQ and autograd's output gradients; the block-by-block pipeline allocates from it."""
+    from mixllm.gptq import gptq_torch
+    from mixllm.pipeline import PhaseTimer
+
+    model = _tiny_llama()
+    layers = target_linears(model)
+    ids = torch.randint(0, 61, (2, 13), generator=torch.Generator().manual_seed(1))
+    # float64 Hessians 2 X^T X / n over every token of every window
+    xs = {n: [] for n, _ in layers}
+    hs = [m.register_forward_hook(lambda mod, a, o, n=n: xs[n].append(a[0].detach()[0].double())) for n, m in layers]
+    with torch.no_grad():
+        for i in range(ids.shape[0]):
+            model(input_ids=ids[i : i + 1], use_cache=False)
+    for h in hs:
+        h.remove()
+    delta = {}
+    for n, m in layers:
+        X = torch.cat(xs[n])
+        H = 2 * X.T @ X / X.shape[0]
+        c, sc, z = gptq_torch(m.weight.detach(), H, 4, 128, None, 0.01, True, 20, torch.float64)
+        delta[n] = _dequant64(c, sc, z, m.in_features, 128) - m.weight.detach().double()
+    ref = {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in layers}
+    for i in range(ids.shape[0]):
+        seen = {}
+        hs = [
+            m.register_forward_hook(lambda mod, a, o, n=n, seen=seen: seen.__setitem__(n, (a[0], o))) for n, m in layers
+        ]
+        try:
+            loss = model(input_ids=ids[i : i + 1], labels=ids[i : i + 1], use_cache=False).loss
+            grads = torch.autograd.grad(loss, [seen[n][1] for n, _ in layers])
+        finally:
+            for h in hs:
+                h.remove()
+        for (n, _m), g in zip(layers, grads):
+            t = (g[0].double() * (seen[n][0].detach()[0].double() @ delta[n].T)).sum(0)
+            ref[n] += (t + t * t / 2).abs()
+    cfg = MixLLMConfig(salience_delta="gptq", progress=False)
+    sal = cfg._salience(model, layers, ids, "", PhaseTimer())
+    rtn = calibrate(model, ids, layers, hessian=False, salience=True, progress=False).salience
+    for n, _ in layers:
+        np.testing.assert_allclose(sal[n], ref[n].numpy(), rtol=1e-4, atol=1e-12)
+        assert not np.allclose(sal[n], rtn[n], rtol=1e-2)  # not the round-to-nearest salience
+    # the default pipeline allocates from it: the same model as with that salience passed in
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    MixLLMConfig(bits=4.4, salience_delta="gptq", progress=False).apply(a, ids)
+    MixLLMConfig(bits=4.4, progress=False).apply(b, ids, salience={n: ref[n].numpy() for n, _ in layers})
+    with torch.no_grad():
+        assert torch.equal(a(ids[:1]).logits, b(ids[:1]).logits)
+    with pytest.raises(ValueError, match="salience_delta"):
+        MixLLMConfig(salience_delta="gpt")
+    cal = calibrate(model, ids, layers, progress=False)
+    with pytest.raises(ValueError, match="salience_delta"):
+        MixLLMConfig(bits=4.4, salience_delta="gptq", progress=False).apply(copy.deepcopy(model), cal)
+
+
 def test_apply_with_given_salience_equals_calibration_salience(rng):
     """apply(salience=...) allocates from the given values, as a Calibration holding them does."""
     model = _tiny_llama()

@@ -237,6 +237,41 @@ def test_blockwise_cache_key_tracks_settings_and_budget(tmp_path):
     assert all(isinstance(m, MixedLinear) for n, m in b.named_modules() if n.endswith("_proj"))
 
 
+@pytest.mark.parametrize(
+    "first,second",
+    [
+        ({}, {"salience_kind": "fisher"}),
+        ({}, {"salience_delta": "gptq"}),
+        ({"salience_delta": "gptq"}, {"given": True}),
+    ],
+)
+def test_blockwise_cache_key_tracks_the_allocation(tmp_path, first, second):
+    """Two runs sharing a cache_dir whose 8-bit rows differ only through the salience (its estimator,
+    its delta, or a salience passed in) must not restore each other's blocks: the second gives the
+    model of an uncached run with its own settings."""
+    tiny, ids = _tiny()
+    _cfg(str(tmp_path), **first).apply(tiny(), ids)
+    second = dict(second)
+    given = None
+    if second.pop("given", False):
+        from mixllm.calib import target_linears
+
+        layers = target_linears(tiny())
+        rng = np.random.default_rng(5)
+        given = {n: rng.random(m.out_features) for n, m in layers}
+    cached, ref = tiny(), tiny()
+    _cfg(str(tmp_path), **second).apply(cached, ids, salience=given)
+    _cfg(None, **second).apply(ref, ids, salience=given)
+    from mixllm.nn import MixedLinear
+
+    n8 = {n: (m.n8, m.perm.tolist()) for n, m in cached.named_modules() if isinstance(m, MixedLinear)}
+    n8_ref = {n: (m.n8, m.perm.tolist()) for n, m in ref.named_modules() if isinstance(m, MixedLinear)}
+    assert n8 == n8_ref
+    x = ids[:1, :16]
+    with torch.no_grad():
+        assert torch.equal(cached(x).logits, ref(x).logits)
+
+
 @cuda
 def test_offloaded_blockwise_peak_gpu_memory_is_one_block(tmp_path):
     """Default real model kept on the host, one block at a time on the GPU: the peak GPU memory of the

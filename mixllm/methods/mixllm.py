@@ -22,6 +22,7 @@ one pass of the full-precision model and both bit-widths are quantized for all r
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Union
@@ -33,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .. import ops
 from ..cache import DiskCache, derive_key, fingerprint
-from ..calib import Calibration, calibrate, target_linears
+from ..calib import Calibration, calibrate, rtn_delta, target_linears
 from ..gptq import gptq as gptq_any
 from ..gptq import gptq_torch
 from ..modules import set_module
@@ -85,6 +86,11 @@ class MixLLMConfig(QuantConfig):
             (MixLLM's ``|t + t^2/2|`` per sequence, ``t_c = G_c . delta_c``) or ``"fisher"`` (the
             second-order term with a per-token empirical Fisher, ``sum_tokens (g_c (x . delta_c))^2 / 2``;
             an ablation, docs/method.md "Allocation ablations").
+        salience_delta: the quantization error ``delta`` in the salience: ``"rtn"`` (round-to-nearest
+            ``salience_bits``-bit, as the reference's searcher) or ``"gptq"`` (the ``salience_bits``-bit
+            GPTQ (+ clip, with ``clip``) codes minus ``W``, on Hessians from one pass of the float model:
+            the error of the quantizer actually used; costs one more calibration pass and a GPTQ of every
+            layer, and holds every layer's Hessian at once; needs token ids, not a ``Calibration``).
         include_lm_head: quantize the output head too (default: it stays in float, docs/spec.md §4).
         only: regular expression: quantize only the target layers whose name it matches
             (``re.search``; e.g. ``r"layers\.(0|1)\."``); ``None``: all of them.
@@ -124,6 +130,7 @@ class MixLLMConfig(QuantConfig):
     selection: str = "global"
     salience_bits: int = 4
     salience_kind: str = "taylor"
+    salience_delta: str = "rtn"
     include_lm_head: bool = False
     only: Optional[str] = None
     row_multiple: int = 1
@@ -150,6 +157,7 @@ class MixLLMConfig(QuantConfig):
         validate.one_of("selection", self.selection, _SELECTIONS)
         validate.one_of("salience_bits", self.salience_bits, (2, 3, 4))
         validate.one_of("salience_kind", self.salience_kind, ops.SALIENCE_KINDS)
+        validate.one_of("salience_delta", self.salience_delta, ("rtn", "gptq"))
         validate.non_negative("damp", self.damp)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed: expected an integer, got {self.seed!r}")
@@ -227,6 +235,8 @@ class MixLLMConfig(QuantConfig):
         """Salience of ``layers`` (read from ``cache_dir`` when there)."""
         dev = model.get_input_embeddings().weight.device
         kind = () if self.salience_kind == "taylor" else (self.salience_kind,)  # keeps the older keys valid
+        if self.salience_delta == "gptq":
+            kind += ("gptq-delta", self.clip, float(self.damp), self._impl(dev.type), self.gptq_dtype)
         disk = (
             DiskCache(
                 self.cache_dir, derive_key(base_key, "salience", self.group_size, self.salience_bits, dev.type, *kind)
@@ -237,6 +247,7 @@ class MixLLMConfig(QuantConfig):
         sal = {k: v.numpy() for k, v in disk.read("salience.safetensors").items()} if disk else {}
         if all(n in sal for n, _ in layers):
             return sal
+        deltas = self._gptq_deltas(model, layers, ids, timer) if self.salience_delta == "gptq" else None
         with timer("salience"):
             cal = calibrate(
                 model,
@@ -246,6 +257,7 @@ class MixLLMConfig(QuantConfig):
                 salience=True,
                 salience_bits=self.salience_bits,
                 group_size=self.group_size,
+                delta_fn=None if deltas is None else (lambda n, m, d=deltas: d[n]),
                 progress=self.progress,
                 salience_kind=self.salience_kind,
             )
@@ -253,6 +265,40 @@ class MixLLMConfig(QuantConfig):
         if disk is not None:
             disk.write("salience.safetensors", {k: torch.as_tensor(np.asarray(v)) for k, v in sal.items()})
         return sal
+
+    def _gptq_deltas(self, model, layers, ids, timer) -> Dict[str, torch.Tensor]:
+        """``salience_delta="gptq"``: per layer, the ``salience_bits``-bit GPTQ (+ clip) codes of ``W``
+        dequantized, minus ``W`` (float32, on the layer's device), on Hessians from one pass of the float
+        model (layers reading the same input share one Hessian and one GPTQ call, as in one-pass mode)."""
+        with timer("hessian"):
+            cal = calibrate(model, ids, layers, hessian=True, salience=False, progress=self.progress)
+        mods = dict(layers)
+        out: Dict[str, torch.Tensor] = {}
+        for g in cal.groups():
+            H = cal.hessians[g[0]]
+            W = torch.cat([mods[n].weight.detach().float() for n in g]).contiguous()
+            with timer("gptq"):
+                q, s, z = gptq_any(
+                    W,
+                    H,
+                    self.salience_bits,
+                    self.group_size,
+                    damp=self.damp,
+                    clip_grid=20 if self.clip else 0,
+                    impl=self._impl(W.device.type),
+                    dtype=torch.float64 if self.gptq_dtype == "float64" else torch.float32,
+                )
+                deq = ops.dequantize_weight(q.cpu(), s.cpu(), z.cpu(), self.group_size).to(W.device) - W
+            r0 = 0
+            for n in g:
+                r1 = r0 + mods[n].out_features
+                out[n] = deq[r0:r1].clone()
+                r0 = r1
+            cal.hessians = {k: v for k, v in cal.hessians.items() if k not in g}  # free as we go
+        for n, m in layers:  # layers the forward pass never reached (no Hessian): round-to-nearest
+            if n not in out:
+                out[n] = rtn_delta(m.weight, self.salience_bits, self.group_size)
+        return out
 
     def _apply_blockwise(self, model, layers, ids, timer, given=None) -> Optional[Dict[str, Any]]:
         names = [n for n, _ in layers]
@@ -289,6 +335,7 @@ class MixLLMConfig(QuantConfig):
                     self.gptq_dtype,
                     dev_type,
                     self.weight_only,
+                    _rows_digest(names, rows8),  # the salience (its kind, delta, or one passed in) via the rows
                 ),
             )
         built: Dict[str, MixedLinear] = {}
@@ -388,7 +435,14 @@ class MixLLMConfig(QuantConfig):
         if ids is not None and not isinstance(ids, torch.Tensor):
             raise TypeError(f"calib: expected token ids or a Calibration, got {type(ids).__name__}")
         store = cal.quant_cache if cal is not None else {}
-        sal = dict(cal.salience) if cal is not None else {}
+        if self.salience_delta == "gptq" and need_sal and given is None:
+            if ids is None:
+                raise ValueError(
+                    'salience_delta="gptq": needs token ids as calib (a Calibration\'s salience is that of '
+                    "the round-to-nearest delta), or salience="
+                )
+            given = self._salience(model, layers, ids, fingerprint(layers, ids) if self.cache_dir else "", timer)
+        sal = dict(cal.salience) if cal is not None and self.salience_delta == "rtn" else {}
         if given is not None:
             sal.update(given)
         disk = base = None
@@ -471,6 +525,14 @@ class MixLLMConfig(QuantConfig):
             set_module(model, name, new_mod)
             per_layer[name] = {"in": m.in_features, "out": m.out_features, "n8": int(len(rows8[name]))}
         return make_report(model, per_layer, self)
+
+
+def _rows_digest(names, rows8) -> str:
+    """A digest of the allocation (every layer's 8-bit rows), for the block cache's key."""
+    h = hashlib.blake2b(digest_size=16)
+    for n in names:
+        h.update(n.encode() + b"\0" + np.ascontiguousarray(rows8[n], dtype=np.int64).tobytes())
+    return h.hexdigest()
 
 
 def _check_salience(salience, layers) -> Dict[str, np.ndarray]:
