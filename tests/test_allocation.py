@@ -125,6 +125,20 @@ def _tiny_llama(seed=0):
     return tiny_llama(seed, vocab_size=61, hidden_size=48, intermediate_size=80)
 
 
+def _window_inputs_and_grads(model, ids, layers):
+    """One window's forward + backward: each layer's input (detached) and autograd's gradient of the
+    loss with respect to its output, in the order of ``layers``."""
+    seen = {}
+    hs = [m.register_forward_hook(lambda mod, a, o, n=n: seen.__setitem__(n, (a[0], o))) for n, m in layers]
+    try:
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        grads = torch.autograd.grad(loss, [seen[n][1] for n, _ in layers])
+    finally:
+        for h in hs:
+            h.remove()
+    return {n: seen[n][0].detach() for n, _ in layers}, grads
+
+
 def test_calibrate_fisher_kind_matches_autograd_reference():
     """calibrate(salience_kind="fisher") against per-token products of autograd's output gradients and
     the layers' inputs, in float64."""
@@ -134,20 +148,10 @@ def test_calibrate_fisher_kind_matches_autograd_reference():
     cal = calibrate(model, ids, layers, hessian=False, salience=True, progress=False, salience_kind="fisher")
     ref = {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in layers}
     for i in range(ids.shape[0]):
-        seen = {}
-        hs = [
-            m.register_forward_hook(lambda mod, a, o, n=n, seen=seen: seen.__setitem__(n, (a[0], o))) for n, m in layers
-        ]
-        try:
-            loss = model(input_ids=ids[i : i + 1], labels=ids[i : i + 1], use_cache=False).loss
-            outs = {n: seen[n][1] for n, _ in layers}
-            grads = torch.autograd.grad(loss, list(outs.values()))
-        finally:
-            for h in hs:
-                h.remove()
+        inputs, grads = _window_inputs_and_grads(model, ids[i : i + 1], layers)
         for (n, m), g in zip(layers, grads):
             d = rtn_delta(m.weight, 4, 128)
-            ref[n] += _fisher_ref(seen[n][0].detach()[0], g[0], d)
+            ref[n] += _fisher_ref(inputs[n][0], g[0], d)
     for n, _ in layers:
         np.testing.assert_allclose(cal.salience[n], ref[n].numpy(), rtol=1e-4, atol=1e-12)
     with pytest.raises(ValueError, match="salience_kind"):
@@ -189,18 +193,9 @@ def test_salience_delta_gptq_matches_float64_reference():
         delta[n] = _dequant64(c, sc, z, m.in_features, 128) - m.weight.detach().double()
     ref = {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in layers}
     for i in range(ids.shape[0]):
-        seen = {}
-        hs = [
-            m.register_forward_hook(lambda mod, a, o, n=n, seen=seen: seen.__setitem__(n, (a[0], o))) for n, m in layers
-        ]
-        try:
-            loss = model(input_ids=ids[i : i + 1], labels=ids[i : i + 1], use_cache=False).loss
-            grads = torch.autograd.grad(loss, [seen[n][1] for n, _ in layers])
-        finally:
-            for h in hs:
-                h.remove()
+        inputs, grads = _window_inputs_and_grads(model, ids[i : i + 1], layers)
         for (n, _m), g in zip(layers, grads):
-            t = (g[0].double() * (seen[n][0].detach()[0].double() @ delta[n].T)).sum(0)
+            t = (g[0].double() * (inputs[n][0].double() @ delta[n].T)).sum(0)
             ref[n] += (t + t * t / 2).abs()
     cfg = MixLLMConfig(salience_delta="gptq", progress=False)
     sal = cfg._salience(model, layers, ids, "", PhaseTimer())
