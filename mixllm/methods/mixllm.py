@@ -266,6 +266,28 @@ class MixLLMConfig(QuantConfig):
             disk.write("salience.safetensors", {k: torch.as_tensor(np.asarray(v)) for k, v in sal.items()})
         return sal
 
+    def _gptq_group(self, mods, g, H, bits):
+        """``bits``-bit GPTQ (+ clip) of the layers ``g`` sharing the Hessian ``H`` (round-to-nearest when
+        ``H`` is None) in one call over their stacked rows; host ``(codes, scale, zero)`` per layer."""
+        W = torch.cat([mods[n].weight.detach().float() for n in g]).contiguous()
+        q, sc, z = gptq_any(
+            W,
+            H,
+            bits,
+            self.group_size,
+            damp=self.damp,
+            clip_grid=20 if self.clip else 0,
+            impl=self._impl(W.device.type),
+            dtype=torch.float64 if self.gptq_dtype == "float64" else torch.float32,
+        )
+        q, sc, z = q.cpu(), sc.cpu(), None if z is None else z.cpu()
+        out, r0 = [], 0
+        for n in g:
+            r1 = r0 + mods[n].out_features
+            out.append((q[r0:r1].clone(), sc[r0:r1].clone(), None if z is None else z[r0:r1].clone()))
+            r0 = r1
+        return out
+
     def _gptq_deltas(self, model, layers, ids, timer) -> Dict[str, torch.Tensor]:
         """``salience_delta="gptq"``: per layer, the ``salience_bits``-bit GPTQ (+ clip) codes of ``W``
         dequantized, minus ``W`` (float32, on the layer's device), on Hessians from one pass of the float
@@ -275,25 +297,11 @@ class MixLLMConfig(QuantConfig):
         mods = dict(layers)
         out: Dict[str, torch.Tensor] = {}
         for g in cal.groups():
-            H = cal.hessians[g[0]]
-            W = torch.cat([mods[n].weight.detach().float() for n in g]).contiguous()
             with timer("gptq"):
-                q, s, z = gptq_any(
-                    W,
-                    H,
-                    self.salience_bits,
-                    self.group_size,
-                    damp=self.damp,
-                    clip_grid=20 if self.clip else 0,
-                    impl=self._impl(W.device.type),
-                    dtype=torch.float64 if self.gptq_dtype == "float64" else torch.float32,
-                )
-                deq = ops.dequantize_weight(q.cpu(), s.cpu(), z.cpu(), self.group_size).to(W.device) - W
-            r0 = 0
-            for n in g:
-                r1 = r0 + mods[n].out_features
-                out[n] = deq[r0:r1].clone()
-                r0 = r1
+                parts = self._gptq_group(mods, g, cal.hessians[g[0]], self.salience_bits)
+            for n, (q, sc, z) in zip(g, parts):
+                w = mods[n].weight.detach().float()
+                out[n] = ops.dequantize_weight(q, sc, z, self.group_size).to(w.device) - w
             cal.hessians = {k: v for k, v in cal.hessians.items() if k not in g}  # free as we go
         for n, m in layers:  # layers the forward pass never reached (no Hessian): round-to-nearest
             if n not in out:
@@ -487,29 +495,10 @@ class MixLLMConfig(QuantConfig):
         groups = cal.groups() if (self.gptq and cal is not None) else [[n] for n in names]
         todo = [(b, g) for b in need for g in groups if any(n in miss_q[b] for n in g)]
         for b, g in tqdm(todo, desc="GPTQ" if self.gptq else "RTN", disable=not self.progress or not todo):
-            H = cal.hessians[g[0]] if self.gptq else None
-            W = torch.cat([mods[n].weight.detach().float() for n in g]).contiguous()
             with timer("gptq"):
-                q, sc, z = gptq_any(
-                    W,
-                    H,
-                    b,
-                    self.group_size,
-                    damp=self.damp,
-                    clip_grid=20 if self.clip else 0,
-                    impl=self._impl(W.device.type),
-                    dtype=torch.float64 if self.gptq_dtype == "float64" else torch.float32,
-                )
-                q, sc, z = q.cpu(), sc.cpu(), None if z is None else z.cpu()
-            r0 = 0
-            for n in g:
-                r1 = r0 + mods[n].out_features
-                store[("q", b, n) + qkey] = (
-                    q[r0:r1].clone(),
-                    sc[r0:r1].clone(),
-                    None if z is None else z[r0:r1].clone(),
-                )
-                r0 = r1
+                parts = self._gptq_group(mods, g, cal.hessians[g[0]] if self.gptq else None, b)
+            for n, part in zip(g, parts):
+                store[("q", b, n) + qkey] = part
         if disk is not None and todo:
             for b in need:
                 _save_quant(disk, b, {n: store[("q", b, n) + qkey] for n in names})
