@@ -83,7 +83,9 @@ int mixc_qlinear(int device, mixc_gemm *g, void *stream);
  * kernel, else 0; its launcher, called by mixc_qlinear for cfg MIXC_CFG_SM90.  */
 int mixc_sm90_ok(int device);
 int mixc_qlinear_sm90(int device, const mixc_gemm *g, void *stream);
-/* CTAs of the wgmma kernel resident per SM at M tokens (its token tile depends on M) */
+/* The wgmma kernel's token tile at M tokens when it is a few-token one (16, 32, 64; else 0), and its
+ * CTAs resident per SM */
+int mixc_sm90_few_tile(int64_t M);
 int mixc_sm90_ctas_per_sm(int64_t M);
 
 /* The decode path (cuda/w4a8_decode.cu): tokens per block for M, the most warps per block, a

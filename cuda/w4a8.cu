@@ -482,7 +482,7 @@ extern "C" int mixc_plan(int device, int64_t M, const int64_t *Ns, int nparts, i
         /* The wgmma kernel's few-token tiles (M <= 64): every row block counted once, splits of at
          * least 8 stages, the workspace at L2 cost (fits bench/results/gpu_sm90_sweep_2026-12-01.log's
          * best forced splits on all six shapes at 16-64 tokens). */
-        const bool few90 = cfg == MIXC_CFG_SM90 && M <= 64;
+        const bool few90 = cfg == MIXC_CFG_SM90 && mixc_sm90_few_tile(M) > 0;
         const int sms = sm_count(device);
         const int occ = cfg == MIXC_CFG_SM90 ? mixc_sm90_ctas_per_sm(M) : cfg_occupancy(device, cfg);
         double blocks = 0, rows = 0;

@@ -480,8 +480,16 @@ extern "C" int mixc_sm90_ok(int device) {
     return cache[device] == 1;
 }
 
+/* The few-token tile for M tokens (16, 32 or 64), or 0: a prefill tile (128 or 256, chosen by waves) */
+extern "C" int mixc_sm90_few_tile(int64_t M) { return M <= 16 ? 16 : M <= 32 ? 32 : M <= 64 ? 64 : 0; }
+
 extern "C" int mixc_sm90_ctas_per_sm(int64_t M) {
-    return M <= 16 ? Ring<16>::CTAS : M <= 32 ? Ring<32>::CTAS : M <= 64 ? Ring<64>::CTAS : 1;
+    switch (mixc_sm90_few_tile(M)) {
+    case 16: return Ring<16>::CTAS;
+    case 32: return Ring<32>::CTAS;
+    case 64: return Ring<64>::CTAS;
+    default: return 1;
+    }
 }
 
 /* Encode the activation map (box: one stage x BM tokens) and launch the BM-token kernel. */
@@ -565,17 +573,12 @@ extern "C" int mixc_qlinear_sm90(int device, const mixc_gemm *g, void *stream_) 
         const int64_t ctas = (int64_t)nblk * ((g->M + bm - 1) / bm) * ((nst + a.sps - 1) / a.sps);
         return (double)((ctas + sms - 1) / sms);
     };
-    cudaError_t e0;
-    if (g->M <= 16)
-        e0 = launch90<16>(device, g, a, nblk, nst, wmap, mmap, stream);
-    else if (g->M <= 32)
-        e0 = launch90<32>(device, g, a, nblk, nst, wmap, mmap, stream);
-    else if (g->M <= 64)
-        e0 = launch90<64>(device, g, a, nblk, nst, wmap, mmap, stream);
-    else if (waves(256) * 1.8 < waves(128))
-        e0 = launch90<256>(device, g, a, nblk, nst, wmap, mmap, stream);
-    else
-        e0 = launch90<128>(device, g, a, nblk, nst, wmap, mmap, stream);
+    const int few = mixc_sm90_few_tile(g->M);
+    const cudaError_t e0 = few == 16                       ? launch90<16>(device, g, a, nblk, nst, wmap, mmap, stream)
+                           : few == 32                     ? launch90<32>(device, g, a, nblk, nst, wmap, mmap, stream)
+                           : few == 64                     ? launch90<64>(device, g, a, nblk, nst, wmap, mmap, stream)
+                           : waves(256) * 1.8 < waves(128) ? launch90<256>(device, g, a, nblk, nst, wmap, mmap, stream)
+                                                           : launch90<128>(device, g, a, nblk, nst, wmap, mmap, stream);
     if (e0 != cudaSuccess) return (int)e0;
     if (g->splits == 1) return 0;
     return (int)launch_splitk_finish(g, (nst + a.sps - 1) / a.sps, 1024, stream);
