@@ -26,6 +26,8 @@ _LAZY = {
     "RTNConfig": ("mixllm.methods", "RTNConfig"),
     "QuantConfig": ("mixllm.methods", "QuantConfig"),
     "MixedLinear": ("mixllm.nn", "MixedLinear"),
+    "fuse_projections": ("mixllm.fuse", "fuse_projections"),
+    "unfuse_projections": ("mixllm.fuse", "unfuse_projections"),
     "save": ("mixllm.io", "save"),
     "load": ("mixllm.io", "load"),
     "perplexity": ("mixllm.eval", "perplexity"),

@@ -98,6 +98,13 @@ def save(
         )
     if evaluation is not None and not isinstance(evaluation, dict):
         raise TypeError(f"evaluation: expected a dict or None, got {type(evaluation).__name__}")
+    from .fuse import fused_groups
+
+    if fused_groups(model):
+        raise ValueError(
+            "model: has fused projections (mixllm.fuse_projections), an inference-only form; "
+            "save before fusing, or call mixllm.unfuse_projections(model) first"
+        )
     path = pathlib.Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists (pass overwrite=True)")

@@ -119,6 +119,76 @@ class MixedLinear(nn.Module):
             m.bias.copy_(linear.bias.detach().float())
         return m.to(linear.weight.device)
 
+    @classmethod
+    def concat(cls, layers: Sequence["MixedLinear"]) -> "MixedLinear":
+        """One layer whose outputs are ``layers``' outputs side by side (the same rows, codes and
+        scales: the same function). The layers must share ``in_features``, ``group_size``,
+        ``weight_only``, having a bias or not, and device. Used by ``mixllm.fuse.fuse_projections``
+        for sibling layers that read one input."""
+        layers = list(layers)
+        if not layers or not all(isinstance(m, MixedLinear) for m in layers):
+            raise TypeError("layers: expected a non-empty sequence of MixedLinear")
+        first = layers[0]
+        for name in ("in_features", "group_size", "weight_only", "has_bias"):
+            vals = {(m.bias is not None) if name == "has_bias" else getattr(m, name) for m in layers}
+            if len(vals) > 1:
+                raise ValueError(f"layers: expected one {name}, got {sorted(vals)}")
+        devices = {m.perm.device for m in layers}
+        if len(devices) > 1:
+            raise ValueError(f"layers: expected one device, got {sorted(map(str, devices))}")
+        has_bias = first.bias is not None
+        out = cls(
+            first.in_features,
+            sum(m.out_features for m in layers),
+            n8=sum(m.n8 for m in layers),
+            bias=has_bias,
+            group_size=first.group_size,
+            weight_only=first.weight_only,
+            device=first.perm.device,
+        )
+        offsets = [0]
+        for m in layers:
+            offsets.append(offsets[-1] + m.out_features)
+        with torch.no_grad():
+            # each part's rows keep their order (ascending output index, as from_linear stores them)
+            rows8 = [m.perm[: m.n8] + o for m, o in zip(layers, offsets)]
+            rows4 = [m.perm[m.n8 :] + o for m, o in zip(layers, offsets)]
+            out.perm.copy_(torch.cat(rows8 + rows4))
+            for name in ("qweight4", "scale4", "zero4", "qweight8", "scale8"):
+                getattr(out, name).copy_(torch.cat([getattr(m, name) for m in layers]))
+            if has_bias:
+                out.bias.copy_(torch.cat([m.bias for m in layers]))
+        return out
+
+    def output_slice(self, start: int, stop: int) -> "MixedLinear":
+        """The layer of output features ``start:stop`` (the inverse of ``concat``)."""
+        for name, v in (("start", start), ("stop", stop)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"{name}: expected an integer, got {v!r}")
+        if not 0 <= start < stop <= self.out_features:
+            raise ValueError(f"start, stop: expected 0 <= start < stop <= {self.out_features}, got {start}, {stop}")
+        with torch.no_grad():
+            in8 = (self.perm[: self.n8] >= start) & (self.perm[: self.n8] < stop)
+            in4 = (self.perm[self.n8 :] >= start) & (self.perm[self.n8 :] < stop)
+            out = MixedLinear(
+                self.in_features,
+                stop - start,
+                n8=int(in8.sum()),
+                bias=self.bias is not None,
+                group_size=self.group_size,
+                weight_only=self.weight_only,
+                device=self.perm.device,
+            )
+            out.perm.copy_(torch.cat([self.perm[: self.n8][in8], self.perm[self.n8 :][in4]]) - start)
+            out.qweight8.copy_(self.qweight8[in8])
+            out.scale8.copy_(self.scale8[in8])
+            out.qweight4.copy_(self.qweight4[in4])
+            out.scale4.copy_(self.scale4[in4])
+            out.zero4.copy_(self.zero4[in4])
+            if self.bias is not None:
+                out.bias.copy_(self.bias[start:stop])
+        return out
+
     # ------------------------------------------------------------------ state
     def get_config(self) -> dict:
         """Constructor arguments (what ``mixllm.save`` records to rebuild the layer)."""

@@ -351,6 +351,39 @@ def test_mixed_linear_module_graph_and_cache(rng):
     assert_close(m(xt), m_cpu(torch.from_numpy(xn32)).double().numpy() + 1.0, torch.float32)
 
 
+@pytest.mark.parametrize("M", [1, 5, 16, 300])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_projections_on_cuda_and_under_graph(rng, M, dtype):
+    """mixllm.fuse on the GPU: a fused q/k/v group (odd widths, K not a multiple of the group)
+    gives the CPU layers' outputs, and replays under a CUDA graph with its members' slices."""
+    from mixllm.fuse import FusedProjection, SharedInputProjections
+    from mixllm.nn import MixedLinear
+
+    K, widths = 520, (200, 72, 72)
+    cpu = [
+        MixedLinear.from_linear(torch.nn.Linear(K, n, bias=True), rows8=rng.choice(n, n // 9, replace=False))
+        for n in widths
+    ]
+    group = SharedInputProjections(MixedLinear.concat(cpu), ("q", "k", "v"), widths).to(DEV)
+    members = [FusedProjection(group, i) for i in range(3)]
+    xt, x32 = make_x(rng, M, K, dtype)
+    refs = [m(torch.from_numpy(x32)).double().numpy() for m in cpu]
+    for mem, r in zip(members, refs):
+        y = mem(xt)
+        assert y.dtype == dtype and y.shape == (M, r.shape[1])
+        assert_close(y, r, dtype)
+    assert group._pending is None
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        ys = [mem(xt) for mem in members]
+    xn, xn32 = make_x(rng, M, K, dtype)
+    xt.copy_(xn)
+    g.replay()
+    torch.cuda.synchronize()
+    for y, m in zip(ys, cpu):
+        assert_close(y, m(torch.from_numpy(xn32)).double().numpy(), dtype)
+
+
 # ----------------------------------------------------------------------------- sm_90a wgmma path
 SM90 = next(c for c in CFGS if _cuda.plan(DEV.index, 1, (16,), 128, c, 1)[2].startswith("sm90") or c == CFGS[-1])
 _HAS_SM90 = _cuda.plan(DEV.index, 1, (16,), 128, SM90, 1)[0] == SM90  # forced elsewhere: falls back

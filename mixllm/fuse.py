@@ -1,0 +1,151 @@
+"""Sibling projections that read the same input, run as one layer (inference only).
+
+A transformer block feeds one tensor to ``q_proj``, ``k_proj`` and ``v_proj``, and another to
+``gate_proj`` and ``up_proj``. Quantized separately, each of them quantizes that input again and
+launches its own GEMM; at decode sizes the launches and the small layers' poor use of the memory
+system cost more than the weight stream itself. ``fuse_projections(model)`` concatenates each such
+group of ``MixedLinear`` layers into one (``MixedLinear.concat``: the same rows, codes and scales, so
+the same function) and puts a ``FusedProjection`` in each sibling's place. The first sibling called
+with an input runs the fused layer once; the others, called with that same tensor, get their column
+slices of its output. The model's own code (the attention and MLP forwards) is unchanged, so this
+works on any architecture whose siblings are modules named as in ``DEFAULT_GROUPS`` (or ``groups``).
+
+A sibling called with a different tensor (cross-attention, where keys and values read the encoder's
+output), or after the input was modified in place, runs the fused layer again: the result is
+always that of the unfused layers, at worst at the cost of the fused layer per call.
+
+Fused models are for inference: ``mixllm.save`` refuses them (save before fusing, or
+``unfuse_projections`` first). Design notes and measurements: docs/kernels.md, "Fused projections".
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, List, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .nn import MixedLinear
+
+__all__ = ["DEFAULT_GROUPS", "FusedProjection", "SharedInputProjections", "fuse_projections", "unfuse_projections"]
+
+#: Sibling names that read one input in the usual Hugging Face decoders (Llama, Mistral, Qwen, Gemma,
+#: Phi-3's MLP, ...): attention q/k/v, the gated MLP's gate/up, Mixtral experts' w1/w3.
+DEFAULT_GROUPS: Tuple[Tuple[str, ...], ...] = (
+    ("q_proj", "k_proj", "v_proj"),
+    ("gate_proj", "up_proj"),
+    ("w1", "w3"),
+)
+
+
+class SharedInputProjections(nn.Module):
+    """One ``MixedLinear`` (``fused``) standing for sibling layers of output widths ``sizes``; member
+    ``i`` is output columns ``offsets[i]:offsets[i + 1]``. Holds the last input and output until every
+    member has taken its slice of it."""
+
+    def __init__(self, fused: MixedLinear, names: Sequence[str], sizes: Sequence[int]):
+        super().__init__()
+        if sum(sizes) != fused.out_features:
+            raise ValueError(f"sizes: expected widths summing to {fused.out_features}, got {list(sizes)}")
+        self.fused = fused
+        self.names = tuple(names)
+        self.sizes = tuple(int(s) for s in sizes)
+        self.offsets = [0]
+        for s in self.sizes:
+            self.offsets.append(self.offsets[-1] + s)
+        self._pending = None  # (x, x._version, y, members served)
+
+    def output(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        p = self._pending
+        if p is not None and p[0] is x and p[1] == x._version and i not in p[3]:
+            y, served = p[2], p[3]
+            served.add(i)
+            if len(served) == len(self.sizes):
+                self._pending = None  # drop the references: the next input starts afresh
+        else:
+            y = self.fused(x)
+            self._pending = (x, x._version, y, {i})
+        return y[..., self.offsets[i] : self.offsets[i + 1]]
+
+    def extra_repr(self) -> str:
+        return f"members={list(zip(self.names, self.sizes))}"
+
+
+class FusedProjection(nn.Module):
+    """Stands in a fused sibling's place: its slice of the group's output (``in_features`` and
+    ``out_features`` as the layer it replaces). The group is registered on the parent module
+    (``mixllm_fused_<names>``), not here, so that it is moved and counted once."""
+
+    def __init__(self, group: SharedInputProjections, index: int):
+        super().__init__()
+        self._group = (group,)  # a tuple: not a registered submodule
+        self.index = int(index)
+        self.in_features = group.fused.in_features
+        self.out_features = group.sizes[self.index]
+
+    @property
+    def group(self) -> SharedInputProjections:
+        return self._group[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group.output(self.index, x)
+
+    def extra_repr(self) -> str:
+        g = self.group
+        return f"{g.names[self.index]} of {'+'.join(g.names)}, out_features={self.out_features}"
+
+
+def _group_attr(names: Sequence[str]) -> str:
+    return "mixllm_fused_" + "_".join(names)
+
+
+def fuse_projections(model: nn.Module, groups: Iterable[Sequence[str]] = DEFAULT_GROUPS) -> int:
+    """Fuse, in place, every set of sibling ``MixedLinear`` layers named as one of ``groups`` (children of
+    one module, same input width, group size and mode). Returns the number of groups fused. Layers of a
+    group that differ in those respects, or are not all ``MixedLinear``, are left as they are."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    groups = [tuple(g) for g in groups]
+    for g in groups:
+        if len(g) < 2 or not all(isinstance(n, str) and n for n in g) or len(set(g)) != len(g):
+            raise ValueError(f"groups: expected tuples of two or more distinct child names, got {g!r}")
+    fused = 0
+    for parent in list(model.modules()):
+        for names in groups:
+            layers = [getattr(parent, n, None) for n in names]
+            if not all(type(m) is MixedLinear for m in layers):
+                continue
+            if hasattr(parent, _group_attr(names)):
+                continue
+            try:
+                one = MixedLinear.concat(layers)
+            except ValueError:
+                continue  # siblings that cannot share a layer stay separate
+            group = SharedInputProjections(one, names, [m.out_features for m in layers])
+            parent.add_module(_group_attr(names), group)
+            for i, n in enumerate(names):
+                setattr(parent, n, FusedProjection(group, i))
+            fused += 1
+    return fused
+
+
+def unfuse_projections(model: nn.Module) -> int:
+    """Undo ``fuse_projections`` in place (each sibling gets its own ``MixedLinear`` back, the same
+    buffers as before fusing). Returns the number of groups split."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    split = 0
+    for parent in list(model.modules()):
+        for attr, group in list(parent.named_children()):
+            if not isinstance(group, SharedInputProjections):
+                continue
+            for i, n in enumerate(group.names):
+                setattr(parent, n, group.fused.output_slice(group.offsets[i], group.offsets[i + 1]))
+            delattr(parent, attr)
+            split += 1
+    return split
+
+
+def fused_groups(model: nn.Module) -> List[SharedInputProjections]:
+    """The fused groups in ``model`` (empty for an unfused model)."""
+    return [m for m in model.modules() if isinstance(m, SharedInputProjections)]

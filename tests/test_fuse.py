@@ -1,0 +1,149 @@
+"""mixllm.fuse: sibling MixedLinear layers run as one (MixedLinear.concat / output_slice,
+fuse_projections / unfuse_projections). On the CPU the fused layer computes every output row as the
+separate layers do (the activations are quantized per token and group either way), so outputs are
+compared bit for bit; the GPU counterpart is in tests/test_cuda.py."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from _models import tiny_llama  # noqa: E402
+
+import mixllm  # noqa: E402
+from mixllm.fuse import FusedProjection, SharedInputProjections, fuse_projections, unfuse_projections  # noqa: E402
+from mixllm.nn import MixedLinear  # noqa: E402
+
+
+def _mixed(N, K, frac, seed, bias=False, group_size=128):
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(K, N, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(N, K, generator=g))
+        if bias:
+            lin.bias.copy_(torch.randn(N, generator=g))
+    rows8 = torch.randperm(N, generator=g)[: int(round(frac * N))]
+    return MixedLinear.from_linear(lin, rows8.numpy(), group_size=group_size)
+
+
+def _quantize_blocks(model, frac=0.2, seed=0):
+    """Every block linear as a MixedLinear with a random ``frac`` of its rows 8-bit (RTN)."""
+    g = np.random.default_rng(seed)
+    for mod in list(model.modules()):
+        for child, lin in list(mod.named_children()):
+            if isinstance(lin, torch.nn.Linear) and child != "lm_head":
+                N = lin.out_features
+                setattr(mod, child, MixedLinear.from_linear(lin, g.choice(N, int(frac * N), replace=False)))
+    return model
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("K,g", [(300, 128), (256, 64), (96, 128)])
+def test_concat_matches_separate_layers_and_slices_back(bias, K, g):
+    layers = [_mixed(37, K, 0.2, 1, bias, g), _mixed(16, K, 0.0, 2, bias, g), _mixed(9, K, 1.0, 3, bias, g)]
+    fused = MixedLinear.concat(layers)
+    assert (fused.out_features, fused.n8) == (62, sum(m.n8 for m in layers))
+    x = torch.randn(2, 5, K, generator=torch.Generator().manual_seed(4))[:, ::2]  # non-contiguous tokens
+    y = fused(x)
+    assert torch.equal(y, torch.cat([m(x) for m in layers], dim=-1))
+    # the dequantized weight is the layers' weights stacked, and output_slice gives the layers back
+    W = fused.dequantized_weight()
+    assert torch.equal(W, torch.cat([m.dequantized_weight() for m in layers]))
+    for m, (a, b) in zip(layers, [(0, 37), (37, 53), (53, 62)]):
+        back = fused.output_slice(a, b)
+        for name, t in m.state_dict().items():
+            assert torch.equal(back.state_dict()[name], t), name
+
+
+def test_concat_and_slice_errors():
+    a, b = _mixed(8, 128, 0.5, 0), _mixed(8, 256, 0.5, 1)
+    with pytest.raises(ValueError, match="in_features"):
+        MixedLinear.concat([a, b])
+    with pytest.raises(ValueError, match="group_size"):
+        MixedLinear.concat([a, _mixed(8, 128, 0.5, 1, group_size=64)])
+    with pytest.raises(ValueError, match="has_bias"):
+        MixedLinear.concat([a, _mixed(8, 128, 0.5, 1, bias=True)])
+    with pytest.raises(TypeError, match="layers"):
+        MixedLinear.concat([a, torch.nn.Linear(128, 8)])
+    with pytest.raises(TypeError, match="layers"):
+        MixedLinear.concat([])
+    with pytest.raises(ValueError, match="start, stop"):
+        a.output_slice(4, 4)
+    with pytest.raises(ValueError, match="start, stop"):
+        a.output_slice(0, 9)
+    with pytest.raises(TypeError, match="start"):
+        a.output_slice(0.5, 4)
+
+
+def test_fused_model_is_bit_identical_and_generates_the_same_tokens():
+    ref = _quantize_blocks(tiny_llama(seed=1, hidden_size=160, intermediate_size=200, head_dim=40))
+    fused = _quantize_blocks(tiny_llama(seed=1, hidden_size=160, intermediate_size=200, head_dim=40))
+    assert fuse_projections(fused) == 4  # q/k/v and gate/up in each of 2 blocks
+    assert fuse_projections(fused) == 0  # already fused
+    attn = fused.model.layers[0].self_attn
+    assert isinstance(attn.q_proj, FusedProjection) and isinstance(
+        attn.mixllm_fused_q_proj_k_proj_v_proj, SharedInputProjections
+    )
+    # the fused group's layer is counted once (a registered child of the parent only)
+    # per block: q+k+v, gate+up, o, down
+    assert sum(isinstance(m, MixedLinear) for m in fused.modules()) == 2 * 4
+    assert sum(isinstance(m, MixedLinear) for m in ref.modules()) == 2 * 7
+    ids = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(fused(ids).logits, ref(ids).logits)
+        kw = dict(do_sample=False, max_new_tokens=6, min_new_tokens=6, pad_token_id=0)
+        assert torch.equal(fused.generate(ids, **kw), ref.generate(ids, **kw))
+    # every input and output of the fused layer is released once all members took their slices
+    assert all(g._pending is None for g in mixllm.fuse.fused_groups(fused))
+
+
+def test_members_with_other_inputs_or_inputs_changed_in_place_recompute():
+    layers = [_mixed(24, 128, 0.25, s) for s in range(3)]
+    group = SharedInputProjections(MixedLinear.concat(layers), ("a", "b", "c"), [24, 24, 24])
+    members = [FusedProjection(group, i) for i in range(3)]
+    gen = torch.Generator().manual_seed(0)
+    x, x2 = torch.randn(3, 128, generator=gen), torch.randn(3, 128, generator=gen)
+    # cross-attention-like: members read different tensors
+    assert torch.equal(members[0](x), layers[0](x))
+    assert torch.equal(members[1](x2), layers[1](x2))
+    assert torch.equal(members[2](x), layers[2](x))
+    # the same member twice with the same input (its slice was served): computed again, same result
+    assert torch.equal(members[0](x), layers[0](x))
+    assert torch.equal(members[0](x), layers[0](x))
+    # in-place change of the input between members
+    assert torch.equal(members[0](x), layers[0](x))
+    x.mul_(2)
+    assert torch.equal(members[1](x), layers[1](x))
+    assert torch.equal(members[2](x), layers[2](x))
+
+
+def test_unfuse_restores_the_layers_and_save_refuses_fused(tmp_path):
+    model = _quantize_blocks(tiny_llama(seed=2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert fuse_projections(model, groups=[("gate_proj", "up_proj")]) == 2
+    assert isinstance(model.model.layers[0].self_attn.q_proj, MixedLinear)  # not in the groups given
+    with pytest.raises(ValueError, match="fused projections"):
+        mixllm.save(model, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    assert unfuse_projections(model) == 2
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+    mixllm.save(model, tmp_path / "m")
+
+
+def test_groups_that_cannot_share_a_layer_stay_separate():
+    model = _quantize_blocks(tiny_llama(seed=3))
+    blk = model.model.layers[0]
+    blk.mlp.up_proj = _mixed(blk.mlp.up_proj.out_features, 64, 0.1, 0, group_size=32)  # another group size
+    assert fuse_projections(model) == 3  # block 0's gate/up stays
+    assert isinstance(blk.mlp.gate_proj, MixedLinear)
+    model.model.layers[1].self_attn.k_proj = torch.nn.Linear(64, 32, bias=False)  # not quantized
+    with pytest.raises(ValueError, match="groups"):
+        fuse_projections(model, groups=[("q_proj",)])
+    with pytest.raises(ValueError, match="groups"):
+        fuse_projections(model, groups=[("q_proj", "q_proj")])
+    with pytest.raises(TypeError, match="model"):
+        fuse_projections("model")
