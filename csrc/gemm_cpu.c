@@ -54,7 +54,7 @@ void mix_cpu_weight_geometry(int bits, int64_t N, int64_t K, int64_t g, mix_cpu_
     w->g = g;
     w->G = mix_ngroups(K, g);
     w->Lp = g > INT64_MAX / 64 ? -1 : (g + MIX_K_ALIGN - 1) / MIX_K_ALIGN * MIX_K_ALIGN;
-    w->section = w->Lp < 0 ? -1 : mix_cpu_code_bytes(bits, w->Lp) + MIX_TAIL_BYTES;
+    w->section = w->Lp < 0 ? -1 : mix_cpu_code_bytes(bits, w->Lp) + mix_cpu_tail_bytes(bits);
 }
 
 int64_t mix_cpu_blob_bytes(const mix_cpu_weight *w) { /* -1 when the size does not fit int64 */
@@ -65,13 +65,17 @@ int64_t mix_cpu_blob_bytes(const mix_cpu_weight *w) { /* -1 when the size does n
     return r;
 }
 
-static inline const mix_cpu_tail *section_tail(const mix_cpu_weight *w, const uint8_t *sec) {
-    return (const mix_cpu_tail *)(sec + (w->section - MIX_TAIL_BYTES));
+/* A section's weight scales (its last 64 bytes) and, 4-bit only, zero points (the 64 bytes before). */
+static inline const float *section_scale(const mix_cpu_weight *w, const uint8_t *sec) {
+    return (const float *)(sec + (w->section - MIX_RB * (int64_t)sizeof(float)));
+}
+static inline const int32_t *section_zero(const mix_cpu_weight *w, const uint8_t *sec) {
+    return ((const mix_cpu_tail *)(sec + (w->section - (int64_t)sizeof(mix_cpu_tail))))->izero;
 }
 
 void mix_cpu_prepack(mix_cpu_weight *w, const void *codes, const float *scale, const uint8_t *zero, uint8_t *blob) {
     int64_t NB = (w->N + MIX_RB - 1) / MIX_RB, G = w->G, K = w->K, g = w->g, Lp = w->Lp;
-    int64_t code_bytes = w->section - MIX_TAIL_BYTES;
+    int64_t code_bytes = w->section - mix_cpu_tail_bytes(w->bits);
 #pragma omp parallel for schedule(static)
     for (int64_t rb = 0; rb < NB; rb++)
         for (int64_t j = 0; j < G; j++) {
@@ -82,7 +86,6 @@ void mix_cpu_prepack(mix_cpu_weight *w, const void *codes, const float *scale, c
                 int64_t n = rb * MIX_RB + r;
                 int valid = n < w->N;
                 int z = (valid && w->bits == 4) ? zero[n * G + j] : 0;
-                int64_t wsum = 0;
                 for (int64_t kk = 0; kk < Lp; kk++) {
                     int64_t k = j * g + kk;
                     int in = valid && kk < g && k < K;
@@ -92,14 +95,16 @@ void mix_cpu_prepack(mix_cpu_weight *w, const void *codes, const float *scale, c
                         sec[step * MIX_STEP_BYTES + 4 * r + (i & 3)] |= (uint8_t)((c & 15) << (i < 4 ? 0 : 4));
                     } else {
                         int c = in ? ((const int8_t *)codes)[n * K + k] : 0;
-                        wsum += c;
                         sec[(kk / 4) * MIX_STEP_BYTES + 4 * r + (kk % 4)] = (uint8_t)(int8_t)c;
                     }
                 }
-                tail.izero[r] = w->bits == 4 ? z : (int32_t)(0u - 128u * (uint32_t)wsum); /* mod 2^32, like the sums */
+                tail.izero[r] = z;
                 tail.scale[r] = valid ? scale[n * G + j] : 0.f;
             }
-            memcpy(sec + code_bytes, &tail, sizeof tail);
+            if (w->bits == 4)
+                memcpy(sec + code_bytes, &tail, sizeof tail);
+            else
+                memcpy(sec + code_bytes, tail.scale, sizeof tail.scale);
         }
 }
 
@@ -115,7 +120,6 @@ typedef struct {
      * filled one L1 set (README "CPU kernel speed": W8A8 9-13% faster at K = 4096 with the asm fix). */
     int8_t *ap;
     int64_t tw;
-    int ap_u8; /* layers of 8-bit parts only: ap holds aq + 128 as u8 (no xor per weight step) */
     /* VNNI with Lp <= 256 only (else NULL), [M][G]: -asum as int16 in the low half, 0 in the high
      * half: vpdpwssd's broadcast operand for the per-token terms (z * asum, 128 * asum). */
     int32_t *zq;
@@ -215,7 +219,6 @@ static __attribute__((target("avx512f,avx512bw"))) int prepare_group_avx512(cons
     }
     const float s = mix_sym_scale(_mm512_reduce_max_ps(mx), 8);
     const __m512 vs = _mm512_set1_ps(s), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
-    const uint32_t flip = A->ap_u8 ? 0x80808080u : 0; /* a + 128, two's complement */
     int8_t *dst = A->ap + tile_index(A, m, j, 0);
     const int64_t wstride = 4 * A->tw, words = A->Lp / 4;
     __m512i sum = _mm512_setzero_si512();
@@ -227,10 +230,7 @@ static __attribute__((target("avx512f,avx512bw"))) int prepare_group_avx512(cons
         sum = _mm512_add_epi32(sum, q);
         uint32_t w4[4];
         _mm_storeu_si128((__m128i *)w4, _mm512_cvtepi32_epi8(q));
-        for (int u = 0; u < 4 && i / 4 + u < words; u++) {
-            const uint32_t wv = w4[u] ^ flip;
-            memcpy(dst + (i / 4 + u) * wstride, &wv, 4);
-        }
+        for (int u = 0; u < 4 && i / 4 + u < words; u++) memcpy(dst + (i / 4 + u) * wstride, &w4[u], 4);
     }
     const int32_t asum = _mm512_reduce_add_epi32(sum);
     const int64_t si = scal_index(A, m, j);
@@ -277,7 +277,6 @@ static int prepare_group(const void *x, int dt, int64_t K, int64_t g, int64_t m,
     for (int64_t q = 0; A->ap && q < A->Lp / 4; q++) {
         uint32_t v;
         memcpy(&v, dst + 4 * q, 4);
-        if (A->ap_u8) v ^= 0x80808080u; /* a + 128, two's complement */
         memcpy(A->ap + tile_index(A, m, j, q), &v, 4);
     }
     const int64_t si = scal_index(A, m, j);
@@ -312,8 +311,8 @@ static void rb_portable(const kctx *c, int64_t rb, int64_t m0, int MB, int64_t j
     int64_t G = w->G, Lp = w->Lp;
     for (int64_t j = j0; j < j1; j++) {
         const uint8_t *sec = w->blob + (rb * G + j) * w->section;
-        mix_cpu_tail tail;
-        memcpy(&tail, section_tail(w, sec), sizeof tail);
+        const float *scale = section_scale(w, sec);
+        const int32_t *izero = w->bits == 4 ? section_zero(w, sec) : NULL;
         for (int t = 0; t < MB; t++) {
             const int8_t *a = A->aq + ((m0 + t) * G + j) * Lp;
             float s_a = A->sa[(m0 + t) * G + j];
@@ -330,8 +329,8 @@ static void rb_portable(const kctx *c, int64_t rb, int64_t m0, int MB, int64_t j
                     }
                     acc += (uint32_t)((int32_t)a[kk] * wv);
                 }
-                if (w->bits == 4) acc -= (uint32_t)tail.izero[r] * asum;
-                out[t * MIX_RB + r] = fmaf((float)(int32_t)acc, tail.scale[r] * s_a, out[t * MIX_RB + r]);
+                if (w->bits == 4) acc -= (uint32_t)izero[r] * asum;
+                out[t * MIX_RB + r] = fmaf((float)(int32_t)acc, scale[r] * s_a, out[t * MIX_RB + r]);
             }
         }
     }
@@ -349,15 +348,6 @@ static void rb_portable(const kctx *c, int64_t rb, int64_t m0, int MB, int64_t j
 static inline __attribute__((target("avx512f,avx512vnni"), always_inline)) __m512i dpbusd_bcast(__m512i acc, __m512i u8,
                                                                                                 const int8_t *p) {
     __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(u8), "m"(*(const int32_t *)p));
-    return acc;
-}
-/* acc += (4 u8 at p, broadcast) x s8, the broadcast and the dot product in one asm: with the intrinsics
- * GCC 12 copied accumulators around each vpdpbusd (vmovdqa64 per step, seen with objdump). */
-static inline __attribute__((target("avx512f,avx512vnni"), always_inline)) __m512i dpbusd_u8bcast(__m512i acc,
-                                                                                                  const uint8_t *p,
-                                                                                                  __m512i s8) {
-    __m512i b;
-    __asm__("vpbroadcastd %2, %1\n\tvpdpbusd %3, %1, %0" : "+v"(acc), "=&v"(b) : "m"(*(const int32_t *)p), "v"(s8));
     return acc;
 }
 
@@ -390,7 +380,6 @@ static AVX512_TARGET void rb_avx512_tile(const kctx *c, int64_t rb, int64_t m0, 
     const char *pf = c->pf ? *c->pf : NULL, *pf_end = c->pf_end;
     for (int64_t j = j0; j < j1; j++) {
         const uint8_t *sec = w->blob + (rb * G + j) * w->section;
-        const mix_cpu_tail *tail = section_tail(w, sec);
         __m512i acc[MB_AVX512];
         for (int t = 0; t < MB; t++) acc[t] = _mm512_setzero_si512();
         const int64_t tw = A->tw; /* m0 starts a tile (MB_AVX512 divides MC) */
@@ -410,21 +399,12 @@ static AVX512_TARGET void rb_avx512_tile(const kctx *c, int64_t rb, int64_t m0, 
                     acc[t] = dpbusd_bcast(acc[t], hi, a + 4 * tw);
                 }
             }
-            const __m512i z = _mm512_loadu_si512(tail->izero);
+            const __m512i z = _mm512_loadu_si512(section_zero(w, sec));
             if (A->zq) /* one vpdpwssd per token: z * -asum */
                 for (int t = 0; t < MB; t++) acc[t] = dpwssd_bcast(acc[t], z, A->zq + si + t);
             else
                 for (int t = 0; t < MB; t++)
                     acc[t] = _mm512_sub_epi32(acc[t], _mm512_mullo_epi32(z, _mm512_set1_epi32(A->asum[si + t])));
-        } else if (A->ap_u8) { /* 8-bit parts only: u8 activations (a + 128) x s8 weights, from the tail's
-                                  -128 * sum_k w */
-            const uint8_t *u0 = (const uint8_t *)A->ap + tile_index(A, m0, j, 0);
-            for (int t = 0; t < MB; t++) acc[t] = _mm512_loadu_si512(tail->izero);
-            for (int64_t s = 0; s < (len + 3) / 4; s++) {
-                prefetch_step(sec, s, MB, &pf, pf_end);
-                const __m512i v = _mm512_loadu_si512(sec + MIX_STEP_BYTES * s);
-                for (int t = 0; t < MB; t++) acc[t] = dpbusd_u8bcast(acc[t], u0 + 4 * (s * tw + t), v);
-            }
         } else { /* weights shifted to u8 (w + 128: one xor per step for MB tokens) x s8 activations,
                     minus 128 * sum_k a per token */
             const int8_t *a0 = A->ap + tile_index(A, m0, j, 0);
@@ -441,7 +421,7 @@ static AVX512_TARGET void rb_avx512_tile(const kctx *c, int64_t rb, int64_t m0, 
                 for (int t = 0; t < MB; t++)
                     acc[t] = _mm512_sub_epi32(acc[t], _mm512_set1_epi32((int32_t)(128u * (uint32_t)A->asum[si + t])));
         }
-        const __m512 sw = _mm512_loadu_ps(tail->scale);
+        const __m512 sw = _mm512_loadu_ps(section_scale(w, sec));
         for (int t = 0; t < MB; t++) {
             /* the float sums stay in out (L1): in registers GCC kept a stack copy of each anyway */
             __m512 scale = _mm512_mul_ps(sw, _mm512_set1_ps(A->sa[si + t]));
@@ -481,7 +461,7 @@ static AVX2_TARGET void w4_avx2_tile(const kctx *c, int64_t rb, int64_t m0, cons
     const __m256i low4 = _mm256_set1_epi8(15), ones16 = _mm256_set1_epi16(1);
     for (int64_t j = j0; j < j1; j++) {
         const uint8_t *sec = w->blob + (rb * G + j) * w->section;
-        const mix_cpu_tail *tail = section_tail(w, sec);
+        const float *scale = section_scale(w, sec);
         const int8_t *a0 = A->aq + (m0 * G + j) * Lp;
         for (int h0 = 0; h0 < 2; h0 += HH) {
             __m256i acc[MB_AVX2_X][2];
@@ -526,8 +506,8 @@ static AVX2_TARGET void w4_avx2_tile(const kctx *c, int64_t rb, int64_t m0, cons
             }
             for (int hh = 0; hh < HH; hh++) {
                 const int h = h0 + hh;
-                const __m256i z = _mm256_loadu_si256((const __m256i *)(tail->izero + 8 * h));
-                const __m256 sw = _mm256_loadu_ps(tail->scale + 8 * h);
+                const __m256i z = _mm256_loadu_si256((const __m256i *)(section_zero(w, sec) + 8 * h));
+                const __m256 sw = _mm256_loadu_ps(scale + 8 * h);
                 for (int t = 0; t < MB; t++) {
                     __m256i d = _mm256_sub_epi32(acc[t][hh],
                                                  _mm256_mullo_epi32(z, _mm256_set1_epi32(A->asum[(m0 + t) * G + j])));
@@ -550,7 +530,7 @@ static AVX2_TARGET void w8_avx2_tile(const kctx *c, int64_t rb, int64_t m0, cons
     const __m256i ones16 = _mm256_set1_epi16(1);
     for (int64_t j = j0; j < j1; j++) {
         const uint8_t *sec = w->blob + (rb * G + j) * w->section;
-        const mix_cpu_tail *tail = section_tail(w, sec);
+        const float *scale = section_scale(w, sec);
         const int8_t *a0 = A->aq + (m0 * G + j) * Lp;
         for (int h0 = 0; h0 < 2; h0 += HH) {
             __m256i acc[MB_AVX2_W8][2];
@@ -574,7 +554,7 @@ static AVX2_TARGET void w8_avx2_tile(const kctx *c, int64_t rb, int64_t m0, cons
             }
             for (int hh = 0; hh < HH; hh++) {
                 const int h = h0 + hh;
-                const __m256 sw = _mm256_loadu_ps(tail->scale + 8 * h);
+                const __m256 sw = _mm256_loadu_ps(scale + 8 * h);
                 for (int t = 0; t < MB; t++) {
                     float *o = out + t * MIX_RB + 8 * h;
                     __m256 scale = _mm256_mul_ps(sw, _mm256_set1_ps(A->sa[(m0 + t) * G + j]));
@@ -596,7 +576,7 @@ static AVX2_TARGET void w4x_avx2_tile(const kctx *c, int64_t rb, int64_t m0, con
     const __m256i low4 = _mm256_set1_epi8(15), ones16 = _mm256_set1_epi16(1);
     for (int64_t j = j0; j < j1; j++) {
         const uint8_t *sec = w->blob + (rb * G + j) * w->section;
-        const mix_cpu_tail *tail = section_tail(w, sec);
+        const float *scale = section_scale(w, sec);
         const uint8_t *x0 = c->x4 + (j - c->xj0) * Lp / 4 * (32 * MB_AVX2_X);
         for (int h = 0; h < 2; h++) {
             __m256i acc[MB_AVX2_X];
@@ -627,8 +607,8 @@ static AVX2_TARGET void w4x_avx2_tile(const kctx *c, int64_t rb, int64_t m0, con
 #undef W4X_STEP
                 for (int t = 0; t < MB; t++) acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(p[t], ones16));
             }
-            const __m256i z = _mm256_loadu_si256((const __m256i *)(tail->izero + 8 * h));
-            const __m256 sw = _mm256_loadu_ps(tail->scale + 8 * h);
+            const __m256i z = _mm256_loadu_si256((const __m256i *)(section_zero(w, sec) + 8 * h));
+            const __m256 sw = _mm256_loadu_ps(scale + 8 * h);
             for (int t = 0; t < MB; t++) {
                 __m256i d =
                     _mm256_sub_epi32(acc[t], _mm256_mullo_epi32(z, _mm256_set1_epi32(A->asum[(m0 + t) * G + j])));
@@ -899,7 +879,6 @@ int mix_cpu_qlinear(const void *x, int x_dtype, int64_t M, int64_t K, int64_t g,
               Lp,
               vnni ? malloc((size_t)(mpad * G * Lp)) : NULL,
               tw,
-              0,
               vnni && Lp <= 256 ? malloc((size_t)(mpad * G) * sizeof(int32_t)) : NULL};
     if (!A.aq || !A.sa || !A.asum || (vnni && !A.ap) || (vnni && Lp <= 256 && !A.zq)) {
         free(A.aq);
@@ -909,8 +888,6 @@ int mix_cpu_qlinear(const void *x, int x_dtype, int64_t M, int64_t K, int64_t g,
         free(A.zq);
         return -2;
     }
-    A.ap_u8 = 1;
-    for (int p = 0; p < nparts; p++) A.ap_u8 &= parts[p].bits == 8;
     int simd_prep = impl != MIX_IMPL_PORTABLE && mix_cpu_has(MIX_IMPL_AVX2);
     int64_t nb[8], nb_total = 0;
     for (int p = 0; p < nparts; p++) {

@@ -10,7 +10,7 @@ typedef struct {
     int bits;        /* 4 (packed nibbles, asymmetric) or 8 (int8, symmetric) */
     int64_t N, K, g; /* output features, input features, group size */
     int64_t G, Lp;   /* groups, padded group length (multiple of MIX_K_ALIGN) */
-    int64_t section; /* bytes per (row block, group): codes + mix_cpu_tail */
+    int64_t section; /* bytes per (row block, group): codes + tail (layout_cpu.h) */
     const uint8_t *blob;
     const int64_t *out_index; /* [N] output column of each row, or NULL for identity */
 } mix_cpu_weight;

@@ -12,11 +12,11 @@
  *          so that one 32-bit lane holds 4 (8-bit) or 2 x 4 (4-bit) consecutive k of one row: a
  *          u8 x s8 dot product of 4 bytes per lane (AVX2 maddubs + madd, AVX-512 VNNI vpdpbusd) needs
  *          no horizontal reduction.
- *   tail   mix_cpu_tail: per row, an int32 that corrects the integer dot product, and the weight scale.
- *            4-bit: izero = the zero point z.  y = sw * sa * (sum_k code * a  -  z * sum_k a)
- *            8-bit: izero = -128 * sum_k w (cancels what u8-shifted activations a + 128 add: izero +
- *                   sum_k w * (a + 128) = sum_k w * a); read only by the VNNI path for layers of 8-bit
- *                   parts only, whose sums start from it.
+ *   tail   the weight scale of each row (float32 [16], the section's last 64 bytes); 4-bit sections put
+ *          the zero points (int32 [16]) before it: mix_cpu_tail. 8-bit: the scales alone (64 bytes: at one
+ *          token the 8-bit layers stream their weights from memory, and a second line per section was 3%
+ *          of the bytes).
+ *            4-bit: y = sw * sa * (sum_k code * a  -  z * sum_k a);   8-bit: y = sw * sa * sum_k w * a
  * Padding (rows past N, k past the group's end) holds weight 0 (4-bit: code = zero point) and scale 0.
  * The layout is an in-memory cache rebuilt from the canonical codes (ops.QuantizedWeight.cpu_blob),
  * never saved, so it may change between versions. */
@@ -30,14 +30,19 @@
 #define MIX_K_PER_STEP(bits) ((bits) == 4 ? 8 : 4)
 #define MIX_CACHE_LINE       64
 
-typedef struct {
-    int32_t izero[MIX_RB]; /* 4-bit: zero point; 8-bit: -128 * sum_k w */
+typedef struct {           /* the tail of a 4-bit section; an 8-bit section's tail is its scale[] alone */
+    int32_t izero[MIX_RB]; /* zero point */
     float scale[MIX_RB];   /* weight scale of the row in this group; 0 for padding rows */
 } mix_cpu_tail;
 
-#define MIX_TAIL_BYTES ((int64_t)sizeof(mix_cpu_tail))
 _Static_assert(sizeof(mix_cpu_tail) == 128, "mix_cpu_tail: 16 int32 + 16 float32, no padding");
 _Static_assert(sizeof(mix_cpu_tail) % MIX_CACHE_LINE == 0, "sections must stay whole cache lines");
+_Static_assert(MIX_RB * sizeof(float) == MIX_CACHE_LINE, "an 8-bit tail (the scales) is one cache line");
+
+/* Bytes of a section's tail: 4-bit mix_cpu_tail (zero points, scales), 8-bit the scales alone. */
+static inline int64_t mix_cpu_tail_bytes(int bits) {
+    return bits == 4 ? (int64_t)sizeof(mix_cpu_tail) : MIX_RB * (int64_t)sizeof(float);
+}
 _Static_assert(MIX_STEP_BYTES == MIX_RB * 4, "a step holds 4 bytes of each row");
 
 /* Bytes of the codes of one section (Lp: padded group length, a multiple of MIX_K_ALIGN). */

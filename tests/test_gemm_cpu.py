@@ -336,8 +336,8 @@ def test_sorted_mixed_layers_bit_identical_and_accurate(rng, M, N, K, g, contigu
 
 @pytest.mark.parametrize("M,N,K,g", VNNI_SHAPES)
 def test_all_8bit_layer_bit_identical_and_accurate(rng, M, N, K, g):
-    """A layer of 8-bit parts only: the VNNI path shifts the activations to u8 there (acts.ap_u8),
-    in mixed layers the weights; both must give the portable path's bits."""
+    """A layer of 8-bit parts only (the VNNI path shifts the weights to u8 and takes 128 * sum(a) off,
+    as in mixed layers) must give the portable path's bits."""
     W, codes, scale, zero = make_weight(rng, N, K, 8, g)
     x = (rng.standard_normal((M, K)) * 2).astype(np.float32)
     bias = rng.standard_normal(N).astype(np.float32)
@@ -354,6 +354,31 @@ def test_all_8bit_layer_bit_identical_and_accurate(rng, M, N, K, g):
         f = ops.PreparedCPULinear([(W8a, torch.from_numpy(a)), (W8b, torch.from_numpy(b))], N, impl=impl)
         y2 = f(torch.from_numpy(x)).numpy() + bias
         np.testing.assert_allclose(y2, ys["portable"], rtol=1e-6, atol=1e-6 * np.abs(ys["portable"]).max())
+
+
+@pytest.mark.parametrize("g", [128, 256, 512])
+def test_all_8bit_extreme_activation_sums_bit_identical(rng, g):
+    """An 8-bit layer with every group's code sum at its extreme (+-127 * g): the VNNI path's per-token
+    term 128 * sum(a) takes the int16 multiply-add up to g = 256 and the int32 path above."""
+    M, N, K = 9, 40, 3 * g
+    W, codes, scale, zero = make_weight(rng, N, K, 8, g)
+    sign = np.where(rng.random((M, K // g)) < 0.5, -1.0, 1.0).astype(np.float32)
+    x = np.repeat(sign * 3.0, g, axis=1)
+    ys = {impl: ops.w8a8_linear(x, W, None, impl=impl) for impl in IMPLS}
+    for impl, y in ys.items():
+        np.testing.assert_array_equal(y.view(np.uint32), ys["portable"].view(np.uint32), err_msg=impl)
+    assert_close(ys["portable"], ref.qlinear(x, codes, scale, zero, g, np.zeros(N, np.float32)))
+
+
+@pytest.mark.parametrize("bits,N,K,g", [(4, 40, 300, 128), (8, 40, 300, 128), (8, 16, 136, 40), (4, 16, 136, 40)])
+def test_blob_size(bits, N, K, g):
+    """Sections (csrc/layout_cpu.h): codes, then 4-bit zero points and scales (128 bytes), 8-bit scales
+    alone (64 bytes); whole cache lines."""
+    Lp = (g + 7) // 8 * 8
+    code = Lp // (8 if bits == 4 else 4) * 64
+    section = code + (128 if bits == 4 else 64)
+    assert section % 64 == 0
+    assert _C.cpu_blob_bytes(bits, N, K, g) == -(-N // 16) * -(-K // g) * section
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
