@@ -85,10 +85,13 @@ def _static_cache(model, max_len, dtype, device, batch=1):
 
 
 @torch.no_grad()
-def decode_graph_tps(model, prompt, new_tokens, reps):
+def decode_graph_tps(model, prompt, new_tokens, reps, step=None):
     """Greedy decode, each step one replay of a CUDA graph of the whole model (transformers
     StaticCache; the prompt's prefill runs eagerly, outside the timed loop). ``prompt``: [P]
-    (batch 1) or [B, P]. Returns (steps/s, tokens of sequence 0); tokens/s = B * steps/s."""
+    (batch 1) or [B, P]. ``step``: what runs a decode step (default ``model``; e.g.
+    ``torch.compile(model)``, compiled by the warm-up steps, then captured like the eager one).
+    Returns (steps/s, tokens of sequence 0); tokens/s = B * steps/s."""
+    step = model if step is None else step
     dev = next(model.parameters()).device
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     ids = (prompt[None] if prompt.dim() == 1 else prompt).to(dev)
@@ -100,13 +103,13 @@ def decode_graph_tps(model, prompt, new_tokens, reps):
     static_pos = torch.tensor([P], device=dev)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):  # warm-up outside capture (plans, allocator pools)
+    with torch.cuda.stream(s):  # warm-up outside capture (plans, allocator pools, compilation)
         for _ in range(2):
-            model(input_ids=static_ids, past_key_values=cache, cache_position=static_pos, use_cache=True)
+            step(input_ids=static_ids, past_key_values=cache, cache_position=static_pos, use_cache=True)
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        logits = model(input_ids=static_ids, past_key_values=cache, cache_position=static_pos, use_cache=True).logits
+        logits = step(input_ids=static_ids, past_key_values=cache, cache_position=static_pos, use_cache=True).logits
     # transformers 5.x StaticCache layers count the tokens written in a tensor (advanced inside
     # the graph by each replay); every run restarts it right after the prompt
     counters = [
@@ -305,6 +308,19 @@ def synthetic(args):
     prompt1 = torch.randint(0, cfg.vocab_size, (32,), generator=torch.Generator().manual_seed(1))
     prompt16 = torch.randint(0, cfg.vocab_size, (16, 32), generator=torch.Generator().manual_seed(2))
 
+    def measure_compiled(name):
+        """Decode with each model's step compiled by torch.compile (inductor, default mode), the
+        same CUDA-graph loop: bf16 and W4.4A8 both compiled (MixedLinear is one custom op)."""
+        torch._dynamo.reset()
+        step = torch.compile(model, dynamic=False)
+        t0 = time.time()
+        for B, prompt in ((1, prompt1), (16, prompt16)):
+            steps, _ = decode_graph_tps(model, prompt, args.new_tokens, args.reps, step=step)
+            res[f"decode_b{B}_tps_{name}_compiled"] = B * steps
+            log(name, f"compiled batch-{B} graph decode tok/s", B * steps)
+        res[f"compile_and_measure_s_{name}"] = time.time() - t0
+        _save(res, args.out)
+
     def measure(name):
         steps, _ = decode_graph_tps(model, prompt1, args.new_tokens, args.reps)
         res[f"decode_b1_tps_{name}"] = steps
@@ -317,6 +333,8 @@ def synthetic(args):
         _save(res, args.out)
 
     measure("bf16")
+    if args.compiled:
+        measure_compiled("bf16")
     t0 = time.time()
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):
@@ -330,6 +348,12 @@ def synthetic(args):
     res["fused_groups"] = fuse_projections(model)
     torch.cuda.empty_cache()
     measure("w44a8_fused")
+    if args.compiled:
+        measure_compiled("w44a8_fused")
+        for B in (1, 16):
+            res[f"decode_b{B}_speedup_compiled"] = (
+                res[f"decode_b{B}_tps_w44a8_fused_compiled"] / res[f"decode_b{B}_tps_bf16_compiled"]
+            )
     pre = f"prefill{args.prefill}_ms"
     for suffix, name in (("", "w44a8_fused"), ("_unfused", "w44a8")):
         res["decode_b1_speedup" + suffix] = res[f"decode_b1_tps_{name}"] / res["decode_b1_tps_bf16"]
@@ -345,6 +369,9 @@ def synthetic(args):
             f"{'MET ' if res[k] >= goal else 'not '} {k}: {res[k]:.2f}x "
             f"(goal {goal}x; unfused {res[k + '_unfused']:.2f}x)"
         )
+    for B in (1, 16) if args.compiled else ():
+        k = f"decode_b{B}_speedup_compiled"
+        print(f"     {k}: {res[k]:.2f}x (both models torch.compile'd)")
     return res
 
 
@@ -357,6 +384,11 @@ def main(argv=None):
     )
     ap.add_argument("--layers", type=int, default=32, help="--synthetic: decoder blocks")
     ap.add_argument("--prefill", type=int, default=2048, help="--synthetic: prefill tokens")
+    ap.add_argument(
+        "--compiled",
+        action="store_true",
+        help="--synthetic: also decode with torch.compile'd steps (bf16 and fused W4.4A8; minutes of compilation)",
+    )
     ap.add_argument("--ids")
     ap.add_argument("--out", default="gpu_e2e.md")
     ap.add_argument("--bits", type=float, default=4.4)

@@ -15,6 +15,8 @@ rebuilt lazily per device after ``.to()`` / ``load_state_dict``.
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from typing import Sequence
 
 import numpy as np
@@ -25,6 +27,33 @@ from torch import nn
 from . import ops
 
 __all__ = ["MixedLinear"]
+
+# torch.compile: traced code reaches a layer through the custom op below, which holds the layer's
+# key (an int: a graph can keep it as a constant), not the layer; the op looks the layer up here at
+# run time and runs its eager forward (the prepared kernels and their per-device caches).
+_LAYERS: "dict[int, weakref.ref]" = {}
+_KEYS = itertools.count()
+
+
+def _register(layer: "MixedLinear") -> int:
+    key = next(_KEYS)
+    _LAYERS[key] = weakref.ref(layer, lambda _, key=key: _LAYERS.pop(key, None))
+    return key
+
+
+@torch.library.custom_op("mixllm::mixed_linear", mutates_args=())
+def _mixed_linear_op(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
+    ref = _LAYERS.get(layer)
+    m = ref() if ref is not None else None
+    if m is None:
+        raise RuntimeError(f"mixllm::mixed_linear: layer {layer} no longer exists")
+    # a fresh tensor: a custom op's output may not alias its input or be shared
+    return m._forward_eager(x)
+
+
+@_mixed_linear_op.register_fake
+def _(x, layer, out_features):
+    return x.new_empty((*x.shape[:-1], out_features))
 
 
 class MixedLinear(nn.Module):
@@ -67,6 +96,7 @@ class MixedLinear(nn.Module):
         else:
             self.bias = None
         self._cache = {}
+        self._op_key = _register(self)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -216,6 +246,18 @@ class MixedLinear(nn.Module):
         self._cache = {}
         return super()._apply(fn, *args, **kwargs)
 
+    def __setstate__(self, state):
+        # copy.deepcopy / pickle: a copy gets its own kernel caches and its own key for torch.compile
+        super().__setstate__(state)
+        self._cache = {}
+        self._op_key = _register(self)
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state["_cache"] = {}  # prepared kernel handles are per process and device: never copied
+        return state
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self._cache = {}
         return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -269,6 +311,13 @@ class MixedLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # one opaque op for the compiler (see _mixed_linear_op)
+            if x.shape[-1] != self.in_features:
+                raise ValueError(f"x: expected last dimension {self.in_features}, got shape {tuple(x.shape)}")
+            return _mixed_linear_op(x, self._op_key, self.out_features)
+        return self._forward_eager(x)
+
+    def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
         lin = self._cache.get("cpu")

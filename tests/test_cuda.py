@@ -382,6 +382,12 @@ def test_fused_projections_on_cuda_and_under_graph(rng, M, dtype):
     torch.cuda.synchronize()
     for y, m in zip(ys, cpu):
         assert_close(y, m(torch.from_numpy(xn32)).double().numpy(), dtype)
+    # torch.compile (fullgraph): the members' slices of one custom-op call, same results
+    torch._dynamo.reset()
+    run = torch.compile(lambda x: [mem(x) for mem in members], backend="aot_eager", fullgraph=True)
+    for y, m in zip(run(xt), cpu):
+        assert_close(y, m(torch.from_numpy(xn32)).double().numpy(), dtype)
+    assert group._pending is None
 
 
 # ----------------------------------------------------------------------------- sm_90a wgmma path

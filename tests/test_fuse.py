@@ -147,3 +147,28 @@ def test_groups_that_cannot_share_a_layer_stay_separate():
         fuse_projections(model, groups=[("q_proj", "q_proj")])
     with pytest.raises(TypeError, match="model"):
         fuse_projections("model")
+
+
+def test_torch_compile_traces_one_call_per_fused_group(monkeypatch):
+    """torch.compile(fullgraph=True): MixedLinear is one custom op (mixllm::mixed_linear), and a
+    fused group's members share one call of it per input, as in eager mode."""
+    model = _quantize_blocks(tiny_llama(seed=4))
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = model(ids).logits
+    assert fuse_projections(model) == 4
+    calls = []
+    eager = MixedLinear._forward_eager
+    monkeypatch.setattr(
+        MixedLinear, "_forward_eager", lambda self, x: calls.append(self.out_features) or eager(self, x)
+    )
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        compiled(ids)  # trace
+        calls.clear()
+        out = compiled(ids).logits
+    assert torch.equal(out, ref)
+    # per block: q+k+v (64 + 2 * 32), o, gate+up (2 * 96), down
+    assert calls == [128, 64, 192, 64] * 2
+    assert all(g._pending is None for g in mixllm.fuse.fused_groups(model))

@@ -96,6 +96,37 @@ def test_to_device_dtypes_and_weight_only():
     assert "weight_only" in repr(wo)
 
 
+@pytest.mark.parametrize("weight_only", [False, True])
+def test_torch_compile_copies_and_pickles(weight_only):
+    """Under torch.compile(fullgraph=True) the layer is one custom op with the eager result; a
+    deepcopy or pickled copy is a separate layer (own kernel caches, own key for the op)."""
+    import copy
+    import pickle
+
+    gen = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(300, 70)
+    m = MixedLinear.from_linear(lin, [0, 7, 69], weight_only=weight_only)
+    x = torch.randn(2, 3, 300, generator=gen)[:, ::2]  # non-contiguous
+    y = m(x)
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(m, backend="aot_eager", fullgraph=True)(x), y)
+    with pytest.raises(Exception, match="last dimension 300"):
+        torch.compile(m, backend="aot_eager", fullgraph=True)(torch.randn(2, 299))
+    for twin in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        assert twin._op_key != m._op_key and twin._cache == {}
+        with torch.no_grad():
+            twin.bias.add_(1.0)
+        assert torch.allclose(twin(x), y + 1.0, atol=1e-5)
+        assert torch.equal(m(x), y)
+    key = m._op_key
+    del m
+    import gc
+
+    gc.collect()
+    with pytest.raises(RuntimeError, match="no longer exists"):
+        torch.ops.mixllm.mixed_linear(x, key, 70)
+
+
 def test_errors():
     lin = _base()[0].get_submodule(QPROJ)
     with pytest.raises(TypeError):
