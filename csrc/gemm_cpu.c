@@ -38,9 +38,10 @@ _Static_assert(MC % MB_AVX512 == 0, "VNNI token tiles start at activation tiles 
 #define MC_X     64    /* AVX2 at M >= 2: tokens per pass over an item (float sums in L2) */
 #define XK_BYTES 16384 /* AVX2 at M >= 2: expanded activation bytes of one tile's K block (L1) */
 #define KC_BYTES 12288 /* weight bytes per K block: the block stays in L1 across the token tiles */
-/* VNNI: weights from L2 (prefetched a line per step) keep pace, and longer K blocks load and store the
- * float sums of each tile less often: 4x measured 2-5% faster at M = 128 than 12 KB (K = 4096, 11008). */
-#define KC_BYTES_VNNI      49152
+/* VNNI: 18 KB (8 groups of 8-bit, 16 of 4-bit weights): with the unrolled group steps, 4-11% faster at
+ * M = 16 than 48 KB and within 1% at M = 128 (2 threads, K = 4096 and 11008; 48 KB had been 2-5% faster
+ * at M = 128 than 12 KB before the unrolling and the per-group float sums in out). */
+#define KC_BYTES_VNNI      18432
 #define CHUNK              1024      /* activation values converted to float32 at a time */
 #define PREFETCH_BYTES     2048      /* software prefetch distance in the weight stream (M = 1 is bandwidth-bound) */
 #define PREP_SERIAL_VALUES (1 << 15) /* activations up to this many: quantized by the calling thread alone */

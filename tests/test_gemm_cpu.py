@@ -247,6 +247,7 @@ BLOCKING_SHAPES = [
     (5, 37, 200, 40),
     (2, 16, 128, 128),
     (263, 20, 256, 128),
+    (20, 40, 17 * 128 + 60, 128),  # VNNI: 4-bit K blocks of 16 groups + 2, 8-bit 8 + 8 + 2; last group partial
 ]
 
 
