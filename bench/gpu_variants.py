@@ -1,6 +1,6 @@
 """Decode-shape check of the CUDA layer's launch option (one GPU call, a few seconds): the
 W4.4A8 mixed layer timed as CUDA-graph replays with and without programmatic dependent launch
-(pdl), against bf16 F.linear, on the 70B shapes and the default model's shapes, at small M.
+(pdl), against bf16 F.linear, on the 70B, Llama-3-8B and the default model's shapes, at small M.
 
     python3 bench/gpu_variants.py [--out DIR]
 """
@@ -21,7 +21,20 @@ from gpu_linear import copies, rand_qweight, split_rows, time_graph  # noqa: E40
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from mixllm import cuda_ops  # noqa: E402
 
-SHAPES = [(28672, 8192), (8192, 28672), (4096, 4096), (576, 576), (1536, 576), (576, 1536), (192, 576)]
+SHAPES = [
+    (28672, 8192),
+    (8192, 28672),
+    (4096, 4096),
+    (6144, 4096),
+    (28672, 4096),
+    (14336, 4096),
+    (4096, 14336),
+    (1024, 4096),
+    (576, 576),
+    (1536, 576),
+    (576, 1536),
+    (192, 576),
+]
 VARIANTS = {  # name: (PreparedLinear kwargs, call kwargs)
     "pdl": ({}, {}),
     "no pdl": ({"pdl": False}, {}),
