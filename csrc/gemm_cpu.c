@@ -852,10 +852,10 @@ static void prefetch_y(const mix_cpu_weight *w, int64_t rb, int64_t m0, int64_t 
     }
 }
 
-/* Row block rb of part w for all M tokens: one K block of its weights (KC_BYTES) at a time stays in
- * L1 while the token tiles sweep over it. out: MC * 16 floats of scratch. */
-static void rb_all_tokens(const mix_cpu_weight *w, const acts *A, int64_t rb, int64_t M, mix_impl impl, float *out,
-                          const float *bias, void *y, int y_dtype, int64_t n_out) {
+/* Row block rb of part w for tokens m_lo .. m_hi-1 (m_lo starts a tile): one K block of its weights
+ * (KC_BYTES) at a time stays in L1 while the token tiles sweep over it. out: MC * 16 floats of scratch. */
+static void rb_all_tokens(const mix_cpu_weight *w, const acts *A, int64_t rb, int64_t m_lo, int64_t m_hi, mix_impl impl,
+                          float *out, const float *bias, void *y, int y_dtype, int64_t n_out) {
     int MB;
     tile_fn tile = pick(impl, w->bits, &MB);
     const char *pf = NULL;
@@ -863,8 +863,8 @@ static void rb_all_tokens(const mix_cpu_weight *w, const acts *A, int64_t rb, in
     const int vnni = impl == MIX_IMPL_AVX512VNNI;
     const int64_t kcb = vnni ? KC_BYTES_VNNI : KC_BYTES;
     const int64_t G = w->G, kc = kcb / w->section > 1 ? kcb / w->section : 1;
-    for (int64_t mc0 = 0; mc0 < M; mc0 += MC) {
-        const int64_t mcn = M - mc0 < MC ? M - mc0 : MC;
+    for (int64_t mc0 = m_lo; mc0 < m_hi; mc0 += MC) {
+        const int64_t mcn = m_hi - mc0 < MC ? m_hi - mc0 : MC;
         memset(out, 0, (size_t)mcn * MIX_RB * sizeof(float));
         for (int64_t j0 = 0; j0 < G; j0 += kc) /* K blocks in order: the float steps stay ordered */
             for (int64_t m0 = mc0; m0 < mc0 + mcn; m0 += MB) {
@@ -954,6 +954,14 @@ int mix_cpu_qlinear(const void *x, int x_dtype, int64_t M, int64_t K, int64_t g,
         per = nb_total / (2 * nthreads) < 16 ? nb_total / (2 * nthreads) : 16;
         items = (nb_total + per - 1) / per;
     }
+    /* VNNI at M >= 16 on layers of few row blocks: items split the tokens too (whole tiles of 8), so
+     * that the threads get about equal shares (the 13 row blocks of 192x576 left one of 2 threads 7). */
+    int64_t mchunk = M;
+    if (vnni && M >= 16 && nthreads > 1 && nb_total < 32 * nthreads) {
+        const int64_t want = (32 * nthreads + nb_total - 1) / nb_total; /* token chunks per row block */
+        mchunk = ((M + want - 1) / want + MB_AVX512 - 1) / MB_AVX512 * MB_AVX512;
+    }
+    const int64_t nmc = (M + mchunk - 1) / mchunk;
     const int64_t mcx = M < MC_X ? M : MC_X;
     float *xout = NULL; /* per thread: float sums [row block of the item][token of the pass][16] */
     if (expanded && !(xout = malloc((size_t)nthreads * 16 * (size_t)mcx * MIX_RB * sizeof(float)))) {
@@ -1011,7 +1019,7 @@ int mix_cpu_qlinear(const void *x, int x_dtype, int64_t M, int64_t K, int64_t g,
                         p++;
                     }
                     if (parts[p].bits == 8) { /* measured faster with its weights in L1 and broadcasts */
-                        rb_all_tokens(&parts[p], &A, rb, M, impl, out8, bias, y, y_dtype, n_out);
+                        rb_all_tokens(&parts[p], &A, rb, 0, M, impl, out8, bias, y, y_dtype, n_out);
                         continue;
                     }
                     pb[n4] = p;
@@ -1063,8 +1071,9 @@ int mix_cpu_qlinear(const void *x, int x_dtype, int64_t M, int64_t K, int64_t g,
             if (!stop) {
             /* Every output column belongs to exactly one part's row: rows write, nobody accumulates. */
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t item = 0; item < items; item++) {
+            for (int64_t it = 0; it < items * nmc; it++) {
                 float out[MC * MIX_RB];
+                const int64_t item = it / nmc, m_lo = it % nmc * mchunk, m_hi = m_lo + mchunk < M ? m_lo + mchunk : M;
                 for (int64_t b = item * per; b < (item + 1) * per && b < nb_total; b++) {
                     int p = 0;
                     int64_t rb = order ? order[b] : b;
@@ -1072,7 +1081,7 @@ int mix_cpu_qlinear(const void *x, int x_dtype, int64_t M, int64_t K, int64_t g,
                         rb -= nb[p];
                         p++;
                     }
-                    rb_all_tokens(&parts[p], &A, rb, M, impl, out, bias, y, y_dtype, n_out);
+                    rb_all_tokens(&parts[p], &A, rb, m_lo, m_hi, impl, out, bias, y, y_dtype, n_out);
                 }
             }
         }

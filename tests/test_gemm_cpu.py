@@ -248,6 +248,7 @@ BLOCKING_SHAPES = [
     (2, 16, 128, 128),
     (263, 20, 256, 128),
     (20, 40, 17 * 128 + 60, 128),  # VNNI: 4-bit K blocks of 16 groups + 2, 8-bit 8 + 8 + 2; last group partial
+    (100, 40, 576, 128),  # VNNI, 2 threads, 4 row blocks: work items of 8-token chunks, the last one 4 tokens
 ]
 
 
