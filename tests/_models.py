@@ -21,3 +21,17 @@ def tiny_llama(seed: int = 0, **config):
     )
     kw.update(config)
     return LlamaForCausalLM(LlamaConfig(**kw)).eval()
+
+
+def random_mixed_linear(seed: int, N: int = 200, K: int = 300, frac: float = 0.1, bias: bool = True, group_size=128):
+    """A ``MixedLinear`` (round to nearest) of a random N x K layer, a random ``frac`` of its rows 8-bit."""
+    from mixllm.nn import MixedLinear
+
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(K, N, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(N, K, generator=g))
+        if bias:
+            lin.bias.copy_(torch.randn(N, generator=g))
+    rows8 = torch.randperm(N, generator=g)[: int(round(frac * N))]
+    return MixedLinear.from_linear(lin, rows8.numpy(), group_size=group_size)

@@ -9,22 +9,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from _models import tiny_llama  # noqa: E402
+from _models import random_mixed_linear, tiny_llama  # noqa: E402
 
 import mixllm  # noqa: E402
 from mixllm.fuse import FusedProjection, SharedInputProjections, fuse_projections, unfuse_projections  # noqa: E402
 from mixllm.nn import MixedLinear  # noqa: E402
-
-
-def _mixed(N, K, frac, seed, bias=False, group_size=128):
-    g = torch.Generator().manual_seed(seed)
-    lin = torch.nn.Linear(K, N, bias=bias)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(N, K, generator=g))
-        if bias:
-            lin.bias.copy_(torch.randn(N, generator=g))
-    rows8 = torch.randperm(N, generator=g)[: int(round(frac * N))]
-    return MixedLinear.from_linear(lin, rows8.numpy(), group_size=group_size)
 
 
 def _quantize_blocks(model, frac=0.2, seed=0):
@@ -41,7 +30,11 @@ def _quantize_blocks(model, frac=0.2, seed=0):
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("K,g", [(300, 128), (256, 64), (96, 128)])
 def test_concat_matches_separate_layers_and_slices_back(bias, K, g):
-    layers = [_mixed(37, K, 0.2, 1, bias, g), _mixed(16, K, 0.0, 2, bias, g), _mixed(9, K, 1.0, 3, bias, g)]
+    layers = [
+        random_mixed_linear(1, 37, K, 0.2, bias=bias, group_size=g),
+        random_mixed_linear(2, 16, K, 0.0, bias=bias, group_size=g),
+        random_mixed_linear(3, 9, K, 1.0, bias=bias, group_size=g),
+    ]
     fused = MixedLinear.concat(layers)
     assert (fused.out_features, fused.n8) == (62, sum(m.n8 for m in layers))
     x = torch.randn(2, 5, K, generator=torch.Generator().manual_seed(4))[:, ::2]  # non-contiguous tokens
@@ -57,13 +50,13 @@ def test_concat_matches_separate_layers_and_slices_back(bias, K, g):
 
 
 def test_concat_and_slice_errors():
-    a, b = _mixed(8, 128, 0.5, 0), _mixed(8, 256, 0.5, 1)
+    a, b = random_mixed_linear(0, 8, 128, 0.5, bias=False), random_mixed_linear(1, 8, 256, 0.5, bias=False)
     with pytest.raises(ValueError, match="in_features"):
         MixedLinear.concat([a, b])
     with pytest.raises(ValueError, match="group_size"):
-        MixedLinear.concat([a, _mixed(8, 128, 0.5, 1, group_size=64)])
+        MixedLinear.concat([a, random_mixed_linear(1, 8, 128, 0.5, bias=False, group_size=64)])
     with pytest.raises(ValueError, match="has_bias"):
-        MixedLinear.concat([a, _mixed(8, 128, 0.5, 1, bias=True)])
+        MixedLinear.concat([a, random_mixed_linear(1, 8, 128, 0.5, bias=True)])
     with pytest.raises(TypeError, match="layers"):
         MixedLinear.concat([a, torch.nn.Linear(128, 8)])
     with pytest.raises(TypeError, match="layers"):
@@ -99,7 +92,7 @@ def test_fused_model_is_bit_identical_and_generates_the_same_tokens():
 
 
 def test_members_with_other_inputs_or_inputs_changed_in_place_recompute():
-    layers = [_mixed(24, 128, 0.25, s) for s in range(3)]
+    layers = [random_mixed_linear(s, 24, 128, 0.25, bias=False) for s in range(3)]
     group = SharedInputProjections(MixedLinear.concat(layers), ("a", "b", "c"), [24, 24, 24])
     members = [FusedProjection(group, i) for i in range(3)]
     gen = torch.Generator().manual_seed(0)
@@ -137,7 +130,9 @@ def test_unfuse_restores_the_layers_and_save_refuses_fused(tmp_path):
 def test_groups_that_cannot_share_a_layer_stay_separate():
     model = _quantize_blocks(tiny_llama(seed=3))
     blk = model.model.layers[0]
-    blk.mlp.up_proj = _mixed(blk.mlp.up_proj.out_features, 64, 0.1, 0, group_size=32)  # another group size
+    blk.mlp.up_proj = random_mixed_linear(
+        0, blk.mlp.up_proj.out_features, 64, 0.1, bias=False, group_size=32
+    )  # another group size
     assert fuse_projections(model) == 3  # block 0's gate/up stays
     assert isinstance(blk.mlp.gate_proj, MixedLinear)
     model.model.layers[1].self_attn.k_proj = torch.nn.Linear(64, 32, bias=False)  # not quantized

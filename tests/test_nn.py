@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _e2e import _base, layer_inputs
+from _models import random_mixed_linear
 
 from mixllm import ops
 from mixllm.nn import MixedLinear
@@ -146,20 +147,9 @@ def test_errors():
         m(np.zeros((2, 576), np.float32))
 
 
-def _random_mixed(seed, N=200, K=300, frac=0.1, bias=True):
-    g = torch.Generator().manual_seed(seed)
-    lin = torch.nn.Linear(K, N, bias=bias)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(N, K, generator=g))
-        if bias:
-            lin.bias.copy_(torch.randn(N, generator=g))
-    rows8 = torch.randperm(N, generator=g)[: int(frac * N)].numpy()
-    return MixedLinear.from_linear(lin, rows8)
-
-
 @pytest.mark.parametrize("frac", [0.0, 0.1, 1.0])
 def test_prepared_cpu_path_is_bit_identical_to_the_functional_op(frac):
-    m = _random_mixed(1, frac=frac, bias=frac != 1.0)  # K = 300: a tail group of 44
+    m = random_mixed_linear(1, frac=frac, bias=frac != 1.0)  # K = 300: a tail group of 44
     w4, w8, i4, i8 = m._parts()
     g = torch.Generator().manual_seed(2)
     xs = [
@@ -185,7 +175,7 @@ def test_prepared_cpu_path_is_bit_identical_to_the_functional_op(frac):
 
 
 def test_prepared_cpu_path_is_rebuilt_after_load_state_dict_and_to():
-    m, other = _random_mixed(3), _random_mixed(4)
+    m, other = random_mixed_linear(3), random_mixed_linear(4)
     x = torch.randn(3, 300)
     y_old = m(x)
     m.load_state_dict(other.state_dict())
@@ -204,7 +194,7 @@ def test_prepared_cpu_path_is_rebuilt_after_load_state_dict_and_to():
 
 
 def test_prepared_cpu_errors():
-    m = _random_mixed(5)
+    m = random_mixed_linear(5)
     with pytest.raises(TypeError, match="x: expected dtype"):
         m(torch.zeros(2, 300, dtype=torch.float64))
     with pytest.raises(ValueError, match="last dimension"):
