@@ -397,18 +397,21 @@ extern "C" int mixc_decode_clamp_splits(int64_t M, int splits) {
 }
 
 extern "C" int mixc_decode_warps(int64_t M, const int64_t *Ns, int nparts, int64_t Kp, int sms) {
-    /* Warps per tile (one tile per block): double them while the layer has fewer than 32 warps per
-     * SM and each warp keeps at least 8 stages (4 while there are fewer than 12 warps per SM).
-     * Measured against every forced layout (H200, bench/results/gpu_decode_sweep_2026-12-01.log):
-     * this picks the fastest or within 4% of it at M = 1 and 4 on the Llama-3 8B/70B shapes, except
-     * 14336 x 4096 (20.3 vs 19.6 us). A model of waves and bytes per warp picked worse layouts
-     * (up to 1.3x slower) and the paired layouts win nowhere by more than 1 us, so neither is used. */
+    /* Warps per tile (one tile per block): the fewest (a power of two, at most 8) that give the
+     * layer at least 11 warps per SM and each warp at most 16 stages, while each keeps at least 4.
+     * Measured against every forced layout at M = 1 and 4 (H200, 2026-12-01,
+     * bench/results/gpu_decode_sweep_planner_before_2026-12-01.log): the best layouts of the
+     * Llama-3 8B/70B shapes had 1050-2100 warps in all (7200 at 28672 x 8192, where fewer warps
+     * would stream 32-64 stages each); this picks them, or within 3% (8192 x 28672: 48.6 vs 47.4 us).
+     * The rule before (more warps up to 32 per SM while each kept 8 stages) took 13.1 instead of
+     * 10.9 us at 6144 x 4096 and 20.1 instead of 17.6 at 14336 x 4096. The paired layouts win
+     * nowhere by more than 1 us, so they are not used. */
     int64_t tiles = 0;
     for (int i = 0; i < nparts; i++) tiles += (Ns[i] + TILE_ROWS - 1) / TILE_ROWS;
     tiles *= (M + mixc_decode_tokens_per_block(M) - 1) / mixc_decode_tokens_per_block(M);
-    const int64_t nst = Kp / KSTAGE, want = 32LL * sms, few = 12LL * sms;
+    const int64_t nst = Kp / KSTAGE, enough = 11LL * sms;
     int kw = 1;
-    while (kw < 8 && tiles * kw < want && nst / (2 * kw) >= 4 && (nst / (2 * kw) >= 8 || tiles * kw < few)) kw *= 2;
+    while (kw < 8 && (tiles * kw < enough || nst > 16LL * kw) && nst / (2 * kw) >= 4) kw *= 2;
     return kw < mixc_decode_max_warps(M) ? kw : mixc_decode_max_warps(M);
 }
 
