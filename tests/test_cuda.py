@@ -59,6 +59,28 @@ def test_act_quant_matches_cpu(rng, dtype, M, K, g):
     np.testing.assert_array_equal(q.cpu().numpy(), q_ref)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_act_quant_near_rounding_boundaries(rng, dtype):
+    """The default quantizer must round x / s exactly as the CPU op's IEEE division does (a faster
+    division must keep that): 2M values, half of them within a few ulps of (k + 0.5) * s, groups of
+    scales from 2^-110 to 2^20."""
+    M, K, g = 512, 4096, 128
+    G = K // g
+    s = (rng.uniform(0.5, 2.0, (M, G, 1)) * 2.0 ** rng.integers(-110, 20, (M, G, 1))).astype(np.float32)
+    k = rng.integers(-127, 127, (M, G, g))
+    near = ((k + 0.5) * s).astype(np.float32)
+    near = near + rng.integers(-3, 4, near.shape).astype(np.float32) * np.spacing(near)
+    x = np.where(rng.random((M, G, g)) < 0.5, near, rng.uniform(-127, 127, (M, G, g)) * s).astype(np.float32)
+    x[:, :, 0] = 127 * s[:, :, 0]  # the group's max|x|: scale s (up to rounding)
+    xt = torch.from_numpy(x.reshape(M, K)).to(DEV, dtype)
+    if dtype != torch.float32 and not torch.isfinite(xt).all():
+        xt = torch.nan_to_num(xt, posinf=0.0, neginf=0.0)
+    q, sc = ops.quantize_activation(xt, g)
+    q_cpu, s_cpu = ops.quantize_activation(xt.float().cpu().numpy(), g)
+    np.testing.assert_array_equal(sc.cpu().numpy(), s_cpu)
+    np.testing.assert_array_equal(q.cpu().numpy(), q_cpu)
+
+
 def test_act_quant_padded_layout(rng):
     M, K, g = 4, 300, 100
     xt, x32 = make_x(rng, M, K, torch.float16)
