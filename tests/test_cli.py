@@ -46,8 +46,11 @@ def test_quantize_report_eval_round_trip(tmp_path, capsys):
     rep = capsys.readouterr().out
     assert "avg_bits" in rep and "model.layers.1.self_attn.o_proj" in rep and "method: mixllm" in rep
 
+    # eval fuses the quantized q/k/v (mixllm.fuse_projections) by default: bit-identical either way
     assert main(["eval", "--model", str(out), "--max-tokens", "600", "--quiet"]) == 0
     assert _json_lines(capsys.readouterr().out)[-1]["perplexity"] == ppl_after_quantize  # bit-identical
+    assert main(["eval", "--model", str(out), "--max-tokens", "600", "--quiet", "--no-fuse"]) == 0
+    assert _json_lines(capsys.readouterr().out)[-1]["perplexity"] == ppl_after_quantize
 
 
 def test_method_flags_and_errors(tmp_path, capsys):
