@@ -30,7 +30,7 @@ from .nn import MixedLinear
 __all__ = ["DEFAULT_GROUPS", "FusedProjection", "SharedInputProjections", "fuse_projections", "unfuse_projections"]
 
 #: Sibling names that read one input in the usual Hugging Face decoders (Llama, Mistral, Qwen, Gemma,
-#: Phi-3's MLP, ...): attention q/k/v, the gated MLP's gate/up, Mixtral experts' w1/w3.
+#: ...): attention q/k/v, the gated MLP's gate/up, expert MLPs written as w1/w3 (w2 is their down).
 DEFAULT_GROUPS: Tuple[Tuple[str, ...], ...] = (
     ("q_proj", "k_proj", "v_proj"),
     ("gate_proj", "up_proj"),
