@@ -27,7 +27,14 @@ from torch import nn
 
 from .nn import MixedLinear
 
-__all__ = ["DEFAULT_GROUPS", "FusedProjection", "SharedInputProjections", "fuse_projections", "unfuse_projections"]
+__all__ = [
+    "DEFAULT_GROUPS",
+    "FusedProjection",
+    "SharedInputProjections",
+    "fuse_projections",
+    "fused_groups",
+    "unfuse_projections",
+]
 
 #: Sibling names that read one input in the usual Hugging Face decoders (Llama, Mistral, Qwen, Gemma,
 #: ...): attention q/k/v, the gated MLP's gate/up, expert MLPs written as w1/w3 (w2 is their down).

@@ -159,8 +159,14 @@ class MixedLinear(nn.Module):
         if not layers or not all(isinstance(m, MixedLinear) for m in layers):
             raise TypeError("layers: expected a non-empty sequence of MixedLinear")
         first = layers[0]
-        for name in ("in_features", "group_size", "weight_only", "has_bias"):
-            vals = {(m.bias is not None) if name == "has_bias" else getattr(m, name) for m in layers}
+        shared = lambda m: {  # noqa: E731
+            "in_features": m.in_features,
+            "group_size": m.group_size,
+            "weight_only": m.weight_only,
+            "has_bias": m.bias is not None,
+        }
+        for name in shared(first):
+            vals = {shared(m)[name] for m in layers}
             if len(vals) > 1:
                 raise ValueError(f"layers: expected one {name}, got {sorted(vals)}")
         devices = {m.perm.device for m in layers}
