@@ -1,0 +1,293 @@
+"""Issue 15 diagnostic: how much of W4A8's loss can 8-bit weights buy back, layer by layer, and does
+MixLLM's salience put the budget where the measured gains are?
+
+One-pass GPTQ + clip parts (Hessians from the float model, every layer quantized at 4 and at 8 bits
+once, as ``bench/e2e.py``'s ``op_*`` rows), so only the 8-bit choice differs between rows:
+
+  1. per layer L, the *measured gain* of L in 8-bit with every other layer in 4-bit: the drop of the
+     mean token NLL on held-out calibration windows (``--n-holdout`` windows of the calibration
+     articles drawn with another seed; the evaluation texts are never used to choose anything);
+  2. against it, the salience's prediction: the sum of L's row saliences (MixLLM's ``|t + t^2/2|``);
+  3. allocations at 10% and 20% of the weights, evaluated on both texts (per-window NLLs kept):
+     MixLLM global (the default), per-bit, per layer, the *layer oracle* (whole layers, greedy by
+     measured gain per weight: a choice a row-level salience could at best refine), and *calibrated
+     global* (rows ranked by salience within a layer, each layer's salience rescaled so that its sum
+     equals the layer's measured gain, then a greedy knapsack per weight).
+
+  python3 bench/layer_oracle.py --model gemma3-270m --device cuda --out layer_oracle_gemma3-270m.json
+
+The JSON is rewritten after every step; ``--resume`` keeps the steps already in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import pathlib
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import e2e  # noqa: E402  (window_nll, texts, fp32 reference check, atomic JSON)
+
+from mixllm import data  # noqa: E402
+from mixllm.calib import calibrate, target_linears  # noqa: E402
+from mixllm.methods.mixllm import MixLLMConfig, allocate  # noqa: E402
+from mixllm.modules import set_module  # noqa: E402
+from mixllm.nn import MixedLinear  # noqa: E402
+
+QKEY = (128, True, True, 0.01)  # MixLLMConfig's one-pass memo key (group, gptq, clip, damp): the defaults
+
+
+def _mean_nll(model, ids2d, device):
+    w = e2e.window_nll(model, ids2d.reshape(-1), ids2d.shape[1], device)
+    return sum(a for a, _ in w) / sum(b for _, b in w)
+
+
+def _module(layer, name, rows8, cal):
+    q4 = cal.quant_cache[("q", 4, name) + QKEY]
+    q8 = cal.quant_cache[("q", 8, name) + QKEY]
+    return MixedLinear.from_linear(layer, np.asarray(rows8, np.int64), 128, q4=q4, q8=q8)
+
+
+def _build(base, layers, cal, rows8):
+    model = copy.deepcopy(base)
+    for name, m in layers:
+        set_module(model, name, _module(m, name, rows8[name], cal))
+    return model
+
+
+def layer_oracle_rows(layers, gains, fraction):
+    """Whole layers, greedy by measured gain per weight, while they fit ``fraction`` of all weights."""
+    cost = {n: m.in_features * m.out_features for n, m in layers}
+    budget = fraction * sum(cost.values())
+    rows8 = {n: np.zeros(0, np.int64) for n, _ in layers}
+    used = 0
+    for n in sorted(cost, key=lambda n: -gains[n] / cost[n]):
+        if gains[n] <= 0:
+            break
+        if used + cost[n] <= budget:
+            rows8[n] = np.arange(dict(layers)[n].out_features, dtype=np.int64)
+            used += cost[n]
+    return rows8
+
+
+def calibrated_salience(layers, salience, gains):
+    """Each layer's row saliences rescaled to sum to its measured gain (zero where it is not positive)."""
+    out = {}
+    for n, _ in layers:
+        s = np.asarray(salience[n], np.float64)
+        out[n] = s * (max(gains[n], 0.0) / max(s.sum(), 1e-300))
+    return out
+
+
+def _spearman(a, b):
+    ra = np.argsort(np.argsort(a)).astype(np.float64)
+    rb = np.argsort(np.argsort(b)).astype(np.float64)
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def run(args):
+    t_start = time.time()
+    device = torch.device(args.device)
+    base, tok = data.load_model(args.model)
+    base.to(device)
+    calib_text, eval_texts = e2e._texts(args)
+    eval_ids = {t: tok(s, return_tensors="pt").input_ids[0][: args.eval_tokens] for t, s in eval_texts.items()}
+    calib_ids = data.calibration_samples(tok, args.n_calib, args.seq_len, seed=args.calib_seed, text=calib_text)
+    hold_ids = data.calibration_samples(tok, args.n_holdout, args.seq_len, seed=1000 + args.calib_seed, text=calib_text)
+    n_cal_tok = tok(calib_text, return_tensors="pt").input_ids.numel()
+    out = pathlib.Path(args.out)
+    res = json.loads(out.read_text()) if args.resume and out.exists() else {}
+    res.update(
+        model=args.model,
+        n_calib=args.n_calib,
+        seq_len=args.seq_len,
+        n_holdout=args.n_holdout,
+        calib_seed=args.calib_seed,
+        calibration_text_tokens=n_cal_tok,
+        eval_tokens={t: int(v.numel()) for t, v in eval_ids.items()},
+        eval_seq_len=args.eval_seq_len,
+        machine=e2e._machine(device),
+        torch=torch.__version__,
+        date=time.strftime("%Y-%m-%d"),
+    )
+    res.setdefault("rows", {})
+    if args.fp32_ref:
+        e2e._fp32_reference(base, eval_ids, args, device)
+
+    def save():
+        e2e._write_json(args.out, res)
+
+    def evaluate(model, key, extra):
+        if key in res["rows"]:
+            return
+        t0 = time.time()
+        row = {**extra, "windows": {}, "ppl": {}}
+        for t, ids in eval_ids.items():
+            w = e2e.window_nll(model, ids, args.eval_seq_len, device)
+            row["windows"][t] = w
+            row["ppl"][t] = math.exp(sum(a for a, _ in w) / sum(b for _, b in w))
+        row["holdout_nll"] = _mean_nll(model, hold_ids, device)
+        res["rows"][key] = row
+        save()
+        print(
+            f"{key}: {json.dumps({t: round(p, 3) for t, p in row['ppl'].items()})} holdout NLL "
+            f"{row['holdout_nll']:.4f} ({time.time() - t0:.1f} s, {time.time() - t_start:.0f} s so far)",
+            flush=True,
+        )
+
+    layers = target_linears(base)
+    names = [n for n, _ in layers]
+    ts = time.time()
+    cal = calibrate(base, calib_ids, layers, hessian=True, salience=True, progress=False)
+    for b in (4, 8):
+        MixLLMConfig(bits=b, progress=False).apply(copy.deepcopy(base), cal)
+    res["calibrate_and_gptq_seconds"] = round(time.time() - ts, 1)
+    print(f"calibration + GPTQ at 4 and 8 bits: {res['calibrate_and_gptq_seconds']} s", flush=True)
+    salience = {n: np.asarray(cal.salience[n], np.float64) for n in names}
+    res["salience_sum"] = {n: float(salience[n].sum()) for n in names}
+    res["shape"] = {n: [m.out_features, m.in_features] for n, m in layers}
+
+    evaluate(base, "fp32", {"avg_bits": 32})
+    none = {n: np.zeros(0, np.int64) for n in names}
+    every = {n: np.arange(m.out_features, dtype=np.int64) for n, m in layers}
+    m4 = _build(base, layers, cal, none)
+    evaluate(m4, "w4a8", {"avg_bits": 4})
+    m8 = _build(base, layers, cal, every)
+    evaluate(m8, "w8a8_gptq", {"avg_bits": 8})
+    del m8
+
+    # 1. measured gain of each layer in 8-bit, the rest in 4-bit (same held-out windows: paired)
+    nll4 = res["rows"]["w4a8"]["holdout_nll"]
+    gains = res.setdefault("gain", {})
+    ts = time.time()
+    for i, (name, m) in enumerate(layers):
+        if name in gains:
+            continue
+        four = dict(m4.named_modules())[name]
+        set_module(m4, name, _module(m, name, every[name], cal))
+        gains[name] = nll4 - _mean_nll(m4, hold_ids, device)
+        set_module(m4, name, four)
+        if i % 20 == 19 or i == len(layers) - 1:
+            save()
+            print(f"  gains: {i + 1}/{len(layers)} layers ({time.time() - ts:.0f} s)", flush=True)
+    del m4
+    g = np.array([gains[n] for n in names])
+    s = np.array([res["salience_sum"][n] for n in names])
+    res["gain_summary"] = {
+        "sum_of_gains": float(g.sum()),
+        "w4_minus_w8_holdout": nll4 - res["rows"]["w8a8_gptq"]["holdout_nll"],
+        "spearman_gain_vs_salience_sum": _spearman(g, s),
+        "spearman_gain_per_weight_vs_salience_per_weight": _spearman(
+            g / np.array([np.prod(res["shape"][n]) for n in names]),
+            s / np.array([np.prod(res["shape"][n]) for n in names]),
+        ),
+    }
+    save()
+    print("gain summary:", json.dumps(res["gain_summary"]), flush=True)
+
+    # 3. allocations
+    for bits in (4.4, 4.8):
+        frac = (bits - 4) / 4
+        choices = {
+            "global": allocate(layers, salience, frac, "global"),
+            "per_bit": allocate(layers, salience, frac, "per_bit"),
+            "per_layer": allocate(layers, salience, frac, "per_layer"),
+            "layer_oracle": layer_oracle_rows(layers, gains, frac),
+            "calibrated": allocate(layers, calibrated_salience(layers, salience, gains), frac, "per_bit"),
+        }
+        for sel, rows8 in choices.items():
+            key = f"{sel}_w{bits}a8"
+            if key in res["rows"]:
+                continue
+            w8 = sum(len(rows8[n]) * m.in_features for n, m in layers)
+            wt = sum(m.out_features * m.in_features for _, m in layers)
+            model = _build(base, layers, cal, rows8)
+            predicted = float(
+                sum(gains[n] * len(rows8[n]) / m.out_features for n, m in layers)
+            )  # additive, rows pro rata
+            evaluate(
+                model,
+                key,
+                {
+                    "avg_bits": 4 + 4 * w8 / wt,
+                    "selection": sel,
+                    "predicted_holdout_gain_pro_rata": predicted,
+                    "rows8": {n: int(len(rows8[n])) for n in names},
+                },
+            )
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    res["total_seconds"] = round(time.time() - t_start, 1)
+    save()
+
+
+def summary(paths):
+    """Markdown: each row's perplexity increase over fp32 and its ratio to W4A8's, per text."""
+    for p in paths:
+        r = json.loads(pathlib.Path(p).read_text())
+        rows = r["rows"]
+        texts = list(rows["fp32"]["ppl"])
+        print(f"\n{r['model']} ({p}; {r['machine']}, {r['date']}; {r['n_calib']} x {r['seq_len']} calibration)")
+        print("| row | avg bits | " + " | ".join(texts) + " | held-out NLL |")
+        print("|---|---:|" + "---:|" * (len(texts) + 1))
+        for k, v in rows.items():
+            cells = []
+            for t in texts:
+                d = v["ppl"][t] - rows["fp32"]["ppl"][t]
+                d4 = rows["w4a8"]["ppl"][t] - rows["fp32"]["ppl"][t]
+                cells.append(f"{v['ppl'][t]:.2f}" if k == "fp32" else f"+{d:.2f} ({d / d4:.2f})")
+            print(f"| {k} | {v['avg_bits']:.2f} | " + " | ".join(cells) + f" | {v['holdout_nll']:.4f} |")
+        if "gain_summary" in r:
+            print("\n" + json.dumps(r["gain_summary"]))
+            types = {}
+            for n, gv in r["gain"].items():
+                t = n.rsplit(".", 1)[-1]
+                a = types.setdefault(t, [0.0, 0.0, 0])
+                a[0] += gv
+                a[1] += r["salience_sum"][n]
+                a[2] += int(np.prod(r["shape"][n]))
+            tot_g = sum(a[0] for a in types.values())
+            tot_s = sum(a[1] for a in types.values())
+            print("| layer type | share of measured gain | share of salience | share of weights |")
+            print("|---|---:|---:|---:|")
+            wt = sum(a[2] for a in types.values())
+            for t, a in types.items():
+                print(f"| {t} | {100 * a[0] / tot_g:.1f}% | {100 * a[1] / tot_s:.1f}% | {100 * a[2] / wt:.1f}% |")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=data.DEFAULT_MODEL)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--texts", default="wiki,news")
+    p.add_argument("--texts-json", default=None)
+    p.add_argument("--eval-tokens", type=int, default=16384)
+    p.add_argument("--eval-seq-len", type=int, default=512)
+    p.add_argument("--n-calib", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--n-holdout", type=int, default=8)
+    p.add_argument("--calib-seed", type=int, default=0)
+    p.add_argument("--fp32-ref", default=None)
+    p.add_argument("--write-fp32-ref", default=None)
+    p.add_argument("--out", default=None)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--summary", nargs="+", help="print the tables of these JSON files and exit")
+    args = p.parse_args(argv)
+    if args.summary:
+        summary(args.summary)
+        return
+    if not args.out:
+        p.error("--out: required")
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
