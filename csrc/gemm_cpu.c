@@ -43,7 +43,7 @@ _Static_assert(MC % MB_AVX512 == 0, "VNNI token tiles start at activation tiles 
  * at M = 128 than 12 KB before the unrolling and the per-group float sums in out). */
 #define KC_BYTES_VNNI      18432
 #define CHUNK              1024      /* activation values converted to float32 at a time */
-#define PREFETCH_BYTES     2048      /* software prefetch distance in the weight stream (M = 1 is bandwidth-bound) */
+#define PREFETCH_BYTES     2048      /* AVX2 at M = 1: software prefetch distance in the weight stream */
 #define PREP_SERIAL_VALUES (1 << 15) /* activations up to this many: quantized by the calling thread alone */
 #define MACS_PER_THREAD (1 << 20) /* below this many multiply-adds per thread, fewer threads: waking one costs more */
 
@@ -371,14 +371,13 @@ static inline __attribute__((target("avx512f,avx512vnni"), always_inline)) __m51
     return acc;
 }
 
-/* Prefetch for step s of a section: one token (the weights stream from memory) a fixed distance ahead
- * in this section; more tokens (each weight line serves MB of them) one line per step of the next K
- * block, through the cursor *pf (a burst of prefetches measured 9% slower at M = 16). */
-static inline __attribute__((always_inline)) void prefetch_step(const uint8_t *sec, int64_t s, int MB, const char **pf,
-                                                                const char *pf_end) {
-    if (MB == 1)
-        _mm_prefetch((const char *)sec + MIX_STEP_BYTES * s + PREFETCH_BYTES, _MM_HINT_T0);
-    else if (*pf < pf_end) {
+/* Prefetch per step: several tokens (each weight line serves MB of them) one line per step
+ * of the next K block, through the cursor *pf (a burst of prefetches measured 9% slower at M = 16). One
+ * token streams its weights from memory with no software prefetch: the hardware prefetchers follow the
+ * sequential stream, and a prefetch 2 KB ahead into L1 (the second and third rounds) measured 6-24% slower
+ * at M = 1 on the Zen 4 VM (2 threads, 4096-wide layers; 8 KB ahead into L2 also slower). */
+static inline __attribute__((always_inline)) void prefetch_step(int MB, const char **pf, const char *pf_end) {
+    if (MB > 1 && *pf < pf_end) {
         _mm_prefetch(*pf, _MM_HINT_T1);
         *pf += MIX_CACHE_LINE;
     }
@@ -406,7 +405,7 @@ static AVX512_TARGET void rb_avx512_tile(const kctx *c, int64_t rb, int64_t m0, 
             const int8_t *a0 = A->ap + tile_index(A, m0, j, 0);
 #define W4_STEP(s)                                                                                    \
     do {                                                                                              \
-        prefetch_step(sec, s, MB, &pf, pf_end);                                                       \
+        prefetch_step(MB, &pf, pf_end);                                                               \
         __m512i v = _mm512_loadu_si512(sec + MIX_STEP_BYTES * (s));                                   \
         __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4); \
         for (int t = 0; t < MB; t++) {                                                                \
@@ -434,7 +433,7 @@ static AVX512_TARGET void rb_avx512_tile(const kctx *c, int64_t rb, int64_t m0, 
             for (int t = 0; t < MB; t++) acc[t] = bcast_load(A->n128 + si + t);
 #define W8_STEP(s)                                                                                             \
     do {                                                                                                       \
-        prefetch_step(sec, s, MB, &pf, pf_end);                                                                \
+        prefetch_step(MB, &pf, pf_end);                                                                        \
         const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(sec + MIX_STEP_BYTES * (s)), x80); /* w + 128 */ \
         for (int t = 0; t < MB; t++) acc[t] = dpbusd_bcast(acc[t], v, a0 + 4 * ((s) * tw + t));                \
     } while (0)
