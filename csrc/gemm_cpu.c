@@ -383,8 +383,8 @@ static inline __attribute__((always_inline)) void prefetch_step(int MB, const ch
     }
 }
 
-static AVX512_TARGET void rb_avx512_tile(const kctx *c, int64_t rb, int64_t m0, const int MB, int64_t j0, int64_t j1,
-                                         float *out) {
+static AVX512_TARGET void rb_avx512_tile(const kctx *c, int64_t rb, int64_t m0, const int MB, const int TW, int64_t j0,
+                                         int64_t j1, float *out) {
     const mix_cpu_weight *w = c->w;
     const acts *A = c->A;
     int64_t G = w->G;
@@ -394,7 +394,7 @@ static AVX512_TARGET void rb_avx512_tile(const kctx *c, int64_t rb, int64_t m0, 
         const uint8_t *sec = w->blob + (rb * G + j) * w->section;
         __m512i acc[MB_AVX512];
         for (int t = 0; t < MB; t++) acc[t] = _mm512_setzero_si512();
-        const int64_t tw = A->tw; /* m0 starts a tile (MB_AVX512 divides MC) */
+        const int64_t tw = TW; /* == A->tw; m0 starts a tile (MB_AVX512 divides MC) */
         /* Steps past the group's last k hold weight 0 x activation 0: skipped (K = 576 in groups of 128
          * ends in half a group, 10% of the work). */
         const int64_t len = w->K - j * w->g < w->g ? w->K - j * w->g : w->g;
@@ -660,15 +660,31 @@ static AVX2_FN void expand_tile_avx2(const acts *A, int64_t m0, int mb, int64_t 
 /* Instantiate each tile with compile-time token / half counts so the sums stay in registers. */
 static __attribute__((target("avx512f,avx512bw,avx512vnni"))) void
 rb_avx512(const kctx *c, int64_t rb, int64_t m0, int MB, int64_t j0, int64_t j1, float *out) {
+    /* The tile width as a constant too: the activation operands are then fixed displacements from one
+     * pointer (with A->tw at run time GCC computed an address per operand, some spilled to the stack). */
+    const int full = c->A->tw == MB_AVX512;
     switch (MB) {
-    case 8: rb_avx512_tile(c, rb, m0, 8, j0, j1, out); break;
-    case 7: rb_avx512_tile(c, rb, m0, 7, j0, j1, out); break;
-    case 6: rb_avx512_tile(c, rb, m0, 6, j0, j1, out); break;
-    case 5: rb_avx512_tile(c, rb, m0, 5, j0, j1, out); break;
-    case 4: rb_avx512_tile(c, rb, m0, 4, j0, j1, out); break;
-    case 3: rb_avx512_tile(c, rb, m0, 3, j0, j1, out); break;
-    case 2: rb_avx512_tile(c, rb, m0, 2, j0, j1, out); break;
-    default: rb_avx512_tile(c, rb, m0, 1, j0, j1, out); break;
+    case 8: rb_avx512_tile(c, rb, m0, 8, 8, j0, j1, out); break;
+#define TILE(n)                                                   \
+    case n:                                                       \
+        if (full)                                                 \
+            rb_avx512_tile(c, rb, m0, n, MB_AVX512, j0, j1, out); \
+        else                                                      \
+            rb_avx512_tile(c, rb, m0, n, n, j0, j1, out);         \
+        break;
+        TILE(7)
+        TILE(6)
+        TILE(5)
+        TILE(4)
+        TILE(3)
+        TILE(2)
+#undef TILE
+    default:
+        if (full)
+            rb_avx512_tile(c, rb, m0, 1, MB_AVX512, j0, j1, out);
+        else
+            rb_avx512_tile(c, rb, m0, 1, 1, j0, j1, out);
+        break;
     }
 }
 /* AVX2 through rb_all_tokens: 4-bit only at M = 1 (M >= 2 goes through w4x_avx2_tile), 8-bit at any M. */
