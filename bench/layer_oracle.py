@@ -86,6 +86,18 @@ def calibrated_salience(layers, salience, gains):
     return out
 
 
+COMPARE = [  # (challenger, baseline): per-window NLL of the challenger minus the baseline's
+    ("calibrated_w4.4a8", "global_w4.4a8"),
+    ("calibrated_w4.4a8", "per_layer_w4.4a8"),
+    ("calibrated_w4.4a8", "layer_oracle_w4.4a8"),
+    ("global_w4.4a8", "per_layer_w4.4a8"),
+    ("per_bit_w4.4a8", "global_w4.4a8"),
+    ("calibrated_w4.8a8", "global_w4.8a8"),
+    ("seq_calibrated_w4.4a8", "seq_global_w4.4a8"),
+    ("seq_calibrated_w4.8a8", "seq_global_w4.8a8"),
+]
+
+
 def _spearman(a, b):
     ra = np.argsort(np.argsort(a)).astype(np.float64)
     rb = np.argsort(np.argsort(b)).astype(np.float64)
@@ -225,6 +237,36 @@ def run(args):
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    # 4. the default pipeline (block by block on the quantized prefix, as `mixllm quantize`), given
+    #    the salience of step 1 (the default's own pass computes the same numbers) or its calibration
+    if args.seq:
+        cal_sal = calibrated_salience(layers, salience, gains)
+        seq_rows = [
+            ("seq_w4a8", 4, "global", None),
+            ("seq_global_w4.4a8", 4.4, "global", salience),
+            ("seq_calibrated_w4.4a8", 4.4, "per_bit", cal_sal),
+            ("seq_global_w4.8a8", 4.8, "global", salience),
+            ("seq_calibrated_w4.8a8", 4.8, "per_bit", cal_sal),
+        ]
+        for key, bits, sel, given in seq_rows:
+            if key in res["rows"]:
+                continue
+            cfg = MixLLMConfig(
+                bits=bits,
+                selection=sel,
+                n_calib=args.n_calib,
+                seq_len=args.seq_len,
+                device=str(device),
+                progress=False,
+            )
+            model = copy.deepcopy(base)
+            t0 = time.time()
+            rep = cfg.apply(model, calib_ids, salience=given)
+            model.to(device)
+            evaluate(model, key, {"avg_bits": rep["avg_bits"], "quantize_seconds": round(time.time() - t0, 1)})
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     res["total_seconds"] = round(time.time() - t_start, 1)
     save()
 
@@ -245,6 +287,13 @@ def summary(paths):
                 d4 = rows["w4a8"]["ppl"][t] - rows["fp32"]["ppl"][t]
                 cells.append(f"{v['ppl'][t]:.2f}" if k == "fp32" else f"+{d:.2f} ({d / d4:.2f})")
             print(f"| {k} | {v['avg_bits']:.2f} | " + " | ".join(cells) + f" | {v['holdout_nll']:.4f} |")
+        for a, b in COMPARE:
+            if a in rows and b in rows:
+                cells = []
+                for t in texts:
+                    m, se, won, n = e2e._paired(rows[b]["windows"][t], rows[a]["windows"][t])
+                    cells.append(f"{t} {m:+.4f} +- {se:.4f} ({won}/{n})")
+                print(f"- {a} minus {b}: " + "; ".join(cells))
         if "gain_summary" in r:
             print("\n" + json.dumps(r["gain_summary"]))
             types = {}
@@ -279,6 +328,7 @@ def main(argv=None):
     p.add_argument("--write-fp32-ref", default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--seq", action="store_true", help="also the default pipeline's rows (block by block)")
     p.add_argument("--summary", nargs="+", help="print the tables of these JSON files and exit")
     args = p.parse_args(argv)
     if args.summary:
