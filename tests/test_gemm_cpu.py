@@ -395,3 +395,25 @@ def test_half_precision_output_several_tiles(rng, dtype):
     for impl, y in ys.items():
         assert y.dtype == dtype
         assert torch.equal(y.view(torch.int16), ys["portable"].view(torch.int16)), impl
+
+
+@pytest.mark.parametrize("M", range(1, 17))
+def test_every_token_tile_width_bit_identical(rng, M):
+    """The VNNI tiles are compiled per token count MB and tile width TW (csrc/gemm_cpu.c: rb_avx512):
+    M < 8 is one narrow tile (TW = MB = M), M = 9..15 a full tile of 8 and a remainder of M - 8 tokens
+    laid out 8 wide (TW = 8); 4-bit, 8-bit and mixed layers give the portable path's bits."""
+    N, K, g = 40, 300, 128
+    x = (rng.standard_normal((M, K)) * 2).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32)
+    for bits in (4, 8):
+        W, codes, scale, zero = make_weight(rng, N, K, bits, g)
+        fn = ops.w4a8_linear if bits == 4 else ops.w8a8_linear
+        ys = {impl: fn(x, W, bias, impl=impl) for impl in IMPLS}
+        for impl, y in ys.items():
+            np.testing.assert_array_equal(y.view(np.uint32), ys["portable"].view(np.uint32), err_msg=f"{impl} {bits}")
+        assert_close(ys["portable"], ref.qlinear(x, codes, scale, zero, g, bias))
+    W4, W8, idx4, idx8, ref_fn = _sorted_mixed_layer(rng, N, K, g, 5, False)
+    ys = {impl: ops.mixed_linear(x, W4, W8, idx4, idx8, bias, impl=impl) for impl in IMPLS}
+    for impl, y in ys.items():
+        np.testing.assert_array_equal(y.view(np.uint32), ys["portable"].view(np.uint32), err_msg=f"{impl} mixed")
+    assert_close(ys["portable"], ref_fn(x, bias))
