@@ -1,7 +1,8 @@
 """CPU benchmark: mixllm's quantized linear layers against PyTorch's own CPU paths, in one process.
 
     python3 bench/cpu_linear.py [--reps 15] [--impl auto] [--shapes llama|small|all] [--ms 1,16,128]
-                                [--stat median|min] [--clock wall|thread] [--json bench/results/cpu_linear.json]
+                                [--stat median|min] [--clock wall|thread] [--order fixed|shuffle]
+                                [--json bench/results/cpu_linear.json]
 
 Columns (all without bias, float32 activations in and out):
   fp32    torch ``F.linear`` (oneDNN / MKL sgemm)
@@ -14,7 +15,14 @@ Columns (all without bias, float32 activations in and out):
   W8A8    the same over all N rows at 8 bits (the 8-bit part alone, at the full layer size)
 
 The contenders run interleaved: every repetition times each of them once, in turn, so that load
-from other processes on a shared machine hits all of them alike; the tables report medians (or with
+from other processes on a shared machine hits all of them alike: fp32, int8, W4.4A8, W8A8 (``--order
+fixed``, the default), or in a fresh random order per repetition (``--order shuffle``, seeded). A call
+starts right after another contender's, and the OpenMP threads of the previous call's library (torch's,
+or mixllm's own runtime) still spin on the cores for a while: measured on a 2-core VM, a mixllm call at
+M = 1 ran about 10% slower right after an int8 call than after its own, and the int8 call 9% slower
+after a mixllm call. The fixed order always puts int8 after fp32 (torch's own pool) and W4.4A8 after
+int8; the shuffled one spreads that cost, which falls hardest on torch's short calls (the default
+model's layers); the tables report medians (or with
 --stat min the minima) over repetitions (after a warm-up) and their ratios (``x int8`` = int8 time /
 mixllm time: > 1 means mixllm is faster). Weights are random: this measures speed, not accuracy.
 
@@ -28,6 +36,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -66,13 +75,19 @@ def block_totals(rows):
     return out
 
 
-def interleaved_times(fns, reps, stat="median", clock=time.perf_counter):
-    """Median (or minimum) seconds of each callable, timed round-robin (one call of each per repetition)."""
+def interleaved_times(fns, reps, stat="median", clock=time.perf_counter, order="fixed", rng=None):
+    """Median (or minimum) seconds of each callable, timed round-robin (one call of each per repetition,
+    in a random order per repetition with ``order="shuffle"``, else in the order given)."""
     for f in fns.values():  # warm-up (packing, first-touch, thread pools)
         f()
     ts = {k: [] for k in fns}
+    rng = rng or random.Random(0)
     for _ in range(reps):
-        for k, f in fns.items():
+        keys = list(fns)
+        if order == "shuffle":
+            rng.shuffle(keys)
+        for k in keys:
+            f = fns[k]
             t0 = clock()
             f()
             ts[k].append(clock() - t0)
@@ -128,6 +143,12 @@ def main():
         help="thread: CPU time of the calling thread, which leaves out the time it is descheduled on a "
         "shared machine; only with one thread on both sides (OMP_NUM_THREADS=1), where all work runs on it",
     )
+    ap.add_argument(
+        "--order",
+        default="fixed",
+        choices=["fixed", "shuffle"],
+        help="per repetition, call the contenders always as fp32, int8, W4.4A8, W8A8 (default) or in a random order",
+    )
     ap.add_argument("--note", default="", help="free text stored with the results (e.g. 'machine shared')")
     args = ap.parse_args()
     if args.clock == "thread":
@@ -138,6 +159,7 @@ def main():
     load_before = os.getloadavg()
     shapes = SHAPES["llama"] + SHAPES["small"] if args.shapes == "all" else SHAPES[args.shapes]
     rng = np.random.default_rng(0)
+    order_rng = random.Random(0)
     rows = []
     for N, K in shapes:
         ms = [int(m) for m in args.ms.split(",")] if args.ms else ([1, 16, 128] if K >= 4096 else [1, 16, 128, 512])
@@ -164,6 +186,8 @@ def main():
                 args.reps,
                 args.stat,
                 time.thread_time if args.clock == "thread" else time.perf_counter,
+                args.order,
+                order_rng,
             )
             r = dict(
                 N=N,
@@ -197,7 +221,7 @@ def main():
         impl=args.impl,
         impls_available=ops.cpu_impls(),
         reps=args.reps,
-        timing=f"interleaved, {args.stat} of {args.reps} repetitions, "
+        timing=f"interleaved ({args.order} order), {args.stat} of {args.reps} repetitions, "
         + ("CPU time of the calling thread" if args.clock == "thread" else "wall clock"),
         mixllm_path="ops.PreparedCPULinear (MixedLinear's CPU path)",
         load_average_before=list(load_before),
