@@ -266,3 +266,63 @@ def test_global_floor_matches_reference(rng, fraction):
     for n, m in layers:
         assert len(got[n]) >= int(fraction / 2 * m.out_features)
     assert any(len(glob[n]) < int(fraction / 2 * m.out_features) for n, m in layers)
+
+
+def test_rescale_to_gains_keeps_the_order_inside_a_layer(rng):
+    """Each layer sums to its gain (zero where the gain is not positive); the ranking inside stays."""
+    from mixllm.methods.mixllm import rescale_to_gains
+
+    layers = _layers(SHAPES)
+    sal = {n: rng.gamma(0.5, size=m.out_features) for n, m in layers}
+    sal[layers[3][0]] = np.zeros(layers[3][1].out_features)  # a layer of zero salience: spread evenly
+    gains = {layers[0][0]: 0.3, layers[1][0]: -0.1, layers[2][0]: 0.0, layers[3][0]: 0.2}
+    out = rescale_to_gains(layers, sal, gains)
+    for n, _ in layers:
+        assert out[n].sum() == pytest.approx(max(gains[n], 0.0), rel=1e-12, abs=1e-15)
+    assert np.array_equal(np.argsort(-out[layers[0][0]], kind="stable"), np.argsort(-sal[layers[0][0]], kind="stable"))
+    assert np.all(out[layers[1][0]] == 0) and np.all(out[layers[2][0]] == 0)
+    assert np.allclose(out[layers[3][0]], 0.2 / layers[3][1].out_features)
+
+
+def _nll(model, ids):
+    # float64 reference of the mean next-token NLL over windows
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.double()
+    return float(-torch.log_softmax(logits[:, :-1], -1).gather(2, ids[:, 1:, None]).mean())
+
+
+def test_measured_selection_matches_an_independent_measurement():
+    """selection="measured": the reported gain of a layer is NLL(all 4-bit) - NLL(that layer 8-bit) on
+    the last gain_windows windows, built independently; the rows are the per-bit knapsack of the
+    salience (of the other windows) rescaled to those gains."""
+    from mixllm.methods.mixllm import rescale_to_gains
+    from mixllm.modules import set_module
+    from mixllm.nn import MixedLinear
+
+    model = _tiny_llama(seed=3)
+    ids = torch.randint(0, 61, (6, 24), generator=torch.Generator().manual_seed(5))
+    cfg = MixLLMConfig(bits=4.4, selection="measured", gain_windows=2, gptq=False, clip=False, progress=False)
+    q = copy.deepcopy(model)
+    rep = cfg.apply(q, ids)
+    layers = target_linears(model)
+    four = copy.deepcopy(model)
+    MixLLMConfig(bits=4, gptq=False, clip=False, progress=False).apply(four, None)
+    nll4 = _nll(four, ids[-2:])
+    gains = {}
+    for name, m in layers:
+        one = copy.deepcopy(four)
+        set_module(one, name, MixedLinear.from_linear(m, np.arange(m.out_features), 128))
+        gains[name] = nll4 - _nll(one, ids[-2:])
+        assert rep["layers"][name]["gain"] == pytest.approx(gains[name], rel=1e-4, abs=1e-7)
+    assert any(g > 0 for g in gains.values())
+    sal = calibrate(model, ids[:-2], layers, hessian=False, salience=True, progress=False).salience
+    rows = allocate(layers, rescale_to_gains(layers, sal, gains), 0.1, "per_bit")
+    for name, _ in layers:
+        assert rep["layers"][name]["n8"] == len(rows[name])
+        n8 = len(rows[name])
+        assert sorted(q.get_submodule(name).perm[:n8].tolist()) == rows[name].tolist()
+    assert 4.0 < rep["avg_bits"] <= 4.4 + 1e-9
+    with pytest.raises(ValueError, match="gain_windows"):
+        cfg.apply(copy.deepcopy(model), ids[:2])
+    with pytest.raises(ValueError, match="gain_windows"):
+        cfg.apply(copy.deepcopy(model), None)

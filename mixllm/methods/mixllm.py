@@ -47,7 +47,7 @@ from .base import QuantConfig, register
 
 __all__ = ["MixLLMConfig", "allocate", "plot_fractions", "budget_breakdown", "format_breakdown", "plot_budget"]
 
-_SELECTIONS = ("global", "per_bit", "global_floor", "per_layer", "random")
+_SELECTIONS = ("global", "per_bit", "global_floor", "per_layer", "random", "measured")
 
 
 @register("mixllm")
@@ -78,8 +78,14 @@ class MixLLMConfig(QuantConfig):
             knapsack, since an 8-bit row of a layer of input width K costs 4 K extra bits),
             ``"global_floor"`` (half the budget as the same share of every layer's rows, top
             salience inside each, the other half by the global ranking over the remaining rows),
-            ``"per_layer"`` (the same share in every layer, top salience inside each) or ``"random"``
-            (ablations; docs/method.md "Allocation ablations").
+            ``"per_layer"`` (the same share in every layer, top salience inside each), ``"random"``
+            (ablations; docs/method.md "Allocation ablations"), or ``"measured"``: each layer's
+            saliences rescaled to sum to its *measured gain* (the drop of the mean token NLL on
+            ``gain_windows`` held-out calibration windows when that layer alone is 8-bit and every
+            other 4-bit: one forward pass of those windows per layer), then the per-bit knapsack. It
+            runs the one-pass pipeline (every layer's Hessian held at once) and needs token ids.
+        gain_windows: with ``selection="measured"``, how many of the calibration windows (the last
+            ones) are held out from the Hessians and the salience to measure the layer gains.
         salience_bits: bit-width of the quantizer whose error ``delta`` enters the salience
             (the low bit-width, 4).
         salience_kind: the salience estimator (:func:`mixllm.ops.salience_accumulate_io`): ``"taylor"``
@@ -128,6 +134,7 @@ class MixLLMConfig(QuantConfig):
     seq_len: int = 512
     seed: int = 0
     selection: str = "global"
+    gain_windows: int = 4
     salience_bits: int = 4
     salience_kind: str = "taylor"
     salience_delta: str = "rtn"
@@ -146,7 +153,7 @@ class MixLLMConfig(QuantConfig):
     def __post_init__(self):
         f = self.fraction_8bit()  # validates bits / fraction
         del f
-        for name in ("group_size", "n_calib", "seq_len", "row_multiple"):
+        for name in ("group_size", "n_calib", "seq_len", "row_multiple", "gain_windows"):
             validate.positive_int(name, getattr(self, name))
         if self.seq_len < 2:
             raise ValueError("seq_len: expected at least 2 tokens")
@@ -220,6 +227,13 @@ class MixLLMConfig(QuantConfig):
         if self.device is not None and not self.offload:
             model.to(self.device)
         timer = timer if timer is not None else PhaseTimer()
+        if self.selection == "measured" and 0 < self.fraction_8bit() < 1:
+            if not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.shape[0] <= self.gain_windows:
+                raise ValueError(
+                    f'selection="measured": calib must be token ids [n, seq_len] with more than '
+                    f"gain_windows={self.gain_windows} windows (the last ones measure the layer gains)"
+                )
+            return self._apply_one_pass(model, layers, calib, timer, salience)
         if isinstance(calib, torch.Tensor) and self.sequential and self.gptq:
             rep = self._apply_blockwise(model, layers, calib, timer, salience)
             if rep is not None:
@@ -442,6 +456,9 @@ class MixLLMConfig(QuantConfig):
         ids = None if cal is not None else calib
         if ids is not None and not isinstance(ids, torch.Tensor):
             raise TypeError(f"calib: expected token ids or a Calibration, got {type(ids).__name__}")
+        gain_ids = None
+        if self.selection == "measured" and need_sal:  # apply() checked that ids hold enough windows
+            ids, gain_ids = ids[: -self.gain_windows], ids[-self.gain_windows :]
         store = cal.quant_cache if cal is not None else {}
         if self.salience_delta == "gptq" and need_sal and given is None:
             if ids is None:
@@ -503,7 +520,19 @@ class MixLLMConfig(QuantConfig):
             for b in need:
                 _save_quant(disk, b, {n: store[("q", b, n) + qkey] for n in names})
 
-        rows8 = allocate(layers, sal, frac, self.selection, self.seed, self.row_multiple)
+        selection, gains = self.selection, None
+        if gain_ids is not None:
+
+            def part(name, rows8):
+                q4, q8 = store[("q", 4, name) + qkey], store[("q", 8, name) + qkey]
+                return MixedLinear.from_linear(
+                    mods[name], rows8, self.group_size, q4=q4, q8=q8, weight_only=self.weight_only
+                )
+
+            with timer("layer gains"):
+                gains = measure_layer_gains(model, layers, part, gain_ids, self.progress)
+            sal, selection = rescale_to_gains(layers, sal, gains), "per_bit"
+        rows8 = allocate(layers, sal, frac, selection, self.seed, self.row_multiple)
         per_layer = {}
         for name, m in layers:
             q4 = store.get(("q", 4, name) + qkey)
@@ -513,7 +542,55 @@ class MixLLMConfig(QuantConfig):
             )
             set_module(model, name, new_mod)
             per_layer[name] = {"in": m.in_features, "out": m.out_features, "n8": int(len(rows8[name]))}
+            if gains is not None:
+                per_layer[name]["gain"] = gains[name]
         return make_report(model, per_layer, self)
+
+
+def _mean_token_nll(model: nn.Module, ids: torch.Tensor) -> float:
+    """Mean next-token NLL of a causal LM over the windows ``ids`` [n, seq_len] (float64 sum)."""
+    dev = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for w in ids:
+            x = w[None].to(dev)
+            logits = model(input_ids=x, use_cache=False).logits[0, :-1].float()
+            nll = -torch.log_softmax(logits, -1).gather(1, x[0, 1:, None])[:, 0]
+            total += float(nll.double().sum())
+            count += nll.numel()
+    return total / count
+
+
+def measure_layer_gains(model: nn.Module, layers, part, ids: torch.Tensor, progress: bool = False) -> Dict[str, float]:
+    """The measured gain of each layer: the drop of the mean token NLL on ``ids`` when that layer
+    alone is 8-bit (``part(name, all rows)``) and every other is 4-bit (``part(name, no rows)``).
+
+    Leaves every layer of ``model`` at 4 bits. docs/method.md "Measured layer gains" has why: the
+    summed row saliences rank layers poorly against this (Spearman 0.2-0.3 on both bundled models)."""
+    none = np.zeros(0, np.int64)
+    model.eval()
+    for name, _ in layers:
+        set_module(model, name, part(name, none))
+    base = _mean_token_nll(model, ids)
+    gains = {}
+    for name, m in tqdm(layers, desc="layer gains", disable=not progress):
+        four = model.get_submodule(name)
+        set_module(model, name, part(name, np.arange(m.out_features, dtype=np.int64)))
+        gains[name] = base - _mean_token_nll(model, ids)
+        set_module(model, name, four)
+    return gains
+
+
+def rescale_to_gains(layers, salience: Dict[str, np.ndarray], gains: Dict[str, float]) -> Dict[str, np.ndarray]:
+    """Each layer's row saliences scaled to sum to its measured gain (all zero where the gain is not
+    positive): the ranking inside a layer stays the salience's, the layer's total is the measurement."""
+    out = {}
+    for name, _ in layers:
+        s = np.asarray(salience[name], dtype=np.float64)
+        total = float(s.sum())
+        g = max(float(gains[name]), 0.0)
+        out[name] = s * (g / total) if total > 0 else np.full_like(s, g / max(len(s), 1))
+    return out
 
 
 def _rows_digest(names, rows8) -> str:
