@@ -53,6 +53,24 @@ def test_quantize_report_eval_round_trip(tmp_path, capsys):
     assert _json_lines(capsys.readouterr().out)[-1]["perplexity"] == ppl_after_quantize
 
 
+def test_quantize_selection_measured(tmp_path, capsys):
+    """--selection measured holds out --gain-windows windows, measures each layer's gain on them and
+    still spends the budget (docs/method.md "Measured layer gains")."""
+    out = tmp_path / "m"
+    argv = ["quantize", "--bits", "4.4", "--selection", "measured", "--gain-windows", "1", "--only"]
+    argv += [r"layers\.0\.self_attn", "--n-calib", "3", "--seq-len", "64", "--out", str(out), "--quiet"]
+    assert main(argv + ["--cache-dir", "none"]) == 0
+    rep = _json_lines(capsys.readouterr().out)[0]
+    assert abs(rep["avg_bits"] - 4.4) < 0.05
+    assert main(["report", str(out), "--layers"]) == 0
+    assert "model.layers.0.self_attn.v_proj" in capsys.readouterr().out
+    bad = ["quantize", "--selection", "measured", "--gain-windows", "3", "--n-calib", "3", "--only"]
+    bad += [r"layers\.0\.self_attn", "--seq-len", "64", "--out", str(tmp_path / "x"), "--quiet"]
+    assert main(bad) == 2  # every window held out: nothing left to calibrate on
+    assert "gain_windows=3" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_method_flags_and_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["quantize", "--method", "mixllm", "--help"])
