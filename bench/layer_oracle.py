@@ -11,8 +11,9 @@ once, as ``bench/e2e.py``'s ``op_*`` rows), so only the 8-bit choice differs bet
   3. allocations at 10% and 20% of the weights, evaluated on both texts (per-window NLLs kept):
      MixLLM global (the default), per-bit, per layer, the *layer oracle* (whole layers, greedy by
      measured gain per weight: a choice a row-level salience could at best refine), and *calibrated
-     global* (rows ranked by salience within a layer, each layer's salience rescaled so that its sum
-     equals the layer's measured gain, then a greedy knapsack per weight).
+     global* (``MixLLMConfig(selection="measured")``'s allocation: rows ranked by salience within a
+     layer, each layer's salience rescaled so that its sum equals the layer's measured gain
+     (``rescale_to_gains``), then a greedy knapsack per weight).
 
   python3 bench/layer_oracle.py --model gemma3-270m --device cuda --out layer_oracle_gemma3-270m.json
 
@@ -37,16 +38,17 @@ import e2e  # noqa: E402  (window_nll, texts, fp32 reference check, atomic JSON)
 
 from mixllm import data  # noqa: E402
 from mixllm.calib import calibrate, target_linears  # noqa: E402
-from mixllm.methods.mixllm import MixLLMConfig, allocate  # noqa: E402
+from mixllm.methods.mixllm import (  # noqa: E402
+    MixLLMConfig,
+    _mean_token_nll,
+    allocate,
+    measure_layer_gains,
+    rescale_to_gains,
+)
 from mixllm.modules import set_module  # noqa: E402
 from mixllm.nn import MixedLinear  # noqa: E402
 
 QKEY = (128, True, True, 0.01)  # MixLLMConfig's one-pass memo key (group, gptq, clip, damp): the defaults
-
-
-def _mean_nll(model, ids2d, device):
-    w = e2e.window_nll(model, ids2d.reshape(-1), ids2d.shape[1], device)
-    return sum(a for a, _ in w) / sum(b for _, b in w)
 
 
 def _module(layer, name, rows8, cal):
@@ -75,15 +77,6 @@ def layer_oracle_rows(layers, gains, fraction):
             rows8[n] = np.arange(dict(layers)[n].out_features, dtype=np.int64)
             used += cost[n]
     return rows8
-
-
-def calibrated_salience(layers, salience, gains):
-    """Each layer's row saliences rescaled to sum to its measured gain (zero where it is not positive)."""
-    out = {}
-    for n, _ in layers:
-        s = np.asarray(salience[n], np.float64)
-        out[n] = s * (max(gains[n], 0.0) / max(s.sum(), 1e-300))
-    return out
 
 
 COMPARE = [  # (challenger, baseline): per-window NLL of the challenger minus the baseline's
@@ -145,7 +138,7 @@ def run(args):
             w = e2e.window_nll(model, ids, args.eval_seq_len, device)
             row["windows"][t] = w
             row["ppl"][t] = math.exp(sum(a for a, _ in w) / sum(b for _, b in w))
-        row["holdout_nll"] = _mean_nll(model, hold_ids, device)
+        row["holdout_nll"] = _mean_token_nll(model, hold_ids)
         res["rows"][key] = row
         save()
         print(
@@ -177,18 +170,13 @@ def run(args):
 
     # 1. measured gain of each layer in 8-bit, the rest in 4-bit (same held-out windows: paired)
     nll4 = res["rows"]["w4a8"]["holdout_nll"]
-    gains = res.setdefault("gain", {})
-    ts = time.time()
-    for i, (name, m) in enumerate(layers):
-        if name in gains:
-            continue
-        four = dict(m4.named_modules())[name]
-        set_module(m4, name, _module(m, name, every[name], cal))
-        gains[name] = nll4 - _mean_nll(m4, hold_ids, device)
-        set_module(m4, name, four)
-        if i % 20 == 19 or i == len(layers) - 1:
-            save()
-            print(f"  gains: {i + 1}/{len(layers)} layers ({time.time() - ts:.0f} s)", flush=True)
+    if "gain" not in res:  # the library's measurement (selection="measured"), on the held-out windows
+        ts = time.time()
+        res["gain"] = measure_layer_gains(m4, layers, lambda n, r: _module(dict(layers)[n], n, r, cal), hold_ids)
+        res["gain_seconds"] = round(time.time() - ts, 1)
+        save()
+        print(f"  gains: {len(layers)} layers ({res['gain_seconds']} s)", flush=True)
+    gains = res["gain"]
     del m4
     g = np.array([gains[n] for n in names])
     s = np.array([res["salience_sum"][n] for n in names])
@@ -212,7 +200,7 @@ def run(args):
             "per_bit": allocate(layers, salience, frac, "per_bit"),
             "per_layer": allocate(layers, salience, frac, "per_layer"),
             "layer_oracle": layer_oracle_rows(layers, gains, frac),
-            "calibrated": allocate(layers, calibrated_salience(layers, salience, gains), frac, "per_bit"),
+            "calibrated": allocate(layers, rescale_to_gains(layers, salience, gains), frac, "per_bit"),
         }
         for sel, rows8 in choices.items():
             key = f"{sel}_w{bits}a8"
@@ -240,7 +228,7 @@ def run(args):
     # 4. the default pipeline (block by block on the quantized prefix, as `mixllm quantize`), given
     #    the salience of step 1 (the default's own pass computes the same numbers) or its calibration
     if args.seq:
-        cal_sal = calibrated_salience(layers, salience, gains)
+        cal_sal = rescale_to_gains(layers, salience, gains)
         seq_rows = [
             ("seq_w4a8", 4, "global", None),
             ("seq_global_w4.4a8", 4.4, "global", salience),
@@ -272,7 +260,8 @@ def run(args):
 
 
 def summary(paths):
-    """Markdown: each row's perplexity increase over fp32 and its ratio to W4A8's, per text."""
+    """Markdown: each row's perplexity increase over fp32 and its ratio to W4A8's (of the same pipeline),
+    per text; the paired comparisons; where the measured gains and the salience lie per layer type."""
     for p in paths:
         r = json.loads(pathlib.Path(p).read_text())
         rows = r["rows"]
@@ -284,7 +273,8 @@ def summary(paths):
             cells = []
             for t in texts:
                 d = v["ppl"][t] - rows["fp32"]["ppl"][t]
-                d4 = rows["w4a8"]["ppl"][t] - rows["fp32"]["ppl"][t]
+                ref = "seq_w4a8" if k.startswith("seq_") and "seq_w4a8" in rows else "w4a8"  # same pipeline
+                d4 = rows[ref]["ppl"][t] - rows["fp32"]["ppl"][t]
                 cells.append(f"{v['ppl'][t]:.2f}" if k == "fp32" else f"+{d:.2f} ({d / d4:.2f})")
             print(f"| {k} | {v['avg_bits']:.2f} | " + " | ".join(cells) + f" | {v['holdout_nll']:.4f} |")
         for a, b in COMPARE:
