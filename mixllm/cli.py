@@ -218,7 +218,8 @@ def cmd_report(args) -> int:
     print(f"  {'directory_bytes':36s} {files}")
     if layers and args.layers:
         for name, v in layers.items():
-            print(f"  {name:48s} {v['n8']:5d}/{v['out']:5d} 8-bit ({100 * v['n8'] / v['out']:5.1f}%)")
+            gain = f"  measured gain {v['gain']:+.2e}" if "gain" in v else ""  # selection="measured"
+            print(f"  {name:48s} {v['n8']:5d}/{v['out']:5d} 8-bit ({100 * v['n8'] / v['out']:5.1f}%){gain}")
     if layers:
         from .plotting import plot_budget
         from .report import format_breakdown

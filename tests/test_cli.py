@@ -63,7 +63,8 @@ def test_quantize_selection_measured(tmp_path, capsys):
     rep = _json_lines(capsys.readouterr().out)[0]
     assert abs(rep["avg_bits"] - 4.4) < 0.05
     assert main(["report", str(out), "--layers"]) == 0
-    assert "model.layers.0.self_attn.v_proj" in capsys.readouterr().out
+    listing = capsys.readouterr().out
+    assert "model.layers.0.self_attn.v_proj" in listing and listing.count("measured gain") == 4
     bad = ["quantize", "--selection", "measured", "--gain-windows", "3", "--n-calib", "3", "--only"]
     bad += [r"layers\.0\.self_attn", "--seq-len", "64", "--out", str(tmp_path / "x"), "--quiet"]
     assert main(bad) == 2  # every window held out: nothing left to calibrate on
