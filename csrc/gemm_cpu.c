@@ -45,11 +45,12 @@ _Static_assert(MC % MB_AVX512 == 0, "VNNI token tiles start at activation tiles 
 #define CHUNK              1024      /* activation values converted to float32 at a time */
 #define PREP_SERIAL_VALUES (1 << 15) /* activations up to this many: quantized by the calling thread alone */
 #define MACS_PER_THREAD (1 << 20) /* below this many multiply-adds per thread, fewer threads: waking one costs more */
-/* AVX2 at M = 1: one L2 prefetch per section (1.1-2.1 KB) this far ahead in the weight stream, so that
- * every 4 KB page of it is touched early (the hardware prefetchers stop at a page's end; a page walk in a
- * VM is nested). Against the prefetch per step 2 KB ahead into L1 of rounds 1-4 (itself slower than none):
- * -1% to +25% at M = 1 with 2 threads, +18-35% with one (Zen 4 VM, AVX2 forced); 2 MB pages (madvise) gave
- * about the same, but made M >= 16 1-4% slower. */
+/* AVX2 and VNNI at M = 1: one L2 prefetch per section (1.1-2.1 KB) this far ahead in the weight stream, so
+ * that every 4 KB page of it is touched early (the hardware prefetchers stop at a page's end; a page walk in a
+ * VM is nested). AVX2, against the prefetch per step 2 KB ahead into L1 of rounds 1-4 (itself slower than
+ * none): -1% to +25% at M = 1 with 2 threads, +18-35% with one (Zen 4 VM, AVX2 forced); 2 MB pages (madvise)
+ * gave about the same, but made M >= 16 1-4% slower. VNNI, against no software prefetch at M = 1 (same VM, 2
+ * threads, medians of four runs): W8A8 +9-15%, W4.4A8 +0-3%. */
 #define PAGE_PREFETCH_BYTES 32768
 
 void mix_cpu_weight_geometry(int bits, int64_t N, int64_t K, int64_t g, mix_cpu_weight *w) {
@@ -397,6 +398,7 @@ static AVX512_TARGET void rb_avx512_tile(const kctx *c, int64_t rb, int64_t m0, 
     const char *pf = c->pf ? *c->pf : NULL, *pf_end = c->pf_end;
     for (int64_t j = j0; j < j1; j++) {
         const uint8_t *sec = w->blob + (rb * G + j) * w->section;
+        if (TW == 1) _mm_prefetch((const char *)((uintptr_t)sec + PAGE_PREFETCH_BYTES), _MM_HINT_T1); /* M = 1 */
         __m512i acc[MB_AVX512];
         for (int t = 0; t < MB; t++) acc[t] = _mm512_setzero_si512();
         const int64_t tw = TW; /* == A->tw; m0 starts a tile (MB_AVX512 divides MC) */
