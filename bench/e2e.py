@@ -113,6 +113,10 @@ ROWS = [
     ("seq_perlayer_w4.4a8", "W4.4A8, 10% per layer", "seq", dict(bits=4.4, salience="taylor", selection="per_layer")),
     ("seq_random_w4.4a8", "W4.4A8, random 10%", "seq", dict(bits=4.4, selection="random")),
     ("seq_random_s1_w4.4a8", "W4.4A8, another random 10%", "seq", dict(bits=4.4, selection="random", seed=1)),
+    # MixLLMConfig(selection="measured") as `mixllm quantize --selection measured` runs it: token ids in,
+    # one-pass pipeline, the last gain_windows calibration windows held out to measure the layer gains
+    ("measured_w4.4a8", "measured layer gains W4.4A8", "seq", dict(bits=4.4, selection="measured")),
+    ("measured_w4.8a8", "measured layer gains W4.8A8", "seq", dict(bits=4.8, selection="measured")),
 ]
 VARIANTS = ("taylor", "fisher", "first", "fisherseq", "taylor32", "fisher32", "gtaylor", "gfisher")
 
@@ -424,6 +428,8 @@ COMPARE = [  # (challenger, baseline, question): is the challenger better?
     ("op_gfisher_w4.4a8", "op_fisher_w4.4a8", "GPTQ+clip delta vs RTN delta (Fisher, 4.4)"),
     ("seq_w4.4a8", "op_w4.4a8", "default pipeline vs one pass (4.4)"),
     ("seq_w4a8", "op_w4a8", "default pipeline vs one pass (4.0)"),
+    ("measured_w4.4a8", "seq_w4.4a8", "measured layer gains vs the default (4.4)"),
+    ("measured_w4.8a8", "seq_w4.8a8", "measured layer gains vs the default (4.8)"),
 ]
 
 
