@@ -83,7 +83,9 @@ class MixLLMConfig(QuantConfig):
             saliences rescaled to sum to its *measured gain* (the drop of the mean token NLL on
             ``gain_windows`` held-out calibration windows when that layer alone is 8-bit and every
             other 4-bit: one forward pass of those windows per layer), then the per-bit knapsack. It
-            runs the one-pass pipeline (every layer's Hessian held at once) and needs token ids.
+            runs the one-pass pipeline (every layer's Hessian held at once) and needs token ids; it
+            was measured to help with 128 x 2048 calibration tokens and to hurt with 32 x 512
+            (docs/method.md "Measured layer gains").
         gain_windows: with ``selection="measured"``, how many of the calibration windows (the last
             ones) are held out from the Hessians and the salience to measure the layer gains.
         salience_bits: bit-width of the quantizer whose error ``delta`` enters the salience
