@@ -51,7 +51,8 @@ _Static_assert(MC % MB_AVX512 == 0, "VNNI token tiles start at activation tiles 
  * none): -1% to +25% at M = 1 with 2 threads, +18-35% with one (Zen 4 VM, AVX2 forced); 2 MB pages (madvise)
  * gave about the same, but made M >= 16 1-4% slower. VNNI, against no software prefetch at M = 1 (same VM, 2
  * threads, medians of four runs): W8A8 +9-15%, W4.4A8 +0-3%. */
-#define PAGE_PREFETCH_BYTES 32768
+#define PAGE_PREFETCH_BYTES      32768
+#define PREFETCH_PAGE_AHEAD(sec) _mm_prefetch((const char *)((uintptr_t)(sec) + PAGE_PREFETCH_BYTES), _MM_HINT_T1)
 
 void mix_cpu_weight_geometry(int bits, int64_t N, int64_t K, int64_t g, mix_cpu_weight *w) {
     memset(w, 0, sizeof(*w));
@@ -398,7 +399,7 @@ static AVX512_TARGET void rb_avx512_tile(const kctx *c, int64_t rb, int64_t m0, 
     const char *pf = c->pf ? *c->pf : NULL, *pf_end = c->pf_end;
     for (int64_t j = j0; j < j1; j++) {
         const uint8_t *sec = w->blob + (rb * G + j) * w->section;
-        if (TW == 1) _mm_prefetch((const char *)((uintptr_t)sec + PAGE_PREFETCH_BYTES), _MM_HINT_T1); /* M = 1 */
+        if (TW == 1) PREFETCH_PAGE_AHEAD(sec); /* M = 1 */
         __m512i acc[MB_AVX512];
         for (int t = 0; t < MB; t++) acc[t] = _mm512_setzero_si512();
         const int64_t tw = TW; /* == A->tw; m0 starts a tile (MB_AVX512 divides MC) */
@@ -492,7 +493,7 @@ static AVX2_TARGET void w4_avx2_tile(const kctx *c, int64_t rb, int64_t m0, cons
     for (int64_t j = j0; j < j1; j++) {
         const uint8_t *sec = w->blob + (rb * G + j) * w->section;
         const float *scale = section_scale(w, sec);
-        if (MB == 1) _mm_prefetch((const char *)((uintptr_t)sec + PAGE_PREFETCH_BYTES), _MM_HINT_T1);
+        if (MB == 1) PREFETCH_PAGE_AHEAD(sec);
         const int8_t *a0 = A->aq + (m0 * G + j) * Lp;
         for (int h0 = 0; h0 < 2; h0 += HH) {
             __m256i acc[MB_AVX2_X][2];
@@ -561,7 +562,7 @@ static AVX2_TARGET void w8_avx2_tile(const kctx *c, int64_t rb, int64_t m0, cons
     for (int64_t j = j0; j < j1; j++) {
         const uint8_t *sec = w->blob + (rb * G + j) * w->section;
         const float *scale = section_scale(w, sec);
-        if (MB == 1) _mm_prefetch((const char *)((uintptr_t)sec + PAGE_PREFETCH_BYTES), _MM_HINT_T1);
+        if (MB == 1) PREFETCH_PAGE_AHEAD(sec);
         const int8_t *a0 = A->aq + (m0 * G + j) * Lp;
         for (int h0 = 0; h0 < 2; h0 += HH) {
             __m256i acc[MB_AVX2_W8][2];
