@@ -151,7 +151,7 @@ class _SalienceVariants:
     def hook(self, name, mod, x, out):
         if not out.requires_grad:
             return
-        x = x.reshape(-1, x.shape[-1]).float()
+        x = x.detach().reshape(-1, x.shape[-1]).float()
         small = self.window < self.n_small
 
         def grad_hook(g):

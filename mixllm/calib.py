@@ -155,20 +155,27 @@ class _Salience:
                 self.deltas[name] = d
         return d
 
-    def hook(self, name: str, mod: nn.Linear, x: torch.Tensor, out: torch.Tensor) -> None:
+    def hook(self, name: str, mod: nn.Linear, x: torch.Tensor, out: torch.Tensor) -> Optional[torch.Tensor]:
         """From the forward hook of layer ``name`` (input ``x``, output ``out``): add this window's
-        ``|t_c + t_c^2 / 2|`` once the output's gradient ``g`` arrives."""
+        salience (e.g. ``|t_c + t_c^2 / 2|``) once the output's gradient ``g`` arrives. For the kinds
+        taken at the quantized point (``ops.QUANTIZED_POINT_KINDS``) returns the output of ``W + delta``,
+        ``out + x @ delta^T``, which the forward hook puts in place of ``out``."""
         if not out.requires_grad:
-            return
+            return None
+        x2 = x.detach().reshape(-1, x.shape[-1])
+        # the GEMM x @ delta^T in the activations' precision on GPUs (bf16 / fp16), else float32
+        dt = x2.dtype if (x2.is_cuda and x2.dtype in (torch.bfloat16, torch.float16)) else torch.float32
+        new_out = None
+        if self.kind in ops.QUANTIZED_POINT_KINDS:
+            u = x.reshape(-1, x.shape[-1]).to(dt) @ self.delta(name, mod, dt).T
+            new_out = out + u.reshape(out.shape).to(out.dtype)
 
         def grad_hook(g):
-            x2 = x.reshape(-1, x.shape[-1])
-            # the GEMM x @ delta^T in the activations' precision on GPUs (bf16 / fp16), else float32
-            dt = x2.dtype if (x2.is_cuda and x2.dtype in (torch.bfloat16, torch.float16)) else torch.float32
             d = self.delta(name, mod, dt)
             ops.salience_accumulate_io(self.acc[name], x2, g.reshape(-1, g.shape[-1]), d, kind=self.kind)
 
-        out.register_hook(grad_hook)
+        (out if new_out is None else new_out).register_hook(grad_hook)
+        return new_out
 
     @staticmethod
     def run_window(model: nn.Module, ids: torch.Tensor) -> None:
@@ -220,8 +227,8 @@ def collect(
     that never ran gets an empty one: zero Hessian, ``n = 0``), each keeping input rows with
     probability ``keep_p`` (one generator seeded with ``seed`` for the pass). ``salience``: a
     :class:`_Salience` (or any object with its ``hook(name, layer, x, out)`` and ``run_window(model,
-    ids)``), fed by the backward pass of each window's loss (the model must then be a Hugging Face
-    causal LM)."""
+    ids)``; ``x`` is the live input: detach it before keeping it), fed by the backward pass of each
+    window's loss (the model must then be a Hugging Face causal LM)."""
     layers = list(layers)
     device = _input_device(model)
     fwd_kwargs = _no_cache_kwargs(model)
@@ -246,7 +253,10 @@ def collect(
                         H[name] = HessianAccumulator(x.shape[-1], device=x.device, keep_p=keep_p, generator=gen)
                     H[name].add(x)
             if salience is not None:
-                salience.hook(name, mod, x, out)
+                # the live input: a quantized-point salience's output change x @ delta^T must pass
+                # gradients back to the earlier layers (it returns the replaced output, else None)
+                return salience.hook(name, mod, inp[0], out)
+            return None
 
         return hook
 
@@ -304,8 +314,10 @@ def calibrate(
     Everything is accumulated on each layer's own device (a model split over GPUs works as is).
     ``cache_deltas``: keep every layer's ``delta`` for the whole pass (default: on the host only; on a
     GPU it is recomputed per sequence, which keeps the memory at the model's plus one layer's).
-    ``salience_kind``: ``"taylor"`` (MixLLM's ``|t + t^2/2|`` per sequence) or ``"fisher"`` (per-token
-    empirical Fisher term), see :func:`mixllm.ops.salience_accumulate_io`.
+    ``salience_kind``: ``"taylor"`` (MixLLM's ``|t + t^2/2|`` per sequence), ``"fisher"`` (per-token
+    empirical Fisher term) or ``"restore"`` (taken at the quantized point: every layer of ``layers``
+    runs at ``W + delta`` during the pass, so the Hessians of that pass are the quantized model's), see
+    :func:`mixllm.ops.salience_accumulate_io`.
     """
     if not isinstance(samples, torch.Tensor) or samples.dtype not in (torch.int64, torch.int32):
         raise TypeError("samples: expected an integer torch.Tensor [n, seq_len] of token ids")

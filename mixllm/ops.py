@@ -231,7 +231,9 @@ def salience_accumulate(acc, grad, delta):
     return acc
 
 
-SALIENCE_KINDS = ("taylor", "fisher")
+SALIENCE_KINDS = ("taylor", "fisher", "restore")
+# kinds taken at the quantized point: the calibration pass runs every target layer at W + delta
+QUANTIZED_POINT_KINDS = ("restore",)
 
 
 def salience_accumulate_io(acc, x, grad_out, delta, kind: str = "taylor"):
@@ -243,7 +245,11 @@ def salience_accumulate_io(acc, x, grad_out, delta, kind: str = "taylor"):
       (mixllm/calib.py);
     * ``kind="fisher"``: ``acc[c] += sum_tokens (grad_out[s, c] * u[s, c])^2 / 2`` — the second-order
       term with a per-token empirical Fisher instead of the per-sequence one: no cancellation of signs
-      across the tokens of a sequence (docs/method.md "Allocation ablations").
+      across the tokens of a sequence (docs/method.md "Allocation ablations");
+    * ``kind="restore"``: ``acc[c] += t_c - t_c^2/2`` (signed) — for ``grad_out`` taken at the
+      *quantized* point (every layer at ``W + delta``), the predicted drop of the loss when row ``c``
+      alone is restored (moved by ``-delta_c``): first order ``t_c``, second order with the
+      per-sequence Fisher (docs/method.md "Salience at the quantized point").
 
     torch tensors on one device (CPU or CUDA): ``acc`` float64 [N], ``x`` [S, K] (the layer's input),
     ``grad_out`` [S, N] (the gradient of the loss w.r.t. the layer's output), ``delta`` [N, K]. The GEMM
@@ -275,6 +281,9 @@ def salience_accumulate_io(acc, x, grad_out, delta, kind: str = "taylor"):
         acc.add_(gu.square().sum(0), alpha=0.5)
         return acc
     t = gu.sum(0)
+    if kind == "restore":
+        acc.add_(t - 0.5 * t * t)
+        return acc
     acc.add_((t + 0.5 * t * t).abs_())
     return acc
 

@@ -160,6 +160,68 @@ def test_calibrate_fisher_kind_matches_autograd_reference():
         MixLLMConfig(salience_kind="fischer")
 
 
+def test_calibrate_restore_kind_at_the_quantized_point_matches_autograd_reference():
+    """calibrate(salience_kind="restore"): the pass runs the given layers at W + delta (RTN 4-bit),
+    and each row scores sum over windows of t - t^2/2, t = sum_tokens g . (x @ delta_c); reference: a
+    copy of the model whose weights *are* W + delta, autograd's output gradients, float64 products.
+    The float model's weights are left as they were."""
+    model = _tiny_llama(3)
+    layers = [(n, m) for n, m in target_linears(model) if n.endswith(("q_proj", "v_proj", "down_proj"))]
+    before = {n: m.weight.detach().clone() for n, m in layers}
+    ids = torch.randint(0, 61, (3, 11), generator=torch.Generator().manual_seed(2))
+    cal = calibrate(model, ids, layers, hessian=False, salience=True, progress=False, salience_kind="restore")
+    for n, m in layers:
+        assert torch.equal(m.weight, before[n])
+    qmodel = copy.deepcopy(model)
+    qlayers = [(n, qmodel.get_submodule(n)) for n, _ in layers]
+    deltas = {}
+    with torch.no_grad():
+        for n, m in qlayers:
+            deltas[n] = rtn_delta(m.weight, 4, 128)
+            m.weight += deltas[n]
+    ref = {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in layers}
+    for i in range(ids.shape[0]):
+        inputs, grads = _window_inputs_and_grads(qmodel, ids[i : i + 1], qlayers)
+        for (n, _), g in zip(layers, grads):
+            t = (g[0].double() * (inputs[n][0].double() @ deltas[n].double().T)).sum(0)
+            ref[n] += t - t * t / 2
+    for n, _ in layers:
+        scale = ref[n].abs().max().item()
+        assert scale > 0
+        np.testing.assert_allclose(cal.salience[n], ref[n].numpy(), rtol=1e-3, atol=1e-4 * scale)
+    # signed: a row whose restoration raises the loss scores below zero
+    acc = ops.salience_accumulate_io(
+        torch.zeros(1, dtype=torch.float64), torch.ones(1, 1), torch.tensor([[-1.0]]), torch.ones(1, 1), kind="restore"
+    )
+    assert acc.item() == -1.5
+
+
+def test_restore_salience_one_pass_keeps_float_hessians():
+    """MixLLMConfig(salience_kind="restore") in the one-pass pipeline: the salience pass runs the layers
+    at W + delta, so it must be a pass of its own; the GPTQ Hessians stay the float model's (the model
+    comes out the same as with the Taylor salience whenever the same rows are 8-bit)."""
+    from mixllm.nn import MixedLinear
+
+    model = _tiny_llama(4)
+    ids = torch.randint(0, 61, (4, 16), generator=torch.Generator().manual_seed(5))
+    m_restore, m_all4 = copy.deepcopy(model), copy.deepcopy(model)
+    cfg = dict(sequential=False, progress=False, n_calib=4, seq_len=16)
+    rep = MixLLMConfig(bits=4.4, salience_kind="restore", **cfg).apply(m_restore, ids)
+    assert 4.0 < rep["avg_bits"] <= 4.45
+    MixLLMConfig(bits=4, **cfg).apply(m_all4, ids)
+    n8_total = 0
+    for n, q in m_restore.named_modules():
+        if not isinstance(q, MixedLinear):
+            continue
+        r = m_all4.get_submodule(n)
+        n8 = q.qweight8.shape[0]
+        n8_total += n8
+        # GPTQ quantizes rows independently given the Hessian: the 4-bit rows of the mixed layer are
+        # the all-4-bit layer's rows only if both used the float model's Hessian
+        assert torch.equal(q.qweight4, r.qweight4[q.perm[n8:]])
+    assert n8_total > 0
+
+
 def _dequant64(codes, scale, zero, K, g):
     c = codes.double()
     s = scale.double().repeat_interleave(g, 1)[:, :K]

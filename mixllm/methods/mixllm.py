@@ -93,7 +93,10 @@ class MixLLMConfig(QuantConfig):
         salience_kind: the salience estimator (:func:`mixllm.ops.salience_accumulate_io`): ``"taylor"``
             (MixLLM's ``|t + t^2/2|`` per sequence, ``t_c = G_c . delta_c``) or ``"fisher"`` (the
             second-order term with a per-token empirical Fisher, ``sum_tokens (g_c (x . delta_c))^2 / 2``;
-            an ablation, docs/method.md "Allocation ablations").
+            an ablation, docs/method.md "Allocation ablations"), or ``"restore"`` (taken at the
+            quantized point: the pass runs every layer at ``W + delta``, and row ``c`` scores the
+            predicted loss drop of restoring it alone, ``sum_sequences t_c - t_c^2 / 2``, signed;
+            docs/method.md "Salience at the quantized point").
         salience_delta: the quantization error ``delta`` in the salience: ``"rtn"`` (round-to-nearest
             ``salience_bits``-bit, as the reference's searcher) or ``"gptq"`` (the ``salience_bits``-bit
             GPTQ (+ clip, with ``clip``) codes minus ``W``, on Hessians from one pass of the float model:
@@ -483,6 +486,10 @@ class MixLLMConfig(QuantConfig):
             for b in need:
                 store.update(_load_quant(disk, b, names, qkey))
         miss_sal = need_sal and any(n not in sal for n in names)
+        if miss_sal and self.salience_kind in ops.QUANTIZED_POINT_KINDS and ids is not None:
+            # its own pass: that pass runs the layers at W + delta, the Hessians must be the float model's
+            sal.update(self._salience(model, layers, ids, base or "", timer))
+            miss_sal = False
         miss_q = {b: [n for n in names if ("q", b, n) + qkey not in store] for b in need}
         need_h = self.gptq and any(miss_q.values()) and not (cal is not None and all(n in cal.hessians for n in names))
         if miss_sal or need_h:
