@@ -117,6 +117,15 @@ ROWS = [
     # one-pass pipeline, the last gain_windows calibration windows held out to measure the layer gains
     ("measured_w4.4a8", "measured layer gains W4.4A8", "seq", dict(bits=4.4, selection="measured")),
     ("measured_w4.8a8", "measured layer gains W4.8A8", "seq", dict(bits=4.8, selection="measured")),
+    # salience_kind="restore": the salience taken at the quantized point (RTN delta), its own pass
+    ("restore_w4.4a8", "salience at the quantized point W4.4A8", "seq", dict(bits=4.4, salience_kind="restore")),
+    ("restore_w4.8a8", "salience at the quantized point W4.8A8", "seq", dict(bits=4.8, salience_kind="restore")),
+    (
+        "restore_pb_w4.4a8",
+        "salience at the quantized point, per bit W4.4A8",
+        "seq",
+        dict(bits=4.4, salience_kind="restore", selection="per_bit"),
+    ),
 ]
 VARIANTS = ("taylor", "fisher", "first", "fisherseq", "taylor32", "fisher32", "gtaylor", "gfisher")
 
@@ -430,6 +439,9 @@ COMPARE = [  # (challenger, baseline, question): is the challenger better?
     ("seq_w4a8", "op_w4a8", "default pipeline vs one pass (4.0)"),
     ("measured_w4.4a8", "seq_w4.4a8", "measured layer gains vs the default (4.4)"),
     ("measured_w4.8a8", "seq_w4.8a8", "measured layer gains vs the default (4.8)"),
+    ("restore_w4.4a8", "seq_w4.4a8", "salience at the quantized point vs the default (4.4)"),
+    ("restore_pb_w4.4a8", "seq_w4.4a8", "quantized-point salience, per bit, vs the default (4.4)"),
+    ("restore_w4.8a8", "seq_w4.8a8", "salience at the quantized point vs the default (4.8)"),
 ]
 
 

@@ -13,7 +13,12 @@ once, as ``bench/e2e.py``'s ``op_*`` rows), so only the 8-bit choice differs bet
      measured gain per weight: a choice a row-level salience could at best refine), and *calibrated
      global* (``MixLLMConfig(selection="measured")``'s allocation: rows ranked by salience within a
      layer, each layer's salience rescaled so that its sum equals the layer's measured gain
-     (``rescale_to_gains``), then a greedy knapsack per weight).
+     (``rescale_to_gains``), then a greedy knapsack per weight);
+  4. the salience taken at the quantized point (``salience_kind="restore"``: the pass runs every layer
+     at ``W + delta`` and scores the predicted loss drop of restoring each row, signed), with the RTN
+     delta (what the default pipeline can afford at any size) and with the one-pass GPTQ + clip parts'
+     own delta: its rank correlation with the measured gains, and its allocations (global, per-bit),
+     in one pass and, with ``--seq``, in the default block-by-block pipeline.
 
   python3 bench/layer_oracle.py --model gemma3-270m --device cuda --out layer_oracle_gemma3-270m.json
 
@@ -36,7 +41,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import e2e  # noqa: E402  (window_nll, texts, fp32 reference check, atomic JSON)
 
-from mixllm import data  # noqa: E402
+from mixllm import data, ops  # noqa: E402
 from mixllm.calib import calibrate, target_linears  # noqa: E402
 from mixllm.methods.mixllm import (  # noqa: E402
     MixLLMConfig,
@@ -80,6 +85,18 @@ def layer_oracle_rows(layers, gains, fraction):
 
 
 COMPARE = [  # (challenger, baseline): per-window NLL of the challenger minus the baseline's
+    ("restore_rtn_global_w4.4a8", "global_w4.4a8"),
+    ("restore_rtn_per_bit_w4.4a8", "global_w4.4a8"),
+    ("restore_gptq_global_w4.4a8", "global_w4.4a8"),
+    ("restore_gptq_per_bit_w4.4a8", "global_w4.4a8"),
+    ("restore_rtn_per_bit_w4.4a8", "calibrated_w4.4a8"),
+    ("restore_gptq_per_bit_w4.4a8", "calibrated_w4.4a8"),
+    ("restore_rtn_per_bit_w4.8a8", "global_w4.8a8"),
+    ("restore_gptq_per_bit_w4.8a8", "global_w4.8a8"),
+    ("seq_restore_global_w4.4a8", "seq_global_w4.4a8"),
+    ("seq_restore_per_bit_w4.4a8", "seq_global_w4.4a8"),
+    ("seq_restore_global_w4.8a8", "seq_global_w4.8a8"),
+    ("seq_restore_per_bit_w4.8a8", "seq_global_w4.8a8"),
     ("calibrated_w4.4a8", "global_w4.4a8"),
     ("calibrated_w4.4a8", "per_layer_w4.4a8"),
     ("calibrated_w4.4a8", "layer_oracle_w4.4a8"),
@@ -192,6 +209,33 @@ def run(args):
     save()
     print("gain summary:", json.dumps(res["gain_summary"]), flush=True)
 
+    # 2b. the salience at the quantized point, with the RTN delta and with the one-pass parts' delta
+    def gptq_delta(name, mod):
+        q, sc, z = cal.quant_cache[("q", 4, name) + QKEY]
+        w = mod.weight.detach().float()
+        return ops.dequantize_weight(q, sc, z, 128).to(w.device) - w
+
+    restore = {}
+    for tag, fn in () if args.no_restore else (("rtn", None), ("gptq", gptq_delta)):
+        key = f"restore_{tag}_salience_sum"
+        ts = time.time()
+        rc = calibrate(
+            base, calib_ids, layers, hessian=False, salience=True, progress=False, salience_kind="restore", delta_fn=fn
+        )
+        restore[tag] = {n: np.asarray(rc.salience[n], np.float64) for n in names}
+        res[key] = {n: float(restore[tag][n].sum()) for n in names}
+        r = np.array([res[key][n] for n in names])
+        res["gain_summary"][f"spearman_gain_vs_restore_{tag}_sum"] = _spearman(g, r)
+        res["gain_summary"][f"pearson_gain_vs_restore_{tag}_sum"] = float(np.corrcoef(g, r)[0, 1])
+        res[f"restore_{tag}_seconds"] = round(time.time() - ts, 1)
+        save()
+        print(
+            f"restore salience ({tag} delta, {res[f'restore_{tag}_seconds']} s): Spearman with the gains "
+            f"{res['gain_summary'][f'spearman_gain_vs_restore_{tag}_sum']:.3f}, Pearson "
+            f"{res['gain_summary'][f'pearson_gain_vs_restore_{tag}_sum']:.3f}",
+            flush=True,
+        )
+
     # 3. allocations
     for bits in (4.4, 4.8):
         frac = (bits - 4) / 4
@@ -202,6 +246,9 @@ def run(args):
             "layer_oracle": layer_oracle_rows(layers, gains, frac),
             "calibrated": allocate(layers, rescale_to_gains(layers, salience, gains), frac, "per_bit"),
         }
+        for tag in restore:
+            for sel in ("global", "per_bit"):
+                choices[f"restore_{tag}_{sel}"] = allocate(layers, restore[tag], frac, sel)
         for sel, rows8 in choices.items():
             key = f"{sel}_w{bits}a8"
             if key in res["rows"]:
@@ -235,13 +282,23 @@ def run(args):
             ("seq_calibrated_w4.4a8", 4.4, "per_bit", cal_sal),
             ("seq_global_w4.8a8", 4.8, "global", salience),
             ("seq_calibrated_w4.8a8", 4.8, "per_bit", cal_sal),
+            # the library computes this one itself: salience_kind="restore" with the RTN delta
+            ("seq_restore_global_w4.4a8", 4.4, "global", "restore"),
+            ("seq_restore_per_bit_w4.4a8", 4.4, "per_bit", "restore"),
+            ("seq_restore_global_w4.8a8", 4.8, "global", "restore"),
+            ("seq_restore_per_bit_w4.8a8", 4.8, "per_bit", "restore"),
         ]
         for key, bits, sel, given in seq_rows:
+            if args.no_restore and given == "restore":
+                continue
             if key in res["rows"]:
                 continue
+            kind = "restore" if given == "restore" else "taylor"
+            given = None if given == "restore" else given
             cfg = MixLLMConfig(
                 bits=bits,
                 selection=sel,
+                salience_kind=kind,
                 n_calib=args.n_calib,
                 seq_len=args.seq_len,
                 device=str(device),
@@ -319,6 +376,7 @@ def main(argv=None):
     p.add_argument("--out", default=None)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--seq", action="store_true", help="also the default pipeline's rows (block by block)")
+    p.add_argument("--no-restore", action="store_true", help="skip the quantized-point salience (step 4)")
     p.add_argument("--summary", nargs="+", help="print the tables of these JSON files and exit")
     args = p.parse_args(argv)
     if args.summary:
