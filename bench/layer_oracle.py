@@ -332,7 +332,7 @@ def summary(paths):
                 d = v["ppl"][t] - rows["fp32"]["ppl"][t]
                 ref = "seq_w4a8" if k.startswith("seq_") and "seq_w4a8" in rows else "w4a8"  # same pipeline
                 d4 = rows[ref]["ppl"][t] - rows["fp32"]["ppl"][t]
-                cells.append(f"{v['ppl'][t]:.2f}" if k == "fp32" else f"+{d:.2f} ({d / d4:.2f})")
+                cells.append(f"{v['ppl'][t]:.2f}" if k == "fp32" else f"{d:+.2f} ({d / d4:.2f})")
             print(f"| {k} | {v['avg_bits']:.2f} | " + " | ".join(cells) + f" | {v['holdout_nll']:.4f} |")
         for a, b in COMPARE:
             if a in rows and b in rows:
