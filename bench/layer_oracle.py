@@ -187,6 +187,11 @@ def run(args):
 
     # 1. measured gain of each layer in 8-bit, the rest in 4-bit (same held-out windows: paired)
     nll4 = res["rows"]["w4a8"]["holdout_nll"]
+    if args.gains_from:  # the gains of earlier runs (same model and parts), averaged per held-out window
+        runs = [json.loads(pathlib.Path(f).read_text()) for f in args.gains_from]
+        n = sum(r["n_holdout"] for r in runs)
+        res["gain"] = {k: sum(r["gain"][k] * r["n_holdout"] for r in runs) / n for k in names}
+        res["gains_from"] = {f: r["n_holdout"] for f, r in zip(args.gains_from, runs)}
     if "gain" not in res:  # the library's measurement (selection="measured"), on the held-out windows
         ts = time.time()
         res["gain"] = measure_layer_gains(m4, layers, lambda n, r: _module(dict(layers)[n], n, r, cal), hold_ids)
@@ -250,6 +255,8 @@ def run(args):
             for sel in ("global", "per_bit"):
                 choices[f"restore_{tag}_{sel}"] = allocate(layers, restore[tag], frac, sel)
         for sel, rows8 in choices.items():
+            if args.selections and sel not in args.selections.split(","):
+                continue
             key = f"{sel}_w{bits}a8"
             if key in res["rows"]:
                 continue
@@ -377,6 +384,12 @@ def main(argv=None):
     p.add_argument("--resume", action="store_true")
     p.add_argument("--seq", action="store_true", help="also the default pipeline's rows (block by block)")
     p.add_argument("--no-restore", action="store_true", help="skip the quantized-point salience (step 4)")
+    p.add_argument(
+        "--gains-from",
+        nargs="+",
+        help="JSON files of earlier runs: use their gains, averaged weighted by their held-out window counts",
+    )
+    p.add_argument("--selections", default=None, help="comma list: evaluate only these allocations of step 3")
     p.add_argument("--summary", nargs="+", help="print the tables of these JSON files and exit")
     args = p.parse_args(argv)
     if args.summary:
