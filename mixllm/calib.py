@@ -316,13 +316,18 @@ def calibrate(
     GPU it is recomputed per sequence, which keeps the memory at the model's plus one layer's).
     ``salience_kind``: ``"taylor"`` (MixLLM's ``|t + t^2/2|`` per sequence), ``"fisher"`` (per-token
     empirical Fisher term) or ``"restore"`` (taken at the quantized point: every layer of ``layers``
-    runs at ``W + delta`` during the pass, so the Hessians of that pass are the quantized model's), see
+    runs at ``W + delta`` during the pass, so it refuses ``hessian=True``), see
     :func:`mixllm.ops.salience_accumulate_io`.
     """
     if not isinstance(samples, torch.Tensor) or samples.dtype not in (torch.int64, torch.int32):
         raise TypeError("samples: expected an integer torch.Tensor [n, seq_len] of token ids")
     if samples.dim() != 2 or samples.shape[0] == 0 or samples.shape[1] < 2:
         raise ValueError(f"samples: expected shape [n >= 1, seq_len >= 2], got {tuple(samples.shape)}")
+    if hessian and salience and salience_kind in ops.QUANTIZED_POINT_KINDS:
+        raise ValueError(
+            f"salience_kind={salience_kind!r} runs the layers at W + delta, so the Hessians of the same pass "
+            "would be the quantized model's: compute them in a pass of their own (hessian=False here)"
+        )
     layers = list(layers) if layers is not None else target_linears(model)
     cal = Calibration(names=[n for n, _ in layers], salience_bits=salience_bits)
     if not (hessian or salience):

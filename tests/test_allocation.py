@@ -189,6 +189,8 @@ def test_calibrate_restore_kind_at_the_quantized_point_matches_autograd_referenc
         scale = ref[n].abs().max().item()
         assert scale > 0
         np.testing.assert_allclose(cal.salience[n], ref[n].numpy(), rtol=1e-3, atol=1e-4 * scale)
+    with pytest.raises(ValueError, match="Hessians"):
+        calibrate(model, ids, layers, hessian=True, salience=True, progress=False, salience_kind="restore")
     # signed: a row whose restoration raises the loss scores below zero
     acc = ops.salience_accumulate_io(
         torch.zeros(1, dtype=torch.float64), torch.ones(1, 1), torch.tensor([[-1.0]]), torch.ones(1, 1), kind="restore"
