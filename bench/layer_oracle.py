@@ -22,6 +22,9 @@ once, as ``bench/e2e.py``'s ``op_*`` rows), so only the 8-bit choice differs bet
 
   python3 bench/layer_oracle.py --model gemma3-270m --device cuda --out layer_oracle_gemma3-270m.json
 
+``--refreshes R`` adds a whole-layer greedy that re-measures the gains of the layers not yet taken R - 1
+times per budget (a forward pass of the held-out windows per remaining layer each time).
+
 The JSON is rewritten after every step; ``--resume`` keeps the steps already in ``--out``.
 """
 
@@ -84,6 +87,30 @@ def layer_oracle_rows(layers, gains, fraction):
     return rows8
 
 
+def remeasured_layer_rows(model, layers, part, ids, gains, fraction, refreshes, progress=False):
+    """Whole layers, greedy by gain per weight as :func:`layer_oracle_rows`, but the gains of the layers
+    not yet taken are measured again (given the layers taken so far in 8-bit) each time another
+    ``1 / refreshes`` of the budget is spent: the interactions the single-layer gains miss. ``model``
+    holds the parts (``part(name, rows)``); returns the rows and the gains of each refresh."""
+    cost = {n: m.in_features * m.out_features for n, m in layers}
+    budget = fraction * sum(cost.values())
+    rows8 = {n: np.zeros(0, np.int64) for n, _ in layers}
+    taken, used, history = set(), 0, [dict(gains)]
+    for r in range(refreshes):
+        if r:
+            gains = measure_layer_gains(model, layers, part, ids, progress, rows8=rows8, skip=taken)
+            history.append(gains)
+        share = budget * (r + 1) / refreshes
+        for n in sorted(gains, key=lambda n: -gains[n] / cost[n]):
+            if gains[n] <= 0:
+                break
+            if used + cost[n] <= share:
+                rows8[n] = np.arange(dict(layers)[n].out_features, dtype=np.int64)
+                taken.add(n)
+                used += cost[n]
+    return rows8, history
+
+
 COMPARE = [  # (challenger, baseline): per-window NLL of the challenger minus the baseline's
     ("restore_rtn_global_w4.4a8", "global_w4.4a8"),
     ("restore_rtn_per_bit_w4.4a8", "global_w4.4a8"),
@@ -100,6 +127,9 @@ COMPARE = [  # (challenger, baseline): per-window NLL of the challenger minus th
     ("calibrated_w4.4a8", "global_w4.4a8"),
     ("calibrated_w4.4a8", "per_layer_w4.4a8"),
     ("calibrated_w4.4a8", "layer_oracle_w4.4a8"),
+    ("layer_remeasured_w4.4a8", "layer_oracle_w4.4a8"),
+    ("layer_remeasured_w4.8a8", "layer_oracle_w4.8a8"),
+    ("layer_remeasured_w4.4a8", "calibrated_w4.4a8"),
     ("global_w4.4a8", "per_layer_w4.4a8"),
     ("per_bit_w4.4a8", "global_w4.4a8"),
     ("calibrated_w4.8a8", "global_w4.8a8"),
@@ -199,7 +229,8 @@ def run(args):
         save()
         print(f"  gains: {len(layers)} layers ({res['gain_seconds']} s)", flush=True)
     gains = res["gain"]
-    del m4
+    if not args.refreshes:
+        del m4
     g = np.array([gains[n] for n in names])
     s = np.array([res["salience_sum"][n] for n in names])
     res["gain_summary"] = {
@@ -254,6 +285,16 @@ def run(args):
         for tag in restore:
             for sel in ("global", "per_bit"):
                 choices[f"restore_{tag}_{sel}"] = allocate(layers, restore[tag], frac, sel)
+        key = f"layer_remeasured_w{bits}a8"
+        if args.refreshes and key not in res["rows"] and (not args.selections or "layer_remeasured" in args.selections):
+            ts = time.time()
+            choices["layer_remeasured"], hist = remeasured_layer_rows(
+                m4, layers, lambda n, r: _module(dict(layers)[n], n, r, cal), hold_ids, gains, frac, args.refreshes
+            )
+            res.setdefault("remeasured_gains", {})[str(bits)] = hist[1:]
+            res.setdefault("remeasured_seconds", {})[str(bits)] = round(time.time() - ts, 1)
+            took = time.time() - ts
+            print(f"  layer_remeasured at {bits} bits: {args.refreshes} refreshes ({took:.0f} s)", flush=True)
         for sel, rows8 in choices.items():
             if args.selections and sel not in args.selections.split(","):
                 continue
@@ -390,6 +431,12 @@ def main(argv=None):
         help="JSON files of earlier runs: use their gains, averaged weighted by their held-out window counts",
     )
     p.add_argument("--selections", default=None, help="comma list: evaluate only these allocations of step 3")
+    p.add_argument(
+        "--refreshes",
+        type=int,
+        default=0,
+        help="also the whole-layer greedy that re-measures the gains this many times per budget (0: off)",
+    )
     p.add_argument("--summary", nargs="+", help="print the tables of these JSON files and exit")
     args = p.parse_args(argv)
     if args.summary:

@@ -386,6 +386,29 @@ def test_measured_selection_matches_an_independent_measurement():
         n8 = len(rows[name])
         assert sorted(q.get_submodule(name).perm[:n8].tolist()) == rows[name].tolist()
     assert 4.0 < rep["avg_bits"] <= 4.4 + 1e-9
+    # conditional gains: with one layer already 8-bit (skipped), every other layer's gain is measured
+    # against that state, as a direct NLL difference
+    from mixllm.methods.mixllm import measure_layer_gains
+
+    first = layers[0][0]
+    state = {first: np.arange(layers[0][1].out_features)}
+    mods = dict(layers)
+    cond = measure_layer_gains(
+        copy.deepcopy(four),
+        layers,
+        lambda n, r: MixedLinear.from_linear(mods[n], r, 128),
+        ids[-2:],
+        rows8=state,
+        skip={first},
+    )
+    assert first not in cond and len(cond) == len(layers) - 1
+    base = copy.deepcopy(four)
+    set_module(base, first, MixedLinear.from_linear(mods[first], state[first], 128))
+    nll_state = _nll(base, ids[-2:])
+    for name, m in layers[1:4]:
+        one = copy.deepcopy(base)
+        set_module(one, name, MixedLinear.from_linear(m, np.arange(m.out_features), 128))
+        assert cond[name] == pytest.approx(nll_state - _nll(one, ids[-2:]), rel=1e-4, abs=1e-7)
     with pytest.raises(ValueError, match="gain_windows"):
         cfg.apply(copy.deepcopy(model), ids[:2])
     with pytest.raises(ValueError, match="gain_windows"):

@@ -570,19 +570,25 @@ def _mean_token_nll(model: nn.Module, ids: torch.Tensor) -> float:
     return total / count
 
 
-def measure_layer_gains(model: nn.Module, layers, part, ids: torch.Tensor, progress: bool = False) -> Dict[str, float]:
+def measure_layer_gains(
+    model: nn.Module, layers, part, ids: torch.Tensor, progress: bool = False, rows8=None, skip=()
+) -> Dict[str, float]:
     """The measured gain of each layer: the drop of the mean token NLL on ``ids`` when that layer
-    alone is 8-bit (``part(name, all rows)``) and every other is 4-bit (``part(name, no rows)``).
+    alone is 8-bit (``part(name, all rows)``) and every other is 4-bit (``part(name, no rows)``), or,
+    given ``rows8`` (8-bit rows per layer name; missing: none), every other is as ``rows8`` says.
+    Layers named in ``skip`` are not measured (absent from the result).
 
-    Leaves every layer of ``model`` at 4 bits. docs/method.md "Measured layer gains" has why: the
-    summed row saliences rank layers poorly against this (Spearman 0.2-0.3 on both bundled models)."""
+    Leaves every layer of ``model`` at ``rows8`` (default: 4 bits). docs/method.md "Measured layer
+    gains" has why: the summed row saliences rank layers poorly against this (Spearman 0.2-0.3 on both
+    bundled models)."""
     none = np.zeros(0, np.int64)
+    rows8 = rows8 or {}
     model.eval()
     for name, _ in layers:
-        set_module(model, name, part(name, none))
+        set_module(model, name, part(name, np.asarray(rows8.get(name, none), np.int64)))
     base = _mean_token_nll(model, ids)
     gains = {}
-    for name, m in tqdm(layers, desc="layer gains", disable=not progress):
+    for name, m in tqdm([lm for lm in layers if lm[0] not in skip], desc="layer gains", disable=not progress):
         four = model.get_submodule(name)
         set_module(model, name, part(name, np.arange(m.out_features, dtype=np.int64)))
         gains[name] = base - _mean_token_nll(model, ids)
