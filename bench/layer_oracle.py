@@ -74,17 +74,7 @@ def _build(base, layers, cal, rows8):
 
 def layer_oracle_rows(layers, gains, fraction):
     """Whole layers, greedy by measured gain per weight, while they fit ``fraction`` of all weights."""
-    cost = {n: m.in_features * m.out_features for n, m in layers}
-    budget = fraction * sum(cost.values())
-    rows8 = {n: np.zeros(0, np.int64) for n, _ in layers}
-    used = 0
-    for n in sorted(cost, key=lambda n: -gains[n] / cost[n]):
-        if gains[n] <= 0:
-            break
-        if used + cost[n] <= budget:
-            rows8[n] = np.arange(dict(layers)[n].out_features, dtype=np.int64)
-            used += cost[n]
-    return rows8
+    return remeasured_layer_rows(None, layers, None, None, gains, fraction, refreshes=1)[0]
 
 
 def remeasured_layer_rows(model, layers, part, ids, gains, fraction, refreshes, progress=False):
@@ -93,6 +83,7 @@ def remeasured_layer_rows(model, layers, part, ids, gains, fraction, refreshes, 
     ``1 / refreshes`` of the budget is spent: the interactions the single-layer gains miss. ``model``
     holds the parts (``part(name, rows)``); returns the rows and the gains of each refresh."""
     cost = {n: m.in_features * m.out_features for n, m in layers}
+    width = {n: m.out_features for n, m in layers}
     budget = fraction * sum(cost.values())
     rows8 = {n: np.zeros(0, np.int64) for n, _ in layers}
     taken, used, history = set(), 0, [dict(gains)]
@@ -105,7 +96,7 @@ def remeasured_layer_rows(model, layers, part, ids, gains, fraction, refreshes, 
             if gains[n] <= 0:
                 break
             if used + cost[n] <= share:
-                rows8[n] = np.arange(dict(layers)[n].out_features, dtype=np.int64)
+                rows8[n] = np.arange(width[n], dtype=np.int64)
                 taken.add(n)
                 used += cost[n]
     return rows8, history
@@ -291,10 +282,10 @@ def run(args):
             choices["layer_remeasured"], hist = remeasured_layer_rows(
                 m4, layers, lambda n, r: _module(dict(layers)[n], n, r, cal), hold_ids, gains, frac, args.refreshes
             )
+            took = round(time.time() - ts, 1)
             res.setdefault("remeasured_gains", {})[str(bits)] = hist[1:]
-            res.setdefault("remeasured_seconds", {})[str(bits)] = round(time.time() - ts, 1)
-            took = time.time() - ts
-            print(f"  layer_remeasured at {bits} bits: {args.refreshes} refreshes ({took:.0f} s)", flush=True)
+            res.setdefault("remeasured_seconds", {})[str(bits)] = took
+            print(f"  layer_remeasured at {bits} bits: {args.refreshes} refreshes ({took} s)", flush=True)
         for sel, rows8 in choices.items():
             if args.selections and sel not in args.selections.split(","):
                 continue

@@ -165,14 +165,15 @@ class _Salience:
         x2 = x.detach().reshape(-1, x.shape[-1])
         # the GEMM x @ delta^T in the activations' precision on GPUs (bf16 / fp16), else float32
         dt = x2.dtype if (x2.is_cuda and x2.dtype in (torch.bfloat16, torch.float16)) else torch.float32
-        new_out = None
+        new_out = u = None
         if self.kind in ops.QUANTIZED_POINT_KINDS:
             u = x.reshape(-1, x.shape[-1]).to(dt) @ self.delta(name, mod, dt).T
             new_out = out + u.reshape(out.shape).to(out.dtype)
+            u = u.detach()  # kept for the backward instead of a second delta and GEMM
 
         def grad_hook(g):
-            d = self.delta(name, mod, dt)
-            ops.salience_accumulate_io(self.acc[name], x2, g.reshape(-1, g.shape[-1]), d, kind=self.kind)
+            d = self.delta(name, mod, dt) if u is None else None
+            ops.salience_accumulate_io(self.acc[name], x2, g.reshape(-1, g.shape[-1]), d, kind=self.kind, u=u)
 
         (out if new_out is None else new_out).register_hook(grad_hook)
         return new_out

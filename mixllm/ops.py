@@ -236,7 +236,7 @@ SALIENCE_KINDS = ("taylor", "fisher", "restore")
 QUANTIZED_POINT_KINDS = ("restore",)
 
 
-def salience_accumulate_io(acc, x, grad_out, delta, kind: str = "taylor"):
+def salience_accumulate_io(acc, x, grad_out, delta, kind: str = "taylor", u=None):
     """In place, for one calibration sequence, with ``u = x @ delta^T`` [S, N] (each token's output
     change when row ``c`` is quantized) and ``t = (grad_out * u).sum(0)``:
 
@@ -254,28 +254,40 @@ def salience_accumulate_io(acc, x, grad_out, delta, kind: str = "taylor"):
     torch tensors on one device (CPU or CUDA): ``acc`` float64 [N], ``x`` [S, K] (the layer's input),
     ``grad_out`` [S, N] (the gradient of the loss w.r.t. the layer's output), ``delta`` [N, K]. The GEMM
     runs in ``delta``'s dtype (float32; bfloat16 halves its cost on GPUs), the products are summed in
-    float64. Returns ``acc``.
+    float64. ``u``: the product ``x @ delta^T`` [S, N] when the caller already has it (the quantized-point
+    pass computes it in the forward); then it is used as is and ``delta`` may be None. Returns ``acc``.
     """
     import torch
 
     if kind not in SALIENCE_KINDS:
         raise ValueError(f"kind: expected one of {SALIENCE_KINDS}, got {kind!r}")
-    for a, name in ((acc, "acc"), (x, "x"), (grad_out, "grad_out"), (delta, "delta")):
+    if delta is None and u is None:
+        raise TypeError("delta: expected a torch tensor (or u = x @ delta^T)")
+    named = [(acc, "acc"), (x, "x"), (grad_out, "grad_out")]
+    named += [(a, n) for a, n in ((delta, "delta"), (u, "u")) if a is not None]
+    for a, name in named:
         if not isinstance(a, torch.Tensor):
             raise TypeError(f"{name}: expected a torch tensor, got {type(a).__name__}")
     if acc.dtype != torch.float64 or acc.dim() != 1:
         raise ValueError("acc: expected a float64 vector [N]")
-    if delta.dim() != 2 or x.dim() != 2 or grad_out.dim() != 2:
+    if x.dim() != 2 or grad_out.dim() != 2 or (delta is not None and delta.dim() != 2):
         raise ValueError("x, grad_out, delta: expected 2-D tensors [S, K], [S, N], [N, K]")
-    N, K = delta.shape
-    if acc.shape[0] != N or x.shape[1] != K or grad_out.shape != (x.shape[0], N):
+    N = acc.shape[0]
+    K = delta.shape[1] if delta is not None else x.shape[1]
+    if (
+        grad_out.shape != (x.shape[0], N)
+        or x.shape[1] != K
+        or (delta is not None and delta.shape[0] != N)
+        or (u is not None and u.shape != (x.shape[0], N))
+    ):
         raise ValueError(
             f"shapes: acc {tuple(acc.shape)}, x {tuple(x.shape)}, grad_out {tuple(grad_out.shape)}, "
-            f"delta {tuple(delta.shape)} do not fit acc [N], x [S, K], grad_out [S, N], delta [N, K]"
+            f"delta {None if delta is None else tuple(delta.shape)}, u {None if u is None else tuple(u.shape)} "
+            "do not fit acc [N], x [S, K], grad_out [S, N], delta [N, K], u [S, N]"
         )
-    if len({acc.device, x.device, grad_out.device, delta.device}) != 1:
-        raise ValueError("acc, x, grad_out, delta: expected tensors on one device")
-    xd = x.to(delta.dtype) @ delta.T
+    if len({a.device for a, _ in named}) != 1:
+        raise ValueError("acc, x, grad_out, delta, u: expected tensors on one device")
+    xd = x.to(delta.dtype) @ delta.T if u is None else u
     gu = grad_out.to(torch.float64) * xd.to(torch.float64)
     if kind == "fisher":
         acc.add_(gu.square().sum(0), alpha=0.5)

@@ -191,6 +191,16 @@ def test_calibrate_restore_kind_at_the_quantized_point_matches_autograd_referenc
         np.testing.assert_allclose(cal.salience[n], ref[n].numpy(), rtol=1e-3, atol=1e-4 * scale)
     with pytest.raises(ValueError, match="Hessians"):
         calibrate(model, ids, layers, hessian=True, salience=True, progress=False, salience_kind="restore")
+    # u = x @ delta^T given (as the quantized-point pass keeps it from the forward) instead of delta
+    x, g, d = torch.randn(7, 5), torch.randn(7, 3), torch.randn(3, 5)
+    for kind in ops.SALIENCE_KINDS:
+        a = ops.salience_accumulate_io(torch.zeros(3, dtype=torch.float64), x, g, d, kind=kind)
+        b = ops.salience_accumulate_io(torch.zeros(3, dtype=torch.float64), x, g, None, kind=kind, u=x @ d.T)
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="u"):
+        ops.salience_accumulate_io(torch.zeros(3, dtype=torch.float64), x, g, None, u=torch.zeros(7, 4))
+    with pytest.raises(TypeError, match="delta"):
+        ops.salience_accumulate_io(torch.zeros(3, dtype=torch.float64), x, g, None)
     # signed: a row whose restoration raises the loss scores below zero
     acc = ops.salience_accumulate_io(
         torch.zeros(1, dtype=torch.float64), torch.ones(1, 1), torch.tensor([[-1.0]]), torch.ones(1, 1), kind="restore"
