@@ -23,7 +23,9 @@ once, as ``bench/e2e.py``'s ``op_*`` rows), so only the 8-bit choice differs bet
   python3 bench/layer_oracle.py --model gemma3-270m --device cuda --out layer_oracle_gemma3-270m.json
 
 ``--refreshes R`` adds a whole-layer greedy that re-measures the gains of the layers not yet taken R - 1
-times per budget (a forward pass of the held-out windows per remaining layer each time).
+times per budget (a forward pass of the held-out windows per remaining layer each time), and the same
+for the calibrated allocation (``calibrated_remeasured``: each layer's remaining gain measured again
+given the rows taken so far, its remaining rows rescaled to it).
 
 The JSON is rewritten after every step; ``--resume`` keeps the steps already in ``--out``.
 """
@@ -102,6 +104,36 @@ def remeasured_layer_rows(model, layers, part, ids, gains, fraction, refreshes, 
     return rows8, history
 
 
+def remeasured_calibrated_rows(model, layers, part, ids, salience, gains, fraction, refreshes, progress=False):
+    """The calibrated allocation (rows ranked by salience inside a layer, each layer's remaining rows
+    rescaled to its measured remaining gain, a greedy knapsack per weight) spent ``1 / refreshes`` of the
+    budget at a time; before each further share every layer not yet wholly 8-bit is measured again: the
+    drop of the held-out NLL from the current allocation to that layer wholly in 8-bit. Returns the rows
+    and the gains of each refresh."""
+    cost = {n: m.in_features for n, m in layers}
+    total = sum(m.in_features * m.out_features for _, m in layers)
+    budget = fraction * total
+    taken = {n: np.zeros(m.out_features, bool) for n, m in layers}
+    used, history = 0, [dict(gains)]
+    for r in range(refreshes):
+        if r:
+            full = {n for n, t in taken.items() if t.all()}
+            rows8 = {n: np.flatnonzero(t) for n, t in taken.items()}
+            gains = measure_layer_gains(model, layers, part, ids, progress, rows8=rows8, skip=full)
+            history.append(gains)
+        rest = {n: np.where(taken[n], 0.0, np.asarray(salience[n], np.float64)) for n in gains}
+        scaled = rescale_to_gains([(n, m) for n, m in layers if n in gains], rest, gains)
+        # as allocate(..., "per_bit"): a stable order by value per weight, taken while it fits
+        cand = [(n, i, v / cost[n]) for n, a in scaled.items() for i, v in enumerate(a) if not taken[n][i]]
+        share = budget * (r + 1) / refreshes
+        for n, i, _ in sorted(cand, key=lambda c: -c[2]):
+            if used + cost[n] > share:
+                break
+            taken[n][i] = True
+            used += cost[n]
+    return {n: np.flatnonzero(t).astype(np.int64) for n, t in taken.items()}, history
+
+
 COMPARE = [  # (challenger, baseline): per-window NLL of the challenger minus the baseline's
     ("restore_rtn_global_w4.4a8", "global_w4.4a8"),
     ("restore_rtn_per_bit_w4.4a8", "global_w4.4a8"),
@@ -121,6 +153,8 @@ COMPARE = [  # (challenger, baseline): per-window NLL of the challenger minus th
     ("layer_remeasured_w4.4a8", "layer_oracle_w4.4a8"),
     ("layer_remeasured_w4.8a8", "layer_oracle_w4.8a8"),
     ("layer_remeasured_w4.4a8", "calibrated_w4.4a8"),
+    ("calibrated_remeasured_w4.4a8", "calibrated_w4.4a8"),
+    ("calibrated_remeasured_w4.8a8", "calibrated_w4.8a8"),
     ("global_w4.4a8", "per_layer_w4.4a8"),
     ("per_bit_w4.4a8", "global_w4.4a8"),
     ("calibrated_w4.8a8", "global_w4.8a8"),
@@ -286,6 +320,27 @@ def run(args):
             res.setdefault("remeasured_gains", {})[str(bits)] = hist[1:]
             res.setdefault("remeasured_seconds", {})[str(bits)] = took
             print(f"  layer_remeasured at {bits} bits: {args.refreshes} refreshes ({took} s)", flush=True)
+        key = f"calibrated_remeasured_w{bits}a8"
+        if (
+            args.refreshes
+            and key not in res["rows"]
+            and (not args.selections or "calibrated_remeasured" in args.selections)
+        ):
+            ts = time.time()
+            choices["calibrated_remeasured"], hist = remeasured_calibrated_rows(
+                m4,
+                layers,
+                lambda n, r: _module(dict(layers)[n], n, r, cal),
+                hold_ids,
+                salience,
+                gains,
+                frac,
+                args.refreshes,
+            )
+            took = round(time.time() - ts, 1)
+            res.setdefault("calibrated_remeasured_gains", {})[str(bits)] = hist[1:]
+            res.setdefault("calibrated_remeasured_seconds", {})[str(bits)] = took
+            print(f"  calibrated_remeasured at {bits} bits: {args.refreshes} refreshes ({took} s)", flush=True)
         for sel, rows8 in choices.items():
             if args.selections and sel not in args.selections.split(","):
                 continue
