@@ -45,6 +45,7 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=8192, help="tokens per measurement")
     p.add_argument("--long", type=int, default=2048)
     p.add_argument("--short", type=int, default=512)
+    p.add_argument("--blocks", default=None, help="comma list of block indices to measure (default: all)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if args.tokens % args.long or args.long % args.short:
@@ -61,9 +62,15 @@ def main(argv=None):
         "wiki_short": wiki.reshape(-1, args.short),
     }
     layers = target_linears(model)
+    if args.blocks:  # a subset, for a CPU: the layers of these blocks (names "...layers.<i>.<...>")
+        want = {f"layers.{int(b)}." for b in args.blocks.split(",")}
+        layers = [(n, m) for n, m in layers if any(w in n + "." for w in want)]
+        if not layers:
+            p.error(f"--blocks {args.blocks}: no target layer in these blocks")
     mods = dict(layers)
     res = {"model": args.model, "machine": e2e._machine(dev), "date": time.strftime("%Y-%m-%d"), "gains": {}}
     res.update(tokens=args.tokens, long=args.long, short=args.short, parts="round to nearest, group 128")
+    res.update(blocks=args.blocks or "all", layers=len(layers))
     out = pathlib.Path(args.out)
 
     cache = {}  # (name, 8-bit rows): only "none" and "all" are asked for, so build each once
