@@ -24,16 +24,12 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import e2e  # noqa: E402  (texts, atomic JSON)
+from layer_oracle import _spearman  # noqa: E402
 
 from mixllm import data  # noqa: E402
 from mixllm.calib import target_linears  # noqa: E402
 from mixllm.methods.mixllm import measure_layer_gains  # noqa: E402
 from mixllm.nn import MixedLinear  # noqa: E402
-
-
-def spearman(a, b):
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def main(argv=None):
@@ -89,7 +85,7 @@ def main(argv=None):
         names = [n for n, _ in layers]
         done = list(res["gains"])
         res["spearman"] = {
-            f"{a} vs {b}": spearman([res["gains"][a][n] for n in names], [res["gains"][b][n] for n in names])
+            f"{a} vs {b}": _spearman([res["gains"][a][n] for n in names], [res["gains"][b][n] for n in names])
             for i, a in enumerate(done)
             for b in done[i + 1 :]
         }
