@@ -78,6 +78,12 @@ def _build(base, layers, cal, rows8):
     return model
 
 
+def _avg_bits(layers, rows8):
+    """Weight bits per weight of an allocation (8-bit rows ``rows8``, the rest 4-bit; scales not counted)."""
+    w8 = sum(len(rows8[n]) * m.in_features for n, m in layers)
+    return 4 + 4 * w8 / sum(m.out_features * m.in_features for _, m in layers)
+
+
 def layer_oracle_rows(layers, gains, fraction):
     """Whole layers, greedy by measured gain per weight, while they fit ``fraction`` of all weights."""
     return remeasured_layer_rows(None, layers, None, None, gains, fraction, refreshes=1)[0]
@@ -230,6 +236,7 @@ def run(args):
     for b in (4, 8):
         MixLLMConfig(bits=b, progress=False).apply(copy.deepcopy(base), cal)
     res["calibrate_and_gptq_seconds"] = round(time.time() - ts, 1)
+    part = lambda n, r: _module(dict(layers)[n], n, r, cal)  # noqa: E731  (a layer at rows r in 8-bit)
     print(f"calibration + GPTQ at 4 and 8 bits: {res['calibrate_and_gptq_seconds']} s", flush=True)
     salience = {n: np.asarray(cal.salience[n], np.float64) for n in names}
     res["salience_sum"] = {n: float(salience[n].sum()) for n in names}
@@ -253,7 +260,7 @@ def run(args):
         res["gains_from"] = {f: r["n_holdout"] for f, r in zip(args.gains_from, runs)}
     if "gain" not in res:  # the library's measurement (selection="measured"), on the held-out windows
         ts = time.time()
-        res["gain"] = measure_layer_gains(m4, layers, lambda n, r: _module(dict(layers)[n], n, r, cal), hold_ids)
+        res["gain"] = measure_layer_gains(m4, layers, part, hold_ids)
         res["gain_seconds"] = round(time.time() - ts, 1)
         save()
         print(f"  gains: {len(layers)} layers ({res['gain_seconds']} s)", flush=True)
@@ -318,7 +325,7 @@ def run(args):
         if args.refreshes and key not in res["rows"] and (not args.selections or "layer_remeasured" in args.selections):
             ts = time.time()
             choices["layer_remeasured"], hist = remeasured_layer_rows(
-                m4, layers, lambda n, r: _module(dict(layers)[n], n, r, cal), hold_ids, gains, frac, args.refreshes
+                m4, layers, part, hold_ids, gains, frac, args.refreshes
             )
             took = round(time.time() - ts, 1)
             res.setdefault("remeasured_gains", {})[str(bits)] = hist[1:]
@@ -334,7 +341,7 @@ def run(args):
             choices["calibrated_remeasured"], hist = remeasured_calibrated_rows(
                 m4,
                 layers,
-                lambda n, r: _module(dict(layers)[n], n, r, cal),
+                part,
                 hold_ids,
                 salience,
                 gains,
@@ -351,8 +358,6 @@ def run(args):
             key = f"{sel}_w{bits}a8"
             if key in res["rows"]:
                 continue
-            w8 = sum(len(rows8[n]) * m.in_features for n, m in layers)
-            wt = sum(m.out_features * m.in_features for _, m in layers)
             model = _build(base, layers, cal, rows8)
             predicted = float(
                 sum(gains[n] * len(rows8[n]) / m.out_features for n, m in layers)
@@ -361,7 +366,7 @@ def run(args):
                 model,
                 key,
                 {
-                    "avg_bits": 4 + 4 * w8 / wt,
+                    "avg_bits": _avg_bits(layers, rows8),
                     "selection": sel,
                     "predicted_holdout_gain_pro_rata": predicted,
                     "rows8": {n: int(len(rows8[n])) for n in names},
@@ -373,7 +378,6 @@ def run(args):
     # 5. a ceiling, not a method: the calibrated allocation with gains measured on an evaluation text
     #    itself (its own windows), evaluated on it (in sample) and on the other text
     if args.oracle_eval:
-        part = lambda n, r: _module(dict(layers)[n], n, r, cal)  # noqa: E731
         for t, ids in eval_ids.items():
             n_win = (ids.numel() // args.eval_seq_len) * args.eval_seq_len
             key = f"eval_gain_{t}"
@@ -386,9 +390,7 @@ def run(args):
             for bits in (4.4, 4.8):
                 rows8 = allocate(layers, rescale_to_gains(layers, salience, res[key]), (bits - 4) / 4, "per_bit")
                 model = _build(base, layers, cal, rows8)
-                w8 = sum(len(rows8[n]) * m.in_features for n, m in layers)
-                wt = sum(m.out_features * m.in_features for _, m in layers)
-                evaluate(model, f"eval_oracle_{t}_w{bits}a8", {"avg_bits": 4 + 4 * w8 / wt, "selection": key})
+                evaluate(model, f"eval_oracle_{t}_w{bits}a8", {"avg_bits": _avg_bits(layers, rows8), "selection": key})
                 del model
     # 4. the default pipeline (block by block on the quantized prefix, as `mixllm quantize`), given
     #    the salience of step 1 (the default's own pass computes the same numbers) or its calibration
