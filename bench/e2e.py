@@ -117,6 +117,8 @@ ROWS = [
     # one-pass pipeline, the last gain_windows calibration windows held out to measure the layer gains
     ("measured_w4.4a8", "measured layer gains W4.4A8", "seq", dict(bits=4.4, selection="measured")),
     ("measured_w4.8a8", "measured layer gains W4.8A8", "seq", dict(bits=4.8, selection="measured")),
+    ("measured_kl_w4.4a8", "measured KL gains W4.4A8", "seq", dict(bits=4.4, selection="measured", gain_metric="kl")),
+    ("measured_kl_w4.8a8", "measured KL gains W4.8A8", "seq", dict(bits=4.8, selection="measured", gain_metric="kl")),
     # salience_kind="restore": the salience taken at the quantized point (RTN delta), its own pass
     ("restore_w4.4a8", "salience at the quantized point W4.4A8", "seq", dict(bits=4.4, salience_kind="restore")),
     ("restore_w4.8a8", "salience at the quantized point W4.8A8", "seq", dict(bits=4.8, salience_kind="restore")),
@@ -439,6 +441,8 @@ COMPARE = [  # (challenger, baseline, question): is the challenger better?
     ("seq_w4a8", "op_w4a8", "default pipeline vs one pass (4.0)"),
     ("measured_w4.4a8", "seq_w4.4a8", "measured layer gains vs the default (4.4)"),
     ("measured_w4.8a8", "seq_w4.8a8", "measured layer gains vs the default (4.8)"),
+    ("measured_kl_w4.4a8", "seq_w4.4a8", "measured KL gains vs the default (4.4)"),
+    ("measured_kl_w4.4a8", "measured_w4.4a8", "KL gains vs NLL gains (4.4)"),
     ("restore_w4.4a8", "seq_w4.4a8", "salience at the quantized point vs the default (4.4)"),
     ("restore_pb_w4.4a8", "seq_w4.4a8", "quantized-point salience, per bit, vs the default (4.4)"),
     ("restore_w4.8a8", "seq_w4.8a8", "salience at the quantized point vs the default (4.8)"),

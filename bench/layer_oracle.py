@@ -26,6 +26,11 @@ once, as ``bench/e2e.py``'s ``op_*`` rows), so only the 8-bit choice differs bet
 allocation with each layer's gain measured on one evaluation text's own windows, evaluated on that text
 (in sample) and on the other; if even it misses a goal, no choice of 8-bit rows from these gains meets it.
 
+``--kl-gains`` also measures every layer's gain as the drop of the mean KL divergence from the float
+model's next-token distributions on the same held-out windows (``gain_metric="kl"``: the whole
+vocabulary at every position instead of the one token that came next) and adds its calibrated
+allocation, ``calibrated_kl``.
+
 ``--refreshes R`` adds a whole-layer greedy that re-measures the gains of the layers not yet taken R - 1
 times per budget (a forward pass of the held-out windows per remaining layer each time), and the same
 for the calibrated allocation (``calibrated_remeasured``: each layer's remaining gain measured again
@@ -56,6 +61,7 @@ from mixllm.methods.mixllm import (  # noqa: E402
     MixLLMConfig,
     _mean_token_nll,
     allocate,
+    float_log_probs,
     measure_layer_gains,
     rescale_to_gains,
 )
@@ -160,6 +166,10 @@ COMPARE = [  # (challenger, baseline): per-window NLL of the challenger minus th
     ("calibrated_w4.4a8", "global_w4.4a8"),
     ("calibrated_w4.4a8", "per_layer_w4.4a8"),
     ("calibrated_w4.4a8", "layer_oracle_w4.4a8"),
+    ("calibrated_kl_w4.4a8", "calibrated_w4.4a8"),
+    ("calibrated_kl_w4.8a8", "calibrated_w4.8a8"),
+    ("calibrated_kl_w4.4a8", "global_w4.4a8"),
+    ("calibrated_kl_w4.4a8", "per_layer_w4.4a8"),
     ("layer_remeasured_w4.4a8", "layer_oracle_w4.4a8"),
     ("layer_remeasured_w4.8a8", "layer_oracle_w4.8a8"),
     ("layer_remeasured_w4.4a8", "calibrated_w4.4a8"),
@@ -264,6 +274,14 @@ def run(args):
         res["gain_seconds"] = round(time.time() - ts, 1)
         save()
         print(f"  gains: {len(layers)} layers ({res['gain_seconds']} s)", flush=True)
+    if args.kl_gains and "gain_kl" not in res:  # the same windows, KL from the float model (gain_metric="kl")
+        ts = time.time()
+        reference = float_log_probs(base, hold_ids)
+        res["gain_kl"] = measure_layer_gains(m4, layers, part, hold_ids, metric="kl", reference=reference)
+        del reference
+        res["gain_kl_seconds"] = round(time.time() - ts, 1)
+        save()
+        print(f"  KL gains: {len(layers)} layers ({res['gain_kl_seconds']} s)", flush=True)
     gains = res["gain"]
     if not (args.refreshes or args.oracle_eval):
         del m4
@@ -278,6 +296,12 @@ def run(args):
             s / np.array([np.prod(res["shape"][n]) for n in names]),
         ),
     }
+    if "gain_kl" in res:
+        gk = np.array([res["gain_kl"][n] for n in names])
+        res["gain_summary"]["sum_of_kl_gains"] = float(gk.sum())
+        res["gain_summary"]["spearman_kl_gain_vs_gain"] = _spearman(gk, g)
+        res["gain_summary"]["negative_gains"] = int((g < 0).sum())
+        res["gain_summary"]["negative_kl_gains"] = int((gk < 0).sum())
     save()
     print("gain summary:", json.dumps(res["gain_summary"]), flush=True)
 
@@ -318,6 +342,9 @@ def run(args):
             "layer_oracle": layer_oracle_rows(layers, gains, frac),
             "calibrated": allocate(layers, rescale_to_gains(layers, salience, gains), frac, "per_bit"),
         }
+        if "gain_kl" in res:
+            kl_sal = rescale_to_gains(layers, salience, res["gain_kl"])
+            choices["calibrated_kl"] = allocate(layers, kl_sal, frac, "per_bit")
         for tag in restore:
             for sel in ("global", "per_bit"):
                 choices[f"restore_{tag}_{sel}"] = allocate(layers, restore[tag], frac, sel)
@@ -463,20 +490,24 @@ def summary(paths):
                 print(f"- {a} minus {b}: " + "; ".join(cells))
         if "gain_summary" in r:
             print("\n" + json.dumps(r["gain_summary"]))
+            kl = r.get("gain_kl", {})
             types = {}
             for n, gv in r["gain"].items():
                 t = n.rsplit(".", 1)[-1]
-                a = types.setdefault(t, [0.0, 0.0, 0])
+                a = types.setdefault(t, [0.0, 0.0, 0, 0.0])
                 a[0] += gv
                 a[1] += r["salience_sum"][n]
                 a[2] += int(np.prod(r["shape"][n]))
-            tot_g = sum(a[0] for a in types.values())
-            tot_s = sum(a[1] for a in types.values())
-            print("| layer type | share of measured gain | share of salience | share of weights |")
-            print("|---|---:|---:|---:|")
-            wt = sum(a[2] for a in types.values())
+                a[3] += kl.get(n, 0.0)
+            tot = [sum(a[i] for a in types.values()) or 1.0 for i in range(4)]
+            print("| layer type | share of measured gain | share of KL gain | share of salience | share of weights |")
+            print("|---|---:|---:|---:|---:|")
             for t, a in types.items():
-                print(f"| {t} | {100 * a[0] / tot_g:.1f}% | {100 * a[1] / tot_s:.1f}% | {100 * a[2] / wt:.1f}% |")
+                kl_cell = f"{100 * a[3] / tot[3]:.1f}%" if kl else "-"
+                print(
+                    f"| {t} | {100 * a[0] / tot[0]:.1f}% | {kl_cell} | {100 * a[1] / tot[1]:.1f}% "
+                    f"| {100 * a[2] / tot[2]:.1f}% |"
+                )
 
 
 def main(argv=None):
@@ -501,6 +532,11 @@ def main(argv=None):
         "--gains-from",
         nargs="+",
         help="JSON files of earlier runs: use their gains, averaged weighted by their held-out window counts",
+    )
+    p.add_argument(
+        "--kl-gains",
+        action="store_true",
+        help="also the gains as drops of the KL divergence from the float model, and their allocation calibrated_kl",
     )
     p.add_argument("--selections", default=None, help="comma list: evaluate only these allocations of step 3")
     p.add_argument(

