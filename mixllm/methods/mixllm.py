@@ -95,7 +95,7 @@ class MixLLMConfig(QuantConfig):
             from the float model's next-token distribution, over the whole vocabulary at every position:
             it does not depend on which token happened to come next, so it is less noisy; the float
             model's log-probabilities of the held-out windows are kept in bfloat16 on the model's device,
-            ``gain_windows x seq_len x vocabulary x 2`` bytes). docs/method.md "KL gains".
+            ``gain_windows x seq_len x vocabulary x 2`` bytes). docs/method.md "KL gains, and a third text".
         salience_bits: bit-width of the quantizer whose error ``delta`` enters the salience
             (the low bit-width, 4).
         salience_kind: the salience estimator (:func:`mixllm.ops.salience_accumulate_io`): ``"taylor"``
