@@ -444,7 +444,7 @@ def test_kl_gains_match_an_independent_float64_measurement():
     model = _tiny_llama(seed=11)
     with torch.no_grad():  # a peaked next-token distribution (the random model's is nearly uniform), so
         model.lm_head.weight.mul_(30)  # that the gains stand well above float32 rounding
-    ids = torch.randint(0, 61, (7, 19), generator=torch.Generator().manual_seed(12))  # odd window length
+    ids = torch.randint(0, 61, (7, 300), generator=torch.Generator().manual_seed(12))  # 299 positions: 256 + a tail
     layers = target_linears(model)
     mods = dict(layers)
     with torch.no_grad():

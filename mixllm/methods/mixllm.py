@@ -598,11 +598,13 @@ def _mean_token_kl(model: nn.Module, ids: torch.Tensor, reference: List[torch.Te
     total, count = 0.0, 0
     with torch.no_grad():
         for w, ref in zip(ids, reference):
-            logq = torch.log_softmax(model(input_ids=w[None].to(dev), use_cache=False).logits[0, :-1].float(), -1)
-            logp = ref.float()
-            kl = (logp.exp() * (logp - logq)).sum(-1)
-            total += float(kl.double().sum())
-            count += kl.numel()
+            logits = model(input_ids=w[None].to(dev), use_cache=False).logits[0, :-1]
+            for i in range(0, logits.shape[0], 256):  # a few [256, vocabulary] float32 temporaries at a time
+                logq = torch.log_softmax(logits[i : i + 256].float(), -1)
+                logp = ref[i : i + 256].float()
+                kl = (logp.exp() * (logp - logq)).sum(-1)
+                total += float(kl.double().sum())
+                count += kl.numel()
     return total / count
 
 
