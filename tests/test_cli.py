@@ -70,6 +70,15 @@ def test_quantize_selection_measured(tmp_path, capsys):
     assert main(bad) == 2  # every window held out: nothing left to calibrate on
     assert "gain_windows=3" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    # --gain-metric kl: the same windows, the KL divergence from the float model
+    out_kl = tmp_path / "kl"
+    argv_kl = [a if a != str(out) else str(out_kl) for a in argv] + ["--gain-metric", "kl"]
+    assert main(argv_kl + ["--cache-dir", "none"]) == 0
+    assert abs(_json_lines(capsys.readouterr().out)[0]["avg_bits"] - 4.4) < 0.05
+    assert main(["report", str(out_kl), "--layers"]) == 0
+    assert capsys.readouterr().out.count("measured gain") == 4
+    assert main(argv_kl[:-1] + ["ppl", "--cache-dir", "none"]) == 2
+    assert "gain_metric" in capsys.readouterr().err
 
 
 def test_method_flags_and_errors(tmp_path, capsys):
