@@ -473,12 +473,13 @@ def test_kl_gains_match_an_independent_float64_measurement():
         MixLLMConfig(selection="measured", gain_metric="ppl")
     with pytest.raises(ValueError, match="metric"):
         measure_layer_gains(copy.deepcopy(model), layers, None, ids, metric="loss")
-    with pytest.raises(ValueError, match="reference: expected 3 windows"):
-        measure_layer_gains(
-            copy.deepcopy(model),
-            layers,
-            lambda n, r: MixedLinear.from_linear(mods[n], r, 128),
-            ids[-3:],
-            metric="kl",
-            reference=[ref[0]],
-        )
+    for bad in ([ref[0]], [r[:-2] for r in ref]):  # too few windows; windows of the wrong length
+        with pytest.raises(ValueError, match="reference: expected 3 windows"):
+            measure_layer_gains(
+                copy.deepcopy(model),
+                layers,
+                lambda n, r: MixedLinear.from_linear(mods[n], r, 128),
+                ids[-3:],
+                metric="kl",
+                reference=bad,
+            )

@@ -639,8 +639,11 @@ def measure_layer_gains(
     if metric == "kl":
         if reference is None:
             reference = float_log_probs(model, ids)
-        elif len(reference) != len(ids):
-            raise ValueError(f"reference: expected {len(ids)} windows of log-probabilities, got {len(reference)}")
+        elif len(reference) != len(ids) or any(r.dim() != 2 or r.shape[0] != ids.shape[1] - 1 for r in reference):
+            raise ValueError(
+                f"reference: expected {len(ids)} windows of log-probabilities [{ids.shape[1] - 1}, vocabulary], "
+                f"got {[tuple(r.shape) for r in reference]}"
+            )
 
         def loss(m):
             return _mean_token_kl(m, ids, reference)
