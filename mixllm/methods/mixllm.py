@@ -580,28 +580,32 @@ def _mean_token_nll(model: nn.Module, ids: torch.Tensor) -> float:
     return total / count
 
 
+def _log_prob_chunks(model: nn.Module, window: torch.Tensor, chunk: int = 256):
+    """The next-token log-probabilities of ``model`` on one window, float32, ``chunk`` positions at a
+    time (so that at most a few [chunk, vocabulary] float32 tensors exist at once)."""
+    dev = next(model.parameters()).device
+    logits = model(input_ids=window[None].to(dev), use_cache=False).logits[0, :-1]
+    for i in range(0, logits.shape[0], chunk):
+        yield torch.log_softmax(logits[i : i + chunk].float(), -1)
+
+
 def float_log_probs(model: nn.Module, ids: torch.Tensor) -> List[torch.Tensor]:
     """The next-token log-probabilities of ``model`` on each window of ``ids`` [n, seq_len]: n tensors
     [seq_len - 1, vocabulary] in bfloat16 on the model's device (the reference of :func:`_mean_token_kl`)."""
-    dev = next(model.parameters()).device
     with torch.no_grad():
-        return [
-            torch.log_softmax(model(input_ids=w[None].to(dev), use_cache=False).logits[0, :-1].float(), -1).bfloat16()
-            for w in ids
-        ]
+        return [torch.cat([c.bfloat16() for c in _log_prob_chunks(model, w)]) for w in ids]
 
 
 def _mean_token_kl(model: nn.Module, ids: torch.Tensor, reference: List[torch.Tensor]) -> float:
     """Mean over the positions of the windows ``ids`` of KL(reference || model) in nats, the sum
     over the whole vocabulary (float64 sum over positions)."""
-    dev = next(model.parameters()).device
     total, count = 0.0, 0
     with torch.no_grad():
         for w, ref in zip(ids, reference):
-            logits = model(input_ids=w[None].to(dev), use_cache=False).logits[0, :-1]
-            for i in range(0, logits.shape[0], 256):  # a few [256, vocabulary] float32 temporaries at a time
-                logq = torch.log_softmax(logits[i : i + 256].float(), -1)
-                logp = ref[i : i + 256].float()
+            i = 0
+            for logq in _log_prob_chunks(model, w):
+                logp = ref[i : i + logq.shape[0]].float()
+                i += logq.shape[0]
                 kl = (logp.exp() * (logp - logq)).sum(-1)
                 total += float(kl.double().sum())
                 count += kl.numel()
