@@ -272,19 +272,28 @@ def profile_decode(dev, gen):
     torch.cuda.cudart().cudaProfilerStop()
 
 
-def profile(dev, gen):
-    """One W4.4A8 call per M on the 28672 x 8192 shape, between cudaProfilerStart/Stop (for ncu)."""
-    N, K = 28672, 8192
-    n8 = N // 10
-    i4, i8 = split_rows(N, n8, dev, gen)
-    w4, w8 = rand_qweight(N - n8, K, 4, dev, gen), rand_qweight(n8, K, 8, dev, gen)
-    xs = {M: torch.randn((M, K), device=dev, dtype=torch.bfloat16, generator=gen) for M in (1, 16, 64, 4096)}
-    for x in xs.values():
-        ops.mixed_linear(x, w4, w8, i4, i8)
+def profile(dev, gen, shapes=None, ms=None, cfgs=None):
+    """One W4.4A8 call per (shape, M, configuration) between cudaProfilerStart/Stop (for ncu): by
+    default the planner's choice at M = 1, 16, 64, 4096 on 28672 x 8192; ``cfgs``: configuration
+    names to force instead (e.g. sm90_wgmma,decode_gemv)."""
+    from mixllm import _cuda
+
+    forced = [next(c for c in range(_cuda.NCFG) if _cuda.plan(0, 1, (16,), 128, c, 1)[2] == n) for n in cfgs or ()]
+    calls = []
+    for N, K in shapes or [(28672, 8192)]:
+        n8 = N // 10
+        i4, i8 = split_rows(N, n8, dev, gen)
+        w4, w8 = rand_qweight(N - n8, K, 4, dev, gen), rand_qweight(n8, K, 8, dev, gen)
+        lin = cuda_ops.PreparedLinear([(w4, i4), (w8, i8)], N, None, dev)
+        for M in ms or (1, 16, 64, 4096):
+            x = torch.randn((M, K), device=dev, dtype=torch.bfloat16, generator=gen)
+            calls += [(lambda lin=lin, x=x, c=c: lin(x, cfg=c)) for c in forced or [-1]]
+    for f in calls:
+        f()
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStart()
-    for x in xs.values():
-        ops.mixed_linear(x, w4, w8, i4, i8)
+    for f in calls:
+        f()
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStop()
 
@@ -293,10 +302,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="two shapes, three M values")
     ap.add_argument("--tune", action="store_true", help="time every tile configuration, then exit")
-    ap.add_argument("--profile", action="store_true", help="one W4.4A8 call per M for ncu, then exit")
+    ap.add_argument("--profile", action="store_true", help="one W4.4A8 call per shape, M (and --cfgs) for ncu")
+    ap.add_argument("--cfgs", help="with --profile: configuration names to force, e.g. sm90_wgmma,decode_gemv")
     ap.add_argument("--decode", action="store_true", help="decode kernel vs the mma.sync tiles, M <= 64, then exit")
     ap.add_argument(
-        "--sm90-sweep", action="store_true", help="wgmma kernel, forced splits, vs the planner and bf16, M <= 256"
+        "--sm90-sweep", action="store_true", help="wgmma kernel's two configurations vs the planner and bf16"
     )
     ap.add_argument("--profile-decode", action="store_true", help="decode kernel and planner's choice, 70B, M=1 (ncu)")
     ap.add_argument("--shapes", help="N x K list to run, e.g. 28672x8192,8192x28672 (default: all)")
@@ -308,12 +318,12 @@ def main():
     gen.manual_seed(0)
     if args.tune:
         return tune(dev, gen)
-    if args.profile:
-        return profile(dev, gen)
     if args.profile_decode:
         return profile_decode(dev, gen)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else None
     ms = [int(v) for v in args.ms.split(",")] if args.ms else None
+    if args.profile:
+        return profile(dev, gen, shapes, ms, args.cfgs.split(",") if args.cfgs else None)
     if args.decode:
         return decode_sweep(dev, gen, args.out, shapes, ms)
     if args.sm90_sweep:
@@ -487,36 +497,44 @@ def decode_sweep(dev, gen, out, shapes=None, ms=None):
     write_json({"device": name, "date": date, "units": "ms per call", "rows": rows}, "gpu_decode_sweep", date, out)
 
 
-SM90_FORCED = (1, 2, 3, 4, 6)  # split-K factors of the forced wgmma runs
+SM90_FORCED = (1, 2, 3, 4, 6)  # split-K factors of the forced wgmma runs (M <= 64)
 
 
 def sm90_sweep(dev, gen, out, shapes=None, ms=None):
-    """The wgmma kernel (its few-token tiles of 16, 32, 64 tokens below 65, forced, at each split-K
-    factor of SM90_FORCED) against the planner's choice and bf16, M = 1..256, every shape."""
+    """The wgmma kernel's two configurations, forced: "w" = one consumer warpgroup pair (its few-token
+    tiles of 16, 32, 64 tokens, then 128 or 256), "W" = two pairs on alternating stages (the few-token
+    tiles; above 64 tokens the same kernel as "w"); at M <= 64 at each split-K factor of SM90_FORCED,
+    above at the planner's; against the planner's choice and bf16, every shape."""
     from mixllm import _cuda
 
-    sm90 = next(c for c in range(_cuda.NCFG) if _cuda.plan(0, 1, (16,), 128, c, 1)[2] == "sm90_wgmma")
+    def cfg_named(n):
+        return next(c for c in range(_cuda.NCFG) if _cuda.plan(0, 1, (16,), 128, c, 1)[2] == n)
+
+    kinds = {"w": cfg_named("sm90_wgmma"), "W": cfg_named("sm90_wgmma_pairs")}
     name, date = sweep_start(
         dev,
         "wgmma sweep",
-        "W4.4A8 us; 'auto' = the planner's choice; w<s> = wgmma, s splits",
-        f"{'auto':>7} {'cfg':>11} | " + " ".join(f"{'w' + str(k):>6}" for k in SM90_FORCED) + " | best  x bf16  x auto",
+        "W4.4A8 us; 'auto' = the planner's choice; w<s> / W<s> = one / two consumer pairs, s splits (0: the planner's)",
+        f"{'auto':>7} {'cfg':>15} | best w, best W  (splits) | x bf16 of w, W, auto",
     )
     rows = []
     for N, K in shapes or SHAPES:
-        for M, r, t, plan in sweep_cells(N, K, ms or (1, 8, 16, 32, 64, 128, 192, 256), dev, gen):
+        for M, r, t, plan in sweep_cells(N, K, ms or (1, 8, 16, 32, 48, 64, 128, 256, 1024, 4096), dev, gen):
             r["auto"] = t(-1)
             r["auto_plan"] = list(plan(M, -1))
-            for k in SM90_FORCED:
-                r[f"w{k}"] = t(sm90, k)
-            best = min(SM90_FORCED, key=lambda k: r[f"w{k}"])
-            r["best_splits"] = best
+            best = {}
+            splits = SM90_FORCED if M <= 64 else (0,)
+            for kind, c in kinds.items():
+                for k in splits:
+                    r[f"{kind}{k}"] = t(c, k)
+                best[kind] = min(splits, key=lambda k: r[f"{kind}{k}"])
+                r[f"best_{kind}"] = best[kind]
             rows.append(r)
+            bw, bW = r[f"w{best['w']}"], r[f"W{best['W']}"]
             print(
-                f"{N:>6} {K:>6} {M:>3} | {r['bf16'] * 1e3:7.1f} {r['auto'] * 1e3:7.1f} "
-                f"{r['auto_plan'][3]:>11} | "
-                + " ".join(f"{r[f'w{k}'] * 1e3:6.1f}" for k in SM90_FORCED)
-                + f" | {best:>4} {r['bf16'] / r[f'w{best}']:6.2f} {r['auto'] / r[f'w{best}']:6.2f}",
+                f"{N:>6} {K:>6} {M:>4} | {r['bf16'] * 1e3:7.1f} {r['auto'] * 1e3:7.1f} "
+                f"{r['auto_plan'][3]:>15} | {bw * 1e3:7.1f} {bW * 1e3:7.1f} ({best['w']}, {best['W']}) | "
+                f"{r['bf16'] / bw:5.2f} {r['bf16'] / bW:5.2f} {r['bf16'] / r['auto']:5.2f}",
                 flush=True,
             )
     write_json({"device": name, "date": date, "units": "ms per call", "rows": rows}, "gpu_sm90_sweep", date, out)

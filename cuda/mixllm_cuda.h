@@ -17,9 +17,11 @@ extern "C" {
 #endif
 
 #define MIXC_KSTAGE     128 /* padded K per pipeline stage */
-#define MIXC_NCFG       12  /* tile configurations, see mixc_cfg_name */
+#define MIXC_NCFG       13  /* tile configurations, see mixc_cfg_name */
 #define MIXC_CFG_SM90   10  /* the sm_90a wgmma + TMA prefill kernel (cuda/w4a8_sm90.cu) */
 #define MIXC_CFG_DECODE 11  /* the few-token kernel (cuda/w4a8_decode.cu); its "splits" = warps per row tile */
+/* the wgmma kernel's few-token tiles with two consumer warpgroup pairs on alternating stages */
+#define MIXC_CFG_SM90_PAIRS 12
 /* the planner picks the decode kernel up to this many tokens (measured: slower than the mma.sync tiles
    from 32 on) */
 #define MIXC_DECODE_MAX_M 16
@@ -80,13 +82,13 @@ const char *mixc_cfg_name(int cfg);
 
 int mixc_qlinear(int device, mixc_gemm *g, void *stream);
 /* The wgmma path (cuda/w4a8_sm90.cu): 1 when device is 9.x and runs the sm_90a build of the
- * kernel, else 0; its launcher, called by mixc_qlinear for cfg MIXC_CFG_SM90.  */
+ * kernel, else 0; its launcher, called by mixc_qlinear for cfg MIXC_CFG_SM90 and MIXC_CFG_SM90_PAIRS.  */
 int mixc_sm90_ok(int device);
 int mixc_qlinear_sm90(int device, const mixc_gemm *g, void *stream);
 /* The wgmma kernel's token tile at M tokens when it is a few-token one (16, 32, 64; else 0), and its
- * CTAs resident per SM */
+ * CTAs resident per SM with 1 or 2 consumer pairs (MIXC_CFG_SM90 / MIXC_CFG_SM90_PAIRS) */
 int mixc_sm90_few_tile(int64_t M);
-int mixc_sm90_ctas_per_sm(int64_t M);
+int mixc_sm90_ctas_per_sm(int64_t M, int pairs);
 
 /* The decode path (cuda/w4a8_decode.cu): tokens per block for M, the most warps per block, a
  * forced "splits" clamped to what M allows, the planned one (warps sharing one 16-row tile's K,

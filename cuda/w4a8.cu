@@ -356,9 +356,9 @@ cudaError_t launch_cfg(const Args &a, int nblk, bool pdl, cudaStream_t stream) {
 
 /* The tile table, one row per configuration index: decode shapes stream weights with small
  * token tiles, prefill reuses each weight fragment across 128 tokens. Rows per block =
- * nw * tn * 16. The last two rows run in their own files (launch = nullptr): the wgmma
- * prefill kernel (its occupancy answered by the mma.sync 128-token row) and the decode kernel
- * (the planner sizes it itself). */
+ * nw * tn * 16. The rows with launch = nullptr run in their own files: the wgmma kernel (two
+ * rows: one or two consumer warpgroup pairs; its occupancy answered by mixc_sm90_ctas_per_sm) and the
+ * decode kernel (the planner sizes it itself). */
 struct CfgInfo {
     int nw, tn, bm, st;
     const char *name;
@@ -380,7 +380,8 @@ const CfgInfo CFGS[MIXC_NCFG] = {
     /* MIXC_CFG_SM90 (cuda/w4a8_sm90.cu: 128 or 256 tokens; no prepare: one CTA per SM, its stage
      * ring takes most of the shared memory) */
     {8, 1, 256, 4, "sm90_wgmma", nullptr, nullptr},
-    {1, 1, 8, 4, "decode_gemv", nullptr, nullptr}, /* MIXC_CFG_DECODE, cuda/w4a8_decode.cu */
+    {1, 1, 8, 4, "decode_gemv", nullptr, nullptr},        /* MIXC_CFG_DECODE, cuda/w4a8_decode.cu */
+    {8, 1, 128, 4, "sm90_wgmma_pairs", nullptr, nullptr}, /* MIXC_CFG_SM90_PAIRS, cuda/w4a8_sm90.cu */
 };
 #undef MIXC_CFG
 
@@ -433,7 +434,9 @@ constexpr int64_t DECODE_MAX_CODES = 64LL << 20;
 extern "C" int mixc_plan(int device, int64_t M, const int64_t *Ns, int nparts, int64_t Kp, int cfg, int splits,
                          int *cfg_out, int *splits_out) {
     if (cfg >= MIXC_NCFG) return -1;
-    if (cfg == MIXC_CFG_SM90 && !mixc_sm90_ok(device)) cfg = 4; /* forced where no sm_90a kernel runs */
+    const bool auto_cfg = cfg < 0;
+    if ((cfg == MIXC_CFG_SM90 || cfg == MIXC_CFG_SM90_PAIRS) && !mixc_sm90_ok(device))
+        cfg = 4; /* forced where no sm_90a kernel runs */
     int64_t codes_all = 0;
     for (int i = 0; i < nparts; i++) codes_all += Ns[i] * Kp;
     /* The wgmma kernel's few-token tiles against the decode kernel / mma.sync tiles (H200, 2026-12-01,
@@ -442,6 +445,10 @@ extern "C" int mixc_plan(int device, int64_t M, const int64_t *Ns, int nparts, i
      * the mma.sync tiles (too few row blocks to fill the GPU). */
     const bool sm90_few = M >= MIXC_SM90_MIN_M && codes_all >= (M > 16 ? SM90_FEW_MIN_CODES : SM90_FEW9_MIN_CODES);
     if (cfg < 0 && (M >= 256 || sm90_few) && mixc_sm90_ok(device)) cfg = MIXC_CFG_SM90;
+    /* ... with two consumer pairs on alternating stages at 33-64 tokens, and at 9-32 on layers of at
+     * most 32 stages (K <= 4096): 1-9% faster there, 5-9% slower at 9-32 tokens on 28672 x 8192
+     * (H200, 2026-12-01, bench/results/gpu_sm90_pairs_sweep_2026-12-01.log) */
+    if (auto_cfg && cfg == MIXC_CFG_SM90 && M <= 64 && (M > 32 || Kp <= 32 * KS)) cfg = MIXC_CFG_SM90_PAIRS;
     /* The decode kernel up to 8 tokens on every layer, up to 16 on layers up to 14336 x 4096: measured
      * faster than the mma.sync tiles there, slower on the 70B-sized ones at 16 tokens (86 vs 71 us on
      * 28672 x 8192; H200, bench/results/gpu_decode_sweep_2026-12-01.log). */
@@ -482,9 +489,11 @@ extern "C" int mixc_plan(int device, int64_t M, const int64_t *Ns, int nparts, i
         /* The wgmma kernel's few-token tiles (M <= 64): every row block counted once, splits of at
          * least 8 stages, the workspace at L2 cost (fits bench/results/gpu_sm90_sweep_2026-12-01.log's
          * best forced splits on all six shapes at 16-64 tokens). */
-        const bool few90 = cfg == MIXC_CFG_SM90 && mixc_sm90_few_tile(M) > 0;
+        const bool sm90 = cfg == MIXC_CFG_SM90 || cfg == MIXC_CFG_SM90_PAIRS;
+        const bool few90 = sm90 && mixc_sm90_few_tile(M) > 0;
         const int sms = sm_count(device);
-        const int occ = cfg == MIXC_CFG_SM90 ? mixc_sm90_ctas_per_sm(M) : cfg_occupancy(device, cfg);
+        const int occ =
+            sm90 ? mixc_sm90_ctas_per_sm(M, cfg == MIXC_CFG_SM90_PAIRS ? 2 : 1) : cfg_occupancy(device, cfg);
         double blocks = 0, rows = 0;
         for (int i = 0; i < nparts; i++) {
             blocks += (double)((Ns[i] + bn - 1) / bn) * (i == 1 && !few90 ? 2.0 : 1.0);
@@ -493,7 +502,7 @@ extern "C" int mixc_plan(int device, int64_t M, const int64_t *Ns, int nparts, i
         blocks *= (double)mblocks;
         int smax = nst / (few90 ? 8 : 4) > 1 ? nst / (few90 ? 8 : 4) : 1; /* at least 4 (8) stages per split */
         if (smax > 32) smax = 32;
-        if (cfg == 4 || cfg == 5 || (cfg == MIXC_CFG_SM90 && !few90)) smax = blocks < sms ? smax : 1;
+        if (cfg == 4 || cfg == 5 || (sm90 && !few90)) smax = blocks < sms ? smax : 1;
         double best = 0;
         splits = 1;
         for (int s = 1; s <= smax; s++) {
@@ -521,7 +530,7 @@ extern "C" int mixc_qlinear(int device, mixc_gemm *g, void *stream_) {
     cudaStream_t stream = (cudaStream_t)stream_;
     if (g->cfg < 0 || g->cfg >= MIXC_NCFG || g->splits < 1 || g->nparts < 1 || g->nparts > 2)
         return (int)cudaErrorInvalidValue;
-    if (g->cfg == MIXC_CFG_SM90) return mixc_qlinear_sm90(device, g, stream_);
+    if (g->cfg == MIXC_CFG_SM90 || g->cfg == MIXC_CFG_SM90_PAIRS) return mixc_qlinear_sm90(device, g, stream_);
     if (g->cfg == MIXC_CFG_DECODE)
         return mixc_qlinear_decode(device, g, g->pdl && device_info(device).major >= 9, stream_);
     const CfgInfo &c = CFGS[g->cfg];

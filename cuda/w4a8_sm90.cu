@@ -1,5 +1,5 @@
 /* W4A8 / W8A8 / mixed-precision GEMM for large M on Hopper (sm_90a): wgmma + TMA, configuration
- * MIXC_CFG_SM90 of mixc_qlinear. Same function, inputs and packed layout as cuda/w4a8.cu
+ * MIXC_CFG_SM90 and MIXC_CFG_SM90_PAIRS of mixc_qlinear. Same function, inputs and packed layout as cuda/w4a8.cu
  * (cuda/packed_layout.cuh). The sm_80 build holds a stub that is never launched: mixc_sm90_ok()
  * is false unless the device is 9.x and runs the sm_90a code. Design notes and measurements:
  * docs/kernels.md. */
@@ -20,41 +20,55 @@
 namespace {
 
 constexpr int KS = MIXC_KSTAGE; /* padded columns per stage */
-constexpr int BN = 128;         /* weight rows per CTA: 2 consumer warpgroups x 64 */
+constexpr int BN = 128;         /* weight rows per CTA: 2 row slices of 64 */
 constexpr int TILES = BN / 16;  /* 16-row weight tiles per CTA */
-constexpr int NTH = 384;        /* producer warpgroup + 2 consumer warpgroups */
 /* One stage of the CTA's codes: TILES tiles of 1 KB (4 bits) or 2 KB (8 bits) each, and their meta records. */
 constexpr int W_STAGE_BYTES = TILES * mixc_layout::words_per_stage(8) * mixc_layout::WARP_WORD_BYTES;
 constexpr int META_STAGE_BYTES = TILES * mixc_layout::META_BYTES;
 static_assert(W_STAGE_BYTES % 128 == 0 && META_STAGE_BYTES % 128 == 0, "TMA destinations are 128-byte aligned");
 
 /* The stage ring of a CTA of BM tokens, in shared memory: ST stages of activation codes, then of codes,
- * meta records, token scales, then the mbarriers. Tokens go through wgmma in slices of QN (the wgmma N):
- * 64-token quarters for the prefill tiles (128, 256), one slice of 16, 32 or 64 for the few-token ones,
- * whose smaller activation tiles leave room for a deeper ring (the weight stream is what they wait on). */
-template <int BM_> struct Ring {
-    static constexpr int BM = BM_, QN = BM < 64 ? BM : 64, QUARTERS = BM / QN;
+ * meta records, token scales, then the mbarriers. KG consumer pairs: the CTA has 2 * KG consumer
+ * warpgroups, warpgroup w on rows 64 * (w % 2) .. of the tile and on every KG-th stage from the
+ * (w / 2)-th; with KG = 2 two pairs run two stages at once (each stage's fragments formed once), and
+ * the second pair's sums are added to the first's through shared memory at the end. A warpgroup's
+ * tokens go through wgmma in slices of QN (the wgmma N): 64-token quarters for the prefill tiles, one
+ * slice of 16, 32 or 64 otherwise (at KG = 2 two 32-token halves of 64, for registers); the few-token
+ * tiles' smaller activation tiles leave room for a deeper ring (the weight stream is what they wait on). */
+template <int BM_, int KG_ = 1> struct Ring {
+    static constexpr int BM = BM_, KG = KG_, QN = BM < 64 ? BM : KG == 2 ? 32 : 64, QUARTERS = BM / QN;
+    static constexpr int NTH = 128 + 256 * KG; /* producer warpgroup + 2 * KG consumer warpgroups */
     static constexpr int ACT_BYTES = BM * KS;
     static constexpr int STAGE_BYTES = ACT_BYTES + W_STAGE_BYTES + META_STAGE_BYTES + BM * 4 + 16;
-    /* CTAs per SM: two of the smallest tiles, so that one CTA's stage chain (wait, fragments,
-     * wgmma, rescale) runs while the other's waits; consumer registers per thread to match (the
-     * setmaxnreg pool is per CTA: 80 each at two CTAs, plus what the producer warpgroup gives back) */
-    static constexpr int CTAS = BM <= 32 ? 2 : 1, CONSUMER_REGS = CTAS == 2 ? 96 : 232;
+    /* CTAs per SM: two of the smallest one-group tiles, so that one CTA's stage chain (wait,
+     * fragments, wgmma, rescale) runs while the other's waits. Registers: the launch gives each
+     * thread LAUNCH_REGS; the producer warpgroup drops to PRODUCER_REGS and the consumers take what it
+     * gave back (setmaxnreg's pool is per CTA): 232 at one 384-thread CTA, 96 at two, 104 at 640 threads */
+    static constexpr int CTAS = KG == 1 && BM <= 32 ? 2 : 1;
+    static constexpr int LAUNCH_REGS = (65536 / CTAS / NTH) / 8 * 8 > 168 ? 168 : (65536 / CTAS / NTH) / 8 * 8;
+    static constexpr int PRODUCER_REGS = 40;
+    static constexpr int CONSUMER_REGS = LAUNCH_REGS + (128 * (LAUNCH_REGS - PRODUCER_REGS) / (256 * KG)) / 8 * 8;
     static constexpr int ST = BM == 256 ? 4 : BM == 128 ? 6 : (210 * 1024 / CTAS) / STAGE_BYTES;
     static constexpr int W_OFF = ST * ACT_BYTES;
     static constexpr int META_OFF = W_OFF + ST * W_STAGE_BYTES;
     static constexpr int SA_OFF = META_OFF + ST * META_STAGE_BYTES;
     static constexpr int BAR_OFF = SA_OFF + ST * BM * 4;
     static constexpr int SMEM_BYTES = BAR_OFF + 2 * ST * 8 + 1024; /* + alignment slack (128B swizzle wants 1024) */
-    static_assert(QUARTERS * QN == BM && (QN == 16 || QN == 32 || QN == 64), "token tiles: 16, 32, 64, 128 or 256");
-    static_assert(CONSUMER_REGS % 8 == 0 && 128 * 40 + 256 * CONSUMER_REGS <= 65536 / CTAS, "setmaxnreg budget");
+    static_assert(KG == 1 || (KG == 2 && BM <= 64), "one consumer pair, or two on the few-token tiles");
+    static_assert(QUARTERS * QN == BM && (QN == 16 || QN == 32 || QN == 64), "token slices: 16, 32 or 64");
+    static_assert(KG == 1 || 256 * (BM / 2) * 4 <= ST * (ACT_BYTES + W_STAGE_BYTES),
+                  "the second pair's sums fit the ring");
+    static_assert(CONSUMER_REGS <= 256 && 128 * PRODUCER_REGS + 256 * KG * CONSUMER_REGS <= 65536 / CTAS,
+                  "setmaxnreg budget");
     static_assert(ACT_BYTES % 1024 == 0 && QN * KS % 1024 == 0, "128B-swizzled tiles start 1024-byte aligned");
-    static_assert(CTAS * (SMEM_BYTES + 1024) <= 228 * 1024, "the stage rings must fit one SM's shared memory");
+    static_assert(ST >= 2 && CTAS * (SMEM_BYTES + 1024) <= 228 * 1024,
+                  "the stage rings must fit one SM's shared memory");
 };
 #define MIXC_RING_NAMES(R)                                                                              \
     constexpr int BM = R::BM, QN = R::QN, QUARTERS = R::QUARTERS, ST = R::ST, ACT_BYTES = R::ACT_BYTES; \
     constexpr int W_OFF = R::W_OFF, META_OFF = R::META_OFF, SA_OFF = R::SA_OFF, BAR_OFF = R::BAR_OFF;   \
-    (void)QN, (void)QUARTERS, (void)W_OFF, (void)META_OFF
+    constexpr int KG = R::KG;                                                                           \
+    (void)QN, (void)QUARTERS, (void)W_OFF, (void)META_OFF, (void)KG
 
 struct Part90 {
     const uint8_t *w, *meta;
@@ -239,17 +253,18 @@ __device__ __forceinline__ void rescale(float *facc, const int (&iacc)[QN / 2], 
     }
 }
 
-/* One consumer warpgroup's 64 rows x BM tokens over the stages [s0, s1) (the schedule of a stage:
- * at `stage` below). */
-template <int BITS, int BM_>
+/* One consumer warpgroup's 64 rows x BM tokens over every KG-th stage of [s0, s1) (the schedule of a
+ * stage: at `stage` below). */
+template <int BITS, class RING>
 __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb, int64_t m0, int s0, int s1, int split,
                                         uint8_t *smem, uint32_t sbase) {
-    MIXC_RING_NAMES(Ring<BM_>);
+    MIXC_RING_NAMES(RING);
     const int wg = threadIdx.x / 128 - 1, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
     const int gid = lane >> 2, tig = lane & 3;
-    const int tl = wg * 4 + warp;                /* this warp's tile in the CTA */
+    const int tl = (wg & 1) * 4 + warp;          /* this warp's tile in the CTA */
     const int64_t rt = (int64_t)rb * TILES + tl; /* ... in the part */
     const bool live = rt < (p.N + 15) / 16;
+    const int pair = wg >> 1; /* this warpgroup's stages: s0 + pair, s0 + pair + KG, ... */
     const float *sas = (const float *)(smem + SA_OFF) + 2 * tig;
 
     constexpr int R = QN / 2; /* int32 accumulators per thread of a QN-token slice */
@@ -299,14 +314,14 @@ __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb
         if constexpr (QUARTERS > 1) {
             issue(ib, tile + QN * KS, cur);
         } else {
-            if (s + 1 < s1) fetch(s + 1, nxt); /* under the running wgmmas, which read cur */
+            if (s + KG < s1) fetch(s + KG, nxt); /* under the running wgmmas, which read cur */
         }
 #pragma unroll
         for (int qq = 0; qq < QUARTERS; qq++) {
             int (&acc)[R] = (qq & 1) ? ib : ia;
             if (qq == QUARTERS - 1) {
                 wait_acc<0>(acc);
-                if (QUARTERS > 1 && s + 1 < s1) fetch(s + 1, nxt); /* every wgmma of the stage is done */
+                if (QUARTERS > 1 && s + KG < s1) fetch(s + KG, nxt); /* every wgmma of the stage is done */
             } else {
                 wait_acc<1>(acc);
             }
@@ -316,14 +331,29 @@ __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb
         __syncwarp();
         if (lane == 0) mbar_arrive(sbase + BAR_OFF + (ST + buf) * 8);
     };
-    fetch(s0, af0);
+    const int first = s0 + pair;
+    if (first < s1) fetch(first, af0);
     if constexpr (QUARTERS > 1) {
-        for (int s = s0; s < s1; s++) stage(s, af0, af0);
+        for (int s = first; s < s1; s += KG) stage(s, af0, af0);
     } else {
-        for (int s = s0; s < s1; s += 2) {
+        for (int s = first; s < s1; s += 2 * KG) {
             stage(s, af0, af1);
-            if (s + 1 < s1) stage(s + 1, af1, af0);
+            if (s + KG < s1) stage(s + KG, af1, af0);
         }
+    }
+    if constexpr (KG == 2) {
+        /* the second pair's sums to the first through the ring (free once every consumer has passed
+         * its last stage: each stage's copies had landed before its full barrier completed) */
+        float *red = (float *)smem + (threadIdx.x - 128) % 256;
+        asm volatile("bar.sync 1, 512;\n" ::: "memory");
+        if (pair == 1) {
+#pragma unroll
+            for (int i = 0; i < R * QUARTERS; i++) red[256 * i] = facc[i];
+        }
+        asm volatile("bar.sync 1, 512;\n" ::: "memory");
+        if (pair == 1) return;
+#pragma unroll
+        for (int i = 0; i < R * QUARTERS; i++) facc[i] += red[256 * i];
     }
 
     /* epilogue: rows 16*rt + gid (+8), tokens m0 + 8q + 2tig + c */
@@ -350,13 +380,13 @@ __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb
 }
 #endif /* MIXC_SM90_DEVICE */
 
-template <int BM_>
-__global__ void __launch_bounds__(NTH, Ring<BM_>::CTAS)
+template <class RING>
+__global__ void __launch_bounds__(RING::NTH, RING::CTAS)
     qgemm_sm90_kernel(const __grid_constant__ Args90 a, const __grid_constant__ CUtensorMap act_map,
                       const __grid_constant__ CUtensorMap wmap0, const __grid_constant__ CUtensorMap wmap1,
                       const __grid_constant__ CUtensorMap mmap0, const __grid_constant__ CUtensorMap mmap1) {
 #ifdef MIXC_SM90_DEVICE
-    MIXC_RING_NAMES(Ring<BM_>);
+    MIXC_RING_NAMES(RING);
     extern __shared__ uint8_t smem_raw[];
     const uint32_t raw = smem_u32(smem_raw);
     const uint32_t sbase = (raw + 1023) & ~1023u;
@@ -370,14 +400,14 @@ __global__ void __launch_bounds__(NTH, Ring<BM_>::CTAS)
     if (threadIdx.x == 0) {
         for (int b = 0; b < ST; b++) {
             mbar_init(sbase + BAR_OFF + b * 8, 33);       /* full: expect_tx + 32 lanes' scale copies */
-            mbar_init(sbase + BAR_OFF + (ST + b) * 8, 8); /* empty: the 8 consumer warps */
+            mbar_init(sbase + BAR_OFF + (ST + b) * 8, 8); /* empty: the 8 warps of the stage's pair */
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     __syncthreads();
 
     if (threadIdx.x < 128) {
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(RING::PRODUCER_REGS));
         if (threadIdx.x >= 32) return;
         const int lane = threadIdx.x;
         if (lane == 0) asm volatile("prefetch.tensormap [%0];\n" ::"l"((uint64_t)&act_map) : "memory");
@@ -425,7 +455,7 @@ __global__ void __launch_bounds__(NTH, Ring<BM_>::CTAS)
         }
         asm volatile("cp.async.wait_all;\n" ::: "memory");
     } else {
-        asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Ring<BM_>::CONSUMER_REGS));
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(RING::CONSUMER_REGS));
         int rb = blockIdx.y;
         const Part90 *p = &a.p0;
         if (rb >= a.p0.nblk) {
@@ -433,9 +463,9 @@ __global__ void __launch_bounds__(NTH, Ring<BM_>::CTAS)
             p = &a.p1;
         }
         if (p->bits == 4)
-            consume<4, BM_>(a, *p, rb, m0, s0, s1, split, smem, sbase);
+            consume<4, RING>(a, *p, rb, m0, s0, s1, split, smem, sbase);
         else
-            consume<8, BM_>(a, *p, rb, m0, s0, s1, split, smem, sbase);
+            consume<8, RING>(a, *p, rb, m0, s0, s1, split, smem, sbase);
     }
 #endif
 }
@@ -470,7 +500,7 @@ extern "C" int mixc_sm90_ok(int device) {
         if (guard.err == cudaSuccess &&
             cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major == 9) {
             cudaFuncAttributes fa;
-            if (cudaFuncGetAttributes(&fa, qgemm_sm90_kernel<256>) == cudaSuccess && fa.binaryVersion >= 90 &&
+            if (cudaFuncGetAttributes(&fa, qgemm_sm90_kernel<Ring<256>>) == cudaSuccess && fa.binaryVersion >= 90 &&
                 encode_fn())
                 ok = 1;
         }
@@ -480,25 +510,27 @@ extern "C" int mixc_sm90_ok(int device) {
     return cache[device] == 1;
 }
 
-/* The few-token tile for M tokens (16, 32 or 64), or 0: a prefill tile (128 or 256, chosen by waves) */
+/* The few-token tile for M tokens (16, 32 or 64), or 0: a prefill tile (128 or 256, chosen by waves;
+ * one consumer pair in both configurations) */
 extern "C" int mixc_sm90_few_tile(int64_t M) { return M <= 16 ? 16 : M <= 32 ? 32 : M <= 64 ? 64 : 0; }
 
-extern "C" int mixc_sm90_ctas_per_sm(int64_t M) {
+extern "C" int mixc_sm90_ctas_per_sm(int64_t M, int pairs) {
     switch (mixc_sm90_few_tile(M)) {
-    case 16: return Ring<16>::CTAS;
-    case 32: return Ring<32>::CTAS;
-    case 64: return Ring<64>::CTAS;
+    case 16: return pairs == 2 ? Ring<16, 2>::CTAS : Ring<16>::CTAS;
+    case 32: return pairs == 2 ? Ring<32, 2>::CTAS : Ring<32>::CTAS;
+    case 64: return pairs == 2 ? Ring<64, 2>::CTAS : Ring<64>::CTAS;
     default: return 1;
     }
 }
 
-/* Encode the activation map (box: one stage x BM tokens) and launch the BM-token kernel. */
-template <int BM>
+/* Encode the activation map (box: one stage x BM tokens) and launch the kernel of ring RING. */
+template <class RING>
 cudaError_t launch90(int device, const mixc_gemm *g, const Args90 &a, int nblk, int nst, const CUtensorMap (&wmap)[2],
                      const CUtensorMap (&mmap)[2], cudaStream_t stream) {
     CUtensorMap map;
     const cuuint64_t dims[2] = {(cuuint64_t)g->Kp, (cuuint64_t)g->M};
     const cuuint64_t strides[1] = {(cuuint64_t)g->Kp};
+    constexpr int BM = RING::BM;
     const cuuint32_t box[2] = {KS, BM}, estr[2] = {1, 1};
     if (encode_fn()(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, (void *)g->xq, dims, strides, box, estr,
                     CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
@@ -506,13 +538,13 @@ cudaError_t launch90(int device, const mixc_gemm *g, const Args90 &a, int nblk, 
         return cudaErrorInvalidValue;
     static bool attr_set[64];
     if (device >= 0 && device < 64 && !attr_set[device]) {
-        cudaError_t e = cudaFuncSetAttribute(qgemm_sm90_kernel<BM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             Ring<BM>::SMEM_BYTES);
+        cudaError_t e = cudaFuncSetAttribute(qgemm_sm90_kernel<RING>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             RING::SMEM_BYTES);
         if (e != cudaSuccess) return e;
         attr_set[device] = true;
     }
     dim3 grid((unsigned)((g->M + BM - 1) / BM), (unsigned)nblk, (unsigned)((nst + a.sps - 1) / a.sps));
-    qgemm_sm90_kernel<BM><<<grid, NTH, Ring<BM>::SMEM_BYTES, stream>>>(a, map, wmap[0], wmap[1], mmap[0], mmap[1]);
+    qgemm_sm90_kernel<RING><<<grid, RING::NTH, RING::SMEM_BYTES, stream>>>(a, map, wmap[0], wmap[1], mmap[0], mmap[1]);
     return cudaGetLastError();
 }
 
@@ -573,12 +605,18 @@ extern "C" int mixc_qlinear_sm90(int device, const mixc_gemm *g, void *stream_) 
         const int64_t ctas = (int64_t)nblk * ((g->M + bm - 1) / bm) * ((nst + a.sps - 1) / a.sps);
         return (double)((ctas + sms - 1) / sms);
     };
+    /* MIXC_CFG_SM90_PAIRS: the few-token tiles with two consumer pairs on alternating stages */
+    const bool pairs = g->cfg == MIXC_CFG_SM90_PAIRS;
     const int few = mixc_sm90_few_tile(g->M);
-    const cudaError_t e0 = few == 16                       ? launch90<16>(device, g, a, nblk, nst, wmap, mmap, stream)
-                           : few == 32                     ? launch90<32>(device, g, a, nblk, nst, wmap, mmap, stream)
-                           : few == 64                     ? launch90<64>(device, g, a, nblk, nst, wmap, mmap, stream)
-                           : waves(256) * 1.8 < waves(128) ? launch90<256>(device, g, a, nblk, nst, wmap, mmap, stream)
-                                                           : launch90<128>(device, g, a, nblk, nst, wmap, mmap, stream);
+    const cudaError_t e0 = few == 16   ? (pairs ? launch90<Ring<16, 2>>(device, g, a, nblk, nst, wmap, mmap, stream)
+                                                : launch90<Ring<16>>(device, g, a, nblk, nst, wmap, mmap, stream))
+                           : few == 32 ? (pairs ? launch90<Ring<32, 2>>(device, g, a, nblk, nst, wmap, mmap, stream)
+                                                : launch90<Ring<32>>(device, g, a, nblk, nst, wmap, mmap, stream))
+                           : few == 64 ? (pairs ? launch90<Ring<64, 2>>(device, g, a, nblk, nst, wmap, mmap, stream)
+                                                : launch90<Ring<64>>(device, g, a, nblk, nst, wmap, mmap, stream))
+                           : waves(256) * 1.8 < waves(128)
+                               ? launch90<Ring<256>>(device, g, a, nblk, nst, wmap, mmap, stream)
+                               : launch90<Ring<128>>(device, g, a, nblk, nst, wmap, mmap, stream);
     if (e0 != cudaSuccess) return (int)e0;
     if (g->splits == 1) return 0;
     return (int)launch_splitk_finish(g, (nst + a.sps - 1) / a.sps, 1024, stream);

@@ -415,6 +415,10 @@ def test_fused_projections_on_cuda_and_under_graph(rng, M, dtype):
 # ----------------------------------------------------------------------------- sm_90a wgmma path
 SM90 = next(c for c in CFGS if _cuda.plan(DEV.index, 1, (16,), 128, c, 1)[2].startswith("sm90") or c == CFGS[-1])
 _HAS_SM90 = _cuda.plan(DEV.index, 1, (16,), 128, SM90, 1)[0] == SM90  # forced elsewhere: falls back
+# the same kernel's few-token tiles with two consumer pairs on alternating stages
+SM90_PAIRS = next(
+    c for c in CFGS if _cuda.plan(DEV.index, 1, (16,), 128, c, 1)[2] == "sm90_wgmma_pairs" or c == CFGS[-1]
+)
 
 
 def _mixed(rng, M, N, K, g, dtype, frac8=0.1):
@@ -434,6 +438,7 @@ def _mixed(rng, M, N, K, g, dtype, frac8=0.1):
 
 
 @pytest.mark.skipif(not _HAS_SM90, reason="no sm_90a device")
+@pytest.mark.parametrize("pairs", [False, True], ids=["sm90", "sm90_pairs"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize(
@@ -451,23 +456,25 @@ def _mixed(rng, M, N, K, g, dtype, frac8=0.1):
         (300, 136, 640, 256),
     ],
 )
-def test_sm90_mixed_matches_reference(rng, dtype, splits, M, N, K, g):
+def test_sm90_mixed_matches_reference(rng, pairs, dtype, splits, M, N, K, g):
     """The wgmma kernel, forced: mixed parts with shuffled columns, bias, M/N tails, split-K; every
-    token tile (16, 32 and 64 up to 64 tokens, then 128 or 256)."""
+    token tile (16, 32 and 64 up to 64 tokens, then 128 or 256; pairs: the few-token tiles with two
+    consumer pairs on alternating stages, odd stage counts included)."""
     xt, parts, y_ref = _mixed(rng, M, N, K, g, dtype)
     bias = rng.standard_normal(N).astype(np.float32)
-    y = _run(xt, parts, N, torch.from_numpy(bias).to(DEV), SM90, splits)
+    y = _run(xt, parts, N, torch.from_numpy(bias).to(DEV), SM90_PAIRS if pairs else SM90, splits)
     assert_close(y, y_ref + bias, dtype)
 
 
 @pytest.mark.skipif(not _HAS_SM90, reason="no sm_90a device")
+@pytest.mark.parametrize("cfg", ["sm90", "sm90_pairs"])
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("M", [200, 40, 9])
-def test_sm90_single_part(rng, bits, M):
+def test_sm90_single_part(rng, cfg, bits, M):
     N, K, g = 200, 768, 128
     W, codes, scale, zero = make_weight(rng, N, K, bits, g)
     xt, x32 = make_x(rng, M, K, torch.float32)
-    y = _run(xt, [(W, None)], N, None, SM90, 1)
+    y = _run(xt, [(W, None)], N, None, SM90_PAIRS if cfg == "sm90_pairs" else SM90, 1)
     assert_close(y, ref.qlinear(x32, codes, scale, zero, g), torch.float32)
 
 
@@ -477,10 +484,11 @@ def test_sm90_large_matches_mma_sync(rng):
     M, N, K, g = 1100, 2100, 4096, 128
     xt, parts, _ = _mixed(rng, 8, N, K, g, torch.float32)  # weights only; the reference is the other path
     xt = torch.randn((M, K), device=DEV)
-    y90 = _run(xt, parts, N, None, SM90, 1)
     y80 = _run(xt, parts, N, None, 3, 1)
-    err = (y90 - y80).abs().max().item() / y80.abs().max().item()
-    assert err < 1e-5, err
+    for cfg in (SM90, SM90_PAIRS):
+        y90 = _run(xt, parts, N, None, cfg, 1)
+        err = (y90 - y80).abs().max().item() / y80.abs().max().item()
+        assert err < 1e-5, (cfg, err)
 
 
 @pytest.mark.skipif(not _HAS_SM90, reason="no sm_90a device")
@@ -488,18 +496,21 @@ def test_planner_picks_sm90_for_large_m():
     assert _cuda.plan(DEV.index, 4096, (14336,), 4096, -1, 0)[0] == SM90
     assert _cuda.plan(DEV.index, 4096, (12903, 1433), 4096, -1, 0)[0] == SM90
     # its few-token tiles: from 9 tokens on layers above 4096 x 4096, from 17 on 4096 x 4096, not on
-    # smaller layers; the decode kernel up to 8 tokens
-    assert _cuda.plan(DEV.index, 8, (14336,), 4096, -1, 0)[0] != SM90
-    assert _cuda.plan(DEV.index, 9, (14336,), 4096, -1, 0)[0] == SM90
-    assert _cuda.plan(DEV.index, 64, (14336,), 4096, -1, 0)[0] == SM90
-    assert _cuda.plan(DEV.index, 16, (3687, 409), 4096, -1, 0)[0] != SM90
-    assert _cuda.plan(DEV.index, 17, (3687, 409), 4096, -1, 0)[0] == SM90
-    assert _cuda.plan(DEV.index, 64, (576,), 640, -1, 0)[0] != SM90
-    assert _cuda.plan(DEV.index, 64, (1024,), 4096, -1, 0)[0] != SM90
+    # smaller layers; the decode kernel up to 8 tokens. Two consumer pairs (SM90_PAIRS) at 33-64
+    # tokens, and at 9-32 where K <= 4096.
+    assert _cuda.plan(DEV.index, 8, (14336,), 4096, -1, 0)[0] not in (SM90, SM90_PAIRS)
+    assert _cuda.plan(DEV.index, 9, (14336,), 4096, -1, 0)[0] == SM90_PAIRS
+    assert _cuda.plan(DEV.index, 64, (14336,), 4096, -1, 0)[0] == SM90_PAIRS
+    assert _cuda.plan(DEV.index, 16, (3687, 409), 4096, -1, 0)[0] not in (SM90, SM90_PAIRS)
+    assert _cuda.plan(DEV.index, 17, (3687, 409), 4096, -1, 0)[0] == SM90_PAIRS
+    assert _cuda.plan(DEV.index, 64, (576,), 640, -1, 0)[0] not in (SM90, SM90_PAIRS)
+    assert _cuda.plan(DEV.index, 64, (1024,), 4096, -1, 0)[0] not in (SM90, SM90_PAIRS)
+    assert _cuda.plan(DEV.index, 128, (14336,), 4096, -1, 0)[0] == SM90
     # split-K of the few-token tiles (bench/results/gpu_sm90_sweep_2026-12-01.log's best forced splits)
     assert _cuda.plan(DEV.index, 32, (7373, 819), 28672, -1, 0)[:2] == (SM90, 4)
-    assert _cuda.plan(DEV.index, 64, (7373, 819), 28672, -1, 0)[:2] == (SM90, 2)
-    assert _cuda.plan(DEV.index, 64, (25805, 2867), 8192, -1, 0)[:2] == (SM90, 1)
+    assert _cuda.plan(DEV.index, 64, (7373, 819), 28672, -1, 0)[:2] == (SM90_PAIRS, 2)
+    assert _cuda.plan(DEV.index, 64, (25805, 2867), 8192, -1, 0)[:2] == (SM90_PAIRS, 1)
+    assert _cuda.plan(DEV.index, 32, (25805, 2867), 8192, -1, 0)[0] == SM90
 
 
 # ----------------------------------------------------------------------------- issue 14: the CPU path's promises

@@ -20,6 +20,9 @@ from mixllm import cuda_ops, ops  # noqa: E402
 DECODE = next(c for c in range(_cuda.NCFG) if _cuda.plan(DEV.index, 1, (16,), 128, c, 1)[2] == "decode_gemv")
 # the wgmma kernel where it runs (a forced configuration falls back elsewhere), else None
 SM90 = next((c for c in range(_cuda.NCFG) if _cuda.plan(DEV.index, 1, (16,), 128, c, 1)[2] == "sm90_wgmma"), None)
+SM90_PAIRS = next(
+    (c for c in range(_cuda.NCFG) if _cuda.plan(DEV.index, 1, (16,), 128, c, 1)[2] == "sm90_wgmma_pairs"), None
+)
 
 
 def mixed_layer(rng, N, K, g, n8=None, bias=True):
@@ -82,13 +85,13 @@ def test_decode_every_warp_count(rng, bits, kw):
 
 @pytest.mark.parametrize("M", [1, 7, 16, 20, 40])
 @pytest.mark.parametrize("case", ["q15_z0", "q0_z15", "random_extremes"])
-@pytest.mark.parametrize("kernel", ["decode", "sm90"])
+@pytest.mark.parametrize("kernel", ["decode", "sm90", "sm90_pairs"])
 def test_decode_extreme_codes_and_zero_points(rng, M, case, kernel):
     """The decode kernel's 4-bit tiles multiply the raw codes (unsigned) and subtract z * sum(a) as a
     second MMA of -z; the wgmma kernel's few-token tiles form (q - z) fragments: the largest sums
     (codes 15, zero 0, activations at +-127) and every zero point 0..15, against the float64
     reference, with a partial last group."""
-    cfg = DECODE if kernel == "decode" else SM90
+    cfg = {"decode": DECODE, "sm90": SM90, "sm90_pairs": SM90_PAIRS}[kernel]
     if cfg is None:
         pytest.skip("no sm_90a device")
     N, K, g = 48, 1000, 128
@@ -155,7 +158,7 @@ def test_decode_deterministic_and_agrees_with_mma_path(rng):
 def test_planner_picks_decode_for_few_tokens():
     for M in (1, 8, 16):
         c, kw, _ = _cuda.plan(DEV.index, M, (12903, 1433), 4096, -1, 0)
-        if M == 16 and _cuda.plan(DEV.index, 16, (12903, 1433), 4096, -1, 0)[2] == "sm90_wgmma":
+        if M == 16 and _cuda.plan(DEV.index, 16, (12903, 1433), 4096, -1, 0)[2].startswith("sm90_wgmma"):
             continue  # 9-16 tokens on a layer of this size: the wgmma kernel's 16-token tile (tests/test_cuda.py)
         assert c == DECODE and 1 <= kw <= 8
     for Ns, Kp in (((25805, 2867), 8192), ((7373, 819), 28672)):  # 70B-sized: decode up to 8 tokens
