@@ -301,8 +301,8 @@ __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb
     /* Stage s: the 64-token quarters (2 or 4) go through two int32 accumulators, so that one
      * quarter's wgmmas run while the previous quarter is rescaled; at 256 tokens:
      *   issue Q0, Q1 | wait Q0, rescale Q0, issue Q2 | wait Q1, rescale Q1, issue Q3 | wait Q2,
-     *   rescale Q2 | wait Q3, fetch stage s+1, rescale Q3, release s
-     * A few-token tile (one slice of QN <= 64) is: issue | wait, fetch stage s+1, rescale, release s.
+     *   rescale Q2 | wait Q3, fetch stage s+KG (the warpgroup's next), rescale Q3, release s
+     * A few-token tile (one slice of QN <= 64) is: issue | wait, fetch stage s+KG, rescale, release s.
      * No wgmma group stays pending across stages: with one that did, ptxas serialized every wgmma
      * (C7514/C7515). The per-warp costs of a stage (fragments, descriptors, barriers) are shared
      * by all BM tokens. */
