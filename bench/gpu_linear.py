@@ -71,6 +71,13 @@ def time_graph(fn_list, reps=15):
     return statistics.median(times)
 
 
+def cfg_index(name):
+    """The tile configuration index of the extension's configuration called ``name`` (e.g. decode_gemv)."""
+    from mixllm import _cuda
+
+    return next(c for c in range(_cuda.NCFG) if _cuda.plan(0, 1, (16,), 128, c, 1)[2] == name)
+
+
 def copies(nbytes):
     return max(1, min(12, -(-L2_FLUSH // max(nbytes, 1))))
 
@@ -251,9 +258,8 @@ def tune(dev, gen):
 def profile_decode(dev, gen):
     """One W4.4A8 call of the decode kernel and one of the planner's choice per 70B shape at M = 1,
     between cudaProfilerStart/Stop (for ncu)."""
-    from mixllm import _cuda
 
-    decode = next(c for c in range(_cuda.NCFG) if _cuda.plan(0, 1, (16,), 128, c, 1)[2] == "decode_gemv")
+    decode = cfg_index("decode_gemv")
     calls = []
     for N, K in SHAPES[4:6]:
         n8 = N // 10
@@ -276,9 +282,8 @@ def profile(dev, gen, shapes=None, ms=None, cfgs=None):
     """One W4.4A8 call per (shape, M, configuration) between cudaProfilerStart/Stop (for ncu): by
     default the planner's choice at M = 1, 16, 64, 4096 on 28672 x 8192; ``cfgs``: configuration
     names to force instead (e.g. sm90_wgmma,decode_gemv)."""
-    from mixllm import _cuda
 
-    forced = [next(c for c in range(_cuda.NCFG) if _cuda.plan(0, 1, (16,), 128, c, 1)[2] == n) for n in cfgs or ()]
+    forced = [cfg_index(n) for n in cfgs or ()]
     calls = []
     for N, K in shapes or [(28672, 8192)]:
         n8 = N // 10
@@ -457,7 +462,7 @@ def decode_sweep(dev, gen, out, shapes=None, ms=None):
     mma.sync tile (auto split-K) and bf16, M = 1..64, on every shape plus a small one."""
     from mixllm import _cuda
 
-    decode = next(c for c in range(_cuda.NCFG) if _cuda.plan(0, 1, (16,), 128, c, 1)[2] == "decode_gemv")
+    decode = cfg_index("decode_gemv")
     mma = [c for c in range(_cuda.NCFG) if _cuda.plan(0, 1, (16,), 128, c, 1)[2].startswith("w")]
     name, date = sweep_start(
         dev,
@@ -505,12 +510,8 @@ def sm90_sweep(dev, gen, out, shapes=None, ms=None):
     tiles of 16, 32, 64 tokens, then 128 or 256), "W" = two pairs on alternating stages (the few-token
     tiles; above 64 tokens the same kernel as "w"); at M <= 64 at each split-K factor of SM90_FORCED,
     above at the planner's; against the planner's choice and bf16, every shape."""
-    from mixllm import _cuda
 
-    def cfg_named(n):
-        return next(c for c in range(_cuda.NCFG) if _cuda.plan(0, 1, (16,), 128, c, 1)[2] == n)
-
-    kinds = {"w": cfg_named("sm90_wgmma"), "W": cfg_named("sm90_wgmma_pairs")}
+    kinds = {"w": cfg_index("sm90_wgmma"), "W": cfg_index("sm90_wgmma_pairs")}
     name, date = sweep_start(
         dev,
         "wgmma sweep",
