@@ -5,9 +5,10 @@ Device time is what a GPU session is short of, and compiling cuda/*.cu there tak
 -gencode flags beside them; carry DIR to the GPU machine and run `python3 bench/gpu_fast_build.py DIR`
 there (with MIXLLM_CUDA_ARCH="-gencode=arch=compute_90a,code=sm_90a", as bench/gpu_check.sh sets on
 Hopper): setup.py's build runs as usual, except that an nvcc step whose object is in DIR copies it
-instead, only when the machine's nvcc reports the same version and the step asks for the same
--gencode flags (else it compiles). Then run with PYTHONPATH set to the repository root (an in-place
-build, not an install).
+instead, only when the machine's nvcc reports the same version, the step asks for the same
+-gencode flags and the sources (cuda/*, csrc/*.h) are those the objects were compiled from (else it
+compiles: objects of older sources linked against a newer C module break at run time). Then run with
+PYTHONPATH set to the repository root (an in-place build, not an install).
 """
 
 import os
@@ -25,6 +26,20 @@ def nvcc_version():
         return None
 
 
+def sources_digest(root=ROOT):
+    """sha256 over the files the CUDA objects are compiled from (also written by bench/gpu_prebuild.sh)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for d, exts in (("cuda", (".cu", ".cuh", ".h")), ("csrc", (".h",))):
+        for name in sorted(os.listdir(os.path.join(root, d))):
+            if name.endswith(exts):
+                h.update(name.encode())
+                with open(os.path.join(root, d, name), "rb") as f:
+                    h.update(f.read())
+    return h.hexdigest()
+
+
 def main():
     if len(sys.argv) != 2:
         sys.exit("usage: python3 bench/gpu_fast_build.py DIR  (DIR from bench/gpu_prebuild.sh)")
@@ -32,6 +47,10 @@ def main():
     stamp, arch_file = os.path.join(pre, "nvcc_version.txt"), os.path.join(pre, "gencode.txt")
     have = nvcc_version()
     reuse = os.path.exists(stamp) and have is not None and open(stamp).read().strip() == have
+    digest_file = os.path.join(pre, "sources.sha256")
+    if reuse and (not os.path.exists(digest_file) or open(digest_file).read().strip() != sources_digest()):
+        print("gpu_fast_build: the objects were compiled from other sources: rerun bench/gpu_prebuild.sh")
+        reuse = False
     gencode = open(arch_file).read().split() if os.path.exists(arch_file) else None
     print(f"gpu_fast_build: {'reusing' if reuse else 'not reusing (nvcc differs or no stamp)'} objects from {pre}")
     os.environ.setdefault("MIXLLM_CUDA", "1")
@@ -56,4 +75,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--digest"]:
+        print(sources_digest())
+    else:
+        main()

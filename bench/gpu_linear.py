@@ -18,8 +18,9 @@ the run; the device-to-device copy rate (read + write) is reported beside it. `%
 floor over the W4.4A8 time: the fraction of the streaming bandwidth (or of the int8 rate) reached.
 
 Times are medians of CUDA-event timings of CUDA-graph replays (no launch overhead from Python);
-each replay runs the op once on each of several weight/input copies, as many as needed to
-exceed the L2 cache, so that no timing comes from a cache-resident weight. M <= 16 for _int_mm
+each replay runs the op on several weight/input copies, as many as needed to exceed the L2 cache
+(so that no timing comes from a cache-resident weight), cycling through them for at least 12 calls
+(so that the replay's own start-up is shared alike on every shape). M <= 16 for _int_mm
 is padded to 17 rows (cuBLASLt's int8 path needs M > 16 there).
 
   python bench/gpu_linear.py [--quick] [--out DIR]
@@ -44,8 +45,15 @@ MS = [1, 16, 64, 1024, 4096]
 L2_FLUSH = 160 << 20  # bytes of distinct weights per replay
 
 
+MIN_CALLS = 12  # calls per graph replay, at least
+
+
 def time_graph(fn_list, reps=15):
-    """Median ms per call of a graph that calls each fn in fn_list once."""
+    """Median ms per call of a graph that calls each fn in fn_list once, the list repeated to at least
+    MIN_CALLS calls: a replay's own start (a few us) is then shared by as many calls on every shape, where
+    one or two weight copies per replay (the 70B shapes) used to carry half or all of it. The copies of
+    one cycle exceed L2 together, so no call finds its weight still cached from the cycle before."""
+    fn_list = list(fn_list) * -(-MIN_CALLS // max(1, len(fn_list)))
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):

@@ -18,4 +18,5 @@ done
 for p in "${pids[@]}"; do wait "$p"; done
 nvcc --version > "$DIR/nvcc_version.txt"
 echo "$GENCODE" > "$DIR/gencode.txt"
+python3 bench/gpu_fast_build.py --digest > "$DIR/sources.sha256"
 ls -la "$DIR"
