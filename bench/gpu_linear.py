@@ -20,7 +20,7 @@ floor over the W4.4A8 time: the fraction of the streaming bandwidth (or of the i
 Times are medians of CUDA-event timings of CUDA-graph replays (no launch overhead from Python);
 each replay runs the op on several weight/input copies, as many as needed to exceed the L2 cache
 (so that no timing comes from a cache-resident weight), cycling through them for at least 12 calls
-(so that the replay's own start-up is shared alike on every shape). M <= 16 for _int_mm
+at M <= 64 (so that the replay's own start-up is shared alike on every shape). M <= 16 for _int_mm
 is padded to 17 rows (cuBLASLt's int8 path needs M > 16 there).
 
   python bench/gpu_linear.py [--quick] [--out DIR]
@@ -29,6 +29,7 @@ Prints a table; writes JSON (device, date, all times) to $OUT (if set) and bench
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import statistics
@@ -45,15 +46,22 @@ MS = [1, 16, 64, 1024, 4096]
 L2_FLUSH = 160 << 20  # bytes of distinct weights per replay
 
 
-MIN_CALLS = 12  # calls per graph replay, at least
+MIN_CALLS = 12  # calls per graph replay at decode sizes (M <= 64), at least
 
 
-def time_graph(fn_list, reps=15):
+def min_calls(M):
+    """Calls per replay for M tokens: at decode sizes a replay's own start (a few us) is shared by at
+    least MIN_CALLS calls on every shape (one or two weight copies per replay, the 70B shapes, used to
+    carry half or all of it); prefill calls take milliseconds and run once per copy (longer replays
+    there only heat the GPU)."""
+    return MIN_CALLS if M <= 64 else 1
+
+
+def time_graph(fn_list, reps=15, min_calls=1):
     """Median ms per call of a graph that calls each fn in fn_list once, the list repeated to at least
-    MIN_CALLS calls: a replay's own start (a few us) is then shared by as many calls on every shape, where
-    one or two weight copies per replay (the 70B shapes) used to carry half or all of it. The copies of
-    one cycle exceed L2 together, so no call finds its weight still cached from the cycle before."""
-    fn_list = list(fn_list) * -(-MIN_CALLS // max(1, len(fn_list)))
+    ``min_calls`` calls. The copies of one cycle exceed L2 together, so no call finds its weight still
+    cached from the cycle before."""
+    fn_list = list(fn_list) * -(-min_calls // max(1, len(fn_list)))
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -180,11 +188,12 @@ def bench_shape(N, K, ms, dev, gen, rates, quick):
             for _ in range(len(w_i8))
         ]
         r = {"N": N, "K": K, "M": M}
-        r["bf16"] = time_graph([(lambda x=xs[i], w=w: F.linear(x, w)) for i, w in enumerate(w_bf16)])
+        tg = functools.partial(time_graph, min_calls=min_calls(M))
+        r["bf16"] = tg([(lambda x=xs[i], w=w: F.linear(x, w)) for i, w in enumerate(w_bf16)])
         M16 = max(M, 16)
         x8 = [torch.randn((M16, K), device=dev, generator=gen).to(torch.float8_e4m3fn) for _ in w_f8]
         sx8 = torch.rand((M16, 1), device=dev, generator=gen) + 0.5
-        r["fp8"] = time_graph(
+        r["fp8"] = tg(
             [
                 (
                     lambda a=x8[i], w=w, s=sx8: torch._scaled_mm(
@@ -194,13 +203,13 @@ def bench_shape(N, K, ms, dev, gen, rates, quick):
                 for i, w in enumerate(w_f8)
             ]
         )
-        r["int_mm"] = time_graph([(lambda a=xq17[i], w=w: torch._int_mm(a, w.t())) for i, w in enumerate(w_i8)])
-        r["int_mm+q"] = time_graph([(lambda x=xs17[i], w=w: int_mm_q(x, w.t(), sw)) for i, w in enumerate(w_i8)])
+        r["int_mm"] = tg([(lambda a=xq17[i], w=w: torch._int_mm(a, w.t())) for i, w in enumerate(w_i8)])
+        r["int_mm+q"] = tg([(lambda x=xs17[i], w=w: int_mm_q(x, w.t(), sw)) for i, w in enumerate(w_i8)])
         # layers prepared once (as MixedLinear does): the graphs hold only the kernels
-        r["w8a8"] = time_graph([(lambda x=xs[i], l=l: l(x)) for i, l in enumerate(p8)])
-        r["w4a8"] = time_graph([(lambda x=xs[i], l=l: l(x)) for i, l in enumerate(p4)])
-        r["w4.4a8"] = time_graph([(lambda x=xs[i], l=l: l(x)) for i, l in enumerate(pmix)])
-        r["aq"] = time_graph([(lambda x=x: cuda_ops.quantize_activation(x, 128)) for x in xs])
+        r["w8a8"] = tg([(lambda x=xs[i], l=l: l(x)) for i, l in enumerate(p8)])
+        r["w4a8"] = tg([(lambda x=xs[i], l=l: l(x)) for i, l in enumerate(p4)])
+        r["w4.4a8"] = tg([(lambda x=xs[i], l=l: l(x)) for i, l in enumerate(pmix)])
+        r["aq"] = tg([(lambda x=x: cuda_ops.quantize_activation(x, 128)) for x in xs])
         cfg = pmix[0].plan(M)
         r["plan"] = f"{cfg[3]}/s{cfg[1]}"
         nbytes = w44_bytes(N, K, M)
@@ -254,7 +263,13 @@ def tune(dev, gen):
             ts = []
             pl = [cuda_ops.PreparedLinear([(p[0], i4), (p[1], i8)], N, None, dev) for p in mixed]
             for c in list(range(_cuda.NCFG)) + [-1]:
-                ts.append(time_graph([(lambda x=xs[i], l=l, c=c: l(x, cfg=c)) for i, l in enumerate(pl)], reps=7))
+                ts.append(
+                    time_graph(
+                        [(lambda x=xs[i], l=l, c=c: l(x, cfg=c)) for i, l in enumerate(pl)],
+                        reps=7,
+                        min_calls=min_calls(M),
+                    )
+                )
             print(
                 f"{N:>6} {K:>6} {M:>5} | " + " ".join(f"{t * 1e3:10.1f}" for t in ts[:-1]) + f" | {ts[-1] * 1e3:.1f}",
                 flush=True,
@@ -451,11 +466,17 @@ def sweep_cells(N, K, ms, dev, gen):
     for M in ms:
         xs = [torch.randn((M, K), device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(max(nc, len(wb)))]
 
-        def t(c, sp=0, xs=xs, pl=pl):
-            return time_graph([(lambda x=xs[i], l=l: l(x, cfg=c, splits=sp)) for i, l in enumerate(pl)], reps=9)
+        mc = min_calls(M)
+
+        def t(c, sp=0, xs=xs, pl=pl, mc=mc):
+            return time_graph(
+                [(lambda x=xs[i], l=l: l(x, cfg=c, splits=sp)) for i, l in enumerate(pl)], reps=9, min_calls=mc
+            )
 
         r = {"N": N, "K": K, "M": M}
-        r["bf16"] = time_graph([(lambda x=xs[i], w=w: F.linear(x, w)) for i, w in enumerate(wb)], reps=9)
+        r["bf16"] = time_graph(
+            [(lambda x=xs[i], w=w: F.linear(x, w)) for i, w in enumerate(wb)], reps=9, min_calls=min_calls(M)
+        )
         yield M, r, t, pl[0].plan
         del xs
     del mixed, pl, wb
