@@ -8,6 +8,7 @@ W4.4A8 mixed layer timed as CUDA-graph replays with and without programmatic dep
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_linear import copies, rand_qweight, split_rows, time_graph  # noqa: E402
+from gpu_linear import copies, min_calls, rand_qweight, split_rows, time_graph  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from mixllm import cuda_ops  # noqa: E402
@@ -133,9 +134,14 @@ def main():
                 for _ in range(max(len(mixed), len(wb)))
             ]
             r = {"N": N, "K": K, "M": M}
-            r["bf16"] = time_graph([(lambda x=xs[i], w=w: F.linear(x, w)) for i, w in enumerate(wb)]) * 1e3
+            mc = min_calls(M)
+            bf16 = [(lambda x=xs[i], w=w: F.linear(x, w)) for i, w in enumerate(wb)]
+            r["bf16"] = time_graph(bf16, min_calls=mc) * 1e3
             for v, (_, ckw) in VARIANTS.items():
-                r[v] = time_graph([(lambda x=xs[i], l=l, c=ckw: l(x, **c)) for i, l in enumerate(layers[v])]) * 1e3
+                r[v] = (
+                    time_graph([(lambda x=xs[i], l=l, c=ckw: l(x, **c)) for i, l in enumerate(layers[v])], min_calls=mc)
+                    * 1e3
+                )
             p = layers["pdl"][0].plan(M)
             r["plan"] = f"{p[3]}/s{p[1]}"
             rows.append(r)
@@ -149,7 +155,8 @@ def main():
         torch.cuda.empty_cache()
     if args.out:
         with open(os.path.join(args.out, "gpu_variants.json"), "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+            date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
+            json.dump({"device": torch.cuda.get_device_name(), "date": date, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

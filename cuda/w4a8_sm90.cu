@@ -124,6 +124,13 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap *map
                  : "memory");
 }
 
+/* An L2 prefetch of one TMA box (no shared memory, no barrier: a hint). */
+__device__ __forceinline__ void tma_prefetch_3d(const CUtensorMap *map, int c0, int c1, int c2) {
+    asm volatile("cp.async.bulk.prefetch.tensor.3d.L2.global.tile [%0, {%1, %2, %3}];\n" ::"l"((uint64_t)map), "r"(c0),
+                 "r"(c1), "r"(c2)
+                 : "memory");
+}
+
 __device__ __forceinline__ void cp_async4_zfill(uint32_t dst, const void *src, int bytes) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
 }
@@ -429,6 +436,16 @@ __global__ void __launch_bounds__(RING::NTH, RING::CTAS)
             asm volatile("prefetch.tensormap [%0];\n" ::"l"((uint64_t)wmap) : "memory");
             asm volatile("prefetch.tensormap [%0];\n" ::"l"((uint64_t)mmap) : "memory");
         }
+        /* Launched with programmatic dependent launch (mixc_gemm.pdl), the CTA starts while the activation
+         * quantizer still runs: the first stages' codes and meta records (which it does not write) are
+         * asked into L2 now, and nothing it writes (activation codes, scales) is copied before its
+         * grid has completed. A no-op wait without PDL. */
+        if (lane == 0)
+            for (int s = s0; s < s1 && s < s0 + ST; s++) {
+                tma_prefetch_3d(wmap, 0, s * (int)(wbytes / 256), rt0);
+                tma_prefetch_3d(mmap, 0, min(s / a.spg, a.G - 1), rt0);
+            }
+        asm volatile("griddepcontrol.wait;\n" ::: "memory");
         int j = s0 / a.spg, jleft = a.spg - s0 % a.spg; /* group of stage s, stages left in it */
         for (int s = s0; s < s1; s++) {
             const int i = s - s0, buf = i % ST;
@@ -543,9 +560,18 @@ cudaError_t launch90(int device, const mixc_gemm *g, const Args90 &a, int nblk, 
         if (e != cudaSuccess) return e;
         attr_set[device] = true;
     }
-    dim3 grid((unsigned)((g->M + BM - 1) / BM), (unsigned)nblk, (unsigned)((nst + a.sps - 1) / a.sps));
-    qgemm_sm90_kernel<RING><<<grid, RING::NTH, RING::SMEM_BYTES, stream>>>(a, map, wmap[0], wmap[1], mmap[0], mmap[1]);
-    return cudaGetLastError();
+    cudaLaunchConfig_t lc = {};
+    lc.gridDim = dim3((unsigned)((g->M + BM - 1) / BM), (unsigned)nblk, (unsigned)((nst + a.sps - 1) / a.sps));
+    lc.blockDim = dim3(RING::NTH);
+    lc.dynamicSmemBytes = RING::SMEM_BYTES;
+    lc.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    lc.attrs = attr;
+    lc.numAttrs = g->pdl ? 1 : 0; /* see the producer's griddepcontrol.wait */
+    const cudaError_t e = cudaLaunchKernelEx(&lc, qgemm_sm90_kernel<RING>, a, map, wmap[0], wmap[1], mmap[0], mmap[1]);
+    return e != cudaSuccess ? e : cudaGetLastError();
 }
 
 extern "C" int mixc_qlinear_sm90(int device, const mixc_gemm *g, void *stream_) {
