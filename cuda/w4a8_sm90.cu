@@ -436,11 +436,11 @@ __global__ void __launch_bounds__(RING::NTH, RING::CTAS)
             asm volatile("prefetch.tensormap [%0];\n" ::"l"((uint64_t)wmap) : "memory");
             asm volatile("prefetch.tensormap [%0];\n" ::"l"((uint64_t)mmap) : "memory");
         }
-        /* Launched with programmatic dependent launch (mixc_gemm.pdl), the CTA starts while the activation
-         * quantizer still runs: the first stages' codes and meta records (which it does not write) are
-         * asked into L2 now, and nothing it writes (activation codes, scales) is copied before its
-         * grid has completed. A no-op wait without PDL. */
-        if (lane == 0)
+        /* Launched with programmatic dependent launch (mixc_gemm.pdl; the few-token tiles, see launch90),
+         * the CTA starts while the activation quantizer still runs: the first stages' codes and meta
+         * records (which it does not write) are asked into L2 now, and nothing it writes (activation
+         * codes, scales) is copied before its grid has completed. A no-op wait without PDL. */
+        if (BM <= 64 && lane == 0)
             for (int s = s0; s < s1 && s < s0 + ST; s++) {
                 tma_prefetch_3d(wmap, 0, s * (int)(wbytes / 256), rt0);
                 tma_prefetch_3d(mmap, 0, min(s / a.spg, a.G - 1), rt0);
