@@ -52,7 +52,8 @@ def main():
         print("gpu_fast_build: the objects were compiled from other sources: rerun bench/gpu_prebuild.sh")
         reuse = False
     gencode = open(arch_file).read().split() if os.path.exists(arch_file) else None
-    print(f"gpu_fast_build: {'reusing' if reuse else 'not reusing (nvcc differs or no stamp)'} objects from {pre}")
+    why = "nvcc, its stamp or the sources differ"
+    print(f"gpu_fast_build: {'reusing' if reuse else f'not reusing ({why})'} objects from {pre}")
     os.environ.setdefault("MIXLLM_CUDA", "1")
     check_call = subprocess.check_call
 
