@@ -3,6 +3,8 @@ W4.4A8, perplexity through the CPU path (C kernels) and the GPU path (CUDA kerne
 and greedy decode tokens/s of the bf16 model vs the MixedLinear model on the GPU.
 
     python3 bench/gpu_e2e.py --ids IDS.pt --out results.md
+    python3 bench/gpu_e2e.py --texts-json TEXTS.json --out results.md   # texts staged by bench/device_assets.sh
+    python3 bench/gpu_e2e.py --synthetic [--compiled | --pdl-ab]        # Llama-3-8B shapes, random weights
 
 ``IDS.pt``: ``{"eval": LongTensor[T], "calib": LongTensor[n, 512]}``, written where gensim is installed:
 ``mixllm.data`` evaluation articles (first 16384 tokens) and ``calibration_samples(tok, 32, 512, 0)``
@@ -277,6 +279,59 @@ def prefill_ms(model, L, reps=5):
     return statistics.median(ts)
 
 
+def quantize_rtn(model, gen):
+    """Every linear layer of the blocks replaced by rtn_mixed (10% of the rows 8-bit)."""
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for n, mod in list(parent.named_children()):
+                if isinstance(mod, torch.nn.Linear):
+                    setattr(parent, n, rtn_mixed(mod, 0.1, gen))
+    torch.cuda.empty_cache()
+
+
+def set_pdl(model, pdl):
+    """Rebuild every prepared CUDA layer of ``model``'s MixedLinear modules with or without
+    programmatic dependent launch (mixllm.cuda_ops.PreparedLinear's ``pdl``); graphs captured
+    afterwards use them."""
+    from mixllm.cuda_ops import PreparedLinear
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, MixedLinear):
+            for key in [k for k in m._cache if isinstance(k, tuple) and k[0] == "cuda"]:
+                w4, w8, i4, i8 = m._parts()
+                parts = [(w, i) for w, i in ((w4, i4), (w8, i8)) if w is not None]
+                m._cache[key] = PreparedLinear(parts, m.out_features, m.bias, key[1], pdl=pdl)
+                n += 1
+    return n
+
+
+def pdl_ab(args, res, model, gen, prompt1, prompt16):
+    """The fused W4.4A8 model's compiled CUDA-graph decode (batch 1 and 16) with the GEMMs launched
+    with and without programmatic dependent launch, alternating (3 rounds), in one process: whether
+    what PDL gains in the layer table reaches the model."""
+    quantize_rtn(model, gen)
+    res["fused_groups"] = fuse_projections(model)
+    torch._dynamo.reset()
+    step = torch.compile(model, dynamic=False)
+    for prompt in (prompt1, prompt16):  # compile and prepare every layer
+        decode_graph_tps(model, prompt, 4, 1, step=step)
+    for rnd in range(3):
+        for pdl in (True, False):
+            res["pdl_ab_layers_rebuilt"] = set_pdl(model, pdl)
+            for B, prompt in ((1, prompt1), (16, prompt16)):
+                steps, _ = decode_graph_tps(model, prompt, args.new_tokens, args.reps, step=step)
+                res.setdefault(f"decode_b{B}_tps_compiled_pdl{int(pdl)}", []).append(B * steps)
+                log(f"round {rnd} pdl={pdl} batch-{B} compiled graph decode tok/s", B * steps)
+            _save(res, args.out)
+    for B in (1, 16):
+        on, off = (statistics.median(res[f"decode_b{B}_tps_compiled_pdl{i}"]) for i in (1, 0))
+        res[f"decode_b{B}_pdl_gain"] = on / off
+        print(f"batch {B}: with PDL {on:.1f}, without {off:.1f} tok/s (median of 3): {on / off:.3f}x")
+    _save(res, args.out)
+    return res
+
+
 def synthetic(args):
     """Speed of a Llama-3-8B-shaped model with random weights: bf16 vs W4.4A8 (RTN, a random 10%
     of the rows 8-bit; embeddings, norms and the head stay bf16), each layer on its own and then with
@@ -332,16 +387,13 @@ def synthetic(args):
         log(name, f"prefill {args.prefill} ms", res[f"prefill{args.prefill}_ms_{name}"])
         _save(res, args.out)
 
+    if args.pdl_ab:
+        return pdl_ab(args, res, model, gen, prompt1, prompt16)
     measure("bf16")
     if args.compiled:
         measure_compiled("bf16")
     t0 = time.time()
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for n, mod in list(parent.named_children()):
-                if isinstance(mod, torch.nn.Linear):
-                    setattr(parent, n, rtn_mixed(mod, 0.1, gen))
-    torch.cuda.empty_cache()
+    quantize_rtn(model, gen)
     res["quantize_s"] = time.time() - t0
     measure("w44a8")
     # the same layers with q/k/v and gate/up fused (mixllm.fuse_projections): the headline figures
@@ -375,6 +427,16 @@ def synthetic(args):
     return res
 
 
+def _ids_from_texts(path, eval_tokens, n_calib):
+    """What ``--ids`` holds, from the staged texts: the first ``eval_tokens`` tokens of the wiki
+    evaluation text and ``n_calib`` calibration windows of 512 tokens (seed 0)."""
+    texts = json.load(open(path))
+    _, tok = data.load_model()
+    ev = tok(texts["wiki"], return_tensors="pt").input_ids[0][:eval_tokens]
+    calib = data.calibration_samples(tok, n_calib, 512, seed=0, text=texts["calibration"])
+    return {"eval": ev, "calib": calib}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument(
@@ -389,7 +451,18 @@ def main(argv=None):
         action="store_true",
         help="--synthetic: also decode with torch.compile'd steps (bf16 and fused W4.4A8; minutes of compilation)",
     )
+    ap.add_argument(
+        "--pdl-ab",
+        action="store_true",
+        help="--synthetic: only the fused W4.4A8 model's compiled decode, GEMMs with and without PDL, alternating",
+    )
     ap.add_argument("--ids")
+    ap.add_argument(
+        "--texts-json",
+        default=os.environ.get("MIXLLM_TEXTS_JSON"),
+        help="instead of --ids: the texts as bench/device_assets.sh stages them (tokenized here: the wiki "
+        "evaluation text and calibration windows of 512, seed 0); default $MIXLLM_TEXTS_JSON",
+    )
     ap.add_argument("--out", default="gpu_e2e.md")
     ap.add_argument("--bits", type=float, default=4.4)
     ap.add_argument("--eval-tokens", type=int, default=16384)
@@ -405,11 +478,11 @@ def main(argv=None):
             args.out = os.path.join(os.environ.get("OUT", "."), "gpu_e2e_synthetic.md")
         args.new_tokens = min(args.new_tokens, 64)
         return synthetic(args)
-    if not args.ids:
-        ap.error("--ids is required (or --synthetic)")
+    if not args.ids and not args.texts_json:
+        ap.error("--ids or --texts-json is required (or --synthetic)")
     torch.set_num_threads(args.threads)
     t_all = time.time()
-    ids = torch.load(args.ids)
+    ids = torch.load(args.ids) if args.ids else _ids_from_texts(args.texts_json, args.eval_tokens, args.n_calib)
     ev = ids["eval"][: args.eval_tokens].long()
     calib = ids["calib"][: args.n_calib].long()
     prompt = ev[:32]
