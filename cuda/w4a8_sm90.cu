@@ -124,13 +124,6 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap *map
                  : "memory");
 }
 
-/* An L2 prefetch of one TMA box (no shared memory, no barrier: a hint). */
-__device__ __forceinline__ void tma_prefetch_3d(const CUtensorMap *map, int c0, int c1, int c2) {
-    asm volatile("cp.async.bulk.prefetch.tensor.3d.L2.global.tile [%0, {%1, %2, %3}];\n" ::"l"((uint64_t)map), "r"(c0),
-                 "r"(c1), "r"(c2)
-                 : "memory");
-}
-
 __device__ __forceinline__ void cp_async4_zfill(uint32_t dst, const void *src, int bytes) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
 }
@@ -437,14 +430,10 @@ __global__ void __launch_bounds__(RING::NTH, RING::CTAS)
             asm volatile("prefetch.tensormap [%0];\n" ::"l"((uint64_t)mmap) : "memory");
         }
         /* Launched with programmatic dependent launch (mixc_gemm.pdl; the few-token tiles, see launch90),
-         * the CTA starts while the activation quantizer still runs: the first stages' codes and meta
-         * records (which it does not write) are asked into L2 now, and nothing it writes (activation
-         * codes, scales) is copied before its grid has completed. A no-op wait without PDL. */
-        if (BM <= 64 && lane == 0)
-            for (int s = s0; s < s1 && s < s0 + ST; s++) {
-                tma_prefetch_3d(wmap, 0, s * (int)(wbytes / 256), rt0);
-                tma_prefetch_3d(mmap, 0, min(s / a.spg, a.G - 1), rt0);
-            }
+         * the CTA starts while the activation quantizer still runs: nothing it writes (activation codes,
+         * scales) is copied before its grid has completed. A no-op wait without PDL. (An L2 prefetch of
+         * the first stages' weights before the wait was slower: docs/kernels.md, "Programmatic dependent
+         * launch".) */
         asm volatile("griddepcontrol.wait;\n" ::: "memory");
         int j = s0 / a.spg, jleft = a.spg - s0 % a.spg; /* group of stage s, stages left in it */
         for (int s = s0; s < s1; s++) {
