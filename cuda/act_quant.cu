@@ -1,13 +1,15 @@
 /* Dynamic int8 activation quantization per token and per group of g columns (docs/spec.md §1),
  * bit-identical to the CPU reference (csrc/quant.c): scale = max|x| / 127 in float32
  * (1 for an all-zero group), code = clamp(rint(x / scale), -127, 127) with IEEE division
- * and round-half-to-even. One warp per (token, group); two passes over the group (the
+ * and round-half-to-even (code_of: a multiply by 1 / scale wherever that provably gives the same
+ * integer, the division elsewhere). One warp per (token, group); two passes over the group (the
  * second hits L1); 8/16-byte loads when g is a multiple of 128 (the default), scalar otherwise. Writes either the plain
  * [M, K] / [M, G] format or the GEMM's padded layout (cuda/w4a8.cu): groups padded with zeros to gp columns, the scale
  * repeated for each of the group's stages. Non-finite inputs (docs/readme_reliability.md, "NaN and Inf on the GPU"): a
  * group holding a NaN or +-Inf gets scale NaN and all-zero codes, so the GEMM's product with that scale makes the
  * token's whole output row NaN, as F.linear would. The CPU op raises instead; a GPU op cannot
- * without a host synchronisation. (fmaxf alone would drop a NaN and give finite garbage.) */
+ * without a host synchronisation. (The group max is taken with max.NaN: fmaxf would drop a NaN and give
+ * finite garbage.) */
 #include "mixllm_cuda.h"
 #include "device_guard.cuh"
 #include <cuda_runtime.h>
@@ -28,23 +30,35 @@ __device__ __forceinline__ void let_dependents_start() {
 #endif
 }
 
-/* |v| into the group's running max; *bad records a NaN or +-Inf (which fmaxf would drop). */
-__device__ __forceinline__ void absmax(float v, float &amax, bool &bad) {
-    const float a = fabsf(v);
-    amax = fmaxf(amax, a);
-    bad |= !(a <= FLT_MAX);
+/* max that propagates a NaN (fmaxf drops it): a group's max|x| is NaN or +Inf exactly when the group
+ * holds a non-finite value, so one test of the reduced max finds it. */
+__device__ __forceinline__ float max_nan(float a, float b) {
+    float d;
+    asm("max.NaN.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
+    return d;
 }
 
-/* A group's scale from its reduced max and whether any of its lanes saw a non-finite value: NaN for
- * a non-finite group, 1 for an all-zero one. */
-__device__ __forceinline__ float scale_of(float amax, bool any_bad) {
-    if (any_bad) return __int_as_float(0x7fffffff);
+/* |v| into the group's running max */
+__device__ __forceinline__ void absmax(float v, float &amax) { amax = max_nan(amax, fabsf(v)); }
+
+/* A group's scale from its reduced max: NaN for a non-finite group, 1 for an all-zero one. */
+__device__ __forceinline__ float scale_of(float amax) {
+    if (!(amax <= FLT_MAX)) return __int_as_float(0x7fffffff);
     const float s = amax / 127.f;
     return s > 0.f ? s : 1.f;
 }
-/* ... of a group that is the whole warp */
-__device__ __forceinline__ float group_scale(float amax, bool bad) {
-    return scale_of(amax, __any_sync(0xffffffffu, bad));
+
+/* The code of v in a group of scale s (r = 1 / s, rounded): clamp(rint(v / s), -127, 127) with the
+ * IEEE division of the CPU op, bit for bit, at the cost of a multiply. For |v / s| <= 128, q = v * r
+ * carries two roundings of at most 2^-24 relative, so it lies within 2^-16 of v / s and within 2^-15 of
+ * the rounded quotient: where q is more than 2^-14 from a half-integer, both have the same nearest
+ * integer (q - rint(q) is exact there: Sterbenz). The rest (about 1 element in 4000, ties included)
+ * and groups whose 1 / s is not a finite float (q then NaN or Inf) take the division. (Measured: 2-3%
+ * faster than the division everywhere; docs/kernels.md, "Activation quantizer".) */
+__device__ __forceinline__ int code_of(float v, float s, float r) {
+    const float q = v * r, c = rintf(q);
+    const int k = fabsf(q - c) < 0.5f - 0x1p-14f ? (int)c : __float2int_rn(v / s);
+    return max(-127, min(127, k));
 }
 
 template <typename T> __device__ __forceinline__ float to_f(T v);
@@ -64,17 +78,13 @@ __global__ void act_quant_kernel(const T *__restrict__ x, int64_t M, int64_t K, 
     const int64_t k0 = j * g, len = min(g, K - k0);
     const T *xr = x + m * K + k0;
     float amax = 0.f;
-    bool bad = false;
-    for (int64_t e = lane; e < len; e += 32) absmax(to_f(xr[e]), amax, bad);
+    for (int64_t e = lane; e < len; e += 32) absmax(to_f(xr[e]), amax);
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-    const float s = group_scale(amax, bad);
+    for (int o = 16; o > 0; o >>= 1) amax = max_nan(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    const float s = scale_of(amax), r = 1.f / s;
     const bool finite = s == s;
     int8_t *qr = q + m * qpitch + j * gp;
-    for (int64_t e = lane; e < len; e += 32) {
-        const int c = finite ? __float2int_rn(to_f(xr[e]) / s) : 0;
-        qr[e] = (int8_t)max(-127, min(127, c));
-    }
+    for (int64_t e = lane; e < len; e += 32) qr[e] = (int8_t)(finite ? code_of(to_f(xr[e]), s, r) : 0);
     /* padding of the group, and past the last group up to the row's end */
     const int64_t pad_end = (j == G - 1) ? qpitch - j * gp : gp;
     for (int64_t e = len + lane; e < pad_end; e += 32)
@@ -122,19 +132,18 @@ __global__ void act_quant_vec_kernel(const T *__restrict__ x, int64_t M, int64_t
         const T *xr = x + m * K + k0;
         float v0[4] = {0.f, 0.f, 0.f, 0.f};
         float amax = 0.f;
-        bool bad = false;
         if (lane * 4 < len) load_n<4>(xr + lane * 4, v0);
 #pragma unroll
-        for (int i = 0; i < 4; i++) absmax(v0[i], amax, bad);
+        for (int i = 0; i < 4; i++) absmax(v0[i], amax);
         for (int64_t e = 128 + lane * 4; e < len; e += 128) {
             float v[4];
             load_n<4>(xr + e, v);
 #pragma unroll
-            for (int i = 0; i < 4; i++) absmax(v[i], amax, bad);
+            for (int i = 0; i < 4; i++) absmax(v[i], amax);
         }
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-        const float s = group_scale(amax, bad);
+        for (int o = 16; o > 0; o >>= 1) amax = max_nan(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+        const float s = scale_of(amax), r = 1.f / s;
         const bool finite = s == s;
         int8_t *qr = q + m * qpitch + j * gp;
         for (int64_t e = lane * 4; e < len; e += 128) {
@@ -147,10 +156,7 @@ __global__ void act_quant_vec_kernel(const T *__restrict__ x, int64_t M, int64_t
             }
             uint32_t w = 0;
 #pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const int c = max(-127, min(127, __float2int_rn(v[i] / s)));
-                w |= (uint32_t)(uint8_t)(int8_t)c << (8 * i);
-            }
+            for (int i = 0; i < 4; i++) { w |= (uint32_t)(uint8_t)(int8_t)code_of(v[i], s, r) << (8 * i); }
             *(uint32_t *)(qr + e) = finite ? w : 0u;
         }
         const int64_t pad_end = (j == G - 1) ? qpitch - j * gp : gp;
@@ -173,7 +179,6 @@ __global__ void act_quant_g128_kernel(const T *__restrict__ x, int64_t M, int64_
                                       int64_t sapitch) {
     let_dependents_start();
     const int lane = threadIdx.x & 31, hl = lane & 15;
-    const uint32_t half_mask = (lane & 16) ? 0xFFFF0000u : 0x0000FFFFu;
     const int64_t P = (G + 1) / 2; /* group pairs per token */
     const int64_t nwarps = ((int64_t)gridDim.x * blockDim.x) >> 5;
     const int64_t w0 = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5;
@@ -192,20 +197,19 @@ __global__ void act_quant_g128_kernel(const T *__restrict__ x, int64_t M, int64_
         float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
         if (mine) load_n<8>(x + m * K + k0 + hl * 8, v);
         float amax = 0.f;
-        bool bad = false;
 #pragma unroll
-        for (int i = 0; i < 8; i++) absmax(v[i], amax, bad);
+        for (int i = 0; i < 8; i++) absmax(v[i], amax);
 #pragma unroll
-        for (int o = 8; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-        const bool half_bad = (__ballot_sync(0xffffffffu, bad) & half_mask) != 0;
-        const float s = scale_of(amax, half_bad);
+        for (int o = 8; o > 0; o >>= 1) amax = max_nan(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+        const float s = scale_of(amax), r = 1.f / s; /* this half-warp's group */
+        const bool half_bad = !(s == s);
         if (!grp) continue;
         int8_t *qr = q + m * qpitch + j * gp;
         if (mine) {
             uint32_t lo = 0, hi = 0;
 #pragma unroll
             for (int i = 0; i < 8; i++) {
-                const uint32_t c = (uint8_t)(int8_t)max(-127, min(127, __float2int_rn(v[i] / s)));
+                const uint32_t c = (uint8_t)(int8_t)code_of(v[i], s, r);
                 if (i < 4)
                     lo |= c << (8 * i);
                 else

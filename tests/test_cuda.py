@@ -60,13 +60,15 @@ def test_act_quant_matches_cpu(rng, dtype, M, K, g):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_act_quant_near_rounding_boundaries(rng, dtype):
-    """The default quantizer must round x / s exactly as the CPU op's IEEE division does (a faster
-    division must keep that): 2M values, half of them within a few ulps of (k + 0.5) * s, groups of
-    scales from 2^-110 to 2^20."""
-    M, K, g = 512, 4096, 128
+@pytest.mark.parametrize("g", [128, 256, 64])  # the half-warp kernel, the vector one, the generic one
+def test_act_quant_near_rounding_boundaries(rng, dtype, g):
+    """The quantizer must round x / s exactly as the CPU op's IEEE division does (its multiply by
+    1 / s keeps that, cuda/act_quant.cu code_of): 2M values, half of them within a few ulps of
+    (k + 0.5) * s, groups of scales from 2^-140 (subnormal: 1 / s overflows, the division's fallback)
+    to 2^20."""
+    M, K = 512, 4096
     G = K // g
-    s = (rng.uniform(0.5, 2.0, (M, G, 1)) * 2.0 ** rng.integers(-110, 20, (M, G, 1))).astype(np.float32)
+    s = (rng.uniform(0.5, 2.0, (M, G, 1)) * 2.0 ** rng.integers(-140, 20, (M, G, 1))).astype(np.float32)
     k = rng.integers(-127, 127, (M, G, g))
     near = ((k + 0.5) * s).astype(np.float32)
     near = near + rng.integers(-3, 4, near.shape).astype(np.float32) * np.spacing(near)
