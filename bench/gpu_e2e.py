@@ -427,11 +427,10 @@ def synthetic(args):
     return res
 
 
-def _ids_from_texts(path, eval_tokens, n_calib):
+def _ids_from_texts(path, tok, eval_tokens, n_calib):
     """What ``--ids`` holds, from the staged texts: the first ``eval_tokens`` tokens of the wiki
     evaluation text and ``n_calib`` calibration windows of 512 tokens (seed 0)."""
     texts = json.load(open(path))
-    _, tok = data.load_model()
     ev = tok(texts["wiki"], return_tensors="pt").input_ids[0][:eval_tokens]
     calib = data.calibration_samples(tok, n_calib, 512, seed=0, text=texts["calibration"])
     return {"eval": ev, "calib": calib}
@@ -482,7 +481,9 @@ def main(argv=None):
         ap.error("--ids or --texts-json is required (or --synthetic)")
     torch.set_num_threads(args.threads)
     t_all = time.time()
-    ids = torch.load(args.ids) if args.ids else _ids_from_texts(args.texts_json, args.eval_tokens, args.n_calib)
+    log("load")
+    model, tok = data.load_model()
+    ids = torch.load(args.ids) if args.ids else _ids_from_texts(args.texts_json, tok, args.eval_tokens, args.n_calib)
     ev = ids["eval"][: args.eval_tokens].long()
     calib = ids["calib"][: args.n_calib].long()
     prompt = ev[:32]
@@ -498,8 +499,6 @@ def main(argv=None):
         "bits": args.bits,
         "new_tokens": args.new_tokens,
     }
-    log("load")
-    model, tok = data.load_model()
     if cuda:
         ref = copy.deepcopy(model).to(gpu, torch.bfloat16).eval()
         res["ppl_bf16_gpu"] = perplexity(ref, ev, 512, progress=False)
