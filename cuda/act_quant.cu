@@ -54,7 +54,7 @@ __device__ __forceinline__ float scale_of(float amax) {
  * the rounded quotient: where q is more than 2^-14 from a half-integer, both have the same nearest
  * integer (q - rint(q) is exact there: Sterbenz). The rest (about 1 element in 4000, ties included)
  * and groups whose 1 / s is not a finite float (q then NaN or Inf) take the division. (Measured: 2-3%
- * faster than the division everywhere; docs/kernels.md, "Activation quantizer".) */
+ * faster than the division from 1024 tokens on; docs/kernels.md, "Activation quantizer".) */
 __device__ __forceinline__ int code_of(float v, float s, float r) {
     const float q = v * r, c = rintf(q);
     const int k = fabsf(q - c) < 0.5f - 0x1p-14f ? (int)c : __float2int_rn(v / s);
