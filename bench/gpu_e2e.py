@@ -299,9 +299,7 @@ def set_pdl(model, pdl):
     for m in model.modules():
         if isinstance(m, MixedLinear):
             for key in [k for k in m._cache if isinstance(k, tuple) and k[0] == "cuda"]:
-                w4, w8, i4, i8 = m._parts()
-                parts = [(w, i) for w, i in ((w4, i4), (w8, i8)) if w is not None]
-                m._cache[key] = PreparedLinear(parts, m.out_features, m.bias, key[1], pdl=pdl)
+                m._cache[key] = PreparedLinear(m._part_list(), m.out_features, m.bias, key[1], pdl=pdl)
                 n += 1
     return n
 

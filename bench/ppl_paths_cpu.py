@@ -23,7 +23,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from mixllm import data  # noqa: E402
@@ -37,19 +36,8 @@ def log(*a):
 
 
 def forward_float64(self, x):
-    """``MixedLinear._forward_emulated`` with the product in float64 (same float32 activation scales
-    and codes)."""
-    W = self._cache.get("w64")
-    if W is None:
-        W = self._cache["w64"] = self.dequantized_weight().double()
-    K, g = self.in_features, min(self.group_size, self.in_features)
-    xf = x.float().reshape(-1, K)
-    xp = F.pad(xf, (0, (-K) % g)).reshape(xf.shape[0], -1, g)
-    s = xp.abs().amax(-1, keepdim=True) / 127
-    s = torch.where(s == 0, torch.ones_like(s), s)
-    xq = (torch.round(xp / s).clamp(-127, 127).double() * s.double()).reshape(xf.shape[0], -1)[:, :K]
-    y = F.linear(xq, W, None if self.bias is None else self.bias.double())
-    return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+    """``MixedLinear._forward_emulated`` with the product in float64 (same float32 scales and codes)."""
+    return self._forward_emulated(x, torch.float64)
 
 
 def main(argv=None):

@@ -287,6 +287,11 @@ class MixedLinear(nn.Module):
             self._cache["parts"] = parts
         return parts
 
+    def _part_list(self):
+        """The present parts as (weight, output indices) pairs, as the prepared layers take them."""
+        w4, w8, i4, i8 = self._parts()
+        return [(w, i) for w, i in ((w4, i4), (w8, i8)) if w is not None]
+
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 [N, K] weight this layer represents, in the original row order."""
         W = torch.empty(self.out_features, self.in_features, dtype=torch.float32, device=self.perm.device)
@@ -350,9 +355,7 @@ class MixedLinear(nn.Module):
         per call only x and y cross into C; bit-identical to ops.mixed_linear."""
         lin = self._cache.get("cpu")
         if lin is None:
-            w4, w8, i4, i8 = self._parts()
-            parts = [(w, i) for w, i in ((w4, i4), (w8, i8)) if w is not None]
-            lin = self._cache["cpu"] = ops.PreparedCPULinear(parts, self.out_features, self.bias)
+            lin = self._cache["cpu"] = ops.PreparedCPULinear(self._part_list(), self.out_features, self.bias)
         return lin
 
     def _prepared(self, device):
@@ -363,13 +366,13 @@ class MixedLinear(nn.Module):
         if lin is None:
             from .cuda_ops import PreparedLinear
 
-            w4, w8, i4, i8 = self._parts()
-            parts = [(w, i) for w, i in ((w4, i4), (w8, i8)) if w is not None]
-            lin = self._cache[key] = PreparedLinear(parts, self.out_features, self.bias, device)
+            lin = self._cache[key] = PreparedLinear(self._part_list(), self.out_features, self.bias, device)
         return lin
 
-    def _forward_emulated(self, x):
-        """Same math in torch ops (fake-quantized activations), for devices without our kernels."""
+    def _forward_emulated(self, x, dtype=torch.float32):
+        """Same math in torch ops (fake-quantized activations), for devices without our kernels;
+        ``dtype``: the product's (float64 measures what float32 rounding alone changes,
+        bench/ppl_paths_cpu.py). Scales and codes are float32 in either case."""
         W = self._cache.get("w")
         if W is None:
             W = self._cache["w"] = self.dequantized_weight()
@@ -379,8 +382,9 @@ class MixedLinear(nn.Module):
         xp = F.pad(xf, (0, pad)).reshape(xf.shape[0], -1, g)
         s = xp.abs().amax(-1, keepdim=True) / 127
         s = torch.where(s == 0, torch.ones_like(s), s)
-        xq = (torch.round(xp / s).clamp(-127, 127) * s).reshape(xf.shape[0], -1)[:, :K]
-        y = F.linear(xq, W, self.bias)
+        xq = (torch.round(xp / s).clamp(-127, 127).to(dtype) * s.to(dtype)).reshape(xf.shape[0], -1)[:, :K]
+        bias = None if self.bias is None else self.bias.to(dtype)
+        y = F.linear(xq, W.to(dtype), bias)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
