@@ -87,12 +87,13 @@ def _static_cache(model, max_len, dtype, device, batch=1):
 
 
 @torch.no_grad()
-def decode_graph_tps(model, prompt, new_tokens, reps, step=None):
+def decode_graph_tps(model, prompt, new_tokens, reps, step=None, profile=None):
     """Greedy decode, each step one replay of a CUDA graph of the whole model (transformers
     StaticCache; the prompt's prefill runs eagerly, outside the timed loop). ``prompt``: [P]
     (batch 1) or [B, P]. ``step``: what runs a decode step (default ``model``; e.g.
     ``torch.compile(model)``, compiled by the warm-up steps, then captured like the eager one).
-    Returns (steps/s, tokens of sequence 0); tokens/s = B * steps/s."""
+    Returns (steps/s, tokens of sequence 0); tokens/s = B * steps/s. ``profile``: a dict that gets
+    one more run's GPU kernels under torch.profiler, per step and by kind (``kernel_breakdown``)."""
     step = model if step is None else step
     dev = next(model.parameters()).device
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
@@ -137,7 +138,62 @@ def decode_graph_tps(model, prompt, new_tokens, reps, step=None):
         times.append(time.perf_counter() - t0)
         toks = seq.tolist()
     t = statistics.median(times[1:])
+    if profile is not None:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        for c in counters:
+            c.fill_(P)
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            for t_ in range(new_tokens):
+                static_pos.fill_(P + t_)
+                graph.replay()
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+        profile.update(kernel_breakdown(prof, new_tokens, wall))
     return new_tokens / t, toks
+
+
+# kernel name patterns -> kind, first match wins (bench/gpu_e2e.py --profile-decode)
+KERNEL_KINDS = (
+    ("w4a8 GEMM (wgmma)", ("qgemm_sm90",)),
+    ("w4a8 GEMM (decode)", ("decode",)),
+    ("w4a8 GEMM (mma.sync)", ("qgemm", "mixc_")),
+    ("activation quantizer", ("act_quant", "quantize_act", "aq_")),
+    ("split-K reduce", ("reduce",)),
+    ("bf16 GEMM (cuBLAS)", ("gemm", "gemv", "nvjet", "xmma", "cutlass", "splitK", "Kernel2")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
+    ("inductor / triton", ("triton",)),
+    ("torch elementwise / copy", ("elementwise", "vectorized", "copy", "fill", "index", "reduce_kernel", "cat")),
+)
+
+
+def kernel_breakdown(prof, steps, wall_s):
+    """GPU kernel time per decode step by kind (KERNEL_KINDS), and the 12 costliest kernels."""
+    per_name = {}
+    for e in prof.events():
+        if getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
+            continue
+        d = per_name.setdefault(e.name, [0.0, 0])
+        d[0] += e.time_range.elapsed_us()
+        d[1] += 1
+    kinds = {}
+    for name, (us, n) in per_name.items():
+        low = name.lower()
+        kind = next((k for k, pats in KERNEL_KINDS if any(p.lower() in low for p in pats)), "other")
+        k = kinds.setdefault(kind, [0.0, 0])
+        k[0] += us / steps
+        k[1] += n / steps
+    top = sorted(per_name.items(), key=lambda kv: -kv[1][0])[:12]
+    return {
+        "wall_us_per_step": wall_s / steps * 1e6,
+        "kernel_us_per_step": sum(v[0] for v in per_name.values()) / steps,
+        "kernels_per_step": sum(v[1] for v in per_name.values()) / steps,
+        "by_kind": {k: {"us_per_step": v[0], "kernels_per_step": v[1]} for k, v in sorted(kinds.items())},
+        "top": [{"name": n[:160], "us_per_step": v[0] / steps, "per_step": v[1] / steps} for n, v in top],
+    }
 
 
 @torch.no_grad()
@@ -330,6 +386,56 @@ def pdl_ab(args, res, model, gen, prompt1, prompt16):
     return res
 
 
+def prefill_breakdown(model, L):
+    """GPU kernels of one eager 1 x L forward (after prefill_ms's warm-up), by kind."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    dev = next(model.parameters()).device
+    x = torch.randint(0, model.config.vocab_size, (1, L), device=dev)
+    with torch.no_grad():
+        model(input_ids=x, use_cache=False)
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            model(input_ids=x, use_cache=False)
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+    return kernel_breakdown(prof, 1, wall)
+
+
+def profile_decode(args, res, model, gen, prompt1, prompt16):
+    """Where a decode step's time goes: bf16 and fused W4.4A8, both compiled, batch 1 and 16, each
+    step one CUDA-graph replay, GPU kernels by kind (kernel_breakdown); and one eager prefill."""
+
+    def run(name):
+        torch._dynamo.reset()
+        step = torch.compile(model, dynamic=False)
+        for B, prompt in ((1, prompt1), (16, prompt16)):
+            prof = {}
+            steps, _ = decode_graph_tps(model, prompt, args.new_tokens, args.reps, step=step, profile=prof)
+            prof["tokens_per_s"] = B * steps
+            res[f"profile_{name}_b{B}"] = prof
+            log(
+                f"{name} batch {B}: {B * steps:.1f} tok/s, profiled step {prof['wall_us_per_step']:.0f} us, "
+                f"kernels {prof['kernel_us_per_step']:.0f} us in {prof['kernels_per_step']:.0f} launches"
+            )
+            for kind, v in prof["by_kind"].items():
+                log(f"    {kind:28s} {v['us_per_step']:8.1f} us {v['kernels_per_step']:6.1f} kernels")
+        res[f"profile_{name}_prefill{args.prefill}"] = pre = prefill_breakdown(model, args.prefill)
+        log(f"{name} prefill {args.prefill}: {pre['wall_us_per_step']:.0f} us, kernels {pre['kernel_us_per_step']:.0f}")
+        for kind, v in pre["by_kind"].items():
+            log(f"    {kind:28s} {v['us_per_step']:8.1f} us {v['kernels_per_step']:6.1f} kernels")
+        _save(res, args.out)
+
+    run("bf16")
+    quantize_rtn(model, gen)
+    res["fused_groups"] = fuse_projections(model)
+    torch.cuda.empty_cache()
+    run("w44a8_fused")
+    return res
+
+
 def synthetic(args):
     """Speed of a Llama-3-8B-shaped model with random weights: bf16 vs W4.4A8 (RTN, a random 10%
     of the rows 8-bit; embeddings, norms and the head stay bf16), each layer on its own and then with
@@ -387,6 +493,8 @@ def synthetic(args):
 
     if args.pdl_ab:
         return pdl_ab(args, res, model, gen, prompt1, prompt16)
+    if args.profile_decode:
+        return profile_decode(args, res, model, gen, prompt1, prompt16)
     measure("bf16")
     if args.compiled:
         measure_compiled("bf16")
@@ -452,6 +560,11 @@ def main(argv=None):
         "--pdl-ab",
         action="store_true",
         help="--synthetic: only the fused W4.4A8 model's compiled decode, GEMMs with and without PDL, alternating",
+    )
+    ap.add_argument(
+        "--profile-decode",
+        action="store_true",
+        help="--synthetic: GPU kernel time by kind per compiled decode step (bf16, fused W4.4A8) and per prefill",
     )
     ap.add_argument("--ids")
     ap.add_argument(
