@@ -134,7 +134,7 @@ __device__ __forceinline__ float i2f(int x) { return __int2float_rn(x); }
 
 /* K-major operand, 128-byte swizzle, 8-row core-matrix groups 1024 bytes apart. The start address is
  * in 16-byte units in the low bits: desc(addr + d) = desc(addr) + d / 16 inside shared memory. */
-__device__ __forceinline__ uint64_t desc_sw128(uint32_t addr) {
+__host__ __device__ constexpr uint64_t desc_sw128(uint32_t addr) {
     return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) |
            ((uint64_t)1 << 62);
 }
@@ -279,11 +279,15 @@ __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb
     /* A fragments of a stage: a wgmma reads them until it completes, so the few-token tiles, which
      * form the next stage's fragments under the running wgmmas, alternate between two buffers */
     uint32_t af0[4][4], af1[4][4];
-    auto issue = [&](int (&acc)[R], uint32_t tile, const uint32_t (&af)[4][4]) {
+    /* wgmma descriptors: the low word is the ring's first one plus the tile's offset in 16-byte units
+     * (no carry leaves the address field: shared memory is below 2^18 bytes), the high word a constant */
+    const uint32_t desc0_lo = (uint32_t)desc_sw128(sbase);
+    constexpr uint64_t DESC_HI = desc_sw128(0) & 0xFFFFFFFF00000000ull;
+    auto issue = [&](int (&acc)[R], uint32_t tile_off, const uint32_t (&af)[4][4]) {
         fence_acc(acc);
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
-        for (int k = 0; k < 4; k++) wgmma_n<QN>(acc, af[k], desc_sw128(tile) + (uint64_t)(k * 32 / 16), k);
+        for (int k = 0; k < 4; k++) wgmma_n<QN>(acc, af[k], DESC_HI | (desc0_lo + (tile_off >> 4) + k * 32 / 16), k);
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
     };
     /* Wait until stage s's copies (activations, scales, this CTA's codes and meta records) have
@@ -291,12 +295,22 @@ __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb
      * load: the producer's copies bring the codes and meta records too (measured: with them loaded
      * two stages ahead into registers, each stage waited about one memory latency, since a load's
      * scoreboard also waits for the loads issued after it). */
-    auto fetch = [&](int s, uint32_t (&af)[4][4]) {
-        const int i = s - s0, buf = i % ST;
-        mbar_wait(sbase + BAR_OFF + buf * 8, (i / ST) & 1);
+    /* Ring position of the warpgroup's next stage to fetch (stage s0 + pair + KG * n: slot
+     * (s - s0) % ST, pass (s - s0) / ST), advanced by counters rather than divisions; fetched_buf:
+     * the slot of the stage fetched last, which the next stage() consumes. */
+    int fetch_buf = pair, fetch_phase = 0, fetched_buf = 0;
+    auto fetch = [&](uint32_t (&af)[4][4]) {
+        const int buf = fetch_buf;
+        mbar_wait(sbase + BAR_OFF + buf * 8, fetch_phase);
         load_frags<BITS>(af, rsw0, rsw1,
                          smem + W_OFF + buf * W_STAGE_BYTES + tl * (BITS / 2) * mixc_layout::WARP_WORD_BYTES,
                          smem + META_OFF + buf * META_STAGE_BYTES + tl * mixc_layout::META_BYTES, live, lane);
+        fetched_buf = buf;
+        fetch_buf += KG;
+        if (fetch_buf >= ST) {
+            fetch_buf -= ST;
+            fetch_phase ^= 1;
+        }
     };
     /* Stage s: the 64-token quarters (2 or 4) go through two int32 accumulators, so that one
      * quarter's wgmmas run while the previous quarter is rescaled; at 256 tokens:
@@ -307,21 +321,21 @@ __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb
      * (C7514/C7515). The per-warp costs of a stage (fragments, descriptors, barriers) are shared
      * by all BM tokens. */
     auto stage = [&](int s, uint32_t (&cur)[4][4], uint32_t (&nxt)[4][4]) {
-        const int buf = (s - s0) % ST;
+        const int buf = fetched_buf;
         const float sw0 = rsw0, sw1 = rsw1;
-        const uint32_t tile = sbase + buf * ACT_BYTES;
+        const uint32_t tile = buf * ACT_BYTES;
         issue(ia, tile, cur);
         if constexpr (QUARTERS > 1) {
             issue(ib, tile + QN * KS, cur);
         } else {
-            if (s + KG < s1) fetch(s + KG, nxt); /* under the running wgmmas, which read cur */
+            if (s + KG < s1) fetch(nxt); /* stage s + KG, under the running wgmmas, which read cur */
         }
 #pragma unroll
         for (int qq = 0; qq < QUARTERS; qq++) {
             int (&acc)[R] = (qq & 1) ? ib : ia;
             if (qq == QUARTERS - 1) {
                 wait_acc<0>(acc);
-                if (QUARTERS > 1 && s + KG < s1) fetch(s + KG, nxt); /* every wgmma of the stage is done */
+                if (QUARTERS > 1 && s + KG < s1) fetch(nxt); /* stage s + KG: every wgmma of the stage is done */
             } else {
                 wait_acc<1>(acc);
             }
@@ -332,7 +346,7 @@ __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb
         if (lane == 0) mbar_arrive(sbase + BAR_OFF + (ST + buf) * 8);
     };
     const int first = s0 + pair;
-    if (first < s1) fetch(first, af0);
+    if (first < s1) fetch(af0);
     if constexpr (QUARTERS > 1) {
         for (int s = first; s < s1; s += KG) stage(s, af0, af0);
     } else {
@@ -436,10 +450,10 @@ __global__ void __launch_bounds__(RING::NTH, RING::CTAS)
          * launch".) */
         asm volatile("griddepcontrol.wait;\n" ::: "memory");
         int j = s0 / a.spg, jleft = a.spg - s0 % a.spg; /* group of stage s, stages left in it */
+        int buf = 0, phase = 0;                         /* slot and pass of stage s: (s - s0) % ST, (s - s0) / ST % 2 */
         for (int s = s0; s < s1; s++) {
-            const int i = s - s0, buf = i % ST;
             const uint32_t bar = sbase + BAR_OFF + buf * 8;
-            mbar_wait(sbase + BAR_OFF + (ST + buf) * 8, ((i / ST) & 1) ^ 1);
+            mbar_wait(sbase + BAR_OFF + (ST + buf) * 8, phase ^ 1);
             if (lane == 0) {
                 mbar_expect_tx(bar, stage_bytes);
                 tma_load_2d(sbase + buf * ACT_BYTES, &act_map, s * KS, (int)m0, bar);
@@ -458,6 +472,10 @@ __global__ void __launch_bounds__(RING::NTH, RING::CTAS)
                 cp_async4_zfill(smem_u32(sas + buf * BM + r), a.sa + min(m, a.M - 1) * nst + s, m < a.M ? 4 : 0);
             }
             asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+            if (++buf == ST) {
+                buf = 0;
+                phase ^= 1;
+            }
         }
         asm volatile("cp.async.wait_all;\n" ::: "memory");
     } else {

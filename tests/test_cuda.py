@@ -469,6 +469,18 @@ def test_sm90_mixed_matches_reference(rng, pairs, dtype, splits, M, N, K, g):
 
 
 @pytest.mark.skipif(not _HAS_SM90, reason="no sm_90a device")
+@pytest.mark.parametrize("pairs", [False, True], ids=["sm90", "sm90_pairs"])
+@pytest.mark.parametrize("splits", [1, 2])
+@pytest.mark.parametrize("M", [9, 16, 32, 40, 64])
+def test_sm90_deep_k_wraps_the_rings(rng, pairs, splits, M):
+    """Few-token tiles over 42 stages (21 per split): every ring (5 to 11 slots deep) wraps at least
+    once, on both parts of a mixed layer, against float64."""
+    xt, parts, y_ref = _mixed(rng, M, 200, 5300, 128, torch.bfloat16)
+    y = _run(xt, parts, 200, None, SM90_PAIRS if pairs else SM90, splits)
+    assert_close(y, y_ref, torch.bfloat16)
+
+
+@pytest.mark.skipif(not _HAS_SM90, reason="no sm_90a device")
 @pytest.mark.parametrize("cfg", ["sm90", "sm90_pairs"])
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("M", [200, 40, 9])
