@@ -53,7 +53,12 @@ def main():
         reuse = False
     gencode = open(arch_file).read().split() if os.path.exists(arch_file) else None
     why = "nvcc, its stamp or the sources differ"
-    print(f"gpu_fast_build: {'reusing' if reuse else f'not reusing ({why})'} objects from {pre}")
+    extra_file = os.path.join(pre, "extra_flags.txt")  # MIXC_NVCC_FLAGS of bench/gpu_prebuild.sh
+    extra = open(extra_file).read().strip() if os.path.exists(extra_file) else ""
+    print(
+        f"gpu_fast_build: {'reusing' if reuse else f'not reusing ({why})'} objects from {pre}"
+        + (f" (built with {extra})" if reuse and extra else "")
+    )
     os.environ.setdefault("MIXLLM_CUDA", "1")
     check_call = subprocess.check_call
 
