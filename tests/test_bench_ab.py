@@ -1,0 +1,39 @@
+"""bench/gpu_ab.py's summary of an A/B run (the device part needs a GPU; the arithmetic does not)."""
+
+import importlib.util
+import os
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location(
+    "gpu_ab", os.path.join(os.path.dirname(__file__), "..", "bench", "gpu_ab.py")
+)
+gpu_ab = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gpu_ab)
+
+
+def _row(N, K, M, t):
+    return {"N": N, "K": K, "M": M, "w4.4a8": t, "bf16": 1.0}
+
+
+def test_summary_means_and_ratio_per_cell():
+    runs = [
+        ("a", [_row(8, 16, 1, 0.010), _row(8, 16, 64, 0.100), _row(4, 4, 1, 0.5)]),
+        ("b", [_row(8, 16, 1, 0.009), _row(8, 16, 64, 0.104)]),
+        ("a", [_row(8, 16, 1, 0.012), _row(8, 16, 64, 0.100)]),
+        ("b", [_row(8, 16, 1, 0.011), _row(8, 16, 64, 0.106)]),
+    ]
+    s = gpu_ab.summarize(runs)
+    assert [(c["N"], c["K"], c["M"]) for c in s] == [(8, 16, 1), (8, 16, 64)]  # 4x4 ran in build a only
+    assert s[0]["a"] == [0.010, 0.012] and s[0]["b"] == [0.009, 0.011]
+    assert s[0]["b_over_a"] == pytest.approx(0.010 / 0.011)
+    assert s[1]["b_over_a"] == pytest.approx(0.105 / 0.100)
+    text = gpu_ab.format_summary(s, ["a", "b"])
+    assert "10.0/12.0" in text and "0.909" in text and "1.050" in text
+
+
+def test_summary_needs_two_builds():
+    with pytest.raises(ValueError, match="two builds"):
+        gpu_ab.summarize([("a", [_row(1, 1, 1, 1.0)])])
+    with pytest.raises(ValueError, match="two builds"):
+        gpu_ab.summarize([("a", []), ("b", []), ("c", [])])
