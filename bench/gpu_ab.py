@@ -65,15 +65,17 @@ def build(objdir):
     shutil.rmtree(os.path.join(ROOT, "build"), ignore_errors=True)
     env = dict(os.environ, MIXLLM_CUDA="1")
     env.setdefault("MIXLLM_CUDA_ARCH", "-gencode=arch=compute_90a,code=sm_90a")
-    out = subprocess.run(
+    done = subprocess.run(
         [sys.executable, os.path.join(ROOT, "bench", "gpu_fast_build.py"), objdir],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
-        check=True,
-    ).stdout
-    said = [line for line in out.splitlines() if line.startswith("gpu_fast_build:")]
+    )
+    if done.returncode:
+        sys.stderr.write(done.stdout[-4000:] + done.stderr[-4000:])
+        raise SystemExit(f"{objdir}: the build failed (exit {done.returncode})")
+    said = [line for line in done.stdout.splitlines() if line.startswith("gpu_fast_build:")]
     print(*said, sep="\n", flush=True)
     if not said or "not reusing" in said[0]:
         raise SystemExit(f"{objdir}: its objects were not reused (rerun bench/gpu_prebuild.sh for these sources)")
