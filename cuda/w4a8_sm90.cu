@@ -99,6 +99,14 @@ __device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
+/* mbar_arrive by lane 0 of the warp, predicated inside the asm: no branch (a branch between a wgmma
+ * and its wait made ptxas serialize the wgmmas, C7518) */
+__device__ __forceinline__ void mbar_arrive_lane0(uint32_t bar, int lane) {
+    asm volatile(
+        "{\n .reg .pred p;\n setp.eq.u32 p, %1, 0;\n @p mbarrier.arrive.shared::cta.b64 _, [%0];\n}\n" ::"r"(bar),
+        "r"(lane)
+        : "memory");
+}
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
     uint32_t ok;
     do {
@@ -373,14 +381,10 @@ __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb
          * (C7512), so those tiles keep the loop above. */
         int pbuf = fetched_buf; /* the stage whose wgmmas are pending: its slot and row scales */
         float psw0 = rsw0, psw1 = rsw1;
-        auto release =
-            [&](int b) { /* lane 0 arrives, predicated rather than branched */
-                         __syncwarp();
-                         asm volatile("{\n .reg .pred p;\n setp.eq.u32 p, %1, 0;\n @p mbarrier.arrive.shared::cta.b64 "
-                                      "_, [%0];\n}\n" ::"r"(sbase + BAR_OFF + (ST + b) * 8),
-                                      "r"(lane)
-                                      : "memory");
-            };
+        auto release = [&](int b) {
+            __syncwarp();
+            mbar_arrive_lane0(sbase + BAR_OFF + (ST + b) * 8, lane);
+        };
         auto step = [&](int s, int (&acc)[R], int (&pacc)[R], uint32_t (&cur)[4][4], uint32_t (&nxt)[4][4]) {
             const int buf = fetched_buf;
             const float sw0 = rsw0, sw1 = rsw1;
