@@ -120,8 +120,9 @@ def decode_graph_tps(model, prompt, new_tokens, reps, step=None, profile=None):
         for l in getattr(cache, "layers", [])
         if torch.is_tensor(getattr(l, "cumulative_length", None))
     ]
-    times, toks = [], None
-    for _ in range(reps + 1):
+
+    def run():
+        """One greedy run of new_tokens replays from right after the prompt: (seconds, tokens)."""
         for c in counters:
             c.fill_(P)
         nxt = first.clone()
@@ -135,23 +136,20 @@ def decode_graph_tps(model, prompt, new_tokens, reps, step=None, profile=None):
             graph.replay()
             nxt = logits[:, -1].argmax(-1)
         torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        return time.perf_counter() - t0, seq
+
+    times, toks = [], None
+    for _ in range(reps + 1):
+        dt, seq = run()
+        times.append(dt)
         toks = seq.tolist()
     t = statistics.median(times[1:])
-    if profile is not None:
+    if profile is not None:  # one more run, the same loop, under the profiler
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
 
-        for c in counters:
-            c.fill_(P)
-        torch.cuda.synchronize()
         with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            t0 = time.perf_counter()
-            for t_ in range(new_tokens):
-                static_pos.fill_(P + t_)
-                graph.replay()
-            torch.cuda.synchronize()
-            wall = time.perf_counter() - t0
+            wall, _ = run()
         profile.update(kernel_breakdown(prof, new_tokens, wall))
     return new_tokens / t, toks
 
