@@ -3,10 +3,11 @@
 Device time is short and the GPU's clock drifts between calls, so two kernel variants are compared in
 one process tree, in alternating rounds: for each round and each build, the extension is rebuilt in
 place from that build's prebuilt objects (bench/gpu_prebuild.sh DIR, carried to the GPU machine; an
-experimental variant with MIXC_NVCC_FLAGS=-D...) and `bench/gpu_linear.py ARGS` runs on it. Then, for
-every (N, K, M) cell, the mean W4.4A8 time of each build and their ratio.
+experimental variant with MIXC_NVCC_FLAGS=-D...) and `bench/gpu_linear.py ARGS` runs on it, the
+builds' order swapped every round. Then, for every (N, K, M) cell, the mean W4.4A8 time of each build
+and their ratio.
 
-    MIXC_NVCC_FLAGS=-DMIXC_SM90_OVERLAP bash bench/gpu_prebuild.sh .device_carry/cuobj_b   # here
+    MIXC_NVCC_FLAGS=-DMY_VARIANT bash bench/gpu_prebuild.sh .device_carry/cuobj_b   # here
     bash bench/gpu_prebuild.sh .device_carry/cuobj_a
     python3 bench/gpu_ab.py .device_carry/cuobj_a .device_carry/cuobj_b --rounds 2 --out $OUT \\
         -- --shapes 28672x8192,8192x28672 --ms 9,16,64                                       # there
@@ -98,7 +99,10 @@ def main(argv=None):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     runs = []
     for rnd in range(args.rounds):
-        for name, objdir in (("a", args.a), ("b", args.b)):
+        order = (("a", args.a), ("b", args.b))
+        # the second of two runs in a row reads 1-2% slower (measured 2026-12-02: the same decode
+        # kernel in both builds), so the order alternates: a b, b a, a b, ...
+        for name, objdir in order if rnd % 2 == 0 else order[::-1]:
             build(objdir)
             with tempfile.TemporaryDirectory() as tmp:
                 subprocess.run(

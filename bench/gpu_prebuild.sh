@@ -3,7 +3,7 @@
 # with the nvcc version beside them, for bench/gpu_fast_build.py on the GPU machine (same flags as setup.py).
 #   bench/gpu_prebuild.sh [DIR]      then carry DIR and run: python3 bench/gpu_fast_build.py DIR
 # MIXC_NVCC_FLAGS adds nvcc flags, e.g. an experimental variant for an A/B against the default objects:
-#   MIXC_NVCC_FLAGS=-DMIXC_SM90_OVERLAP bench/gpu_prebuild.sh .device_carry/cuobj_overlap
+#   MIXC_NVCC_FLAGS=-DMY_VARIANT bench/gpu_prebuild.sh .device_carry/cuobj_variant
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${1:-.device_carry/cuobj}

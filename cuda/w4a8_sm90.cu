@@ -99,14 +99,6 @@ __device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
-/* mbar_arrive by lane 0 of the warp, predicated inside the asm: no branch (a branch between a wgmma
- * and its wait made ptxas serialize the wgmmas, C7518) */
-__device__ __forceinline__ void mbar_arrive_lane0(uint32_t bar, int lane) {
-    asm volatile(
-        "{\n .reg .pred p;\n setp.eq.u32 p, %1, 0;\n @p mbarrier.arrive.shared::cta.b64 _, [%0];\n}\n" ::"r"(bar),
-        "r"(lane)
-        : "memory");
-}
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
     uint32_t ok;
     do {
@@ -276,11 +268,6 @@ __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb
     const float *sas = (const float *)(smem + SA_OFF) + 2 * tig;
 
     constexpr int R = QN / 2; /* int32 accumulators per thread of a QN-token slice */
-#ifdef MIXC_SM90_OVERLAP
-    constexpr bool OVERLAP = QUARTERS == 1 && QN != 32; /* the loop at the end of this function */
-#else
-    constexpr bool OVERLAP = false;
-#endif
     int ia[R], ib[R];
     float facc[R * QUARTERS];
 #pragma unroll
@@ -364,56 +351,10 @@ __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb
     if (first < s1) fetch(af0);
     if constexpr (QUARTERS > 1) {
         for (int s = first; s < s1; s += KG) stage(s, af0, af0);
-    } else if constexpr (!OVERLAP) {
+    } else {
         for (int s = first; s < s1; s += 2 * KG) {
             stage(s, af0, af1);
             if (s + KG < s1) stage(s + KG, af1, af0);
-        }
-    } else {
-        /* Experimental (MIXC_SM90_OVERLAP, not measured yet): stage s's rescale off the chain
-         * between two stages' wgmmas. Stage s + KG's wgmmas are issued first (into the other int32
-         * accumulator set), then stage s is waited for (wait_group 1: the new group stays pending),
-         * rescaled and released, then stage s + 2 KG's fragments are formed into the buffer stage s
-         * read. The stage loop is unrolled by two and the first stage peeled, so that each
-         * accumulator set and fragment buffer keeps its registers and no branch sits between a
-         * wgmma and its wait: ptxas then keeps the groups in flight (SASS: WARPGROUP.DEPBAR.LE gsb0,
-         * 0x1 after each stage's wgmmas) at 16 and 64 tokens; at 32 it serialized them for registers
-         * (C7512), so those tiles keep the loop above. */
-        int pbuf = fetched_buf; /* the stage whose wgmmas are pending: its slot and row scales */
-        float psw0 = rsw0, psw1 = rsw1;
-        auto release = [&](int b) {
-            __syncwarp();
-            mbar_arrive_lane0(sbase + BAR_OFF + (ST + b) * 8, lane);
-        };
-        auto step = [&](int s, int (&acc)[R], int (&pacc)[R], uint32_t (&cur)[4][4], uint32_t (&nxt)[4][4]) {
-            const int buf = fetched_buf;
-            const float sw0 = rsw0, sw1 = rsw1;
-            issue(acc, buf * ACT_BYTES, cur);
-            wait_acc<1>(pacc); /* the previous stage's wgmmas, which read nxt, are done */
-            rescale<QN>(facc, pacc, sas + pbuf * BM, psw0, psw1);
-            release(pbuf);
-            if (s + KG < s1) fetch(nxt);
-            pbuf = buf;
-            psw0 = sw0;
-            psw1 = sw1;
-        };
-        if (first < s1) {
-            issue(ia, pbuf * ACT_BYTES, af0);
-            if (first + KG < s1) fetch(af1);
-            int s = first + KG;
-            for (; s + KG < s1; s += 2 * KG) {
-                step(s, ib, ia, af1, af0);
-                step(s + KG, ia, ib, af0, af1);
-            }
-            if (s < s1) {
-                step(s, ib, ia, af1, af0);
-                wait_acc<0>(ib);
-                rescale<QN>(facc, ib, sas + pbuf * BM, psw0, psw1);
-            } else {
-                wait_acc<0>(ia);
-                rescale<QN>(facc, ia, sas + pbuf * BM, psw0, psw1);
-            }
-            release(pbuf);
         }
     }
     if constexpr (KG == 2) {
