@@ -503,13 +503,18 @@ extern "C" int mixc_plan(int device, int64_t M, const int64_t *Ns, int nparts, i
         int smax = nst / (few90 ? 8 : 4) > 1 ? nst / (few90 ? 8 : 4) : 1; /* at least 4 (8) stages per split */
         if (smax > 32) smax = 32;
         if (cfg == 4 || cfg == 5 || (sm90 && !few90)) smax = blocks < sms ? smax : 1;
+        /* A few-token tile's tokens are the tile's, whatever M: the plan is the same within a tile
+         * size. With M itself the workspace term shrank below the fit's 16 tokens, and 28672 x 8192
+         * took 8 splits at 9-15 tokens: 65 us at M = 9 against 51 at M = 16 with 1 split (H200,
+         * 2026-12-02, bench/results/gpu_sm90_plan_tokens_2026-12-02.log). */
+        const double mt = few90 ? (double)mixc_sm90_few_tile(M) : (double)M;
         double best = 0;
         splits = 1;
         for (int s = 1; s <= smax; s++) {
             const double waves = ceil(blocks * s / ((double)sms * occ));
             const double stages = ceil((double)nst / s);
             const double t = waves * occ * stages * (double)bn * KS * 0.5 /* bytes a block streams */
-                             + (s > 1 ? (few90 ? 1.0 : 3.0) * 4.0 * s * (double)M * rows / sms : 0.0);
+                             + (s > 1 ? (few90 ? 1.0 : 3.0) * 4.0 * s * mt * rows / sms : 0.0);
             if (s == 1 || t < best * 0.98) {
                 best = t;
                 splits = s;

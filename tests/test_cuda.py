@@ -554,6 +554,12 @@ def test_planner_picks_sm90_for_large_m():
     assert _cuda.plan(DEV.index, 64, (7373, 819), 28672, -1, 0)[:2] == (SM90_PAIRS, 2)
     assert _cuda.plan(DEV.index, 64, (25805, 2867), 8192, -1, 0)[:2] == (SM90_PAIRS, 1)
     assert _cuda.plan(DEV.index, 32, (25805, 2867), 8192, -1, 0)[0] == SM90
+    # a few-token tile does the same work at any M up to its size, so the plan is the tile's: 28672 x 8192
+    # once took 8 splits at 9-15 tokens (65 us at M = 9 against 51 at 16 with one split)
+    for Ns, Kp in (((25805, 2867), 8192), ((7373, 819), 28672), ((14336,), 4096)):
+        for lo, hi in ((9, 16), (17, 32), (33, 64)):
+            plans = {_cuda.plan(DEV.index, M, Ns, Kp, -1, 0)[:2] for M in range(lo, hi + 1)}
+            assert len(plans) == 1, (Ns, Kp, lo, hi, plans)
 
 
 # ----------------------------------------------------------------------------- issue 14: the CPU path's promises
