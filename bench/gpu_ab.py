@@ -12,8 +12,9 @@ and their ratio.
     python3 bench/gpu_ab.py .device_carry/cuobj_a .device_carry/cuobj_b --rounds 2 --out $OUT \\
         -- --shapes 28672x8192,8192x28672 --ms 9,16,64                                       # there
 
-Writes OUT/gpu_ab.json (every run's rows and the summary) and prints the summary. The extension is
-left built from build A.
+Writes OUT/gpu_ab.json (every run's rows and the summary) after every run, so that a call that runs out of
+time keeps what it measured, prints each run's cells as it lands and the summary at the end. The extension
+is left built from build A (unless --no-restore).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def build(objdir):
         raise SystemExit(f"{objdir}: the build failed (exit {done.returncode})")
     said = [line for line in done.stdout.splitlines() if line.startswith("gpu_fast_build:")]
     print(*said, sep="\n", flush=True)
-    if not said or "not reusing" in said[0]:
+    if not said or any("not reusing" in line for line in said):
         raise SystemExit(f"{objdir}: its objects were not reused (rerun bench/gpu_prebuild.sh for these sources)")
 
 
@@ -93,11 +94,27 @@ def main(argv=None):
     ap.add_argument("b", help="objects of build b")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--no-restore", action="store_true", help="leave the extension as the last run built it")
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error("--rounds: expected at least 1")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     runs = []
+    report = {}
+
+    def save():
+        """The report so far (device time is short: a call that runs out keeps every finished run)."""
+        report.update(
+            date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
+            builds={"a": os.path.abspath(args.a), "b": os.path.abspath(args.b)},
+            gpu_linear_args=rest,
+            rounds=args.rounds,
+            runs=[{"build": b, "rows": rows} for b, rows in runs],
+            summary=summarize(runs) if {b for b, _ in runs} == {"a", "b"} else [],
+        )
+        with open(os.path.join(args.out, "gpu_ab.json"), "w") as f:
+            json.dump(report, f, indent=1)
+
     for rnd in range(args.rounds):
         order = (("a", args.a), ("b", args.b))
         # the second of two runs in a row reads 1-2% slower (measured 2026-12-02: the same decode
@@ -115,20 +132,13 @@ def main(argv=None):
                 with open(os.path.join(tmp, "gpu_linear.json")) as f:
                     res = json.load(f)
             runs.append((name, res["rows"]))
-            print(f"round {rnd + 1}, build {name}: {len(res['rows'])} cells", flush=True)
-    build(args.a)
-    summary = summarize(runs)
-    report = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
-        "device": res.get("device"),
-        "builds": {"a": os.path.abspath(args.a), "b": os.path.abspath(args.b)},
-        "gpu_linear_args": rest,
-        "rounds": args.rounds,
-        "runs": [{"build": b, "rows": rows} for b, rows in runs],
-        "summary": summary,
-    }
-    with open(os.path.join(args.out, "gpu_ab.json"), "w") as f:
-        json.dump(report, f, indent=1)
+            report["device"] = res.get("device")
+            save()
+            cells = " ".join(f"{r['N']}x{r['K']}/{r['M']}:{r['w4.4a8'] * 1e3:.1f}" for r in res["rows"])
+            print(f"round {rnd + 1}, build {name} (W4.4A8 us): {cells}", flush=True)
+    if not args.no_restore:
+        build(args.a)
+    summary = report["summary"]
     print(f"# {report['device']}, {report['date']}: W4.4A8 us per call, build a / build b (each round)")
     print(format_summary(summary, ["a", "b"]))
     return report

@@ -31,9 +31,14 @@ __device__ __forceinline__ void store_out(void *y, int dt, int64_t i, float v) {
         ((__nv_bfloat16 *)y)[i] = __float2bfloat16_rn(v);
 }
 
-/* Split-K reduction in a fixed order (deterministic), plus bias, in y's dtype. */
+/* Split-K reduction in a fixed order (deterministic), plus bias, in y's dtype. Launched with programmatic
+ * dependent launch where the GEMM is (its launch then overlaps the GEMM's last CTAs): it waits for the
+ * GEMM's grid to complete before reading the partial sums (a no-op wait without PDL). */
 __global__ void splitk_finish(const float *ws, int splits, int64_t total, int64_t n_out, const float *bias, void *y,
                               int dt) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
         float v = 0.f;
         for (int s = 0; s < splits; s++) v += ws[s * total + i];
@@ -42,12 +47,22 @@ __global__ void splitk_finish(const float *ws, int splits, int64_t total, int64_
     }
 }
 
-inline cudaError_t launch_splitk_finish(const mixc_gemm *g, int splits, int max_blocks, cudaStream_t stream) {
+inline cudaError_t launch_splitk_finish(const mixc_gemm *g, int splits, int max_blocks, bool pdl, cudaStream_t stream) {
     const int64_t total = g->M * g->n_out;
     int64_t blocks = (total + 255) / 256;
     if (blocks > max_blocks) blocks = max_blocks;
-    splitk_finish<<<(unsigned)blocks, 256, 0, stream>>>(g->ws, splits, total, g->n_out, g->bias, g->y, g->ydtype);
-    return cudaGetLastError();
+    cudaLaunchConfig_t lc = {};
+    lc.gridDim = dim3((unsigned)blocks);
+    lc.blockDim = dim3(256);
+    lc.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    lc.attrs = attr;
+    lc.numAttrs = pdl ? 1 : 0;
+    const cudaError_t e =
+        cudaLaunchKernelEx(&lc, splitk_finish, (const float *)g->ws, splits, total, g->n_out, g->bias, g->y, g->ydtype);
+    return e != cudaSuccess ? e : cudaGetLastError();
 }
 
 /* Fill a kernel's two part slots (P: its part record, with w, meta, idx, N, bits, nblk) from

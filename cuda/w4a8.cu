@@ -561,5 +561,5 @@ extern "C" int mixc_qlinear(int device, mixc_gemm *g, void *stream_) {
     const bool pdl = g->pdl && device_info(device).major >= 9;
     cudaError_t e = CFGS[g->cfg].launch(a, nblk, pdl, stream);
     if (e != cudaSuccess || g->splits == 1) return (int)e;
-    return (int)launch_splitk_finish(g, g->splits, 4 * sm_count(device), stream);
+    return (int)launch_splitk_finish(g, g->splits, 4 * sm_count(device), pdl, stream);
 }

@@ -412,6 +412,9 @@ __global__ void __launch_bounds__(RING::NTH, RING::CTAS)
     const int s0 = split * a.sps, s1 = min(nst, s0 + a.sps);
     if (s0 >= s1) return;
     const int64_t m0 = (int64_t)blockIdx.x * BM;
+    /* Let the split-K reduction after it (launched with PDL) be scheduled; it waits for this grid's
+     * completion before reading anything this grid writes. */
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 
     if (threadIdx.x == 0) {
         for (int b = 0; b < ST; b++) {
@@ -656,5 +659,6 @@ extern "C" int mixc_qlinear_sm90(int device, const mixc_gemm *g, void *stream_) 
                                : launch90<Ring<128>>(device, g, a, nblk, nst, wmap, mmap, stream);
     if (e0 != cudaSuccess) return (int)e0;
     if (g->splits == 1) return 0;
-    return (int)launch_splitk_finish(g, (nst + a.sps - 1) / a.sps, 1024, stream);
+    const bool pdl = g->pdl && mixc_sm90_few_tile(g->M) > 0; /* as this kernel's own launch (launch90) */
+    return (int)launch_splitk_finish(g, (nst + a.sps - 1) / a.sps, 1024, pdl, stream);
 }
