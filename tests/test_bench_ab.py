@@ -1,6 +1,7 @@
 """bench/gpu_ab.py's summary of an A/B run (the device part needs a GPU; the arithmetic does not)."""
 
 import importlib.util
+import json
 import os
 
 import pytest
@@ -37,3 +38,30 @@ def test_summary_needs_two_builds():
         gpu_ab.summarize([("a", [_row(1, 1, 1, 1.0)])])
     with pytest.raises(ValueError, match="two builds"):
         gpu_ab.summarize([("a", []), ("b", []), ("c", [])])
+
+
+def test_rounds_alternate_and_every_run_is_saved(tmp_path, monkeypatch):
+    """main(): builds a b, then b a, ...; gpu_ab.json holds every finished run at each point (a call that
+    runs out of device time keeps them), the summary once both builds ran."""
+    built, saved = [], []
+    times = {"A": 0.010, "B": 0.009}
+    monkeypatch.setattr(gpu_ab, "build", lambda objdir: built.append(objdir))
+
+    def fake_run(cmd, **kw):
+        out = cmd[cmd.index("--out") + 1]
+        with open(os.path.join(out, "gpu_linear.json"), "w") as f:
+            json.dump({"device": "fake", "rows": [_row(8, 16, 1, times[built[-1]])]}, f)
+        if os.path.exists(tmp_path / "gpu_ab.json"):
+            with open(tmp_path / "gpu_ab.json") as f:
+                saved.append(len(json.load(f)["runs"]))
+
+    monkeypatch.setattr(gpu_ab.subprocess, "run", fake_run)
+    report = gpu_ab.main(["A", "B", "--rounds", "3", "--out", str(tmp_path), "--", "--ms", "1"])
+    assert built == ["A", "B", "B", "A", "A", "B", "A"]  # the last: the extension left as build a
+    assert saved == [1, 2, 3, 4, 5]  # before each later run, the runs so far were on disk
+    assert [r["build"] for r in report["runs"]] == ["a", "b", "b", "a", "a", "b"]
+    assert report["summary"][0]["b_over_a"] == pytest.approx(0.9)
+    with open(tmp_path / "gpu_ab.json") as f:
+        assert len(json.load(f)["runs"]) == 6
+    gpu_ab.main(["A", "B", "--rounds", "1", "--no-restore", "--out", str(tmp_path)])
+    assert built[-2:] == ["A", "B"]
