@@ -31,6 +31,15 @@ __device__ __forceinline__ void store_out(void *y, int dt, int64_t i, float v) {
         ((__nv_bfloat16 *)y)[i] = __float2bfloat16_rn(v);
 }
 
+/* Let a launch use programmatic dependent launch when pdl (sm_90: the kernel may start before the
+ * previous one on the stream has ended, and must griddepcontrol.wait before reading its output). */
+inline void allow_pdl(cudaLaunchConfig_t &lc, cudaLaunchAttribute (&attr)[1], bool pdl) {
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    lc.attrs = attr;
+    lc.numAttrs = pdl ? 1 : 0;
+}
+
 /* Split-K reduction in a fixed order (deterministic), plus bias, in y's dtype. Launched with programmatic
  * dependent launch where the GEMM is (its launch then overlaps the GEMM's last CTAs): it waits for the
  * GEMM's grid to complete before reading the partial sums (a no-op wait without PDL). */
@@ -56,10 +65,7 @@ inline cudaError_t launch_splitk_finish(const mixc_gemm *g, int splits, int max_
     lc.blockDim = dim3(256);
     lc.stream = stream;
     cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    lc.attrs = attr;
-    lc.numAttrs = pdl ? 1 : 0;
+    allow_pdl(lc, attr, pdl);
     const cudaError_t e =
         cudaLaunchKernelEx(&lc, splitk_finish, (const float *)g->ws, splits, total, g->n_out, g->bias, g->y, g->ydtype);
     return e != cudaSuccess ? e : cudaGetLastError();

@@ -346,10 +346,7 @@ cudaError_t launch_cfg(const Args &a, int nblk, bool pdl, cudaStream_t stream) {
     lc.dynamicSmemBytes = smem;
     lc.stream = stream;
     cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    lc.attrs = attr;
-    lc.numAttrs = pdl ? 1 : 0;
+    allow_pdl(lc, attr, pdl);
     e = cudaLaunchKernelEx(&lc, kern, a);
     return e != cudaSuccess ? e : cudaGetLastError();
 }

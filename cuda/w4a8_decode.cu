@@ -369,10 +369,7 @@ template <int NT8> cudaError_t launch_decode(const DArgs &a, int nblk, bool pdl,
     lc.dynamicSmemBytes = decode_smem(a.nw, NT8);
     lc.stream = stream;
     cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    lc.attrs = attr;
-    lc.numAttrs = pdl ? 1 : 0;
+    allow_pdl(lc, attr, pdl);
     cudaError_t e = cudaLaunchKernelEx(&lc, decode_kernel<NT8>, a);
     return e != cudaSuccess ? e : cudaGetLastError();
 }

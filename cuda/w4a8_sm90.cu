@@ -578,12 +578,9 @@ cudaError_t launch90(int device, const mixc_gemm *g, const Args90 &a, int nblk, 
     lc.dynamicSmemBytes = RING::SMEM_BYTES;
     lc.stream = stream;
     cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    lc.attrs = attr;
     /* see the producer's griddepcontrol.wait; few-token tiles only: a prefill quantizer runs several waves
        of blocks, whose SMs the early CTAs would hold while they wait (not measured with PDL) */
-    lc.numAttrs = g->pdl && mixc_sm90_few_tile(g->M) > 0 ? 1 : 0;
+    allow_pdl(lc, attr, g->pdl && mixc_sm90_few_tile(g->M) > 0);
     const cudaError_t e = cudaLaunchKernelEx(&lc, qgemm_sm90_kernel<RING>, a, map, wmap[0], wmap[1], mmap[0], mmap[1]);
     return e != cudaSuccess ? e : cudaGetLastError();
 }
