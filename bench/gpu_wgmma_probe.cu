@@ -128,6 +128,13 @@ template <int R> __device__ __forceinline__ void rescale(float (&f)[R], const in
 #pragma unroll
     for (int i = 0; i < R; i++) f[i] = __fmaf_rn(__int2float_rn(acc[i]), (i & 1 ? sw : sa) * (i & 2 ? sa : sw), f[i]);
 }
+
+/* The float sums to global memory, so that the work is kept. */
+template <int R> __device__ __forceinline__ void keep(const float (&f)[R], float *out) {
+    float s = 0.f;
+    for (int i = 0; i < R; i++) s += f[i];
+    out[blockIdx.x * blockDim.x + threadIdx.x] = s;
+}
 #endif
 
 /* MODE 0: wgmmas only (one accumulator, two groups in flight); 1: rescale after each group, serially;
@@ -168,9 +175,7 @@ __global__ void __launch_bounds__(128 * NWG, 1) probe(int groups, float *out) {
             rescale(f, d, sw, sa);
             sa *= 1.0001f;
         }
-        float s = 0.f;
-        for (int i = 0; i < R; i++) s += f[i];
-        out[blockIdx.x * blockDim.x + threadIdx.x] = s;
+        keep(f, out);
     } else {
         /* cuda/w4a8_sm90.cu's prefill stage: four groups through two accumulator sets, no group pending
          * across the loop's back edge (ptxas serializes every wgmma otherwise, C7514) */
@@ -196,9 +201,7 @@ __global__ void __launch_bounds__(128 * NWG, 1) probe(int groups, float *out) {
             rescale(f, d1, sw, sa);
             sa *= 1.0001f;
         }
-        float s = 0.f;
-        for (int i = 0; i < R; i++) s += f[i];
-        out[blockIdx.x * blockDim.x + threadIdx.x] = s;
+        keep(f, out);
     }
 #endif
 }
