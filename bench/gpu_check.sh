@@ -6,8 +6,9 @@
 #   bench/gpu_check.sh --tests    build and tests only
 #   bench/gpu_check.sh --tune     tests, every tile configuration on the 70B shapes, full benchmark
 #   bench/gpu_check.sh --profile  the same, after an ncu profile of one W4.4A8 call per M
-#   bench/gpu_check.sh --all-in-one  one short device call: the kernel tests, sanitizer, the layer
-#                                 table, the synthetic Llama-3-8B end to end, the decode sweep;
+#   bench/gpu_check.sh --all-in-one  one short device call: the kernel tests, sanitizer, on Hopper the
+#                                 wgmma probe, the layer table, the synthetic Llama-3-8B end to end,
+#                                 the decode sweep;
 #                                 each step bounded by what is left of BUDGET_S seconds (default 420)
 # MIXLLM_PREBUILT=DIR: reuse the CUDA objects that bench/gpu_prebuild.sh compiled into DIR beforehand
 # (carry DIR; an in-place build through bench/gpu_fast_build.py, about 20 s instead of 50 on the H200)
@@ -61,6 +62,11 @@ if [ "$MODE" = "--all-in-one" ]; then
             -k "test_decode_poisoned or test_decode_every_warp_count or test_decode_mixed_matches_reference and (1-16-128 or 3-37-300) or test_poisoned_outputs_fully_written or test_sm90_single_part" \
             >"$OUT/sanitizer.log" 2>&1
         tail -3 "$OUT/sanitizer.log"
+    fi
+    if [ "$cc" = "90" ]; then # int8 wgmma throughput by N, A operand, warpgroups and rescale (a few seconds)
+        step "wgmma probe" 40 bash -c "nvcc -O3 -std=c++17 $arch bench/gpu_wgmma_probe.cu -o /tmp/mixllm_wgmma_probe &&
+            /tmp/mixllm_wgmma_probe" >"$OUT/wgmma_probe.log" 2>&1
+        cat "$OUT/wgmma_probe.log"
     fi
     step "layer table" 110 $PY bench/gpu_linear.py --out "$OUT" >"$OUT/bench.log" 2>&1; tail -60 "$OUT/bench.log"
     step "end to end, synthetic Llama-3-8B" 120 $PY bench/gpu_e2e.py --synthetic --new-tokens 48 --reps 2 \
