@@ -1,7 +1,7 @@
 // wgmma throughput probe behind the prefill kernel's next design (docs/kernels.md, "wgmma prefill GEMM"):
 // how many int8 TOPS wgmma s32.s8.s8 gives on this GPU as a function of (a) N (64, 128, 256 columns per
 // instruction), (b) where A comes from (RS: registers, as cuda/w4a8_sm90.cu's weight fragments; SS: shared
-// memory), (c) warpgroups per SM (1-3, one CTA per SM), and (d) the two-step scheme's rescale: after each
+// memory), (c) warpgroups per SM (1-4, one CTA per SM), and (d) the two-step scheme's rescale: after each
 // 128-column group (4 wgmma k-steps) every int32 sum is converted and added into a float sum times a
 // product of two scales (I2F, FMUL, FFMA per element, as the kernel), either serially (wait, then rescale)
 // or overlapped within the warpgroup (two int32 accumulator sets: group g + 1's wgmmas run while group g is
@@ -234,7 +234,7 @@ int main(int argc, char **argv) {
     printf("# %s, %d SMs, %.0f MHz (reported max): dense int8 peak %.0f TOPS; %d groups of 128 columns per warpgroup\n",
            prop.name, prop.multiProcessorCount, clock_khz / 1e3, peak, groups);
     float *out;
-    CK(cudaMalloc(&out, (size_t)prop.multiProcessorCount * 384 * sizeof(float)));
+    CK(cudaMalloc(&out, (size_t)prop.multiProcessorCount * 512 * sizeof(float)));
     const int sms = prop.multiProcessorCount;
     run<64, false, 1, 0>(groups, out, sms, peak);
     run<64, false, 2, 0>(groups, out, sms, peak);
@@ -246,6 +246,7 @@ int main(int argc, char **argv) {
     run<256, true, 2, 0>(groups, out, sms, peak);
     run<64, false, 2, 1>(groups, out, sms, peak);
     run<64, false, 3, 1>(groups, out, sms, peak);
+    run<64, false, 4, 1>(groups, out, sms, peak);
     run<64, false, 2, 2>(groups, out, sms, peak);
     run<64, false, 3, 2>(groups, out, sms, peak);
     run<128, false, 2, 1>(groups, out, sms, peak);
