@@ -117,7 +117,7 @@ def main(argv=None):
 
     for rnd in range(args.rounds):
         order = (("a", args.a), ("b", args.b))
-        # the second of two runs in a row reads 1-2% slower (measured 2026-12-02: the same decode
+        # the second of two runs in a row reads 1-3% slower (measured 2026-12-02: the same decode
         # kernel in both builds), so the order alternates: a b, b a, a b, ...
         for name, objdir in order if rnd % 2 == 0 else order[::-1]:
             build(objdir)

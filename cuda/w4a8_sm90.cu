@@ -552,6 +552,11 @@ extern "C" int mixc_sm90_ctas_per_sm(int64_t M, int pairs) {
     }
 }
 
+/* Whether a call's wgmma kernel, and its split-K reduction after it, launch with programmatic dependent
+ * launch (see the producer's griddepcontrol.wait): few-token tiles only; a prefill quantizer runs several
+ * waves of blocks, whose SMs the early CTAs would hold while they wait (not measured with PDL). */
+static bool sm90_pdl(const mixc_gemm *g) { return g->pdl && mixc_sm90_few_tile(g->M) > 0; }
+
 /* Encode the activation map (box: one stage x BM tokens) and launch the kernel of ring RING. */
 template <class RING>
 cudaError_t launch90(int device, const mixc_gemm *g, const Args90 &a, int nblk, int nst, const CUtensorMap (&wmap)[2],
@@ -578,9 +583,7 @@ cudaError_t launch90(int device, const mixc_gemm *g, const Args90 &a, int nblk, 
     lc.dynamicSmemBytes = RING::SMEM_BYTES;
     lc.stream = stream;
     cudaLaunchAttribute attr[1];
-    /* see the producer's griddepcontrol.wait; few-token tiles only: a prefill quantizer runs several waves
-       of blocks, whose SMs the early CTAs would hold while they wait (not measured with PDL) */
-    allow_pdl(lc, attr, g->pdl && mixc_sm90_few_tile(g->M) > 0);
+    allow_pdl(lc, attr, sm90_pdl(g));
     const cudaError_t e = cudaLaunchKernelEx(&lc, qgemm_sm90_kernel<RING>, a, map, wmap[0], wmap[1], mmap[0], mmap[1]);
     return e != cudaSuccess ? e : cudaGetLastError();
 }
@@ -656,6 +659,5 @@ extern "C" int mixc_qlinear_sm90(int device, const mixc_gemm *g, void *stream_) 
                                : launch90<Ring<128>>(device, g, a, nblk, nst, wmap, mmap, stream);
     if (e0 != cudaSuccess) return (int)e0;
     if (g->splits == 1) return 0;
-    const bool pdl = g->pdl && mixc_sm90_few_tile(g->M) > 0; /* as this kernel's own launch (launch90) */
-    return (int)launch_splitk_finish(g, (nst + a.sps - 1) / a.sps, 1024, pdl, stream);
+    return (int)launch_splitk_finish(g, (nst + a.sps - 1) / a.sps, 1024, sm90_pdl(g), stream);
 }
