@@ -410,52 +410,59 @@ ENTRY(plan_call) {
     return Py_BuildValue("iiLs", cfg, splits, (long long)nbytes, mixc_cfg_name(cfg));
 }
 
-static const mix_arg A_run[] = {
-    MIX_OBJ("handle"),
-    MIX_IN("x", MIX_FLOATS, 2),
-    MIX_OUT("y", MIX_FLOATS, 2),
-    {.name = "scratch",
-     .kind = MIX_ARG_ARRAY,
-     .flags = MIX_ARG_OUTPUT | MIX_ARG_LATE | MIX_ARG_NONE_OK,
-     .dtypes = U8,
-     .ndim = 1},
-    MIX_INT("cfg", 0, INT_MAX, "pass the value plan_call() returned"),
-    MIX_INT("splits", 1, INT_MAX, "pass the value plan_call() returned"),
-    ARG_STREAM,
-};
+/* run's arguments; run_silu_mul's, with gu for x */
+#define RUN_ARGS(X)                                                           \
+    MIX_OBJ("handle"), MIX_IN(X, MIX_FLOATS, 2), MIX_OUT("y", MIX_FLOATS, 2), \
+        {.name = "scratch",                                                   \
+         .kind = MIX_ARG_ARRAY,                                               \
+         .flags = MIX_ARG_OUTPUT | MIX_ARG_LATE | MIX_ARG_NONE_OK,            \
+         .dtypes = U8,                                                        \
+         .ndim = 1},                                                          \
+        MIX_INT("cfg", 0, INT_MAX, "pass the value plan_call() returned"),    \
+        MIX_INT("splits", 1, INT_MAX, "pass the value plan_call() returned"), ARG_STREAM
+static const mix_arg A_run[] = {RUN_ARGS("x")};
+static const mix_arg A_run_silu_mul[] = {RUN_ARGS("gu")};
 MIX_SIG_CUDA(run, "y = x W^T + bias with the (cfg, splits, scratch) of plan_call().", NULL, pre_handle, 6);
-ENTRY(run) {
-    BEGIN(run);
-    const qhandle *h = get_handle(mix_obj(&c, 0));
-    if (!h) return mix_call_fail(&c);
-    mix_array *x = mix_arr(&c, 1), *y = mix_arr(&c, 2);
-    int cfg = (int)mix_int(&c, 4), splits = (int)mix_int(&c, 5);
+MIX_SIG_CUDA(run_silu_mul,
+             "y = (silu(gu[:, :K]) * gu[:, K:]) W^T + bias (the down projection of a gated MLP, the product never "
+             "stored: its int8 codes come from gu), with the (cfg, splits, scratch) of plan_call().",
+             NULL, pre_handle, 6);
+/* run and run_silu_mul: x is [M, K], or gu [M, 2K] with silu_mul (mixc_act_quant_silu_mul) */
+static PyObject *run_gemm(mix_call *c, int silu_mul) {
+    const qhandle *h = get_handle(mix_obj(c, 0));
+    if (!h) return mix_call_fail(c);
+    mix_array *x = mix_arr(c, 1), *y = mix_arr(c, 2);
+    int cfg = (int)mix_int(c, 4), splits = (int)mix_int(c, 5);
     if (x->device_id != h->device)
-        return mix_raise(&c, PyExc_ValueError, "x: on CUDA device %d, the layer's weights on %d", x->device_id,
-                         h->device);
+        return mix_raise(c, PyExc_ValueError, "%s: on CUDA device %d, the layer's weights on %d", silu_mul ? "gu" : "x",
+                         x->device_id, h->device);
+    if (silu_mul && !mixc_act_quant_silu_mul_ok(h->K, h->g))
+        return mix_raise(c, PyExc_ValueError,
+                         "gu: the fused SiLU-mul takes layers of group size 128 and K a multiple of 8, got g=%lld, "
+                         "K=%lld",
+                         (long long)h->g, (long long)h->K);
     const int64_t M = x->shape[0];
-    if (mix_check_dim(x, 1, h->K) < 0 || mix_check_shape2(y, M, h->tmpl.n_out) < 0 ||
+    if (mix_check_dim(x, 1, silu_mul ? 2 * h->K : h->K) < 0 || mix_check_shape2(y, M, h->tmpl.n_out) < 0 ||
         resolve_plan(h, M, &cfg, &splits) < 0)
-        return mix_call_fail(&c);
+        return mix_call_fail(c);
     int64_t sa_off, ws_off;
     const int64_t need = scratch_layout(h, M, ws_splits(cfg, splits), &sa_off, &ws_off);
-    if (need < 0) return mix_raise(&c, PyExc_ValueError, "x: too many tokens for one call");
+    if (need < 0) return mix_raise(c, PyExc_ValueError, "x: too many tokens for one call");
     uint8_t *base = NULL;
     if (need > 0) {
-        if (mix_is_none(&c, 3))
-            return mix_raise(&c, PyExc_ValueError, "scratch: %lld bytes are needed", (long long)need);
-        mix_array *sc = mix_call_take(&c, 3, 0);
-        if (!sc) return mix_call_fail(&c);
+        if (mix_is_none(c, 3)) return mix_raise(c, PyExc_ValueError, "scratch: %lld bytes are needed", (long long)need);
+        mix_array *sc = mix_call_take(c, 3, 0);
+        if (!sc) return mix_call_fail(c);
         if (sc->numel < need)
-            return mix_raise(&c, PyExc_ValueError, "scratch: expected at least %lld bytes, got %lld", (long long)need,
+            return mix_raise(c, PyExc_ValueError, "scratch: expected at least %lld bytes, got %lld", (long long)need,
                              (long long)sc->numel);
-        if ((uintptr_t)sc->data % 16) return mix_raise(&c, PyExc_ValueError, "scratch: must be 16-byte aligned");
+        if ((uintptr_t)sc->data % 16) return mix_raise(c, PyExc_ValueError, "scratch: must be 16-byte aligned");
         base = sc->data;
     }
-    if (M == 0) return cuda_finish(&c, 0);
+    if (M == 0) return cuda_finish(c, 0);
     mixc_gemm G = h->tmpl;
     const int64_t Kp = G.Kp;
-    void *stream = stream_of(&c, 6);
+    void *stream = stream_of(c, 6);
     G.M = M;
     G.y = y->data;
     G.ydtype = dtype_code(y->dtype);
@@ -464,17 +471,28 @@ ENTRY(run) {
     G.xq = (const int8_t *)base;
     G.sa = (const float *)(base + sa_off);
     G.ws = ws_splits(cfg, splits) > 1 ? (float *)(base + ws_off) : NULL;
-    int err = mixc_act_quant(h->device, x->data, dtype_code(x->dtype), M, h->K, h->g, mixc_gp(h->g), (int8_t *)G.xq, Kp,
-                             G.spg, (float *)G.sa, Kp / MIXC_KSTAGE, stream);
+    int err = silu_mul ? mixc_act_quant_silu_mul(h->device, x->data, dtype_code(x->dtype), M, h->K, h->g, mixc_gp(h->g),
+                                                 (int8_t *)G.xq, Kp, G.spg, (float *)G.sa, Kp / MIXC_KSTAGE, stream)
+                       : mixc_act_quant(h->device, x->data, dtype_code(x->dtype), M, h->K, h->g, mixc_gp(h->g),
+                                        (int8_t *)G.xq, Kp, G.spg, (float *)G.sa, Kp / MIXC_KSTAGE, stream);
     if (!err) err = mixc_qlinear(h->device, &G, stream);
-    return cuda_finish(&c, err);
+    return cuda_finish(c, err);
+}
+ENTRY(run) {
+    BEGIN(run);
+    return run_gemm(&c, 0);
+}
+ENTRY(run_silu_mul) {
+    BEGIN(run_silu_mul);
+    return run_gemm(&c, 1);
 }
 
 /* ---- the module ------------------------------------------------------------------------------------ */
 
 #define E(x) {&S_##x, py_##x}
 static const mix_entry ENTRIES[] = {
-    E(act_quant), E(pack_weight), E(geometry), E(layout_bytes), E(plan), E(prepare), E(plan_call), E(run),
+    E(act_quant), E(pack_weight), E(geometry), E(layout_bytes), E(plan),
+    E(prepare),   E(plan_call),   E(run),      E(run_silu_mul),
 };
 #define NENTRIES MIX_NARGS(ENTRIES)
 static PyMethodDef methods[NENTRIES + 1];

@@ -65,6 +65,20 @@ template <typename T> __device__ __forceinline__ float to_f(T v);
 template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
 template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
 template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+/* v rounded to T (to nearest even) and back: what storing an intermediate result in T does. */
+template <typename T> __device__ __forceinline__ float round_to(float v);
+template <> __device__ __forceinline__ float round_to<float>(float v) { return v; }
+template <> __device__ __forceinline__ float round_to<__half>(float v) { return __half2float(__float2half_rn(v)); }
+template <> __device__ __forceinline__ float round_to<__nv_bfloat16>(float v) {
+    return __bfloat162float(__float2bfloat16_rn(v));
+}
+
+/* silu(g) * u as PyTorch's eager ops compute it on x's dtype T: silu in float, x / (1 + exp(-x)),
+ * rounded to T; the product in float, rounded to T. (No fast-math: expf and the division as torch's
+ * kernels have them, so the codes equal those of quantizing F.silu(g) * u.) */
+template <typename T> __device__ __forceinline__ float silu_mul(float g, float u) {
+    return round_to<T>(round_to<T>(g / (1.f + expf(-g))) * u);
+}
 
 template <typename T>
 __global__ void act_quant_kernel(const T *__restrict__ x, int64_t M, int64_t K, int64_t g, int64_t G, int64_t gp,
@@ -173,10 +187,12 @@ __global__ void act_quant_vec_kernel(const T *__restrict__ x, int64_t M, int64_t
  * advanced by a precomputed quotient and remainder: no 64-bit division in the loop (measured on the
  * H200: the generic kernel above, one warp per group with a 64-bit division and modulo per step,
  * streamed about 1 TB/s at M = 4096). Same arithmetic per element as the other kernels. */
-template <typename T>
+template <typename T, bool SILU_MUL>
 __global__ void act_quant_g128_kernel(const T *__restrict__ x, int64_t M, int64_t K, int64_t G, int64_t gp,
                                       int8_t *__restrict__ q, int64_t qpitch, int spg, float *__restrict__ sa,
                                       int64_t sapitch) {
+    /* SILU_MUL: x is [M, 2K], gate columns then up columns; the values quantized are silu_mul<T>(gate, up) */
+    constexpr int64_t XW = SILU_MUL ? 2 : 1;
     let_dependents_start();
     const int lane = threadIdx.x & 31, hl = lane & 15;
     const int64_t P = (G + 1) / 2; /* group pairs per token */
@@ -195,7 +211,15 @@ __global__ void act_quant_g128_kernel(const T *__restrict__ x, int64_t M, int64_
         const int64_t k0 = j * 128, len = grp ? min((int64_t)128, K - k0) : 0;
         const bool mine = hl * 8 < len; /* K % 8 == 0: a lane's 8 elements are all in the row or all past it */
         float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-        if (mine) load_n<8>(x + m * K + k0 + hl * 8, v);
+        if (mine) {
+            load_n<8>(x + m * XW * K + k0 + hl * 8, v);
+            if constexpr (SILU_MUL) {
+                float u[8];
+                load_n<8>(x + m * XW * K + K + k0 + hl * 8, u);
+#pragma unroll
+                for (int i = 0; i < 8; i++) v[i] = silu_mul<T>(v[i], u[i]);
+            }
+        }
         float amax = 0.f;
 #pragma unroll
         for (int i = 0; i < 8; i++) absmax(v[i], amax);
@@ -251,7 +275,7 @@ extern "C" int mixc_act_quant(int device, const void *x, int dtype, int64_t M, i
 #define MIXC_AQ(T)                                                                                                     \
     do {                                                                                                               \
         if (g128)                                                                                                      \
-            act_quant_g128_kernel<T>                                                                                   \
+            act_quant_g128_kernel<T, false>                                                                            \
                 <<<(unsigned)gblocks, threads, 0, stream>>>((const T *)x, M, K, G, gp, q, qpitch, spg, sa, sapitch);   \
         else if (vec)                                                                                                  \
             act_quant_vec_kernel<T><<<(unsigned)vblocks, threads, 0, stream>>>((const T *)x, M, K, g, G, gp, q,        \
@@ -273,6 +297,35 @@ extern "C" int mixc_act_quant(int device, const void *x, int dtype, int64_t M, i
     }
     return (int)err;
 }
+
+extern "C" int mixc_act_quant_silu_mul(int device, const void *gu, int dtype, int64_t M, int64_t K, int64_t g,
+                                       int64_t gp, int8_t *q, int64_t qpitch, int spg, float *sa, int64_t sapitch,
+                                       void *stream_) {
+    DeviceGuard guard(device);
+    if (guard.err != cudaSuccess) return (int)guard.err;
+    cudaStream_t stream = (cudaStream_t)stream_;
+    if (!mixc_act_quant_silu_mul_ok(K, g) || qpitch % 8 || gp % 8 || (uintptr_t)gu % 16 || (uintptr_t)q % 8)
+        return (int)cudaErrorInvalidValue;
+    const int64_t G = mix_ngroups(K, g), pairs = M * ((G + 1) / 2);
+    if (pairs <= 0) return 0;
+    int sms = 132;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    const int threads = 256;
+    int64_t blocks = (pairs * 32 + threads - 1) / threads;
+    if (blocks > (int64_t)sms * 16) blocks = (int64_t)sms * 16;
+    if (dtype == 0)
+        act_quant_g128_kernel<float, true>
+            <<<(unsigned)blocks, threads, 0, stream>>>((const float *)gu, M, K, G, gp, q, qpitch, spg, sa, sapitch);
+    else if (dtype == 1)
+        act_quant_g128_kernel<__half, true>
+            <<<(unsigned)blocks, threads, 0, stream>>>((const __half *)gu, M, K, G, gp, q, qpitch, spg, sa, sapitch);
+    else
+        act_quant_g128_kernel<__nv_bfloat16, true><<<(unsigned)blocks, threads, 0, stream>>>(
+            (const __nv_bfloat16 *)gu, M, K, G, gp, q, qpitch, spg, sa, sapitch);
+    return (int)cudaGetLastError();
+}
+
+extern "C" int mixc_act_quant_silu_mul_ok(int64_t K, int64_t g) { return g == 128 && K > 0 && K % 8 == 0; }
 
 extern "C" int mixc_device_count(void) {
     int n = 0;

@@ -68,6 +68,12 @@ int64_t mixc_meta_bytes(int64_t N, int64_t K, int64_t g);
  * gp = mixc_gp(g), spg = gp/128, qpitch = Kp, sapitch = Kp/128 the GEMM's padded one. */
 int mixc_act_quant(int device, const void *x, int dtype, int64_t M, int64_t K, int64_t g, int64_t gp, int8_t *q,
                    int64_t qpitch, int spg, float *sa, int64_t sapitch, void *stream);
+/* The same for the down projection of a gated MLP: gu [M, 2K] (gate columns, then up columns), the values
+ * quantized silu(gate) * up as PyTorch's eager ops give them in gu's dtype (silu rounded to it, then the
+ * product). Only the default geometry (mixc_act_quant_silu_mul_ok: g = 128, K a multiple of 8). */
+int mixc_act_quant_silu_mul(int device, const void *gu, int dtype, int64_t M, int64_t K, int64_t g, int64_t gp,
+                            int8_t *q, int64_t qpitch, int spg, float *sa, int64_t sapitch, void *stream);
+int mixc_act_quant_silu_mul_ok(int64_t K, int64_t g);
 
 /* Canonical weight (4-bit: packed nibbles uint8 [N, ceil(K/2)] + zero uint8 [N, G];
  * 8-bit: int8 [N, K]; scale float32 [N, G]) -> the GEMM layout. */

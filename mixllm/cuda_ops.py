@@ -177,7 +177,7 @@ class PreparedLinear:
                 raise ValueError(f"bias: expected shape ({n_out},), got {tuple(b.shape)}")
         # pdl=False: launch the GEMM without programmatic dependent launch (for comparisons)
         self.handle = _cuda.prepare(c_parts, bias=b, K=K, g=g, stream=_stream(device), pdl=bool(pdl))
-        self.K, self.n_out, self.device, self.index = K, n_out, device, device.index
+        self.K, self.g, self.n_out, self.device, self.index = K, g, n_out, device, device.index
         self._plans = {}
 
     def plan(self, M, cfg=-1, splits=0):
@@ -213,6 +213,34 @@ class PreparedLinear:
             if self._bad is not None:
                 y.masked_fill_(self._bad, float("nan"))
         return y.reshape(*x.shape[:-1], self.n_out)
+
+    def silu_mul(self, gu, cfg=-1, splits=0):
+        """``self(F.silu(gu[..., :K]) * gu[..., K:])`` (the down projection of a gated MLP whose gate and up
+        projections are one fused layer), equal to it bit for bit on gu's dtype, without storing the
+        product: the activation quantizer reads gu. Layers outside the default geometry (group size 128,
+        K a multiple of 8) take the unfused ops."""
+        if gu.dtype not in _FLOATS:
+            raise TypeError(f"gu: expected dtype float32, float16 or bfloat16, got {gu.dtype}")
+        if gu.device != self.device:
+            raise ValueError(f"gu: expected a tensor on {self.device}, got {gu.device}")
+        if gu.shape[-1] != 2 * self.K:
+            raise ValueError(f"gu: expected last dimension 2 * K = {2 * self.K}, got shape {tuple(gu.shape)}")
+        if self.g != 128 or self.K % 8:
+            return self(torch.nn.functional.silu(gu[..., : self.K]) * gu[..., self.K :], cfg, splits)
+        g2 = gu.reshape(-1, 2 * self.K)
+        if not g2.is_contiguous():
+            g2 = g2.contiguous()
+        M = g2.shape[0]
+        y = torch.empty((M, self.n_out), dtype=gu.dtype, device=self.device)
+        if M:
+            c, sp, nbytes, _ = self.plan(M, cfg, splits)
+            scratch = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            _cuda.run_silu_mul(
+                self.handle, _to_capsule(g2), _to_capsule(y), _to_capsule(scratch), c, sp, _raw_stream(self.index)
+            )
+            if self._bad is not None:
+                y.masked_fill_(self._bad, float("nan"))
+        return y.reshape(*gu.shape[:-1], self.n_out)
 
 
 def qlinear(x2d, parts, n_out, bias, lead, cfg: int = -1, splits: int = 0):

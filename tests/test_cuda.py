@@ -423,7 +423,8 @@ SM90_PAIRS = next(
 )
 
 
-def _mixed(rng, M, N, K, g, dtype, frac8=0.1):
+def _mixed_parts(rng, N, K, g, frac8=0.1):
+    """A mixed layer's parts (shuffled columns) and its two-step float64 reference as a function of x."""
     n8 = max(1, int(N * frac8))
     perm = rng.permutation(N)
     W4, c4, s4, z4 = make_weight(rng, N - n8, K, 4, g)
@@ -432,11 +433,20 @@ def _mixed(rng, M, N, K, g, dtype, frac8=0.1):
         (W4, torch.from_numpy(perm[: N - n8].copy()).to(DEV)),
         (W8, torch.from_numpy(perm[N - n8 :].copy()).to(DEV)),
     ]
+
+    def y_ref(x32):
+        y = np.zeros((x32.shape[0], N))
+        y[:, perm[: N - n8]] = ref.qlinear(x32, c4, s4, z4, g)
+        y[:, perm[N - n8 :]] = ref.qlinear(x32, c8, s8, None, g)
+        return y
+
+    return parts, y_ref
+
+
+def _mixed(rng, M, N, K, g, dtype, frac8=0.1):
+    parts, y_ref = _mixed_parts(rng, N, K, g, frac8)
     xt, x32 = make_x(rng, M, K, dtype)
-    y_ref = np.zeros((M, N))
-    y_ref[:, perm[: N - n8]] = ref.qlinear(x32, c4, s4, z4, g)
-    y_ref[:, perm[N - n8 :]] = ref.qlinear(x32, c8, s8, None, g)
-    return xt, parts, y_ref
+    return xt, parts, y_ref(x32)
 
 
 @pytest.mark.skipif(not _HAS_SM90, reason="no sm_90a device")
@@ -903,3 +913,77 @@ def test_device_mismatch(rng):
     Wk, *_ = make_weight(rng, 8, K + 128, 8, g)
     with pytest.raises(ValueError, match="same K"):
         ops.mixed_linear(x, W, Wk, torch.arange(N), torch.arange(N, N + 8))
+
+
+# ----------------------------------------------------------------------------- fused SiLU-mul (gated MLP down)
+DECODE_CFG = next(c for c in CFGS if _cuda.plan(DEV.index, 1, (16,), 128, c, 1)[2] == "decode_gemv")
+
+
+def _silu_mul_eager(gu, K):
+    return torch.nn.functional.silu(gu[..., :K]) * gu[..., K:]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,K", [(1, 64, 1024), (5, 200, 2048), (16, 96, 768), (300, 136, 1000)])
+def test_silu_mul_equals_the_unfused_ops(rng, dtype, M, N, K):
+    """PreparedLinear.silu_mul(gu) quantizes silu(gate) * up as the eager ops round it in gu's dtype:
+    the same codes, so the same y, bit for bit, as the layer called on F.silu(gate) * up; for every
+    tile configuration the planner can take here (forced), and against float64."""
+    parts, y_ref = _mixed_parts(rng, N, K, 128)
+    bias = torch.from_numpy(rng.standard_normal(N).astype(np.float32)).to(DEV)
+    lin = cuda_ops.PreparedLinear(parts, N, bias, DEV)
+    gu = (torch.randn((M, 2 * K), device=DEV) * 3).to(dtype)
+    h = _silu_mul_eager(gu, K)
+    assert torch.equal(lin.silu_mul(gu), lin(h))
+    for cfg in (0, SM90) + ((DECODE_CFG,) if M <= 16 else ()):
+        assert torch.equal(lin.silu_mul(gu, cfg=cfg), lin(h, cfg=cfg))
+    assert torch.equal(lin.silu_mul(gu, cfg=SM90, splits=3), lin(h, cfg=SM90, splits=3))
+    want = y_ref(h.float().cpu().numpy()) + bias.double().cpu().numpy()  # h exactly: it is in dtype
+    assert_close(lin.silu_mul(gu), want, dtype)
+
+
+def test_silu_mul_strided_input_leading_dims_and_fallback(rng):
+    N, K = 80, 512
+    parts, _ = _mixed_parts(rng, N, K, 128)
+    lin = cuda_ops.PreparedLinear(parts, N, None, DEV)
+    buf = torch.randn((2, 3, 2 * K + 16), device=DEV).to(torch.bfloat16)
+    gu = buf[..., : 2 * K]  # rows not contiguous
+    y = lin.silu_mul(gu)
+    assert y.shape == (2, 3, N)
+    assert torch.equal(y, lin(_silu_mul_eager(gu, K)))
+    # a layer outside the default geometry (group size 64) takes the unfused ops
+    parts64, _ = _mixed_parts(rng, N, K, 64)
+    lin64 = cuda_ops.PreparedLinear(parts64, N, None, DEV)
+    assert torch.equal(lin64.silu_mul(gu), lin64(_silu_mul_eager(gu, K)))
+    with pytest.raises(ValueError, match="gu: expected last dimension 2 \\* K"):
+        lin.silu_mul(buf)
+    with pytest.raises(TypeError, match="gu: expected dtype"):
+        lin.silu_mul(gu.to(torch.int32))
+    # the C entry refuses what the Python side would route to the unfused ops
+    c, sp, nbytes, _ = _cuda.plan_call(lin64.handle, 6, -1, 0)
+    with pytest.raises(ValueError, match="gu: the fused SiLU-mul takes layers of group size 128"):
+        _cuda.run_silu_mul(
+            lin64.handle,
+            gu.reshape(6, 2 * K).contiguous(),
+            torch.empty((6, N), device=DEV, dtype=torch.bfloat16),
+            torch.empty(nbytes, dtype=torch.uint8, device=DEV),
+            c,
+            sp,
+            0,
+        )
+
+
+def test_silu_mul_in_a_cuda_graph(rng):
+    N, K, M = 120, 1024, 4
+    parts, _ = _mixed_parts(rng, N, K, 128)
+    lin = cuda_ops.PreparedLinear(parts, N, None, DEV)
+    gu = torch.randn((M, 2 * K), device=DEV).to(torch.bfloat16)
+    want = lin(_silu_mul_eager(gu, K))
+    lin.silu_mul(gu)  # plans before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = lin.silu_mul(gu)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)
