@@ -29,6 +29,7 @@ from .nn import MixedLinear
 
 __all__ = [
     "DEFAULT_GROUPS",
+    "FusedGatedMLP",
     "FusedProjection",
     "SharedInputProjections",
     "fuse_projections",
@@ -109,10 +110,68 @@ def _group_attr(names: Sequence[str]) -> str:
     return "mixllm_fused_" + "_".join(names)
 
 
-def fuse_projections(model: nn.Module, groups: Iterable[Sequence[str]] = DEFAULT_GROUPS) -> int:
+#: Gated-MLP classes whose forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` (Hugging Face's
+#: Llama, Mistral, Qwen2/3): ``fuse_projections`` replaces them by ``FusedGatedMLP`` when ``act_fn`` is SiLU.
+GATED_MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+
+
+class FusedGatedMLP(nn.Module):
+    """A gated MLP (``down_proj(silu(gate_proj(x)) * up_proj(x))``) whose gate and up projections are one
+    fused layer: ``down_proj.forward_silu_mul`` reads that layer's output directly, so on a GPU the
+    product is quantized as it is formed, never stored (one kernel instead of SiLU, the product and the
+    activation quantizer). Bit-identical to the module it replaces. Its children are that module's (the
+    same names, so the state dict's keys are unchanged); the module itself is kept for
+    ``unfuse_projections``."""
+
+    def __init__(self, mlp: nn.Module, group: "SharedInputProjections"):
+        super().__init__()
+        for name, child in mlp.named_children():
+            self.add_module(name, child)
+        self._orig = (mlp,)  # a tuple: not a registered submodule
+        self._group_name = next(n for n, c in mlp.named_children() if c is group)
+
+    @property
+    def original(self) -> nn.Module:
+        return self._orig[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gu = getattr(self, self._group_name).fused(x)  # [..., 2K]: gate columns, then up columns
+        return self.down_proj.forward_silu_mul(gu)
+
+
+def _is_silu(act) -> bool:
+    """torch's SiLU module, or transformers' (its forward is F.silu)."""
+    t = type(act)
+    return isinstance(act, nn.SiLU) or (t.__name__ == "SiLUActivation" and t.__module__.startswith("transformers."))
+
+
+def _gated_mlp(mlp: nn.Module, gated_mlp) -> "SharedInputProjections | None":
+    """The fused gate/up group of ``mlp`` when it can run as a FusedGatedMLP (else None)."""
+    if gated_mlp is False or (gated_mlp is None and type(mlp).__name__ not in GATED_MLP_CLASSES):
+        return None
+    group = getattr(mlp, _group_attr(("gate_proj", "up_proj")), None)
+    down = getattr(mlp, "down_proj", None)
+    if not isinstance(group, SharedInputProjections) or type(down) is not MixedLinear:
+        return None
+    if not _is_silu(getattr(mlp, "act_fn", None)):
+        return None
+    K = down.in_features
+    if group.names != ("gate_proj", "up_proj") or group.sizes != (K, K):
+        return None
+    return group
+
+
+def fuse_projections(model: nn.Module, groups: Iterable[Sequence[str]] = DEFAULT_GROUPS, gated_mlp=None) -> int:
     """Fuse, in place, every set of sibling ``MixedLinear`` layers named as one of ``groups`` (children of
     one module, same input width, group size and mode). Returns the number of groups fused. Layers of a
-    group that differ in those respects, or are not all ``MixedLinear``, are left as they are."""
+    group that differ in those respects, or are not all ``MixedLinear``, are left as they are.
+
+    ``gated_mlp``: replace gated MLPs whose gate/up got fused and whose ``act_fn`` is SiLU by
+    ``FusedGatedMLP`` (the down projection reads the fused output): None (default) for the classes in
+    ``GATED_MLP_CLASSES``, True for any module with that structure (its forward must be
+    ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``), False for none."""
+    if gated_mlp not in (None, True, False):
+        raise TypeError(f"gated_mlp: expected None, True or False, got {gated_mlp!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     groups = [tuple(g) for g in groups]
@@ -136,6 +195,11 @@ def fuse_projections(model: nn.Module, groups: Iterable[Sequence[str]] = DEFAULT
             for i, n in enumerate(names):
                 setattr(parent, n, FusedProjection(group, i))
             fused += 1
+    for parent in list(model.modules()):
+        for name, mlp in list(parent.named_children()):
+            group = None if isinstance(mlp, FusedGatedMLP) else _gated_mlp(mlp, gated_mlp)
+            if group is not None:
+                setattr(parent, name, FusedGatedMLP(mlp, group))
     return fused
 
 
@@ -144,6 +208,10 @@ def unfuse_projections(model: nn.Module) -> int:
     buffers as before fusing). Returns the number of groups split."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    for parent in list(model.modules()):
+        for name, mlp in list(parent.named_children()):
+            if isinstance(mlp, FusedGatedMLP):
+                setattr(parent, name, mlp.original)
     split = 0
     for parent in list(model.modules()):
         for attr, group in list(parent.named_children()):

@@ -56,6 +56,20 @@ def _(x, layer, out_features):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
+@torch.library.custom_op("mixllm::mixed_linear_silu_mul", mutates_args=())
+def _mixed_linear_silu_mul_op(gu: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
+    ref = _LAYERS.get(layer)
+    m = ref() if ref is not None else None
+    if m is None:
+        raise RuntimeError(f"mixllm::mixed_linear_silu_mul: layer {layer} no longer exists")
+    return m._forward_silu_mul_eager(gu)
+
+
+@_mixed_linear_silu_mul_op.register_fake
+def _(gu, layer, out_features):
+    return gu.new_empty((*gu.shape[:-1], out_features))
+
+
 class MixedLinear(nn.Module):
     """``y = x W^T + b`` with ``n8`` output features in 8-bit and the rest in 4-bit.
 
@@ -327,6 +341,28 @@ class MixedLinear(nn.Module):
                 raise ValueError(f"x: expected last dimension {self.in_features}, got shape {tuple(x.shape)}")
             return _mixed_linear_op(x, self._op_key, self.out_features)
         return self._forward_eager(x)
+
+    def forward_silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
+        """``self(F.silu(gu[..., :K]) * gu[..., K:])``, K = in_features: the down projection of a gated MLP
+        fed by its fused gate/up output (mixllm.fuse). On a GPU with our kernels the activation quantizer
+        reads gu, and the product (rounded in gu's dtype as the eager ops round it) is never stored; the
+        result is bit-identical to the unfused ops. Elsewhere it runs them."""
+        K = self.in_features
+        if torch.compiler.is_compiling():
+            if gu.shape[-1] != 2 * K:
+                raise ValueError(f"gu: expected last dimension 2 * K = {2 * K}, got shape {tuple(gu.shape)}")
+            return _mixed_linear_silu_mul_op(gu, self._op_key, self.out_features)
+        return self._forward_silu_mul_eager(gu)
+
+    def _forward_silu_mul_eager(self, gu: torch.Tensor) -> torch.Tensor:
+        if not isinstance(gu, torch.Tensor):
+            raise TypeError(f"gu: expected a torch.Tensor, got {type(gu).__name__}")
+        K = self.in_features
+        if gu.shape[-1] != 2 * K:
+            raise ValueError(f"gu: expected last dimension 2 * K = {2 * K}, got shape {tuple(gu.shape)}")
+        if gu.is_cuda and not self.weight_only and ops.cuda_available():
+            return self._prepared(gu.device).silu_mul(gu)
+        return self._forward_eager(F.silu(gu[..., :K]) * gu[..., K:])
 
     def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):

@@ -167,3 +167,57 @@ def test_torch_compile_traces_one_call_per_fused_group(monkeypatch):
     # per block: q+k+v (64 + 2 * 32), o, gate+up (2 * 96), down
     assert calls == [128, 64, 192, 64] * 2
     assert all(g._pending is None for g in mixllm.fuse.fused_groups(model))
+
+
+def test_gated_mlp_reads_the_fused_gate_up_output():
+    """Llama's MLP becomes a FusedGatedMLP (the down projection takes the fused gate/up output through
+    MixedLinear.forward_silu_mul): the same children and state-dict keys as without it, logits bit-identical (on the
+    CPU forward_silu_mul runs the unfused ops; the GPU kernel is compared bit for bit in
+    tests/test_cuda.py), and unfuse_projections puts the original module back."""
+    from mixllm.fuse import FusedGatedMLP
+
+    ref = _quantize_blocks(tiny_llama(seed=7, hidden_size=160, intermediate_size=200, head_dim=40))
+    model = _quantize_blocks(tiny_llama(seed=7, hidden_size=160, intermediate_size=200, head_dim=40))
+    plain = _quantize_blocks(tiny_llama(seed=7, hidden_size=160, intermediate_size=200, head_dim=40))
+    assert fuse_projections(plain, gated_mlp=False) == 4
+    mlp0 = model.model.layers[0].mlp
+    assert fuse_projections(model) == 4
+    assert all(isinstance(blk.mlp, FusedGatedMLP) for blk in model.model.layers)
+    assert model.model.layers[0].mlp.original is mlp0
+    assert set(model.state_dict()) == set(plain.state_dict())  # the same children under the same names
+    assert sum(isinstance(m, MixedLinear) for m in model.modules()) == 2 * 4
+    ids = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+    assert fuse_projections(model) == 0  # already fused: nothing changes
+    assert isinstance(model.model.layers[0].mlp, FusedGatedMLP)
+    assert unfuse_projections(model) == 4
+    assert model.model.layers[0].mlp is mlp0 and isinstance(mlp0.gate_proj, MixedLinear)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+def test_gated_mlp_only_where_asked_and_where_it_applies():
+    from mixllm.fuse import FusedGatedMLP
+
+    model = _quantize_blocks(tiny_llama(seed=9))
+    assert fuse_projections(model, gated_mlp=False) == 4
+    assert not any(isinstance(m, FusedGatedMLP) for m in model.modules())
+    unfuse_projections(model)
+    model.model.layers[1].mlp.act_fn = torch.nn.GELU()  # not SiLU: left as it is
+    fuse_projections(model)
+    assert isinstance(model.model.layers[0].mlp, FusedGatedMLP)
+    assert not isinstance(model.model.layers[1].mlp, FusedGatedMLP)
+    with pytest.raises(TypeError, match="gated_mlp"):
+        fuse_projections(model, gated_mlp="yes")
+
+
+def test_forward_silu_mul_checks_its_input():
+    down = random_mixed_linear(0, 24, 128, 0.25, bias=True)
+    gu = torch.randn(3, 256, generator=torch.Generator().manual_seed(1))
+    want = down(torch.nn.functional.silu(gu[:, :128]) * gu[:, 128:])
+    assert torch.equal(down.forward_silu_mul(gu), want)
+    with pytest.raises(ValueError, match="gu: expected last dimension 2 \\* K = 256"):
+        down.forward_silu_mul(gu[:, :200])
+    with pytest.raises(TypeError, match="gu: expected a torch.Tensor"):
+        down.forward_silu_mul(gu.numpy())
