@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from mixllm import data  # noqa: E402
 from mixllm.eval import perplexity  # noqa: E402
-from mixllm.fuse import fuse_projections  # noqa: E402
+from mixllm.fuse import fuse_projections, unfuse_projections  # noqa: E402
 from mixllm.methods.mixllm import MixLLMConfig  # noqa: E402
 from mixllm.nn import MixedLinear  # noqa: E402
 
@@ -505,6 +505,14 @@ def synthetic(args):
     res["fused_groups"] = fuse_projections(model)
     torch.cuda.empty_cache()
     measure("w44a8_fused")
+    if args.gated_mlp_ab:  # the same fused model without FusedGatedMLP (SiLU, the product, a quantizer)
+        unfuse_projections(model)
+        fuse_projections(model, gated_mlp=False)
+        measure("w44a8_fused_plain_mlp")
+        if args.compiled:
+            measure_compiled("w44a8_fused_plain_mlp")
+        unfuse_projections(model)
+        fuse_projections(model)
     if args.compiled:
         measure_compiled("w44a8_fused")
         for B in (1, 16):
@@ -549,6 +557,11 @@ def main(argv=None):
         help="Llama-3-8B shapes with random weights: speed of bf16 vs W4.4A8 only (no --ids)",
     )
     ap.add_argument("--layers", type=int, default=32, help="--synthetic: decoder blocks")
+    ap.add_argument(
+        "--gated-mlp-ab",
+        action="store_true",
+        help="--synthetic: also the fused model without FusedGatedMLP (keys *_w44a8_fused_plain_mlp)",
+    )
     ap.add_argument("--prefill", type=int, default=2048, help="--synthetic: prefill tokens")
     ap.add_argument(
         "--compiled",
