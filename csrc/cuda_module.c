@@ -441,6 +441,8 @@ static PyObject *run_gemm(mix_call *c, int silu_mul) {
                          "gu: the fused SiLU-mul takes layers of group size 128 and K a multiple of 8, got g=%lld, "
                          "K=%lld",
                          (long long)h->g, (long long)h->K);
+    if (silu_mul && (uintptr_t)x->data % 16)
+        return mix_raise(c, PyExc_ValueError, "gu: must be 16-byte aligned (a contiguous copy is)");
     const int64_t M = x->shape[0];
     if (mix_check_dim(x, 1, silu_mul ? 2 * h->K : h->K) < 0 || mix_check_shape2(y, M, h->tmpl.n_out) < 0 ||
         resolve_plan(h, M, &cfg, &splits) < 0)

@@ -230,6 +230,8 @@ class PreparedLinear:
         g2 = gu.reshape(-1, 2 * self.K)
         if not g2.is_contiguous():
             g2 = g2.contiguous()
+        if g2.data_ptr() % 16:  # the kernel's 16-byte loads (a view at an odd offset)
+            g2 = g2.clone()
         M = g2.shape[0]
         y = torch.empty((M, self.n_out), dtype=gu.dtype, device=self.device)
         if M:

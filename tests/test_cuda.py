@@ -951,6 +951,9 @@ def test_silu_mul_strided_input_leading_dims_and_fallback(rng):
     y = lin.silu_mul(gu)
     assert y.shape == (2, 3, N)
     assert torch.equal(y, lin(_silu_mul_eager(gu, K)))
+    flat = torch.randn(4 * 2 * K + 8, device=DEV).to(torch.bfloat16)
+    odd = flat[1 : 1 + 4 * 2 * K].view(4, 2 * K)  # contiguous, 2 bytes past a 16-byte boundary
+    assert torch.equal(lin.silu_mul(odd), lin(_silu_mul_eager(odd, K)))
     # a layer outside the default geometry (group size 64) takes the unfused ops
     parts64, _ = _mixed_parts(rng, N, K, 64)
     lin64 = cuda_ops.PreparedLinear(parts64, N, None, DEV)
@@ -959,7 +962,18 @@ def test_silu_mul_strided_input_leading_dims_and_fallback(rng):
         lin.silu_mul(buf)
     with pytest.raises(TypeError, match="gu: expected dtype"):
         lin.silu_mul(gu.to(torch.int32))
-    # the C entry refuses what the Python side would route to the unfused ops
+    # the C entry refuses what the Python side routes elsewhere
+    c, sp, nbytes, _ = _cuda.plan_call(lin.handle, 4, -1, 0)
+    with pytest.raises(ValueError, match="gu: must be 16-byte aligned"):
+        _cuda.run_silu_mul(
+            lin.handle,
+            odd,
+            torch.empty((4, N), device=DEV, dtype=torch.bfloat16),
+            torch.empty(nbytes, dtype=torch.uint8, device=DEV),
+            c,
+            sp,
+            0,
+        )
     c, sp, nbytes, _ = _cuda.plan_call(lin64.handle, 6, -1, 0)
     with pytest.raises(ValueError, match="gu: the fused SiLU-mul takes layers of group size 128"):
         _cuda.run_silu_mul(
