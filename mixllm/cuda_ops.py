@@ -201,18 +201,20 @@ class PreparedLinear:
         x2 = x.reshape(-1, self.K)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
+        return self._launch(_cuda.run, x2, x.shape[:-1], cfg, splits)
+
+    def _launch(self, entry, x2, lead, cfg, splits):
+        """y [*lead, n_out] from the 2-D input x2 through the C entry (run or run_silu_mul)."""
         M = x2.shape[0]
-        y = torch.empty((M, self.n_out), dtype=x.dtype, device=self.device)
+        y = torch.empty((M, self.n_out), dtype=x2.dtype, device=self.device)
         if M:
             c, sp, nbytes, _ = self.plan(M, cfg, splits)
             scratch = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
             # positional: the per-call path (keywords would cost a name lookup per argument)
-            _cuda.run(
-                self.handle, _to_capsule(x2), _to_capsule(y), _to_capsule(scratch), c, sp, _raw_stream(self.index)
-            )
+            entry(self.handle, _to_capsule(x2), _to_capsule(y), _to_capsule(scratch), c, sp, _raw_stream(self.index))
             if self._bad is not None:
                 y.masked_fill_(self._bad, float("nan"))
-        return y.reshape(*x.shape[:-1], self.n_out)
+        return y.reshape(*lead, self.n_out)
 
     def silu_mul(self, gu, cfg=-1, splits=0):
         """``self(F.silu(gu[..., :K]) * gu[..., K:])`` (the down projection of a gated MLP whose gate and up
@@ -232,17 +234,7 @@ class PreparedLinear:
             g2 = g2.contiguous()
         if g2.data_ptr() % 16:  # the kernel's 16-byte loads (a view at an odd offset)
             g2 = g2.clone()
-        M = g2.shape[0]
-        y = torch.empty((M, self.n_out), dtype=gu.dtype, device=self.device)
-        if M:
-            c, sp, nbytes, _ = self.plan(M, cfg, splits)
-            scratch = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-            _cuda.run_silu_mul(
-                self.handle, _to_capsule(g2), _to_capsule(y), _to_capsule(scratch), c, sp, _raw_stream(self.index)
-            )
-            if self._bad is not None:
-                y.masked_fill_(self._bad, float("nan"))
-        return y.reshape(*gu.shape[:-1], self.n_out)
+        return self._launch(_cuda.run_silu_mul, g2, gu.shape[:-1], cfg, splits)
 
 
 def qlinear(x2d, parts, n_out, bias, lead, cfg: int = -1, splits: int = 0):
