@@ -239,7 +239,9 @@ template <int N, int R> __device__ __forceinline__ void wait_acc(int (&acc)[R]) 
 }
 
 /* Second step of the dequantization for one slice of QN tokens: acc (+)= float(iacc) * Sw[row] * Sa[token].
- * Accumulator i: row gid + 8 * ((i >> 1) & 1), token 8 * (i >> 2) + 2 * tig + (i & 1). */
+ * Accumulator i: row gid + 8 * ((i >> 1) & 1), token 8 * (i >> 2) + 2 * tig + (i & 1). (Tried: the scales
+ * stored so that a thread's 16 are contiguous, LDS.128 instead of LDS.64: 4-8% slower, one spill;
+ * docs/kernels.md.) */
 template <int QN>
 __device__ __forceinline__ void rescale(float *facc, const int (&iacc)[QN / 2], const float *sab, float sw0,
                                         float sw1) {
@@ -264,7 +266,10 @@ __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb
     const int tl = (wg & 1) * 4 + warp;          /* this warp's tile in the CTA */
     const int64_t rt = (int64_t)rb * TILES + tl; /* ... in the part */
     const bool live = rt < (p.N + 15) / 16;
-    const int pair = wg >> 1; /* this warpgroup's stages: s0 + pair, s0 + pair + KG, ... */
+    /* this warpgroup's stages: s0 + pair, s0 + pair + KG, ...; with one pair a constant, so that the ring
+     * position and the wgmma descriptors stay in uniform registers: no R2UR per wgmma, 5-7% faster at
+     * 1024-4096 tokens (docs/kernels.md, "Uniform descriptors") */
+    const int pair = KG == 1 ? 0 : wg >> 1;
     const float *sas = (const float *)(smem + SA_OFF) + 2 * tig;
 
     constexpr int R = QN / 2; /* int32 accumulators per thread of a QN-token slice */
