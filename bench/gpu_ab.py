@@ -1,11 +1,11 @@
-"""A/B of two CUDA builds of mixllm in one GPU-machine call: the layer table of each, alternating.
+"""A/B (or A/B/C...) of CUDA builds of mixllm in one GPU-machine call: the layer table of each, rotating.
 
-Device time is short and the GPU's clock drifts between calls, so two kernel variants are compared in
-one process tree, in alternating rounds: for each round and each build, the extension is rebuilt in
-place from that build's prebuilt objects (bench/gpu_prebuild.sh DIR, carried to the GPU machine; an
-experimental variant with MIXC_NVCC_FLAGS=-D...) and `bench/gpu_linear.py ARGS` runs on it, the
-builds' order swapped every round. Then, for every (N, K, M) cell, the mean W4.4A8 time of each build
-and their ratio.
+Device time is short and the GPU's clock drifts between calls, so kernel variants are compared in one
+process tree, in rotating rounds: for each round and each build, the extension is rebuilt in place from
+that build's prebuilt objects (bench/gpu_prebuild.sh DIR, carried to the GPU machine; an experimental
+variant with MIXC_NVCC_FLAGS=-D...) and `bench/gpu_linear.py ARGS` runs on it, the builds' order rotated
+every round (two builds: a b, b a, ...). Then, for every (N, K, M) cell, the mean W4.4A8 time of each build
+and its ratio to build a's.
 
     MIXC_NVCC_FLAGS=-DMY_VARIANT bash bench/gpu_prebuild.sh .device_carry/cuobj_b   # here
     bash bench/gpu_prebuild.sh .device_carry/cuobj_a
@@ -32,34 +32,38 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
 def summarize(runs, key="w4.4a8"):
-    """``runs``: [(build, rows)] with gpu_linear.py's rows (N, K, M and times). Returns one dict per
-    cell present in every build's runs: the mean ``key`` time of each build, its runs' times and the
-    ratio b / a (below 1: build b is faster)."""
+    """``runs``: [(build, rows)] with gpu_linear.py's rows (N, K, M and times), two or more builds. Returns
+    one dict per cell present in every build's runs: each build's ``key`` times and, for every build x after
+    the first (a), the ratio of the means ``x_over_a`` (below 1: build x is faster)."""
     builds = []
     for b, _ in runs:
         if b not in builds:
             builds.append(b)
-    if len(builds) != 2:
-        raise ValueError(f"runs: expected two builds, got {builds}")
+    if len(builds) < 2:
+        raise ValueError(f"runs: expected at least two builds, got {builds}")
     times = {}
     for b, rows in runs:
         for r in rows:
             times.setdefault((r["N"], r["K"], r["M"]), {}).setdefault(b, []).append(r[key])
     out = []
     for (N, K, M), per in sorted(times.items()):
-        if len(per) != 2:
+        if len(per) != len(builds):
             continue
-        a, b = (sum(per[x]) / len(per[x]) for x in builds)
-        out.append({"N": N, "K": K, "M": M, builds[0]: per[builds[0]], builds[1]: per[builds[1]], "b_over_a": b / a})
+        mean = {x: sum(per[x]) / len(per[x]) for x in builds}
+        cell = {"N": N, "K": K, "M": M, **{x: per[x] for x in builds}}
+        cell.update({f"{x}_over_{builds[0]}": mean[x] / mean[builds[0]] for x in builds[1:]})
+        out.append(cell)
     return out
 
 
 def format_summary(summary, builds, unit_scale=1e3):
-    lines = [f"{'N':>6} {'K':>6} {'M':>5} | {builds[0] + ' (us)':>18} | {builds[1] + ' (us)':>18} | b/a"]
+    head = " | ".join(f"{b + ' (us)':>18}" for b in builds)
+    ratios = " ".join(f"{b}/{builds[0]:<3}" for b in builds[1:])
+    lines = [f"{'N':>6} {'K':>6} {'M':>5} | {head} | {ratios}"]
     for s in summary:
-        ta = "/".join(f"{t * unit_scale:.1f}" for t in s[builds[0]])
-        tb = "/".join(f"{t * unit_scale:.1f}" for t in s[builds[1]])
-        lines.append(f"{s['N']:6d} {s['K']:6d} {s['M']:5d} | {ta:>18} | {tb:>18} | {s['b_over_a']:.3f}")
+        ts = " | ".join(f"{'/'.join(f'{t * unit_scale:.1f}' for t in s[b]):>18}" for b in builds)
+        rs = " ".join(f"{s[f'{b}_over_{builds[0]}']:<5.3f}" for b in builds[1:])
+        lines.append(f"{s['N']:6d} {s['K']:6d} {s['M']:5d} | {ts} | {rs}")
     return "\n".join(lines)
 
 
@@ -90,14 +94,16 @@ def main(argv=None):
         i = argv.index("--")
         argv, rest = argv[:i], argv[i + 1 :]
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("a", help="objects of build a (bench/gpu_prebuild.sh DIR)")
-    ap.add_argument("b", help="objects of build b")
+    ap.add_argument("builds", nargs="+", metavar="DIR", help="objects of builds a, b, ... (bench/gpu_prebuild.sh DIR)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--no-restore", action="store_true", help="leave the extension as the last run built it")
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error("--rounds: expected at least 1")
+    if not 2 <= len(args.builds) <= 8:
+        ap.error(f"DIR: expected 2 to 8 builds, got {len(args.builds)}")
+    names = [chr(ord("a") + i) for i in range(len(args.builds))]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     runs = []
     report = {}
@@ -106,20 +112,20 @@ def main(argv=None):
         """The report so far (device time is short: a call that runs out keeps every finished run)."""
         report.update(
             date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
-            builds={"a": os.path.abspath(args.a), "b": os.path.abspath(args.b)},
+            builds={n: os.path.abspath(d) for n, d in zip(names, args.builds)},
             gpu_linear_args=rest,
             rounds=args.rounds,
             runs=[{"build": b, "rows": rows} for b, rows in runs],
-            summary=summarize(runs) if {b for b, _ in runs} == {"a", "b"} else [],
+            summary=summarize(runs) if {b for b, _ in runs} == set(names) else [],
         )
         with open(os.path.join(args.out, "gpu_ab.json"), "w") as f:
             json.dump(report, f, indent=1)
 
     for rnd in range(args.rounds):
-        order = (("a", args.a), ("b", args.b))
+        order = list(zip(names, args.builds))
         # the second of two runs in a row reads 1-3% slower (measured 2026-12-02: the same decode
-        # kernel in both builds), so the order alternates: a b, b a, a b, ...
-        for name, objdir in order if rnd % 2 == 0 else order[::-1]:
+        # kernel in both builds), so the order rotates: a b c, b c a, c a b, ... (two builds: a b, b a)
+        for name, objdir in order[rnd % len(order) :] + order[: rnd % len(order)]:
             build(objdir)
             with tempfile.TemporaryDirectory() as tmp:
                 subprocess.run(
@@ -137,10 +143,10 @@ def main(argv=None):
             cells = " ".join(f"{r['N']}x{r['K']}/{r['M']}:{r['w4.4a8'] * 1e3:.1f}" for r in res["rows"])
             print(f"round {rnd + 1}, build {name} (W4.4A8 us): {cells}", flush=True)
     if not args.no_restore:
-        build(args.a)
+        build(args.builds[0])
     summary = report["summary"]
-    print(f"# {report['device']}, {report['date']}: W4.4A8 us per call, build a / build b (each round)")
-    print(format_summary(summary, ["a", "b"]))
+    print(f"# {report['device']}, {report['date']}: W4.4A8 us per call, builds {' / '.join(names)} (each round)")
+    print(format_summary(summary, names))
     return report
 
 

@@ -33,11 +33,19 @@ def test_summary_means_and_ratio_per_cell():
     assert "10.0/12.0" in text and "0.909" in text and "1.050" in text
 
 
-def test_summary_needs_two_builds():
-    with pytest.raises(ValueError, match="two builds"):
+def test_summary_needs_two_builds_and_takes_more():
+    with pytest.raises(ValueError, match="at least two builds"):
         gpu_ab.summarize([("a", [_row(1, 1, 1, 1.0)])])
-    with pytest.raises(ValueError, match="two builds"):
-        gpu_ab.summarize([("a", []), ("b", []), ("c", [])])
+    runs = [
+        ("a", [_row(8, 16, 1, 0.010), _row(4, 4, 1, 0.5)]),
+        ("b", [_row(8, 16, 1, 0.009), _row(4, 4, 1, 0.4)]),
+        ("c", [_row(8, 16, 1, 0.012)]),
+    ]
+    s = gpu_ab.summarize(runs)
+    assert [(c["N"], c["M"]) for c in s] == [(8, 1)]  # 4x4 did not run in build c
+    assert s[0]["b_over_a"] == pytest.approx(0.9) and s[0]["c_over_a"] == pytest.approx(1.2)
+    text = gpu_ab.format_summary(s, ["a", "b", "c"])
+    assert "0.900" in text and "1.200" in text and "12.0" in text
 
 
 def test_rounds_alternate_and_every_run_is_saved(tmp_path, monkeypatch):
@@ -65,3 +73,20 @@ def test_rounds_alternate_and_every_run_is_saved(tmp_path, monkeypatch):
         assert len(json.load(f)["runs"]) == 6
     gpu_ab.main(["A", "B", "--rounds", "1", "--no-restore", "--out", str(tmp_path)])
     assert built[-2:] == ["A", "B"]
+
+
+def test_three_builds_rotate(tmp_path, monkeypatch):
+    built = []
+    times = {"A": 0.010, "B": 0.009, "C": 0.011}
+    monkeypatch.setattr(gpu_ab, "build", lambda objdir: built.append(objdir))
+
+    def fake_run(cmd, **kw):
+        with open(os.path.join(cmd[cmd.index("--out") + 1], "gpu_linear.json"), "w") as f:
+            json.dump({"device": "fake", "rows": [_row(8, 16, 1, times[built[-1]])]}, f)
+
+    monkeypatch.setattr(gpu_ab.subprocess, "run", fake_run)
+    report = gpu_ab.main(["A", "B", "C", "--rounds", "3", "--out", str(tmp_path)])
+    assert built == ["A", "B", "C", "B", "C", "A", "C", "A", "B", "A"]  # each build once in each position
+    assert report["summary"][0]["c_over_a"] == pytest.approx(1.1)
+    with pytest.raises(SystemExit):
+        gpu_ab.main(["A", "--out", str(tmp_path)])
