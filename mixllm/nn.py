@@ -41,33 +41,33 @@ def _register(layer: "MixedLinear") -> int:
     return key
 
 
-@torch.library.custom_op("mixllm::mixed_linear", mutates_args=())
-def _mixed_linear_op(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
-    ref = _LAYERS.get(layer)
+def _layer(key: int, op: str) -> "MixedLinear":
+    """The live layer registered under ``key`` (the custom ops below run its eager forward)."""
+    ref = _LAYERS.get(key)
     m = ref() if ref is not None else None
     if m is None:
-        raise RuntimeError(f"mixllm::mixed_linear: layer {layer} no longer exists")
-    # a fresh tensor: a custom op's output may not alias its input or be shared
-    return m._forward_eager(x)
+        raise RuntimeError(f"mixllm::{op}: layer {key} no longer exists")
+    return m
 
 
-@_mixed_linear_op.register_fake
-def _(x, layer, out_features):
+def _fake_output(x, layer, out_features):
+    """The custom ops' output under tracing: x's leading dimensions, out_features columns."""
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.custom_op("mixllm::mixed_linear", mutates_args=())
+def _mixed_linear_op(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
+    # a fresh tensor: a custom op's output may not alias its input or be shared
+    return _layer(layer, "mixed_linear")._forward_eager(x)
 
 
 @torch.library.custom_op("mixllm::mixed_linear_silu_mul", mutates_args=())
 def _mixed_linear_silu_mul_op(gu: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
-    ref = _LAYERS.get(layer)
-    m = ref() if ref is not None else None
-    if m is None:
-        raise RuntimeError(f"mixllm::mixed_linear_silu_mul: layer {layer} no longer exists")
-    return m._forward_silu_mul_eager(gu)
+    return _layer(layer, "mixed_linear_silu_mul")._forward_silu_mul_eager(gu)
 
 
-@_mixed_linear_silu_mul_op.register_fake
-def _(gu, layer, out_features):
-    return gu.new_empty((*gu.shape[:-1], out_features))
+_mixed_linear_op.register_fake(_fake_output)
+_mixed_linear_silu_mul_op.register_fake(_fake_output)
 
 
 class MixedLinear(nn.Module):
