@@ -191,13 +191,18 @@ class PreparedLinear:
             self._plans[key] = p
         return p
 
-    def __call__(self, x, cfg=-1, splits=0):
+    def _check_input(self, x, name="x", width=None, what=""):
+        """x's dtype, device and last dimension (``width``, default K; ``what`` names it in the message)."""
+        width = self.K if width is None else width
         if x.dtype not in _FLOATS:
-            raise TypeError(f"x: expected dtype float32, float16 or bfloat16, got {x.dtype}")
+            raise TypeError(f"{name}: expected dtype float32, float16 or bfloat16, got {x.dtype}")
         if x.device != self.device:
-            raise ValueError(f"x: expected a tensor on {self.device}, got {x.device}")
-        if x.shape[-1] != self.K:
-            raise ValueError(f"x: expected last dimension {self.K}, got shape {tuple(x.shape)}")
+            raise ValueError(f"{name}: expected a tensor on {self.device}, got {x.device}")
+        if x.shape[-1] != width:
+            raise ValueError(f"{name}: expected last dimension {what}{width}, got shape {tuple(x.shape)}")
+
+    def __call__(self, x, cfg=-1, splits=0):
+        self._check_input(x)
         x2 = x.reshape(-1, self.K)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
@@ -221,12 +226,7 @@ class PreparedLinear:
         projections are one fused layer), equal to it bit for bit on gu's dtype, without storing the
         product: the activation quantizer reads gu. Layers outside the default geometry (group size 128,
         K a multiple of 8) take the unfused ops."""
-        if gu.dtype not in _FLOATS:
-            raise TypeError(f"gu: expected dtype float32, float16 or bfloat16, got {gu.dtype}")
-        if gu.device != self.device:
-            raise ValueError(f"gu: expected a tensor on {self.device}, got {gu.device}")
-        if gu.shape[-1] != 2 * self.K:
-            raise ValueError(f"gu: expected last dimension 2 * K = {2 * self.K}, got shape {tuple(gu.shape)}")
+        self._check_input(gu, "gu", 2 * self.K, "2 * K = ")
         if self.g != 128 or self.K % 8:
             return self(torch.nn.functional.silu(gu[..., : self.K]) * gu[..., self.K :], cfg, splits)
         g2 = gu.reshape(-1, 2 * self.K)
