@@ -513,6 +513,12 @@ def synthetic(args):
             measure_compiled("w44a8_fused_plain_mlp")
         unfuse_projections(model)
         fuse_projections(model)
+    if args.rmsnorm_ab:  # the same fused model with the RMSNorms as separate ops (their own kernel)
+        unfuse_projections(model)
+        fuse_projections(model, rmsnorm=False)
+        measure("w44a8_fused_separate_rmsnorm")  # eager graphs only: a compiled pair costs a minute
+        unfuse_projections(model)
+        fuse_projections(model)
     if args.compiled:
         measure_compiled("w44a8_fused")
         for B in (1, 16):
@@ -561,6 +567,11 @@ def main(argv=None):
         "--gated-mlp-ab",
         action="store_true",
         help="--synthetic: also the fused model without FusedGatedMLP (keys *_w44a8_fused_plain_mlp)",
+    )
+    ap.add_argument(
+        "--rmsnorm-ab",
+        action="store_true",
+        help="--synthetic: also the fused model with its RMSNorms as separate ops (mixllm.fuse rmsnorm=False; eager)",
     )
     ap.add_argument("--prefill", type=int, default=2048, help="--synthetic: prefill tokens")
     ap.add_argument(

@@ -422,13 +422,21 @@ ENTRY(plan_call) {
         MIX_INT("splits", 1, INT_MAX, "pass the value plan_call() returned"), ARG_STREAM
 static const mix_arg A_run[] = {RUN_ARGS("x")};
 static const mix_arg A_run_silu_mul[] = {RUN_ARGS("gu")};
+static const mix_arg A_run_rmsnorm[] = {RUN_ARGS("x"), MIX_IN("w", MIX_FLOATS, 1), MIX_FLOAT("eps")};
 MIX_SIG_CUDA(run, "y = x W^T + bias with the (cfg, splits, scratch) of plan_call().", NULL, pre_handle, 6);
 MIX_SIG_CUDA(run_silu_mul,
              "y = (silu(gu[:, :K]) * gu[:, K:]) W^T + bias (the down projection of a gated MLP, the product never "
              "stored: its int8 codes come from gu), with the (cfg, splits, scratch) of plan_call().",
              NULL, pre_handle, 6);
-/* run and run_silu_mul: x is [M, K], or gu [M, 2K] with silu_mul (mixc_act_quant_silu_mul) */
-static PyObject *run_gemm(mix_call *c, int silu_mul) {
+MIX_SIG_CUDA(run_rmsnorm,
+             "y = rmsnorm(x, w, eps) W^T + bias (a projection fed by a Llama-style RMSNorm of weight w, the "
+             "normalized x never stored: its int8 codes come from x), with the (cfg, splits, scratch) of plan_call().",
+             NULL, pre_handle, 6);
+enum { RUN_PLAIN, RUN_SILU_MUL, RUN_RMSNORM };
+/* run, run_silu_mul and run_rmsnorm: x is [M, K] (mixc_act_quant; with mode RUN_RMSNORM,
+ * mixc_act_quant_rmsnorm), or gu [M, 2K] (mixc_act_quant_silu_mul) */
+static PyObject *run_gemm(mix_call *c, int mode) {
+    const int silu_mul = mode == RUN_SILU_MUL;
     const qhandle *h = get_handle(mix_obj(c, 0));
     if (!h) return mix_call_fail(c);
     mix_array *x = mix_arr(c, 1), *y = mix_arr(c, 2);
@@ -443,6 +451,24 @@ static PyObject *run_gemm(mix_call *c, int silu_mul) {
                          (long long)h->g, (long long)h->K);
     if (silu_mul && (uintptr_t)x->data % 16)
         return mix_raise(c, PyExc_ValueError, "gu: must be 16-byte aligned (a contiguous copy is)");
+    mix_array *nw = mode == RUN_RMSNORM ? mix_arr(c, 7) : NULL;
+    if (mode == RUN_RMSNORM) {
+        if (!mixc_act_quant_rmsnorm_ok(h->K, h->g))
+            return mix_raise(c, PyExc_ValueError,
+                             "x: the fused RMSNorm takes layers of group size 128, K a multiple of 8 and at most "
+                             "65536, got g=%lld, K=%lld",
+                             (long long)h->g, (long long)h->K);
+        if ((uintptr_t)x->data % 16) return mix_raise(c, PyExc_ValueError, "x: must be 16-byte aligned");
+        if (nw->dtype != x->dtype) return mix_raise(c, PyExc_TypeError, "w: expected the dtype of x");
+        if (nw->device_id != h->device)
+            return mix_raise(c, PyExc_ValueError, "w: on CUDA device %d, the layer's weights on %d", nw->device_id,
+                             h->device);
+        if (mix_check_dim(nw, 0, h->K) < 0) return mix_call_fail(c);
+        if ((uintptr_t)nw->data % 16) return mix_raise(c, PyExc_ValueError, "w: must be 16-byte aligned");
+        const double eps = mix_float(c, 8);
+        if (!(eps >= 0.0 && eps <= 1.0))
+            return mix_raise(c, PyExc_ValueError, "eps: expected a float in [0, 1], got %g", eps);
+    }
     const int64_t M = x->shape[0];
     if (mix_check_dim(x, 1, silu_mul ? 2 * h->K : h->K) < 0 || mix_check_shape2(y, M, h->tmpl.n_out) < 0 ||
         resolve_plan(h, M, &cfg, &splits) < 0)
@@ -473,20 +499,31 @@ static PyObject *run_gemm(mix_call *c, int silu_mul) {
     G.xq = (const int8_t *)base;
     G.sa = (const float *)(base + sa_off);
     G.ws = ws_splits(cfg, splits) > 1 ? (float *)(base + ws_off) : NULL;
-    int err = silu_mul ? mixc_act_quant_silu_mul(h->device, x->data, dtype_code(x->dtype), M, h->K, h->g, mixc_gp(h->g),
-                                                 (int8_t *)G.xq, Kp, G.spg, (float *)G.sa, Kp / MIXC_KSTAGE, stream)
-                       : mixc_act_quant(h->device, x->data, dtype_code(x->dtype), M, h->K, h->g, mixc_gp(h->g),
-                                        (int8_t *)G.xq, Kp, G.spg, (float *)G.sa, Kp / MIXC_KSTAGE, stream);
+    int err;
+    if (mode == RUN_SILU_MUL)
+        err = mixc_act_quant_silu_mul(h->device, x->data, dtype_code(x->dtype), M, h->K, h->g, mixc_gp(h->g),
+                                      (int8_t *)G.xq, Kp, G.spg, (float *)G.sa, Kp / MIXC_KSTAGE, stream);
+    else if (mode == RUN_RMSNORM)
+        err = mixc_act_quant_rmsnorm(h->device, x->data, nw->data, (float)mix_float(c, 8), dtype_code(x->dtype), M,
+                                     h->K, h->g, mixc_gp(h->g), (int8_t *)G.xq, Kp, G.spg, (float *)G.sa,
+                                     Kp / MIXC_KSTAGE, stream);
+    else
+        err = mixc_act_quant(h->device, x->data, dtype_code(x->dtype), M, h->K, h->g, mixc_gp(h->g), (int8_t *)G.xq, Kp,
+                             G.spg, (float *)G.sa, Kp / MIXC_KSTAGE, stream);
     if (!err) err = mixc_qlinear(h->device, &G, stream);
     return cuda_finish(c, err);
 }
 ENTRY(run) {
     BEGIN(run);
-    return run_gemm(&c, 0);
+    return run_gemm(&c, RUN_PLAIN);
 }
 ENTRY(run_silu_mul) {
     BEGIN(run_silu_mul);
-    return run_gemm(&c, 1);
+    return run_gemm(&c, RUN_SILU_MUL);
+}
+ENTRY(run_rmsnorm) {
+    BEGIN(run_rmsnorm);
+    return run_gemm(&c, RUN_RMSNORM);
 }
 
 /* ---- the module ------------------------------------------------------------------------------------ */
@@ -494,7 +531,7 @@ ENTRY(run_silu_mul) {
 #define E(x) {&S_##x, py_##x}
 static const mix_entry ENTRIES[] = {
     E(act_quant), E(pack_weight), E(geometry), E(layout_bytes), E(plan),
-    E(prepare),   E(plan_call),   E(run),      E(run_silu_mul),
+    E(prepare),   E(plan_call),   E(run),      E(run_silu_mul), E(run_rmsnorm),
 };
 #define NENTRIES MIX_NARGS(ENTRIES)
 static PyMethodDef methods[NENTRIES + 1];

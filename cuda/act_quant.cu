@@ -181,6 +181,41 @@ __global__ void act_quant_vec_kernel(const T *__restrict__ x, int64_t M, int64_t
     }
 }
 
+/* The second half of the g = 128 kernels, for one half-warp's group j of token row m: lane hl holds the
+ * group's elements 8 hl .. 8 hl + 7 in v (zeros past the row; mine: they are in it). Reduces the group's
+ * max over the half-warp (every lane of the warp must call this: the shuffles take the whole warp), then,
+ * for a group of the row (grp), stores its codes (one 8-byte store per lane), zeros for its padding and
+ * past the last group up to the row's end, and its scale for each of its stages. */
+__device__ __forceinline__ void quantize_half_group(const float (&v)[8], bool mine, bool grp, int hl, int64_t j,
+                                                    int64_t len, int64_t G, int64_t gp, int8_t *qr, int64_t qpitch,
+                                                    int spg, float *sr, int64_t sapitch) {
+    float amax = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; i++) absmax(v[i], amax);
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) amax = max_nan(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    const float s = scale_of(amax), r = 1.f / s;
+    const bool half_bad = !(s == s);
+    if (!grp) return;
+    qr += j * gp;
+    if (mine) {
+        uint32_t lo = 0, hi = 0;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const uint32_t c = (uint8_t)(int8_t)code_of(v[i], s, r);
+            if (i < 4)
+                lo |= c << (8 * i);
+            else
+                hi |= c << (8 * (i - 4));
+        }
+        *(uint2 *)(qr + hl * 8) = half_bad ? make_uint2(0u, 0u) : make_uint2(lo, hi);
+    }
+    const int64_t pad_end = (j == G - 1) ? qpitch - j * gp : gp;
+    for (int64_t e = len + hl * 8; e < pad_end; e += 128) *(uint2 *)(qr + e) = make_uint2(0u, 0u);
+    const int64_t s_end = (j == G - 1) ? sapitch : (j + 1) * spg;
+    for (int64_t t = j * spg + hl; t < s_end; t += 16) sr[t] = s;
+}
+
 /* The default geometry (g = 128, K and the code pitches multiples of 8): a half-warp per group, so
  * a warp quantizes two groups of one token per step, each lane 8 consecutive elements (one 16-byte
  * load of bf16/fp16, one 8-byte store of codes). The (token, group pair) of a warp's next step is
@@ -220,33 +255,66 @@ __global__ void act_quant_g128_kernel(const T *__restrict__ x, int64_t M, int64_
                 for (int i = 0; i < 8; i++) v[i] = silu_mul<T>(v[i], u[i]);
             }
         }
-        float amax = 0.f;
+        quantize_half_group(v, mine, grp, hl, j, len, G, gp, q + m * qpitch, qpitch, spg, sa + m * sapitch, sapitch);
+    }
+}
+
+/* RMSNorm of each token's row, then its quantization (the default geometry: g = 128, K a multiple of
+ * 8): y = w * rmsnorm(x) as Hugging Face's Llama-style RMSNorm computes it on x's dtype T (the sum of
+ * squares in float32, times 1 / K, rsqrt of it plus eps; x times that rounded to T; times w rounded to
+ * T), never stored: its codes and scales as act_quant_g128_kernel gives them. One block per token,
+ * thread t holding chunks t, t + B, ... of 8 elements (at most CH) in registers between the reduction
+ * and the quantization; a half-warp's 16 chunks are one group (B a multiple of 16). The sum's order
+ * differs from torch's reduction, so an element's rounding to T can differ from the eager ops in rare
+ * cases (the codes then by one). */
+template <typename T, int CH>
+__global__ void act_quant_rmsnorm_kernel(const T *__restrict__ x, const T *__restrict__ w, float eps, int64_t K,
+                                         int64_t G, int64_t gp, int8_t *__restrict__ q, int64_t qpitch, int spg,
+                                         float *__restrict__ sa, int64_t sapitch) {
+    __shared__ float warp_sums[32];
+    let_dependents_start();
+    const int64_t m = blockIdx.x, nchunks = K / 8;
+    const int tid = threadIdx.x, lane = tid & 31, hl = tid & 15, B = blockDim.x;
+    const T *xr = x + m * K;
+    float v[CH][8];
+    float ss = 0.f;
 #pragma unroll
-        for (int i = 0; i < 8; i++) absmax(v[i], amax);
+    for (int i = 0; i < CH; i++) {
+        const int64_t c = tid + (int64_t)i * B;
 #pragma unroll
-        for (int o = 8; o > 0; o >>= 1) amax = max_nan(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-        const float s = scale_of(amax), r = 1.f / s; /* this half-warp's group */
-        const bool half_bad = !(s == s);
-        if (!grp) continue;
-        int8_t *qr = q + m * qpitch + j * gp;
+        for (int e = 0; e < 8; e++) v[i][e] = 0.f;
+        if (c < nchunks) load_n<8>(xr + c * 8, v[i]);
+#pragma unroll
+        for (int e = 0; e < 8; e++) ss = __fadd_rn(ss, __fmul_rn(v[i][e], v[i][e])); /* pow(2), then the sum */
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if (lane == 0) warp_sums[tid >> 5] = ss;
+    __syncthreads();
+    if (tid < 32) {
+        float t = tid < (B >> 5) ? warp_sums[tid] : 0.f;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
+        if (tid == 0) warp_sums[0] = t;
+    }
+    __syncthreads();
+    /* torch: mean = sum * (1 / K) (ATen's MeanOps multiply by the factor), then rsqrt(mean + eps) */
+    const float r = rsqrtf(warp_sums[0] * (1.f / (float)K) + eps);
+    float *sr = sa + m * sapitch;
+#pragma unroll
+    for (int i = 0; i < CH; i++) {
+        /* this half-warp's group (past the row for both half-warps of a warp, or only for the second: the
+         * shuffles below take the whole warp, so nobody leaves the loop before them) */
+        const int64_t c = tid + (int64_t)i * B, j = (c - hl) / 16;
+        const bool mine = c < nchunks;
         if (mine) {
-            uint32_t lo = 0, hi = 0;
+            float wv[8];
+            load_n<8>(w + c * 8, wv);
 #pragma unroll
-            for (int i = 0; i < 8; i++) {
-                const uint32_t c = (uint8_t)(int8_t)code_of(v[i], s, r);
-                if (i < 4)
-                    lo |= c << (8 * i);
-                else
-                    hi |= c << (8 * (i - 4));
-            }
-            *(uint2 *)(qr + hl * 8) = half_bad ? make_uint2(0u, 0u) : make_uint2(lo, hi);
+            for (int e = 0; e < 8; e++) v[i][e] = round_to<T>(wv[e] * round_to<T>(v[i][e] * r));
         }
-        /* padding of the group, and past the last group up to the row's end */
-        const int64_t pad_end = (j == G - 1) ? qpitch - j * gp : gp;
-        for (int64_t e = len + hl * 8; e < pad_end; e += 128) *(uint2 *)(qr + e) = make_uint2(0u, 0u);
-        float *sr = sa + m * sapitch;
-        const int64_t s_end = (j == G - 1) ? sapitch : (j + 1) * spg;
-        for (int64_t t = j * spg + hl; t < s_end; t += 16) sr[t] = s;
+        quantize_half_group(v[i], mine, j < G, hl, j, min((int64_t)128, K - j * 128), G, gp, q + m * qpitch, qpitch,
+                            spg, sr, sapitch);
     }
 }
 
@@ -326,6 +394,54 @@ extern "C" int mixc_act_quant_silu_mul(int device, const void *gu, int dtype, in
 }
 
 extern "C" int mixc_act_quant_silu_mul_ok(int64_t K, int64_t g) { return g == 128 && K > 0 && K % 8 == 0; }
+
+/* Threads per block and chunks per thread of act_quant_rmsnorm_kernel for K: CH = 4 (8 for K > 32768),
+ * B the least multiple of 32 with B * CH chunks of 8 >= K; 0 where K is outside the kernel's range. */
+static int rmsnorm_threads(int64_t K, int *ch) {
+    const int64_t chunks = K / 8;
+    *ch = chunks > 4 * 1024 ? 8 : 4;
+    const int64_t b = ((chunks + *ch - 1) / *ch + 31) / 32 * 32;
+    return b <= 1024 ? (int)b : 0;
+}
+
+extern "C" int mixc_act_quant_rmsnorm_ok(int64_t K, int64_t g) {
+    int ch;
+    return g == 128 && K > 0 && K % 8 == 0 && rmsnorm_threads(K, &ch) > 0;
+}
+
+extern "C" int mixc_act_quant_rmsnorm(int device, const void *x, const void *w, float eps, int dtype, int64_t M,
+                                      int64_t K, int64_t g, int64_t gp, int8_t *q, int64_t qpitch, int spg, float *sa,
+                                      int64_t sapitch, void *stream_) {
+    DeviceGuard guard(device);
+    if (guard.err != cudaSuccess) return (int)guard.err;
+    cudaStream_t stream = (cudaStream_t)stream_;
+    int ch = 0;
+    const int threads = rmsnorm_threads(K, &ch);
+    if (!mixc_act_quant_rmsnorm_ok(K, g) || qpitch % 8 || gp % 8 || (uintptr_t)x % 16 || (uintptr_t)w % 16 ||
+        (uintptr_t)q % 8 || M > 0x7fffffffLL)
+        return (int)cudaErrorInvalidValue;
+    if (M <= 0) return 0;
+    const int64_t G = mix_ngroups(K, g);
+#define MIXC_AQN(T, CHN)             \
+    act_quant_rmsnorm_kernel<T, CHN> \
+        <<<(unsigned)M, threads, 0, stream>>>((const T *)x, (const T *)w, eps, K, G, gp, q, qpitch, spg, sa, sapitch)
+#define MIXC_AQN_T(T)       \
+    do {                    \
+        if (ch == 4)        \
+            MIXC_AQN(T, 4); \
+        else                \
+            MIXC_AQN(T, 8); \
+    } while (0)
+    if (dtype == 0)
+        MIXC_AQN_T(float);
+    else if (dtype == 1)
+        MIXC_AQN_T(__half);
+    else
+        MIXC_AQN_T(__nv_bfloat16);
+#undef MIXC_AQN_T
+#undef MIXC_AQN
+    return (int)cudaGetLastError();
+}
 
 extern "C" int mixc_device_count(void) {
     int n = 0;

@@ -22,6 +22,7 @@ import torch
 import torch.utils.dlpack
 
 from . import _cuda
+from .nn import rmsnorm_reference
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -208,15 +209,19 @@ class PreparedLinear:
             x2 = x2.contiguous()
         return self._launch(_cuda.run, x2, x.shape[:-1], cfg, splits)
 
-    def _launch(self, entry, x2, lead, cfg, splits):
-        """y [*lead, n_out] from the 2-D input x2 through the C entry (run or run_silu_mul)."""
+    def _launch(self, entry, x2, lead, cfg, splits, *extra):
+        """y [*lead, n_out] from the 2-D input x2 through the C entry (run, run_silu_mul, or run_rmsnorm with
+        its ``extra`` arguments)."""
         M = x2.shape[0]
         y = torch.empty((M, self.n_out), dtype=x2.dtype, device=self.device)
         if M:
             c, sp, nbytes, _ = self.plan(M, cfg, splits)
             scratch = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
             # positional: the per-call path (keywords would cost a name lookup per argument)
-            entry(self.handle, _to_capsule(x2), _to_capsule(y), _to_capsule(scratch), c, sp, _raw_stream(self.index))
+            entry(
+                self.handle, _to_capsule(x2), _to_capsule(y), _to_capsule(scratch), c, sp,
+                _raw_stream(self.index), *extra,
+            )  # fmt: skip
             if self._bad is not None:
                 y.masked_fill_(self._bad, float("nan"))
         return y.reshape(*lead, self.n_out)
@@ -235,6 +240,36 @@ class PreparedLinear:
         if g2.data_ptr() % 16:  # the kernel's 16-byte loads (a view at an odd offset)
             g2 = g2.clone()
         return self._launch(_cuda.run_silu_mul, g2, gu.shape[:-1], cfg, splits)
+
+    def rmsnorm(self, x, w, eps, cfg=-1, splits=0):
+        """``self(rmsnorm(x))`` for a Llama-style RMSNorm of weight ``w`` (x's dtype, [K]) and ``eps``:
+        ``w * (x * rsqrt(mean(x^2) + eps))`` with the sum of squares in float32 and both products rounded
+        to x's dtype, as Hugging Face's ``LlamaRMSNorm`` computes it (``mixllm.nn.rmsnorm_reference``), without
+        storing the normalized x: the activation quantizer reads x. The sum of squares runs in another
+        order than torch's reduction, so an element's rounding can differ from the eager ops in rare
+        cases. Layers outside the kernel's geometry (group size 128, K a multiple of 8, at most 65536)
+        take the eager ops."""
+        if x.dtype not in _FLOATS:
+            raise TypeError(f"x: expected dtype float32, float16 or bfloat16, got {x.dtype}")
+        if x.device != self.device:
+            raise ValueError(f"x: expected a tensor on {self.device}, got {x.device}")
+        if x.shape[-1] != self.K:
+            raise ValueError(f"x: expected last dimension {self.K}, got shape {tuple(x.shape)}")
+        if not isinstance(w, torch.Tensor) or w.shape != (self.K,):
+            raise ValueError(f"w: expected a tensor of shape ({self.K},), got {getattr(w, 'shape', type(w).__name__)}")
+        if w.dtype != x.dtype or w.device != x.device:
+            raise TypeError(f"w: expected dtype {x.dtype} on {x.device} (x's), got {w.dtype} on {w.device}")
+        if self.g != 128 or self.K % 8 or self.K > 65536:
+            return self(rmsnorm_reference(x, w, eps), cfg, splits)
+        x2 = x.reshape(-1, self.K)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        if x2.data_ptr() % 16:  # the kernel's 16-byte loads (a view at an odd offset)
+            x2 = x2.clone()
+        w = w.contiguous()
+        if w.data_ptr() % 16:
+            w = w.clone()
+        return self._launch(_cuda.run_rmsnorm, x2, x.shape[:-1], cfg, splits, _to_capsule(w), float(eps))
 
 
 def qlinear(x2d, parts, n_out, bias, lead, cfg: int = -1, splits: int = 0):

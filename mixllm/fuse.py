@@ -29,6 +29,7 @@ from .nn import MixedLinear
 
 __all__ = [
     "DEFAULT_GROUPS",
+    "DeferredRMSNorm",
     "FusedGatedMLP",
     "FusedProjection",
     "SharedInputProjections",
@@ -62,6 +63,14 @@ class SharedInputProjections(nn.Module):
         for s in self.sizes:
             self.offsets.append(self.offsets[-1] + s)
         self._pending = None  # (x, x._version, y, members served)
+        self._norm = None  # (DeferredRMSNorm,) when the RMSNorm feeding the group runs in its quantizer
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused layer's output for x (normalized first when an RMSNorm was fused into the group)."""
+        if self._norm is None:
+            return self.fused(x)
+        norm = self._norm[0]
+        return self.fused.forward_rmsnorm(x, norm.weight, norm.variance_epsilon)
 
     def output(self, i: int, x: torch.Tensor) -> torch.Tensor:
         p = self._pending
@@ -74,7 +83,7 @@ class SharedInputProjections(nn.Module):
             if len(served) == len(self.sizes):
                 self._pending = None  # drop the references: the next input starts afresh
         else:
-            y = self.fused(x)
+            y = self.run(x)
             self._pending = (x, version, y, {i})
         return y[..., self.offsets[i] : self.offsets[i + 1]]
 
@@ -135,7 +144,7 @@ class FusedGatedMLP(nn.Module):
         return self._orig[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gu = getattr(self, self._group_name).fused(x)  # [..., 2K]: gate columns, then up columns
+        gu = getattr(self, self._group_name).run(x)  # [..., 2K]: gate columns, then up columns
         return self.down_proj.forward_silu_mul(gu)
 
 
@@ -161,7 +170,72 @@ def _gated_mlp(mlp: nn.Module, gated_mlp) -> "SharedInputProjections | None":
     return group
 
 
-def fuse_projections(model: nn.Module, groups: Iterable[Sequence[str]] = DEFAULT_GROUPS, gated_mlp=None) -> int:
+#: Decoder layers whose ``input_layernorm`` feeds only ``self_attn``'s q/k/v projections and whose
+#: ``post_attention_layernorm`` only ``mlp``'s gate/up projections (Hugging Face's Llama, Mistral, Qwen2/3):
+#: ``fuse_projections`` moves those RMSNorms into the fused groups' activation quantizer.
+RMSNORM_LAYER_CLASSES = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
+#: RMSNorm classes computed as ``mixllm.nn.rmsnorm_reference`` (weight ``weight``, ``variance_epsilon``).
+RMSNORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+#: (norm, the module it feeds, the fused group there that reads it)
+_NORM_FEEDS = (
+    ("input_layernorm", "self_attn", ("q_proj", "k_proj", "v_proj")),
+    ("post_attention_layernorm", "mlp", ("gate_proj", "up_proj")),
+)
+
+
+class DeferredRMSNorm(nn.Module):
+    """Stands in the place of an RMSNorm whose only readers are one fused group's projections: returns
+    its input unchanged, and the group (``SharedInputProjections.run``) normalizes it in its activation
+    quantizer (``MixedLinear.forward_rmsnorm``: on a GPU one kernel instead of the norm and the
+    quantizer, the normalized tensor never stored). Holds the norm's ``weight`` (the same parameter, so
+    the state dict's keys are unchanged) and ``variance_epsilon``; the norm itself is kept for
+    ``unfuse_projections``."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.weight = norm.weight
+        self.variance_epsilon = float(norm.variance_epsilon)
+        self._orig = (norm,)  # a tuple: not a registered submodule
+
+    @property
+    def original(self) -> nn.Module:
+        return self._orig[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon} (runs in the projections' quantizer)"
+
+
+def _fuse_norms(model: nn.Module, rmsnorm) -> None:
+    """Replace each RMSNorm of the layers in ``RMSNORM_LAYER_CLASSES`` (any layer with that structure for
+    ``rmsnorm=True``) whose reader's fused group is in place by a ``DeferredRMSNorm``."""
+    if rmsnorm is False:
+        return
+    for layer in list(model.modules()):
+        if rmsnorm is None and type(layer).__name__ not in RMSNORM_LAYER_CLASSES:
+            continue
+        for norm_name, reader_name, names in _NORM_FEEDS:
+            norm = getattr(layer, norm_name, None)
+            group = getattr(getattr(layer, reader_name, None), _group_attr(names), None)
+            if not isinstance(group, SharedInputProjections) or group.names != names or group._norm is not None:
+                continue
+            if rmsnorm is None and type(norm).__name__ not in RMSNORM_CLASSES:
+                continue
+            weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
+            if not isinstance(weight, torch.Tensor) or weight.shape != (group.fused.in_features,):
+                continue
+            if not isinstance(eps, (int, float)) or not 0 <= eps <= 1:
+                continue
+            deferred = DeferredRMSNorm(norm)
+            group._norm = (deferred,)
+            setattr(layer, norm_name, deferred)
+
+
+def fuse_projections(
+    model: nn.Module, groups: Iterable[Sequence[str]] = DEFAULT_GROUPS, gated_mlp=None, rmsnorm=None
+) -> int:
     """Fuse, in place, every set of sibling ``MixedLinear`` layers named as one of ``groups`` (children of
     one module, same input width, group size and mode). Returns the number of groups fused. Layers of a
     group that differ in those respects, or are not all ``MixedLinear``, are left as they are.
@@ -169,9 +243,18 @@ def fuse_projections(model: nn.Module, groups: Iterable[Sequence[str]] = DEFAULT
     ``gated_mlp``: replace gated MLPs whose gate/up got fused and whose ``act_fn`` is SiLU by
     ``FusedGatedMLP`` (the down projection reads the fused output): None (default) for the classes in
     ``GATED_MLP_CLASSES``, True for any module with that structure (its forward must be
-    ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``), False for none."""
+    ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``), False for none.
+
+    ``rmsnorm``: move the RMSNorm that feeds a fused q/k/v or gate/up group into that group's activation
+    quantizer (``DeferredRMSNorm``): None (default) for the layers in ``RMSNORM_LAYER_CLASSES`` with a norm
+    in ``RMSNORM_CLASSES``, True for any module with that structure (its norm must compute
+    ``mixllm.nn.rmsnorm_reference`` and feed nothing but the group), False for none. On a GPU the sum of
+    squares then runs in another order than torch's, so an element's rounding can differ in rare cases;
+    elsewhere the result is bit-identical."""
     if gated_mlp not in (None, True, False):
         raise TypeError(f"gated_mlp: expected None, True or False, got {gated_mlp!r}")
+    if rmsnorm not in (None, True, False):
+        raise TypeError(f"rmsnorm: expected None, True or False, got {rmsnorm!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     groups = [tuple(g) for g in groups]
@@ -200,6 +283,7 @@ def fuse_projections(model: nn.Module, groups: Iterable[Sequence[str]] = DEFAULT
             group = None if isinstance(mlp, FusedGatedMLP) else _gated_mlp(mlp, gated_mlp)
             if group is not None:
                 setattr(parent, name, FusedGatedMLP(mlp, group))
+    _fuse_norms(model, rmsnorm)
     return fused
 
 
@@ -209,9 +293,9 @@ def unfuse_projections(model: nn.Module) -> int:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     for parent in list(model.modules()):
-        for name, mlp in list(parent.named_children()):
-            if isinstance(mlp, FusedGatedMLP):
-                setattr(parent, name, mlp.original)
+        for name, child in list(parent.named_children()):
+            if isinstance(child, (FusedGatedMLP, DeferredRMSNorm)):
+                setattr(parent, name, child.original)
     split = 0
     for parent in list(model.modules()):
         for attr, group in list(parent.named_children()):

@@ -70,6 +70,30 @@ _mixed_linear_op.register_fake(_fake_output)
 _mixed_linear_silu_mul_op.register_fake(_fake_output)
 
 
+@torch.library.custom_op("mixllm::mixed_linear_rmsnorm", mutates_args=())
+def _mixed_linear_rmsnorm_op(
+    x: torch.Tensor, w: torch.Tensor, layer: int, out_features: int, eps: float
+) -> torch.Tensor:
+    ref = _LAYERS.get(layer)
+    m = ref() if ref is not None else None
+    if m is None:
+        raise RuntimeError(f"mixllm::mixed_linear_rmsnorm: layer {layer} no longer exists")
+    return m._forward_rmsnorm_eager(x, w, eps)
+
+
+@_mixed_linear_rmsnorm_op.register_fake
+def _(x, w, layer, out_features, eps):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def rmsnorm_reference(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """Hugging Face's ``LlamaRMSNorm`` (Mistral's, Qwen2's and Qwen3's are the same): the eager ops that
+    ``MixedLinear.forward_rmsnorm`` stands for."""
+    v = x.to(torch.float32)
+    v = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)
+    return w * v.to(x.dtype)
+
+
 class MixedLinear(nn.Module):
     """``y = x W^T + b`` with ``n8`` output features in 8-bit and the rest in 4-bit.
 
@@ -363,6 +387,34 @@ class MixedLinear(nn.Module):
         if gu.is_cuda and not self.weight_only and ops.cuda_available():
             return self._prepared(gu.device).silu_mul(gu)
         return self._forward_eager(F.silu(gu[..., :K]) * gu[..., K:])
+
+    def forward_rmsnorm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        """``self(rmsnorm_reference(x, w, eps))``: a projection fed by a Llama-style RMSNorm of weight ``w``
+        (mixllm.fuse). On a GPU with our kernels the activation quantizer reads x and normalizes it as it
+        quantizes (the normalized x is never stored); the sum of squares runs in another order than
+        torch's, so an element's rounding to x's dtype can differ from the eager ops in rare cases.
+        Elsewhere it runs the eager ops."""
+        if torch.compiler.is_compiling():
+            if x.shape[-1] != self.in_features:
+                raise ValueError(f"x: expected last dimension {self.in_features}, got shape {tuple(x.shape)}")
+            return _mixed_linear_rmsnorm_op(x, w, self._op_key, self.out_features, float(eps))
+        return self._forward_rmsnorm_eager(x, w, eps)
+
+    def _forward_rmsnorm_eager(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x: expected last dimension {self.in_features}, got shape {tuple(x.shape)}")
+        if (
+            x.is_cuda
+            and not self.weight_only
+            and ops.cuda_available()
+            and isinstance(w, torch.Tensor)
+            and w.dtype == x.dtype
+            and w.device == x.device
+        ):
+            return self._prepared(x.device).rmsnorm(x, w, eps)
+        return self._forward_eager(rmsnorm_reference(x, w, eps))
 
     def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):

@@ -266,7 +266,7 @@ def test_signature_table_and_keywords(rng):
     sigs = _cuda.__signatures__
     public = sorted(n for n in dir(_cuda) if not n.startswith("_") and callable(getattr(_cuda, n)))
     entries = ["act_quant", "geometry", "layout_bytes", "pack_weight", "plan", "plan_call", "prepare", "run"]
-    assert sorted(sigs) == public == sorted(entries + ["run_silu_mul"])
+    assert sorted(sigs) == public == sorted(entries + ["run_rmsnorm", "run_silu_mul"])
     for name, args in sigs.items():
         assert list(inspect.signature(getattr(_cuda, name)).parameters) == [a[0] for a in args], name
     assert _cuda.geometry(K=300, g=128) == _cuda.geometry(300, 128) == (3, 128, 1, 384)
@@ -1002,3 +1002,160 @@ def test_silu_mul_in_a_cuda_graph(rng):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, want)
+
+
+# ----------------------------------------------------------------------------- fused RMSNorm (q/k/v, gate/up)
+def _exact_sum_x(M, K, dtype, seed):
+    """Tokens whose sum of squares is exact in float32 in any order (multiples of 1/8 up to 2 in size:
+    squares are multiples of 2^-6, sums below 2^18), so the fused kernel's sum equals torch's bit for bit."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(-16, 17, (M, K), generator=g).float() / 8).to(DEV, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,K", [(1, 64, 1024), (5, 200, 4096), (16, 96, 2048), (300, 136, 1024)])
+def test_rmsnorm_equals_the_eager_ops_when_the_sum_is_exact(rng, dtype, M, N, K):
+    """PreparedLinear.rmsnorm(x, w, eps) normalizes x in its activation quantizer as Hugging Face's
+    LlamaRMSNorm does (mixllm.nn.rmsnorm_reference): with a sum of squares that no order can round, the
+    same codes, so y bit-identical to the layer called on the eager norm's output, on every tile
+    configuration the planner can take here (forced); and against float64."""
+    from mixllm.nn import rmsnorm_reference
+
+    parts, y_ref = _mixed_parts(rng, N, K, 128)
+    bias = torch.from_numpy(rng.standard_normal(N).astype(np.float32)).to(DEV)
+    lin = cuda_ops.PreparedLinear(parts, N, bias, DEV)
+    x = _exact_sum_x(M, K, dtype, seed=M + K)
+    w = (torch.randn(K, device=DEV) * 0.5 + 1).to(dtype)
+    h = rmsnorm_reference(x, w, 1e-5)
+    assert torch.equal(lin.rmsnorm(x, w, 1e-5), lin(h))
+    for cfg in (0, SM90) + ((DECODE_CFG,) if M <= 16 else ()):
+        assert torch.equal(lin.rmsnorm(x, w, 1e-5, cfg=cfg), lin(h, cfg=cfg))
+    assert torch.equal(lin.rmsnorm(x, w, 1e-5, cfg=SM90, splits=3), lin(h, cfg=SM90, splits=3))
+    assert_close(lin.rmsnorm(x, w, 1e-5), y_ref(h.float().cpu().numpy()) + bias.double().cpu().numpy(), dtype)
+    # eps reaches the kernel: another eps, another result (the mean square here is about 1/3)
+    assert not torch.equal(lin.rmsnorm(x, w, 0.5), lin(h))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K", [(7, 1000), (64, 4096), (3, 40008)])
+def test_rmsnorm_close_to_the_eager_ops(rng, dtype, M, K):
+    """Any input (a partial last group at K = 1000, eight chunks per thread at K = 40008): y within a code's
+    step of the eager ops' (the float32 sum of squares runs in another order, so an element's rounding
+    to the dtype can differ), and a non-finite token gives a NaN row as the eager ops do."""
+    from mixllm.nn import rmsnorm_reference
+
+    N = 72
+    parts, _ = _mixed_parts(rng, N, K, 128)
+    lin = cuda_ops.PreparedLinear(parts, N, None, DEV)
+    x, _ = make_x(rng, M, K, dtype)
+    w = (torch.randn(K, device=DEV) * 0.5 + 1).to(dtype)
+    want = lin(rmsnorm_reference(x, w, 1e-6)).float()
+    got = lin.rmsnorm(x, w, 1e-6).float()
+    assert torch.isfinite(got).all()
+    assert (got - want).abs().max() <= 0.02 * want.abs().max()
+    x[M // 2, K // 3] = float("nan")
+    got = lin.rmsnorm(x, w, 1e-6).float()
+    assert torch.isnan(got[M // 2]).all()
+    rows = [i for i in range(M) if i != M // 2]
+    assert torch.isfinite(got[rows]).all() and (got[rows] - want[rows]).abs().max() <= 0.02 * want.abs().max()
+
+
+def test_rmsnorm_strided_input_fallback_and_errors(rng):
+    from mixllm.nn import rmsnorm_reference
+
+    N, K = 80, 512
+    parts, _ = _mixed_parts(rng, N, K, 128)
+    lin = cuda_ops.PreparedLinear(parts, N, None, DEV)
+    w = (torch.randn(K, device=DEV) + 1).to(torch.bfloat16)
+    buf = (torch.randint(-8, 9, (2, 3, K + 16)).float() / 4).to(DEV, torch.bfloat16)
+    x = buf[..., :K]  # rows not contiguous; exact sums
+    y = lin.rmsnorm(x, w, 1e-5)
+    assert y.shape == (2, 3, N)
+    assert torch.equal(y, lin(rmsnorm_reference(x, w, 1e-5)))
+    flat = (torch.randint(-8, 9, (4 * K + 8,)).float() / 4).to(DEV, torch.bfloat16)
+    odd = flat[1 : 1 + 4 * K].view(4, K)  # contiguous, 2 bytes past a 16-byte boundary
+    assert torch.equal(lin.rmsnorm(odd, w, 1e-5), lin(rmsnorm_reference(odd, w, 1e-5)))
+    wodd = flat[1 : 1 + K]  # the norm's weight misaligned too
+    assert torch.equal(lin.rmsnorm(odd, wodd, 1e-5), lin(rmsnorm_reference(odd, wodd, 1e-5)))
+    # a layer outside the default geometry (group size 64) takes the eager ops
+    parts64, _ = _mixed_parts(rng, N, K, 64)
+    lin64 = cuda_ops.PreparedLinear(parts64, N, None, DEV)
+    xr = torch.randn(5, K, device=DEV).to(torch.bfloat16)
+    assert torch.equal(lin64.rmsnorm(xr, w, 1e-5), lin64(rmsnorm_reference(xr, w, 1e-5)))
+    with pytest.raises(ValueError, match="x: expected last dimension 512"):
+        lin.rmsnorm(buf, w, 1e-5)
+    with pytest.raises(ValueError, match="w: expected a tensor of shape \\(512,\\)"):
+        lin.rmsnorm(xr, w[:100], 1e-5)
+    with pytest.raises(TypeError, match="w: expected dtype torch.bfloat16"):
+        lin.rmsnorm(xr, w.float(), 1e-5)
+    # the C entry refuses what the Python side routes elsewhere, and a bad eps
+    c, sp, nbytes, _ = _cuda.plan_call(lin.handle, 4, -1, 0)
+
+    def entry(h, xx, ww, eps, n=4):
+        out = torch.empty((n, N), device=DEV, dtype=torch.bfloat16)
+        _cuda.run_rmsnorm(h, xx, out, torch.empty(nbytes, dtype=torch.uint8, device=DEV), c, sp, 0, ww, eps)
+
+    with pytest.raises(ValueError, match="x: must be 16-byte aligned"):
+        entry(lin.handle, odd, w, 1e-5)
+    with pytest.raises(ValueError, match="w: must be 16-byte aligned"):
+        entry(lin.handle, odd.clone(), wodd, 1e-5)
+    with pytest.raises(ValueError, match="eps: expected a float in \\[0, 1\\]"):
+        entry(lin.handle, odd.clone(), w, -1.0)
+    with pytest.raises(ValueError, match="eps: expected a float in \\[0, 1\\]"):
+        entry(lin.handle, odd.clone(), w, float("nan"))
+    with pytest.raises(TypeError, match="w: expected the dtype of x"):
+        entry(lin.handle, odd.clone(), w.half(), 1e-5)
+    with pytest.raises(ValueError, match="x: the fused RMSNorm takes layers of group size 128"):
+        entry(lin64.handle, odd.clone(), w, 1e-5)
+
+
+def test_rmsnorm_in_a_cuda_graph(rng):
+    from mixllm.nn import rmsnorm_reference
+
+    N, K, M = 120, 1024, 4
+    parts, _ = _mixed_parts(rng, N, K, 128)
+    lin = cuda_ops.PreparedLinear(parts, N, None, DEV)
+    x = _exact_sum_x(M, K, torch.bfloat16, seed=3)
+    w = (torch.randn(K, device=DEV) + 1).to(torch.bfloat16)
+    want = lin(rmsnorm_reference(x, w, 1e-5))
+    lin.rmsnorm(x, w, 1e-5)  # plans before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = lin.rmsnorm(x, w, 1e-5)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)
+
+
+def test_fused_rmsnorm_model_on_cuda(rng):
+    """A tiny Llama on the GPU, fused with and without its RMSNorms in the quantizers: the same logits up to
+    the sum of squares' order, eager and under torch.compile."""
+    pytest.importorskip("transformers")
+    from _models import tiny_llama
+
+    from mixllm.fuse import DeferredRMSNorm, fuse_projections
+    from mixllm.nn import MixedLinear
+
+    def build():
+        m = tiny_llama(seed=5, hidden_size=256, intermediate_size=512, head_dim=64).to(torch.bfloat16)
+        g = np.random.default_rng(0)
+        for mod in list(m.modules()):
+            for name, lin in list(mod.named_children()):
+                if isinstance(lin, torch.nn.Linear) and name != "lm_head":
+                    rows = g.choice(lin.out_features, lin.out_features // 8, replace=False)
+                    setattr(mod, name, MixedLinear.from_linear(lin, rows))
+        return m.to(DEV).eval()  # the quantized layers keep their float32 scales
+
+    plain, model = build(), build()
+    fuse_projections(plain, rmsnorm=False)
+    fuse_projections(model)
+    assert sum(isinstance(m, DeferredRMSNorm) for m in model.modules()) == 2 * len(model.model.layers)
+    ids = torch.randint(0, 64, (2, 13), generator=torch.Generator().manual_seed(1)).to(DEV)
+    with torch.no_grad():
+        want = plain(ids).logits.float()
+        got = model(ids).logits.float()
+        assert (got - want).abs().max() <= 0.05 * want.abs().max()
+        torch._dynamo.reset()
+        comp = torch.compile(model, fullgraph=True)(ids).logits.float()
+        assert (comp - got).abs().max() <= 0.05 * want.abs().max()

@@ -221,3 +221,76 @@ def test_forward_silu_mul_checks_its_input():
         down.forward_silu_mul(gu[:, :200])
     with pytest.raises(TypeError, match="gu: expected a torch.Tensor"):
         down.forward_silu_mul(gu.numpy())
+
+
+def test_rmsnorm_runs_in_the_fused_groups_quantizer():
+    """A Llama block's two RMSNorms feed only the fused q/k/v and gate/up groups: fuse_projections puts a
+    DeferredRMSNorm (identity, the same weight parameter) in their place and the group normalizes its
+    input in MixedLinear.forward_rmsnorm. On the CPU that runs the eager ops: logits and generated tokens
+    bit-identical, the state dict's keys unchanged, unfuse_projections puts the norms back. (The GPU
+    kernel is compared with the eager ops in tests/test_cuda.py.)"""
+    from mixllm.fuse import DeferredRMSNorm
+
+    def build():
+        return _quantize_blocks(tiny_llama(seed=11, hidden_size=160, intermediate_size=200, head_dim=40))
+
+    ref, model, plain = build(), build(), build()
+    norms = [(blk.input_layernorm, blk.post_attention_layernorm) for blk in model.model.layers]
+    assert fuse_projections(plain, rmsnorm=False) == 4
+    assert not any(isinstance(m, DeferredRMSNorm) for m in plain.modules())
+    assert fuse_projections(model) == 4
+    for blk, (n_in, n_post) in zip(model.model.layers, norms):
+        assert isinstance(blk.input_layernorm, DeferredRMSNorm) and blk.input_layernorm.original is n_in
+        assert blk.input_layernorm.weight is n_in.weight
+        assert isinstance(blk.post_attention_layernorm, DeferredRMSNorm)
+        assert blk.post_attention_layernorm.original is n_post
+        assert blk.self_attn.mixllm_fused_q_proj_k_proj_v_proj._norm[0] is blk.input_layernorm
+    assert set(model.state_dict()) == set(plain.state_dict())
+    ids = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+        kw = dict(do_sample=False, max_new_tokens=5, min_new_tokens=5, pad_token_id=0)
+        assert torch.equal(model.generate(ids, **kw), ref.generate(ids, **kw))
+    assert fuse_projections(model) == 0  # already fused: nothing changes
+    assert unfuse_projections(model) == 4
+    for blk, (n_in, n_post) in zip(model.model.layers, norms):
+        assert blk.input_layernorm is n_in and blk.post_attention_layernorm is n_post
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+    with pytest.raises(TypeError, match="rmsnorm"):
+        fuse_projections(model, rmsnorm="yes")
+
+
+def test_rmsnorm_only_where_its_group_is_fused():
+    from mixllm.fuse import DeferredRMSNorm
+
+    model = _quantize_blocks(tiny_llama(seed=13))
+    ref = _quantize_blocks(tiny_llama(seed=13))
+    assert fuse_projections(model, groups=[("gate_proj", "up_proj")]) == 2  # q/k/v stay separate
+    blk = model.model.layers[0]
+    assert not isinstance(blk.input_layernorm, DeferredRMSNorm)  # it feeds three separate layers
+    assert isinstance(blk.post_attention_layernorm, DeferredRMSNorm)
+    ids = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(14))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+def test_forward_rmsnorm_checks_its_input():
+    from mixllm.nn import rmsnorm_reference
+
+    lin = random_mixed_linear(0, 24, 128, 0.25, bias=True)
+    gen = torch.Generator().manual_seed(2)
+    x, w = torch.randn(3, 128, generator=gen), torch.randn(128, generator=gen)
+    assert torch.equal(lin.forward_rmsnorm(x, w, 1e-6), lin(rmsnorm_reference(x, w, 1e-6)))
+    # the reference is Hugging Face's LlamaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    hf = LlamaRMSNorm(128, eps=1e-6)
+    with torch.no_grad():
+        hf.weight.copy_(w)
+    xb = x.to(torch.bfloat16)
+    assert torch.equal(rmsnorm_reference(xb, w.to(torch.bfloat16), 1e-6), hf.to(torch.bfloat16)(xb))
+    with pytest.raises(ValueError, match="x: expected last dimension 128"):
+        lin.forward_rmsnorm(x[:, :100], w, 1e-6)
+    with pytest.raises(TypeError, match="x: expected a torch.Tensor"):
+        lin.forward_rmsnorm(x.numpy(), w, 1e-6)
