@@ -456,7 +456,7 @@ static PyObject *run_gemm(mix_call *c, int mode) {
         if (!mixc_act_quant_rmsnorm_ok(h->K, h->g))
             return mix_raise(c, PyExc_ValueError,
                              "x: the fused RMSNorm takes layers of group size 128, K a multiple of 8 and at most "
-                             "65536, got g=%lld, K=%lld",
+                             "32768, got g=%lld, K=%lld",
                              (long long)h->g, (long long)h->K);
         if ((uintptr_t)x->data % 16) return mix_raise(c, PyExc_ValueError, "x: must be 16-byte aligned");
         if (nw->dtype != x->dtype) return mix_raise(c, PyExc_TypeError, "w: expected the dtype of x");
@@ -466,8 +466,7 @@ static PyObject *run_gemm(mix_call *c, int mode) {
         if (mix_check_dim(nw, 0, h->K) < 0) return mix_call_fail(c);
         if ((uintptr_t)nw->data % 16) return mix_raise(c, PyExc_ValueError, "w: must be 16-byte aligned");
         const double eps = mix_float(c, 8);
-        if (!(eps >= 0.0 && eps <= 1.0))
-            return mix_raise(c, PyExc_ValueError, "eps: expected a float in [0, 1], got %g", eps);
+        if (!(eps >= 0.0 && eps <= 1.0)) return mix_raise(c, PyExc_ValueError, "eps: expected a float in [0, 1]");
     }
     const int64_t M = x->shape[0];
     if (mix_check_dim(x, 1, silu_mul ? 2 * h->K : h->K) < 0 || mix_check_shape2(y, M, h->tmpl.n_out) < 0 ||

@@ -268,9 +268,10 @@ __global__ void act_quant_g128_kernel(const T *__restrict__ x, int64_t M, int64_
  * differs from torch's reduction, so an element's rounding to T can differ from the eager ops in rare
  * cases (the codes then by one). */
 template <typename T, int CH>
-__global__ void act_quant_rmsnorm_kernel(const T *__restrict__ x, const T *__restrict__ w, float eps, int64_t K,
-                                         int64_t G, int64_t gp, int8_t *__restrict__ q, int64_t qpitch, int spg,
-                                         float *__restrict__ sa, int64_t sapitch) {
+__global__ void __launch_bounds__(512)
+    act_quant_rmsnorm_kernel(const T *__restrict__ x, const T *__restrict__ w, float eps, int64_t K, int64_t G,
+                             int64_t gp, int8_t *__restrict__ q, int64_t qpitch, int spg, float *__restrict__ sa,
+                             int64_t sapitch) {
     __shared__ float warp_sums[32];
     let_dependents_start();
     const int64_t m = blockIdx.x, nchunks = K / 8;
@@ -395,13 +396,14 @@ extern "C" int mixc_act_quant_silu_mul(int device, const void *gu, int dtype, in
 
 extern "C" int mixc_act_quant_silu_mul_ok(int64_t K, int64_t g) { return g == 128 && K > 0 && K % 8 == 0; }
 
-/* Threads per block and chunks per thread of act_quant_rmsnorm_kernel for K: CH = 4 (8 for K > 32768),
- * B the least multiple of 32 with B * CH chunks of 8 >= K; 0 where K is outside the kernel's range. */
+/* Threads per block and chunks per thread of act_quant_rmsnorm_kernel for K: CH = 4 (8 for K > 16384),
+ * B the least multiple of 32 with B * CH chunks of 8 >= K, at most 512 (the kernel's launch bounds: its
+ * registers); 0 where K is outside the kernel's range (K > 32768). */
 static int rmsnorm_threads(int64_t K, int *ch) {
     const int64_t chunks = K / 8;
-    *ch = chunks > 4 * 1024 ? 8 : 4;
+    *ch = chunks > 4 * 512 ? 8 : 4;
     const int64_t b = ((chunks + *ch - 1) / *ch + 31) / 32 * 32;
-    return b <= 1024 ? (int)b : 0;
+    return b <= 512 ? (int)b : 0;
 }
 
 extern "C" int mixc_act_quant_rmsnorm_ok(int64_t K, int64_t g) {

@@ -77,7 +77,7 @@ int mixc_act_quant_silu_mul_ok(int64_t K, int64_t g);
 /* The same for a projection fed by a Llama-style RMSNorm: x [M, K] the norm's input, w [K] its weight
  * (x's dtype), the values quantized w * rmsnorm(x) as Hugging Face's LlamaRMSNorm gives them on x's
  * dtype (the float32 sum of squares taken in another order: docs/kernels.md). Only the default geometry
- * with K <= 65536 (mixc_act_quant_rmsnorm_ok); x and w 16-byte aligned. */
+ * with K <= 32768 (mixc_act_quant_rmsnorm_ok); x and w 16-byte aligned. */
 int mixc_act_quant_rmsnorm(int device, const void *x, const void *w, float eps, int dtype, int64_t M, int64_t K,
                            int64_t g, int64_t gp, int8_t *q, int64_t qpitch, int spg, float *sa, int64_t sapitch,
                            void *stream);

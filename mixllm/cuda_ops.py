@@ -247,7 +247,7 @@ class PreparedLinear:
         to x's dtype, as Hugging Face's ``LlamaRMSNorm`` computes it (``mixllm.nn.rmsnorm_reference``), without
         storing the normalized x: the activation quantizer reads x. The sum of squares runs in another
         order than torch's reduction, so an element's rounding can differ from the eager ops in rare
-        cases. Layers outside the kernel's geometry (group size 128, K a multiple of 8, at most 65536)
+        cases. Layers outside the kernel's geometry (group size 128, K a multiple of 8, at most 32768)
         take the eager ops."""
         if x.dtype not in _FLOATS:
             raise TypeError(f"x: expected dtype float32, float16 or bfloat16, got {x.dtype}")
@@ -259,7 +259,7 @@ class PreparedLinear:
             raise ValueError(f"w: expected a tensor of shape ({self.K},), got {getattr(w, 'shape', type(w).__name__)}")
         if w.dtype != x.dtype or w.device != x.device:
             raise TypeError(f"w: expected dtype {x.dtype} on {x.device} (x's), got {w.dtype} on {w.device}")
-        if self.g != 128 or self.K % 8 or self.K > 65536:
+        if self.g != 128 or self.K % 8 or self.K > 32768:
             return self(rmsnorm_reference(x, w, eps), cfg, splits)
         x2 = x.reshape(-1, self.K)
         if not x2.is_contiguous():
