@@ -70,22 +70,6 @@ _mixed_linear_op.register_fake(_fake_output)
 _mixed_linear_silu_mul_op.register_fake(_fake_output)
 
 
-@torch.library.custom_op("mixllm::mixed_linear_rmsnorm", mutates_args=())
-def _mixed_linear_rmsnorm_op(
-    x: torch.Tensor, w: torch.Tensor, layer: int, out_features: int, eps: float
-) -> torch.Tensor:
-    ref = _LAYERS.get(layer)
-    m = ref() if ref is not None else None
-    if m is None:
-        raise RuntimeError(f"mixllm::mixed_linear_rmsnorm: layer {layer} no longer exists")
-    return m._forward_rmsnorm_eager(x, w, eps)
-
-
-@_mixed_linear_rmsnorm_op.register_fake
-def _(x, w, layer, out_features, eps):
-    return x.new_empty((*x.shape[:-1], out_features))
-
-
 def rmsnorm_reference(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """Hugging Face's ``LlamaRMSNorm`` (Mistral's, Qwen2's and Qwen3's are the same): the eager ops that
     ``MixedLinear.forward_rmsnorm`` stands for."""
@@ -391,13 +375,13 @@ class MixedLinear(nn.Module):
     def forward_rmsnorm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
         """``self(rmsnorm_reference(x, w, eps))``: a projection fed by a Llama-style RMSNorm of weight ``w``
         (mixllm.fuse). On a GPU with our kernels the activation quantizer reads x and normalizes it as it
-        quantizes (the normalized x is never stored); the sum of squares runs in another order than
-        torch's, so an element's rounding to x's dtype can differ from the eager ops in rare cases.
-        Elsewhere it runs the eager ops."""
+        quantizes (the normalized x is never stored; one kernel instead of the eager norm's several); the
+        sum of squares runs in another order than torch's, so an element's rounding to x's dtype can
+        differ from the eager ops in rare cases. Elsewhere it runs the eager ops, and so does a traced
+        model: under torch.compile the norm stays in the graph, where the compiler fuses it with the
+        residual add before it (measured: the fused kernel gained nothing there; docs/kernels.md)."""
         if torch.compiler.is_compiling():
-            if x.shape[-1] != self.in_features:
-                raise ValueError(f"x: expected last dimension {self.in_features}, got shape {tuple(x.shape)}")
-            return _mixed_linear_rmsnorm_op(x, w, self._op_key, self.out_features, float(eps))
+            return self.forward(rmsnorm_reference(x, w, eps))
         return self._forward_rmsnorm_eager(x, w, eps)
 
     def _forward_rmsnorm_eager(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
