@@ -249,12 +249,7 @@ class PreparedLinear:
         order than torch's reduction, so an element's rounding can differ from the eager ops in rare
         cases. Layers outside the kernel's geometry (group size 128, K a multiple of 8, at most 32768)
         take the eager ops."""
-        if x.dtype not in _FLOATS:
-            raise TypeError(f"x: expected dtype float32, float16 or bfloat16, got {x.dtype}")
-        if x.device != self.device:
-            raise ValueError(f"x: expected a tensor on {self.device}, got {x.device}")
-        if x.shape[-1] != self.K:
-            raise ValueError(f"x: expected last dimension {self.K}, got shape {tuple(x.shape)}")
+        self._check_input(x)
         if not isinstance(w, torch.Tensor) or w.shape != (self.K,):
             raise ValueError(f"w: expected a tensor of shape ({self.K},), got {getattr(w, 'shape', type(w).__name__)}")
         if w.dtype != x.dtype or w.device != x.device:
