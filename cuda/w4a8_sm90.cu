@@ -186,21 +186,17 @@ __device__ __forceinline__ uint32_t nibbles_minus_zero(uint32_t w, uint32_t zz) 
 }
 
 /* The A fragments of this warp's tile for the stage's 4 k-steps, in the natural k order, and its
- * two rows' scales, from the shared-memory slots the producer filled (zeros for a tile past the
- * part's last row: its rows are never stored). The packed layout (cuda/packed_layout.cuh) stores a
- * k-step in the m16n8k32 order, permuted inside each step of 32: thread t of a quad needs columns
- * 4t..4t+3 and 16+4t..16+4t+3, which quad lanes t/2 and 2+t/2 hold, so each thread reads its 8
- * bytes straight from those lanes' words (no shuffles). */
+ * two rows' scales, from the shared-memory slots the producer filled. The packed layout (cuda/packed_layout.cuh) stores
+ * a k-step in the m16n8k32 order, permuted inside each step of 32: thread t of a quad needs columns 4t..4t+3 and
+ * 16+4t..16+4t+3, which quad lanes t/2 and 2+t/2 hold, so each thread reads its 8 bytes straight from those lanes'
+ * words (no shuffles). */
 template <int BITS>
 __device__ __forceinline__ void load_frags(uint32_t (&af)[4][4], float &sw0, float &sw1, const uint8_t *wslot,
-                                           const uint8_t *mslot, bool live, int lane) {
+                                           const uint8_t *mslot, int lane) {
     const int gid = lane >> 2, tig = lane & 3;
-    if (!live) {
-#pragma unroll
-        for (int k = 0; k < 4; k++) af[k][0] = af[k][1] = af[k][2] = af[k][3] = 0u;
-        sw0 = sw1 = 0.f;
-        return;
-    }
+    /* A tile past the part's last row needs no special case: the TMA copies zero-fill it (codes and
+     * meta records), so its fragments and scales are zeros, and its rows are never stored (a test for
+     * it cost 33 instructions per 4-bit stage, 2-3% at prefill; docs/kernels.md). */
     const int src0 = (lane & ~3) | (tig >> 1), src1 = src0 + 2;
     const mixc_layout::MetaRecord *m = (const mixc_layout::MetaRecord *)mslot;
     sw0 = m->scale[gid];
@@ -265,7 +261,6 @@ __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb
     const int gid = lane >> 2, tig = lane & 3;
     const int tl = (wg & 1) * 4 + warp;          /* this warp's tile in the CTA */
     const int64_t rt = (int64_t)rb * TILES + tl; /* ... in the part */
-    const bool live = rt < (p.N + 15) / 16;
     /* this warpgroup's stages: s0 + pair, s0 + pair + KG, ...; with one pair a constant, so that the ring
      * position and the wgmma descriptors stay in uniform registers: no R2UR per wgmma, 5-7% faster at
      * 1024-4096 tokens (docs/kernels.md, "Uniform descriptors") */
@@ -311,7 +306,7 @@ __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb
         mbar_wait(sbase + BAR_OFF + buf * 8, fetch_phase);
         load_frags<BITS>(af, rsw0, rsw1,
                          smem + W_OFF + buf * W_STAGE_BYTES + tl * (BITS / 2) * mixc_layout::WARP_WORD_BYTES,
-                         smem + META_OFF + buf * META_STAGE_BYTES + tl * mixc_layout::META_BYTES, live, lane);
+                         smem + META_OFF + buf * META_STAGE_BYTES + tl * mixc_layout::META_BYTES, lane);
         fetched_buf = buf;
         fetch_buf += KG;
         if (fetch_buf >= ST) {
@@ -377,6 +372,49 @@ __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb
         for (int i = 0; i < R * QUARTERS; i++) facc[i] += red[256 * i];
     }
 
+    if constexpr (KG == 1 && BM >= 128) {
+        /* The prefill tiles' results through shared memory (the ring is free: every stage it held has been
+         * consumed), so that a warp's store covers 32 consecutive rows of one token (about 64 contiguous
+         * bytes of y) instead of 8 rows of 4 tokens: T[token][row], rows fastest, pitch 132 floats (the
+         * fragment-order writes then hit 32 distinct banks). */
+        constexpr int TP = 128 + 4;
+        static_assert(BM * TP * 4 <= BAR_OFF, "the result tile fits the ring, below its barriers");
+        float *T = (float *)smem;
+        const int ct = threadIdx.x - 128;                /* consumer thread 0..255 */
+        asm volatile("bar.sync 1, 256;\n" ::: "memory"); /* every consumer is past its last stage */
+#pragma unroll
+        for (int h = 0; h < 2; h++)
+#pragma unroll
+            for (int q = 0; q < BM / 8; q++)
+#pragma unroll
+                for (int c = 0; c < 2; c++)
+                    T[(8 * q + 2 * tig + c) * TP + 16 * tl + gid + 8 * h] = facc[4 * q + 2 * h + c];
+        asm volatile("bar.sync 1, 256;\n" ::: "memory");
+        const int lane32 = ct & 31, w8 = ct >> 5;
+        int64_t cols[4];
+        float bs[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int64_t n = (int64_t)rb * BN + lane32 + 32 * j;
+            const int64_t col = n < p.N ? (p.idx ? p.idx[n] : n) : -1;
+            cols[j] = col >= 0 && col < a.n_out ? col : -1; /* never write outside y */
+            bs[j] = (cols[j] >= 0 && a.splits == 1 && a.bias) ? a.bias[cols[j]] : 0.f;
+        }
+        for (int t = w8; t < BM; t += 8) {
+            const int64_t m = m0 + t;
+            if (m >= a.M) break;
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                if (cols[j] < 0) continue;
+                const float v = T[t * TP + lane32 + 32 * j];
+                if (a.splits == 1)
+                    store_out(a.y, a.ydt, m * a.n_out + cols[j], v + bs[j]);
+                else
+                    a.ws[((int64_t)split * a.M + m) * a.n_out + cols[j]] = v;
+            }
+        }
+        return;
+    }
     /* epilogue: rows 16*rt + gid (+8), tokens m0 + 8q + 2tig + c */
 #pragma unroll
     for (int h = 0; h < 2; h++) {
