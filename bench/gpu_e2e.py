@@ -546,6 +546,10 @@ def synthetic(args):
     return res
 
 
+class _PplOnly(Exception):
+    """--ppl-only: the perplexities are measured, skip the decode timings."""
+
+
 def _ids_from_texts(path, tok, eval_tokens, n_calib):
     """What ``--ids`` holds, from the staged texts: the first ``eval_tokens`` tokens of the wiki
     evaluation text and ``n_calib`` calibration windows of 512 tokens (seed 0)."""
@@ -596,6 +600,11 @@ def main(argv=None):
         help="instead of --ids: the texts as bench/device_assets.sh stages them (tokenized here: the wiki "
         "evaluation text and calibration windows of 512, seed 0); default $MIXLLM_TEXTS_JSON",
     )
+    ap.add_argument(
+        "--ppl-only",
+        action="store_true",
+        help="real model: perplexities only (bf16, CPU, GPU unfused and fused), no decode timings",
+    )
     ap.add_argument("--out", default="gpu_e2e.md")
     ap.add_argument("--bits", type=float, default=4.4)
     ap.add_argument("--eval-tokens", type=int, default=16384)
@@ -638,16 +647,18 @@ def main(argv=None):
         res["ppl_bf16_gpu"] = perplexity(ref, ev, 512, progress=False)
         log("bf16 gpu ppl", res["ppl_bf16_gpu"])
         _save(res, args.out)
-        res["tps_bf16_gpu"], res["tok_bf16"] = decode_tps(ref, prompt, args.new_tokens, args.reps)
-        log("bf16 decode tok/s", res["tps_bf16_gpu"])
-        _save(res, args.out)
-        graph_decode_and_layers(res, "bf16", ref, prompt, args)
-        _save(res, args.out)
-        ref32 = ref.float()
-        res["tps_fp32_gpu"], _ = decode_tps(ref32, prompt, args.new_tokens, args.reps)
-        log("fp32 decode tok/s", res["tps_fp32_gpu"])
-        _save(res, args.out)
-        del ref, ref32
+        if not args.ppl_only:
+            res["tps_bf16_gpu"], res["tok_bf16"] = decode_tps(ref, prompt, args.new_tokens, args.reps)
+            log("bf16 decode tok/s", res["tps_bf16_gpu"])
+            _save(res, args.out)
+            graph_decode_and_layers(res, "bf16", ref, prompt, args)
+            _save(res, args.out)
+            ref32 = ref.float()
+            res["tps_fp32_gpu"], _ = decode_tps(ref32, prompt, args.new_tokens, args.reps)
+            log("fp32 decode tok/s", res["tps_fp32_gpu"])
+            _save(res, args.out)
+            del ref32
+        del ref
         torch.cuda.empty_cache()
     log("quantize")
     t0 = time.time()
@@ -674,19 +685,32 @@ def main(argv=None):
         res["ppl_gpu_s"] = time.time() - t0
         log("gpu ppl (fp32 rest)", res["ppl_gpu"])
         _save(res, args.out)
-        res["tps_mixed_fp32rest_gpu"], _ = decode_tps(model, prompt, args.new_tokens, args.reps)
-        log("mixed decode tok/s (fp32 rest)", res["tps_mixed_fp32rest_gpu"])
-        _save(res, args.out)
+        if not args.ppl_only:
+            res["tps_mixed_fp32rest_gpu"], _ = decode_tps(model, prompt, args.new_tokens, args.reps)
+            log("mixed decode tok/s (fp32 rest)", res["tps_mixed_fp32rest_gpu"])
+            _save(res, args.out)
         try:
             to_dtype_outside_mixed(model, torch.bfloat16)
             res["ppl_gpu_bf16rest"] = perplexity(model, ev, 512, progress=False)
             log("gpu ppl (bf16 rest)", res["ppl_gpu_bf16rest"])
             _save(res, args.out)
+            # the same layers fused as a server runs them (mixllm.fuse_projections: q/k/v and gate/up as one
+            # layer, SiLU-mul and, by default, the RMSNorms in the activation quantizer), then without the norms
+            for key, kw in (("ppl_gpu_fused", {}), ("ppl_gpu_fused_separate_rmsnorm", {"rmsnorm": False})):
+                fuse_projections(model, **kw)
+                res[key] = perplexity(model, ev, 512, progress=False)
+                unfuse_projections(model)
+                log(key, res[key])
+                _save(res, args.out)
+            if args.ppl_only:
+                raise _PplOnly
             res["tps_mixed_gpu"], res["tok_mixed"] = decode_tps(model, prompt, args.new_tokens, args.reps)
             log("mixed decode tok/s (bf16 rest)", res["tps_mixed_gpu"])
             _save(res, args.out)
             graph_decode_and_layers(res, "mixed", model, prompt, args)
             _save(res, args.out)
+        except _PplOnly:
+            pass
         except Exception as e:  # report, keep the fp32-rest figures
             res["bf16rest_error"] = repr(e)
             log("bf16 rest failed:", repr(e))
@@ -712,6 +736,9 @@ def write_md(r, path):
         f"| MixLLM W4.4A8 | CPU, C kernels (fp32 activations in) | {f('ppl_cpu', '{:.4f}')} |",
         f"| MixLLM W4.4A8 | GPU, CUDA kernels (fp32 activations in, rest fp32) | {f('ppl_gpu', '{:.4f}')} |",
         f"| MixLLM W4.4A8 | GPU, CUDA kernels (bf16 activations in, rest bf16) | {f('ppl_gpu_bf16rest', '{:.4f}')} |",
+        f"| MixLLM W4.4A8 | GPU, fused projections, RMSNorm in the quantizer (bf16) | {f('ppl_gpu_fused', '{:.4f}')} |",
+        f"| MixLLM W4.4A8 | GPU, fused projections, RMSNorm separate (bf16) "
+        f"| {f('ppl_gpu_fused_separate_rmsnorm', '{:.4f}')} |",
         "",
         f"Decode, batch 1, 32-token prompt + {r['new_tokens']} greedy new tokens, eager HF generate, median of runs:",
         "",
