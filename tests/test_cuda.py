@@ -424,10 +424,11 @@ SM90_PAIRS = next(
 )
 
 
-def _mixed_parts(rng, N, K, g, frac8=0.1):
-    """A mixed layer's parts (shuffled columns) and its two-step float64 reference as a function of x."""
-    n8 = max(1, int(N * frac8))
-    perm = rng.permutation(N)
+def _mixed_parts(rng, N, K, g, frac8=0.1, perm=None, n8=None):
+    """A mixed layer's parts (shuffled columns, or the 4-bit rows to perm[:N - n8], the 8-bit ones to the
+    rest) and its two-step float64 reference as a function of x."""
+    n8 = max(1, int(N * frac8)) if n8 is None else n8
+    perm = rng.permutation(N) if perm is None else np.asarray(perm)
     W4, c4, s4, z4 = make_weight(rng, N - n8, K, 4, g)
     W8, c8, s8, _ = make_weight(rng, n8, K, 8, g)
     parts = [
@@ -477,6 +478,35 @@ def test_sm90_mixed_matches_reference(rng, pairs, dtype, splits, M, N, K, g):
     bias = rng.standard_normal(N).astype(np.float32)
     y = _run(xt, parts, N, torch.from_numpy(bias).to(DEV), SM90_PAIRS if pairs else SM90, splits)
     assert_close(y, y_ref + bias, dtype)
+
+
+@pytest.mark.skipif(not _HAS_SM90, reason="no sm_90a device")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("N", [1024, 1030])
+def test_sm90_prefill_epilogue_column_runs(rng, dtype, splits, N):
+    """The prefill tiles store 4 consecutive rows with one vector store where they map to 4 consecutive,
+    aligned columns, else one by one: a mixed layer whose 8-bit rows sit in runs (columns in order, so
+    most 4-row groups of the 4-bit part are runs and some straddle a gap; N = 1030: rows of y not
+    16-byte aligned, every store scalar), bias, NaN-poisoned y and scratch, split-K's workspace, token
+    tails, against float64."""
+    K, g = 640, 128
+    gaps = np.zeros(N, bool)
+    for start in rng.choice(N - 8, 12, replace=False):  # runs of 1-7 8-bit columns, some unaligned
+        gaps[start : start + rng.integers(1, 8)] = True
+    perm = np.concatenate([np.flatnonzero(~gaps), np.flatnonzero(gaps)])
+    parts, y_ref = _mixed_parts(rng, N, K, g, perm=perm, n8=int(gaps.sum()))
+    bias = rng.standard_normal(N).astype(np.float32)
+    h = cuda_ops.PreparedLinear(parts, N, torch.from_numpy(bias), DEV).handle
+    for M in (300, 513):
+        xt, x32 = make_x(rng, M, K, dtype)
+        c, sp, nbytes, name = _cuda.plan_call(h, M, SM90, splits)
+        assert name == "sm90_wgmma" and sp == splits
+        scratch = torch.full((nbytes,), 0xFF, dtype=torch.uint8, device=DEV)  # 0xFFFFFFFF is a NaN
+        y = torch.full((M, N), float("nan"), dtype=dtype, device=DEV)
+        _cuda.run(h, xt, y, scratch, c, sp, 0)
+        torch.cuda.synchronize()
+        assert_close(y, y_ref(x32) + bias, dtype)
 
 
 @pytest.mark.skipif(not _HAS_SM90, reason="no sm_90a device")
