@@ -144,38 +144,56 @@ template <int R> __device__ __forceinline__ void fence_acc(int (&d)[R]) {
     for (int i = 0; i < R; i++) asm volatile("" : "+r"(d[i])::"memory");
 }
 
-/* D[64 x QN] (+)= A[64 x 32] (registers, s8) * B[QN x 32]^T (shared, s8); QN/2 int32 accumulators
- * per thread */
-template <int QN>
+/* D[64 x QN] (+)= A[64 x 32] (registers: s8, or u8 with AU8) * B[QN x 32]^T (shared, s8); QN/2 int32
+ * accumulators per thread */
+#define MIXC_WGMMA_N64(AT)                                                                                         \
+    asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %37, 0;\n"                                                    \
+                 "wgmma.mma_async.sync.aligned.m64n64k32.s32." AT ".s8 "                                           \
+                 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%"    \
+                 "25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p;\n}\n"                                    \
+                 : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]), \
+                   "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]),        \
+                   "+r"(d[15]), "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]),      \
+                   "+r"(d[22]), "+r"(d[23]), "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]),      \
+                   "+r"(d[29]), "+r"(d[30]), "+r"(d[31])                                                           \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate))
+#define MIXC_WGMMA_N32(AT)                                                                                         \
+    asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %21, 0;\n"                                                    \
+                 "wgmma.mma_async.sync.aligned.m64n32k32.s32." AT ".s8 "                                           \
+                 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19}, %20, p;\n}\n"        \
+                 : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]), \
+                   "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]),        \
+                   "+r"(d[15])                                                                                     \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate))
+#define MIXC_WGMMA_N16(AT)                                                                                        \
+    asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %13, 0;\n"                                                   \
+                 "wgmma.mma_async.sync.aligned.m64n16k32.s32." AT ".s8 "                                          \
+                 "{%0,%1,%2,%3,%4,%5,%6,%7}, {%8,%9,%10,%11}, %12, p;\n}\n"                                       \
+                 : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]) \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate))
+template <int QN, bool AU8 = false>
 __device__ __forceinline__ void wgmma_n(int (&d)[QN / 2], const uint32_t (&a)[4], uint64_t desc, int accumulate) {
+    static_assert(QN == 16 || QN == 32 || QN == 64, "wgmma N: 16, 32 or 64");
     if constexpr (QN == 64) {
-        asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %37, 0;\n"
-                     "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8 "
-                     "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%"
-                     "25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p;\n}\n"
-                     : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
-                       "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]),
-                       "+r"(d[15]), "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]),
-                       "+r"(d[22]), "+r"(d[23]), "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]),
-                       "+r"(d[29]), "+r"(d[30]), "+r"(d[31])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
+        if constexpr (AU8)
+            MIXC_WGMMA_N64("u8");
+        else
+            MIXC_WGMMA_N64("s8");
     } else if constexpr (QN == 32) {
-        asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %21, 0;\n"
-                     "wgmma.mma_async.sync.aligned.m64n32k32.s32.s8.s8 "
-                     "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19}, %20, p;\n}\n"
-                     : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
-                       "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]),
-                       "+r"(d[15])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
+        if constexpr (AU8)
+            MIXC_WGMMA_N32("u8");
+        else
+            MIXC_WGMMA_N32("s8");
     } else {
-        static_assert(QN == 16, "wgmma N: 16, 32 or 64");
-        asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %13, 0;\n"
-                     "wgmma.mma_async.sync.aligned.m64n16k32.s32.s8.s8 "
-                     "{%0,%1,%2,%3,%4,%5,%6,%7}, {%8,%9,%10,%11}, %12, p;\n}\n"
-                     : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
+        if constexpr (AU8)
+            MIXC_WGMMA_N16("u8");
+        else
+            MIXC_WGMMA_N16("s8");
     }
 }
+#undef MIXC_WGMMA_N64
+#undef MIXC_WGMMA_N32
+#undef MIXC_WGMMA_N16
 
 /* (w & 0x0F0F0F0F) - z in every byte as int8: sub_zero (cuda/gemm_common.cuh) with the mask and its
  * "| 0x80808080" in one LOP3 (ptxas emitted two). */
@@ -190,9 +208,10 @@ __device__ __forceinline__ uint32_t nibbles_minus_zero(uint32_t w, uint32_t zz) 
  * a k-step in the m16n8k32 order, permuted inside each step of 32: thread t of a quad needs columns 4t..4t+3 and
  * 16+4t..16+4t+3, which quad lanes t/2 and 2+t/2 hold, so each thread reads its 8 bytes straight from those lanes'
  * words (no shuffles). */
-template <int BITS>
-__device__ __forceinline__ void load_frags(uint32_t (&af)[4][4], float &sw0, float &sw1, const uint8_t *wslot,
+template <int BITS, bool U8 = false>
+__device__ __forceinline__ void load_frags(uint32_t (&af)[U8 ? 5 : 4][4], float &sw0, float &sw1, const uint8_t *wslot,
                                            const uint8_t *mslot, int lane) {
+    static_assert(!U8 || BITS == 4, "raw unsigned codes: 4-bit parts");
     const int gid = lane >> 2, tig = lane & 3;
     /* A tile past the part's last row needs no special case: the TMA copies zero-fill it (codes and
      * meta records), so its fragments and scales are zeros, and its rows are never stored (a test for
@@ -209,11 +228,19 @@ __device__ __forceinline__ void load_frags(uint32_t (&af)[4][4], float &sw0, flo
             const int off = (k >> 1) * 512 + (k & 1) * 8, sh = (tig & 1) * 4;
             const uint2 a01 = *(const uint2 *)(wslot + off + src0 * 16);
             const uint2 a23 = *(const uint2 *)(wslot + off + src1 * 16);
-            const uint32_t z0 = (uint32_t)m->zero[gid] * 0x01010101u, z1 = (uint32_t)m->zero[gid + 8] * 0x01010101u;
-            af[k][0] = nibbles_minus_zero(a01.x >> sh, z0);
-            af[k][1] = nibbles_minus_zero(a01.y >> sh, z1);
-            af[k][2] = nibbles_minus_zero(a23.x >> sh, z0);
-            af[k][3] = nibbles_minus_zero(a23.y >> sh, z1);
+            if constexpr (U8) {
+                af[k][0] = (a01.x >> sh) & 0x0F0F0F0Fu;
+                af[k][1] = (a01.y >> sh) & 0x0F0F0F0Fu;
+                af[k][2] = (a23.x >> sh) & 0x0F0F0F0Fu;
+                af[k][3] = (a23.y >> sh) & 0x0F0F0F0Fu;
+            } else {
+                const uint32_t z0 = (uint32_t)m->zero[gid] * 0x01010101u;
+                const uint32_t z1 = (uint32_t)m->zero[gid + 8] * 0x01010101u;
+                af[k][0] = nibbles_minus_zero(a01.x >> sh, z0);
+                af[k][1] = nibbles_minus_zero(a01.y >> sh, z1);
+                af[k][2] = nibbles_minus_zero(a23.x >> sh, z0);
+                af[k][3] = nibbles_minus_zero(a23.y >> sh, z1);
+            }
         } else {
             /* word k of a lane: x = (row gid, cols 8t..8t+3), y = (row gid+8, same), z/w = cols
              * 8t+4..8t+7 */
@@ -225,6 +252,13 @@ __device__ __forceinline__ void load_frags(uint32_t (&af)[4][4], float &sw0, flo
             af[k][2] = a23.x;
             af[k][3] = a23.y;
         }
+    }
+    if constexpr (U8) {
+        /* -z of the thread's two rows in every byte (s8): the zero point's MMA, sum_k (-z) a */
+        const uint32_t nz0 = ((0x100u - m->zero[gid]) & 0xFFu) * 0x01010101u;
+        const uint32_t nz1 = ((0x100u - m->zero[gid + 8]) & 0xFFu) * 0x01010101u;
+        af[4][0] = af[4][2] = nz0;
+        af[4][1] = af[4][3] = nz1;
     }
 }
 
@@ -277,19 +311,33 @@ __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb
 
     float rsw0 = 0.f, rsw1 = 0.f; /* row scales of the stage fetched last */
     /* A fragments of a stage: a wgmma reads them until it completes, so the few-token tiles, which
-     * form the next stage's fragments under the running wgmmas, alternate between two buffers */
-    uint32_t af0[4][4], af1[4][4];
+     * form the next stage's fragments under the running wgmmas, alternate between two buffers. */
+#ifdef MIXC_SM90_FEW_U8
+    /* With U8 a 4-bit part's fragments are the raw codes (u8: mask and shift, 2 instructions per word
+     * instead of 4) and one more wgmma per k-step adds sum (-z) a from a fifth fragment holding -z:
+     * sum (q - z) a exactly, in the same int32 accumulators (the decode kernel's scheme). 16-token tiles
+     * only: it doubles the tensor work (idle there), and the 32- and 64-token tiles then spill (ptxas). */
+    constexpr bool U8 = BITS == 4 && BM == 16;
+#else
+    constexpr bool U8 = false;
+#endif
+    constexpr int NF = U8 ? 5 : 4;
+    uint32_t af0[NF][4], af1[NF][4];
     /* wgmma descriptors: the low word is the ring's first one plus the tile's offset in 16-byte units
      * (no carry leaves the address field: shared memory is below 2^18 bytes), the high word a constant;
      * with the ring's counters below, 4-7% faster at 9-32 tokens and at prefill than rebuilding both per
      * wgmma (docs/kernels.md, "Ring slots and descriptors by counters") */
     const uint32_t desc0_lo = (uint32_t)desc_sw128(sbase);
     constexpr uint64_t DESC_HI = desc_sw128(0) & 0xFFFFFFFF00000000ull;
-    auto issue = [&](int (&acc)[R], uint32_t tile_off, const uint32_t (&af)[4][4]) {
+    auto issue = [&](int (&acc)[R], uint32_t tile_off, const uint32_t (&af)[NF][4]) {
         fence_acc(acc);
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
-        for (int k = 0; k < 4; k++) wgmma_n<QN>(acc, af[k], DESC_HI | (desc0_lo + (tile_off >> 4) + k * 32 / 16), k);
+        for (int k = 0; k < 4; k++) {
+            const uint64_t desc = DESC_HI | (desc0_lo + (tile_off >> 4) + k * 32 / 16);
+            wgmma_n<QN, U8>(acc, af[k], desc, k);
+            if constexpr (U8) wgmma_n<QN>(acc, af[4], desc, 1);
+        }
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
     };
     /* Wait until stage s's copies (activations, scales, this CTA's codes and meta records) have
@@ -301,12 +349,12 @@ __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb
      * (s - s0) % ST, pass (s - s0) / ST), advanced by counters rather than divisions; fetched_buf:
      * the slot of the stage fetched last, which the next stage() consumes. */
     int fetch_buf = pair, fetch_phase = 0, fetched_buf = 0;
-    auto fetch = [&](uint32_t (&af)[4][4]) {
+    auto fetch = [&](uint32_t (&af)[NF][4]) {
         const int buf = fetch_buf;
         mbar_wait(sbase + BAR_OFF + buf * 8, fetch_phase);
-        load_frags<BITS>(af, rsw0, rsw1,
-                         smem + W_OFF + buf * W_STAGE_BYTES + tl * (BITS / 2) * mixc_layout::WARP_WORD_BYTES,
-                         smem + META_OFF + buf * META_STAGE_BYTES + tl * mixc_layout::META_BYTES, lane);
+        load_frags<BITS, U8>(af, rsw0, rsw1,
+                             smem + W_OFF + buf * W_STAGE_BYTES + tl * (BITS / 2) * mixc_layout::WARP_WORD_BYTES,
+                             smem + META_OFF + buf * META_STAGE_BYTES + tl * mixc_layout::META_BYTES, lane);
         fetched_buf = buf;
         fetch_buf += KG;
         if (fetch_buf >= ST) {
@@ -322,7 +370,7 @@ __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb
      * No wgmma group stays pending across stages: with one that did, ptxas serialized every wgmma
      * (C7514/C7515). The per-warp costs of a stage (fragments, descriptors, barriers) are shared
      * by all BM tokens. */
-    auto stage = [&](int s, uint32_t (&cur)[4][4], uint32_t (&nxt)[4][4]) {
+    auto stage = [&](int s, uint32_t (&cur)[NF][4], uint32_t (&nxt)[NF][4]) {
         const int buf = fetched_buf;
         const float sw0 = rsw0, sw1 = rsw1;
         const uint32_t tile = buf * ACT_BYTES;
