@@ -312,15 +312,12 @@ __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb
     float rsw0 = 0.f, rsw1 = 0.f; /* row scales of the stage fetched last */
     /* A fragments of a stage: a wgmma reads them until it completes, so the few-token tiles, which
      * form the next stage's fragments under the running wgmmas, alternate between two buffers. */
-#ifdef MIXC_SM90_FEW_U8
-    /* With U8 a 4-bit part's fragments are the raw codes (u8: mask and shift, 2 instructions per word
-     * instead of 4) and one more wgmma per k-step adds sum (-z) a from a fifth fragment holding -z:
-     * sum (q - z) a exactly, in the same int32 accumulators (the decode kernel's scheme). 16-token tiles
-     * only: it doubles the tensor work (idle there), and the 32- and 64-token tiles then spill (ptxas). */
+    /* U8: a 4-bit part's fragments are the raw codes (u8: mask and shift, 2 instructions per word instead
+     * of 4) and one more wgmma per k-step adds sum (-z) a from a fifth fragment holding -z: sum (q - z) a
+     * exactly, in the same int32 accumulators (the decode kernel's scheme); 1-2% faster at 9-16 tokens
+     * (docs/kernels.md). 16-token tiles only: it doubles the tensor work (idle there), and the 32- and
+     * 64-token tiles then spill (ptxas). */
     constexpr bool U8 = BITS == 4 && BM == 16;
-#else
-    constexpr bool U8 = false;
-#endif
     constexpr int NF = U8 ? 5 : 4;
     uint32_t af0[NF][4], af1[NF][4];
     /* wgmma descriptors: the low word is the ring's first one plus the tile's offset in 16-byte units
@@ -422,9 +419,10 @@ __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb
 
     if constexpr (KG == 1 && BM >= 128) {
         /* The prefill tiles' results through shared memory (the ring is free: every stage it held has been
-         * consumed), so that a warp's stores cover consecutive rows of one token instead of 8 rows of 4
-         * tokens (measured: the epilogue took 6-30% of these tiles' time, docs/kernels.md): T[token][row],
-         * rows fastest, pitch 132 floats (the fragment-order writes then hit 32 distinct banks). */
+         * consumed), so that a warp's store covers 32 consecutive rows of one token (about 64 contiguous
+         * bytes of y) instead of 8 rows of 4 tokens (measured: the stores took 6-30% of these tiles' time,
+         * half of it saved; docs/kernels.md): T[token][row], rows fastest, pitch 132 floats (the
+         * fragment-order writes then hit 32 distinct banks). */
         constexpr int TP = 128 + 4;
         static_assert(BM * TP * 4 <= BAR_OFF, "the result tile fits the ring, below its barriers");
         float *T = (float *)smem;
@@ -439,8 +437,10 @@ __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb
                     T[(8 * q + 2 * tig + c) * TP + 16 * tl + gid + 8 * h] = facc[4 * q + 2 * h + c];
         asm volatile("bar.sync 1, 256;\n" ::: "memory");
         const int lane32 = ct & 31, w8 = ct >> 5;
-#ifdef MIXC_SM90_AB_SCALAR_EPILOGUE
-        /* the first version, for bench/gpu_ab.py: lane l stores rows l, l + 32, l + 64, l + 96 one by one */
+        /* lane l stores rows l, l + 32, l + 64, l + 96 of each token (tried: 4 consecutive rows per lane, one
+         * 8-byte store where their columns are consecutive: 6-31% slower at 1024-4096 tokens, since in a mixed
+         * layer most such runs are broken by an 8-bit row and the scalar stores of a lane then stride 8 bytes
+         * across the warp; docs/kernels.md) */
         int64_t cols[4];
         float bs[4];
 #pragma unroll
@@ -463,59 +463,6 @@ __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb
                     a.ws[((int64_t)split * a.M + m) * a.n_out + cols[j]] = v;
             }
         }
-#else
-        /* Lane l stores rows 4l .. 4l + 3 of each token: one 16-byte load of T and, where those rows are
-         * 4 consecutive, aligned columns of y (always in a one-part layer; in a mixed layer where no
-         * row of the other part falls between them), one 8-byte (16-bit y) or 16-byte (fp32 y, split-K
-         * workspace) store, so that a warp writes 128 columns of a token at once; else 4 scalar stores. */
-        int64_t cols[4];
-        float bs[4];
-#pragma unroll
-        for (int r = 0; r < 4; r++) {
-            const int64_t n = (int64_t)rb * BN + 4 * lane32 + r;
-            const int64_t col = n < p.N ? (p.idx ? p.idx[n] : n) : -1;
-            cols[r] = col >= 0 && col < a.n_out ? col : -1; /* never write outside y */
-            bs[r] = (cols[r] >= 0 && a.splits == 1 && a.bias) ? a.bias[cols[r]] : 0.f;
-        }
-        const int esize = a.splits > 1 ? 4 : a.ydt == 0 ? 4 : 2;
-        const uintptr_t base = a.splits > 1 ? (uintptr_t)a.ws : (uintptr_t)a.y;
-        const bool vec = cols[0] >= 0 && cols[1] == cols[0] + 1 && cols[2] == cols[0] + 2 && cols[3] == cols[0] + 3 &&
-                         (cols[0] & 3) == 0 && (a.n_out & 3) == 0 && (base & (4 * esize - 1)) == 0;
-        for (int t = w8; t < BM; t += 8) {
-            const int64_t m = m0 + t;
-            if (m >= a.M) break;
-            const float4 v = *(const float4 *)&T[t * TP + 4 * lane32];
-            const float vr[4] = {v.x, v.y, v.z, v.w};
-            const int64_t row = a.splits > 1 ? ((int64_t)split * a.M + m) * a.n_out : m * a.n_out;
-            if (vec) {
-                if (a.splits > 1) {
-                    *(float4 *)(a.ws + row + cols[0]) = v;
-                } else if (a.ydt == 0) {
-                    *(float4 *)((float *)a.y + row + cols[0]) =
-                        make_float4(v.x + bs[0], v.y + bs[1], v.z + bs[2], v.w + bs[3]);
-                } else if (a.ydt == 1) {
-                    const __half2 lo = __floats2half2_rn(v.x + bs[0], v.y + bs[1]);
-                    const __half2 hi = __floats2half2_rn(v.z + bs[2], v.w + bs[3]);
-                    *(uint2 *)((__half *)a.y + row + cols[0]) =
-                        make_uint2(*(const uint32_t *)&lo, *(const uint32_t *)&hi);
-                } else {
-                    const __nv_bfloat162 lo = __floats2bfloat162_rn(v.x + bs[0], v.y + bs[1]);
-                    const __nv_bfloat162 hi = __floats2bfloat162_rn(v.z + bs[2], v.w + bs[3]);
-                    *(uint2 *)((__nv_bfloat16 *)a.y + row + cols[0]) =
-                        make_uint2(*(const uint32_t *)&lo, *(const uint32_t *)&hi);
-                }
-                continue;
-            }
-#pragma unroll
-            for (int r = 0; r < 4; r++) {
-                if (cols[r] < 0) continue;
-                if (a.splits == 1)
-                    store_out(a.y, a.ydt, row + cols[r], vr[r] + bs[r]);
-                else
-                    a.ws[row + cols[r]] = vr[r];
-            }
-        }
-#endif
     } else {
         /* the few-token tiles, straight from the accumulators: rows 16*rt + gid (+8), tokens m0 + 8q + 2tig + c */
 #pragma unroll

@@ -485,11 +485,10 @@ def test_sm90_mixed_matches_reference(rng, pairs, dtype, splits, M, N, K, g):
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("N", [1024, 1030])
 def test_sm90_prefill_epilogue_column_runs(rng, dtype, splits, N):
-    """The prefill tiles store 4 consecutive rows with one vector store where they map to 4 consecutive,
-    aligned columns, else one by one: a mixed layer whose 8-bit rows sit in runs (columns in order, so
-    most 4-row groups of the 4-bit part are runs and some straddle a gap; N = 1030: rows of y not
-    16-byte aligned, every store scalar), bias, NaN-poisoned y and scratch, split-K's workspace, token
-    tails, against float64."""
+    """The prefill tiles' epilogue through shared memory (each token's rows stored from a transposed tile): a
+    mixed layer whose 8-bit rows sit in runs of 1-7 columns (columns otherwise in order), N = 1024 and 1030
+    (rows of y not 16-byte aligned), bias, NaN-poisoned y and scratch, split-K's workspace, token tails,
+    against float64."""
     K, g = 640, 128
     gaps = np.zeros(N, bool)
     for start in rng.choice(N - 8, 12, replace=False):  # runs of 1-7 8-bit columns, some unaligned
