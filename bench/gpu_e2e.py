@@ -740,6 +740,8 @@ def write_md(r, path):
         f"| MixLLM W4.4A8 | GPU, fused projections, RMSNorm separate (bf16) "
         f"| {f('ppl_gpu_fused_separate_rmsnorm', '{:.4f}')} |",
         "",
+    ]
+    decode = [
         f"Decode, batch 1, 32-token prompt + {r['new_tokens']} greedy new tokens, eager HF generate, median of runs:",
         "",
         "| model on GPU | tokens/s |",
@@ -759,6 +761,8 @@ def write_md(r, path):
         f"{r.get('tok_graph_mixed') == r.get('tok_mixed')} |",
         "",
     ]
+    if any(k.startswith("tps_") for k in r):  # not with --ppl-only
+        lines += decode
     lb = {(d["K"], d["N"]): d for d in r.get("layers_bf16", [])}
     lm = {(d["K"], d["N"]): d for d in r.get("layers_mixed", [])}
     if lb and lm:
