@@ -58,6 +58,11 @@ __host__ __device__ constexpr uint64_t desc_sw128(uint32_t addr) {
     "{\n .reg .pred p;\n setp.ne.b32 p, %" #P ", 0;\n wgmma.mma_async.sync.aligned.m64n" #N "k32.s32.s8.s8 {" R \
     "}, %" #A ", %" #B ", p;\n}\n"
 
+#define D16(o) D8(o), D8(o + 8)
+#define REGS16 "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15"
+__device__ __forceinline__ void wgmma32_rs(int (&d)[16], const uint32_t (&a)[4], uint64_t bdesc, int acc) {
+    asm volatile(RS_ASM(32, REGS16, 16, 17, 18, 19, 20, 21) : D16(0) : RS_INS);
+}
 __device__ __forceinline__ void wgmma64_rs(int (&d)[32], const uint32_t (&a)[4], uint64_t bdesc, int acc) {
     asm volatile(RS_ASM(64, REGS32, 32, 33, 34, 35, 36, 37) : D32(0) : RS_INS);
 }
@@ -199,6 +204,133 @@ __global__ void __launch_bounds__(128 * NWG, 1) probe(int groups, float *out) {
 #endif
 }
 
+/* MODE "stage": the prefill kernel's stage as cuda/w4a8_sm90.cu runs it, without its memory traffic: Q
+ * token quarters of QN tokens (one wgmma m64nQNk32 per k-step and quarter) through two int32 accumulator
+ * sets, each quarter's rescale reading its token scales from shared memory (one LDS.64 per two tokens) and
+ * multiplying them by the row scales (I2F, FMUL, FFMA per element: the kernel's three), a float sum per
+ * quarter (Q * QN / 2 per thread), the four k-steps' A fragments distinct registers; with FRAG the next
+ * stage's fragments are formed from shared memory after the last quarter's wait (8 LDS.64 and the 4-bit
+ * codes minus the zero point per word, as the kernel) and the row scales read, so that what is left out of
+ * the kernel is only the producer's copies and the ring's barriers. Answers which CTA shape (warpgroups x
+ * tokens) can reach the prefill goal (about 59% of the dense peak) with the two-step rescale. */
+#ifdef PROBE_SM90
+template <int QN>
+__device__ __forceinline__ void wgmma_q(int (&d)[QN / 2], const uint32_t (&a)[4], uint64_t bdesc, int acc) {
+    if constexpr (QN == 64)
+        wgmma64_rs(d, a, bdesc, acc);
+    else
+        wgmma32_rs(d, a, bdesc, acc);
+}
+template <int QN> __device__ __forceinline__ void issue_q(int (&d)[QN / 2], const uint32_t (&af)[4][4], uint32_t b_lo) {
+    constexpr uint64_t HI = desc_sw128(0) & 0xFFFFFFFF00000000ull;
+    fence_acc(d);
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+    for (int k = 0; k < 4; k++) wgmma_q<QN>(d, af[k], HI | (b_lo + k * 2), k);
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int QN>
+__device__ __forceinline__ void rescale_q(float *f, const int (&acc)[QN / 2], const float *sab, float sw0, float sw1) {
+#pragma unroll
+    for (int q = 0; q < QN / 8; q++) {
+        const float2 s2 = *(const float2 *)(sab + 8 * q);
+        f[4 * q + 0] = __fmaf_rn(__int2float_rn(acc[4 * q + 0]), sw0 * s2.x, f[4 * q + 0]);
+        f[4 * q + 1] = __fmaf_rn(__int2float_rn(acc[4 * q + 1]), sw0 * s2.y, f[4 * q + 1]);
+        f[4 * q + 2] = __fmaf_rn(__int2float_rn(acc[4 * q + 2]), sw1 * s2.x, f[4 * q + 2]);
+        f[4 * q + 3] = __fmaf_rn(__int2float_rn(acc[4 * q + 3]), sw1 * s2.y, f[4 * q + 3]);
+    }
+}
+/* the kernel's 4-bit fragments of one stage from a 1 KB tile in shared memory (nibbles minus the zero point) */
+__device__ __forceinline__ void frags_q(uint32_t (&af)[4][4], float &sw0, float &sw1, const uint8_t *w,
+                                        const float *rows, int lane) {
+    const int tig = lane & 3, src0 = (lane & ~3) | (tig >> 1), src1 = src0 + 2, sh = (tig & 1) * 4;
+    sw0 = rows[lane >> 2];
+    sw1 = rows[(lane >> 2) + 8];
+    const uint32_t z = 0x08080808u;
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        const int off = (k >> 1) * 512 + (k & 1) * 8;
+        const uint2 a01 = *(const uint2 *)(w + off + src0 * 16);
+        const uint2 a23 = *(const uint2 *)(w + off + src1 * 16);
+        const uint32_t v[4] = {a01.x, a01.y, a23.x, a23.y};
+#pragma unroll
+        for (int i = 0; i < 4; i++) af[k][i] = ((((v[i] >> sh) & 0x0F0F0F0Fu) | 0x80808080u) - z) ^ 0x80808080u;
+    }
+}
+#endif
+
+template <int QN, int Q, int NWG, bool FRAG>
+__global__ void __launch_bounds__(128 * NWG, 1) stage_probe(int groups, float *out) {
+#ifdef PROBE_SM90
+    constexpr int R = QN / 2, BM = Q * QN;
+    extern __shared__ uint8_t smem_raw[];
+    const uint32_t raw = (uint32_t)__cvta_generic_to_shared(smem_raw);
+    const uint32_t base = (raw + 1023) & ~1023u;
+    uint8_t *smem = smem_raw + (base - raw);
+    const int wg = threadIdx.x / 128, warp = threadIdx.x / 32, lane = threadIdx.x & 31, tig = lane & 3;
+    /* B: BM token rows x 128 B; then the token scales (BM floats), the row scales (16 per warp), the codes
+     * (1 KB per warp) */
+    const uint32_t b_lo = (uint32_t)desc_sw128(base);
+    float *sas = (float *)(smem + BM * 128), *rows = sas + BM + 16 * warp;
+    const uint8_t *codes = smem + BM * 128 + BM * 4 + 16 * 4 * NWG * 4 + 1024 * warp;
+    for (int i = threadIdx.x; i < BM + 16 * 4 * NWG; i += blockDim.x) sas[i] = 1.f + i * 1e-3f;
+    __syncthreads();
+    uint32_t af[4][4];
+#pragma unroll
+    for (int k = 0; k < 4; k++) af[k][0] = af[k][1] = af[k][2] = af[k][3] = 0x01010101u * (threadIdx.x & 3);
+    float sw0 = 1.f + wg, sw1 = 0.5f;
+    float facc[Q * R];
+    int d0[R], d1[R];
+#pragma unroll
+    for (int i = 0; i < Q * R; i++) facc[i] = 0.f;
+#pragma unroll
+    for (int i = 0; i < R; i++) d0[i] = d1[i] = 0;
+    const float *sab = sas + 2 * tig;
+    for (int g = 0; g < groups; g++) {
+        const float s0 = sw0, s1 = sw1;
+        issue_q<QN>(d0, af, b_lo);
+        issue_q<QN>(d1, af, b_lo + QN * 128 / 16);
+#pragma unroll
+        for (int qq = 0; qq < Q; qq++) {
+            int (&acc)[R] = (qq & 1) ? d1 : d0;
+            if (qq == Q - 1) {
+                wait_groups<0>();
+                fence_acc(acc);
+                if constexpr (FRAG) frags_q(af, sw0, sw1, codes, rows, lane);
+            } else {
+                wait_groups<1>();
+                fence_acc(acc);
+            }
+            rescale_q<QN>(facc + R * qq, acc, sab + QN * qq, s0, s1);
+            if (qq + 2 < Q) issue_q<QN>(acc, af, b_lo + (qq + 2) * QN * 128 / 16);
+        }
+    }
+    keep(facc, out);
+#endif
+}
+
+template <int QN, int Q, int NWG, bool FRAG> void run_stage(int groups, float *out, int sms, double peak_tops) {
+    const int smem = Q * QN * 128 + Q * QN * 4 + 16 * 4 * NWG * 4 + 1024 * 4 * NWG + 1024;
+    auto k = stage_probe<QN, Q, NWG, FRAG>;
+    CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    k<<<sms, 128 * NWG, smem>>>(groups / 8, out); /* warm-up */
+    CK(cudaGetLastError());
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    CK(cudaEventRecord(e0));
+    k<<<sms, 128 * NWG, smem>>>(groups, out);
+    CK(cudaEventRecord(e1));
+    CK(cudaEventSynchronize(e1));
+    float ms = 0.f;
+    CK(cudaEventElapsedTime(&ms, e0, e1));
+    const double ops = 2.0 * sms * NWG * (double)groups * 64 * Q * QN * 128;
+    const double tops = ops / (ms * 1e-3) / 1e12;
+    printf("stage: %d warpgroup(s) x 64 rows, %3d tokens (%d x m64n%dk32), %-18s  %7.1f TOPS  %5.1f%% of peak  (%.3f "
+           "ms)\n",
+           NWG, Q * QN, Q, QN, FRAG ? "fragments formed" : "fragments fixed", tops, 100.0 * tops / peak_tops, ms);
+}
+
 template <int N, bool SS, int NWG, int MODE> void run(int groups, float *out, int sms, double peak_tops) {
     const int smem = N * 128 + NWG * 64 * 128 + 1024;
     CK(cudaFuncSetAttribute(probe<N, SS, NWG, MODE>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
@@ -252,6 +384,14 @@ int main(int argc, char **argv) {
     run<128, false, 2, 1>(groups, out, sms, peak);
     run<128, false, 2, 2>(groups, out, sms, peak);
     run<128, true, 2, 2>(groups, out, sms, peak);
+    /* the prefill stage's shapes: today's CTA (2 warpgroups x 256 tokens), then more warpgroups on fewer tokens */
+    run_stage<64, 4, 2, true>(groups, out, sms, peak);
+    run_stage<64, 4, 2, false>(groups, out, sms, peak);
+    run_stage<64, 2, 2, true>(groups, out, sms, peak);
+    run_stage<64, 2, 3, true>(groups, out, sms, peak);
+    run_stage<32, 4, 3, true>(groups, out, sms, peak);
+    run_stage<32, 4, 4, true>(groups, out, sms, peak);
+    run_stage<32, 2, 4, true>(groups, out, sms, peak);
     CK(cudaFree(out));
     return 0;
 }
