@@ -54,6 +54,10 @@ __host__ __device__ constexpr uint64_t desc_sw128(uint32_t addr) {
 #define RS_ASM(N, R, A0, A1, A2, A3, B, P)                                                                      \
     "{\n .reg .pred p;\n setp.ne.b32 p, %" #P ", 0;\n wgmma.mma_async.sync.aligned.m64n" #N "k32.s32.s8.s8 {" R \
     "}, {%" #A0 ",%" #A1 ",%" #A2 ",%" #A3 "}, %" #B ", p;\n}\n"
+/* the same with unsigned A (raw 4-bit codes; cuda/w4a8_sm90.cu's 16-token tiles) */
+#define RSU_ASM(N, R, A0, A1, A2, A3, B, P)                                                                     \
+    "{\n .reg .pred p;\n setp.ne.b32 p, %" #P ", 0;\n wgmma.mma_async.sync.aligned.m64n" #N "k32.s32.u8.s8 {" R \
+    "}, {%" #A0 ",%" #A1 ",%" #A2 ",%" #A3 "}, %" #B ", p;\n}\n"
 #define SS_ASM(N, R, A, B, P)                                                                                   \
     "{\n .reg .pred p;\n setp.ne.b32 p, %" #P ", 0;\n wgmma.mma_async.sync.aligned.m64n" #N "k32.s32.s8.s8 {" R \
     "}, %" #A ", %" #B ", p;\n}\n"
@@ -62,6 +66,12 @@ __host__ __device__ constexpr uint64_t desc_sw128(uint32_t addr) {
 #define REGS16 "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15"
 __device__ __forceinline__ void wgmma32_rs(int (&d)[16], const uint32_t (&a)[4], uint64_t bdesc, int acc) {
     asm volatile(RS_ASM(32, REGS16, 16, 17, 18, 19, 20, 21) : D16(0) : RS_INS);
+}
+__device__ __forceinline__ void wgmma32_rsu(int (&d)[16], const uint32_t (&a)[4], uint64_t bdesc, int acc) {
+    asm volatile(RSU_ASM(32, REGS16, 16, 17, 18, 19, 20, 21) : D16(0) : RS_INS);
+}
+__device__ __forceinline__ void wgmma64_rsu(int (&d)[32], const uint32_t (&a)[4], uint64_t bdesc, int acc) {
+    asm volatile(RSU_ASM(64, REGS32, 32, 33, 34, 35, 36, 37) : D32(0) : RS_INS);
 }
 __device__ __forceinline__ void wgmma64_rs(int (&d)[32], const uint32_t (&a)[4], uint64_t bdesc, int acc) {
     asm volatile(RS_ASM(64, REGS32, 32, 33, 34, 35, 36, 37) : D32(0) : RS_INS);
@@ -214,19 +224,29 @@ __global__ void __launch_bounds__(128 * NWG, 1) probe(int groups, float *out) {
  * the kernel is only the producer's copies and the ring's barriers. Answers which CTA shape (warpgroups x
  * tokens) can reach the prefill goal (about 59% of the dense peak) with the two-step rescale. */
 #ifdef PROBE_SM90
-template <int QN>
+template <int QN, bool U8 = false>
 __device__ __forceinline__ void wgmma_q(int (&d)[QN / 2], const uint32_t (&a)[4], uint64_t bdesc, int acc) {
-    if constexpr (QN == 64)
+    if constexpr (QN == 64 && U8)
+        wgmma64_rsu(d, a, bdesc, acc);
+    else if constexpr (QN == 64)
         wgmma64_rs(d, a, bdesc, acc);
+    else if constexpr (U8)
+        wgmma32_rsu(d, a, bdesc, acc);
     else
         wgmma32_rs(d, a, bdesc, acc);
 }
-template <int QN> __device__ __forceinline__ void issue_q(int (&d)[QN / 2], const uint32_t (&af)[4][4], uint32_t b_lo) {
+/* one quarter's 4 k-steps; with U8 the A fragments are raw codes and a second wgmma per k-step adds the
+ * zero point's term from af[4] (-z in every byte) */
+template <int QN, bool U8>
+__device__ __forceinline__ void issue_q(int (&d)[QN / 2], const uint32_t (&af)[5][4], uint32_t b_lo) {
     constexpr uint64_t HI = desc_sw128(0) & 0xFFFFFFFF00000000ull;
     fence_acc(d);
     asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
-    for (int k = 0; k < 4; k++) wgmma_q<QN>(d, af[k], HI | (b_lo + k * 2), k);
+    for (int k = 0; k < 4; k++) {
+        wgmma_q<QN, U8>(d, af[k], HI | (b_lo + k * 2), k);
+        if constexpr (U8) wgmma_q<QN>(d, af[4], HI | (b_lo + k * 2), 1);
+    }
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
 template <int QN>
@@ -241,7 +261,8 @@ __device__ __forceinline__ void rescale_q(float *f, const int (&acc)[QN / 2], co
     }
 }
 /* the kernel's 4-bit fragments of one stage from a 1 KB tile in shared memory (nibbles minus the zero point) */
-__device__ __forceinline__ void frags_q(uint32_t (&af)[4][4], float &sw0, float &sw1, const uint8_t *w,
+template <bool U8>
+__device__ __forceinline__ void frags_q(uint32_t (&af)[5][4], float &sw0, float &sw1, const uint8_t *w,
                                         const float *rows, int lane) {
     const int tig = lane & 3, src0 = (lane & ~3) | (tig >> 1), src1 = src0 + 2, sh = (tig & 1) * 4;
     sw0 = rows[lane >> 2];
@@ -254,12 +275,15 @@ __device__ __forceinline__ void frags_q(uint32_t (&af)[4][4], float &sw0, float 
         const uint2 a23 = *(const uint2 *)(w + off + src1 * 16);
         const uint32_t v[4] = {a01.x, a01.y, a23.x, a23.y};
 #pragma unroll
-        for (int i = 0; i < 4; i++) af[k][i] = ((((v[i] >> sh) & 0x0F0F0F0Fu) | 0x80808080u) - z) ^ 0x80808080u;
+        for (int i = 0; i < 4; i++)
+            af[k][i] =
+                U8 ? (v[i] >> sh) & 0x0F0F0F0Fu : ((((v[i] >> sh) & 0x0F0F0F0Fu) | 0x80808080u) - z) ^ 0x80808080u;
     }
+    if constexpr (U8) af[4][0] = af[4][1] = af[4][2] = af[4][3] = 0xF8F8F8F8u; /* -8 */
 }
 #endif
 
-template <int QN, int Q, int NWG, bool FRAG>
+template <int QN, int Q, int NWG, bool FRAG, bool U8>
 __global__ void __launch_bounds__(128 * NWG, 1) stage_probe(int groups, float *out) {
 #ifdef PROBE_SM90
     constexpr int R = QN / 2, BM = Q * QN;
@@ -275,9 +299,9 @@ __global__ void __launch_bounds__(128 * NWG, 1) stage_probe(int groups, float *o
     const uint8_t *codes = smem + BM * 128 + BM * 4 + 16 * 4 * NWG * 4 + 1024 * warp;
     for (int i = threadIdx.x; i < BM + 16 * 4 * NWG; i += blockDim.x) sas[i] = 1.f + i * 1e-3f;
     __syncthreads();
-    uint32_t af[4][4];
+    uint32_t af[5][4];
 #pragma unroll
-    for (int k = 0; k < 4; k++) af[k][0] = af[k][1] = af[k][2] = af[k][3] = 0x01010101u * (threadIdx.x & 3);
+    for (int k = 0; k < 5; k++) af[k][0] = af[k][1] = af[k][2] = af[k][3] = 0x01010101u * (threadIdx.x & 3);
     float sw0 = 1.f + wg, sw1 = 0.5f;
     float facc[Q * R];
     int d0[R], d1[R];
@@ -288,30 +312,31 @@ __global__ void __launch_bounds__(128 * NWG, 1) stage_probe(int groups, float *o
     const float *sab = sas + 2 * tig;
     for (int g = 0; g < groups; g++) {
         const float s0 = sw0, s1 = sw1;
-        issue_q<QN>(d0, af, b_lo);
-        issue_q<QN>(d1, af, b_lo + QN * 128 / 16);
+        issue_q<QN, U8>(d0, af, b_lo);
+        issue_q<QN, U8>(d1, af, b_lo + QN * 128 / 16);
 #pragma unroll
         for (int qq = 0; qq < Q; qq++) {
             int (&acc)[R] = (qq & 1) ? d1 : d0;
             if (qq == Q - 1) {
                 wait_groups<0>();
                 fence_acc(acc);
-                if constexpr (FRAG) frags_q(af, sw0, sw1, codes, rows, lane);
+                if constexpr (FRAG) frags_q<U8>(af, sw0, sw1, codes, rows, lane);
             } else {
                 wait_groups<1>();
                 fence_acc(acc);
             }
             rescale_q<QN>(facc + R * qq, acc, sab + QN * qq, s0, s1);
-            if (qq + 2 < Q) issue_q<QN>(acc, af, b_lo + (qq + 2) * QN * 128 / 16);
+            if (qq + 2 < Q) issue_q<QN, U8>(acc, af, b_lo + (qq + 2) * QN * 128 / 16);
         }
     }
     keep(facc, out);
 #endif
 }
 
-template <int QN, int Q, int NWG, bool FRAG> void run_stage(int groups, float *out, int sms, double peak_tops) {
+template <int QN, int Q, int NWG, bool FRAG, bool U8 = false>
+void run_stage(int groups, float *out, int sms, double peak_tops) {
     const int smem = Q * QN * 128 + Q * QN * 4 + 16 * 4 * NWG * 4 + 1024 * 4 * NWG + 1024;
-    auto k = stage_probe<QN, Q, NWG, FRAG>;
+    auto k = stage_probe<QN, Q, NWG, FRAG, U8>;
     CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     k<<<sms, 128 * NWG, smem>>>(groups / 8, out); /* warm-up */
     CK(cudaGetLastError());
@@ -328,7 +353,8 @@ template <int QN, int Q, int NWG, bool FRAG> void run_stage(int groups, float *o
     const double tops = ops / (ms * 1e-3) / 1e12;
     printf("stage: %d warpgroup(s) x 64 rows, %3d tokens (%d x m64n%dk32), %-18s  %7.1f TOPS  %5.1f%% of peak  (%.3f "
            "ms)\n",
-           NWG, Q * QN, Q, QN, FRAG ? "fragments formed" : "fragments fixed", tops, 100.0 * tops / peak_tops, ms);
+           NWG, Q * QN, Q, QN, FRAG ? (U8 ? "u8 fragments formed" : "fragments formed") : "fragments fixed", tops,
+           100.0 * tops / peak_tops, ms);
 }
 
 template <int N, bool SS, int NWG, int MODE> void run(int groups, float *out, int sms, double peak_tops) {
@@ -387,11 +413,13 @@ int main(int argc, char **argv) {
     /* the prefill stage's shapes: today's CTA (2 warpgroups x 256 tokens), then more warpgroups on fewer tokens */
     run_stage<64, 4, 2, true>(groups, out, sms, peak);
     run_stage<64, 4, 2, false>(groups, out, sms, peak);
+    run_stage<64, 4, 2, true, true>(groups, out, sms, peak);
     run_stage<64, 2, 2, true>(groups, out, sms, peak);
     run_stage<64, 2, 3, true>(groups, out, sms, peak);
     run_stage<32, 4, 3, true>(groups, out, sms, peak);
     run_stage<32, 4, 4, true>(groups, out, sms, peak);
     run_stage<32, 2, 4, true>(groups, out, sms, peak);
+    run_stage<32, 2, 4, true, true>(groups, out, sms, peak);
     CK(cudaFree(out));
     return 0;
 }
