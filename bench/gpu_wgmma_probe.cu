@@ -6,9 +6,11 @@
 // product of two scales (I2F, FMUL, FFMA per element, as the kernel), either serially (wait, then rescale)
 // or overlapped within the warpgroup (two int32 accumulator sets: group g + 1's wgmmas run while group g is
 // rescaled, four groups per loop step as the kernel's 64-token quarters). Operand values are whatever shared memory
-// holds (zeros): the tensor cores' speed does not depend on them. No global traffic in the loop.
+// holds (zeros): the tensor cores' speed does not depend on them. No global traffic in the loop. Then
+// ("stage:" lines) the prefill kernel's stage itself, with the kernel's own device code
+// (cuda/sm90_stage.cuh), for today's CTA shape and for more warpgroups on fewer tokens.
 //
-//   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a bench/gpu_wgmma_probe.cu -o wgmma_probe
+//   nvcc -O3 -std=c++17 -Icsrc -gencode=arch=compute_90a,code=sm_90a bench/gpu_wgmma_probe.cu -o wgmma_probe
 //   ./wgmma_probe [groups per warpgroup, default 4096]
 //
 // Prints one line per variant: TOPS (2 ops per multiply-add) and the fraction of the dense int8 peak
@@ -18,17 +20,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include "../cuda/sm90_stage.cuh" /* the kernel's stage code: wgmma_n, load_frags, rescale, desc_sw128 */
 #include "probe_check.cuh"
+
+using namespace mixc_sm90;
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define PROBE_SM90 1
 #endif
-
-/* K-major 128-byte-swizzled operand tile: start address, LBO 16 (unused), SBO 1024 (8 rows x 128 B). */
-__host__ __device__ constexpr uint64_t desc_sw128(uint32_t addr) {
-    return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) |
-           ((uint64_t)1 << 62);
-}
 
 #ifdef PROBE_SM90
 /* wgmma m64nNk32 s32.s8.s8 for N = 64, 128, 256: D (N / 2 int32 per thread) (+)= A * B, A from registers
@@ -54,25 +53,10 @@ __host__ __device__ constexpr uint64_t desc_sw128(uint32_t addr) {
 #define RS_ASM(N, R, A0, A1, A2, A3, B, P)                                                                      \
     "{\n .reg .pred p;\n setp.ne.b32 p, %" #P ", 0;\n wgmma.mma_async.sync.aligned.m64n" #N "k32.s32.s8.s8 {" R \
     "}, {%" #A0 ",%" #A1 ",%" #A2 ",%" #A3 "}, %" #B ", p;\n}\n"
-/* the same with unsigned A (raw 4-bit codes; cuda/w4a8_sm90.cu's 16-token tiles) */
-#define RSU_ASM(N, R, A0, A1, A2, A3, B, P)                                                                     \
-    "{\n .reg .pred p;\n setp.ne.b32 p, %" #P ", 0;\n wgmma.mma_async.sync.aligned.m64n" #N "k32.s32.u8.s8 {" R \
-    "}, {%" #A0 ",%" #A1 ",%" #A2 ",%" #A3 "}, %" #B ", p;\n}\n"
 #define SS_ASM(N, R, A, B, P)                                                                                   \
     "{\n .reg .pred p;\n setp.ne.b32 p, %" #P ", 0;\n wgmma.mma_async.sync.aligned.m64n" #N "k32.s32.s8.s8 {" R \
     "}, %" #A ", %" #B ", p;\n}\n"
 
-#define D16(o) D8(o), D8(o + 8)
-#define REGS16 "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15"
-__device__ __forceinline__ void wgmma32_rs(int (&d)[16], const uint32_t (&a)[4], uint64_t bdesc, int acc) {
-    asm volatile(RS_ASM(32, REGS16, 16, 17, 18, 19, 20, 21) : D16(0) : RS_INS);
-}
-__device__ __forceinline__ void wgmma32_rsu(int (&d)[16], const uint32_t (&a)[4], uint64_t bdesc, int acc) {
-    asm volatile(RSU_ASM(32, REGS16, 16, 17, 18, 19, 20, 21) : D16(0) : RS_INS);
-}
-__device__ __forceinline__ void wgmma64_rsu(int (&d)[32], const uint32_t (&a)[4], uint64_t bdesc, int acc) {
-    asm volatile(RSU_ASM(64, REGS32, 32, 33, 34, 35, 36, 37) : D32(0) : RS_INS);
-}
 __device__ __forceinline__ void wgmma64_rs(int (&d)[32], const uint32_t (&a)[4], uint64_t bdesc, int acc) {
     asm volatile(RS_ASM(64, REGS32, 32, 33, 34, 35, 36, 37) : D32(0) : RS_INS);
 }
@@ -92,10 +76,6 @@ __device__ __forceinline__ void wgmma256_ss(int (&d)[128], uint64_t adesc, uint6
     asm volatile(SS_ASM(256, REGS128, 128, 129, 130) : D32(0), D32(32), D32(64), D32(96) : SS_INS);
 }
 
-template <int R> __device__ __forceinline__ void fence_acc(int (&d)[R]) {
-#pragma unroll
-    for (int i = 0; i < R; i++) asm volatile("" : "+r"(d[i])::"memory");
-}
 template <int N> __device__ __forceinline__ void wait_groups() {
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
@@ -224,62 +204,19 @@ __global__ void __launch_bounds__(128 * NWG, 1) probe(int groups, float *out) {
  * the kernel is only the producer's copies and the ring's barriers. Answers which CTA shape (warpgroups x
  * tokens) can reach the prefill goal (about 59% of the dense peak) with the two-step rescale. */
 #ifdef PROBE_SM90
-template <int QN, bool U8 = false>
-__device__ __forceinline__ void wgmma_q(int (&d)[QN / 2], const uint32_t (&a)[4], uint64_t bdesc, int acc) {
-    if constexpr (QN == 64 && U8)
-        wgmma64_rsu(d, a, bdesc, acc);
-    else if constexpr (QN == 64)
-        wgmma64_rs(d, a, bdesc, acc);
-    else if constexpr (U8)
-        wgmma32_rsu(d, a, bdesc, acc);
-    else
-        wgmma32_rs(d, a, bdesc, acc);
-}
-/* one quarter's 4 k-steps; with U8 the A fragments are raw codes and a second wgmma per k-step adds the
- * zero point's term from af[4] (-z in every byte) */
+/* one quarter's 4 k-steps, as the kernel's `issue`; with U8 a second wgmma per k-step adds the zero point's
+ * term from af[4] */
 template <int QN, bool U8>
-__device__ __forceinline__ void issue_q(int (&d)[QN / 2], const uint32_t (&af)[5][4], uint32_t b_lo) {
+__device__ __forceinline__ void issue_q(int (&d)[QN / 2], const uint32_t (&af)[U8 ? 5 : 4][4], uint32_t b_lo) {
     constexpr uint64_t HI = desc_sw128(0) & 0xFFFFFFFF00000000ull;
     fence_acc(d);
     asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
     for (int k = 0; k < 4; k++) {
-        wgmma_q<QN, U8>(d, af[k], HI | (b_lo + k * 2), k);
-        if constexpr (U8) wgmma_q<QN>(d, af[4], HI | (b_lo + k * 2), 1);
+        wgmma_n<QN, U8>(d, af[k], HI | (b_lo + k * 2), k);
+        if constexpr (U8) wgmma_n<QN>(d, af[4], HI | (b_lo + k * 2), 1);
     }
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-}
-template <int QN>
-__device__ __forceinline__ void rescale_q(float *f, const int (&acc)[QN / 2], const float *sab, float sw0, float sw1) {
-#pragma unroll
-    for (int q = 0; q < QN / 8; q++) {
-        const float2 s2 = *(const float2 *)(sab + 8 * q);
-        f[4 * q + 0] = __fmaf_rn(__int2float_rn(acc[4 * q + 0]), sw0 * s2.x, f[4 * q + 0]);
-        f[4 * q + 1] = __fmaf_rn(__int2float_rn(acc[4 * q + 1]), sw0 * s2.y, f[4 * q + 1]);
-        f[4 * q + 2] = __fmaf_rn(__int2float_rn(acc[4 * q + 2]), sw1 * s2.x, f[4 * q + 2]);
-        f[4 * q + 3] = __fmaf_rn(__int2float_rn(acc[4 * q + 3]), sw1 * s2.y, f[4 * q + 3]);
-    }
-}
-/* the kernel's 4-bit fragments of one stage from a 1 KB tile in shared memory (nibbles minus the zero point) */
-template <bool U8>
-__device__ __forceinline__ void frags_q(uint32_t (&af)[5][4], float &sw0, float &sw1, const uint8_t *w,
-                                        const float *rows, int lane) {
-    const int tig = lane & 3, src0 = (lane & ~3) | (tig >> 1), src1 = src0 + 2, sh = (tig & 1) * 4;
-    sw0 = rows[lane >> 2];
-    sw1 = rows[(lane >> 2) + 8];
-    const uint32_t z = 0x08080808u;
-#pragma unroll
-    for (int k = 0; k < 4; k++) {
-        const int off = (k >> 1) * 512 + (k & 1) * 8;
-        const uint2 a01 = *(const uint2 *)(w + off + src0 * 16);
-        const uint2 a23 = *(const uint2 *)(w + off + src1 * 16);
-        const uint32_t v[4] = {a01.x, a01.y, a23.x, a23.y};
-#pragma unroll
-        for (int i = 0; i < 4; i++)
-            af[k][i] =
-                U8 ? (v[i] >> sh) & 0x0F0F0F0Fu : ((((v[i] >> sh) & 0x0F0F0F0Fu) | 0x80808080u) - z) ^ 0x80808080u;
-    }
-    if constexpr (U8) af[4][0] = af[4][1] = af[4][2] = af[4][3] = 0xF8F8F8F8u; /* -8 */
 }
 #endif
 
@@ -292,16 +229,19 @@ __global__ void __launch_bounds__(128 * NWG, 1) stage_probe(int groups, float *o
     const uint32_t base = (raw + 1023) & ~1023u;
     uint8_t *smem = smem_raw + (base - raw);
     const int wg = threadIdx.x / 128, warp = threadIdx.x / 32, lane = threadIdx.x & 31, tig = lane & 3;
-    /* B: BM token rows x 128 B; then the token scales (BM floats), the row scales (16 per warp), the codes
-     * (1 KB per warp) */
+    /* B: BM token rows x 128 B; then the token scales (BM floats); per warp a meta record (16 row scales,
+     * 16 zero points; 128 B) and a 1 KB slot of 4-bit codes, as the kernel's ring holds them */
     const uint32_t b_lo = (uint32_t)desc_sw128(base);
-    float *sas = (float *)(smem + BM * 128), *rows = sas + BM + 16 * warp;
-    const uint8_t *codes = smem + BM * 128 + BM * 4 + 16 * 4 * NWG * 4 + 1024 * warp;
-    for (int i = threadIdx.x; i < BM + 16 * 4 * NWG; i += blockDim.x) sas[i] = 1.f + i * 1e-3f;
+    float *sas = (float *)(smem + BM * 128);
+    uint8_t *meta = smem + BM * 128 + BM * 4, *codes = meta + 128 * 4 * NWG;
+    for (int i = threadIdx.x; i < BM; i += blockDim.x) sas[i] = 1.f + i * 1e-3f;
+    for (int i = threadIdx.x; i < 128 * 4 * NWG; i += blockDim.x) meta[i] = (uint8_t)(i & 15);
+    for (int i = threadIdx.x; i < 1024 * 4 * NWG; i += blockDim.x) codes[i] = (uint8_t)(i * 37);
     __syncthreads();
-    uint32_t af[5][4];
+    constexpr int NF = U8 ? 5 : 4;
+    uint32_t af[NF][4];
 #pragma unroll
-    for (int k = 0; k < 5; k++) af[k][0] = af[k][1] = af[k][2] = af[k][3] = 0x01010101u * (threadIdx.x & 3);
+    for (int k = 0; k < NF; k++) af[k][0] = af[k][1] = af[k][2] = af[k][3] = 0x01010101u * (threadIdx.x & 3);
     float sw0 = 1.f + wg, sw1 = 0.5f;
     float facc[Q * R];
     int d0[R], d1[R];
@@ -318,14 +258,12 @@ __global__ void __launch_bounds__(128 * NWG, 1) stage_probe(int groups, float *o
         for (int qq = 0; qq < Q; qq++) {
             int (&acc)[R] = (qq & 1) ? d1 : d0;
             if (qq == Q - 1) {
-                wait_groups<0>();
-                fence_acc(acc);
-                if constexpr (FRAG) frags_q<U8>(af, sw0, sw1, codes, rows, lane);
+                wait_acc<0>(acc);
+                if constexpr (FRAG) load_frags<4, U8>(af, sw0, sw1, codes + 1024 * warp, meta + 128 * warp, lane);
             } else {
-                wait_groups<1>();
-                fence_acc(acc);
+                wait_acc<1>(acc);
             }
-            rescale_q<QN>(facc + R * qq, acc, sab + QN * qq, s0, s1);
+            rescale<QN>(facc + R * qq, acc, sab + QN * qq, s0, s1);
             if (qq + 2 < Q) issue_q<QN, U8>(acc, af, b_lo + (qq + 2) * QN * 128 / 16);
         }
     }
@@ -335,7 +273,7 @@ __global__ void __launch_bounds__(128 * NWG, 1) stage_probe(int groups, float *o
 
 template <int QN, int Q, int NWG, bool FRAG, bool U8 = false>
 void run_stage(int groups, float *out, int sms, double peak_tops) {
-    const int smem = Q * QN * 128 + Q * QN * 4 + 16 * 4 * NWG * 4 + 1024 * 4 * NWG + 1024;
+    const int smem = Q * QN * 128 + Q * QN * 4 + 128 * 4 * NWG + 1024 * 4 * NWG + 1024;
     auto k = stage_probe<QN, Q, NWG, FRAG, U8>;
     CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     k<<<sms, 128 * NWG, smem>>>(groups / 8, out); /* warm-up */
