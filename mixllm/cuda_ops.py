@@ -234,11 +234,7 @@ class PreparedLinear:
         self._check_input(gu, "gu", 2 * self.K, "2 * K = ")
         if self.g != 128 or self.K % 8:
             return self(torch.nn.functional.silu(gu[..., : self.K]) * gu[..., self.K :], cfg, splits)
-        g2 = gu.reshape(-1, 2 * self.K)
-        if not g2.is_contiguous():
-            g2 = g2.contiguous()
-        if g2.data_ptr() % 16:  # the kernel's 16-byte loads (a view at an odd offset)
-            g2 = g2.clone()
+        g2 = _aligned16(gu.reshape(-1, 2 * self.K))
         return self._launch(_cuda.run_silu_mul, g2, gu.shape[:-1], cfg, splits)
 
     def rmsnorm(self, x, w, eps, cfg=-1, splits=0):
@@ -256,15 +252,16 @@ class PreparedLinear:
             raise TypeError(f"w: expected dtype {x.dtype} on {x.device} (x's), got {w.dtype} on {w.device}")
         if self.g != 128 or self.K % 8 or self.K > 32768:
             return self(rmsnorm_reference(x, w, eps), cfg, splits)
-        x2 = x.reshape(-1, self.K)
-        if not x2.is_contiguous():
-            x2 = x2.contiguous()
-        if x2.data_ptr() % 16:  # the kernel's 16-byte loads (a view at an odd offset)
-            x2 = x2.clone()
-        w = w.contiguous()
-        if w.data_ptr() % 16:
-            w = w.clone()
+        x2, w = _aligned16(x.reshape(-1, self.K)), _aligned16(w)
         return self._launch(_cuda.run_rmsnorm, x2, x.shape[:-1], cfg, splits, _to_capsule(w), float(eps))
+
+
+def _aligned16(t):
+    """t contiguous and starting 16-byte aligned (the fused quantizers' 16-byte loads; a view at an odd
+    offset is copied)."""
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return t.clone() if t.data_ptr() % 16 else t
 
 
 def qlinear(x2d, parts, n_out, bias, lead, cfg: int = -1, splits: int = 0):
