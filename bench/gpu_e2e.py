@@ -546,6 +546,16 @@ def synthetic(args):
     return res
 
 
+def _decode_figures(res, name, model, prompt, args):
+    """Eager decode tokens/s (``tps_{name}_gpu``, the tokens ``tok_{name}``), then the CUDA-graph decode and
+    the per-layer times (``graph_decode_and_layers``), saved after each."""
+    res[f"tps_{name}_gpu"], res[f"tok_{name}"] = decode_tps(model, prompt, args.new_tokens, args.reps)
+    log(f"{name} decode tok/s", res[f"tps_{name}_gpu"])
+    _save(res, args.out)
+    graph_decode_and_layers(res, name, model, prompt, args)
+    _save(res, args.out)
+
+
 def _ids_from_texts(path, tok, eval_tokens, n_calib):
     """What ``--ids`` holds, from the staged texts: the first ``eval_tokens`` tokens of the wiki
     evaluation text and ``n_calib`` calibration windows of 512 tokens (seed 0)."""
@@ -644,11 +654,7 @@ def main(argv=None):
         log("bf16 gpu ppl", res["ppl_bf16_gpu"])
         _save(res, args.out)
         if not args.ppl_only:
-            res["tps_bf16_gpu"], res["tok_bf16"] = decode_tps(ref, prompt, args.new_tokens, args.reps)
-            log("bf16 decode tok/s", res["tps_bf16_gpu"])
-            _save(res, args.out)
-            graph_decode_and_layers(res, "bf16", ref, prompt, args)
-            _save(res, args.out)
+            _decode_figures(res, "bf16", ref, prompt, args)
             ref32 = ref.float()
             res["tps_fp32_gpu"], _ = decode_tps(ref32, prompt, args.new_tokens, args.reps)
             log("fp32 decode tok/s", res["tps_fp32_gpu"])
@@ -699,11 +705,7 @@ def main(argv=None):
                 log(key, res[key])
                 _save(res, args.out)
             if not args.ppl_only:
-                res["tps_mixed_gpu"], res["tok_mixed"] = decode_tps(model, prompt, args.new_tokens, args.reps)
-                log("mixed decode tok/s (bf16 rest)", res["tps_mixed_gpu"])
-                _save(res, args.out)
-                graph_decode_and_layers(res, "mixed", model, prompt, args)
-                _save(res, args.out)
+                _decode_figures(res, "mixed", model, prompt, args)
         except Exception as e:  # report, keep the fp32-rest figures
             res["bf16rest_error"] = repr(e)
             log("bf16 rest failed:", repr(e))
