@@ -131,6 +131,29 @@ __device__ __forceinline__ void cp_async4_zfill(uint32_t dst, const void *src, i
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
 }
 
+/* pitch, in floats, of the prefill tiles' staged results (T[token][row]): 128 rows + 4, so that the
+ * fragment-order writes hit 32 distinct banks */
+constexpr int EPI_TP = 128 + 4;
+
+__device__ __forceinline__ void to_out(float *p, float v) { *p = v; }
+__device__ __forceinline__ void to_out(__half *p, float v) { *p = __float2half_rn(v); }
+__device__ __forceinline__ void to_out(__nv_bfloat16 *p, float v) { *p = __float2bfloat16_rn(v); }
+
+/* A prefill tile's stores from its staged results: a warp's tokens m, m + 8, ... (tn tokens from row m,
+ * read at T + 8 * EPI_TP per token) x its lane's 4 rows; column cols[j] of out (ld elements per token, -1:
+ * not stored) gets T[.. + 32 j] + bs[j]. */
+template <class O>
+__device__ __forceinline__ void store_tile(O *out, int64_t ld, const float *T, const int64_t (&cols)[4],
+                                           const float (&bs)[4], int64_t m, int tn) {
+    O *row = out + m * ld;
+    const int64_t step = 8 * ld;
+    for (int t = 0; t < tn; t += 8, row += step, T += 8 * EPI_TP) {
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            if (cols[j] >= 0) to_out(row + cols[j], T[32 * j] + bs[j]);
+    }
+}
+
 /* One consumer warpgroup's 64 rows x BM tokens over every KG-th stage of [s0, s1) (the schedule of a
  * stage: at `stage` below). */
 template <int BITS, class RING>
@@ -269,7 +292,7 @@ __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb
          * bytes of y) instead of 8 rows of 4 tokens (measured: the stores took 6-30% of these tiles' time,
          * half of it saved; docs/kernels.md): T[token][row], rows fastest, pitch 132 floats (the
          * fragment-order writes then hit 32 distinct banks). */
-        constexpr int TP = 128 + 4;
+        constexpr int TP = EPI_TP;
         static_assert(BM * TP * 4 <= BAR_OFF, "the result tile fits the ring, below its barriers");
         float *T = (float *)smem;
         const int ct = threadIdx.x - 128;                /* consumer thread 0..255 */
@@ -296,19 +319,19 @@ __device__ __forceinline__ void consume(const Args90 &a, const Part90 &p, int rb
             cols[j] = col >= 0 && col < a.n_out ? col : -1; /* never write outside y */
             bs[j] = (cols[j] >= 0 && a.splits == 1 && a.bias) ? a.bias[cols[j]] : 0.f;
         }
-        for (int t = w8; t < BM; t += 8) {
-            const int64_t m = m0 + t;
-            if (m >= a.M) break;
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                if (cols[j] < 0) continue;
-                const float v = T[t * TP + lane32 + 32 * j];
-                if (a.splits == 1)
-                    store_out(a.y, a.ydt, m * a.n_out + cols[j], v + bs[j]);
-                else
-                    a.ws[((int64_t)split * a.M + m) * a.n_out + cols[j]] = v;
-            }
-        }
+        /* one loop per output type, so that a store is an LDS, an add, a conversion and an STG (the
+         * type switched per element took about 25 instructions a store: 7% of the instructions at 8192
+         * columns; docs/kernels.md) */
+        const float *Tw = T + w8 * TP + lane32;
+        const int tn = (int)min((int64_t)BM - w8, a.M - m0 - w8); /* this warp's tokens: w8, w8 + 8, ... < tn + w8 */
+        if (a.splits != 1)
+            store_tile(a.ws + (int64_t)split * a.M * a.n_out, a.n_out, Tw, cols, bs, m0 + w8, tn);
+        else if (a.ydt == 0)
+            store_tile((float *)a.y, a.n_out, Tw, cols, bs, m0 + w8, tn);
+        else if (a.ydt == 1)
+            store_tile((__half *)a.y, a.n_out, Tw, cols, bs, m0 + w8, tn);
+        else
+            store_tile((__nv_bfloat16 *)a.y, a.n_out, Tw, cols, bs, m0 + w8, tn);
     } else {
         /* the few-token tiles, straight from the accumulators: rows 16*rt + gid (+8), tokens m0 + 8q + 2tig + c */
 #pragma unroll
@@ -393,8 +416,11 @@ __global__ void __launch_bounds__(RING::NTH, RING::CTAS)
          * the first stages' weights before the wait was slower: docs/kernels.md, "Programmatic dependent
          * launch".) */
         asm volatile("griddepcontrol.wait;\n" ::: "memory");
-        int j = s0 / a.spg, jleft = a.spg - s0 % a.spg; /* group of stage s, stages left in it */
-        int buf = 0, phase = 0;                         /* slot and pass of stage s: (s - s0) % ST, (s - s0) / ST % 2 */
+        const bool full_tile = m0 + BM <= a.M;
+        const float *sa_lane = a.sa + (full_tile ? (m0 + lane) * nst : 0); /* token m0 + lane's scales */
+        const int64_t sa_step = (int64_t)32 * nst;                         /* 32 tokens further */
+        int j = s0 / a.spg, jleft = a.spg - s0 % a.spg;                    /* group of stage s, stages left in it */
+        int buf = 0, phase = 0; /* slot and pass of stage s: (s - s0) % ST, (s - s0) / ST % 2 */
         for (int s = s0; s < s1; s++) {
             const uint32_t bar = sbase + BAR_OFF + buf * 8;
             mbar_wait(sbase + BAR_OFF + (ST + buf) * 8, phase ^ 1);
@@ -409,11 +435,21 @@ __global__ void __launch_bounds__(RING::NTH, RING::CTAS)
                 j++;
             }
             /* the tokens' scales of this stage: 4-byte cp.async (zero-filled past M) that arrive
-             * on the same barrier when they land, so the producer never waits on a load */
+             * on the same barrier when they land, so the producer never waits on a load. A tile
+             * inside M steps one pointer by 32 tokens' rows (the producer's instructions are issued
+             * beside two consumer warps' on its scheduler: the general form's 64-bit index
+             * arithmetic, about 150 instructions per stage, slowed them; docs/kernels.md) */
+            const uint32_t sdst = smem_u32(sas + buf * BM + lane);
+            if (BM % 32 == 0 && full_tile) {
+                const float *src = sa_lane + s;
 #pragma unroll
-            for (int r = lane; r < BM; r += 32) {
-                const int64_t m = m0 + r;
-                cp_async4_zfill(smem_u32(sas + buf * BM + r), a.sa + min(m, a.M - 1) * nst + s, m < a.M ? 4 : 0);
+                for (int r = 0; r < BM / 32; r++) cp_async4_zfill(sdst + 128 * r, src + r * sa_step, 4);
+            } else {
+#pragma unroll
+                for (int r = lane; r < BM; r += 32) {
+                    const int64_t m = m0 + r;
+                    cp_async4_zfill(smem_u32(sas + buf * BM + r), a.sa + min(m, a.M - 1) * nst + s, m < a.M ? 4 : 0);
+                }
             }
             asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
             if (++buf == ST) {
