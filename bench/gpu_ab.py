@@ -14,7 +14,10 @@ and its ratio to build a's.
 
 Writes OUT/gpu_ab.json (every run's rows and the summary) after every run, so that a call that runs out of
 time keeps what it measured, prints each run's cells as it lands and the summary at the end. The extension
-is left built from build A (unless --no-restore).
+is left built from build A (unless --no-restore). With --budget-s SECONDS no run starts that would, at the
+pace of the longest run so far, leave too little time to restore build A within SECONDS: a device call
+under a timeout then ends with build A in place (measurements after the A/B in the same call would
+otherwise run on whichever build was last) and the summary of the runs that finished.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+_now = time.monotonic  # replaced in the tests
 
 
 def summarize(runs, key="w4.4a8"):
@@ -98,9 +103,14 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--no-restore", action="store_true", help="leave the extension as the last run built it")
+    ap.add_argument(
+        "--budget-s", type=float, default=None, help="start no run that could keep build A from being restored in time"
+    )
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error("--rounds: expected at least 1")
+    if args.budget_s is not None and args.budget_s <= 0:
+        ap.error(f"--budget-s: expected a positive number of seconds, got {args.budget_s}")
     if not 2 <= len(args.builds) <= 8:
         ap.error(f"DIR: expected 2 to 8 builds, got {len(args.builds)}")
     names = [chr(ord("a") + i) for i in range(len(args.builds))]
@@ -121,12 +131,20 @@ def main(argv=None):
         with open(os.path.join(args.out, "gpu_ab.json"), "w") as f:
             json.dump(report, f, indent=1)
 
+    t0 = _now()
+    longest_run = longest_build = 0.0
+    stopped = None
     for rnd in range(args.rounds):
         order = list(zip(names, args.builds))
         # the second of two runs in a row reads 1-3% slower (measured 2026-12-02: the same decode
         # kernel in both builds), so the order rotates: a b c, b c a, c a b, ... (two builds: a b, b a)
         for name, objdir in order[rnd % len(order) :] + order[: rnd % len(order)]:
+            if args.budget_s is not None and runs and _now() - t0 + longest_run + longest_build > args.budget_s:
+                stopped = f"round {rnd + 1}, build {name}"
+                break
+            t_run = _now()
             build(objdir)
+            longest_build = max(longest_build, _now() - t_run)
             with tempfile.TemporaryDirectory() as tmp:
                 subprocess.run(
                     [sys.executable, os.path.join(ROOT, "bench", "gpu_linear.py"), *rest, "--out", tmp],
@@ -137,11 +155,17 @@ def main(argv=None):
                 )
                 with open(os.path.join(tmp, "gpu_linear.json")) as f:
                     res = json.load(f)
+            longest_run = max(longest_run, _now() - t_run)
             runs.append((name, res["rows"]))
             report["device"] = res.get("device")
             save()
             cells = " ".join(f"{r['N']}x{r['K']}/{r['M']}:{r['w4.4a8'] * 1e3:.1f}" for r in res["rows"])
             print(f"round {rnd + 1}, build {name} (W4.4A8 us): {cells}", flush=True)
+        if stopped:
+            print(f"stopped before {stopped}: --budget-s {args.budget_s:g} (the runs so far are kept)", flush=True)
+            report["stopped_before"] = stopped
+            save()
+            break
     if not args.no_restore:
         build(args.builds[0])
     summary = report["summary"]

@@ -90,3 +90,32 @@ def test_three_builds_rotate(tmp_path, monkeypatch):
     assert report["summary"][0]["c_over_a"] == pytest.approx(1.1)
     with pytest.raises(SystemExit):
         gpu_ab.main(["A", "--out", str(tmp_path)])
+
+
+def test_budget_stops_in_time_to_restore_build_a(tmp_path, monkeypatch):
+    """--budget-s: no run starts that, at the longest run's pace, would leave too little time to rebuild a;
+    the runs so far are summarized and the extension is left as build a."""
+    clock = [0.0]
+    built = []
+    monkeypatch.setattr(gpu_ab, "_now", lambda: clock[0])
+
+    def fake_build(objdir):
+        built.append(objdir)
+        clock[0] += 10.0
+
+    def fake_run(cmd, **kw):
+        clock[0] += 30.0
+        with open(os.path.join(cmd[cmd.index("--out") + 1], "gpu_linear.json"), "w") as f:
+            json.dump({"device": "fake", "rows": [_row(8, 16, 1, {"A": 0.010, "B": 0.008}[built[-1]])]}, f)
+
+    monkeypatch.setattr(gpu_ab, "build", fake_build)
+    monkeypatch.setattr(gpu_ab.subprocess, "run", fake_run)
+    report = gpu_ab.main(["A", "B", "--rounds", "3", "--budget-s", "100", "--out", str(tmp_path)])
+    # a (0-40 s), b (40-80 s); a third run would end at 120 s: stopped, a rebuilt by 90 s
+    assert built == ["A", "B", "A"] and clock[0] == 90.0
+    assert report["stopped_before"] == "round 2, build b"
+    assert report["summary"][0]["b_over_a"] == pytest.approx(0.8)
+    with open(tmp_path / "gpu_ab.json") as f:
+        assert json.load(f)["stopped_before"] == "round 2, build b"
+    with pytest.raises(SystemExit):
+        gpu_ab.main(["A", "B", "--budget-s", "0", "--out", str(tmp_path)])
