@@ -22,13 +22,19 @@ __device__ __forceinline__ uint4 ld_stream(const void *p) {
 /* Four 4-bit codes (one per byte, 0..15) minus their zero point, as four int8. */
 __device__ __forceinline__ uint32_t sub_zero(uint32_t q, uint32_t zz) { return ((q | 0x80808080u) - zz) ^ 0x80808080u; }
 
+/* v rounded to an output element's type (float, fp16 or bf16) and stored at p */
+__device__ __forceinline__ void to_out(float *p, float v) { *p = v; }
+__device__ __forceinline__ void to_out(__half *p, float v) { *p = __float2half_rn(v); }
+__device__ __forceinline__ void to_out(__nv_bfloat16 *p, float v) { *p = __float2bfloat16_rn(v); }
+
+/* ... with the type given at run time: dt 0 float, 1 fp16, 2 bf16 (mixc_gemm.ydtype) */
 __device__ __forceinline__ void store_out(void *y, int dt, int64_t i, float v) {
     if (dt == 0)
-        ((float *)y)[i] = v;
+        to_out((float *)y + i, v);
     else if (dt == 1)
-        ((__half *)y)[i] = __float2half_rn(v);
+        to_out((__half *)y + i, v);
     else
-        ((__nv_bfloat16 *)y)[i] = __float2bfloat16_rn(v);
+        to_out((__nv_bfloat16 *)y + i, v);
 }
 
 /* Let a launch use programmatic dependent launch when pdl (sm_90: the kernel may start before the

@@ -135,10 +135,6 @@ __device__ __forceinline__ void cp_async4_zfill(uint32_t dst, const void *src, i
  * fragment-order writes hit 32 distinct banks */
 constexpr int EPI_TP = 128 + 4;
 
-__device__ __forceinline__ void to_out(float *p, float v) { *p = v; }
-__device__ __forceinline__ void to_out(__half *p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void to_out(__nv_bfloat16 *p, float v) { *p = __float2bfloat16_rn(v); }
-
 /* A prefill tile's stores from its staged results: a warp's tokens m, m + 8, ... (tn tokens from row m,
  * read at T + 8 * EPI_TP per token) x its lane's 4 rows; column cols[j] of out (ld elements per token, -1:
  * not stored) gets T[.. + 32 j] + bs[j]. */
