@@ -406,6 +406,7 @@ def write_json(res, stem, date, out):
     os.makedirs(here, exist_ok=True)
     paths = [os.path.join(here, f"{stem}_{date[:10]}.json")]
     if out:
+        os.makedirs(out, exist_ok=True)  # a missing --out directory must not lose a finished run
         paths.append(os.path.join(out, f"{stem}.json"))
     for p in paths:
         with open(p, "w") as f:

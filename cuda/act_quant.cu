@@ -2,8 +2,10 @@
  * bit-identical to the CPU reference (csrc/quant.c): scale = max|x| / 127 in float32
  * (1 for an all-zero group), code = clamp(rint(x / scale), -127, 127) with IEEE division
  * and round-half-to-even (code_of: a multiply by 1 / scale wherever that provably gives the same
- * integer, the division elsewhere). One warp per (token, group); two passes over the group (the
- * second hits L1); 8/16-byte loads when g is a multiple of 128 (the default), scalar otherwise. Writes either the plain
+ * integer, the division elsewhere). Kernels, by geometry: g = 128 with K a multiple of 128 and unpadded
+ * codes (most models): act_quant_flat_kernel; g = 128 otherwise: a half-warp per group
+ * (act_quant_g128_kernel); g a multiple of 128: act_quant_vec_kernel; any other g: one warp per (token,
+ * group), two passes over the group (the second hits L1), scalar loads. Writes either the plain
  * [M, K] / [M, G] format or the GEMM's padded layout (cuda/w4a8.cu): groups padded with zeros to gp columns, the scale
  * repeated for each of the group's stages. Non-finite inputs (docs/readme_reliability.md, "NaN and Inf on the GPU"): a
  * group holding a NaN or +-Inf gets scale NaN and all-zero codes, so the GEMM's product with that scale makes the
@@ -181,39 +183,112 @@ __global__ void act_quant_vec_kernel(const T *__restrict__ x, int64_t M, int64_t
     }
 }
 
-/* The second half of the g = 128 kernels, for one half-warp's group j of token row m: lane hl holds the
- * group's elements 8 hl .. 8 hl + 7 in v (zeros past the row; mine: they are in it). Reduces the group's
- * max over the half-warp (every lane of the warp must call this: the shuffles take the whole warp), then,
- * for a group of the row (grp), stores its codes (one 8-byte store per lane), zeros for its padding and
- * past the last group up to the row's end, and its scale for each of its stages. */
-__device__ __forceinline__ void quantize_half_group(const float (&v)[8], bool mine, bool grp, int hl, int64_t j,
-                                                    int64_t len, int64_t G, int64_t gp, int8_t *qr, int64_t qpitch,
-                                                    int spg, float *sr, int64_t sapitch) {
+/* The codes of a lane's 8 consecutive elements v of a group of scale s (r = 1 / s), as one 8-byte word
+ * (all zero for a non-finite group: bad). */
+__device__ __forceinline__ uint2 codes8(const float (&v)[8], float s, float r, bool bad) {
+    uint32_t lo = 0, hi = 0;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        const uint32_t c = (uint8_t)(int8_t)code_of(v[i], s, r);
+        if (i < 4)
+            lo |= c << (8 * i);
+        else
+            hi |= c << (8 * (i - 4));
+    }
+    return bad ? make_uint2(0u, 0u) : make_uint2(lo, hi);
+}
+
+/* A half-warp group's max|x| from each lane's 8 elements (every lane of the warp must call this: the
+ * shuffles take the whole warp; the two half-warps reduce separately). */
+__device__ __forceinline__ float half_group_amax(const float (&v)[8]) {
     float amax = 0.f;
 #pragma unroll
     for (int i = 0; i < 8; i++) absmax(v[i], amax);
 #pragma unroll
     for (int o = 8; o > 0; o >>= 1) amax = max_nan(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-    const float s = scale_of(amax), r = 1.f / s;
-    const bool half_bad = !(s == s);
+    return amax;
+}
+
+/* The second half of the g = 128 kernels, for one half-warp's group j of token row m: lane hl holds the
+ * group's elements 8 hl .. 8 hl + 7 in v (zeros past the row; mine: they are in it). Reduces the group's
+ * max over the half-warp (every lane of the warp must call this), then, for a group of the row (grp),
+ * stores its codes (one 8-byte store per lane), zeros for its padding and past the last group up to the
+ * row's end, and its scale for each of its stages. */
+__device__ __forceinline__ void quantize_half_group(const float (&v)[8], bool mine, bool grp, int hl, int64_t j,
+                                                    int64_t len, int64_t G, int64_t gp, int8_t *qr, int64_t qpitch,
+                                                    int spg, float *sr, int64_t sapitch) {
+    const float s = scale_of(half_group_amax(v)), r = 1.f / s;
     if (!grp) return;
     qr += j * gp;
-    if (mine) {
-        uint32_t lo = 0, hi = 0;
-#pragma unroll
-        for (int i = 0; i < 8; i++) {
-            const uint32_t c = (uint8_t)(int8_t)code_of(v[i], s, r);
-            if (i < 4)
-                lo |= c << (8 * i);
-            else
-                hi |= c << (8 * (i - 4));
-        }
-        *(uint2 *)(qr + hl * 8) = half_bad ? make_uint2(0u, 0u) : make_uint2(lo, hi);
-    }
+    if (mine) *(uint2 *)(qr + hl * 8) = codes8(v, s, r, !(s == s));
     const int64_t pad_end = (j == G - 1) ? qpitch - j * gp : gp;
     for (int64_t e = len + hl * 8; e < pad_end; e += 128) *(uint2 *)(qr + e) = make_uint2(0u, 0u);
     const int64_t s_end = (j == G - 1) ? sapitch : (j + 1) * spg;
     for (int64_t t = j * spg + hl; t < s_end; t += 16) sr[t] = s;
+}
+
+/* The unpadded geometry (g = 128, K a multiple of 128, codes [M, K] and one scale per group: the GEMM's
+ * layout whenever K is a multiple of 128, and ops.quantize_activation's): the (token, group) pairs in row
+ * order are one flat sequence whose codes (128 bytes each) and scales (one float each) are contiguous, so
+ * half-warp h of warp w takes flat groups 2 w + h, 2 w + h + 2 W, ... (W warps) and every pointer
+ * advances by a constant; x's by one more row pitch minus K when its group index wraps (SILU_MUL: x is
+ * [M, 2K], gate then up). Same arithmetic per element as the kernel below. (Measured before it, with the
+ * kernel below on every g = 128 call: about 300 warp instructions per 512 input bytes, most of them
+ * 64-bit index arithmetic, issue-bound at 1.85 TB/s; docs/kernels.md, "Activation quantizer".) */
+template <typename T, bool SILU_MUL>
+__global__ void act_quant_flat_kernel(const T *__restrict__ x, int64_t M, int64_t K, int64_t G, int8_t *__restrict__ q,
+                                      float *__restrict__ sa) {
+    constexpr int64_t XW = SILU_MUL ? 2 : 1;
+    let_dependents_start();
+    const int lane = threadIdx.x & 31, hl = lane & 15, half = lane >> 4;
+    const int64_t W = ((int64_t)gridDim.x * blockDim.x) >> 5, step = 2 * W, total = M * G;
+    const int64_t fw = ((blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5) * 2; /* the warp's first group */
+    const int64_t f0 = fw + half;
+    int64_t c = f0 % G; /* this half-warp's group within its token row */
+    const int64_t dc = step % G;
+    const T *xp = x + (f0 / G) * XW * K + c * 128 + hl * 8;
+    const int64_t xstep = (step / G) * XW * K + dc * 128, xwrap = XW * K - G * 128;
+    int8_t *qp = q + f0 * 128 + hl * 8;
+    float *sp = sa + f0;
+    for (int64_t f = fw; f < total; f += step) {
+        const bool mine = f + half < total;
+        float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        if (mine) {
+            load_n<8>(xp, v);
+            if constexpr (SILU_MUL) {
+                float u[8];
+                load_n<8>(xp + K, u);
+#pragma unroll
+                for (int i = 0; i < 8; i++) v[i] = silu_mul<T>(v[i], u[i]);
+            }
+        }
+        const float s = scale_of(half_group_amax(v)), r = 1.f / s;
+        if (mine) {
+            *(uint2 *)qp = codes8(v, s, r, !(s == s));
+            if (hl == 0) *sp = s;
+        }
+        xp += xstep;
+        c += dc;
+        if (c >= G) {
+            c -= G;
+            xp += xwrap;
+        }
+        qp += step * 128;
+        sp += step;
+    }
+}
+
+/* Whether act_quant_flat_kernel computes this call: the unpadded geometry, aligned for its loads and stores. */
+static bool flat_geometry(const void *x, int64_t K, int64_t g, int64_t gp, const int8_t *q, int64_t qpitch, int spg,
+                          int64_t sapitch) {
+    return g == 128 && K > 0 && K % 128 == 0 && gp == 128 && qpitch == K && spg == 1 && sapitch == K / 128 &&
+           (uintptr_t)x % 16 == 0 && (uintptr_t)q % 8 == 0;
+}
+
+/* Blocks of 256 threads for act_quant_flat_kernel: a warp per two groups, at most 16 blocks per SM. */
+static int64_t flat_blocks(int64_t M, int64_t G, int sms) {
+    const int64_t warps = (M * G + 1) / 2, blocks = (warps * 32 + 255) / 256;
+    return blocks < (int64_t)sms * 16 ? blocks : (int64_t)sms * 16;
 }
 
 /* The default geometry (g = 128, K and the code pitches multiples of 8): a half-warp per group, so
@@ -341,9 +416,13 @@ extern "C" int mixc_act_quant(int device, const void *x, int dtype, int64_t M, i
                           ((uintptr_t)q % 8) == 0;
         const int64_t pairs = M * ((G + 1) / 2), pblocks = (pairs * 32 + threads - 1) / threads;
         const int64_t gblocks = pblocks < (int64_t)sms * 16 ? pblocks : (int64_t)sms * 16;
+        const bool flat = flat_geometry(x, K, g, gp, q, qpitch, spg, sapitch);
+        const int64_t fblocks = flat_blocks(M, G, sms);
 #define MIXC_AQ(T)                                                                                                     \
     do {                                                                                                               \
-        if (g128)                                                                                                      \
+        if (flat)                                                                                                      \
+            act_quant_flat_kernel<T, false><<<(unsigned)fblocks, 256, 0, stream>>>((const T *)x, M, K, G, q, sa);      \
+        else if (g128)                                                                                                 \
             act_quant_g128_kernel<T, false>                                                                            \
                 <<<(unsigned)gblocks, threads, 0, stream>>>((const T *)x, M, K, G, gp, q, qpitch, spg, sa, sapitch);   \
         else if (vec)                                                                                                  \
@@ -382,6 +461,17 @@ extern "C" int mixc_act_quant_silu_mul(int device, const void *gu, int dtype, in
     const int threads = 256;
     int64_t blocks = (pairs * 32 + threads - 1) / threads;
     if (blocks > (int64_t)sms * 16) blocks = (int64_t)sms * 16;
+    if (flat_geometry(gu, K, g, gp, q, qpitch, spg, sapitch)) {
+        const int64_t fb = flat_blocks(M, G, sms);
+        if (dtype == 0)
+            act_quant_flat_kernel<float, true><<<(unsigned)fb, 256, 0, stream>>>((const float *)gu, M, K, G, q, sa);
+        else if (dtype == 1)
+            act_quant_flat_kernel<__half, true><<<(unsigned)fb, 256, 0, stream>>>((const __half *)gu, M, K, G, q, sa);
+        else
+            act_quant_flat_kernel<__nv_bfloat16, true>
+                <<<(unsigned)fb, 256, 0, stream>>>((const __nv_bfloat16 *)gu, M, K, G, q, sa);
+        return (int)cudaGetLastError();
+    }
     if (dtype == 0)
         act_quant_g128_kernel<float, true>
             <<<(unsigned)blocks, threads, 0, stream>>>((const float *)gu, M, K, G, gp, q, qpitch, spg, sa, sapitch);

@@ -36,8 +36,9 @@ SMALL = SHAPES[:3]
 
 # ----------------------------------------------------------------------------- activations
 @pytest.mark.parametrize("dtype", DTYPES)
-# K % 8 == 0 with g = 128 takes the half-warp-per-group kernel: tails of 104 and 8 columns, an odd
-# group count (the second half-warp idle), and 5000 tokens (more token x group pairs than the grid's warps)
+# g = 128: K % 128 == 0 takes the flat kernel (K = 128; 384, an odd group count: a half-warp idle at the
+# end; 5000 x 1024, more groups than the grid's warps: each warp steps on across rows), other K % 8 == 0
+# the half-warp-per-group kernel (tails of 44, 104 and 8 columns)
 @pytest.mark.parametrize(
     "M,K,g",
     [(1, 128, 128), (5, 300, 128), (9, 1000, 64), (3, 77, 128), (2, 4096, 4096), (7, 1000, 128), (4, 136, 128)]
@@ -761,7 +762,9 @@ def _poison(x, rows):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M,N,K,g", [(7, 40, 300, 128), (9, 64, 256, 64), (5, 24, 1200, 300), (6, 40, 392, 128)])
+@pytest.mark.parametrize(
+    "M,N,K,g", [(7, 40, 300, 128), (9, 64, 256, 64), (5, 24, 1200, 300), (6, 40, 392, 128), (6, 40, 512, 128)]
+)
 def test_quantize_activation_nonfinite_group(rng, dtype, M, N, K, g):
     """A non-finite value makes its (token, group) scale NaN and its codes 0; other groups match
     the CPU op. At main the NaN was dropped (finite scale)."""
@@ -954,7 +957,11 @@ def _silu_mul_eager(gu, K):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M,N,K", [(1, 64, 1024), (5, 200, 2048), (16, 96, 768), (300, 136, 1000)])
+# K % 128 == 0: the flat kernel (384: an odd group count; 2500 x 2048: more groups than the grid's
+# warps, so each warp steps on across rows of the [M, 2K] input); K = 1000: the half-warp kernel
+@pytest.mark.parametrize(
+    "M,N,K", [(1, 64, 1024), (5, 200, 2048), (16, 96, 768), (3, 40, 384), (2500, 32, 2048), (300, 136, 1000)]
+)
 def test_silu_mul_equals_the_unfused_ops(rng, dtype, M, N, K):
     """PreparedLinear.silu_mul(gu) quantizes silu(gate) * up as the eager ops round it in gu's dtype:
     the same codes, so the same y, bit for bit, as the layer called on F.silu(gate) * up; for every
