@@ -1,0 +1,66 @@
+"""How much of a decode-size W4.4A8 layer's time is its weight's trip from DRAM: the layer (M = 1) timed
+with its weight resident in L2 (one copy, called back to back) and right after a 256 MB read that evicts
+it, with an idle stretch (a sleep kernel, standing in for attention) between the two or not.
+
+    python3 bench/gpu_l2_resident.py [--out DIR]      # JSON to DIR and bench/results/
+"""
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from gpu_linear import rand_qweight, split_rows, time_graph  # noqa: E402
+
+from mixllm import cuda_ops  # noqa: E402
+
+SHAPES = [(4096, 4096), (6144, 4096), (4096, 14336), (14336, 4096), (28672, 4096)]
+SLEEP_US = (0, 4, 10)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT"))
+    args = ap.parse_args()
+    dev = torch.device("cuda", 0)
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(0)
+    flush = torch.rand(64 << 20, device=dev)  # 256 MB of float32: several times the L2
+    acc = torch.empty((), device=dev)
+    rows = []
+    for N, K in SHAPES:
+        n8 = N // 10
+        i4, i8 = split_rows(N, n8, dev, gen)
+        layer = cuda_ops.PreparedLinear(
+            [(rand_qweight(N - n8, K, 4, dev, gen), i4), (rand_qweight(n8, K, 8, dev, gen), i8)], N, None, dev
+        )
+        x = torch.randn((1, K), device=dev, dtype=torch.bfloat16, generator=gen)
+        r = {"N": N, "K": K, "resident_us": time_graph([lambda f=layer, a=x: f(a)], reps=15, min_calls=12) * 1e3}
+        for us in SLEEP_US:
+
+            def before(us=us):
+                torch.sum(flush, dim=(0,), out=acc)
+                if us:
+                    torch.cuda._sleep(int(us * 1800))  # cycles at about 1.8 GHz
+
+            t0 = time_graph([before], reps=15)
+            t1 = time_graph([lambda b=before, f=layer, a=x: (b(), f(a))], reps=15)
+            r[f"after_flush_sleep{us}_us"] = (t1 - t0) * 1e3
+        print({k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}, flush=True)
+        rows.append(r)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    res = {"device": torch.cuda.get_device_name(dev), "date": now.strftime("%Y-%m-%dT%H:%MZ"), "rows": rows}
+    name = "gpu_l2_resident_%s.json" % now.strftime("%Y-%m-%d")
+    for d in {args.out, os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")} - {None}:
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, name), "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
