@@ -244,38 +244,29 @@ def fmt_row(r):
     )
 
 
-def tune(dev, gen):
-    """W4.4A8 time of every tile configuration (auto split-K) on the 70B shapes."""
+def _time_or_inf(t, c):
+    """t(c), or inf where configuration c refuses the call (e.g. the decode kernel above 64 tokens)."""
+    try:
+        return t(c)
+    except (RuntimeError, ValueError):
+        return float("inf")
+
+
+def tune(dev, gen, shapes=None, ms=None):
+    """W4.4A8 time of every tile configuration (auto split-K) against the planner's choice, on the 70B
+    shapes (or ``shapes``) at ``ms`` tokens; weights in enough copies to exceed L2 (sweep_cells)."""
     from mixllm import _cuda
 
-    print("# tune: W4.4A8 us per tile configuration (auto split-K)")
-    print(
-        f"{'N':>6} {'K':>6} {'M':>5} | "
-        + " ".join(f"{_cuda.plan(0, 1, (16,), 128, c, 1)[2]:>10}" for c in range(_cuda.NCFG))
-        + " | auto"
-    )
-    for N, K in SHAPES[4:6]:
-        n8 = N // 10
-        i4, i8 = split_rows(N, n8, dev, gen)
-        mixed = [(rand_qweight(N - n8, K, 4, dev, gen), rand_qweight(n8, K, 8, dev, gen)) for _ in range(2)]
-        for M in MS:
-            xs = [torch.randn((M, K), device=dev, dtype=torch.bfloat16, generator=gen) for _ in mixed]
-            ts = []
-            pl = [cuda_ops.PreparedLinear([(p[0], i4), (p[1], i8)], N, None, dev) for p in mixed]
-            for c in list(range(_cuda.NCFG)) + [-1]:
-                ts.append(
-                    time_graph(
-                        [(lambda x=xs[i], l=l, c=c: l(x, cfg=c)) for i, l in enumerate(pl)],
-                        reps=7,
-                        min_calls=min_calls(M),
-                    )
-                )
-            print(
-                f"{N:>6} {K:>6} {M:>5} | " + " ".join(f"{t * 1e3:10.1f}" for t in ts[:-1]) + f" | {ts[-1] * 1e3:.1f}",
-                flush=True,
-            )
-        del mixed
-        torch.cuda.empty_cache()
+    names = [_cuda.plan(0, 1, (16,), 128, c, 1)[2] for c in range(_cuda.NCFG)]
+    print("# tune: W4.4A8 us per tile configuration (auto split-K); * = fastest")
+    print(f"{'N':>6} {'K':>6} {'M':>5} | " + " ".join(f"{n:>10}" for n in names) + " |  auto (plan) | bf16")
+    for N, K in shapes or SHAPES[4:6]:
+        for M, r, t, plan in sweep_cells(N, K, ms or MS, dev, gen):
+            ts = [_time_or_inf(t, c) for c in range(_cuda.NCFG)]
+            best = min(range(len(ts)), key=ts.__getitem__)
+            cells = " ".join(f"{v * 1e3:9.1f}" + ("*" if i == best else " ") for i, v in enumerate(ts))
+            auto = f"{t(-1) * 1e3:5.1f} ({plan(M, -1)[3]})"
+            print(f"{N:>6} {K:>6} {M:>5} | {cells} | {auto} | {r['bf16'] * 1e3:.1f}", flush=True)
 
 
 def profile_decode(dev, gen):
@@ -344,12 +335,12 @@ def main():
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev)
     gen.manual_seed(0)
-    if args.tune:
-        return tune(dev, gen)
-    if args.profile_decode:
-        return profile_decode(dev, gen)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else None
     ms = [int(v) for v in args.ms.split(",")] if args.ms else None
+    if args.tune:
+        return tune(dev, gen, shapes, ms)
+    if args.profile_decode:
+        return profile_decode(dev, gen)
     if args.profile:
         return profile(dev, gen, shapes, ms, args.cfgs.split(",") if args.cfgs else None)
     if args.decode:

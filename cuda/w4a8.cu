@@ -422,8 +422,8 @@ extern "C" const char *mixc_error_string(int err) { return cudaGetErrorString((c
 
 /* Codes (rows x padded K) up to which a layer counts as small for the planner (<= 4 MB at 8 bits). */
 constexpr int64_t SMALL_LAYER_CODES = 4LL << 20;
-/* Codes (rows x padded K) from which the planner takes the wgmma kernel at 16 < M < 256, and at 8 < M <= 16 */
-constexpr int64_t SM90_FEW_MIN_CODES = 16LL << 20, SM90_FEW9_MIN_CODES = 24LL << 20;
+/* Codes (rows x padded K) from which the planner takes the wgmma kernel at 8 < M < 256 */
+constexpr int64_t SM90_FEW_MIN_CODES = 16LL << 20;
 /* Codes (rows x padded K) up to which the planner sends 8 < M <= MIXC_DECODE_MAX_M to the decode
  * kernel (M <= 8: every layer). */
 constexpr int64_t DECODE_MAX_CODES = 64LL << 20;
@@ -436,11 +436,12 @@ extern "C" int mixc_plan(int device, int64_t M, const int64_t *Ns, int nparts, i
         cfg = 4; /* forced where no sm_90a kernel runs */
     int64_t codes_all = 0;
     for (int i = 0; i < nparts; i++) codes_all += Ns[i] * Kp;
-    /* The wgmma kernel's few-token tiles against the decode kernel / mma.sync tiles (H200, 2026-12-01,
-     * bench/results/gpu_sm90_sweep_2026-12-01.log): faster from 9 tokens on from 6144 x 4096 up
-     * (1.04-1.53x at 16 tokens), from 17 on 4096 x 4096 (0.94x at 16); smaller layers keep
-     * the mma.sync tiles (too few row blocks to fill the GPU). */
-    const bool sm90_few = M >= MIXC_SM90_MIN_M && codes_all >= (M > 16 ? SM90_FEW_MIN_CODES : SM90_FEW9_MIN_CODES);
+    /* The wgmma kernel's few-token tiles against the decode kernel / mma.sync tiles: faster from 9 tokens
+     * on from 4096 x 4096 up (H200, 2026-12-01, bench/results/gpu_sm90_sweep_2026-12-01.log: 1.04-1.53x at
+     * 16 tokens from 6144 x 4096 up; 2026-12-02, gpu_tune_small_m_2026-12-02.log: 4096 x 4096 at 16 tokens
+     * 11.0 us with two consumer pairs against the decode kernel's 12.4); smaller layers keep the other
+     * kernels (too few row blocks to fill the GPU). */
+    const bool sm90_few = M >= MIXC_SM90_MIN_M && codes_all >= SM90_FEW_MIN_CODES;
     if (cfg < 0 && (M >= 256 || sm90_few) && mixc_sm90_ok(device)) cfg = MIXC_CFG_SM90;
     /* ... with two consumer pairs on alternating stages at 33-64 tokens, and at 9-32 on layers of at
      * most 32 stages (K <= 4096): 1-9% faster there, 5-9% slower at 9-32 tokens on 28672 x 8192

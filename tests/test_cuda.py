@@ -579,14 +579,15 @@ def test_sm90_large_matches_mma_sync(rng):
 def test_planner_picks_sm90_for_large_m():
     assert _cuda.plan(DEV.index, 4096, (14336,), 4096, -1, 0)[0] == SM90
     assert _cuda.plan(DEV.index, 4096, (12903, 1433), 4096, -1, 0)[0] == SM90
-    # its few-token tiles: from 9 tokens on layers above 4096 x 4096, from 17 on 4096 x 4096, not on
-    # smaller layers; the decode kernel up to 8 tokens. Two consumer pairs (SM90_PAIRS) at 33-64
-    # tokens, and at 9-32 where K <= 4096.
+    # its few-token tiles: from 9 tokens on layers from 4096 x 4096 up, not on smaller layers; the
+    # decode kernel up to 8 tokens. Two consumer pairs (SM90_PAIRS) at 33-64 tokens, and at 9-32 where
+    # K <= 4096.
     assert _cuda.plan(DEV.index, 8, (14336,), 4096, -1, 0)[0] not in (SM90, SM90_PAIRS)
     assert _cuda.plan(DEV.index, 9, (14336,), 4096, -1, 0)[0] == SM90_PAIRS
     assert _cuda.plan(DEV.index, 64, (14336,), 4096, -1, 0)[0] == SM90_PAIRS
-    assert _cuda.plan(DEV.index, 16, (3687, 409), 4096, -1, 0)[0] not in (SM90, SM90_PAIRS)
-    assert _cuda.plan(DEV.index, 17, (3687, 409), 4096, -1, 0)[0] == SM90_PAIRS
+    assert _cuda.plan(DEV.index, 8, (3687, 409), 4096, -1, 0)[0] not in (SM90, SM90_PAIRS)
+    assert _cuda.plan(DEV.index, 9, (3687, 409), 4096, -1, 0)[0] == SM90_PAIRS
+    assert _cuda.plan(DEV.index, 16, (1843, 205), 4096, -1, 0)[0] not in (SM90, SM90_PAIRS)  # 2048 x 4096
     assert _cuda.plan(DEV.index, 64, (576,), 640, -1, 0)[0] not in (SM90, SM90_PAIRS)
     assert _cuda.plan(DEV.index, 64, (1024,), 4096, -1, 0)[0] not in (SM90, SM90_PAIRS)
     assert _cuda.plan(DEV.index, 128, (14336,), 4096, -1, 0)[0] == SM90
@@ -597,7 +598,7 @@ def test_planner_picks_sm90_for_large_m():
     assert _cuda.plan(DEV.index, 32, (25805, 2867), 8192, -1, 0)[0] == SM90
     # a few-token tile does the same work at any M up to its size, so the plan is the tile's: 28672 x 8192
     # once took 8 splits at 9-15 tokens (65 us at M = 9 against 51 at 16 with one split)
-    for Ns, Kp in (((25805, 2867), 8192), ((7373, 819), 28672), ((14336,), 4096)):
+    for Ns, Kp in (((25805, 2867), 8192), ((7373, 819), 28672), ((14336,), 4096), ((3687, 409), 4096)):
         for lo, hi in ((9, 16), (17, 32), (33, 64)):
             plans = {_cuda.plan(DEV.index, M, Ns, Kp, -1, 0)[:2] for M in range(lo, hi + 1)}
             assert len(plans) == 1, (Ns, Kp, lo, hi, plans)
