@@ -232,9 +232,9 @@ __device__ __forceinline__ void quantize_half_group(const float (&v)[8], bool mi
  * order are one flat sequence whose codes (128 bytes each) and scales (one float each) are contiguous, so
  * half-warp h of warp w takes flat groups 2 w + h, 2 w + h + 2 W, ... (W warps) and every pointer
  * advances by a constant, x's also by its row pitch less K when the group index wraps past a row's end
- * (0 for a plain [M, K] input, K for SILU_MUL's [M, 2K]: gate then up). Same arithmetic per element as the kernel below. (Measured before it, with the
- * kernel below on every g = 128 call: about 300 warp instructions per 512 input bytes, most of them
- * 64-bit index arithmetic, issue-bound at 1.85 TB/s; docs/kernels.md, "Activation quantizer".) */
+ * (0 for a plain [M, K] input, K for SILU_MUL's [M, 2K]: gate then up). Same arithmetic per element as the kernel
+ * below. (Measured before it, with the kernel below on every g = 128 call: about 300 warp instructions per 512 input
+ * bytes, most of them 64-bit index arithmetic, issue-bound at 1.85 TB/s; docs/kernels.md, "Activation quantizer".) */
 template <typename T, bool SILU_MUL>
 __global__ void act_quant_flat_kernel(const T *__restrict__ x, int64_t M, int64_t K, int64_t G, int8_t *__restrict__ q,
                                       float *__restrict__ sa) {
