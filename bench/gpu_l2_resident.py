@@ -5,9 +5,7 @@ it, with an idle stretch (a sleep kernel, standing in for attention) between the
     python3 bench/gpu_l2_resident.py [--out DIR]      # JSON to DIR and bench/results/
 """
 
-import argparse
 import datetime
-import json
 import os
 import sys
 
@@ -15,7 +13,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from gpu_linear import rand_qweight, split_rows, time_graph  # noqa: E402
+from gpu_linear import rand_qweight, script_start, split_rows, time_graph, write_json  # noqa: E402
 
 from mixllm import cuda_ops  # noqa: E402
 
@@ -24,12 +22,7 @@ SLEEP_US = (0, 4, 10)
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=os.environ.get("OUT"))
-    args = ap.parse_args()
-    dev = torch.device("cuda", 0)
-    gen = torch.Generator(device=dev)
-    gen.manual_seed(0)
+    args, dev, gen = script_start(__doc__)
     flush = torch.rand(64 << 20, device=dev)  # 256 MB of float32: several times the L2
     acc = torch.empty((), device=dev)
     rows = []
@@ -53,13 +46,9 @@ def main():
             r[f"after_flush_sleep{us}_us"] = (t1 - t0) * 1e3
         print({k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}, flush=True)
         rows.append(r)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    res = {"device": torch.cuda.get_device_name(dev), "date": now.strftime("%Y-%m-%dT%H:%MZ"), "rows": rows}
-    name = "gpu_l2_resident_%s.json" % now.strftime("%Y-%m-%d")
-    for d in {args.out, os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")} - {None}:
-        os.makedirs(d, exist_ok=True)
-        with open(os.path.join(d, name), "w") as f:
-            json.dump(res, f, indent=1)
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
+    res = {"device": torch.cuda.get_device_name(dev), "date": date, "rows": rows}
+    write_json(res, "gpu_l2_resident", date, args.out)
 
 
 if __name__ == "__main__":

@@ -392,6 +392,18 @@ def main():
         print(fmt_row(r))
 
 
+def script_start(doc):
+    """The small bench scripts' start: their --out option (default $OUT), the CUDA device and a generator
+    seeded with 0. Returns (args, dev, gen)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT"))
+    args = ap.parse_args()
+    dev = torch.device("cuda", 0)
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(0)
+    return args, dev, gen
+
+
 def write_json(res, stem, date, out):
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(here, exist_ok=True)

@@ -10,9 +10,7 @@ exceed L2 (bench/gpu_linear.py's time_graph, at least 12 calls per replay).
     python3 bench/gpu_stream_sizes.py [--out DIR]      # JSON to DIR and bench/results/
 """
 
-import argparse
 import datetime
-import json
 import os
 import sys
 
@@ -20,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_linear import time_graph  # noqa: E402
+from gpu_linear import script_start, time_graph, write_json  # noqa: E402
 
 L2_ROTATE = 240 << 20  # bytes of distinct buffers per replay cycle: several times the H200's 60 MB L2
 GEMV_SHAPES = [(4096, 4096), (8192, 4096), (8192, 8192), (16384, 8192), (28672, 8192)]
@@ -32,12 +30,7 @@ def copies(nbytes):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=os.environ.get("OUT"))
-    args = ap.parse_args()
-    dev = torch.device("cuda", 0)
-    gen = torch.Generator(device=dev)
-    gen.manual_seed(0)
+    args, dev, gen = script_start(__doc__)
     rows = []
     for mb in SUM_MB:
         n = (mb << 20) // 4
@@ -55,14 +48,9 @@ def main():
         rows.append({"kind": "bf16 GEMV", "N": N, "K": K, "MB": nbytes / 1e6, "us": t * 1e3, "TBps": nbytes / t / 1e9})
         print(rows[-1], flush=True)
         del ws
-    now = datetime.datetime.now(datetime.timezone.utc)
-    res = {"device": torch.cuda.get_device_name(dev), "date": now.strftime("%Y-%m-%dT%H:%MZ")}
-    res.update(torch=torch.__version__, rows=rows)
-    name = "gpu_stream_sizes_%s.json" % now.strftime("%Y-%m-%d")
-    for d in {args.out, os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")} - {None}:
-        os.makedirs(d, exist_ok=True)
-        with open(os.path.join(d, name), "w") as f:
-            json.dump(res, f, indent=1)
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
+    res = {"device": torch.cuda.get_device_name(dev), "date": date, "torch": torch.__version__, "rows": rows}
+    write_json(res, "gpu_stream_sizes", date, args.out)
 
 
 if __name__ == "__main__":
