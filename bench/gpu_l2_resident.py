@@ -12,7 +12,6 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from gpu_linear import rand_qweight, script_start, split_rows, time_graph, write_json  # noqa: E402
 
 from mixllm import cuda_ops  # noqa: E402

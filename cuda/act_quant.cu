@@ -458,29 +458,25 @@ extern "C" int mixc_act_quant_silu_mul(int device, const void *gu, int dtype, in
     if (pairs <= 0) return 0;
     int sms = 132;
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    const int threads = 256;
-    int64_t blocks = (pairs * 32 + threads - 1) / threads;
+    int64_t blocks = (pairs * 32 + 255) / 256;
     if (blocks > (int64_t)sms * 16) blocks = (int64_t)sms * 16;
-    if (flat_geometry(gu, K, g, gp, q, qpitch, spg, sapitch)) {
-        const int64_t fb = flat_blocks(M, G, sms);
-        if (dtype == 0)
-            act_quant_flat_kernel<float, true><<<(unsigned)fb, 256, 0, stream>>>((const float *)gu, M, K, G, q, sa);
-        else if (dtype == 1)
-            act_quant_flat_kernel<__half, true><<<(unsigned)fb, 256, 0, stream>>>((const __half *)gu, M, K, G, q, sa);
-        else
-            act_quant_flat_kernel<__nv_bfloat16, true>
-                <<<(unsigned)fb, 256, 0, stream>>>((const __nv_bfloat16 *)gu, M, K, G, q, sa);
-        return (int)cudaGetLastError();
-    }
+    const bool flat = flat_geometry(gu, K, g, gp, q, qpitch, spg, sapitch);
+    const int64_t fblocks = flat_blocks(M, G, sms);
+#define MIXC_AQS(T)                                                                                               \
+    do {                                                                                                          \
+        if (flat)                                                                                                 \
+            act_quant_flat_kernel<T, true><<<(unsigned)fblocks, 256, 0, stream>>>((const T *)gu, M, K, G, q, sa); \
+        else                                                                                                      \
+            act_quant_g128_kernel<T, true>                                                                        \
+                <<<(unsigned)blocks, 256, 0, stream>>>((const T *)gu, M, K, G, gp, q, qpitch, spg, sa, sapitch);  \
+    } while (0)
     if (dtype == 0)
-        act_quant_g128_kernel<float, true>
-            <<<(unsigned)blocks, threads, 0, stream>>>((const float *)gu, M, K, G, gp, q, qpitch, spg, sa, sapitch);
+        MIXC_AQS(float);
     else if (dtype == 1)
-        act_quant_g128_kernel<__half, true>
-            <<<(unsigned)blocks, threads, 0, stream>>>((const __half *)gu, M, K, G, gp, q, qpitch, spg, sa, sapitch);
+        MIXC_AQS(__half);
     else
-        act_quant_g128_kernel<__nv_bfloat16, true><<<(unsigned)blocks, threads, 0, stream>>>(
-            (const __nv_bfloat16 *)gu, M, K, G, gp, q, qpitch, spg, sa, sapitch);
+        MIXC_AQS(__nv_bfloat16);
+#undef MIXC_AQS
     return (int)cudaGetLastError();
 }
 
