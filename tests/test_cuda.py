@@ -510,6 +510,20 @@ def test_sm90_prefill_epilogue_column_runs(rng, dtype, splits, N):
 
 
 @pytest.mark.skipif(not _HAS_SM90, reason="no sm_90a device")
+@pytest.mark.parametrize("splits,N", [(1, 5120), (2, 2560), (3, 2560)])
+def test_sm90_prefill_256_token_tiles_odd_stages(rng, splits, N):
+    """The 256-token prefill tile: 7 stages (an odd count, its ring of 4 wrapping), split 7 / 4 + 3 /
+    3 + 3 + 1, a token tail (500 tokens: 256 + 244), both parts, bias, against float64. N is chosen per
+    split so that the launcher's wave rule takes the 256-token tile (80-120 CTAs of 256 tokens against
+    160-240 of 128)."""
+    M, K, g = 500, 896, 128
+    xt, parts, y_ref = _mixed(rng, M, N, K, g, torch.bfloat16)
+    bias = rng.standard_normal(N).astype(np.float32)
+    y = _run(xt, parts, N, torch.from_numpy(bias).to(DEV), SM90, splits)
+    assert_close(y, y_ref + bias, torch.bfloat16)
+
+
+@pytest.mark.skipif(not _HAS_SM90, reason="no sm_90a device")
 @pytest.mark.parametrize("pairs", [False, True], ids=["sm90", "sm90_pairs"])
 @pytest.mark.parametrize("splits", [1, 2])
 @pytest.mark.parametrize("M", [9, 16, 32, 40, 64])
