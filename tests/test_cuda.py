@@ -551,10 +551,10 @@ def test_sm90_single_part(rng, cfg, bits, M):
 @pytest.mark.parametrize("pairs", [False, True], ids=["sm90", "sm90_pairs"])
 @pytest.mark.parametrize("M", [9, 40, 300])
 def test_sm90_pdl_calls_back_to_back(rng, pairs, M):
-    """The wgmma kernel's few-token tiles under programmatic dependent launch (they start while the
-    activation quantizer runs; the producer waits before copying its output; a prefill tile, M = 300,
-    launches without it either way): calls back to back on new inputs, eagerly and replayed from a CUDA
-    graph, bit-identical to launches without it and to float64."""
+    """The wgmma kernel under programmatic dependent launch, few-token and prefill tiles (M = 300; they start
+    while the activation quantizer runs; the producer waits before copying its output): calls back to back
+    on new inputs, eagerly and replayed from a CUDA graph, bit-identical to launches without it and to
+    float64."""
     N, K, g = 1000, 2100, 128
     xt, parts, y_ref = _mixed(rng, M, N, K, g, torch.bfloat16)
     xs = [xt] + [make_x(rng, M, K, torch.bfloat16)[0] for _ in range(5)]
