@@ -114,6 +114,7 @@ def main(argv=None):
     if not 2 <= len(args.builds) <= 8:
         ap.error(f"DIR: expected 2 to 8 builds, got {len(args.builds)}")
     names = [chr(ord("a") + i) for i in range(len(args.builds))]
+    os.makedirs(args.out, exist_ok=True)  # before any run: a missing --out directory would lose the first one
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     runs = []
     report = {}

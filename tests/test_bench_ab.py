@@ -92,6 +92,23 @@ def test_three_builds_rotate(tmp_path, monkeypatch):
         gpu_ab.main(["A", "--out", str(tmp_path)])
 
 
+def test_missing_out_directory_is_made(tmp_path, monkeypatch):
+    """--out naming a directory that does not exist yet: it is made before the first run, whose result is
+    then saved (a device call once lost its A/B to a FileNotFoundError after the first run)."""
+    built = []
+    monkeypatch.setattr(gpu_ab, "build", lambda objdir: built.append(objdir))
+
+    def fake_run(cmd, **kw):
+        with open(os.path.join(cmd[cmd.index("--out") + 1], "gpu_linear.json"), "w") as f:
+            json.dump({"device": "fake", "rows": [_row(8, 16, 1, 0.01)]}, f)
+
+    monkeypatch.setattr(gpu_ab.subprocess, "run", fake_run)
+    out = tmp_path / "not" / "yet"
+    report = gpu_ab.main(["A", "B", "--rounds", "1", "--out", str(out)])
+    with open(out / "gpu_ab.json") as f:
+        assert len(json.load(f)["runs"]) == 2 == len(report["runs"])
+
+
 def test_budget_stops_in_time_to_restore_build_a(tmp_path, monkeypatch):
     """--budget-s: no run starts that, at the longest run's pace, would leave too little time to rebuild a;
     the runs so far are summarized and the extension is left as build a."""
