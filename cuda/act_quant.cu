@@ -396,6 +396,18 @@ __global__ void __launch_bounds__(512)
 
 } // namespace
 
+/* Calls launch(tag) with a null pointer to the element type of dtype (0 float, 1 half, 2 bfloat16): one place
+ * for the three launchers' dtype switch; each takes T from the tag for its kernels' template argument. */
+template <class F> void with_dtype(int dtype, F &&launch) {
+    if (dtype == 0)
+        launch((const float *)nullptr);
+    else if (dtype == 1)
+        launch((const __half *)nullptr);
+    else
+        launch((const __nv_bfloat16 *)nullptr);
+}
+template <class P> using elem_of = std::remove_const_t<std::remove_pointer_t<P>>;
+
 extern "C" int mixc_act_quant(int device, const void *x, int dtype, int64_t M, int64_t K, int64_t g, int64_t gp,
                               int8_t *q, int64_t qpitch, int spg, float *sa, int64_t sapitch, void *stream_) {
     DeviceGuard guard(device);
@@ -418,29 +430,21 @@ extern "C" int mixc_act_quant(int device, const void *x, int dtype, int64_t M, i
         const int64_t gblocks = pblocks < (int64_t)sms * 16 ? pblocks : (int64_t)sms * 16;
         const bool flat = flat_geometry(x, K, g, gp, q, qpitch, spg, sapitch);
         const int64_t fblocks = flat_blocks(M, G, sms);
-#define MIXC_AQ(T)                                                                                                     \
-    do {                                                                                                               \
-        if (flat)                                                                                                      \
-            act_quant_flat_kernel<T, false><<<(unsigned)fblocks, 256, 0, stream>>>((const T *)x, M, K, G, q, sa);      \
-        else if (g128)                                                                                                 \
-            act_quant_g128_kernel<T, false>                                                                            \
-                <<<(unsigned)gblocks, threads, 0, stream>>>((const T *)x, M, K, G, gp, q, qpitch, spg, sa, sapitch);   \
-        else if (vec)                                                                                                  \
-            act_quant_vec_kernel<T><<<(unsigned)vblocks, threads, 0, stream>>>((const T *)x, M, K, g, G, gp, q,        \
-                                                                               qpitch, spg, sa, sapitch);              \
-        else                                                                                                           \
-            act_quant_kernel<T>                                                                                        \
-                <<<(unsigned)blocks, threads, 0, stream>>>((const T *)x, M, K, g, G, gp, q, qpitch, spg, sa, sapitch); \
-    } while (0)
-        if (blocks > 0x7fffffffLL)
-            err = cudaErrorInvalidValue;
-        else if (dtype == 0)
-            MIXC_AQ(float);
-        else if (dtype == 1)
-            MIXC_AQ(__half);
-        else
-            MIXC_AQ(__nv_bfloat16);
-#undef MIXC_AQ
+        if (blocks > 0x7fffffffLL) return (int)cudaErrorInvalidValue;
+        with_dtype(dtype, [&](auto tag) {
+            using T = elem_of<decltype(tag)>;
+            if (flat)
+                act_quant_flat_kernel<T, false><<<(unsigned)fblocks, 256, 0, stream>>>((const T *)x, M, K, G, q, sa);
+            else if (g128)
+                act_quant_g128_kernel<T, false>
+                    <<<(unsigned)gblocks, threads, 0, stream>>>((const T *)x, M, K, G, gp, q, qpitch, spg, sa, sapitch);
+            else if (vec)
+                act_quant_vec_kernel<T><<<(unsigned)vblocks, threads, 0, stream>>>((const T *)x, M, K, g, G, gp, q,
+                                                                                   qpitch, spg, sa, sapitch);
+            else
+                act_quant_kernel<T><<<(unsigned)blocks, threads, 0, stream>>>((const T *)x, M, K, g, G, gp, q, qpitch,
+                                                                              spg, sa, sapitch);
+        });
         if (err == cudaSuccess) err = cudaGetLastError();
     }
     return (int)err;
@@ -462,21 +466,14 @@ extern "C" int mixc_act_quant_silu_mul(int device, const void *gu, int dtype, in
     if (blocks > (int64_t)sms * 16) blocks = (int64_t)sms * 16;
     const bool flat = flat_geometry(gu, K, g, gp, q, qpitch, spg, sapitch);
     const int64_t fblocks = flat_blocks(M, G, sms);
-#define MIXC_AQS(T)                                                                                               \
-    do {                                                                                                          \
-        if (flat)                                                                                                 \
-            act_quant_flat_kernel<T, true><<<(unsigned)fblocks, 256, 0, stream>>>((const T *)gu, M, K, G, q, sa); \
-        else                                                                                                      \
-            act_quant_g128_kernel<T, true>                                                                        \
-                <<<(unsigned)blocks, 256, 0, stream>>>((const T *)gu, M, K, G, gp, q, qpitch, spg, sa, sapitch);  \
-    } while (0)
-    if (dtype == 0)
-        MIXC_AQS(float);
-    else if (dtype == 1)
-        MIXC_AQS(__half);
-    else
-        MIXC_AQS(__nv_bfloat16);
-#undef MIXC_AQS
+    with_dtype(dtype, [&](auto tag) {
+        using T = elem_of<decltype(tag)>;
+        if (flat)
+            act_quant_flat_kernel<T, true><<<(unsigned)fblocks, 256, 0, stream>>>((const T *)gu, M, K, G, q, sa);
+        else
+            act_quant_g128_kernel<T, true>
+                <<<(unsigned)blocks, 256, 0, stream>>>((const T *)gu, M, K, G, gp, q, qpitch, spg, sa, sapitch);
+    });
     return (int)cudaGetLastError();
 }
 
@@ -510,24 +507,15 @@ extern "C" int mixc_act_quant_rmsnorm(int device, const void *x, const void *w, 
         return (int)cudaErrorInvalidValue;
     if (M <= 0) return 0;
     const int64_t G = mix_ngroups(K, g);
-#define MIXC_AQN(T, CHN)             \
-    act_quant_rmsnorm_kernel<T, CHN> \
-        <<<(unsigned)M, threads, 0, stream>>>((const T *)x, (const T *)w, eps, K, G, gp, q, qpitch, spg, sa, sapitch)
-#define MIXC_AQN_T(T)       \
-    do {                    \
-        if (ch == 4)        \
-            MIXC_AQN(T, 4); \
-        else                \
-            MIXC_AQN(T, 8); \
-    } while (0)
-    if (dtype == 0)
-        MIXC_AQN_T(float);
-    else if (dtype == 1)
-        MIXC_AQN_T(__half);
-    else
-        MIXC_AQN_T(__nv_bfloat16);
-#undef MIXC_AQN_T
-#undef MIXC_AQN
+    with_dtype(dtype, [&](auto tag) {
+        using T = elem_of<decltype(tag)>;
+        if (ch == 4)
+            act_quant_rmsnorm_kernel<T, 4><<<(unsigned)M, threads, 0, stream>>>((const T *)x, (const T *)w, eps, K, G,
+                                                                                gp, q, qpitch, spg, sa, sapitch);
+        else
+            act_quant_rmsnorm_kernel<T, 8><<<(unsigned)M, threads, 0, stream>>>((const T *)x, (const T *)w, eps, K, G,
+                                                                                gp, q, qpitch, spg, sa, sapitch);
+    });
     return (int)cudaGetLastError();
 }
 
