@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -61,6 +62,17 @@ def summarize(runs, key="w4.4a8"):
     return out
 
 
+def geomean_ratios(summary, builds):
+    """{build: geometric mean over the cells of its time over build a's} for every build after the first: one
+    number per variant, so that a cell or two moving with the run does not decide an A/B."""
+    out = {}
+    for b in builds[1:]:
+        rs = [s[f"{b}_over_{builds[0]}"] for s in summary]
+        if rs:
+            out[b] = math.exp(sum(math.log(r) for r in rs) / len(rs))
+    return out
+
+
 def format_summary(summary, builds, unit_scale=1e3):
     head = " | ".join(f"{b + ' (us)':>18}" for b in builds)
     ratios = " ".join(f"{b}/{builds[0]:<3}" for b in builds[1:])
@@ -69,6 +81,10 @@ def format_summary(summary, builds, unit_scale=1e3):
         ts = " | ".join(f"{'/'.join(f'{t * unit_scale:.1f}' for t in s[b]):>18}" for b in builds)
         rs = " ".join(f"{s[f'{b}_over_{builds[0]}']:<5.3f}" for b in builds[1:])
         lines.append(f"{s['N']:6d} {s['K']:6d} {s['M']:5d} | {ts} | {rs}")
+    if summary:
+        gm = geomean_ratios(summary, builds)
+        pad = " " * (len(lines[0]) - len(ratios))
+        lines.append(f"{'geometric mean':<{len(pad)}}" + " ".join(f"{gm[b]:<5.3f}" for b in builds[1:]))
     return "\n".join(lines)
 
 
@@ -129,6 +145,7 @@ def main(argv=None):
             runs=[{"build": b, "rows": rows} for b, rows in runs],
             summary=summarize(runs) if {b for b, _ in runs} == set(names) else [],
         )
+        report["geomean_over_a"] = geomean_ratios(report["summary"], names)
         with open(os.path.join(args.out, "gpu_ab.json"), "w") as f:
             json.dump(report, f, indent=1)
 

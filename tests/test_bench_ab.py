@@ -31,6 +31,9 @@ def test_summary_means_and_ratio_per_cell():
     assert s[1]["b_over_a"] == pytest.approx(0.105 / 0.100)
     text = gpu_ab.format_summary(s, ["a", "b"])
     assert "10.0/12.0" in text and "0.909" in text and "1.050" in text
+    gm = (0.010 / 0.011 * 0.105 / 0.100) ** 0.5  # the cells' ratios, geometric mean
+    assert gpu_ab.geomean_ratios(s, ["a", "b"]) == {"b": pytest.approx(gm)}
+    assert text.splitlines()[-1].startswith("geometric mean") and f"{gm:.3f}" in text.splitlines()[-1]
 
 
 def test_summary_needs_two_builds_and_takes_more():
@@ -69,6 +72,7 @@ def test_rounds_alternate_and_every_run_is_saved(tmp_path, monkeypatch):
     assert saved == [1, 2, 3, 4, 5]  # before each later run, the runs so far were on disk
     assert [r["build"] for r in report["runs"]] == ["a", "b", "b", "a", "a", "b"]
     assert report["summary"][0]["b_over_a"] == pytest.approx(0.9)
+    assert report["geomean_over_a"] == {"b": pytest.approx(0.9)}
     with open(tmp_path / "gpu_ab.json") as f:
         assert len(json.load(f)["runs"]) == 6
     gpu_ab.main(["A", "B", "--rounds", "1", "--no-restore", "--out", str(tmp_path)])
