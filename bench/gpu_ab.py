@@ -83,8 +83,8 @@ def format_summary(summary, builds, unit_scale=1e3):
         lines.append(f"{s['N']:6d} {s['K']:6d} {s['M']:5d} | {ts} | {rs}")
     if summary:
         gm = geomean_ratios(summary, builds)
-        pad = " " * (len(lines[0]) - len(ratios))
-        lines.append(f"{'geometric mean':<{len(pad)}}" + " ".join(f"{gm[b]:<5.3f}" for b in builds[1:]))
+        width = len(lines[0]) - len(ratios)  # the ratios' column
+        lines.append(f"{'geometric mean':<{width}}" + " ".join(f"{gm[b]:<5.3f}" for b in builds[1:]))
     return "\n".join(lines)
 
 

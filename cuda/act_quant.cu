@@ -415,39 +415,36 @@ extern "C" int mixc_act_quant(int device, const void *x, int dtype, int64_t M, i
     cudaStream_t stream = (cudaStream_t)stream_;
     const int64_t G = mix_ngroups(K, g);
     const int64_t warps = M * G;
-    cudaError_t err = cudaSuccess;
-    if (warps > 0) {
-        const int threads = 256;
-        const int64_t blocks = (warps * 32 + threads - 1) / threads;
-        int sms = 132, dev = 0;
-        if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-        const int64_t vblocks = blocks < (int64_t)sms * 16 ? blocks : (int64_t)sms * 16;
-        const bool vec = g % 128 == 0 && K % 4 == 0 && qpitch % 4 == 0 && gp % 4 == 0 && ((uintptr_t)x % 16) == 0 &&
-                         ((uintptr_t)q % 4) == 0;
-        const bool g128 = g == 128 && K % 8 == 0 && qpitch % 8 == 0 && gp % 8 == 0 && ((uintptr_t)x % 16) == 0 &&
-                          ((uintptr_t)q % 8) == 0;
-        const int64_t pairs = M * ((G + 1) / 2), pblocks = (pairs * 32 + threads - 1) / threads;
-        const int64_t gblocks = pblocks < (int64_t)sms * 16 ? pblocks : (int64_t)sms * 16;
-        const bool flat = flat_geometry(x, K, g, gp, q, qpitch, spg, sapitch);
-        const int64_t fblocks = flat_blocks(M, G, sms);
-        if (blocks > 0x7fffffffLL) return (int)cudaErrorInvalidValue;
-        with_dtype(dtype, [&](auto tag) {
-            using T = elem_of<decltype(tag)>;
-            if (flat)
-                act_quant_flat_kernel<T, false><<<(unsigned)fblocks, 256, 0, stream>>>((const T *)x, M, K, G, q, sa);
-            else if (g128)
-                act_quant_g128_kernel<T, false>
-                    <<<(unsigned)gblocks, threads, 0, stream>>>((const T *)x, M, K, G, gp, q, qpitch, spg, sa, sapitch);
-            else if (vec)
-                act_quant_vec_kernel<T><<<(unsigned)vblocks, threads, 0, stream>>>((const T *)x, M, K, g, G, gp, q,
-                                                                                   qpitch, spg, sa, sapitch);
-            else
-                act_quant_kernel<T><<<(unsigned)blocks, threads, 0, stream>>>((const T *)x, M, K, g, G, gp, q, qpitch,
-                                                                              spg, sa, sapitch);
-        });
-        if (err == cudaSuccess) err = cudaGetLastError();
-    }
-    return (int)err;
+    if (warps <= 0) return 0;
+    const int threads = 256;
+    const int64_t blocks = (warps * 32 + threads - 1) / threads;
+    int sms = 132, dev = 0;
+    if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    const int64_t vblocks = blocks < (int64_t)sms * 16 ? blocks : (int64_t)sms * 16;
+    const bool vec = g % 128 == 0 && K % 4 == 0 && qpitch % 4 == 0 && gp % 4 == 0 && ((uintptr_t)x % 16) == 0 &&
+                     ((uintptr_t)q % 4) == 0;
+    const bool g128 =
+        g == 128 && K % 8 == 0 && qpitch % 8 == 0 && gp % 8 == 0 && ((uintptr_t)x % 16) == 0 && ((uintptr_t)q % 8) == 0;
+    const int64_t pairs = M * ((G + 1) / 2), pblocks = (pairs * 32 + threads - 1) / threads;
+    const int64_t gblocks = pblocks < (int64_t)sms * 16 ? pblocks : (int64_t)sms * 16;
+    const bool flat = flat_geometry(x, K, g, gp, q, qpitch, spg, sapitch);
+    const int64_t fblocks = flat_blocks(M, G, sms);
+    if (blocks > 0x7fffffffLL) return (int)cudaErrorInvalidValue;
+    with_dtype(dtype, [&](auto tag) {
+        using T = elem_of<decltype(tag)>;
+        if (flat)
+            act_quant_flat_kernel<T, false><<<(unsigned)fblocks, 256, 0, stream>>>((const T *)x, M, K, G, q, sa);
+        else if (g128)
+            act_quant_g128_kernel<T, false>
+                <<<(unsigned)gblocks, threads, 0, stream>>>((const T *)x, M, K, G, gp, q, qpitch, spg, sa, sapitch);
+        else if (vec)
+            act_quant_vec_kernel<T>
+                <<<(unsigned)vblocks, threads, 0, stream>>>((const T *)x, M, K, g, G, gp, q, qpitch, spg, sa, sapitch);
+        else
+            act_quant_kernel<T>
+                <<<(unsigned)blocks, threads, 0, stream>>>((const T *)x, M, K, g, G, gp, q, qpitch, spg, sa, sapitch);
+    });
+    return (int)cudaGetLastError();
 }
 
 extern "C" int mixc_act_quant_silu_mul(int device, const void *gu, int dtype, int64_t M, int64_t K, int64_t g,
