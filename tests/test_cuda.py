@@ -524,6 +524,31 @@ def test_sm90_prefill_256_token_tiles_odd_stages(rng, splits, N):
 
 
 @pytest.mark.skipif(not _HAS_SM90, reason="no sm_90a device")
+@pytest.mark.parametrize(
+    "M,K,splits,bm",
+    [(1024, 256, 1, 256), (600, 384, 1, 128), (600, 128, 1, 128), (1000, 640, 3, 256)],
+)
+def test_sm90_prefill_grid_of_many_tiles(rng, M, K, splits, bm):
+    """Prefill grids of 256-768 tiles (more than a Hopper GPU has SMs, so several rounds of CTAs on each SM),
+    both parts, token tails (600 = 4 x 128 + 88, 1000 = 3 x 256 + 232), 1-stage tiles, split-K 2 + 2 + 1,
+    bias, NaN-poisoned y and scratch, against float64. bm: the tile the launcher's wave rule picks there
+    (64 row blocks), for the reader. (Written for a persistent version of these tiles, tried on
+    2026-12-02 and not kept: docs/kernels.md.)"""
+    N = 8000  # 800 8-bit rows (7 row blocks of 128) and 7200 4-bit ones (57)
+    parts, y_ref = _mixed_parts(rng, N, K, 128)
+    bias = rng.standard_normal(N).astype(np.float32)
+    h = cuda_ops.PreparedLinear(parts, N, torch.from_numpy(bias), DEV).handle
+    xt, x32 = make_x(rng, M, K, torch.bfloat16)
+    c, sp, nbytes, name = _cuda.plan_call(h, M, SM90, splits)
+    assert name == "sm90_wgmma" and sp == splits
+    scratch = torch.full((nbytes,), 0xFF, dtype=torch.uint8, device=DEV)  # 0xFFFFFFFF is a NaN
+    y = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device=DEV)
+    _cuda.run(h, xt, y, scratch, c, sp, 0)
+    torch.cuda.synchronize()
+    assert_close(y, y_ref(x32) + bias, torch.bfloat16)
+
+
+@pytest.mark.skipif(not _HAS_SM90, reason="no sm_90a device")
 @pytest.mark.parametrize("pairs", [False, True], ids=["sm90", "sm90_pairs"])
 @pytest.mark.parametrize("splits", [1, 2])
 @pytest.mark.parametrize("M", [9, 16, 32, 40, 64])
