@@ -1,6 +1,7 @@
-// Pieces shared by the two GEMM launchers (cuda/w4a8.cu: mma.sync, cuda/w4a8_sm90.cu: wgmma):
-// the output store in y's dtype, the split-K reduction kernel, and the ordering of a mixed
-// layer's two parts. Each translation unit gets its own copy (anonymous namespace).
+// Pieces shared by the GEMM kernels (cuda/w4a8.cu: mma.sync, cuda/w4a8_decode.cu: decode,
+// cuda/w4a8_sm90.cu: wgmma): the output store in y's dtype, programmatic dependent launch's wait and
+// trigger, the split-K reduction kernel, and the ordering of a mixed layer's two parts. Each
+// translation unit gets its own copy (anonymous namespace).
 #pragma once
 #include "mixllm_cuda.h"
 #include <cuda_runtime.h>
@@ -37,6 +38,20 @@ __device__ __forceinline__ void store_out(void *y, int dt, int64_t i, float v) {
         to_out((__nv_bfloat16 *)y + i, v);
 }
 
+/* Programmatic dependent launch (sm_90): a kernel launched with the PDL attribute may start
+ * while the previous kernel on the stream still runs; it must wait before reading what that
+ * kernel wrote. Both are no-ops on older GPUs and without the attribute. */
+__device__ __forceinline__ void grid_dep_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void grid_dep_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 /* Let a launch use programmatic dependent launch when pdl (sm_90: the kernel may start before the
  * previous one on the stream has ended, and must griddepcontrol.wait before reading its output). */
 inline void allow_pdl(cudaLaunchConfig_t &lc, cudaLaunchAttribute (&attr)[1], bool pdl) {
@@ -51,9 +66,7 @@ inline void allow_pdl(cudaLaunchConfig_t &lc, cudaLaunchAttribute (&attr)[1], bo
  * GEMM's grid to complete before reading the partial sums (a no-op wait without PDL). */
 __global__ void splitk_finish(const float *ws, int splits, int64_t total, int64_t n_out, const float *bias, void *y,
                               int dt) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
+    grid_dep_wait();
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
         float v = 0.f;
         for (int s = 0; s < splits; s++) v += ws[s * total + i];

@@ -108,17 +108,6 @@ __host__ __device__ constexpr size_t decode_smem(int nw, int nt8) {
     return (size_t)nw * RING_WORDS * 16 + (size_t)nw * nt8 * 4 * 32 * sizeof(float);
 }
 
-__device__ __forceinline__ void dec_grid_dep_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void dec_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-
 /* One warp's share of one tile: stages [s0, s1) of row tile rt, tokens m0 .. m0 + 8*NT8 - 1;
  * float sums in facc (C-fragment order: rows gid / gid+8, tokens 2*tig, 2*tig+1 of each n8 tile).
  * The loop body is kept lean (measured, first version: ~200 instructions per 1 KB stage, the warps
@@ -159,7 +148,7 @@ __device__ __forceinline__ void decode_range(const DArgs &a, const DPart &p, int
         if (s0 + d < s1) load(d);
         cp_commit();
     }
-    dec_grid_dep_wait();
+    grid_dep_wait();
 
     /* Per token tile: its activation row and the scale rows of the two tokens whose sums this lane
      * rescales. Tokens past M read token 0's (no select per load: their output columns are computed
@@ -296,7 +285,7 @@ template <int NT8>
 __global__ void __launch_bounds__(max_warps(NT8) * 32, 1) decode_kernel(const __grid_constant__ DArgs a) {
     extern __shared__ uint4 dsmem[]; /* [nw][RING_WORDS] weight rings, then [nw][NT8 * 4][32] partial sums */
     float *red = (float *)(dsmem + (size_t)a.nw * RING_WORDS);
-    dec_launch_dependents();
+    grid_dep_launch_dependents();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     uint4 *ring = dsmem + (size_t)warp * RING_WORDS;
     const bool first = (int)blockIdx.x < a.nb0;
@@ -317,7 +306,7 @@ __global__ void __launch_bounds__(max_warps(NT8) * 32, 1) decode_kernel(const __
         else
             decode_range<8, NT8>(a, p, tile, m0, s0, s1, facc, ring);
     } else {
-        dec_grid_dep_wait();
+        grid_dep_wait();
     }
 #pragma unroll
     for (int t = 0; t < NT8; t++)
