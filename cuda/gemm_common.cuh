@@ -52,6 +52,19 @@ __device__ __forceinline__ void grid_dep_launch_dependents() {
 #endif
 }
 
+/* The arguments every GEMM kernel takes from the call (its own Args struct; the rest are set by its launcher). */
+template <class A> void fill_common_args(A &a, const mixc_gemm *g) {
+    a.sa = g->sa;
+    a.M = g->M;
+    a.Kp = g->Kp;
+    a.n_out = g->n_out;
+    a.G = g->G;
+    a.spg = g->spg;
+    a.ydt = g->ydtype;
+    a.bias = g->bias;
+    a.y = g->y;
+}
+
 /* Let a launch use programmatic dependent launch when pdl (sm_90: the kernel may start before the
  * previous one on the stream has ended, and must griddepcontrol.wait before reading its output). */
 inline void allow_pdl(cudaLaunchConfig_t &lc, cudaLaunchAttribute (&attr)[1], bool pdl) {

@@ -404,19 +404,11 @@ extern "C" int mixc_decode_warps(int64_t M, const int64_t *Ns, int nparts, int64
 extern "C" int mixc_qlinear_decode(int device, const mixc_gemm *g, int pdl, void *stream) {
     if (g->splits != mixc_decode_clamp_splits(g->M, g->splits)) return (int)cudaErrorInvalidValue;
     DArgs a;
+    fill_common_args(a, g);
     a.xq = g->xq;
-    a.sa = g->sa;
-    a.M = g->M;
-    a.Kp = g->Kp;
-    a.n_out = g->n_out;
-    a.G = g->G;
-    a.spg = g->spg;
     a.nst = (int)(g->Kp / KSTAGE);
-    a.ydt = g->ydtype;
     a.tpb4 = g->splits >= PAIRED ? 2 : 1;
     a.nw = g->splits >= PAIRED ? 2 * (g->splits - PAIRED) : g->splits;
-    a.bias = g->bias;
-    a.y = g->y;
     order_parts(g, TILE_ROWS, a.p0, a.p1);
     const int tpb0 = a.p0.bits == 4 ? a.tpb4 : 1, tpb1 = a.p1.bits == 4 ? a.tpb4 : 1;
     a.nb0 = (a.p0.nblk + tpb0 - 1) / tpb0;

@@ -569,17 +569,9 @@ extern "C" int mixc_qlinear_sm90(int device, const mixc_gemm *g, void *stream_) 
     if (g->splits < 1 || g->nparts < 1 || g->nparts > 2 || g->Kp % KS) return (int)cudaErrorInvalidValue;
     const int nst = (int)(g->Kp / KS);
     Args90 a;
-    a.sa = g->sa;
-    a.M = g->M;
-    a.Kp = g->Kp;
-    a.n_out = g->n_out;
-    a.G = g->G;
-    a.spg = g->spg;
-    a.ydt = g->ydtype;
+    fill_common_args(a, g);
     a.splits = g->splits;
     a.sps = (nst + g->splits - 1) / g->splits;
-    a.bias = g->bias;
-    a.y = g->y;
     a.ws = g->ws;
     const int nblk = order_parts(g, BN, a.p0, a.p1);
     if (g->M <= 0 || nblk == 0) return 0;
