@@ -372,7 +372,7 @@ __global__ void __launch_bounds__(RING::NTH, RING::CTAS)
     const int64_t m0 = (int64_t)blockIdx.x * BM;
     /* Let the split-K reduction after it (launched with PDL) be scheduled; it waits for this grid's
      * completion before reading anything this grid writes. */
-    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+    grid_dep_launch_dependents();
 
     if (threadIdx.x == 0) {
         for (int b = 0; b < ST; b++) {
@@ -411,7 +411,7 @@ __global__ void __launch_bounds__(RING::NTH, RING::CTAS)
          * scales) is copied before its grid has completed. A no-op wait without PDL. (An L2 prefetch of
          * the first stages' weights before the wait was slower: docs/kernels.md, "Programmatic dependent
          * launch".) */
-        asm volatile("griddepcontrol.wait;\n" ::: "memory");
+        grid_dep_wait();
         const bool full_tile = m0 + BM <= a.M;
         const float *sa_lane = a.sa + (full_tile ? (m0 + lane) * nst : 0); /* token m0 + lane's scales */
         const int64_t sa_step = (int64_t)32 * nst;                         /* 32 tokens further */
@@ -524,7 +524,7 @@ extern "C" int mixc_sm90_ctas_per_sm(int64_t M, int pairs) {
 }
 
 /* Whether a call's wgmma kernel, and its split-K reduction after it, launch with programmatic dependent
- * launch (see the producer's griddepcontrol.wait): every tile. The prefill tiles' CTAs are scheduled only
+ * launch (see the producer's grid_dep_wait): every tile. The prefill tiles' CTAs are scheduled only
  * once every block of the quantizer before them has started (it triggers its dependents first thing), so
  * they take SMs as its last blocks drain, never before one of its blocks; measured up to 2% faster at
  * 1024-4096 tokens, within 1% elsewhere (docs/kernels.md, "Programmatic dependent launch"). */
