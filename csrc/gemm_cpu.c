@@ -125,7 +125,7 @@ typedef struct {
     /* VNNI only (else NULL): aq in tiles of tw tokens (tile_index), vpdpbusd's broadcast s8 operand.
      * Per tile and group, each 4 k hold the tile's tokens side by side, so a tile reads one sequential
      * stream: rows of aq lie G * Lp bytes apart, often a multiple of 4 KB, and 8 tokens at one offset
-     * filled one L1 set (README "CPU kernel speed": W8A8 9-13% faster at K = 4096 with the asm fix). */
+     * filled one L1 set (docs/cpu_kernels.md, second round: W8A8 9-13% faster at K = 4096 with the asm fix). */
     int8_t *ap;
     int64_t tw;
     /* VNNI with Lp <= 256 only (else NULL), [M][G]: -asum as int16 in the low half, 0 in the high
